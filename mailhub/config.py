@@ -1,0 +1,309 @@
+"""
+The hub's configuration: a TOML file read into attrs objects.
+
+Every error names the file, the key and what is wrong with it, and all errors
+of a file are reported together, so an operator fixes a config in one pass.
+This module reads one file and does no other I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import asdict, field, frozen
+
+from mailhub.model import Route
+
+__all__ = ["ConfigError", "DomainConfig", "HubConfig", "NodeConfig", "SmtpConfig", "load", "parse"]
+
+
+class ConfigError(Exception):
+    """
+    The configuration is wrong.  ``errors`` lists ``(key, message)`` pairs;
+    ``str()`` gives one line per error, each starting with the file name.
+    """
+
+    def __init__(self, path: str, errors: list[tuple[str, str]]) -> None:
+        self.path = path
+        self.errors = errors
+        super().__init__("\n".join(f"{path}: {key}: {msg}" for key, msg in errors))
+
+
+@frozen
+class NodeConfig:
+    name: str
+    smtp: str
+    web: str | None = None
+
+
+@frozen
+class DomainConfig:
+    name: str
+    route: str
+    max_connections: int = 10
+    options: Mapping[str, Any] = field(factory=dict)
+
+
+@frozen
+class SmtpConfig:
+    """Limits of the SMTP listener (``[smtp]``)."""
+
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 1000
+    max_line_length: int = 2048
+    max_data_line_length: int = 10000
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    bare_line_endings: str = "reject"
+    banner: str = ""
+
+
+@frozen
+class DeliveryConfig:
+    """How nodes claim and pace work (``[delivery]``)."""
+
+    lease_seconds: float = 600.0
+    takeover_seconds: float = 300.0
+    batch: int = 100
+    max_scan_interval: float = 60.0
+
+
+@frozen
+class HubConfig:
+    path: str
+    hostname: str
+    outbound: str
+    smtp: SmtpConfig
+    delivery: DeliveryConfig
+    store: Mapping[str, Any]
+    archive: Mapping[str, Any] | None
+    policy: Mapping[str, Any]
+    nodes: Mapping[str, NodeConfig]
+    domains: Mapping[str, DomainConfig]
+
+    @property
+    def config_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+    def plugin_section(self, name: str) -> dict[str, Any]:
+        """A ``[store]``/``[archive]``/``[policy]`` table as a plugin's ``make`` takes it."""
+        section: Mapping[str, Any] | None = getattr(self, name)
+        result = dict(section or {})
+        result["config_dir"] = self.config_dir
+        if name == "policy":
+            result["nodes"] = list(self.nodes)
+        return result
+
+    def route_for(self, domain: str) -> str | None:
+        d = self.domains.get(domain.lower())
+        return d.route if d else None
+
+    def route_options(self, route: str) -> dict[str, Any]:
+        """Options of the first domain using ``route`` (the transport's config)."""
+        for d in self.domains.values():
+            if d.route == route:
+                return {"max_connections": d.max_connections, **d.options}
+        return {"max_connections": 10}
+
+    def node_names(self) -> list[str]:
+        return list(self.nodes)
+
+
+_TOP = {"hub", "smtp", "delivery", "store", "archive", "policy", "nodes", "domains"}
+
+
+class _Reader:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.errors: list[tuple[str, str]] = []
+
+    def err(self, key: str, msg: str) -> None:
+        self.errors.append((key, msg))
+
+    def table(self, data: Mapping[str, Any], key: str, required: bool = False) -> dict[str, Any]:
+        value = data.get(key.rsplit(".", 1)[-1])
+        if value is None:
+            if required:
+                self.err(key, "missing table")
+            return {}
+        if not isinstance(value, dict):
+            self.err(key, f"must be a table, not {type(value).__name__}")
+            return {}
+        return value
+
+    def get(self, table: Mapping[str, Any], prefix: str, key: str, kind: type | tuple[type, ...],
+            default: Any = None, required: bool = False, positive: bool = False) -> Any:
+        full = f"{prefix}.{key}"
+        if key not in table:
+            if required:
+                self.err(full, "missing")
+            return default
+        value = table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            self.err(full, f"must be {_kind_name(kinds)}, not a boolean")
+            return default
+        if not isinstance(value, kinds):
+            self.err(full, f"must be {_kind_name(kinds)}, not {type(value).__name__} {value!r}")
+            return default
+        if positive and value <= 0:
+            self.err(full, f"must be greater than 0, not {value!r}")
+            return default
+        return value
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def load(path: str) -> HubConfig:
+    """
+    Read and check a configuration file.
+
+    :raises ConfigError: listing every problem, each with the file and key.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, [("(file)", f"cannot read: {e.strerror}")])
+    return parse(text, path)
+
+
+def parse(text: bytes, path: str = "<config>") -> HubConfig:
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, [("(file)", f"not UTF-8: {e}")])
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [("(file)", f"not valid TOML: {e}")])
+    r = _Reader(path)
+    for key in data:
+        if key not in _TOP:
+            r.err(key, f"unknown table (known: {', '.join(sorted(_TOP))})")
+
+    hub = r.table(data, "hub", required=True)
+    hostname = r.get(hub, "hub", "hostname", str, required=True) or "localhost"
+    outbound = r.get(hub, "hub", "outbound", str, default="smtp:mx")
+    _check_route(r, "hub.outbound", outbound)
+
+    s = r.table(data, "smtp")
+    num = (int, float)
+    smtp = SmtpConfig(
+        max_message_size=r.get(s, "smtp", "max_message_size", int, SmtpConfig.max_message_size, positive=True),
+        max_recipients=r.get(s, "smtp", "max_recipients", int, 1000, positive=True),
+        max_line_length=r.get(s, "smtp", "max_line_length", int, 2048, positive=True),
+        max_data_line_length=r.get(s, "smtp", "max_data_line_length", int, 10000, positive=True),
+        idle_timeout=float(r.get(s, "smtp", "idle_timeout", num, 300.0, positive=True)),
+        data_timeout=float(r.get(s, "smtp", "data_timeout", num, 600.0, positive=True)),
+        bare_line_endings=r.get(s, "smtp", "bare_line_endings", str, "reject"),
+        banner=r.get(s, "smtp", "banner", str, ""),
+    )
+    if smtp.bare_line_endings not in ("reject", "normalise"):
+        r.err("smtp.bare_line_endings", f"must be 'reject' or 'normalise', not {smtp.bare_line_endings!r}")
+
+    dv = r.table(data, "delivery")
+    delivery = DeliveryConfig(
+        lease_seconds=float(r.get(dv, "delivery", "lease_seconds", num, 600.0, positive=True)),
+        takeover_seconds=float(r.get(dv, "delivery", "takeover_seconds", num, 300.0, positive=True)),
+        batch=r.get(dv, "delivery", "batch", int, 100, positive=True),
+        max_scan_interval=float(r.get(dv, "delivery", "max_scan_interval", num, 60.0, positive=True)),
+    )
+
+    store = r.table(data, "store") or {"plugin": "sqlite", "path": "var/spool.db"}
+    if not isinstance(store.get("plugin", "sqlite"), str):
+        r.err("store.plugin", "must be a string")
+    store = {"plugin": "sqlite", **store}
+    archive = r.table(data, "archive") or None
+    policy = {"plugin": "standard", **r.table(data, "policy")}
+    if "retry_minutes" in policy:
+        r.get(policy, "policy", "retry_minutes", num, positive=True)
+    if "lifetime_days" in policy:
+        r.get(policy, "policy", "lifetime_days", num, positive=True)
+
+    nodes: dict[str, NodeConfig] = {}
+    for name, n in r.table(data, "nodes", required=True).items():
+        prefix = f"nodes.{name}"
+        if not isinstance(n, dict):
+            r.err(prefix, "must be a table")
+            continue
+        for key in n:
+            if key not in ("smtp", "web"):
+                r.err(f"{prefix}.{key}", "unknown key (known: smtp, web)")
+        smtp_ep = r.get(n, prefix, "smtp", str, required=True)
+        web_ep = r.get(n, prefix, "web", str)
+        for key, ep in (("smtp", smtp_ep), ("web", web_ep)):
+            if ep is not None:
+                _check_endpoint(r, f"{prefix}.{key}", ep)
+        if smtp_ep is not None:
+            nodes[name] = NodeConfig(name, smtp_ep, web_ep)
+    if "nodes" in data and not data.get("nodes"):
+        r.err("nodes", "at least one node is needed")
+
+    domains: dict[str, DomainConfig] = {}
+    for name, d in r.table(data, "domains", required=True).items():
+        prefix = f"domains.{name!r}" if "." in name else f"domains.{name}"
+        if not isinstance(d, dict):
+            r.err(prefix, "must be a table")
+            continue
+        route = r.get(d, prefix, "route", str, required=True)
+        if route is not None:
+            _check_route(r, f"{prefix}.route", route)
+        maxc = r.get(d, prefix, "max_connections", int, 10, positive=True)
+        options = {k: v for k, v in d.items() if k not in ("route", "max_connections")}
+        if route is not None:
+            domains[name.lower()] = DomainConfig(name.lower(), route, maxc, options)
+    if "domains" in data and not data.get("domains"):
+        r.err("domains", "at least one domain is needed")
+
+    if r.errors:
+        raise ConfigError(path, r.errors)
+    return HubConfig(
+        path=path, hostname=hostname, outbound=outbound, smtp=smtp, delivery=delivery,
+        store=store, archive=archive, policy=policy, nodes=nodes, domains=domains,
+    )
+
+
+def _check_route(r: _Reader, key: str, route: str) -> None:
+    try:
+        Route.parse(route)
+    except ValueError as e:
+        r.err(key, str(e))
+
+
+def _check_endpoint(r: _Reader, key: str, description: str) -> None:
+    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+    try:
+        _parseServer(description, None)
+    except Exception as e:  # noqa: BLE001 - any parse error is the operator's to see
+        r.err(key, f"not a Twisted endpoint string ({e}): {description!r}")
+
+
+def describe(config: HubConfig) -> str:
+    """The resolved configuration, as ``mailhub check-config`` prints it."""
+    lines = [f"# {config.path}: OK", "[hub]", f'hostname = "{config.hostname}"', f'outbound = "{config.outbound}"']
+    for title, obj in (("smtp", config.smtp), ("delivery", config.delivery)):
+        lines.append(f"[{title}]")
+        for k, v in asdict(obj).items():
+            lines.append(f"{k} = {v!r}")
+    for title in ("store", "archive", "policy"):
+        section = getattr(config, title)
+        if section:
+            lines.append(f"[{title}]")
+            lines.extend(f"{k} = {v!r}" for k, v in section.items())
+    for n in config.nodes.values():
+        lines.append(f"[nodes.{n.name}]")
+        lines.append(f'smtp = "{n.smtp}"')
+        if n.web:
+            lines.append(f'web = "{n.web}"')
+    for d in config.domains.values():
+        lines.append(f'[domains."{d.name}"]')
+        lines.append(f'route = "{d.route}"')
+        lines.append(f"max_connections = {d.max_connections}")
+        lines.extend(f"{k} = {v!r}" for k, v in d.options.items())
+    return "\n".join(lines)

@@ -1,0 +1,275 @@
+"""
+Every plugin point of mailhub, as zope.interface interfaces.
+
+A third party writes a store, a transport, a policy or an archive from this
+module alone, declares it under the matching entry-point group
+(``mailhub.stores``, ``mailhub.transports``, ``mailhub.policies``,
+``mailhub.archives``) and names it in the configuration.  The entry point names
+an object providing the plugin-factory interface (``IStorePlugin``, ...), whose
+``make`` builds the working object.
+
+Value types (``Envelope``, ``Entry``, ``Lease``, ...) live in ``mailhub.model``.
+Times are POSIX seconds as floats, always passed in by the caller (or read from
+the reactor a plugin is given): no plugin reads the wall clock itself.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+__all__ = [
+    "IArchive",
+    "IArchivePlugin",
+    "IDeliveryPolicy",
+    "IPolicyPlugin",
+    "ISpoolStore",
+    "IStorePlugin",
+    "ITransport",
+    "ITransportPlugin",
+]
+
+
+class ISpoolStore(Interface):
+    """
+    The durable queue of entries not yet delivered, failed or expired.
+
+    Every method returns a ``Deferred``.  A method that cannot reach its
+    backend fails with ``mailhub.model.StoreUnavailable``; no method may block
+    the reactor thread.
+    """
+
+    def enqueue(envelope, message, routes, node):
+        """
+        Store an accepted message durably, one entry per route.
+
+        :param envelope: the ``mailhub.model.Envelope`` of the message.
+        :param message: the message as ``bytes``, CRLF line ends, already
+            dot-unstuffed, with the hub's ``Received:`` header.
+        :param routes: a mapping of route text (``"smtp:host:25"``) to the
+            sequence of ``Address`` recipients that go there.
+        :param node: the name of the accepting node; each new entry is due at
+            once (``envelope.received_at``) and reserved for that node, which
+            makes the first attempt.
+        :returns: a ``Deferred`` firing with the list of new entry ids, in the
+            order of ``routes``, only once the message is durable (fsync'd or
+            acknowledged by the store's replication).  Either every entry is
+            stored or none is.
+        :raises: (errback) ``StoreFull`` when the spool is at its size limit,
+            ``StoreUnavailable`` when the backend cannot take it.
+        """
+
+    def claim(node, now, limit, lease_seconds, takeover_seconds, ids=None):
+        """
+        Lease due entries to ``node``.
+
+        An entry is due when it is not held and its ``next_attempt <= now``.
+        An entry reserved for another node (``entry.node``) is only due to this
+        node once ``next_attempt + takeover_seconds <= now``: the other node had
+        its chance and may be dead.  Leasing is atomic across every node of
+        every process sharing the store: no entry is ever leased to two nodes
+        at once.  A lease expires at ``now + lease_seconds``; an entry whose
+        lease expired without ``record`` or ``release`` is due again.
+
+        :param ids: if given, claim only these entries (the accepting node's
+            immediate first attempt); the reservation rule still applies.
+        :returns: a ``Deferred`` firing with a list of ``Lease``, at most
+            ``limit`` of them, earliest due first.
+        """
+
+    def body(message_id):
+        """
+        :returns: a ``Deferred`` firing with the message bytes of an entry
+            (``entry.message_id``), or failing with ``KeyError`` if it is gone.
+        """
+
+    def record(lease, attempt, decision):
+        """
+        Record an attempt and apply the policy's decision.
+
+        Recipients the decision delivered, failed or expired leave the entry;
+        when none is left pending the entry leaves the spool (and its message
+        body with it, once no other entry uses it).  Otherwise the entry is due
+        again at ``decision.next_attempt`` for ``decision.next_node``, or held
+        if the decision says so.  The lease ends either way.
+
+        :param lease: the ``Lease`` under which the attempt was made.
+        :param attempt: the ``Attempt`` to append to the entry's log.
+        :param decision: the policy's ``Decision``.
+        :returns: a ``Deferred`` firing with the updated ``Entry``, or ``None``
+            if the entry left the spool.
+        :raises: (errback) ``LeaseLost`` if ``lease`` is no longer held; nothing
+            is changed then.
+        """
+
+    def release(lease, now):
+        """
+        Give an entry back without an attempt (shutting down, say): it is due
+        again at ``now`` for any node.
+
+        :returns: a ``Deferred`` firing with ``None``; releasing a lost lease
+            does nothing.
+        """
+
+    def next_due(node, now):
+        """
+        :returns: a ``Deferred`` firing with the earliest time at which an entry
+            will be due to ``node`` (possibly ``<= now``), or ``None`` if the
+            spool holds nothing claimable.  Schedulers sleep until then.
+        """
+
+    def get(entry_id):
+        """:returns: a ``Deferred`` firing with the ``Entry``, or ``None``."""
+
+    def attempts(entry_id):
+        """:returns: a ``Deferred`` firing with the entry's ``Attempt`` list, oldest first."""
+
+    def entries(filter, offset, limit):
+        """
+        :param filter: a ``mailhub.model.EntryFilter`` or ``None`` for all.
+        :returns: a ``Deferred`` firing with a list of ``Entry``, ordered by
+            next attempt.
+        """
+
+    def counts():
+        """
+        :returns: a ``Deferred`` firing with a dict: ``"entries"``, ``"held"``,
+            ``"leased"``, ``"recipients"`` and ``"routes"`` (a dict of route
+            text to entry count).
+        """
+
+    def hold(entry_id):
+        """Hold an entry: it is not claimed until released.  Fires with ``True`` if found."""
+
+    def release_held(entry_id, now):
+        """Release a held entry, due at ``now``.  Fires with ``True`` if found."""
+
+    def flush(route, now):
+        """
+        Make every entry of ``route`` (or every entry, for ``None``) that is not
+        held due at ``now`` for any node.  Fires with the number of entries.
+        """
+
+    def delete(entry_id):
+        """Remove an entry without delivering it.  Fires with ``True`` if found."""
+
+    def close():
+        """Release resources; fires when done.  No other method is called after."""
+
+
+class IArchive(Interface):
+    """
+    Every accepted message, searchable per mailbox, kept for a retention period.
+    """
+
+    def add(envelope, message):
+        """
+        Archive a message.
+
+        :returns: a ``Deferred`` firing with the archive id once durable.
+        """
+
+    def search(mailbox, query, offset, limit):
+        """
+        :param mailbox: an ``Address``: only messages whose envelope included it.
+        :param query: free text matched against headers and body; ``""`` for all.
+        :returns: a ``Deferred`` firing with a list of summaries (dicts with
+            ``id``, ``date``, ``sender``, ``subject``), newest first.
+        """
+
+    def get(archive_id):
+        """:returns: a ``Deferred`` firing with ``(Envelope, bytes)`` or ``None``."""
+
+    def expire(before):
+        """Drop messages archived before ``before``; fires with how many."""
+
+
+class ITransport(Interface):
+    """
+    How bytes reach one route's target.  One transport object serves one route
+    and may keep connections open between entries.
+    """
+
+    def deliver(entry, message):
+        """
+        Try to deliver ``message`` to the pending recipients of ``entry``.
+
+        :param entry: the ``Entry`` (sender, pending recipients, route).
+        :param message: the message bytes, CRLF line ends.
+        :returns: a ``Deferred`` firing with a dict of ``Address`` to ``Reply``
+            for every pending recipient.  A failure to connect, a timeout or a
+            dropped connection is a temporary ``Reply`` (4xx) for each, never an
+            errback: the transport says what happened, the policy decides.
+        """
+
+    def close():
+        """Close idle connections; fires when done."""
+
+
+class IDeliveryPolicy(Interface):
+    """
+    Decides from replies what happens next.  A pure object: it never touches
+    a socket or a store, so every schedule can be tested with a fake clock.
+    """
+
+    lifetime = Attribute("Seconds an entry may stay in the spool before it expires.")
+
+    def decide(entry, replies, now, node):
+        """
+        :param entry: the ``Entry`` as it was claimed.
+        :param replies: a dict of ``Address`` to ``Reply`` for the pending
+            recipients, as the transport returned them.
+        :param now: the time the attempt finished.
+        :param node: the node that made the attempt.
+        :returns: a ``Decision``.
+        """
+
+
+class IStorePlugin(Interface):
+    """Entry-point object of the ``mailhub.stores`` group."""
+
+    name = Attribute("The name the configuration uses: ``[store] plugin = NAME``.")
+
+    def make(config, reactor):
+        """
+        :param config: the ``[store]`` table (a mapping) plus ``"config_dir"``,
+            the directory relative paths are resolved against.
+        :param reactor: the reactor (``IReactorTime``, ``IReactorThreads``, ...).
+        :returns: an ``ISpoolStore`` provider.
+        :raises ValueError: naming the key, when the configuration is wrong.
+        """
+
+
+class IArchivePlugin(Interface):
+    """Entry-point object of the ``mailhub.archives`` group."""
+
+    name = Attribute("The name the configuration uses: ``[archive] plugin = NAME``.")
+
+    def make(config, reactor):
+        """:returns: an ``IArchive`` provider (see ``IStorePlugin.make``)."""
+
+
+class ITransportPlugin(Interface):
+    """Entry-point object of the ``mailhub.transports`` group."""
+
+    name = Attribute("The transport part of a route: ``route = 'NAME:target'``.")
+
+    def make(config, reactor):
+        """
+        :param config: a mapping with ``"target"`` (the route's target text),
+            ``"hostname"`` (the hub's name, for EHLO) and the domain's options.
+        :returns: an ``ITransport`` provider for that one route.
+        :raises ValueError: naming the key, when the configuration is wrong.
+        """
+
+
+class IPolicyPlugin(Interface):
+    """Entry-point object of the ``mailhub.policies`` group."""
+
+    name = Attribute("The name the configuration uses: ``[policy] plugin = NAME``.")
+
+    def make(config, reactor):
+        """
+        :param config: the ``[policy]`` table plus ``"nodes"``, the list of node
+            names in configuration order.
+        :returns: an ``IDeliveryPolicy`` provider.
+        """

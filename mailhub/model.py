@@ -1,0 +1,365 @@
+"""
+Value types shared by the core and every plugin.
+
+Everything here is an immutable attrs class: a store hands out copies and takes
+changes only through its own methods, so no two parts of the hub ever share
+mutable state by accident.  This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable
+
+from attrs import evolve, field, frozen
+
+__all__ = [
+    "Action",
+    "Address",
+    "AddressError",
+    "Attempt",
+    "Decision",
+    "Entry",
+    "EntryFilter",
+    "Envelope",
+    "Lease",
+    "LeaseLost",
+    "Outcome",
+    "Recipient",
+    "RecipientState",
+    "Reply",
+    "Route",
+    "StoreFull",
+    "StoreUnavailable",
+]
+
+
+class AddressError(ValueError):
+    """
+    A mailbox could not be parsed, or uses a form the hub does not relay.
+
+    ``code`` and ``enhanced`` are the SMTP reply the server gives for it.
+    """
+
+    def __init__(self, message: str, code: int = 501, enhanced: str = "5.1.3") -> None:
+        super().__init__(message)
+        self.code = code
+        self.enhanced = enhanced
+
+
+class StoreUnavailable(Exception):
+    """The spool store cannot take or give data right now (a temporary failure)."""
+
+
+class StoreFull(StoreUnavailable):
+    """The spool has reached its configured size limit."""
+
+
+class LeaseLost(Exception):
+    """The lease given is no longer held: it expired and another node may hold the entry."""
+
+
+# A dot-atom local part (RFC 5322 3.2.3) or a quoted string without "@" or
+# routing characters.  Anything else is refused: relaying tricks (percent hack,
+# bang paths, source routes, quoted "@") hide a second destination in the local part.
+_ATEXT = r"[A-Za-z0-9!#$&'*+/=?^_`{|}~\-\x80-\U0010ffff]"
+_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
+_QUOTED = re.compile(r'"(?:[^"\\\r\n]|\\[\x20-\x7e])*"\Z')
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9\-\x80-\U0010ffff]{1,63}(?<!-)\Z")
+
+
+@frozen(order=True)
+class Address:
+    """
+    A mailbox ``local@domain``.  The domain is kept lower case; the local part
+    as given (it is the customer server's business whether it folds case).
+    """
+
+    local: str
+    domain: str = field(converter=str.lower)
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """
+        Parse a mailbox as it appears inside ``<...>`` in MAIL and RCPT.
+
+        :raises AddressError: for anything that is not a plain mailbox: source
+            routes, percent hacks, bang paths, quoted local parts that carry
+            ``@``, ``%`` or ``!``, address literals and malformed domains.
+        """
+        if not text:
+            raise AddressError("empty address", 501, "5.1.3")
+        if len(text) > 254:
+            raise AddressError("address too long", 501, "5.1.3")
+        if text.startswith("@"):
+            raise AddressError("source routes are not accepted", 550, "5.7.1")
+        local, sep, domain = text.rpartition("@")
+        if not sep or not local:
+            raise AddressError("address must be local@domain", 501, "5.1.3")
+        if local.startswith('"'):
+            if not _QUOTED.match(local):
+                raise AddressError("malformed quoted local part", 501, "5.1.3")
+            inner = local[1:-1]
+            if any(c in inner for c in "@%!"):
+                raise AddressError("routing characters in local part", 550, "5.7.1")
+        else:
+            if not _DOT_ATOM.match(local):
+                if "@" in local:
+                    raise AddressError("routing characters in local part", 550, "5.7.1")
+                raise AddressError("malformed local part", 501, "5.1.3")
+            if "%" in local or "!" in local:
+                raise AddressError("routing characters in local part", 550, "5.7.1")
+        if len(local) > 64:
+            raise AddressError("local part too long", 501, "5.1.3")
+        if domain.startswith("["):
+            raise AddressError("address literals are not accepted", 550, "5.7.1")
+        domain = domain.rstrip(".") if domain.endswith(".") and not domain.endswith("..") else domain
+        labels = domain.split(".")
+        if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+            raise AddressError("malformed domain", 501, "5.1.2")
+        return cls(local, domain)
+
+
+@frozen
+class Reply:
+    """An SMTP reply (or a transport's equivalent): code, enhanced status, text."""
+
+    code: int
+    enhanced: str = ""
+    text: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        parts = [str(self.code)]
+        if self.enhanced:
+            parts.append(self.enhanced)
+        if self.text:
+            parts.append(self.text)
+        return " ".join(parts)
+
+
+@frozen
+class Route:
+    """
+    Where a domain's mail goes: a transport plugin name and its target.
+
+    The text form is ``transport:target``, e.g. ``smtp:mail.example.com:25``.
+    """
+
+    transport: str
+    target: str
+
+    @classmethod
+    def parse(cls, text: str) -> Route:
+        transport, sep, target = text.partition(":")
+        if not sep or not transport or not target:
+            raise ValueError(f"route {text!r} is not of the form 'transport:target'")
+        return cls(transport, target)
+
+    def __str__(self) -> str:
+        return f"{self.transport}:{self.target}"
+
+
+@frozen
+class Envelope:
+    """
+    The SMTP envelope of an accepted message.
+
+    :ivar sender: the reverse path; ``None`` is the null sender ``<>``.
+    :ivar recipients: the accepted forward paths, in order.
+    :ivar received_at: POSIX time the message was accepted.
+    :ivar client: the client's address, ``"ip"``.
+    :ivar helo: what the client said in HELO/EHLO.
+    """
+
+    sender: Address | None
+    recipients: tuple[Address, ...] = field(converter=tuple)
+    received_at: float = 0.0
+    client: str = ""
+    helo: str = ""
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+
+class RecipientState(enum.Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+@frozen
+class Recipient:
+    """One recipient of an entry and where it stands; ``reply`` is the last one heard."""
+
+    address: Address
+    state: RecipientState = RecipientState.PENDING
+    reply: Reply | None = None
+
+
+@frozen
+class Entry:
+    """
+    One message for one route, as the spool holds it.
+
+    :ivar id: the entry's id, unique in the spool.
+    :ivar message_id: the id of the spooled message body (shared by the entries of
+        one message that went to several routes); pass it to ``ISpoolStore.body``.
+    :ivar route: the route in text form (``Route.parse`` reads it).
+    :ivar created: when the message was accepted.
+    :ivar next_attempt: when the entry is due next.
+    :ivar node: the node that should make the next attempt, or ``None`` for any.
+    :ivar attempts: how many attempts have been recorded.
+    :ivar held: held entries are never claimed until an operator releases them.
+    """
+
+    id: str
+    message_id: str
+    route: str
+    sender: Address | None
+    recipients: tuple[Recipient, ...] = field(converter=tuple)
+    created: float = 0.0
+    next_attempt: float = 0.0
+    node: str | None = None
+    attempts: int = 0
+    held: bool = False
+    size: int = 0
+    envelope_helo: str = ""
+    envelope_client: str = ""
+
+    @property
+    def pending(self) -> tuple[Address, ...]:
+        """The recipients still to deliver."""
+        return tuple(r.address for r in self.recipients if r.state is RecipientState.PENDING)
+
+    @property
+    def last_reply(self) -> Reply | None:
+        for r in self.recipients:
+            if r.state is RecipientState.PENDING and r.reply is not None:
+                return r.reply
+        return None
+
+
+@frozen
+class Lease:
+    """
+    A node's time-limited claim on an entry.
+
+    ``token`` identifies this claim: once the lease expires and another node
+    claims the entry, the old token no longer works (``LeaseLost``).
+    """
+
+    entry: Entry
+    node: str
+    token: str
+    expires: float
+
+
+@frozen
+class Attempt:
+    """
+    One try to deliver an entry, with the replies heard per recipient.
+
+    ``replies`` pairs each tried recipient with its reply; a connection-level
+    failure (refused, timeout, dropped) gives every recipient the same reply.
+    """
+
+    entry_id: str
+    node: str
+    started: float
+    finished: float
+    replies: tuple[tuple[Address, Reply], ...] = field(converter=tuple)
+
+
+class Action(enum.Enum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    HOLD = "hold"
+
+
+@frozen
+class Outcome:
+    """What the policy decided for one recipient."""
+
+    recipient: Address
+    action: Action
+    reply: Reply
+
+
+@frozen
+class Decision:
+    """
+    The policy's verdict on an attempt.
+
+    :ivar outcomes: one per recipient that was tried.
+    :ivar next_attempt: when the entry is due again, if any recipient is to be
+        retried (``Action.RETRY``); ``None`` otherwise.
+    :ivar next_node: the node that should make that attempt, or ``None`` for any.
+    """
+
+    outcomes: tuple[Outcome, ...] = field(converter=tuple)
+    next_attempt: float | None = None
+    next_node: str | None = None
+
+    @property
+    def hold(self) -> bool:
+        return any(o.action is Action.HOLD for o in self.outcomes)
+
+    def with_action(self, action: Action) -> Iterable[Outcome]:
+        return (o for o in self.outcomes if o.action is action)
+
+
+@frozen
+class EntryFilter:
+    """Which entries an operator wants to see; every field set must match."""
+
+    route: str | None = None
+    held: bool | None = None
+    recipient: str | None = None
+
+
+def apply_decision(entry: Entry, decision: Decision) -> Entry:
+    """
+    The entry as it stands after ``decision``: recipient states updated,
+    next attempt and node set.  Stores use this so they all agree on the rules.
+    """
+    states = {
+        Action.DELIVERED: RecipientState.DELIVERED,
+        Action.FAILED: RecipientState.FAILED,
+        Action.EXPIRED: RecipientState.EXPIRED,
+    }
+    by_address = {o.recipient: o for o in decision.outcomes}
+    recipients = []
+    for r in entry.recipients:
+        o = by_address.get(r.address)
+        if o is None or r.state is not RecipientState.PENDING:
+            recipients.append(r)
+        else:
+            recipients.append(
+                Recipient(r.address, states.get(o.action, RecipientState.PENDING), o.reply)
+            )
+    return evolve(
+        entry,
+        recipients=tuple(recipients),
+        attempts=entry.attempts + 1,
+        next_attempt=decision.next_attempt if decision.next_attempt is not None else entry.next_attempt,
+        node=decision.next_node,
+        held=entry.held or decision.hold,
+    )

@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+mailhub = ServiceMaker("mailhub", "mailhub.tap", "Mail continuity hub (SMTP MX, spool, archive)", "mailhub")
