@@ -1,0 +1,242 @@
+"""
+``mailhub``: the operator's command.
+
+    mailhub check-config FILE
+    mailhub queue [--config FILE] list [--json] [--route R] [--held]
+    mailhub queue [--config FILE] show ID [--json]
+    mailhub queue [--config FILE] hold|release|delete ID
+    mailhub queue [--config FILE] flush [--route R]
+    mailhub sink --listen ENDPOINT [--maildir DIR]
+
+The queue commands open the configured spool store themselves (the hub may be
+running: every store is safe to share), so they work for every store plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from mailhub.config import ConfigError, HubConfig, describe, load
+from mailhub.model import Attempt, Entry, EntryFilter
+
+__all__ = ["main"]
+
+
+def _when(ts: float, now: float) -> str:
+    delta = ts - now
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    if abs(delta) < 1:
+        rel = "now"
+    elif delta > 0:
+        rel = f"in {_span(delta)}"
+    else:
+        rel = f"{_span(-delta)} ago"
+    return f"{stamp} ({rel})"
+
+
+def _span(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "message_id": entry.message_id,
+        "route": entry.route,
+        "sender": str(entry.sender) if entry.sender else "",
+        "created": entry.created,
+        "next_attempt": entry.next_attempt,
+        "node": entry.node,
+        "attempts": entry.attempts,
+        "held": entry.held,
+        "size": entry.size,
+        "recipients": [
+            {
+                "address": str(r.address),
+                "state": r.state.value,
+                "reply": str(r.reply) if r.reply else None,
+            }
+            for r in entry.recipients
+        ],
+    }
+
+
+def attempt_json(a: Attempt) -> dict[str, Any]:
+    return {
+        "node": a.node,
+        "started": a.started,
+        "finished": a.finished,
+        "replies": [{"recipient": str(r), "reply": str(reply)} for r, reply in a.replies],
+    }
+
+
+def _open_store(config: HubConfig, reactor: Any) -> Any:
+    from mailhub.plugin import load_plugin
+
+    factory = load_plugin("mailhub.stores", config.store["plugin"])
+    return factory.make(config.plugin_section("store"), reactor)
+
+
+async def _queue(reactor: Any, args: argparse.Namespace, config: HubConfig) -> int:
+    store = _open_store(config, reactor)
+    out = sys.stdout
+    now = reactor.seconds()
+    try:
+        if args.action == "list":
+            flt = EntryFilter(route=args.route, held=True if args.held else None)
+            entries = await store.entries(flt, 0, args.limit)
+            if args.json:
+                json.dump([entry_json(e) for e in entries], out, indent=2)
+                out.write("\n")
+                return 0
+            counts = await store.counts()
+            out.write(
+                f"{counts.get('entries', 0)} entries, {counts.get('recipients', 0)} recipients, "
+                f"{counts.get('held', 0)} held, {counts.get('leased', 0)} being delivered\n"
+            )
+            if entries:
+                out.write(f"{'ID':32}  {'ROUTE':28} {'TRIES':>5}  {'NEXT ATTEMPT':32} {'NODE':12} RECIPIENTS / LAST REPLY\n")
+            for e in entries:
+                nxt = "held" if e.held else _when(e.next_attempt, now)
+                last = e.last_reply
+                rcpts = ", ".join(str(a) for a in e.pending)
+                out.write(
+                    f"{e.id:32}  {e.route:28} {e.attempts:>5}  {nxt:32} {e.node or 'any':12} {rcpts}"
+                    + (f"  [{last}]" if last else "")
+                    + "\n"
+                )
+            return 0
+        if args.action == "show":
+            entry = await store.get(args.id)
+            if entry is None:
+                sys.stderr.write(f"mailhub: no entry {args.id} in the spool\n")
+                return 1
+            attempts = await store.attempts(args.id)
+            if args.json:
+                data = entry_json(entry)
+                data["attempt_log"] = [attempt_json(a) for a in attempts]
+                json.dump(data, out, indent=2)
+                out.write("\n")
+                return 0
+            out.write(f"entry        {entry.id}\n")
+            out.write(f"message      {entry.message_id} ({entry.size} bytes)\n")
+            out.write(f"route        {entry.route}\n")
+            out.write(f"sender       <{entry.sender or ''}>\n")
+            out.write(f"accepted     {_when(entry.created, now)}\n")
+            if entry.held:
+                out.write("next attempt held (release with: mailhub queue release ID)\n")
+            else:
+                out.write(f"next attempt {_when(entry.next_attempt, now)} by {entry.node or 'any node'}\n")
+            out.write("recipients\n")
+            for r in entry.recipients:
+                out.write(f"  <{r.address}> {r.state.value}" + (f": {r.reply}" if r.reply else "") + "\n")
+            out.write(f"attempts     {len(attempts)}\n")
+            for a in attempts:
+                out.write(f"  {_when(a.finished, now)} by {a.node} ({a.finished - a.started:.2f} s)\n")
+                for rcpt, reply in a.replies:
+                    out.write(f"    <{rcpt}>: {reply}\n")
+            return 0
+        if args.action in ("hold", "release", "delete"):
+            if args.action == "hold":
+                found = await store.hold(args.id)
+            elif args.action == "release":
+                found = await store.release_held(args.id, now)
+            else:
+                found = await store.delete(args.id)
+            if not found:
+                sys.stderr.write(f"mailhub: no entry {args.id} in the spool\n")
+                return 1
+            out.write(f"{args.action}: {args.id}\n")
+            return 0
+        if args.action == "flush":
+            n = await store.flush(args.route, now)
+            out.write(f"{n} entries due now\n")
+            return 0
+        raise AssertionError(args.action)
+    finally:
+        await store.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailhub", description="Operate a mailhub hub.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    cc = sub.add_parser("check-config", help="check a configuration file and print it resolved")
+    cc.add_argument("file")
+
+    q = sub.add_parser("queue", help="look at and act on the spool")
+    q.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
+                   help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
+    qs = q.add_subparsers(dest="action", required=True)
+    ql = qs.add_parser("list", help="list the entries in the spool")
+    ql.add_argument("--json", action="store_true")
+    ql.add_argument("--route")
+    ql.add_argument("--held", action="store_true", help="only held entries")
+    ql.add_argument("--limit", type=int, default=1000)
+    qsh = qs.add_parser("show", help="one entry, its recipients and its attempts")
+    qsh.add_argument("id")
+    qsh.add_argument("--json", action="store_true")
+    for name, text in (("hold", "hold an entry"), ("release", "release a held entry"), ("delete", "delete an entry")):
+        qs.add_parser(name, help=text).add_argument("id")
+    qf = qs.add_parser("flush", help="make entries due now")
+    qf.add_argument("--route")
+
+    s = sub.add_parser("sink", help="run a test SMTP server that accepts and prints mail")
+    s.add_argument("--listen", default="tcp:2500:interface=127.0.0.1")
+    s.add_argument("--maildir")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        try:
+            config = load(args.file)
+        except ConfigError as e:
+            sys.stderr.write(f"{e}\n")
+            return 2
+        print(describe(config))
+        return 0
+    if args.command == "sink":
+        from mailhub.testing.downstream import main as sink_main
+
+        sink_args = ["--listen", args.listen] + (["--maildir", args.maildir] if args.maildir else [])
+        return sink_main(sink_args) or 0
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        sys.stderr.write(f"{e}\n")
+        return 2
+    from twisted.internet import task
+    from twisted.internet.defer import ensureDeferred
+
+    result: list[int] = []
+
+    async def run(reactor: Any) -> None:
+        result.append(await _queue(reactor, args, config))
+
+    try:
+        task.react(lambda reactor: ensureDeferred(run(reactor)))
+    except SystemExit as e:
+        if e.code:
+            return int(e.code)
+    return result[0] if result else 1
+
+if __name__ == "__main__":
+    sys.exit(main())

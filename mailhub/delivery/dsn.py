@@ -1,0 +1,128 @@
+"""
+Delivery status notifications (RFC 3464): the bounce a sender gets when the
+hub fails or gives up on some recipients of an entry.
+
+Building a DSN is pure: this module returns bytes and an envelope; the engine
+enqueues them through the hub like any other message.  A DSN is never sent to
+the null sender ``<>`` (RFC 5321 6.1: that is how bounce loops start).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from mailhub.model import Action, Entry, Envelope, Outcome, Route
+
+__all__ = ["build_dsn"]
+
+
+def _date(ts: float) -> str:
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+def _header_block(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 2]
+
+
+def _status(outcome: Outcome) -> str:
+    if outcome.action is Action.EXPIRED:
+        return "4.4.7"
+    reply = outcome.reply
+    if reply.enhanced and reply.enhanced[0] == "5":
+        return reply.enhanced
+    return "5.0.0"
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split())
+
+
+def build_dsn(
+    hostname: str,
+    entry: Entry,
+    outcomes: Sequence[Outcome],
+    message: bytes,
+    now: float,
+) -> tuple[Envelope, bytes] | None:
+    """
+    Build the DSN for the failed or expired ``outcomes`` of ``entry``.
+
+    :param hostname: the hub's name (``Reporting-MTA``, ``From:``).
+    :param message: the original message; its header block is returned to
+        the sender as ``text/rfc822-headers``.
+    :returns: ``(envelope, bytes)`` to enqueue, or ``None`` when there is no one
+        to tell (null sender, nothing failed).
+    """
+    if entry.sender is None or not outcomes:
+        return None
+    boundary = f"mailhub-{uuid.uuid4().hex}"
+    route = Route.parse(entry.route)
+    expired = all(o.action is Action.EXPIRED for o in outcomes)
+    subject = "Delivery Status Notification (Failure)"
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
+        f"To: <{entry.sender}>",
+        f"Subject: {subject}",
+        f"Date: {_date(now)}",
+        f"Message-ID: <{uuid.uuid4().hex}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        f"This is the mail system at {hostname}.",
+        "",
+    ]
+    if expired:
+        days = max(1, round((now - entry.created) / 86400))
+        lines.append(
+            f"Your message could not be delivered to the recipients below for {days} day(s) "
+            "and the hub has stopped trying."
+        )
+    else:
+        lines.append("Your message could not be delivered to the recipients below.")
+    lines.append("")
+    for o in outcomes:
+        lines.append(f"<{o.recipient}>: {_clean(str(o.reply))}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-Mailhub-Entry: {entry.id}",
+        f"Arrival-Date: {_date(entry.created)}",
+        "",
+    ]
+    for o in outcomes:
+        lines += [
+            f"Final-Recipient: rfc822; {o.recipient}",
+            "Action: failed",
+            f"Status: {_status(o)}",
+        ]
+        if route.transport in ("smtp", "lmtp") and route.target != "mx":
+            lines.append(f"Remote-MTA: dns; {route.target.rsplit(':', 1)[0]}")
+        lines += [
+            f"Diagnostic-Code: smtp; {_clean(str(o.reply))}",
+            f"Last-Attempt-Date: {_date(now)}",
+            "",
+        ]
+    lines += [
+        f"--{boundary}",
+        "Content-Type: text/rfc822-headers",
+        "",
+    ]
+    head = "\r\n".join(lines).encode("utf-8") + b"\r\n"
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    body = head + _header_block(message).rstrip(b"\r\n") + b"\r\n" + tail
+    envelope = Envelope(sender=None, recipients=(entry.sender,), received_at=now, helo=hostname)
+    return envelope, body
+

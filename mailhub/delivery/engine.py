@@ -1,0 +1,239 @@
+"""
+The delivery engine of one node: claims due entries, hands them to the route's
+transport, asks the policy what the replies mean and records the verdict.
+
+- The node that accepts a message tries it at once (``kick``), without
+  waiting for a scan.
+- Otherwise the engine sleeps until the spool says the next entry is due
+  (``ISpoolStore.next_due``), capped at ``max_scan_interval`` so entries that
+  other processes add are seen too.  An idle spool costs one query a cap.
+- At most ``max_connections`` attempts run at once per route, and at most
+  ``batch`` entries are leased by the node at a time.
+
+The engine owns no socket and no clock of its own: the store, the transports,
+the policy and the reactor are given to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from mailhub.config import DeliveryConfig
+from mailhub.interfaces import IDeliveryPolicy, ISpoolStore, ITransport
+from mailhub.model import Action, Attempt, Entry, Lease, LeaseLost, Outcome, Reply
+
+__all__ = ["DeliveryEngine"]
+
+Bounce = Callable[[Entry, Sequence[Outcome], bytes, float], Deferred]
+
+
+class DeliveryEngine(Service):
+    """
+    :param node: this node's name.
+    :param transport_for: gives the ``ITransport`` of a route (text form).
+    :param limit_for: gives the connection limit of a route.
+    :param bounce: enqueues the DSN for failed outcomes; the engine waits for
+        it before recording the attempt, so a crash can repeat a DSN but never
+        lose one.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        node: str,
+        store: ISpoolStore,
+        policy: IDeliveryPolicy,
+        transport_for: Callable[[str], ITransport],
+        limit_for: Callable[[str], int],
+        bounce: Bounce,
+        clock: IReactorTime,
+        settings: DeliveryConfig,
+    ) -> None:
+        self.node = node
+        self._store = store
+        self._policy = policy
+        self._transport_for = transport_for
+        self._limit_for = limit_for
+        self._bounce = bounce
+        self._clock = clock
+        self._settings = settings
+        self._semaphores: dict[str, DeferredSemaphore] = {}
+        self._active: set[Deferred[None]] = set()
+        self._timer: IDelayedCall | None = None
+        self._scanning = False
+        self._rescan = False
+        self._more = False
+        self.attempts_made = 0
+
+    # -- service ---------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.wake()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return DeferredList(list(self._active), consumeErrors=True)
+
+    # -- scheduling ------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def kick(self, ids: Sequence[str]) -> Deferred[None]:
+        """Claim and try the given entries now: the accepting node's first attempt."""
+        return ensureDeferred(self._claim(list(ids)))
+
+    def wake(self) -> None:
+        """Scan the spool for due entries as soon as possible."""
+        if not self.running:
+            return
+        if self._scanning:
+            self._rescan = True
+            return
+        self._schedule(0)
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self._clock.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay, self._scan)
+
+    def _scan(self) -> Deferred[None]:
+        self._timer = None
+        return ensureDeferred(self._scan_once())
+
+    async def _scan_once(self) -> None:
+        if self._scanning or not self.running:
+            return
+        self._scanning = True
+        delay = self._settings.max_scan_interval
+        try:
+            while self.running:
+                self._rescan = False
+                room = self._settings.batch - self.in_flight
+                if room <= 0:
+                    self._more = True
+                    break
+                claimed = await self._claim(None, room)
+                self._more = claimed == room
+                if not self._more and not self._rescan:
+                    break
+            now = self._clock.seconds()
+            due = await self._store.next_due(self.node, now)
+            if due is not None:
+                # An entry due now that we could not claim is racing another
+                # node's claim, or waits for room: look again shortly, never
+                # in a tight loop.
+                wait = due - now
+                delay = min(wait if wait > 0 else 1.0, delay)
+        except Exception:
+            self.log.failure("scan of the spool failed; trying again in 5 s")
+            delay = 5.0
+        finally:
+            self._scanning = False
+        if self.running:
+            self._schedule(delay)
+
+    async def _claim(self, ids: list[str] | None, limit: int | None = None) -> int:
+        s = self._settings
+        leases = await self._store.claim(
+            self.node,
+            self._clock.seconds(),
+            limit if limit is not None else len(ids or ()),
+            s.lease_seconds,
+            s.takeover_seconds,
+            ids,
+        )
+        for lease in leases:
+            self._dispatch(lease)
+        return len(leases)
+
+    def _dispatch(self, lease: Lease) -> None:
+        d = ensureDeferred(self._attempt(lease))
+        self._active.add(d)
+
+        def done(result: object) -> None:
+            self._active.discard(d)
+            if self._more and self.in_flight <= self._settings.batch // 2:
+                self.wake()
+
+        d.addErrback(lambda f: self.log.failure("attempt on {entry} failed", f, entry=lease.entry.id))
+        d.addBoth(done)
+
+    def _semaphore(self, route: str) -> DeferredSemaphore:
+        sem = self._semaphores.get(route)
+        if sem is None:
+            sem = self._semaphores[route] = DeferredSemaphore(max(1, self._limit_for(route)))
+        return sem
+
+    # -- one attempt -----------------------------------------------------
+
+    async def _attempt(self, lease: Lease) -> None:
+        entry = lease.entry
+        sem = self._semaphore(entry.route)
+        await sem.acquire()
+        try:
+            if not self.running:
+                await self._store.release(lease, self._clock.seconds())
+                return
+            await self._deliver(lease)
+        finally:
+            sem.release()
+
+    async def _deliver(self, lease: Lease) -> None:
+        entry = lease.entry
+        try:
+            message = await self._store.body(entry.message_id)
+        except KeyError:
+            self.log.error("entry {entry}: message body {message} is missing", entry=entry.id, message=entry.message_id)
+            return
+        started = self._clock.seconds()
+        try:
+            replies = dict(await self._transport_for(entry.route).deliver(entry, message))
+        except Exception as e:
+            self.log.failure("transport for {route} raised", route=entry.route)
+            replies = {}
+            failure_reply = Reply(451, "4.3.0", f"transport error: {e}")
+        else:
+            failure_reply = Reply(451, "4.3.0", "no reply from transport")
+        for address in entry.pending:
+            replies.setdefault(address, failure_reply)
+        finished = self._clock.seconds()
+        self.attempts_made += 1
+        decision = self._policy.decide(entry, replies, finished, self.node)
+        attempt = Attempt(entry.id, self.node, started, finished, tuple((a, replies[a]) for a in entry.pending))
+        bounced = [o for o in decision.outcomes if o.action in (Action.FAILED, Action.EXPIRED)]
+        if bounced:
+            await self._bounce(entry, bounced, message, finished)
+        try:
+            await self._store.record(lease, attempt, decision)
+        except LeaseLost:
+            self.log.warn("entry {entry}: lease lost during the attempt; another node owns it now", entry=entry.id)
+            return
+        for o in decision.outcomes:
+            self.log.info(
+                "entry {entry} <{rcpt}> via {route}: {action} ({reply}){later}",
+                entry=entry.id,
+                rcpt=str(o.recipient),
+                route=entry.route,
+                action=o.action.value,
+                reply=str(o.reply),
+                later=(
+                    f"; next attempt in {decision.next_attempt - finished:.0f} s by {decision.next_node}"
+                    if o.action is Action.RETRY and decision.next_attempt is not None
+                    else ""
+                ),
+            )

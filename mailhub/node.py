@@ -1,0 +1,136 @@
+"""
+One node of the hub ("dallas", "losangeles"): its SMTP listener, its delivery
+engine and (when configured) its web listener, over the hub's shared spool.
+
+The node wires objects together and owns no policy of its own: what to accept
+is the SMTP server's business, when to retry the policy's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from mailhub.config import HubConfig
+from mailhub.delivery.dsn import build_dsn
+from mailhub.delivery.engine import DeliveryEngine
+from mailhub.interfaces import IDeliveryPolicy, ISpoolStore, ITransport
+from mailhub.model import Address, Entry, Envelope, Outcome, Route
+from mailhub.plugin import load_plugin
+from mailhub.smtp.server import SMTPFactory, domain_check
+
+__all__ = ["Node", "routes_for"]
+
+
+def routes_for(config: HubConfig, recipients: Iterable[Address]) -> dict[str, list[Address]]:
+    """
+    Group recipients by route: one spool entry per route.  Recipients outside
+    the hub's domains (only DSNs have those) take the ``[hub] outbound`` route.
+    """
+    routes: dict[str, list[Address]] = {}
+    for address in recipients:
+        route = config.route_for(address.domain) or config.outbound
+        routes.setdefault(route, []).append(address)
+    return routes
+
+
+class Node(MultiService):
+    log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        config: HubConfig,
+        store: ISpoolStore,
+        policy: IDeliveryPolicy,
+        reactor: Any,
+    ) -> None:
+        super().__init__()
+        self.setName(name)
+        self.config = config
+        self._store = store
+        self._reactor = reactor
+        self._transports: dict[str, ITransport] = {}
+        self.engine = DeliveryEngine(
+            name,
+            store,
+            policy,
+            self.transport_for,
+            self.limit_for,
+            self.bounce,
+            reactor,
+            config.delivery,
+        )
+        self.engine.setServiceParent(self)
+        node_config = config.nodes[name]
+        self.smtp_factory = SMTPFactory(
+            config.hostname,
+            config.smtp,
+            domain_check(config.domains, config.hostname),
+            self.receive,
+            reactor,
+        )
+        listener = StreamServerEndpointService(serverFromString(reactor, node_config.smtp), self.smtp_factory)
+        # A port we cannot bind must stop twistd with the error, not leave a
+        # node running that accepts nothing.
+        listener._raiseSynchronously = True
+        listener.setName("smtp")
+        listener.setServiceParent(self)
+
+    def receive(self, envelope: Envelope, message: bytes) -> Deferred[str]:
+        """
+        Spool an accepted message (one entry per route), then try it at once.
+
+        :returns: a Deferred firing with the first entry id once the spool has
+            the message durably; it fails if the store could not take it.
+        """
+        return ensureDeferred(self._receive(envelope, message))
+
+    async def _receive(self, envelope: Envelope, message: bytes) -> str:
+        routes = routes_for(self.config, envelope.recipients)
+        ids = await self._store.enqueue(envelope, message, routes, self.name)
+        self.log.info(
+            "accepted from {client} <{sender}> for {count} recipient(s) as {ids}",
+            client=envelope.client,
+            sender=str(envelope.sender or ""),
+            count=len(envelope.recipients),
+            ids=",".join(ids),
+        )
+        if self.engine.running:
+            self.engine.kick(ids).addErrback(
+                lambda f: self.log.failure("immediate attempt of {ids} failed", f, ids=ids)
+            )
+        return ids[0]
+
+    def bounce(self, entry: Entry, outcomes: Sequence[Outcome], message: bytes, now: float) -> Deferred[Any]:
+        dsn = build_dsn(self.config.hostname, entry, outcomes, message, now)
+        if dsn is None:
+            self.log.info("entry {entry}: failed recipients but null sender; no DSN", entry=entry.id)
+            return succeed(None)
+        return self.receive(*dsn)
+
+    def transport_for(self, route: str) -> ITransport:
+        transport = self._transports.get(route)
+        if transport is None:
+            parsed = Route.parse(route)
+            factory = load_plugin("mailhub.transports", parsed.transport)
+            options = {**self.config.route_options(route), "target": parsed.target, "hostname": self.config.hostname}
+            transport = self._transports[route] = factory.make(options, self._reactor)
+        return transport
+
+    def limit_for(self, route: str) -> int:
+        return int(self.config.route_options(route).get("max_connections", 10))
+
+    def stopService(self) -> Deferred[Any]:
+        d = ensureDeferred(self._stop())
+        return d
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        await DeferredList([t.close() for t in self._transports.values()], consumeErrors=True)

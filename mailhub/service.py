@@ -1,0 +1,75 @@
+"""
+The hub as a Twisted service, for ``twistd mailhub`` and for embedding.
+
+``makeHubService(config)`` returns an ``IService``: add it to an existing
+application (see ``examples/embed.tac``) and the hub starts and stops with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+
+from mailhub.config import HubConfig
+from mailhub.model import Route
+from mailhub.node import Node
+from mailhub.plugin import load_plugin
+
+__all__ = ["HubService", "makeHubService"]
+
+
+class HubService(MultiService):
+    """
+    The nodes of one hub in this process, over one spool store.
+
+    :ivar store: the ``ISpoolStore`` the nodes share.
+    :ivar nodes: the ``Node`` services, by name.
+    """
+
+    def __init__(self, config: HubConfig, reactor: Any, node_names: list[str]) -> None:
+        super().__init__()
+        self.config = config
+        store_factory = load_plugin("mailhub.stores", config.store["plugin"])
+        policy_factory = load_plugin("mailhub.policies", config.policy["plugin"])
+        # Fail at start, not at the first delivery, on a route naming a
+        # transport that is not installed.
+        for route in {d.route for d in config.domains.values()} | {config.outbound}:
+            load_plugin("mailhub.transports", Route.parse(route).transport)
+        self.policy = policy_factory.make(config.plugin_section("policy"), reactor)
+        self.store = store_factory.make(config.plugin_section("store"), reactor)
+        self.nodes = {name: Node(name, config, self.store, self.policy, reactor) for name in node_names}
+        for node in self.nodes.values():
+            node.setServiceParent(self)
+
+    def stopService(self) -> Deferred[Any]:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        await self.store.close()
+
+
+def makeHubService(config: HubConfig, reactor: Any = None, nodes: list[str] | None = None) -> IService:
+    """
+    Build the hub's service from a loaded configuration.
+
+    :param config: from ``mailhub.config.load``.
+    :param reactor: defaults to the global reactor.
+    :param nodes: the node names to run in this process; all of the
+        configuration's by default (the embedded default: both sites, one process).
+    :raises ValueError: for a node name the configuration does not have.
+    :raises mailhub.plugin.PluginNotFound: for a plugin that is not installed.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    names = nodes or config.node_names()
+    unknown = [n for n in names if n not in config.nodes]
+    if unknown:
+        raise ValueError(
+            f"{config.path}: nodes: no node {', '.join(unknown)} (configured: {', '.join(config.nodes)})"
+        )
+    return HubService(config, reactor, names)
