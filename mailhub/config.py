@@ -246,7 +246,7 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
 
     domains: dict[str, DomainConfig] = {}
     for name, d in r.table(data, "domains", required=True).items():
-        prefix = f"domains.{name!r}" if "." in name else f"domains.{name}"
+        prefix = f'domains."{name}"' if "." in name else f"domains.{name}"
         if not isinstance(d, dict):
             r.err(prefix, "must be a table")
             continue

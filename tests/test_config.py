@@ -1,0 +1,84 @@
+"""Configuration: what loads, and errors that name the file, the key and the problem."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailhub.config import ConfigError, load, parse
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+GOOD = b"""
+[hub]
+hostname = "mx.hub.example"
+[nodes.dallas]
+smtp = "tcp:2525:interface=127.0.0.1"
+[domains."Example.COM"]
+route = "smtp:mail.example.com:25"
+"""
+
+
+def test_example_configs_load():
+    for path in EXAMPLES.glob("*.toml"):
+        config = load(str(path))
+        assert config.nodes and config.domains, path
+
+
+def test_defaults_are_the_embedded_default():
+    config = parse(GOOD, "hub.toml")
+    assert config.store["plugin"] == "sqlite"
+    assert config.policy["plugin"] == "standard"
+    assert config.outbound == "smtp:mx"
+    assert config.route_for("EXAMPLE.com") == "smtp:mail.example.com:25"
+    assert config.smtp.bare_line_endings == "reject"
+
+
+@pytest.mark.parametrize(
+    "text, key, words",
+    [
+        (GOOD.replace(b'hostname = "mx.hub.example"', b"hostname = 5"), "hub.hostname", "must be a string"),
+        (GOOD.replace(b'route = "smtp:mail.example.com:25"', b'route = "nowhere"'), 'domains."Example.COM".route', "transport:target"),
+        (GOOD + b"[smtp]\nmax_message_size = -1\n", "smtp.max_message_size", "greater than 0"),
+        (GOOD + b"[smtp]\nbare_line_endings = \"maybe\"\n", "smtp.bare_line_endings", "'reject' or 'normalise'"),
+        (GOOD + b"[smtp]\nidle_timeout = true\n", "smtp.idle_timeout", "not a boolean"),
+        (GOOD + b"[bogus]\nx = 1\n", "bogus", "unknown table"),
+        (GOOD.replace(b'smtp = "tcp:2525:interface=127.0.0.1"', b'smtp = "carrier-pigeon:1"'), "nodes.dallas.smtp", "not a Twisted endpoint"),
+        (GOOD.replace(b'smtp = "tcp:2525:interface=127.0.0.1"', b'smpt = "tcp:1"'), "nodes.dallas.smpt", "unknown key"),
+        (b"[hub]\nhostname='x'\n", "nodes", "missing"),
+        (b"[hub\n", "(file)", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_key_and_problem(text, key, words):
+    with pytest.raises(ConfigError) as info:
+        parse(text, "/etc/mailhub/hub.toml")
+    message = str(info.value)
+    assert f"/etc/mailhub/hub.toml: {key}: " in message
+    assert words in message
+
+
+def test_all_errors_are_reported_at_once():
+    text = GOOD.replace(b'hostname = "mx.hub.example"', b"hostname = 5") + b"[smtp]\nmax_recipients = 0\n"
+    with pytest.raises(ConfigError) as info:
+        parse(text, "hub.toml")
+    assert [k for k, _ in info.value.errors] == ["hub.hostname", "smtp.max_recipients"]
+
+
+def test_missing_file_is_named():
+    with pytest.raises(ConfigError, match="nope.toml: \\(file\\): cannot read"):
+        load("nope.toml")
+
+
+def test_check_config_command_prints_resolved_config_or_errors(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_bytes(GOOD)
+    out = subprocess.run([sys.executable, "-m", "mailhub.cli", "check-config", str(good)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert 'route = "smtp:mail.example.com:25"' in out.stdout
+    assert 'plugin = \'sqlite\'' in out.stdout or "plugin = 'sqlite'" in out.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(GOOD + b"[smtp]\nmax_recipients = 'lots'\n")
+    out = subprocess.run([sys.executable, "-m", "mailhub.cli", "check-config", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert f"{bad}: smtp.max_recipients: must be an integer" in out.stderr
