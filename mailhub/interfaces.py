@@ -110,8 +110,11 @@ class ISpoolStore(Interface):
             does nothing.
         """
 
-    def next_due(node, now):
+    def next_due(node, now, takeover_seconds=0.0):
         """
+        :param takeover_seconds: as for ``claim``: an entry reserved for another
+            node is due to ``node`` only ``takeover_seconds`` after its
+            ``next_attempt``.
         :returns: a ``Deferred`` firing with the earliest time at which an entry
             will be due to ``node`` (possibly ``<= now``), or ``None`` if the
             spool holds nothing claimable.  Schedulers sleep until then.

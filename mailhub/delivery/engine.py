@@ -132,7 +132,7 @@ class DeliveryEngine(Service):
                 if not self._more and not self._rescan:
                     break
             now = self._clock.seconds()
-            due = await self._store.next_due(self.node, now)
+            due = await self._store.next_due(self.node, now, self._settings.takeover_seconds)
             if due is not None:
                 # An entry due now that we could not claim is racing another
                 # node's claim, or waits for room: look again shortly, never
