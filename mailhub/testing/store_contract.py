@@ -1,0 +1,673 @@
+"""
+The spool-store contract: what every ``ISpoolStore`` must do.
+
+A store plugin's tests subclass ``SpoolStoreContract`` and provide a ``store``
+fixture that returns a fresh, empty store (and closes it afterwards)::
+
+    class TestMyStore(SpoolStoreContract):
+        @pytest.fixture
+        def store(self, tmp_path):
+            store = plugin.make({"path": "spool.db", "config_dir": str(tmp_path)}, reactor)
+            yield store
+            pytest_twisted.blockon(store.close())
+
+Every time the suite passes to the store is explicit and near ``NOW``.  The
+store's own clock is consulted only by ``counts()`` (for ``"leased"``); the
+suite's leases there are long enough that any clock from 0 to today works.
+
+The tests are ``async`` (pytest-twisted's ``ensureDeferred``), so a store whose
+``Deferred`` fire later, from a thread or the network, runs them as well as one
+whose ``Deferred`` fire at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import DeferredList
+from zope.interface.verify import verifyObject
+
+from mailhub.interfaces import ISpoolStore
+from mailhub.model import (
+    Action,
+    Address,
+    Attempt,
+    Decision,
+    Entry,
+    EntryFilter,
+    Envelope,
+    Lease,
+    LeaseLost,
+    Outcome,
+    RecipientState,
+    Reply,
+)
+
+__all__ = ["NOW", "SpoolStoreContract"]
+
+#: The time the suite's messages arrive at.
+NOW = 1_700_000_000.0
+LEASE = 300.0
+TAKEOVER = 600.0
+
+ROUTE_A = "smtp:mail.a.example:25"
+ROUTE_B = "lmtp:mail.b.example:24"
+ALICE = Address("alice", "a.example")
+BOB = Address("bob", "a.example")
+CAROL = Address("carol", "a.example")
+DAVE = Address("dave", "b.example")
+SENDER = Address("sender", "outside.example")
+
+OK = Reply(250, "2.0.0", "ok")
+LATER = Reply(451, "4.3.0", "try later")
+NO = Reply(550, "5.1.1", "no such user")
+
+#: A message that is not 7-bit text: every byte value, UTF-8, NUL, lone CR and LF.
+ODD_MESSAGE = (
+    b"Subject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\n\r\n"
+    + "grüße, 你好\r\n".encode()
+    + bytes(range(256))
+    + b"\x00\r\n.\r\nlone\rcr and lone\nlf\xff"
+)
+
+
+def _as_tuple(items: Iterable[Any]) -> Any:
+    # mypy cannot solve the attrs ``converter=tuple`` of the model's fields.
+    return tuple(items)
+
+
+def envelope(received_at: float = NOW, sender: Address | None = SENDER) -> Envelope:
+    return Envelope(
+        sender,
+        _as_tuple((ALICE, BOB, CAROL, DAVE)),
+        received_at=received_at,
+        client="192.0.2.7",
+        helo="client.outside.example",
+        body_8bit=True,
+    )
+
+
+def decision(
+    outcomes: Mapping[Address, tuple[Action, Reply]],
+    next_attempt: float | None = None,
+    next_node: str | None = None,
+) -> Decision:
+    return Decision(
+        _as_tuple(Outcome(a, action, reply) for a, (action, reply) in outcomes.items()),
+        next_attempt,
+        next_node,
+    )
+
+
+def attempt_for(lease: Lease, replies: Mapping[Address, Reply], at: float = NOW) -> Attempt:
+    return Attempt(lease.entry.id, lease.node, at, at + 1, _as_tuple(replies.items()))
+
+
+class SpoolStoreContract:
+    """
+    Tests every ``ISpoolStore`` passes.  Subclasses provide the ``store`` fixture.
+    """
+
+    @pytest.fixture
+    def store(self) -> Any:
+        raise NotImplementedError("a store's test class provides the 'store' fixture")
+
+    async def enqueue(
+        self,
+        store: Any,
+        routes: Mapping[str, Sequence[Address]] | None = None,
+        received_at: float = NOW,
+        node: str = "dallas",
+        message: bytes = b"Subject: hi\r\n\r\nhello\r\n",
+    ) -> list[str]:
+        if routes is None:
+            routes = {ROUTE_A: [ALICE]}
+        ids: list[str] = await store.enqueue(envelope(received_at), message, routes, node)
+        return ids
+
+    async def claim(
+        self,
+        store: Any,
+        node: str = "dallas",
+        now: float = NOW,
+        limit: int = 100,
+        lease_seconds: float = LEASE,
+        ids: Sequence[str] | None = None,
+    ) -> list[Lease]:
+        leases: list[Lease] = await store.claim(node, now, limit, lease_seconds, TAKEOVER, ids)
+        return leases
+
+    async def deliver_all(self, store: Any, lease: Lease, at: float = NOW) -> Entry | None:
+        replies = {a: OK for a in lease.entry.pending}
+        result: Entry | None = await store.record(
+            lease,
+            attempt_for(lease, replies, at),
+            decision({a: (Action.DELIVERED, OK) for a in lease.entry.pending}),
+        )
+        return result
+
+    # -- the interface --------------------------------------------------
+
+    def test_provides_interface(self, store: Any) -> None:
+        """The store provides every method of ``ISpoolStore``."""
+        assert verifyObject(ISpoolStore, store)
+
+    # -- enqueue --------------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_makes_one_entry_per_route(self, store: Any) -> None:
+        """Each route gets its own entry with its recipients, all sharing one message."""
+        message = b"Subject: hi\r\n\r\nhello\r\n"
+        ids = await self.enqueue(store, {ROUTE_A: [ALICE, BOB], ROUTE_B: [DAVE]}, message=message)
+        assert len(ids) == 2 and len(set(ids)) == 2
+        a = await store.get(ids[0])
+        b = await store.get(ids[1])
+        assert a.route == ROUTE_A and b.route == ROUTE_B
+        assert a.pending == (ALICE, BOB) and b.pending == (DAVE,)
+        assert all(r.state is RecipientState.PENDING and r.reply is None for r in a.recipients)
+        assert a.message_id == b.message_id
+        for e, entry_id in ((a, ids[0]), (b, ids[1])):
+            assert e.id == entry_id
+            assert e.sender == SENDER
+            assert e.created == NOW
+            assert e.attempts == 0
+            assert not e.held
+            assert e.size == len(message)
+            assert e.envelope_helo == "client.outside.example"
+            assert e.envelope_client == "192.0.2.7"
+        assert await store.body(a.message_id) == message
+
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_reserves_entry_for_accepting_node(self, store: Any) -> None:
+        """A new entry is due at once, for the node that accepted it."""
+        [entry_id] = await self.enqueue(store, node="losangeles", received_at=NOW + 5)
+        entry = await store.get(entry_id)
+        assert entry.node == "losangeles"
+        assert entry.next_attempt == NOW + 5
+
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_null_sender(self, store: Any) -> None:
+        """The null sender ``<>`` (bounces) is kept as ``None``."""
+        ids = await store.enqueue(envelope(sender=None), b"x\r\n", {ROUTE_A: [ALICE]}, "dallas")
+        assert (await store.get(ids[0])).sender is None
+
+    @pytest.mark.parametrize(
+        "message",
+        [ODD_MESSAGE, b"", bytes(range(256)) * 1000],
+        ids=["8bit", "empty", "large"],
+    )
+    @pytest_twisted.ensureDeferred
+    async def test_message_bytes_round_trip_exactly(self, store: Any, message: bytes) -> None:
+        """Whatever bytes go in come back out, unchanged."""
+        [entry_id] = await self.enqueue(store, message=message)
+        entry = await store.get(entry_id)
+        assert await store.body(entry.message_id) == message
+        assert entry.size == len(message)
+
+    @pytest_twisted.ensureDeferred
+    async def test_unicode_addresses_round_trip(self, store: Any) -> None:
+        """SMTPUTF8 addresses come back as they went in."""
+        who = Address("jürgen", "bücher.example")
+        sender = Address("δοκιμή", "outside.example")
+        env = Envelope(sender, _as_tuple([who]), received_at=NOW, smtputf8=True)
+        [entry_id] = await store.enqueue(env, b"x\r\n", {ROUTE_A: [who]}, "dallas")
+        entry = await store.get(entry_id)
+        assert entry.sender == sender and entry.pending == (who,)
+
+    # -- claim ----------------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_claim_leases_only_due_entries(self, store: Any) -> None:
+        """An entry whose next attempt lies in the future is not claimed."""
+        [due] = await self.enqueue(store, received_at=NOW - 10)
+        await self.enqueue(store, received_at=NOW + 10)
+        leases = await self.claim(store)
+        assert [lease.entry.id for lease in leases] == [due]
+        assert leases[0].node == "dallas"
+        assert leases[0].expires == NOW + LEASE
+        assert leases[0].token
+
+    @pytest_twisted.ensureDeferred
+    async def test_claim_earliest_first_within_limit(self, store: Any) -> None:
+        """``limit`` bounds the leases, and the earliest due are leased first."""
+        late = await self.enqueue(store, received_at=NOW - 1)
+        early = await self.enqueue(store, received_at=NOW - 30)
+        middle = await self.enqueue(store, received_at=NOW - 20)
+        leases = await self.claim(store, limit=2)
+        assert [lease.entry.id for lease in leases] == early + middle
+        leases = await self.claim(store, limit=2)
+        assert [lease.entry.id for lease in leases] == late
+
+    @pytest_twisted.ensureDeferred
+    async def test_claim_gives_entry_as_stored(self, store: Any) -> None:
+        """The lease carries the entry as it was when claimed."""
+        [entry_id] = await self.enqueue(store, {ROUTE_A: [ALICE, BOB]}, received_at=NOW - 3)
+        before = await store.get(entry_id)
+        [lease] = await self.claim(store)
+        assert lease.entry == before
+
+    @pytest_twisted.ensureDeferred
+    async def test_claim_skips_held_entries(self, store: Any) -> None:
+        """A held entry is never claimed."""
+        [entry_id] = await self.enqueue(store)
+        assert await store.hold(entry_id) is True
+        assert await self.claim(store, now=NOW + 10 * TAKEOVER) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_reservation_for_other_node_honoured_until_takeover(self, store: Any) -> None:
+        """Another node gets a reserved entry only ``takeover_seconds`` after it was due."""
+        [entry_id] = await self.enqueue(store, node="dallas")
+        assert await self.claim(store, node="losangeles", now=NOW + TAKEOVER - 1) == []
+        leases = await self.claim(store, node="losangeles", now=NOW + TAKEOVER)
+        assert [lease.entry.id for lease in leases] == [entry_id]
+
+    @pytest_twisted.ensureDeferred
+    async def test_reserved_node_claims_at_once(self, store: Any) -> None:
+        """The node an entry is reserved for gets it as soon as it is due."""
+        [entry_id] = await self.enqueue(store, node="dallas")
+        leases = await self.claim(store, node="dallas", now=NOW)
+        assert [lease.entry.id for lease in leases] == [entry_id]
+
+    @pytest_twisted.ensureDeferred
+    async def test_claim_by_ids(self, store: Any) -> None:
+        """With ``ids`` only those entries are leased, and only if due to the node."""
+        [first] = await self.enqueue(store)
+        [second] = await self.enqueue(store)
+        [other] = await self.enqueue(store, node="losangeles")
+        leases = await self.claim(store, ids=[second, other])
+        assert [lease.entry.id for lease in leases] == [second]
+        leases = await self.claim(store, ids=[second])
+        assert leases == []
+        leases = await self.claim(store, ids=[first])
+        assert [lease.entry.id for lease in leases] == [first]
+
+    @pytest_twisted.ensureDeferred
+    async def test_claim_by_unknown_ids_is_empty(self, store: Any) -> None:
+        """Ids that name nothing lease nothing."""
+        await self.enqueue(store)
+        assert await self.claim(store, ids=["nosuchentry"]) == []
+        assert await self.claim(store, ids=[]) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_leased_entry_not_claimed_again(self, store: Any) -> None:
+        """While a lease lasts, nobody (not even its own node) claims the entry again."""
+        await self.enqueue(store)
+        [lease] = await self.claim(store, node="dallas")
+        assert await self.claim(store, node="dallas", now=NOW + LEASE - 1) == []
+        assert await self.claim(store, node="losangeles", now=NOW + LEASE - 1) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_simultaneous_claims_are_disjoint(self, store: Any) -> None:
+        """Two nodes claiming at the same moment never lease the same entry."""
+        ids = set()
+        for _ in range(20):
+            ids.update(await self.enqueue(store, node="elsewhere"))
+        now = NOW + TAKEOVER
+        results = await DeferredList(
+            [
+                store.claim("dallas", now, 15, LEASE, TAKEOVER),
+                store.claim("losangeles", now, 15, LEASE, TAKEOVER),
+            ],
+            fireOnOneErrback=True,
+            consumeErrors=True,
+        )
+        a = {lease.entry.id for lease in results[0][1]}
+        b = {lease.entry.id for lease in results[1][1]}
+        assert not a & b
+        assert a | b == ids
+
+    @pytest_twisted.ensureDeferred
+    async def test_expired_lease_makes_entry_claimable_again(self, store: Any) -> None:
+        """A lease not recorded in time expires; any node may then claim the entry."""
+        [entry_id] = await self.enqueue(store)
+        [old] = await self.claim(store, node="dallas")
+        assert await self.claim(store, node="losangeles", now=old.expires - 1) == []
+        [new] = await self.claim(store, node="losangeles", now=old.expires)
+        assert new.entry.id == entry_id
+        assert new.token != old.token
+
+    @pytest_twisted.ensureDeferred
+    async def test_record_under_lost_lease_fails_and_changes_nothing(self, store: Any) -> None:
+        """The node whose lease expired gets ``LeaseLost`` and its attempt is not recorded."""
+        [entry_id] = await self.enqueue(store)
+        [old] = await self.claim(store, node="dallas")
+        [new] = await self.claim(store, node="losangeles", now=old.expires)
+        with pytest.raises(LeaseLost):
+            await self.deliver_all(store, old)
+        entry = await store.get(entry_id)
+        assert entry.attempts == 0 and entry.pending == (ALICE,)
+        assert await store.attempts(entry_id) == []
+        # The new holder's lease is intact.
+        assert await self.deliver_all(store, new) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_release_of_lost_lease_does_nothing(self, store: Any) -> None:
+        """Releasing an expired lease leaves the new holder's lease alone."""
+        await self.enqueue(store)
+        [old] = await self.claim(store, node="dallas")
+        [new] = await self.claim(store, node="losangeles", now=old.expires)
+        await store.release(old, old.expires + 1)
+        assert await self.claim(store, node="dallas", now=old.expires + 2) == []
+        assert await self.deliver_all(store, new) is None
+
+    # -- record ---------------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_all_delivered_removes_entry_and_body(self, store: Any) -> None:
+        """Once every recipient is done the entry and its message leave the spool."""
+        [entry_id] = await self.enqueue(store, {ROUTE_A: [ALICE, BOB]})
+        [lease] = await self.claim(store)
+        assert await self.deliver_all(store, lease) is None
+        assert await store.get(entry_id) is None
+        with pytest.raises(KeyError):
+            await store.body(lease.entry.message_id)
+        assert (await store.counts())["entries"] == 0
+        assert await self.claim(store, now=NOW + 10 * TAKEOVER) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_failed_and_expired_recipients_also_leave(self, store: Any) -> None:
+        """Failed and expired recipients are final too: no pending one, no entry."""
+        [entry_id] = await self.enqueue(store, {ROUTE_A: [ALICE, BOB, CAROL]})
+        [lease] = await self.claim(store)
+        result = await store.record(
+            lease,
+            attempt_for(lease, {ALICE: OK, BOB: NO, CAROL: LATER}),
+            decision(
+                {
+                    ALICE: (Action.DELIVERED, OK),
+                    BOB: (Action.FAILED, NO),
+                    CAROL: (Action.EXPIRED, LATER),
+                }
+            ),
+        )
+        assert result is None
+        assert await store.get(entry_id) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_body_kept_while_another_entry_uses_it(self, store: Any) -> None:
+        """A message for two routes keeps its body until both entries are done."""
+        first, second = await self.enqueue(store, {ROUTE_A: [ALICE], ROUTE_B: [DAVE]})
+        leases = {lease.entry.id: lease for lease in await self.claim(store)}
+        message_id = leases[first].entry.message_id
+        await self.deliver_all(store, leases[first])
+        assert await store.get(first) is None
+        assert await store.body(message_id) == b"Subject: hi\r\n\r\nhello\r\n"
+        await self.deliver_all(store, leases[second])
+        with pytest.raises(KeyError):
+            await store.body(message_id)
+
+    @pytest_twisted.ensureDeferred
+    async def test_partial_delivery_keeps_pending_recipients(self, store: Any) -> None:
+        """Only the deferred recipients stay pending, due when and where the policy says."""
+        [entry_id] = await self.enqueue(store, {ROUTE_A: [ALICE, BOB, CAROL]})
+        [lease] = await self.claim(store)
+        retry_at = NOW + 1200
+        updated = await store.record(
+            lease,
+            attempt_for(lease, {ALICE: OK, BOB: LATER, CAROL: NO}),
+            decision(
+                {
+                    ALICE: (Action.DELIVERED, OK),
+                    BOB: (Action.RETRY, LATER),
+                    CAROL: (Action.FAILED, NO),
+                },
+                next_attempt=retry_at,
+                next_node="losangeles",
+            ),
+        )
+        assert updated.pending == (BOB,)
+        states = {r.address: (r.state, r.reply) for r in updated.recipients}
+        assert states == {
+            ALICE: (RecipientState.DELIVERED, OK),
+            BOB: (RecipientState.PENDING, LATER),
+            CAROL: (RecipientState.FAILED, NO),
+        }
+        assert updated.next_attempt == retry_at
+        assert updated.node == "losangeles"
+        assert updated.attempts == 1
+        assert await store.get(entry_id) == updated
+        # The lease ended: due again at retry_at, to losangeles first.
+        assert await self.claim(store, node="losangeles", now=retry_at - 1) == []
+        assert await self.claim(store, node="dallas", now=retry_at) == []
+        [again] = await self.claim(store, node="losangeles", now=retry_at)
+        assert again.entry == updated
+
+    @pytest_twisted.ensureDeferred
+    async def test_retry_for_any_node(self, store: Any) -> None:
+        """A decision without ``next_node`` lets any node make the next attempt."""
+        [entry_id] = await self.enqueue(store)
+        [lease] = await self.claim(store, node="dallas")
+        await store.record(
+            lease,
+            attempt_for(lease, {ALICE: LATER}),
+            decision({ALICE: (Action.RETRY, LATER)}, next_attempt=NOW + 60),
+        )
+        [again] = await self.claim(store, node="losangeles", now=NOW + 60)
+        assert again.entry.id == entry_id and again.entry.node is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_hold_decision_holds_entry(self, store: Any) -> None:
+        """A decision to hold keeps the entry, unclaimable until an operator releases it."""
+        [entry_id] = await self.enqueue(store)
+        [lease] = await self.claim(store)
+        updated = await store.record(
+            lease, attempt_for(lease, {ALICE: LATER}), decision({ALICE: (Action.HOLD, LATER)})
+        )
+        assert updated.held and updated.pending == (ALICE,)
+        assert (await store.get(entry_id)).held
+        assert await self.claim(store, now=NOW + 100 * TAKEOVER) == []
+        assert await store.release_held(entry_id, NOW + 50) is True
+        [again] = await self.claim(store, node="losangeles", now=NOW + 50)
+        assert again.entry.id == entry_id and not again.entry.held
+
+    @pytest_twisted.ensureDeferred
+    async def test_attempts_are_logged_with_replies(self, store: Any) -> None:
+        """Every recorded attempt is kept, oldest first, with its replies."""
+        [entry_id] = await self.enqueue(store, {ROUTE_A: [ALICE, BOB]})
+        [lease] = await self.claim(store)
+        first = attempt_for(lease, {ALICE: LATER, BOB: LATER}, at=NOW)
+        await store.record(
+            lease,
+            first,
+            decision(
+                {ALICE: (Action.RETRY, LATER), BOB: (Action.RETRY, LATER)},
+                next_attempt=NOW + 100,
+                next_node="losangeles",
+            ),
+        )
+        [lease] = await self.claim(store, node="losangeles", now=NOW + 100)
+        second = attempt_for(lease, {ALICE: OK, BOB: LATER}, at=NOW + 100)
+        updated = await store.record(
+            lease,
+            second,
+            decision(
+                {ALICE: (Action.DELIVERED, OK), BOB: (Action.RETRY, LATER)},
+                next_attempt=NOW + 200,
+            ),
+        )
+        assert updated.attempts == 2
+        assert await store.attempts(entry_id) == [first, second]
+
+    @pytest_twisted.ensureDeferred
+    async def test_attempts_of_unknown_entry_is_empty(self, store: Any) -> None:
+        assert await store.attempts("nosuchentry") == []
+
+    # -- release --------------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_release_makes_entry_due_for_any_node(self, store: Any) -> None:
+        """A released entry is due at the given time, to any node, with no attempt counted."""
+        [entry_id] = await self.enqueue(store, node="dallas")
+        [lease] = await self.claim(store, node="dallas")
+        assert await store.release(lease, NOW + 5) is None
+        assert await self.claim(store, node="losangeles", now=NOW + 4) == []
+        [again] = await self.claim(store, node="losangeles", now=NOW + 5)
+        assert again.entry.id == entry_id
+        assert again.entry.attempts == 0
+        assert await store.attempts(entry_id) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_record_after_release_is_lease_lost(self, store: Any) -> None:
+        """A released lease is gone: recording under it fails."""
+        await self.enqueue(store)
+        [lease] = await self.claim(store)
+        await store.release(lease, NOW)
+        with pytest.raises(LeaseLost):
+            await self.deliver_all(store, lease)
+
+    # -- next_due -------------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_next_due_empty_spool(self, store: Any) -> None:
+        assert await store.next_due("dallas", NOW) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_next_due_is_earliest_claimable(self, store: Any) -> None:
+        """The earliest time an entry is due to the node, held entries aside."""
+        [held] = await self.enqueue(store, received_at=NOW - 100)
+        await store.hold(held)
+        await self.enqueue(store, received_at=NOW + 20)
+        await self.enqueue(store, received_at=NOW + 10)
+        assert await store.next_due("dallas", NOW) == NOW + 10
+
+    @pytest_twisted.ensureDeferred
+    async def test_next_due_counts_reservation_for_other_node(self, store: Any) -> None:
+        """An entry reserved for another node is due to this one only after the takeover."""
+        await self.enqueue(store, node="losangeles", received_at=NOW)
+        assert await store.next_due("losangeles", NOW, TAKEOVER) == NOW
+        assert await store.next_due("dallas", NOW, TAKEOVER) == NOW + TAKEOVER
+
+    @pytest_twisted.ensureDeferred
+    async def test_next_due_of_leased_entry_is_lease_expiry(self, store: Any) -> None:
+        """A leased entry is next due when its lease would expire."""
+        await self.enqueue(store)
+        [lease] = await self.claim(store)
+        assert await store.next_due("losangeles", NOW, TAKEOVER) == lease.expires
+
+    # -- the read side --------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_get_unknown_entry(self, store: Any) -> None:
+        assert await store.get("nosuchentry") is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_body_unknown_message(self, store: Any) -> None:
+        with pytest.raises(KeyError):
+            await store.body("nosuchmessage")
+
+    @pytest_twisted.ensureDeferred
+    async def test_entries_filters_and_orders(self, store: Any) -> None:
+        """``entries`` filters by route, held and recipient, ordered by next attempt."""
+        [a_late] = await self.enqueue(store, {ROUTE_A: [ALICE]}, received_at=NOW + 30)
+        [a_early] = await self.enqueue(store, {ROUTE_A: [BOB, CAROL]}, received_at=NOW + 10)
+        [b_mid] = await self.enqueue(store, {ROUTE_B: [DAVE]}, received_at=NOW + 20)
+        await store.hold(a_late)
+
+        async def ids(f: EntryFilter | None, offset: int = 0, limit: int = 100) -> list[str]:
+            return [e.id for e in await store.entries(f, offset, limit)]
+
+        assert await ids(None) == [a_early, b_mid, a_late]
+        assert await ids(EntryFilter(route=ROUTE_A)) == [a_early, a_late]
+        assert await ids(EntryFilter(held=True)) == [a_late]
+        assert await ids(EntryFilter(held=False)) == [a_early, b_mid]
+        assert await ids(EntryFilter(recipient="carol@a.example")) == [a_early]
+        assert await ids(EntryFilter(recipient="Carol@A.Example")) == [a_early]
+        assert await ids(EntryFilter(recipient="nobody@a.example")) == []
+        assert await ids(EntryFilter(route=ROUTE_A, held=False)) == [a_early]
+        assert await ids(None, offset=1, limit=1) == [b_mid]
+        assert await ids(None, offset=3, limit=10) == []
+        [entry] = await store.entries(EntryFilter(route=ROUTE_B), 0, 10)
+        assert entry == await store.get(b_mid)
+
+    @pytest_twisted.ensureDeferred
+    async def test_counts(self, store: Any) -> None:
+        """``counts`` reports entries, held, leased, pending recipients and routes."""
+        await self.enqueue(store, {ROUTE_A: [ALICE, BOB], ROUTE_B: [DAVE]})
+        [held] = await self.enqueue(store, {ROUTE_A: [CAROL]})
+        await store.hold(held)
+        # A lease long enough to be current whatever the store's clock says.
+        await self.claim(store, limit=1, lease_seconds=10.0**10)
+        assert await store.counts() == {
+            "entries": 3,
+            "held": 1,
+            "leased": 1,
+            "recipients": 4,
+            "routes": {ROUTE_A: 2, ROUTE_B: 1},
+        }
+
+    @pytest_twisted.ensureDeferred
+    async def test_counts_empty_spool(self, store: Any) -> None:
+        assert await store.counts() == {
+            "entries": 0,
+            "held": 0,
+            "leased": 0,
+            "recipients": 0,
+            "routes": {},
+        }
+
+    # -- operator actions -----------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_hold_and_release_held(self, store: Any) -> None:
+        """Held entries wait for the operator; released ones are due at once to any node."""
+        [entry_id] = await self.enqueue(store, received_at=NOW + 1000)
+        assert await store.hold(entry_id) is True
+        assert (await store.get(entry_id)).held
+        assert await store.release_held(entry_id, NOW) is True
+        entry = await store.get(entry_id)
+        assert not entry.held and entry.next_attempt == NOW
+        [lease] = await self.claim(store, node="losangeles", now=NOW)
+        assert lease.entry.id == entry_id
+
+    @pytest_twisted.ensureDeferred
+    async def test_operator_actions_on_unknown_entry(self, store: Any) -> None:
+        assert await store.hold("nosuchentry") is False
+        assert await store.release_held("nosuchentry", NOW) is False
+        assert await store.delete("nosuchentry") is False
+
+    @pytest_twisted.ensureDeferred
+    async def test_flush_route(self, store: Any) -> None:
+        """Flushing a route makes its entries (not held ones) due now for any node."""
+        [a] = await self.enqueue(store, {ROUTE_A: [ALICE]}, received_at=NOW + 500)
+        [b] = await self.enqueue(store, {ROUTE_B: [DAVE]}, received_at=NOW + 500)
+        [held] = await self.enqueue(store, {ROUTE_A: [BOB]}, received_at=NOW + 500)
+        await store.hold(held)
+        assert await store.flush(ROUTE_A, NOW) == 1
+        leases = await self.claim(store, node="losangeles", now=NOW)
+        assert [lease.entry.id for lease in leases] == [a]
+        assert await store.flush(None, NOW) == 1
+        leases = await self.claim(store, node="losangeles", now=NOW)
+        assert [lease.entry.id for lease in leases] == [b]
+
+    @pytest_twisted.ensureDeferred
+    async def test_flush_leaves_leased_entries_alone(self, store: Any) -> None:
+        """Flushing never hands out an entry that is being delivered."""
+        await self.enqueue(store)
+        await self.claim(store)
+        assert await store.flush(None, NOW + 1) == 0
+        assert await self.claim(store, node="losangeles", now=NOW + 1) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_delete(self, store: Any) -> None:
+        """A deleted entry is gone, and its message with it when no other entry uses it."""
+        first, second = await self.enqueue(store, {ROUTE_A: [ALICE], ROUTE_B: [DAVE]})
+        message_id = (await store.get(first)).message_id
+        assert await store.delete(first) is True
+        assert await store.get(first) is None
+        assert await store.body(message_id)
+        assert await store.delete(second) is True
+        with pytest.raises(KeyError):
+            await store.body(message_id)
+        assert (await store.counts())["entries"] == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_delete_leased_entry_loses_lease(self, store: Any) -> None:
+        """Recording an attempt for an entry the operator deleted fails with ``LeaseLost``."""
+        [entry_id] = await self.enqueue(store)
+        [lease] = await self.claim(store)
+        assert await store.delete(entry_id) is True
+        with pytest.raises(LeaseLost):
+            await self.deliver_all(store, lease)
