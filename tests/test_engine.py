@@ -1,0 +1,256 @@
+"""
+The delivery engine over the memory store, a scripted transport and a Clock:
+the seed's schedule from end to end, without a socket.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from mailhub.config import DeliveryConfig, parse
+from mailhub.delivery.engine import DeliveryEngine
+from mailhub.model import Action, Address, Envelope, Reply
+from mailhub.node import Node, routes_for
+from mailhub.plugins.memory_store import MemorySpoolStore
+from mailhub.plugins.standard_policy import StandardPolicy
+from mailhub.testing.fakes import ScriptedTransport
+
+ROUTE = "smtp:mail.example.com:25"
+SENDER = Address("sender", "outside.example")
+A = Address("alice", "example.com")
+B = Address("bob", "example.com")
+MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
+OK = Reply(250, "2.0.0", "OK")
+TEMP = Reply(451, "4.3.0", "try later")
+PERM = Reply(550, "5.1.1", "no such user")
+MINUTE = 60.0
+DAY = 86400.0
+
+
+class Hub:
+    """Two engines (dallas, losangeles) over one memory store and one clock."""
+
+    def __init__(self, script=None, limit=10, settings=None, store_class=MemorySpoolStore):
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.store = store_class(self.clock)
+        self.policy = StandardPolicy(nodes=("dallas", "losangeles"), jitter=0.0)
+        self.transport = ScriptedTransport(script) if script else ScriptedTransport()
+        self.bounces: list[tuple[str, list]] = []
+        self.settings = settings or DeliveryConfig(max_scan_interval=60.0)
+        self.engines = {
+            name: DeliveryEngine(
+                name, self.store, self.policy, lambda route: self.transport, lambda route: limit,
+                self.bounce, self.clock, self.settings,
+            )
+            for name in ("dallas", "losangeles")
+        }
+        for e in self.engines.values():
+            e.startService()
+
+    def bounce(self, entry, outcomes, message, now):
+        self.bounces.append((entry.id, list(outcomes)))
+        return succeed(None)
+
+    def accept(self, node="dallas", recipients=(A,)):
+        env = Envelope(SENDER, recipients, received_at=self.clock.seconds())
+        ids = []
+        self.store.enqueue(env, MESSAGE, {ROUTE: list(recipients)}, node).addCallback(ids.extend)
+        self.engines[node].kick(ids)
+        return ids[0]
+
+    def who_delivered(self):
+        return [e.attempts for e, _ in self.transport.deliveries]
+
+    def entry(self, entry_id):
+        result = []
+        self.store.get(entry_id).addCallback(result.append)
+        return result[0]
+
+    def attempts(self, entry_id):
+        result = []
+        self.store.attempts(entry_id).addCallback(result.append)
+        return result[0]
+
+
+def scripted(*replies):
+    """A script answering each delivery with the next reply, the last one forever."""
+    replies_left = list(replies)
+
+    def script(entry, message):
+        return replies_left.pop(0) if len(replies_left) > 1 else replies_left[0]
+
+    return script
+
+
+def test_accepting_node_tries_at_once_and_delivered_entry_leaves_the_spool():
+    hub = Hub()
+    entry_id = hub.accept("losangeles")
+    assert len(hub.transport.deliveries) == 1
+    assert hub.entry(entry_id) is None
+
+
+def test_deferral_goes_to_the_other_node_ten_minutes_later():
+    hub = Hub(scripted(TEMP, OK))
+    entry_id = hub.accept("dallas")
+    entry = hub.entry(entry_id)
+    assert entry.node == "losangeles"
+    assert entry.next_attempt == hub.clock.seconds() + 10 * MINUTE
+    hub.clock.advance(10 * MINUTE - 1)
+    assert len(hub.transport.deliveries) == 1
+    hub.clock.advance(1)
+    assert len(hub.transport.deliveries) == 2
+    assert hub.entry(entry_id) is None
+
+
+def test_each_node_retries_every_twenty_minutes_staggered():
+    hub = Hub(scripted(TEMP))
+    entry_id = hub.accept("dallas")
+    start = hub.clock.seconds()
+    for _ in range(18):
+        hub.clock.advance(10 * MINUTE)
+    log = hub.attempts(entry_id)
+    times = {"dallas": [], "losangeles": []}
+    for a in log:
+        times[a.node].append(a.finished - start)
+    assert times["dallas"][:4] == [0, 20 * MINUTE, 40 * MINUTE, 60 * MINUTE]
+    assert times["losangeles"][:4] == [10 * MINUTE, 30 * MINUTE, 50 * MINUTE, 70 * MINUTE]
+
+
+def test_other_node_takes_over_when_the_reserved_node_is_dead():
+    hub = Hub(scripted(TEMP, OK), settings=DeliveryConfig(takeover_seconds=300.0, max_scan_interval=60.0))
+    hub.engines["losangeles"].stopService()
+    entry_id = hub.accept("dallas")
+    hub.clock.advance(10 * MINUTE)
+    assert len(hub.transport.deliveries) == 1
+    hub.clock.advance(300)
+    assert len(hub.transport.deliveries) == 2
+    assert hub.entry(entry_id) is None
+
+
+def test_permanent_failure_bounces_and_leaves_the_spool():
+    hub = Hub(scripted(PERM))
+    entry_id = hub.accept()
+    assert hub.entry(entry_id) is None
+    assert len(hub.bounces) == 1
+    (bounced_id, outcomes), = hub.bounces
+    assert bounced_id == entry_id
+    assert [(o.recipient, o.action) for o in outcomes] == [(A, Action.FAILED)]
+
+
+def test_partial_failure_bounces_one_and_retries_the_other():
+    hub = Hub(lambda entry, message: {A: PERM, B: TEMP})
+    entry_id = hub.accept(recipients=(A, B))
+    assert [o.recipient for o in hub.bounces[0][1]] == [A]
+    assert hub.entry(entry_id).pending == (B,)
+
+
+def test_entry_expires_after_seven_days_with_a_dsn():
+    hub = Hub(scripted(TEMP))
+    entry_id = hub.accept()
+    for _ in range(7 * 24 * 6 + 2):
+        hub.clock.advance(10 * MINUTE)
+    assert hub.entry(entry_id) is None
+    (bounced_id, outcomes), = hub.bounces
+    assert [o.action for o in outcomes] == [Action.EXPIRED]
+    # One attempt every ten minutes for seven days, the last at expiry.
+    assert len(hub.transport.deliveries) == 7 * 24 * 6 + 1
+
+
+def test_rebuilt_server_rejecting_everything_holds_the_entry():
+    hub = Hub(scripted(TEMP, PERM))
+    entry_id = hub.accept()
+    hub.clock.advance(10 * MINUTE)
+    entry = hub.entry(entry_id)
+    assert entry.held
+    assert hub.bounces == []
+    hub.clock.advance(DAY)
+    assert len(hub.transport.deliveries) == 2
+
+
+def test_connection_limit_per_route():
+    pending: list[Deferred] = []
+
+    def slow(entry, message):
+        d: Deferred = Deferred()
+        pending.append(d)
+        return d
+
+    hub = Hub(slow, limit=3)
+    for _ in range(10):
+        hub.accept()
+    assert len(pending) == 3
+    pending.pop(0).callback(OK)
+    assert len(pending) == 3
+    while pending:
+        pending.pop(0).callback(OK)
+    assert len(hub.transport.deliveries) == 10
+
+
+class CountingStore(MemorySpoolStore):
+    claims = 0
+
+    def claim(self, *args, **kw):
+        type(self).claims += 1
+        return super().claim(*args, **kw)
+
+
+def test_idle_spool_is_not_polled_busily(monkeypatch):
+    monkeypatch.setattr(CountingStore, "claims", 0)
+    hub = Hub(store_class=CountingStore)
+    for _ in range(3600):
+        hub.clock.advance(1)
+    # At most one scan per node per max_scan_interval (60 s).
+    assert 2 <= CountingStore.claims <= 2 * 61
+
+
+def test_transport_exception_defers_instead_of_losing_the_entry():
+    def broken(entry, message):
+        raise RuntimeError("bug")
+
+    hub = Hub(broken)
+    entry_id = hub.accept()
+    entry = hub.entry(entry_id)
+    assert entry is not None and entry.pending == (A,)
+    assert entry.last_reply.temporary
+
+
+def test_routes_group_recipients_and_send_the_rest_outbound():
+    config = parse(
+        b'[hub]\nhostname="h.example"\n[nodes.a]\nsmtp="tcp:0"\n'
+        b'[domains."example.com"]\nroute="smtp:one:25"\n[domains."example.org"]\nroute="smtp:one:25"\n'
+        b'[domains."example.net"]\nroute="smtp:two:25"\n'
+    )
+    routes = routes_for(config, [A, Address("c", "example.org"), Address("d", "example.net"), SENDER])
+    assert routes == {
+        "smtp:one:25": [A, Address("c", "example.org")],
+        "smtp:two:25": [Address("d", "example.net")],
+        "smtp:mx": [SENDER],
+    }
+
+
+@pytest.mark.parametrize("sender", [SENDER, None])
+def test_node_bounce_enqueues_a_dsn_to_the_sender_and_never_to_null(sender):
+    config = parse(
+        b'[hub]\nhostname="h.example"\noutbound="smtp:smarthost:25"\n[nodes.dallas]\nsmtp="tcp:0"\n'
+        b'[domains."example.com"]\nroute="smtp:mail.example.com:25"\n'
+    )
+    clock = Clock()
+    store = MemorySpoolStore(clock)
+    node = Node("dallas", config, store, StandardPolicy(nodes=("dallas",), jitter=0.0), clock)
+    transport = ScriptedTransport(lambda e, m: PERM if e.route == "smtp:mail.example.com:25" else TEMP)
+    node._transports = {"smtp:mail.example.com:25": transport, "smtp:smarthost:25": transport}
+    node.engine.startService()
+    ids: list = []
+    node.receive(Envelope(sender, (A,), received_at=0.0), MESSAGE).addCallback(ids.append)
+    routes = [e.route for e, _ in transport.deliveries]
+    if sender is None:
+        assert routes == ["smtp:mail.example.com:25"]
+    else:
+        assert routes == ["smtp:mail.example.com:25", "smtp:smarthost:25"]
+        dsn_entry, dsn = transport.deliveries[1]
+        assert dsn_entry.sender is None
+        assert dsn_entry.pending == (SENDER,)
+        assert b"multipart/report" in dsn
