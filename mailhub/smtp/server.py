@@ -1,0 +1,656 @@
+"""
+The inbound SMTP server: the hub's MX listener.
+
+It speaks ESMTP (RFC 5321) with PIPELINING (RFC 2920), SIZE (RFC 1870),
+8BITMIME (RFC 6152) and ENHANCEDSTATUSCODES (RFC 2034 / 3463) to whoever
+sends mail to the organisation's domains.  It decides only what to answer:
+which recipients the hub relays for is the injected ``check_recipient``, and
+storing an accepted message is the injected ``receive``.  "250" after DATA is
+said only once ``receive`` has fired, that is once the message is durable;
+any failure to store gives the client a 4xx so it keeps the message.
+
+This is deliberately not ``twisted.mail.smtp``'s server: that one advertises
+neither PIPELINING nor SIZE, and its handling of pipelined input has open bugs
+(Twisted issue #8126).  Here the protocol is written directly on
+``twisted.internet.protocol.Protocol``: commands are taken from one input
+buffer one at a time, and while a check or a store is pending nothing more is
+read (the transport is paused), so replies always go out in command order.
+
+The message body is never handled line by line in Python: DATA mode scans the
+received chunks with ``bytes.find`` for ``CRLF . CRLF`` (and only that: no
+bare-LF, bare-CR or NUL variant ends a message, which is what SMTP smuggling
+relies on), and unstuffs, checks and normalises with bytes methods and compiled
+regular expressions.
+
+This module must not do I/O other than through its transport, nor read the
+wall clock: time comes from the injected ``IReactorTime``.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailhub.config import SmtpConfig
+from mailhub.model import Address, AddressError, Envelope, Reply, StoreFull
+
+__all__ = ["Receive", "RecipientCheck", "SMTPFactory", "SMTPServerProtocol", "domain_check"]
+
+RecipientCheck = Callable[[Address], "Deferred[Any]"]
+"""
+Decides whether the hub takes mail for one recipient: the returned Deferred
+fires with ``None`` to accept, or a ``Reply`` (4xx/5xx) to refuse with.  An
+exception or errback gives the client ``451 4.3.0``.
+"""
+
+Receive = Callable[[Envelope, bytes], "Deferred[Any]"]
+"""
+Stores an accepted message durably; the Deferred fires (optionally with a
+``str`` queue id for the 250 text) only once it is durable.  Failing with
+``StoreFull`` gives ``452 4.3.1``, any other failure ``451 4.3.0``.
+"""
+
+_log = Logger(namespace="mailhub.smtp.server")
+
+RELAYING_DENIED = Reply(550, "5.7.1", "Relaying denied")
+
+_END_OF_DATA = b"\r\n.\r\n"
+_MAIL = re.compile(r"FROM: *<([^<>]*)>(.*)\Z", re.IGNORECASE)
+_RCPT = re.compile(r"TO: *<([^<>]*)>(.*)\Z", re.IGNORECASE)
+_HELO_NAME = re.compile(r"[!-~]+\Z")
+# What may appear of the client's HELO name inside the Received comment syntax.
+_HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_QUEUE_ID = re.compile(r"[!-~]{1,128}\Z")
+# A recipient whose text hides a second destination is a relay attempt even
+# when Address.parse calls it merely malformed (the percent hack, for one).
+_ROUTED = re.compile(r"[%!\[]|\A@|@.*@")
+
+_HELP = "Supported commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+
+
+def domain_check(domains: Collection[str], hostname: str) -> RecipientCheck:
+    """
+    The relay rule: the hub takes mail only for the domains it serves.
+
+    :param domains: the domains relayed for (any case; a trailing dot is ignored).
+    :param hostname: the hub's own name.  Mail for it is refused like any other
+        domain not in ``domains``: the hub has no mailboxes of its own.
+    :returns: a ``RecipientCheck`` firing with ``None`` for an ``Address``
+        whose domain is in ``domains`` and with ``Reply(550, "5.7.1",
+        "Relaying denied")`` for any other.
+    """
+    # ``hostname`` needs no rule of its own: like every domain not in
+    # ``domains`` it is refused, and it is accepted only when listed.
+    allowed = frozenset(d.lower().rstrip(".") for d in domains)
+
+    def check(address: Address) -> Deferred[Any]:
+        if address.domain.lower().rstrip(".") in allowed:
+            return succeed(None)
+        return succeed(RELAYING_DENIED)
+
+    return check
+
+
+class SMTPFactory(Factory):
+    """
+    Builds one ``SMTPServerProtocol`` per inbound connection.
+
+    :param hostname: the hub's name, for the banner, EHLO and ``Received:``.
+    :param limits: the listener's limits (``[smtp]``).
+    :param check_recipient: the relay rule, asked once per distinct recipient.
+    :param receive: stores an accepted message durably.
+    :param clock: the time source for timeouts and ``Envelope.received_at``.
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        limits: SmtpConfig,
+        check_recipient: RecipientCheck,
+        receive: Receive,
+        clock: IReactorTime,
+    ) -> None:
+        self.hostname = hostname
+        self.limits = limits
+        self._check_recipient = check_recipient
+        self._receive = receive
+        self._clock = clock
+
+    def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:
+        """
+        :param addr: the client's address (the protocol reads it from its transport).
+        :returns: a new protocol for one connection.
+        """
+        p = SMTPServerProtocol(
+            self.hostname, self.limits, self._check_recipient, self._receive, self._clock
+        )
+        p.factory = self
+        return p
+
+
+class SMTPServerProtocol(Protocol):
+    """
+    One inbound SMTP session.
+
+    Input goes into one buffer.  In command mode it is taken a line at a time;
+    in DATA mode all of it is handed to the end-of-data scanner.  While a
+    recipient check or a store is outstanding (``_waiting``) the buffer is left
+    alone and the transport paused; when the Deferred fires its reply is
+    written and processing resumes where it stopped.
+
+    :param hostname: the hub's name.
+    :param limits: the listener's limits.
+    :param check_recipient: the relay rule.
+    :param receive: stores an accepted message durably.
+    :param clock: the time source.
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        limits: SmtpConfig,
+        check_recipient: RecipientCheck,
+        receive: Receive,
+        clock: IReactorTime,
+    ) -> None:
+        self._hostname = hostname
+        self._limits = limits
+        self._check_recipient = check_recipient
+        self._receive = receive
+        # Typed Any: without the mypy-zope plugin mypy misreads interface
+        # methods (no ``self``), so calls on IReactorTime/IDelayedCall fail to check.
+        self._clock: Any = clock
+        n = limits.max_data_line_length + 1
+        self._long_first_line = re.compile(rb"[^\r\n]{%d}" % n)
+        self._long_later_line = re.compile(rb"\n[^\r\n]{%d}" % n)
+        self._normalise = limits.bare_line_endings == "normalise"
+
+        self._client = ""
+        self._buffer = b""
+        self._out: list[bytes] = []
+        self._timer: Any = None  # an IDelayedCall, see _clock
+        self._processing = False
+        self._waiting = False
+        self._paused = False
+        self._done = False  # QUIT or timeout: no more input is read
+        self._lost = False
+        self._discarding = False  # inside the rest of a too-long command line
+
+        self._helo: str | None = None
+        self._esmtp = False
+
+        self._in_data = False
+        self._data = bytearray()
+        self._oversize = False
+        self._reset_transaction()
+
+    @property
+    def _transport(self) -> Any:
+        # Any for the same reason as _clock.
+        assert self.transport is not None
+        return self.transport
+
+    # -- transaction state ------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self._in_mail = False
+        self._sender: Address | None = None
+        self._recipients: list[Address] = []
+        self._rcpt_tried = False
+        self._body_8bit = False
+
+    # -- Protocol ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self._transport.getPeer()
+        self._client = str(getattr(peer, "host", peer))
+        banner = self._limits.banner or "ESMTP mailhub"
+        self._write_line(f"220 {self._hostname} {banner}")
+        self._flush()
+        self._restart_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._buffer += data
+        if not self._waiting:
+            self._restart_timer()
+        self._process()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = self._done = True
+        self._cancel_timer()
+        self._buffer = b""
+        self._data = bytearray()
+
+    # -- input loop -------------------------------------------------------
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._buffer and not self._waiting and not self._done:
+                step = self._data_step if self._in_data else self._command_step
+                if not step():
+                    break
+        finally:
+            self._processing = False
+            self._flush()
+            if self._done and not self._lost and self._waiting is False:
+                self._transport.loseConnection()
+
+    def _command_step(self) -> bool:
+        """
+        Handle one command line from the buffer.
+
+        :returns: whether any input was consumed.
+        """
+        buf = self._buffer
+        nl = buf.find(b"\n")
+        if self._discarding:
+            if nl < 0:
+                self._buffer = b""
+                return False
+            self._buffer = buf[nl + 1 :]
+            self._discarding = False
+            return True
+        limit = self._limits.max_line_length
+        if nl < 0:
+            # The line may still end in CRLF, so one more octet (the CR) is allowed.
+            if len(buf) > limit + 1:
+                self._buffer = b""
+                self._discarding = True
+                self._reply(Reply(500, "5.5.2", "Line too long"))
+            return False
+        line = buf[:nl]
+        self._buffer = buf[nl + 1 :]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > limit:
+            self._reply(Reply(500, "5.5.2", "Line too long"))
+        else:
+            self._command(line)
+        return True
+
+    def _command(self, line: bytes) -> None:
+        if not line.isascii():
+            if line[:4].upper() in (b"MAIL", b"RCPT"):
+                self._reply(Reply(553, "5.6.7", "Non-ASCII addresses are not accepted here"))
+            else:
+                self._reply(Reply(501, "5.5.4", "Non-ASCII characters in command"))
+            return
+        verb, _, arg = line.decode("ascii").partition(" ")
+        verb = verb.upper()
+        arg = arg.strip(" ")
+        if verb == "EHLO":
+            self._hello(arg, esmtp=True)
+        elif verb == "HELO":
+            self._hello(arg, esmtp=False)
+        elif verb == "MAIL":
+            self._mail(arg)
+        elif verb == "RCPT":
+            self._rcpt(arg)
+        elif verb == "DATA":
+            self._start_data(arg)
+        elif verb == "RSET":
+            self._reset_transaction()
+            self._reply(Reply(250, "2.0.0", "OK"))
+        elif verb == "NOOP":
+            self._reply(Reply(250, "2.0.0", "OK"))
+        elif verb == "VRFY":
+            self._reply(Reply(252, "2.0.0", "Cannot VRFY user, but will accept message"))
+        elif verb == "HELP":
+            self._reply(Reply(214, "2.0.0", _HELP))
+        elif verb == "QUIT":
+            self._reply(Reply(221, "2.0.0", f"{self._hostname} closing connection"))
+            self._done = True
+            self._cancel_timer()
+        else:
+            self._reply(Reply(500, "5.5.2", "Command not recognized"))
+
+    # -- commands ---------------------------------------------------------
+
+    def _hello(self, arg: str, esmtp: bool) -> None:
+        name = arg.split(" ", 1)[0]
+        verb = "EHLO" if esmtp else "HELO"
+        if not _HELO_NAME.match(name):
+            self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+            return
+        self._helo = name
+        self._esmtp = esmtp
+        self._reset_transaction()
+        if not esmtp:
+            # RFC 2034: no enhanced status code in the reply to HELO/EHLO.
+            self._write_line(f"250 {self._hostname}")
+            return
+        lines = [
+            f"{self._hostname} Hello {self._client}",
+            "PIPELINING",
+            f"SIZE {self._limits.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        for text in lines[:-1]:
+            self._write_line(f"250-{text}")
+        self._write_line(f"250 {lines[-1]}")
+
+    def _mail(self, arg: str) -> None:
+        if self._helo is None:
+            self._reply(Reply(503, "5.5.1", "Send HELO or EHLO first"))
+            return
+        if self._in_mail:
+            self._reply(Reply(503, "5.5.1", "Nested MAIL command"))
+            return
+        m = _MAIL.match(arg)
+        if m is None or (m.group(2) and not m.group(2).startswith(" ")):
+            self._reply(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+            return
+        path, params = m.groups()
+        body_8bit = False
+        for param in params.split():
+            if not self._esmtp:
+                self._reply(Reply(555, "5.5.4", "MAIL parameters need EHLO"))
+                return
+            key, eq, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE":
+                if not eq or not value.isdigit() or len(value) > 20:
+                    self._reply(Reply(501, "5.5.4", "Syntax: SIZE=<octets>"))
+                    return
+                if int(value) > self._limits.max_message_size:
+                    self._reply(
+                        Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+                    )
+                    return
+            elif key == "BODY":
+                body = value.upper()
+                if not eq or body not in ("7BIT", "8BITMIME"):
+                    self._reply(Reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME"))
+                    return
+                body_8bit = body == "8BITMIME"
+            else:
+                self._reply(Reply(555, "5.5.4", "Unsupported MAIL parameter"))
+                return
+        sender: Address | None = None
+        if path:
+            if path.startswith("@") and ":" in path:
+                # RFC 5321 4.1.1.3: a source route in the reverse path is ignored.
+                path = path.split(":", 1)[1]
+            try:
+                sender = Address.parse(path)
+            except AddressError as e:
+                self._reply(Reply(553, "5.1.7", f"Bad sender address: {e}"))
+                return
+        self._in_mail = True
+        self._sender = sender
+        self._body_8bit = body_8bit
+        self._reply(Reply(250, "2.1.0", "Sender OK"))
+
+    def _rcpt(self, arg: str) -> None:
+        if not self._in_mail:
+            self._reply(Reply(503, "5.5.1", "Need MAIL before RCPT"))
+            return
+        m = _RCPT.match(arg)
+        if m is None or (m.group(2) and not m.group(2).startswith(" ")):
+            self._reply(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+            return
+        path, params = m.groups()
+        if params.strip(" "):
+            self._reply(Reply(555, "5.5.4", "Unsupported RCPT parameter"))
+            return
+        self._rcpt_tried = True
+        try:
+            address = Address.parse(path)
+        except AddressError as e:
+            if e.code != 550 and _ROUTED.search(path):
+                self._reply(Reply(550, "5.7.1", "Relaying denied: routing characters in address"))
+            else:
+                self._reply(Reply(e.code, e.enhanced, str(e)))
+            return
+        if address in self._recipients:
+            self._reply(Reply(250, "2.1.5", "Recipient OK"))
+            return
+        if len(self._recipients) >= self._limits.max_recipients:
+            self._reply(Reply(452, "4.5.3", "Too many recipients"))
+            return
+        d = maybeDeferred(self._check_recipient, address)
+        self._wait(d, lambda result: self._recipient_checked(address, result))
+
+    def _recipient_checked(self, address: Address, result: object) -> None:
+        if isinstance(result, Failure):
+            _log.failure(
+                "recipient check for {address} from {client} failed",
+                result,
+                address=str(address),
+                client=self._client,
+            )
+            self._reply(Reply(451, "4.3.0", "Temporary failure checking recipient, try later"))
+        elif result is None:
+            if address not in self._recipients:
+                self._recipients.append(address)
+            self._reply(Reply(250, "2.1.5", "Recipient OK"))
+        elif isinstance(result, Reply) and result.code >= 400:
+            self._reply(result, f"RCPT <{address}>")
+        else:
+            _log.error(
+                "recipient check for {address} gave {result!r}, not None or a 4xx/5xx Reply",
+                address=str(address),
+                result=result,
+            )
+            self._reply(Reply(451, "4.3.0", "Temporary failure checking recipient, try later"))
+
+    def _start_data(self, arg: str) -> None:
+        if arg:
+            self._reply(Reply(501, "5.5.4", "Syntax: DATA"))
+        elif not self._in_mail:
+            self._reply(Reply(503, "5.5.1", "Need MAIL before DATA"))
+        elif not self._recipients:
+            if self._rcpt_tried:
+                self._reply(Reply(554, "5.5.1", "No valid recipients"))
+            else:
+                self._reply(Reply(503, "5.5.1", "Need RCPT before DATA"))
+        else:
+            self._write_line("354 End data with <CR><LF>.<CR><LF>")
+            self._in_data = True
+            # The CRLF in front lets a first line of "." (an empty message) match
+            # the same end marker, and a first line of ".." be unstuffed like any other.
+            self._data = bytearray(b"\r\n")
+            self._oversize = False
+            self._restart_timer()
+
+    # -- DATA -------------------------------------------------------------
+
+    def _data_step(self) -> bool:
+        """
+        Add the whole buffer to the message and look for its end.
+
+        :returns: ``True``: the buffer was consumed.
+        """
+        data = self._data
+        # Only the last four octets already seen can start a marker split across chunks.
+        start = max(0, len(data) - 4)
+        data += self._buffer
+        self._buffer = b""
+        end = data.find(_END_OF_DATA, start)
+        limit = self._limits.max_message_size
+        if end < 0:
+            if len(data) - 4 > limit:
+                # Too big whatever comes next: keep only what could begin the marker.
+                del data[:-4]
+                self._oversize = True
+            return True
+        self._buffer = bytes(data[end + 5 :])
+        self._in_data = False
+        self._data = bytearray()
+        self._restart_timer()
+        # Without truncation the message proper is data[2:end + 2], `end` octets.
+        if self._oversize or end > limit:
+            self._reset_transaction()
+            self._reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
+            return True
+        # RFC 5321 4.5.2: a leading dot is removed from every line.
+        with memoryview(data) as view:
+            message = bytes(view[: end + 2]).replace(b"\r\n.", b"\r\n")[2:]
+        self._message_received(message)
+        return True
+
+    def _message_received(self, message: bytes) -> None:
+        crlf = message.count(b"\r\n")
+        if not (message.count(b"\r") == crlf == message.count(b"\n")):
+            if not self._normalise:
+                self._reset_transaction()
+                self._reply(Reply(554, "5.6.0", "Message contains bare CR or LF"))
+                return
+            message = _BARE_LINE_END.sub(b"\r\n", message)
+        if self._long_first_line.match(message) or self._long_later_line.search(message):
+            self._reset_transaction()
+            n = self._limits.max_data_line_length
+            self._reply(Reply(554, "5.6.0", f"Message has lines longer than {n} octets"))
+            return
+        assert self._helo is not None
+        now = self._clock.seconds()
+        local_id = secrets.token_hex(8)
+        message = self._received_header(local_id, now) + message
+        envelope = Envelope(
+            self._sender,
+            self._recipients,  # type: ignore[arg-type]  # attrs converter=tuple
+            received_at=now,
+            client=self._client,
+            helo=self._helo,
+            body_8bit=self._body_8bit,
+        )
+        self._reset_transaction()
+        d = maybeDeferred(self._receive, envelope, message)
+        self._wait(d, lambda result: self._stored(envelope, local_id, len(message), result))
+
+    def _received_header(self, local_id: str, now: float) -> bytes:
+        helo = _HEADER_UNSAFE.sub("_", self._helo or "")
+        date = format_datetime(datetime.fromtimestamp(now, UTC))
+        protocol = "ESMTP" if self._esmtp else "SMTP"
+        return (
+            f"Received: from {helo} ({self._client})\r\n"
+            f"\tby {self._hostname} (mailhub) with {protocol} id {local_id};\r\n"
+            f"\t{date}\r\n"
+        ).encode("ascii")
+
+    def _stored(self, envelope: Envelope, local_id: str, size: int, result: object) -> None:
+        if isinstance(result, Failure):
+            if result.check(StoreFull):
+                _log.warn(
+                    "spool full: message {id} from {client} not accepted",
+                    id=local_id,
+                    client=envelope.client,
+                )
+                self._reply(Reply(452, "4.3.1", "Insufficient system storage, try later"))
+            else:
+                _log.failure(
+                    "storing message {id} from {client} failed",
+                    result,
+                    id=local_id,
+                    client=envelope.client,
+                )
+                self._reply(Reply(451, "4.3.0", "Temporary failure storing message, try later"))
+            return
+        queue_id = result if isinstance(result, str) and _QUEUE_ID.match(result) else local_id
+        _log.info(
+            "accepted message {id} ({queue_id}) from {client} helo {helo}: <{sender}> to "
+            "{recipients}, {size} octets",
+            id=local_id,
+            queue_id=queue_id,
+            client=envelope.client,
+            helo=envelope.helo,
+            sender=str(envelope.sender or ""),
+            recipients=", ".join(f"<{r}>" for r in envelope.recipients),
+            size=size,
+        )
+        self._reply(Reply(250, "2.0.0", f"OK queued as {queue_id}"))
+
+    # -- waiting for a Deferred -------------------------------------------
+
+    def _wait(self, d: Deferred[Any], handle: Callable[[object], None]) -> None:
+        """
+        Stop processing input until ``d`` fires; then give its result (or
+        ``Failure``) to ``handle``, which writes the reply, and carry on.
+        """
+        self._waiting = True
+        self._cancel_timer()
+
+        def done(result: object) -> None:
+            try:
+                handle(result)
+            except Exception:
+                _log.failure("SMTP session with {client} failed", client=self._client)
+                self._reply(Reply(451, "4.3.0", "Internal error, try later"))
+            self._waiting = False
+            if self._lost:
+                return
+            if self._paused:
+                self._paused = False
+                self._transport.resumeProducing()
+            self._restart_timer()
+            self._process()
+
+        d.addBoth(done)
+        if self._waiting and not self._paused:
+            # Fired later: read no more until it does (bounds the buffer).
+            if IPushProducer.providedBy(self._transport):
+                self._paused = True
+                self._transport.pauseProducing()
+
+    # -- output and timers ------------------------------------------------
+
+    def _reply(self, reply: Reply, what: str = "") -> None:
+        if reply.code >= 400:
+            _log.info(
+                "refused {what}from {client}: {reply}",
+                what=f"{what} " if what else "",
+                client=self._client,
+                reply=str(reply),
+            )
+        self._write_line(str(reply))
+
+    def _write_line(self, line: str) -> None:
+        self._out.append(line.encode("ascii") + b"\r\n")
+
+    def _flush(self) -> None:
+        if self._out and not self._lost:
+            self._transport.write(b"".join(self._out))
+        self._out = []
+
+    def _restart_timer(self) -> None:
+        if self._done:
+            return
+        timeout = self._limits.data_timeout if self._in_data else self._limits.idle_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self._clock.callLater(timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        _log.info(
+            "timeout {where} from {client}",
+            where="in DATA" if self._in_data else "waiting for a command",
+            client=self._client,
+        )
+        self._write_line(f"421 4.4.2 {self._hostname} Timeout")
+        self._flush()
+        self._done = True
+        self._transport.loseConnection()

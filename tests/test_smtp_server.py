@@ -1,0 +1,1127 @@
+"""
+Tests for ``mailhub.smtp.server``: the inbound SMTP protocol against a
+``StringTransport`` and a ``Clock``, with fake recipient checks and stores.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
+
+from mailhub.config import SmtpConfig
+from mailhub.model import Address, Envelope, Reply, StoreFull, StoreUnavailable
+from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, domain_check
+
+HOST = "mx.hub.example"
+DOMAINS = ("example.com", "Example.ORG")
+CLIENT_IP = "198.51.100.7"
+
+
+class Store:
+    """A fake ``receive``: records messages; ``mode`` says how it answers."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.received: list[tuple[Envelope, bytes]] = []
+        self.pending: list[Deferred[Any]] = []
+
+    def __call__(self, envelope: Envelope, message: bytes) -> Deferred[Any]:
+        if self.mode == "ok":
+            self.received.append((envelope, message))
+            return succeed("Q123")
+        if self.mode == "pending":
+            self.received.append((envelope, message))
+            d: Deferred[Any] = Deferred()
+            self.pending.append(d)
+            return d
+        if self.mode == "full":
+            return fail(StoreFull())
+        if self.mode == "raise":
+            raise RuntimeError("store exploded")
+        return fail(StoreUnavailable("disk on fire"))
+
+
+class Session:
+    """One SMTP connection under test."""
+
+    def __init__(
+        self,
+        check: Callable[[Address], Deferred[Any]] | None = None,
+        now: float = 0.0,
+        **limits: Any,
+    ) -> None:
+        self.clock = Clock()
+        self.clock.advance(now)
+        self.store = Store()
+        self.limits = SmtpConfig(**limits)
+        factory = SMTPFactory(
+            HOST,
+            self.limits,
+            check or domain_check(DOMAINS, HOST),
+            self.store,
+            self.clock,
+        )
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", CLIENT_IP, 40000))
+        protocol = factory.buildProtocol(self.transport.getPeer())
+        assert isinstance(protocol, SMTPServerProtocol)
+        self.protocol = protocol
+        self.protocol.makeConnection(self.transport)
+        self.banner = self.lines()
+
+    def send(self, *chunks: bytes) -> None:
+        for chunk in chunks:
+            self.protocol.dataReceived(chunk)
+
+    def lines(self) -> list[str]:
+        """The reply lines written since the last call."""
+        out = self.transport.value()
+        self.transport.clear()
+        assert out == b"" or out.endswith(b"\r\n")
+        return out.decode("ascii").split("\r\n")[:-1]
+
+    def replies(self) -> list[str]:
+        """The final line of each reply written since the last call."""
+        return [line for line in self.lines() if line[3:4] != "-"]
+
+    def codes(self) -> list[str]:
+        """``"250 2.1.0"``-style prefixes of each reply since the last call."""
+        return [" ".join(r.split(" ")[:2]) for r in self.replies()]
+
+    def begin(self, *recipients: str, mail: bytes = b"MAIL FROM:<alice@sender.example>") -> None:
+        """EHLO, MAIL, the recipients and DATA, expecting them all accepted."""
+        rcpts = recipients or ("bob@example.com",)
+        self.send(b"EHLO client.sender.example\r\n", mail + b"\r\n")
+        for r in rcpts:
+            self.send(b"RCPT TO:<%s>\r\n" % r.encode())
+        self.send(b"DATA\r\n")
+        codes = self.codes()
+        assert codes[-1] == "354 End", codes
+        assert all(c.startswith("250") for c in codes[:-1]), codes
+
+
+def connect(**kw: Any) -> Session:
+    return Session(**kw)
+
+
+def body_of(message: bytes) -> bytes:
+    """A stored message without the hub's Received: header (its first three lines)."""
+    assert message.startswith(b"Received: ")
+    return message.split(b"\r\n", 3)[3]
+
+
+# -- greeting and simple commands -------------------------------------------
+
+
+def test_banner_names_hostname() -> None:
+    assert connect().banner == [f"220 {HOST} ESMTP mailhub"]
+
+
+def test_banner_text_from_config() -> None:
+    assert connect(banner="ESMTP ready").banner == [f"220 {HOST} ESMTP ready"]
+
+
+def test_ehlo_advertises_extensions() -> None:
+    s = connect(max_message_size=1234)
+    s.send(b"EHLO client.example\r\n")
+    lines = s.lines()
+    assert lines[0].startswith(f"250-{HOST}")
+    assert [line[4:] for line in lines[1:]] == [
+        "PIPELINING",
+        "SIZE 1234",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+    ]
+    assert lines[-1].startswith("250 ")
+
+
+def test_helo_is_answered_250() -> None:
+    s = connect()
+    s.send(b"HELO client.example\r\n")
+    assert s.lines() == [f"250 {HOST}"]
+
+
+@pytest.mark.parametrize("line", [b"EHLO\r\n", b"HELO\r\n", b"EHLO \x01bad\r\n"])
+def test_hello_without_valid_name_is_501(line: bytes) -> None:
+    s = connect()
+    s.send(line)
+    assert s.codes() == ["501 5.5.4"]
+
+
+def test_noop_is_250() -> None:
+    s = connect()
+    s.send(b"NOOP\r\n")
+    assert s.codes() == ["250 2.0.0"]
+
+
+def test_vrfy_is_252() -> None:
+    s = connect()
+    s.send(b"VRFY bob\r\n")
+    assert s.codes() == ["252 2.0.0"]
+
+
+def test_help_is_214() -> None:
+    s = connect()
+    s.send(b"HELP\r\n")
+    assert s.codes() == ["214 2.0.0"]
+
+
+def test_quit_is_221_and_closes() -> None:
+    s = connect()
+    s.send(b"QUIT\r\n")
+    assert s.codes() == ["221 2.0.0"]
+    assert s.transport.disconnecting
+
+
+def test_input_after_quit_is_ignored() -> None:
+    s = connect()
+    s.send(b"QUIT\r\nNOOP\r\n", b"NOOP\r\n")
+    assert s.codes() == ["221 2.0.0"]
+
+
+def test_unknown_command_is_500() -> None:
+    s = connect()
+    s.send(b"FROB\r\n")
+    assert s.codes() == ["500 5.5.2"]
+
+
+def test_empty_line_is_500() -> None:
+    s = connect()
+    s.send(b"\r\n")
+    assert s.codes() == ["500 5.5.2"]
+
+
+def test_commands_are_case_insensitive() -> None:
+    s = connect()
+    s.send(b"ehlo c.example\r\nmail from:<a@b.example>\r\nrcpt to:<bob@example.com>\r\n")
+    assert s.codes() == ["250 ENHANCEDSTATUSCODES", "250 2.1.0", "250 2.1.5"]
+
+
+def test_bare_lf_ends_a_command_line() -> None:
+    s = connect()
+    s.send(b"NOOP\nNOOP\r\n")
+    assert s.codes() == ["250 2.0.0", "250 2.0.0"]
+
+
+def test_non_ascii_in_mail_is_553() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\n")
+    s.lines()
+    s.send("MAIL FROM:<jörg@b.example>\r\n".encode())
+    assert s.codes() == ["553 5.6.7"]
+
+
+def test_non_ascii_in_other_command_is_501() -> None:
+    s = connect()
+    s.send("NOOP ü\r\n".encode())
+    assert s.codes() == ["501 5.5.4"]
+
+
+# -- long command lines -------------------------------------------------------
+
+
+def test_command_line_at_limit_is_accepted() -> None:
+    s = connect(max_line_length=20)
+    s.send(b"NOOP " + b"x" * 15 + b"\r\n")
+    assert s.codes() == ["250 2.0.0"]
+
+
+def test_too_long_command_line_is_500() -> None:
+    s = connect(max_line_length=20)
+    s.send(b"NOOP " + b"x" * 16 + b"\r\n")
+    assert s.codes() == ["500 5.5.2"]
+
+
+def test_too_long_command_line_is_discarded_and_session_continues() -> None:
+    s = connect(max_line_length=20)
+    s.send(b"NOOP " + b"x" * 100)
+    assert s.codes() == ["500 5.5.2"]
+    s.send(b"y" * 100, b"QUIT\r\nNOOP\r\n")
+    assert s.codes() == ["250 2.0.0"]
+
+
+def test_too_long_command_line_is_answered_once() -> None:
+    s = connect(max_line_length=20)
+    for _ in range(10):
+        s.send(b"z" * 30)
+    s.send(b"\r\nNOOP\r\n")
+    assert s.codes() == ["500 5.5.2", "250 2.0.0"]
+
+
+# -- sequencing ---------------------------------------------------------------
+
+
+def test_mail_before_hello_is_503() -> None:
+    s = connect()
+    s.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert s.codes() == ["503 5.5.1"]
+
+
+def test_rcpt_before_mail_is_503() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nRCPT TO:<bob@example.com>\r\n")
+    assert s.codes()[-1] == "503 5.5.1"
+
+
+def test_data_before_mail_is_503() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nDATA\r\n")
+    assert s.codes()[-1] == "503 5.5.1"
+
+
+def test_data_before_rcpt_is_503() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nDATA\r\n")
+    assert s.codes()[-1] == "503 5.5.1"
+
+
+def test_data_after_only_refused_recipients_is_554() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+    s.send(b"DATA\r\n")
+    assert s.codes()[-2:] == ["550 5.7.1", "554 5.5.1"]
+
+
+def test_nested_mail_is_503() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nMAIL FROM:<a@b.example>\r\n")
+    assert s.codes()[-1] == "503 5.5.1"
+
+
+def test_rset_ends_the_transaction() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRSET\r\nRCPT TO:<bob@example.com>\r\n")
+    assert s.codes()[-2:] == ["250 2.0.0", "503 5.5.1"]
+
+
+def test_ehlo_ends_the_transaction() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nEHLO c.example\r\n")
+    s.send(b"MAIL FROM:<a@b.example>\r\n")
+    assert s.codes()[-1] == "250 2.1.0"
+
+
+def test_data_with_argument_is_501() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\n")
+    s.send(b"DATA now\r\n")
+    assert s.codes()[-1] == "501 5.5.4"
+
+
+# -- MAIL ---------------------------------------------------------------------
+
+
+def mail(s: Session, line: bytes) -> list[str]:
+    s.send(b"EHLO c.example\r\n")
+    s.lines()
+    s.send(line + b"\r\n")
+    return s.codes()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"MAIL",
+        b"MAIL FROM:alice@b.example",
+        b"MAIL TO:<alice@b.example>",
+        b"MAIL FROM:<alice@b.example",
+        b"MAIL FROM:<alice@b.example>SIZE=10",
+    ],
+)
+def test_mail_bad_syntax_is_501(line: bytes) -> None:
+    assert mail(connect(), line) == ["501 5.5.4"]
+
+
+def test_mail_bad_sender_address_is_553() -> None:
+    assert mail(connect(), b"MAIL FROM:<no-domain>") == ["553 5.1.7"]
+
+
+def test_mail_from_with_space_is_accepted() -> None:
+    assert mail(connect(), b"MAIL FROM: <alice@b.example>") == ["250 2.1.0"]
+
+
+def test_null_sender_gives_envelope_sender_none() -> None:
+    s = connect()
+    s.begin(mail=b"MAIL FROM:<>")
+    s.send(b"hi\r\n.\r\n")
+    assert s.store.received[0][0].sender is None
+
+
+def test_sender_source_route_is_ignored() -> None:
+    s = connect()
+    s.begin(mail=b"MAIL FROM:<@relay.example:alice@b.example>")
+    s.send(b"hi\r\n.\r\n")
+    assert s.store.received[0][0].sender == Address("alice", "b.example")
+
+
+def test_mail_size_over_limit_is_552() -> None:
+    assert mail(connect(max_message_size=1000), b"MAIL FROM:<a@b.example> SIZE=1001") == [
+        "552 5.3.4"
+    ]
+
+
+def test_mail_size_within_limit_is_accepted() -> None:
+    assert mail(connect(max_message_size=1000), b"MAIL FROM:<a@b.example> SIZE=1000") == [
+        "250 2.1.0"
+    ]
+
+
+@pytest.mark.parametrize("param", [b"SIZE", b"SIZE=", b"SIZE=12k", b"SIZE=-1"])
+def test_mail_size_not_a_number_is_501(param: bytes) -> None:
+    assert mail(connect(), b"MAIL FROM:<a@b.example> " + param) == ["501 5.5.4"]
+
+
+def test_body_8bitmime_marks_envelope() -> None:
+    s = connect()
+    s.begin(mail=b"MAIL FROM:<a@b.example> BODY=8BITMIME")
+    s.send(b"caf\xc3\xa9\r\n.\r\n")
+    assert s.store.received[0][0].body_8bit is True
+
+
+def test_body_7bit_is_accepted_and_not_8bit() -> None:
+    s = connect()
+    s.begin(mail=b"MAIL FROM:<a@b.example> body=7bit")
+    s.send(b"hi\r\n.\r\n")
+    assert s.store.received[0][0].body_8bit is False
+
+
+def test_body_unknown_value_is_501() -> None:
+    assert mail(connect(), b"MAIL FROM:<a@b.example> BODY=BINARYMIME") == ["501 5.5.4"]
+
+
+def test_unknown_mail_parameter_is_555() -> None:
+    assert mail(connect(), b"MAIL FROM:<a@b.example> SMTPUTF8") == ["555 5.5.4"]
+
+
+def test_mail_parameter_after_helo_is_555() -> None:
+    s = connect()
+    s.send(b"HELO c.example\r\n")
+    s.lines()
+    s.send(b"MAIL FROM:<a@b.example> SIZE=10\r\n")
+    assert s.codes() == ["555 5.5.4"]
+
+
+# -- RCPT ---------------------------------------------------------------------
+
+
+def rcpt(s: Session, *lines: bytes) -> list[str]:
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n")
+    s.lines()
+    for line in lines:
+        s.send(line + b"\r\n")
+    return s.codes()
+
+
+def test_rcpt_for_relayed_domain_is_250() -> None:
+    assert rcpt(connect(), b"RCPT TO:<bob@example.com>") == ["250 2.1.5"]
+
+
+def test_rcpt_domain_match_ignores_case() -> None:
+    assert rcpt(connect(), b"RCPT TO:<bob@EXAMPLE.org>") == ["250 2.1.5"]
+
+
+def test_rcpt_with_space_is_accepted() -> None:
+    assert rcpt(connect(), b"RCPT TO: <bob@example.com>") == ["250 2.1.5"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"RCPT", b"RCPT TO:bob@example.com", b"RCPT FROM:<bob@example.com>", b"RCPT TO:<>"],
+)
+def test_rcpt_bad_syntax_is_501(line: bytes) -> None:
+    assert rcpt(connect(), line)[0].startswith("501")
+
+
+def test_rcpt_parameter_is_555() -> None:
+    assert rcpt(connect(), b"RCPT TO:<bob@example.com> NOTIFY=NEVER") == ["555 5.5.4"]
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "bob@elsewhere.example",  # a domain the hub does not serve
+        f"bob@{HOST}",  # the hub's own name
+        "bob%elsewhere.example@example.com",  # percent hack
+        "elsewhere.example!bob@example.com",  # bang path
+        "@example.com,@relay.example:bob@elsewhere.example",  # source route
+        "@example.com:bob@example.com",  # source route into a served domain
+        '"bob@elsewhere.example"@example.com',  # quoted local part with @
+        '"bob%elsewhere.example"@example.com',  # quoted percent hack
+        "bob@[192.0.2.1]",  # IP literal
+        "bob@[IPv6:2001:db8::1]",  # IPv6 literal
+        "bob@elsewhere.example@example.com",  # two @
+    ],
+)
+def test_relay_tricks_are_refused_550(address: str) -> None:
+    s = connect()
+    assert rcpt(s, b"RCPT TO:<%s>" % address.encode()) == ["550 5.7.1"]
+
+
+def test_hub_hostname_accepted_when_listed() -> None:
+    s = connect(check=domain_check([*DOMAINS, HOST], HOST))
+    assert rcpt(s, b"RCPT TO:<postmaster@%s>" % HOST.encode()) == ["250 2.1.5"]
+
+
+def test_domain_check_refusal_is_relaying_denied() -> None:
+    result: list[object] = []
+    domain_check(["example.com"], HOST)(Address("bob", "other.example")).addCallback(result.append)
+    assert result == [Reply(550, "5.7.1", "Relaying denied")]
+
+
+def test_domain_check_accepts_listed_domain_with_none() -> None:
+    result: list[object] = []
+    domain_check(["Example.COM"], HOST)(Address("bob", "example.com")).addCallback(result.append)
+    assert result == [None]
+
+
+def test_refusal_reply_from_check_is_passed_on() -> None:
+    s = connect(check=lambda a: succeed(Reply(550, "5.1.1", "No such user")))
+    assert rcpt(s, b"RCPT TO:<bob@example.com>") == ["550 5.1.1"]
+
+
+def test_recipient_check_failure_is_451() -> None:
+    s = connect(check=lambda a: fail(RuntimeError("directory down")))
+    assert rcpt(s, b"RCPT TO:<bob@example.com>") == ["451 4.3.0"]
+
+
+def test_recipient_check_raising_is_451() -> None:
+    def check(address: Address) -> Deferred[Any]:
+        raise RuntimeError("bug")
+
+    s = connect(check=check)
+    assert rcpt(s, b"RCPT TO:<bob@example.com>") == ["451 4.3.0"]
+
+
+def test_recipient_check_giving_nonsense_is_451() -> None:
+    s = connect(check=lambda a: succeed("yes"))
+    assert rcpt(s, b"RCPT TO:<bob@example.com>") == ["451 4.3.0"]
+
+
+def test_too_many_recipients_is_452() -> None:
+    s = connect(max_recipients=2)
+    codes = rcpt(
+        s,
+        b"RCPT TO:<a@example.com>",
+        b"RCPT TO:<b@example.com>",
+        b"RCPT TO:<c@example.com>",
+    )
+    assert codes == ["250 2.1.5", "250 2.1.5", "452 4.5.3"]
+
+
+def test_duplicate_recipients_collapse_to_one() -> None:
+    s = connect(max_recipients=2)
+    codes = rcpt(
+        s,
+        b"RCPT TO:<a@example.com>",
+        b"RCPT TO:<a@EXAMPLE.com>",
+        b"RCPT TO:<b@example.com>",
+        b"DATA",
+        b"hi\r\n.",
+    )
+    assert codes == ["250 2.1.5", "250 2.1.5", "250 2.1.5", "354 End", "250 2.0.0"]
+    assert s.store.received[0][0].recipients == (
+        Address("a", "example.com"),
+        Address("b", "example.com"),
+    )
+
+
+# -- pipelining ---------------------------------------------------------------
+
+
+class SlowCheck:
+    """A recipient check whose answers the test gives later, in any order."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Address, Deferred[Any]]] = []
+
+    def __call__(self, address: Address) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((address, d))
+        return d
+
+    def answer_all(self) -> None:
+        while self.pending:
+            address, d = self.pending.pop(0)
+            d.callback(None if address.domain == "example.com" else Reply(550, "5.7.1", "no"))
+
+
+PIPELINED = (
+    b"EHLO c.example\r\n"
+    b"MAIL FROM:<a@b.example>\r\n"
+    b"RCPT TO:<one@example.com>\r\n"
+    b"RCPT TO:<x@elsewhere.example>\r\n"
+    b"RCPT TO:<two@example.com>\r\n"
+    b"DATA\r\n"
+    b"Subject: pipelined\r\n\r\nbody\r\n.\r\n"
+    b"NOOP\r\n"
+    b"QUIT\r\n"
+)
+
+
+def test_pipelined_session_in_one_write_is_answered_in_order() -> None:
+    s = connect()
+    s.send(PIPELINED)
+    assert s.codes() == [
+        "250 ENHANCEDSTATUSCODES",
+        "250 2.1.0",
+        "250 2.1.5",
+        "550 5.7.1",
+        "250 2.1.5",
+        "354 End",
+        "250 2.0.0",
+        "250 2.0.0",
+        "221 2.0.0",
+    ]
+
+
+def test_pipelined_input_waits_while_recipient_check_pending() -> None:
+    check = SlowCheck()
+    s = connect(check=check)
+    s.send(PIPELINED)
+    assert s.codes() == ["250 ENHANCEDSTATUSCODES", "250 2.1.0"]
+    assert len(check.pending) == 1
+    assert s.transport.producerState == "paused"
+
+
+def test_pipelined_replies_stay_in_order_when_checks_fire_later() -> None:
+    check = SlowCheck()
+    s = connect(check=check)
+    s.send(PIPELINED)
+    while check.pending:
+        check.answer_all()
+    assert s.codes() == [
+        "250 ENHANCEDSTATUSCODES",
+        "250 2.1.0",
+        "250 2.1.5",
+        "550 5.7.1",
+        "250 2.1.5",
+        "354 End",
+        "250 2.0.0",
+        "250 2.0.0",
+        "221 2.0.0",
+    ]
+    assert s.store.received[0][0].recipients == (
+        Address("one", "example.com"),
+        Address("two", "example.com"),
+    )
+
+
+def test_transport_resumes_when_check_fires() -> None:
+    check = SlowCheck()
+    s = connect(check=check)
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<one@example.com>\r\n")
+    check.answer_all()
+    assert s.transport.producerState == "producing"
+
+
+def test_pipelined_input_waits_while_store_pending() -> None:
+    s = connect()
+    s.store.mode = "pending"
+    s.send(PIPELINED)
+    assert s.codes()[-1] == "354 End"
+    s.store.pending[0].callback("Q9")
+    assert s.codes() == ["250 2.0.0", "250 2.0.0", "221 2.0.0"]
+    assert s.transport.disconnecting
+
+
+def test_pipelined_input_split_at_every_position_gives_same_replies() -> None:
+    expected = connect()
+    expected.send(PIPELINED)
+    want = expected.codes()
+    for i in range(len(PIPELINED) + 1):
+        s = connect()
+        s.send(PIPELINED[:i], PIPELINED[i:])
+        assert s.codes() == want, i
+
+
+# -- DATA: end of data and transparency ---------------------------------------
+
+MESSAGE = b"Subject: test\r\n\r\nhello\r\nworld\r\n"
+
+
+@pytest.mark.parametrize("split", range(len(MESSAGE + b".\r\n") + 1))
+def test_end_of_data_split_at_any_position(split: int) -> None:
+    s = connect()
+    s.begin()
+    stream = MESSAGE + b".\r\nNOOP\r\n"
+    s.send(stream[:split], stream[split:])
+    assert s.codes() == ["250 2.0.0", "250 2.0.0"]
+    assert body_of(s.store.received[0][1]) == MESSAGE
+
+
+def test_end_of_data_one_octet_at_a_time() -> None:
+    s = connect()
+    s.begin()
+    for i, _ in enumerate(MESSAGE + b".\r\n"):
+        s.send((MESSAGE + b".\r\n")[i : i + 1])
+    assert s.codes() == ["250 2.0.0"]
+    assert body_of(s.store.received[0][1]) == MESSAGE
+
+
+def test_lone_dot_as_first_line_ends_empty_message() -> None:
+    s = connect()
+    s.begin()
+    s.send(b".\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    assert body_of(s.store.received[0][1]) == b""
+
+
+def test_first_line_dot_split_from_crlf_ends_message() -> None:
+    s = connect()
+    s.begin()
+    s.send(b".", b"\r", b"\n")
+    assert s.codes() == ["250 2.0.0"]
+
+
+@pytest.mark.parametrize(
+    "fake_end",
+    [
+        b"\n.\n",
+        b"\r\n.\n",
+        b"\n.\r\n",
+        b"\r.\r",
+        b"\r\n.\r",
+        b"\r.\r\n",
+        b"\r\n.\x00\r\n",
+        b"\r\n\x00.\r\n",
+        b"\r\n.\r\x00\n",
+        b"\r\n .\r\n",
+    ],
+)
+def test_only_crlf_dot_crlf_ends_the_message(fake_end: bytes) -> None:
+    s = connect(bare_line_endings="normalise")
+    s.begin()
+    s.send(b"Subject: x\r\n\r\nline" + fake_end + b"MAIL FROM:<evil@elsewhere.example>\r\n")
+    assert s.lines() == []
+    s.send(b".\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    assert len(s.store.received) == 1
+    assert b"MAIL FROM:<evil@elsewhere.example>" in s.store.received[0][1]
+
+
+def test_data_is_dot_unstuffed() -> None:
+    s = connect()
+    s.begin()
+    s.send(b"..first\r\nmiddle\r\n..\r\n...\r\n.\r\n")
+    assert body_of(s.store.received[0][1]) == b".first\r\nmiddle\r\n.\r\n..\r\n"
+
+
+def test_dot_stuffing_split_across_chunks_is_unstuffed() -> None:
+    s = connect()
+    s.begin()
+    s.send(b"a\r", b"\n.", b".b\r\n.", b"\r\n")
+    assert body_of(s.store.received[0][1]) == b"a\r\n.b\r\n"
+
+
+# -- DATA: content checks -----------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"a\r\n\nb\r\n"])
+def test_bare_line_endings_are_rejected_554(content: bytes) -> None:
+    s = connect(bare_line_endings="reject")
+    s.begin()
+    s.send(content + b".\r\n")
+    assert s.codes() == ["554 5.6.0"]
+    assert s.store.received == []
+
+
+@pytest.mark.parametrize(
+    ("content", "normalised"),
+    [
+        (b"a\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\rb\r\n", b"a\r\nb\r\n"),
+        (b"a\r\r\n", b"a\r\n\r\n"),
+        (b"a\n\rb\r\n", b"a\r\n\r\nb\r\n"),
+        (b"\n.\nx\r\n", b"\r\n.\r\nx\r\n"),
+    ],
+)
+def test_bare_line_endings_are_normalised(content: bytes, normalised: bytes) -> None:
+    s = connect(bare_line_endings="normalise")
+    s.begin()
+    s.send(content + b".\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    assert body_of(s.store.received[0][1]) == normalised
+
+
+def test_oversize_data_is_552_after_end_of_data() -> None:
+    s = connect(max_message_size=100)
+    s.begin()
+    for _ in range(10):
+        s.send(b"x" * 50 + b"\r\n")
+    assert s.lines() == []
+    s.send(b".\r\n")
+    assert s.codes() == ["552 5.3.4"]
+    assert s.store.received == []
+
+
+def test_oversize_data_end_marker_split_while_discarding() -> None:
+    s = connect(max_message_size=10)
+    s.begin()
+    s.send(b"x" * 100 + b"\r", b"\n", b".", b"\r", b"\nNOOP\r\n")
+    assert s.codes() == ["552 5.3.4", "250 2.0.0"]
+
+
+def test_session_continues_after_oversize_data() -> None:
+    s = connect(max_message_size=10)
+    s.begin()
+    s.send(b"x" * 100 + b"\r\n.\r\n")
+    s.lines()
+    s.send(b"RCPT TO:<bob@example.com>\r\n")
+    assert s.codes() == ["503 5.5.1"]  # the transaction was reset
+
+
+def test_message_at_size_limit_is_accepted() -> None:
+    s = connect(max_message_size=10)
+    s.begin()
+    s.send(b"12345678\r\n.\r\n")
+    assert s.codes() == ["250 2.0.0"]
+
+
+def test_message_one_over_size_limit_is_552() -> None:
+    s = connect(max_message_size=10)
+    s.begin()
+    s.send(b"123456789\r\n.\r\n")
+    assert s.codes() == ["552 5.3.4"]
+
+
+def test_data_line_too_long_is_554() -> None:
+    s = connect(max_data_line_length=10)
+    s.begin()
+    s.send(b"short\r\n" + b"y" * 11 + b"\r\n.\r\n")
+    assert s.codes() == ["554 5.6.0"]
+    assert s.store.received == []
+
+
+def test_first_data_line_too_long_is_554() -> None:
+    s = connect(max_data_line_length=10)
+    s.begin()
+    s.send(b"y" * 11 + b"\r\n.\r\n")
+    assert s.codes() == ["554 5.6.0"]
+
+
+def test_data_line_at_limit_is_accepted() -> None:
+    s = connect(max_data_line_length=10)
+    s.begin()
+    s.send(b"y" * 10 + b"\r\n" + b"z" * 10 + b"\r\n.\r\n")
+    assert s.codes() == ["250 2.0.0"]
+
+
+def test_session_continues_after_rejected_data() -> None:
+    s = connect()
+    s.begin()
+    s.send(b"bare\nlf\r\n.\r\n")
+    s.lines()
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\nok\r\n.\r\n")
+    assert s.codes() == ["250 2.1.0", "250 2.1.5", "354 End", "250 2.0.0"]
+
+
+def test_second_message_in_one_session() -> None:
+    s = connect()
+    s.begin()
+    s.send(b"one\r\n.\r\n")
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@example.com>\r\nDATA\r\ntwo\r\n.\r\n")
+    assert [body_of(m) for _, m in s.store.received] == [b"one\r\n", b"two\r\n"]
+    assert s.store.received[1][0].recipients == (Address("c", "example.com"),)
+
+
+# -- storing ------------------------------------------------------------------
+
+
+def test_envelope_describes_the_session() -> None:
+    s = connect(now=1_700_000_000)
+    s.begin("bob@example.com", "carol@example.org")
+    s.send(b"hi\r\n.\r\n")
+    envelope = s.store.received[0][0]
+    assert envelope == Envelope(
+        Address("alice", "sender.example"),
+        (Address("bob", "example.com"), Address("carol", "example.org")),
+        received_at=1_700_000_000,
+        client=CLIENT_IP,
+        helo="client.sender.example",
+        body_8bit=False,
+    )
+
+
+def test_received_header_is_added_on_top() -> None:
+    s = connect(now=1_700_000_000)
+    s.begin()
+    s.send(MESSAGE + b".\r\n")
+    message = s.store.received[0][1]
+    assert re.fullmatch(
+        rb"Received: from client\.sender\.example \(198\.51\.100\.7\)\r\n"
+        rb"\tby mx\.hub\.example \(mailhub\) with ESMTP id [0-9a-f]+;\r\n"
+        rb"\tTue, 14 Nov 2023 22:13:20 \+0000\r\n",
+        message[: -len(MESSAGE)],
+    )
+    assert message.endswith(MESSAGE)
+
+
+def test_received_header_does_not_carry_comment_syntax_from_helo() -> None:
+    s = connect()
+    s.send(b"EHLO evil)(x\\\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\n")
+    s.send(b"DATA\r\nhi\r\n.\r\n")
+    envelope, message = s.store.received[0]
+    assert envelope.helo == "evil)(x\\"
+    assert message.startswith(b"Received: from evil__x_ (198.51.100.7)\r\n")
+
+
+def test_received_header_says_smtp_after_helo() -> None:
+    s = connect()
+    s.send(b"HELO old.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\n")
+    s.send(b"DATA\r\nhi\r\n.\r\n")
+    assert b"with SMTP id" in s.store.received[0][1].split(b"\r\n\r\n")[0]
+
+
+def test_250_names_queue_id_from_store() -> None:
+    s = connect()
+    s.begin()
+    s.send(b"hi\r\n.\r\n")
+    assert s.replies() == ["250 2.0.0 OK queued as Q123"]
+
+
+def test_no_reply_until_store_fires() -> None:
+    s = connect()
+    s.store.mode = "pending"
+    s.begin()
+    s.send(b"hi\r\n.\r\n")
+    assert s.lines() == []
+    s.store.pending[0].callback(None)
+    assert s.codes() == ["250 2.0.0"]
+
+
+def test_store_failure_is_451_and_never_250() -> None:
+    s = connect()
+    s.store.mode = "unavailable"
+    s.begin()
+    s.send(b"hi\r\n.\r\nNOOP\r\n")
+    codes = s.codes()
+    assert codes == ["451 4.3.0", "250 2.0.0"]  # the 250 is the NOOP's
+
+
+def test_store_failure_fired_later_is_451() -> None:
+    s = connect()
+    s.store.mode = "pending"
+    s.begin()
+    s.send(b"hi\r\n.\r\n")
+    s.store.pending[0].errback(StoreUnavailable("replica lost"))
+    assert s.codes() == ["451 4.3.0"]
+
+
+def test_store_raising_is_451() -> None:
+    s = connect()
+    s.store.mode = "raise"
+    s.begin()
+    s.send(b"hi\r\n.\r\n")
+    assert s.codes() == ["451 4.3.0"]
+
+
+def test_store_full_is_452() -> None:
+    s = connect()
+    s.store.mode = "full"
+    s.begin()
+    s.send(b"hi\r\n.\r\n")
+    assert s.codes() == ["452 4.3.1"]
+
+
+def test_transaction_is_reset_after_store_failure() -> None:
+    s = connect()
+    s.store.mode = "unavailable"
+    s.begin()
+    s.send(b"hi\r\n.\r\nDATA\r\n")
+    assert s.codes() == ["451 4.3.0", "503 5.5.1"]
+
+
+def test_connection_lost_while_storing_writes_nothing() -> None:
+    s = connect()
+    s.store.mode = "pending"
+    s.begin()
+    s.send(b"hi\r\n.\r\n")
+    s.protocol.connectionLost()
+    s.store.pending[0].callback("Q1")
+    assert s.lines() == []
+
+
+# -- timeouts -----------------------------------------------------------------
+
+
+def test_idle_timeout_is_421_and_closes() -> None:
+    s = connect(idle_timeout=30)
+    s.clock.advance(29)
+    assert s.lines() == []
+    s.clock.advance(1)
+    assert s.lines() == [f"421 4.4.2 {HOST} Timeout"]
+    assert s.transport.disconnecting
+
+
+def test_command_restarts_idle_timer() -> None:
+    s = connect(idle_timeout=30)
+    s.clock.advance(20)
+    s.send(b"NOOP\r\n")
+    s.clock.advance(20)
+    assert s.codes() == ["250 2.0.0"]
+    assert not s.transport.disconnecting
+
+
+def test_data_timeout_applies_during_data() -> None:
+    s = connect(idle_timeout=30, data_timeout=100)
+    s.begin()
+    s.clock.advance(99)
+    s.send(b"more\r\n")
+    s.clock.advance(99)
+    assert s.lines() == []
+    s.clock.advance(1)
+    assert s.codes() == ["421 4.4.2"]
+
+
+def test_no_timeout_while_store_is_pending() -> None:
+    s = connect(idle_timeout=30)
+    s.store.mode = "pending"
+    s.begin()
+    s.send(b"hi\r\n.\r\n")
+    s.clock.advance(1000)
+    assert s.lines() == []
+    s.store.pending[0].callback(None)
+    assert s.codes() == ["250 2.0.0"]
+    s.clock.advance(30)
+    assert s.codes() == ["421 4.4.2"]
+
+
+def test_no_timer_left_after_quit() -> None:
+    s = connect()
+    s.send(b"QUIT\r\n")
+    assert s.clock.getDelayedCalls() == []
+
+
+def test_no_timer_left_after_connection_lost() -> None:
+    s = connect()
+    s.protocol.connectionLost()
+    assert s.clock.getDelayedCalls() == []
+
+
+# -- logging ------------------------------------------------------------------
+
+
+def test_accepted_message_is_logged_with_client() -> None:
+    s = connect()
+    s.begin()
+    with capturedLogs() as events:
+        s.send(b"hi\r\n.\r\n")
+    texts = [formatEvent(e) for e in events]
+    assert any("accepted" in t and CLIENT_IP in t for t in texts), texts
+
+
+def test_refusal_is_logged_with_client() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n")
+    with capturedLogs() as events:
+        s.send(b"RCPT TO:<x@elsewhere.example>\r\n")
+    texts = [formatEvent(e) for e in events]
+    assert any("550 5.7.1" in t and CLIENT_IP in t for t in texts), texts
+
+
+# -- property -----------------------------------------------------------------
+
+_TOKENS = [
+    b"EHLO c.example\r\n",
+    b"HELO c.example\r\n",
+    b"MAIL FROM:<a@b.example>\r\n",
+    b"MAIL FROM:<> SIZE=10 BODY=8BITMIME\r\n",
+    b"RCPT TO:<bob@example.com>\r\n",
+    b"RCPT TO:<x@elsewhere.example>\r\n",
+    b"RCPT TO:<bob%elsewhere.example@example.com>\r\n",
+    b"RCPT TO:<@example.com:x@elsewhere.example>\r\n",
+    b'RCPT TO:<"x@elsewhere.example"@example.com>\r\n',
+    b"RCPT TO:<x@[192.0.2.1]>\r\n",
+    b"RCPT TO:<x@mx.hub.example>\r\n",
+    b"DATA\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"QUIT\r\n",
+    b".\r\n",
+    b"\r\n.\r\n",
+    b"..\r\n",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b".",
+    b"\x00",
+    b"x" * 70,
+    "ü".encode(),
+]
+_LINE = re.compile(r"[2-5][0-9][0-9][ -][ -~]*\Z")
+
+
+_RCPTS = [t for t in _TOKENS if t.startswith(b"RCPT")]
+_BODY = [b"Subject: x\r\n", b"\r\n", b"..dot\r\n", b"\n.\n", b"\r\n.\n", b"\n", b"\r", b"y" * 60]
+
+
+@st.composite
+def _transactions(draw: st.DrawFn) -> bytes:
+    """A mostly well-formed transaction, so that messages do reach receive()."""
+    rcpts = draw(st.lists(st.sampled_from(_RCPTS), min_size=1, max_size=5))
+    body = draw(st.lists(st.one_of(st.sampled_from(_BODY), st.binary(max_size=20)), max_size=8))
+    end = draw(st.sampled_from([b"\r\n.\r\n", b".\r\n", b"\n.\r\n"]))
+    return b"MAIL FROM:<a@b.example>\r\n" + b"".join(rcpts) + b"DATA\r\n" + b"".join(body) + end
+
+
+@st.composite
+def _sessions(draw: st.DrawFn) -> tuple[bytes, list[int]]:
+    parts = draw(
+        st.lists(
+            st.one_of(_transactions(), st.sampled_from(_TOKENS), st.binary(max_size=40)),
+            max_size=20,
+        )
+    )
+    stream = draw(st.sampled_from([b"", b"EHLO c.example\r\n"])) + b"".join(parts)
+    cuts = draw(st.lists(st.integers(0, len(stream)), max_size=8))
+    return stream, sorted(set(cuts))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(session=_sessions(), slow=st.booleans(), normalise=st.booleans())
+def test_any_input_gives_valid_replies_and_never_relays(
+    session: tuple[bytes, list[int]], slow: bool, normalise: bool
+) -> None:
+    stream, cuts = session
+    allowed = domain_check(DOMAINS, HOST)
+    pending: list[Deferred[Any]] = []
+
+    def check(address: Address) -> Deferred[Any]:
+        if not slow:
+            return allowed(address)
+        d: Deferred[Any] = Deferred()
+        pending.append(d)
+        return d.addCallback(lambda _: allowed(address))
+
+    s = connect(
+        check=check,
+        max_line_length=64,
+        max_message_size=300,
+        max_data_line_length=50,
+        max_recipients=3,
+        bare_line_endings="normalise" if normalise else "reject",
+    )
+    with capturedLogs() as events:
+        bounds = [0, *cuts, len(stream)]
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            s.send(stream[start:end])
+            while pending:
+                pending.pop(0).callback(None)
+        s.clock.advance(10_000)
+    assert not [e for e in events if "log_failure" in e], [formatEvent(e) for e in events]
+    out = s.transport.value()
+    assert out == b"" or out.endswith(b"\r\n")
+    for line in out.decode("ascii").split("\r\n")[:-1]:
+        assert _LINE.match(line), line
+    for envelope, _ in s.store.received:
+        assert envelope.recipients
+        assert all(r.domain in ("example.com", "example.org") for r in envelope.recipients)
