@@ -107,12 +107,10 @@ class Address:
             if any(c in inner for c in "@%!"):
                 raise AddressError("routing characters in local part", 550, "5.7.1")
         else:
-            if not _DOT_ATOM.match(local):
-                if "@" in local:
-                    raise AddressError("routing characters in local part", 550, "5.7.1")
-                raise AddressError("malformed local part", 501, "5.1.3")
-            if "%" in local or "!" in local:
+            if any(c in local for c in "@%!"):
                 raise AddressError("routing characters in local part", 550, "5.7.1")
+            if not _DOT_ATOM.match(local):
+                raise AddressError("malformed local part", 501, "5.1.3")
         if len(local) > 64:
             raise AddressError("local part too long", 501, "5.1.3")
         if domain.startswith("["):
