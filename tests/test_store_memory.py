@@ -8,9 +8,9 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IStorePlugin
-from mailhub.model import Address, Envelope, StoreUnavailable
+from mailhub.model import Address, StoreUnavailable
 from mailhub.plugin import load_plugin
-from mailhub.testing.store_contract import SpoolStoreContract
+from mailhub.testing.store_contract import SpoolStoreContract, envelope
 
 
 class TestMemorySpoolStore(SpoolStoreContract):
@@ -34,11 +34,10 @@ def test_unavailable_store_fails_every_call() -> None:
     """A test can make the store fail, to check how callers cope."""
     store = plugin.make({}, Clock())
     store.unavailable = True
-    env = Envelope(None, [Address("a", "b.example")])
     failures: list[object] = []
-    store.enqueue(env, b"x", {"smtp:b.example": env.recipients}, "dallas").addErrback(
-        failures.append
-    )
+    store.enqueue(
+        envelope(), b"x", {"smtp:b.example": [Address("a", "b.example")]}, "dallas"
+    ).addErrback(failures.append)
     store.counts().addErrback(failures.append)
     assert len(failures) == 2
     assert all(f.check(StoreUnavailable) for f in failures)  # type: ignore[attr-defined]

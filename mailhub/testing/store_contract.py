@@ -108,12 +108,11 @@ def attempt_for(lease: Lease, replies: Mapping[Address, Reply], at: float = NOW)
 
 class SpoolStoreContract:
     """
-    Tests every ``ISpoolStore`` passes.  Subclasses provide the ``store`` fixture.
-    """
+    Tests every ``ISpoolStore`` passes.
 
-    @pytest.fixture
-    def store(self) -> Any:
-        raise NotImplementedError("a store's test class provides the 'store' fixture")
+    The tests ask for a ``store`` fixture: a fresh, empty store per test.  Define
+    it on the subclass, or in the test module or a ``conftest.py``.
+    """
 
     async def enqueue(
         self,

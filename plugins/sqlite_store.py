@@ -1,0 +1,726 @@
+"""
+The ``sqlite`` spool store: the embedded default, for nodes on one host.
+
+Every statement runs on one writer thread per store, never on the reactor
+thread.  The thread takes all the jobs waiting in its queue, runs them in one
+transaction, each inside its own savepoint, commits once and then fires their
+``Deferred`` from the reactor thread: concurrent SMTP sessions share one fsync
+(group commit), and a job that fails rolls back only its own savepoint.
+
+Leasing is atomic across stores and processes because a claim runs inside
+``BEGIN IMMEDIATE``, which takes SQLite's write lock before reading.  Claiming
+sets ``next_attempt`` to the lease's expiry, so an abandoned lease needs no
+sweep: its entry is simply due again.  ``record`` and ``release`` act only
+while the row still carries their lease's token.
+
+Configuration (the ``[store]`` table)::
+
+    plugin = "sqlite"
+    path = "var/spool.db"     # relative to the configuration file's directory
+    busy_timeout = 10         # seconds to wait for another process's lock
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from attrs import define, evolve, frozen
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailhub.interfaces import ISpoolStore, IStorePlugin
+from mailhub.model import (
+    Address,
+    Attempt,
+    Decision,
+    Entry,
+    EntryFilter,
+    Envelope,
+    Lease,
+    LeaseLost,
+    Recipient,
+    RecipientState,
+    Reply,
+    StoreFull,
+    StoreUnavailable,
+    apply_decision,
+)
+
+__all__ = ["SqliteSpoolStore", "plugin"]
+
+_T = TypeVar("_T")
+_Job = Callable[[sqlite3.Connection], Any]
+
+DEFAULT_BUSY_TIMEOUT = 10.0
+_MAX_BATCH = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL REFERENCES messages (id),
+    route TEXT NOT NULL,
+    sender TEXT,
+    recipients TEXT NOT NULL,
+    created REAL NOT NULL,
+    next_attempt REAL NOT NULL,
+    node TEXT,
+    lease_node TEXT,
+    lease_token TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    held INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL,
+    helo TEXT NOT NULL DEFAULT '',
+    client TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS entries_due ON entries (held, next_attempt);
+CREATE INDEX IF NOT EXISTS entries_message ON entries (message_id);
+CREATE INDEX IF NOT EXISTS entries_route ON entries (route, next_attempt);
+CREATE TABLE IF NOT EXISTS attempts (
+    entry_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    started REAL NOT NULL,
+    finished REAL NOT NULL,
+    replies TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_entry ON attempts (entry_id);
+"""
+
+_ENTRY_COLUMNS = (
+    "id, message_id, route, sender, recipients, created, next_attempt, node,"
+    " attempts, held, size, helo, client"
+)
+
+#: The claim query.  The index ``entries_due`` gives the due rows in order, so
+#: a claim reads only those, however large the spool.
+CLAIM_SQL = (
+    f"SELECT {_ENTRY_COLUMNS} FROM entries"
+    " WHERE held = 0 AND next_attempt <= :now"
+    " AND (node IS NULL OR node = :node OR next_attempt + :takeover <= :now)"
+    " ORDER BY next_attempt LIMIT :limit"
+)
+
+#: The claim query for given ids (``{ids}`` is the list of parameters).  The
+#: unary ``+`` keeps SQLite off ``entries_due``: looking the few ids up by
+#: primary key beats walking a backlog of due entries.
+CLAIM_IDS_SQL = (
+    f"SELECT {_ENTRY_COLUMNS} FROM entries"
+    " WHERE id IN ({ids}) AND +held = 0 AND +next_attempt <= :now"
+    " AND (node IS NULL OR node = :node OR next_attempt + :takeover <= :now)"
+    " ORDER BY next_attempt LIMIT :limit"
+)
+
+
+def _address(text: str) -> Address:
+    # A domain never contains "@", so the last one splits the address exactly.
+    local, _, domain = text.rpartition("@")
+    return Address(local, domain)
+
+
+def _as_tuple(items: Iterable[Any]) -> Any:
+    # mypy cannot solve the attrs ``converter=tuple`` of the model's fields.
+    return tuple(items)
+
+
+def _reply_json(reply: Reply | None) -> list[Any] | None:
+    return None if reply is None else [reply.code, reply.enhanced, reply.text]
+
+
+def _recipients_json(recipients: Iterable[Recipient]) -> str:
+    return json.dumps(
+        [
+            {"address": str(r.address), "state": r.state.value, "reply": _reply_json(r.reply)}
+            for r in recipients
+        ],
+        ensure_ascii=False,
+    )
+
+
+def _recipients(text: str) -> tuple[Recipient, ...]:
+    return tuple(
+        Recipient(
+            _address(r["address"]),
+            RecipientState(r["state"]),
+            None if r["reply"] is None else Reply(*r["reply"]),
+        )
+        for r in json.loads(text)
+    )
+
+
+def _entry(row: Sequence[Any]) -> Entry:
+    (id, message_id, route, sender, recipients, created, next_attempt, node) = row[:8]
+    (attempts, held, size, helo, client) = row[8:]
+    return Entry(
+        id=id,
+        message_id=message_id,
+        route=route,
+        sender=None if sender is None else _address(sender),
+        recipients=_as_tuple(_recipients(recipients)),
+        created=created,
+        next_attempt=next_attempt,
+        node=node,
+        attempts=attempts,
+        held=bool(held),
+        size=size,
+        envelope_helo=helo,
+        envelope_client=client,
+    )
+
+
+def _unavailable(e: sqlite3.Error) -> StoreUnavailable:
+    if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StoreFull(f"spool database is full: {e}")
+    return StoreUnavailable(f"spool database: {e}")
+
+
+class _Writer:
+    """
+    The one thread that touches a store's database, and its queue of jobs.
+
+    A job is a function of the connection, run inside a transaction; what it
+    returns or raises goes to the ``Deferred`` that ``submit`` returned.
+
+    :ivar commits: how many transactions were committed (group commit makes it
+        far smaller than the number of jobs).
+    """
+
+    _STOP = object()
+
+    def __init__(self, path: str, busy_timeout: float, reactor: Any) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._reactor = reactor
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._conn: sqlite3.Connection | None = None
+        self._stopped: Deferred[None] = Deferred()
+        self._closing = False
+        self.commits = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"mailhub-sqlite-writer {path}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, job: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
+        """Queue ``job``; only ever called on the reactor thread."""
+        if self._closing:
+            return fail(StoreUnavailable("spool store is closed"))
+        d: Deferred[_T] = Deferred()
+        self._queue.put((job, d))
+        return d
+
+    def stop(self) -> Deferred[None]:
+        """Run the jobs already queued, close the database, end the thread."""
+        if not self._closing:
+            self._closing = True
+            self._queue.put(self._STOP)
+        return self._stopped
+
+    # -- on the writer thread -------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                batch = [self._queue.get()]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._STOP in batch:
+                    stopping = True
+                    batch = [job for job in batch if job is not self._STOP]
+                if batch:
+                    self._fire(self._run_batch(batch))
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+            self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _connect(self) -> sqlite3.Connection:
+        os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
+        conn = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run_batch(
+        self, batch: list[tuple[_Job, Deferred[Any]]]
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        def everyone_fails(error: Exception) -> list[tuple[Deferred[Any], bool, Any]]:
+            return [(d, False, error) for _, d in batch]
+
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError) as e:
+            if isinstance(e, OSError):
+                e = sqlite3.OperationalError(str(e))
+            return everyone_fails(_unavailable(e))
+
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        for job, d in batch:
+            conn.execute("SAVEPOINT job")
+            try:
+                value = job(conn)
+            except BaseException as e:
+                error = _unavailable(e) if isinstance(e, sqlite3.Error) else e
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (I/O error, disk
+                    # full): the work of the jobs before this one is lost too.
+                    if not isinstance(error, StoreUnavailable):
+                        error = StoreUnavailable(f"spool database: {error}")
+                    return everyone_fails(error)
+                try:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                except sqlite3.Error as e2:
+                    self._abort(conn)
+                    return everyone_fails(_unavailable(e2))
+                results.append((d, False, error))
+            else:
+                conn.execute("RELEASE job")
+                results.append((d, True, value))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._abort(conn)
+            return everyone_fails(_unavailable(e))
+        self.commits += 1
+        return results
+
+    def _abort(self, conn: sqlite3.Connection) -> None:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            # The connection is unusable: drop it and reconnect for the next batch.
+            conn.close()
+            self._conn = None
+
+    def _fire(self, results: list[tuple[Deferred[Any], bool, Any]]) -> None:
+        def fire() -> None:
+            for d, ok, value in results:
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(Failure(value))
+
+        self._reactor.callFromThread(fire)
+
+
+@implementer(ISpoolStore)
+@define
+class SqliteSpoolStore:
+    """
+    An ``ISpoolStore`` in one SQLite file, shared safely by several stores and
+    processes on one host.  Build it with ``SqliteSpoolStore.open``.
+    """
+
+    _writer: _Writer
+    _clock: Any
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        reactor: Any,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        clock: Any = None,
+    ) -> SqliteSpoolStore:
+        """
+        Start the writer thread for the database at ``path`` (created with its
+        directory if missing; a failure to open shows as ``StoreUnavailable``
+        from the first calls, and is retried on every later one).
+
+        :param reactor: the reactor results are delivered to (``callFromThread``).
+        :param busy_timeout: seconds to wait for a lock another process holds.
+        :param clock: an ``IReactorTime`` for ``counts()``; the reactor by default.
+        """
+        writer = _Writer(path, busy_timeout, reactor)
+        return cls(writer, reactor if clock is None else clock)
+
+    @property
+    def commits(self) -> int:
+        """How many transactions this store has committed (for tests and metrics)."""
+        return self._writer.commits
+
+    def run(self, job: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
+        """
+        Run ``job(connection)`` on the writer thread inside a transaction (for
+        tests and maintenance).  Its result or exception goes to the ``Deferred``.
+        """
+        return self._writer.submit(job)
+
+    # -- ISpoolStore ----------------------------------------------------
+
+    def enqueue(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Mapping[str, Sequence[Address]],
+        node: str,
+    ) -> Deferred[list[str]]:
+        routes = {route: tuple(recipients) for route, recipients in routes.items()}
+        body = bytes(message)
+
+        def job(conn: sqlite3.Connection) -> list[str]:
+            if not routes:
+                return []
+            message_id = uuid.uuid4().hex
+            conn.execute("INSERT INTO messages (id, body) VALUES (?, ?)", (message_id, body))
+            ids = []
+            for route, recipients in routes.items():
+                entry_id = uuid.uuid4().hex
+                _insert_entry(
+                    conn,
+                    (
+                        entry_id,
+                        message_id,
+                        route,
+                        None if envelope.sender is None else str(envelope.sender),
+                        _recipients_json(Recipient(a) for a in recipients),
+                        envelope.received_at,
+                        envelope.received_at,
+                        node,
+                        len(body),
+                        envelope.helo,
+                        envelope.client,
+                    ),
+                )
+                ids.append(entry_id)
+            return ids
+
+        return self._writer.submit(job)
+
+    def claim(
+        self,
+        node: str,
+        now: float,
+        limit: int,
+        lease_seconds: float,
+        takeover_seconds: float,
+        ids: Iterable[str] | None = None,
+    ) -> Deferred[list[Lease]]:
+        wanted = None if ids is None else list(ids)
+
+        def job(conn: sqlite3.Connection) -> list[Lease]:
+            if wanted is not None and not wanted:
+                return []
+            params: dict[str, Any] = {
+                "now": now,
+                "node": node,
+                "takeover": takeover_seconds,
+                "limit": limit,
+            }
+            sql = CLAIM_SQL
+            if wanted is not None:
+                names = [f"id{i}" for i in range(len(wanted))]
+                sql = CLAIM_IDS_SQL.format(ids=", ".join(":" + n for n in names))
+                params.update(zip(names, wanted, strict=True))
+            rows = conn.execute(sql, params).fetchall()
+            expires = now + lease_seconds
+            leases = []
+            for row in rows:
+                entry = _entry(row)
+                token = uuid.uuid4().hex
+                conn.execute(
+                    "UPDATE entries SET lease_node = ?, lease_token = ?, next_attempt = ?,"
+                    " node = NULL WHERE id = ?",
+                    (node, token, expires, entry.id),
+                )
+                leases.append(Lease(entry, node, token, expires))
+            return leases
+
+        return self._writer.submit(job)
+
+    def body(self, message_id: str) -> Deferred[bytes]:
+        def job(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if row is None:
+                raise KeyError(message_id)
+            return bytes(row[0])
+
+        return self._writer.submit(job)
+
+    def record(self, lease: Lease, attempt: Attempt, decision: Decision) -> Deferred[Entry | None]:
+        def job(conn: sqlite3.Connection) -> Entry | None:
+            row = conn.execute(
+                f"SELECT {_ENTRY_COLUMNS}, lease_token FROM entries WHERE id = ?",
+                (lease.entry.id,),
+            ).fetchone()
+            if row is None or row[-1] != lease.token:
+                raise LeaseLost(lease.entry.id)
+            current = evolve(_entry(row[:-1]), next_attempt=lease.entry.next_attempt)
+            entry = apply_decision(current, decision)
+            if not entry.pending:
+                _remove(conn, entry.id, entry.message_id)
+                return None
+            conn.execute(
+                "UPDATE entries SET recipients = ?, attempts = ?, next_attempt = ?, node = ?,"
+                " held = ?, lease_node = NULL, lease_token = NULL WHERE id = ?",
+                (
+                    _recipients_json(entry.recipients),
+                    entry.attempts,
+                    entry.next_attempt,
+                    entry.node,
+                    int(entry.held),
+                    entry.id,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO attempts (entry_id, node, started, finished, replies)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    attempt.entry_id,
+                    attempt.node,
+                    attempt.started,
+                    attempt.finished,
+                    json.dumps(
+                        [[str(a), r.code, r.enhanced, r.text] for a, r in attempt.replies],
+                        ensure_ascii=False,
+                    ),
+                ),
+            )
+            return entry
+
+        return self._writer.submit(job)
+
+    def release(self, lease: Lease, now: float) -> Deferred[None]:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE entries SET next_attempt = ?, node = NULL, lease_node = NULL,"
+                " lease_token = NULL WHERE id = ? AND lease_token = ?",
+                (now, lease.entry.id, lease.token),
+            )
+
+        return self._writer.submit(job)
+
+    def next_due(
+        self, node: str, now: float, takeover_seconds: float = 0.0
+    ) -> Deferred[float | None]:
+        def job(conn: sqlite3.Connection) -> float | None:
+            # Walk the due index in order; an entry reserved for another node is
+            # due later, so stop once no later row can beat the best found.
+            best: float | None = None
+            rows = conn.execute(
+                "SELECT next_attempt, node FROM entries WHERE held = 0 ORDER BY next_attempt"
+            )
+            for next_attempt, reserved_for in rows:
+                if best is not None and next_attempt >= best:
+                    break
+                due = next_attempt
+                if reserved_for is not None and reserved_for != node:
+                    due += takeover_seconds
+                best = due if best is None else min(best, due)
+            return best
+
+        return self._writer.submit(job)
+
+    def get(self, entry_id: str) -> Deferred[Entry | None]:
+        def job(conn: sqlite3.Connection) -> Entry | None:
+            row = conn.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = ?", (entry_id,)
+            ).fetchone()
+            return None if row is None else _entry(row)
+
+        return self._writer.submit(job)
+
+    def attempts(self, entry_id: str) -> Deferred[list[Attempt]]:
+        def job(conn: sqlite3.Connection) -> list[Attempt]:
+            rows = conn.execute(
+                "SELECT entry_id, node, started, finished, replies FROM attempts"
+                " WHERE entry_id = ? ORDER BY rowid",
+                (entry_id,),
+            )
+            return [
+                Attempt(
+                    entry_id,
+                    node,
+                    started,
+                    finished,
+                    _as_tuple(
+                        (_address(a), Reply(code, enhanced, text))
+                        for a, code, enhanced, text in json.loads(replies)
+                    ),
+                )
+                for entry_id, node, started, finished, replies in rows
+            ]
+
+        return self._writer.submit(job)
+
+    def entries(
+        self, filter: EntryFilter | None = None, offset: int = 0, limit: int = 100
+    ) -> Deferred[list[Entry]]:
+        where = []
+        params: list[Any] = []
+        if filter is not None:
+            if filter.route is not None:
+                where.append("route = ?")
+                params.append(filter.route)
+            if filter.held is not None:
+                where.append("held = ?")
+                params.append(int(filter.held))
+            if filter.recipient is not None:
+                where.append(
+                    "EXISTS (SELECT 1 FROM json_each(entries.recipients)"
+                    " WHERE lower(json_extract(value, '$.address')) = lower(?))"
+                )
+                params.append(filter.recipient)
+        sql = f"SELECT {_ENTRY_COLUMNS} FROM entries"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY next_attempt, rowid LIMIT ? OFFSET ?"
+        params += [limit, offset]
+
+        def job(conn: sqlite3.Connection) -> list[Entry]:
+            return [_entry(row) for row in conn.execute(sql, params)]
+
+        return self._writer.submit(job)
+
+    def counts(self) -> Deferred[dict[str, Any]]:
+        now = self._clock.seconds()
+
+        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+            entries, held, leased = conn.execute(
+                "SELECT count(*), coalesce(sum(held), 0),"
+                " coalesce(sum(lease_token IS NOT NULL AND next_attempt > ?), 0) FROM entries",
+                (now,),
+            ).fetchone()
+            (recipients,) = conn.execute(
+                "SELECT count(*) FROM entries, json_each(entries.recipients)"
+                " WHERE json_extract(value, '$.state') = 'pending'"
+            ).fetchone()
+            routes = dict(conn.execute("SELECT route, count(*) FROM entries GROUP BY route"))
+            return {
+                "entries": entries,
+                "held": held,
+                "leased": leased,
+                "recipients": recipients,
+                "routes": routes,
+            }
+
+        return self._writer.submit(job)
+
+    def hold(self, entry_id: str) -> Deferred[bool]:
+        def job(conn: sqlite3.Connection) -> bool:
+            return (
+                conn.execute("UPDATE entries SET held = 1 WHERE id = ?", (entry_id,)).rowcount > 0
+            )
+
+        return self._writer.submit(job)
+
+    def release_held(self, entry_id: str, now: float) -> Deferred[bool]:
+        def job(conn: sqlite3.Connection) -> bool:
+            found = conn.execute("SELECT 1 FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            # An entry still being delivered keeps its lease's expiry as due time.
+            conn.execute(
+                "UPDATE entries SET held = 0, node = NULL, next_attempt = CASE"
+                " WHEN lease_token IS NOT NULL AND next_attempt > :now THEN next_attempt"
+                " ELSE :now END WHERE id = :id AND held = 1",
+                {"now": now, "id": entry_id},
+            )
+            return found is not None
+
+        return self._writer.submit(job)
+
+    def flush(self, route: str | None, now: float) -> Deferred[int]:
+        def job(conn: sqlite3.Connection) -> int:
+            sql = (
+                "UPDATE entries SET next_attempt = min(next_attempt, :now), node = NULL"
+                " WHERE held = 0 AND NOT (lease_token IS NOT NULL AND next_attempt > :now)"
+            )
+            if route is not None:
+                sql += " AND route = :route"
+            return conn.execute(sql, {"now": now, "route": route}).rowcount
+
+        return self._writer.submit(job)
+
+    def delete(self, entry_id: str) -> Deferred[bool]:
+        def job(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT message_id FROM entries WHERE id = ?", (entry_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            _remove(conn, entry_id, row[0])
+            return True
+
+        return self._writer.submit(job)
+
+    def close(self) -> Deferred[None]:
+        return self._writer.stop()
+
+
+def _insert_entry(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
+    conn.execute(
+        "INSERT INTO entries (id, message_id, route, sender, recipients, created,"
+        " next_attempt, node, size, helo, client) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        values,
+    )
+
+
+def _remove(conn: sqlite3.Connection, entry_id: str, message_id: str) -> None:
+    """Remove an entry, its attempts, and its message once no entry uses it."""
+    conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+    conn.execute("DELETE FROM attempts WHERE entry_id = ?", (entry_id,))
+    conn.execute(
+        "DELETE FROM messages WHERE id = ?"
+        " AND NOT EXISTS (SELECT 1 FROM entries WHERE message_id = ?)",
+        (message_id, message_id),
+    )
+
+
+@implementer(IStorePlugin)
+@frozen
+class SqliteStorePlugin:
+    """Makes a ``SqliteSpoolStore`` from the ``[store]`` table."""
+
+    name: str = "sqlite"
+
+    def make(self, config: Mapping[str, Any], reactor: Any) -> SqliteSpoolStore:
+        """
+        :param config: ``path`` (relative to ``config_dir``), optional
+            ``busy_timeout`` in seconds.
+        :param reactor: the reactor; results come back to its thread.
+        :raises ValueError: naming the key, when ``path`` or ``busy_timeout`` is wrong.
+        """
+        path = config.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("store.path: the sqlite store needs a database file path")
+        busy_timeout = config.get("busy_timeout", DEFAULT_BUSY_TIMEOUT)
+        if (
+            isinstance(busy_timeout, bool)
+            or not isinstance(busy_timeout, int | float)
+            or busy_timeout < 0
+        ):
+            raise ValueError("store.busy_timeout: must be a number of seconds, 0 or more")
+        path = os.path.join(str(config.get("config_dir", ".")), os.path.expanduser(path))
+        return SqliteSpoolStore.open(path, reactor, float(busy_timeout))
+
+
+plugin = SqliteStorePlugin()

@@ -1,0 +1,412 @@
+"""The ``sqlite`` store: the contract, and what only a database on disk can show."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from mailhub.plugins import sqlite_store
+from mailhub.plugins.sqlite_store import CLAIM_IDS_SQL, CLAIM_SQL, SqliteSpoolStore, plugin
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from zope.interface.verify import verifyObject
+
+from mailhub.interfaces import IStorePlugin
+from mailhub.model import Address, StoreFull, StoreUnavailable
+from mailhub.plugin import load_plugin
+from mailhub.testing.store_contract import NOW, ODD_MESSAGE, SpoolStoreContract, envelope
+
+ROUTE = "smtp:mail.a.example:25"
+ALICE = Address("alice", "a.example")
+ENVELOPE = envelope(NOW)
+
+
+class TestSqliteSpoolStore(SpoolStoreContract):
+    """The contract, over a fresh database file (the module's ``store`` fixture)."""
+
+
+# -- the plugin ------------------------------------------------------------
+
+
+def test_plugin_provides_store_plugin() -> None:
+    """The entry point object is an ``IStorePlugin`` named ``sqlite``."""
+    assert verifyObject(IStorePlugin, plugin)
+    assert plugin.name == "sqlite"
+
+
+def test_plugin_found_by_name() -> None:
+    """The core finds the store through its entry point."""
+    assert load_plugin("mailhub.stores", "sqlite") is plugin
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({}, "store.path"),
+        ({"path": ""}, "store.path"),
+        ({"path": 5}, "store.path"),
+        ({"path": "s.db", "busy_timeout": "soon"}, "store.busy_timeout"),
+        ({"path": "s.db", "busy_timeout": -1}, "store.busy_timeout"),
+    ],
+)
+def test_bad_config_names_the_key(config: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        plugin.make({**config, "config_dir": "/nonexistent"}, reactor)
+
+
+# -- on disk ---------------------------------------------------------------
+
+
+def open_store(path: Path) -> SqliteSpoolStore:
+    return plugin.make({"path": path.name, "config_dir": str(path.parent)}, reactor)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "spool.db"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[SqliteSpoolStore]:
+    store = open_store(db)
+    yield store
+    pytest_twisted.blockon(store.close())
+
+
+async def enqueue(
+    store: SqliteSpoolStore, message: bytes = b"hello\r\n", node: str = "dallas"
+) -> str:
+    [entry_id] = await store.enqueue(ENVELOPE, message, {ROUTE: [ALICE]}, node)
+    return entry_id
+
+
+async def table_sizes(store: SqliteSpoolStore) -> tuple[int, int, int]:
+    def job(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        return tuple(  # type: ignore[return-value]
+            conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("messages", "entries", "attempts")
+        )
+
+    return await store.run(job)
+
+
+@pytest_twisted.ensureDeferred
+async def test_path_is_relative_to_config_dir(tmp_path: Path) -> None:
+    """``path`` is resolved against the configuration's directory, made if missing."""
+    store = plugin.make({"path": "var/spool.db", "config_dir": str(tmp_path)}, reactor)
+    try:
+        await enqueue(store)
+    finally:
+        await store.close()
+    assert (tmp_path / "var" / "spool.db").is_file()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wal_and_full_sync(store: SqliteSpoolStore) -> None:
+    """The database runs in WAL mode with ``synchronous=FULL``: a commit is on disk."""
+
+    def pragmas(conn: sqlite3.Connection) -> tuple[str, int]:
+        return (
+            conn.execute("PRAGMA journal_mode").fetchone()[0],
+            conn.execute("PRAGMA synchronous").fetchone()[0],
+        )
+
+    assert await store.run(pragmas) == ("wal", 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_work_runs_off_the_reactor_thread(store: SqliteSpoolStore) -> None:
+    """Jobs run on the store's writer thread; their results come back on the reactor thread."""
+    main = threading.get_ident()
+    seen = await store.run(lambda conn: threading.get_ident())
+    assert seen != main
+    assert await store.run(lambda conn: threading.get_ident()) == seen
+    assert threading.get_ident() == main
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_survive_close_and_reopen(db: Path) -> None:
+    """What ``enqueue`` acknowledged is there after the store is closed and opened again."""
+    first = open_store(db)
+    entry_id = await enqueue(first, ODD_MESSAGE)
+    await first.close()
+    second = open_store(db)
+    try:
+        entry = await second.get(entry_id)
+        assert entry is not None and entry.pending == (ALICE,)
+        assert await second.body(entry.message_id) == ODD_MESSAGE
+        [lease] = await second.claim("dallas", NOW, 10, 60, 60)
+        assert lease.entry == entry
+    finally:
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_store_refuses_work(db: Path) -> None:
+    """After ``close`` every call fails with ``StoreUnavailable``."""
+    store = open_store(db)
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await enqueue(store)
+
+
+# -- group commit ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_commit_batches_concurrent_enqueues(store: SqliteSpoolStore) -> None:
+    """200 enqueues waiting together share a handful of transactions."""
+    await store.counts()  # the database is open and the schema made
+    before = store.commits
+    results = await gatherResults(
+        [Deferred.fromCoroutine(enqueue(store, b"m%d\r\n" % i)) for i in range(200)]
+    )
+    assert len(set(results)) == 200
+    assert store.commits - before < 20
+    assert await table_sizes(store) == (200, 200, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_job_does_not_poison_its_batch(store: SqliteSpoolStore) -> None:
+    """A job that fails rolls back only its own work; the rest of its batch commits."""
+    await store.counts()
+    started, gate = threading.Event(), threading.Event()
+
+    def block(conn: sqlite3.Connection) -> bool:
+        started.set()
+        return gate.wait(10)
+
+    before = store.commits
+    blocker = store.run(block)
+    # Hold the writer in its own batch, so that the jobs below queue up into the next.
+    assert started.wait(10)
+
+    def bad(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO messages (id, body) VALUES ('bad', x'00')")
+        raise sqlite3.IntegrityError("this job breaks")
+
+    def bad_python(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO messages (id, body) VALUES ('worse', x'00')")
+        raise ZeroDivisionError()
+
+    jobs = [
+        Deferred.fromCoroutine(enqueue(store, b"one\r\n")),
+        store.run(bad),
+        Deferred.fromCoroutine(enqueue(store, b"two\r\n")),
+        store.run(bad_python),
+        Deferred.fromCoroutine(enqueue(store, b"three\r\n")),
+    ]
+    gate.set()
+    assert await blocker is True
+    results = await DeferredList(jobs, consumeErrors=True)
+    ok = [success for success, _ in results]
+    assert ok == [True, False, True, False, True]
+    assert results[1][1].check(StoreUnavailable)
+    assert results[3][1].check(ZeroDivisionError)
+    # The blocker's batch and one for the five jobs.
+    assert store.commits - before == 2
+    assert await table_sizes(store) == (3, 3, 0)
+
+
+# -- indexes ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_query_uses_due_index(store: SqliteSpoolStore) -> None:
+    """Claiming walks the (held, next_attempt) index and never scans the spool."""
+    for _ in range(50):
+        await enqueue(store)
+    params = {"now": NOW, "node": "dallas", "takeover": 60.0, "limit": 10, "id0": "x"}
+
+    def plan(sql: str) -> Callable[[sqlite3.Connection], str]:
+        def job(conn: sqlite3.Connection) -> str:
+            conn.execute("ANALYZE")
+            rows = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+            return "\n".join(row[-1] for row in rows)
+
+        return job
+
+    due = await store.run(plan(CLAIM_SQL))
+    assert "USING INDEX entries_due (held=? AND next_attempt<?)" in due
+    assert "SCAN" not in due and "TEMP B-TREE" not in due
+    by_id = await store.run(plan(CLAIM_IDS_SQL.format(ids=":id0")))
+    assert "SEARCH entries USING INDEX sqlite_autoindex_entries_1 (id=?)" in by_id
+    assert "SCAN" not in by_id
+
+
+# -- sharing one file --------------------------------------------------------
+
+
+async def drain(store: SqliteSpoolStore, node: str, limit: int) -> list[str]:
+    """
+    Claim until nothing is left; the ids leased, in order.  A short pause between
+    claims lets the other claimant in (SQLite's locks are not fair), so the two
+    really do claim side by side.
+    """
+    got: list[str] = []
+    while True:
+        leases = await store.claim(node, NOW + 3600, limit, 3600, 60)
+        if not leases:
+            return got
+        got += [lease.entry.id for lease in leases]
+        await deferLater(reactor, 0.001)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_stores_on_one_file_never_lease_the_same_entry(db: Path) -> None:
+    """Two nodes in one process over one file share out the spool without overlap."""
+    a, b = open_store(db), open_store(db)
+    try:
+        ids = set(
+            await a.enqueue(ENVELOPE, b"x\r\n", {f"smtp:r{i}": [ALICE] for i in range(300)}, "x")
+        )
+        got_a, got_b = await gatherResults(
+            [
+                Deferred.fromCoroutine(drain(a, "dallas", 7)),
+                Deferred.fromCoroutine(drain(b, "losangeles", 7)),
+            ]
+        )
+    finally:
+        await a.close()
+        await b.close()
+    assert len(got_a) == len(set(got_a)) and len(got_b) == len(set(got_b))
+    assert not set(got_a) & set(got_b)
+    assert set(got_a) | set(got_b) == ids
+    assert got_a and got_b
+
+
+CHILD = """
+import json, os, sys
+from twisted.internet import defer, task
+from mailhub.plugins.sqlite_store import plugin
+
+
+async def main(reactor, path, ready, go, now):
+    store = plugin.make({"path": path, "config_dir": "/"}, reactor)
+    await store.counts()
+    open(ready, "w").close()
+    while not os.path.exists(go):
+        await task.deferLater(reactor, 0.005)
+    got = []
+    while True:
+        leases = await store.claim("losangeles", float(now), 1, 3600, 60)
+        if not leases:
+            break
+        got += [lease.entry.id for lease in leases]
+        await task.deferLater(reactor, 0.001)
+    await store.close()
+    print(json.dumps(got))
+
+
+task.react(lambda reactor, *args: defer.ensureDeferred(main(reactor, *args)), sys.argv[1:])
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest_twisted.ensureDeferred
+async def test_two_processes_on_one_file_never_lease_the_same_entry(
+    db: Path, store: SqliteSpoolStore, tmp_path: Path
+) -> None:
+    """A node in another process claims from the same file: no entry is leased twice."""
+    ids = set(
+        await store.enqueue(ENVELOPE, b"x\r\n", {f"smtp:r{i}": [ALICE] for i in range(400)}, "x")
+    )
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    child = getProcessOutputAndValue(
+        sys.executable,
+        [str(script), str(db), str(ready), str(go), str(NOW + 3600)],
+        env=os.environ,
+    )
+    while not ready.exists():
+        await deferLater(reactor, 0.01)
+    go.touch()
+    got_here = await drain(store, "dallas", 1)
+    out, err, code = await child
+    assert code == 0, err.decode()
+    got_there = json.loads(out)
+    assert not set(got_here) & set(got_there)
+    assert set(got_here) | set(got_there) == ids
+    assert got_here and got_there
+
+
+# -- failures ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_unopenable_database_fails_with_store_unavailable(tmp_path: Path) -> None:
+    """A database that cannot be created makes every call fail with ``StoreUnavailable``."""
+    (tmp_path / "afile").write_text("not a directory")
+    store = plugin.make({"path": "afile/spool.db", "config_dir": str(tmp_path)}, reactor)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await enqueue(store)
+        with pytest.raises(StoreUnavailable):
+            await store.counts()
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_a_database_fails_with_store_unavailable(tmp_path: Path) -> None:
+    """A file that is not an SQLite database gives ``StoreUnavailable``, and is left alone."""
+    junk = b"this is not a database" * 100
+    (tmp_path / "spool.db").write_bytes(junk)
+    store = open_store(tmp_path / "spool.db")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await enqueue(store)
+    finally:
+        await store.close()
+    assert (tmp_path / "spool.db").read_bytes() == junk
+
+
+@pytest_twisted.ensureDeferred
+async def test_failure_half_way_through_enqueue_stores_nothing(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the second entry of a message cannot be written, neither entry nor body stays."""
+    calls = []
+    real = sqlite_store._insert_entry
+
+    def flaky(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
+        calls.append(values)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        real(conn, values)
+
+    monkeypatch.setattr(sqlite_store, "_insert_entry", flaky)
+    with pytest.raises(StoreUnavailable):
+        await store.enqueue(ENVELOPE, b"x\r\n", {"smtp:a": [ALICE], "smtp:b": [ALICE]}, "dallas")
+    assert len(calls) == 2
+    assert await table_sizes(store) == (0, 0, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_disk_fails_with_store_full(store: SqliteSpoolStore) -> None:
+    """When the database cannot grow, enqueue fails with ``StoreFull`` and stores nothing."""
+    await enqueue(store)
+
+    def cap(conn: sqlite3.Connection) -> None:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+
+    await store.run(cap)
+    with pytest.raises(StoreFull):
+        await enqueue(store, b"x" * 1_000_000)
+    assert await table_sizes(store) == (1, 1, 0)
+    # Small messages still fit, and the store goes on working.
+    await enqueue(store, b"small\r\n")
+    assert await table_sizes(store) == (2, 2, 0)
