@@ -242,7 +242,15 @@ class _Writer:
                     stopping = True
                     batch = [job for job in batch if job is not self._STOP]
                 if batch:
-                    self._fire(self._run_batch(batch))
+                    try:
+                        results = self._run_batch(batch)
+                    except Exception as e:
+                        # A broken connection (say, a failed SAVEPOINT): start afresh.
+                        self._drop_connection()
+                        results = [
+                            (d, False, StoreUnavailable(f"spool database: {e}")) for _, d in batch
+                        ]
+                    self._fire(results)
         finally:
             if self._conn is not None:
                 self._conn.close()
@@ -318,9 +326,16 @@ class _Writer:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
         except sqlite3.Error:
-            # The connection is unusable: drop it and reconnect for the next batch.
-            conn.close()
-            self._conn = None
+            # The connection is unusable: reconnect for the next batch.
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
 
     def _fire(self, results: list[tuple[Deferred[Any], bool, Any]]) -> None:
         def fire() -> None:

@@ -395,6 +395,15 @@ async def test_failure_half_way_through_enqueue_stores_nothing(
 
 
 @pytest_twisted.ensureDeferred
+async def test_broken_connection_is_replaced(store: SqliteSpoolStore) -> None:
+    """If the connection breaks, its batch fails ``StoreUnavailable`` and the next call reconnects."""
+    entry_id = await enqueue(store)
+    with pytest.raises(StoreUnavailable):
+        await store.run(lambda conn: conn.close())
+    assert (await store.get(entry_id)) is not None
+
+
+@pytest_twisted.ensureDeferred
 async def test_full_disk_fails_with_store_full(store: SqliteSpoolStore) -> None:
     """When the database cannot grow, enqueue fails with ``StoreFull`` and stores nothing."""
     await enqueue(store)

@@ -622,6 +622,17 @@ class SpoolStoreContract:
         assert lease.entry.id == entry_id
 
     @pytest_twisted.ensureDeferred
+    async def test_hold_and_release_during_lease_keep_the_lease(self, store: Any) -> None:
+        """Holding and releasing an entry being delivered never hands it to another node."""
+        [entry_id] = await self.enqueue(store)
+        [lease] = await self.claim(store)
+        assert await store.hold(entry_id) is True
+        assert await store.release_held(entry_id, NOW + 1) is True
+        assert await self.claim(store, node="losangeles", now=NOW + 1) == []
+        assert (await store.counts())["held"] == 0
+        assert await self.deliver_all(store, lease) is None
+
+    @pytest_twisted.ensureDeferred
     async def test_operator_actions_on_unknown_entry(self, store: Any) -> None:
         assert await store.hold("nosuchentry") is False
         assert await store.release_held("nosuchentry", NOW) is False
