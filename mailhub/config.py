@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import asdict, field, frozen
+from attrs import asdict, evolve, field, frozen
 
 from mailhub.model import Route
 
@@ -59,6 +59,18 @@ class SmtpConfig:
     data_timeout: float = 600.0
     bare_line_endings: str = "reject"
     banner: str = ""
+    # STARTTLS: absolute paths of PEM files; both empty means the node uses a
+    # self-signed pair it generates on first start (mailhub.smtp.tls).
+    tls_certificate: str = ""
+    tls_key: str = ""
+    require_tls: bool = False
+    max_connections: int = 500
+    max_connections_per_ip: int = 20
+    max_messages_per_connection: int = 100
+    max_messages_per_minute_per_ip: int = 600
+    max_header_size: int = 102400
+    # DATA may take at most this long in all, however steadily the client trickles.
+    data_total_timeout: float = 1800.0
 
 
 @frozen
@@ -141,7 +153,7 @@ class _Reader:
             if required:
                 self.err(full, "missing")
             return default
-        value = table[key]
+        value: Any = table[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if isinstance(value, bool) and bool not in kinds:
             self.err(full, f"must be {_kind_name(kinds)}, not a boolean")
@@ -149,7 +161,8 @@ class _Reader:
         if not isinstance(value, kinds):
             self.err(full, f"must be {_kind_name(kinds)}, not {type(value).__name__} {value!r}")
             return default
-        if positive and value <= 0:
+        number: Any = value
+        if positive and number <= 0:
             self.err(full, f"must be greater than 0, not {value!r}")
             return default
         return value
@@ -205,6 +218,7 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
     )
     if smtp.bare_line_endings not in ("reject", "normalise"):
         r.err("smtp.bare_line_endings", f"must be 'reject' or 'normalise', not {smtp.bare_line_endings!r}")
+    smtp = _smtp_security(r, s, smtp, os.path.dirname(os.path.abspath(path)))
 
     dv = r.table(data, "delivery")
     delivery = DeliveryConfig(
@@ -255,6 +269,7 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
             _check_route(r, f"{prefix}.route", route)
         maxc = r.get(d, prefix, "max_connections", int, 10, positive=True)
         options = {k: v for k, v in d.items() if k not in ("route", "max_connections")}
+        options = _recipient_options(r, prefix, route, options, os.path.dirname(os.path.abspath(path)))
         if route is not None:
             domains[name.lower()] = DomainConfig(name.lower(), route, maxc, options)
     if "domains" in data and not data.get("domains"):
@@ -266,6 +281,77 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
         path=path, hostname=hostname, outbound=outbound, smtp=smtp, delivery=delivery,
         store=store, archive=archive, policy=policy, nodes=nodes, domains=domains,
     )
+
+
+def _smtp_security(r: _Reader, s: Mapping[str, Any], smtp: SmtpConfig, base: str) -> SmtpConfig:
+    """The ``[smtp]`` keys of STARTTLS and of the per-client limits."""
+    num = (int, float)
+    cert = r.get(s, "smtp", "tls_certificate", str, "")
+    key = r.get(s, "smtp", "tls_key", str, "")
+    if bool(cert) != bool(key):
+        missing = "smtp.tls_key" if cert else "smtp.tls_certificate"
+        r.err(missing, "tls_certificate and tls_key must be given together (or neither: self-signed)")
+    return evolve(
+        smtp,
+        tls_certificate=os.path.join(base, cert) if cert else "",
+        tls_key=os.path.join(base, key) if key else "",
+        require_tls=r.get(s, "smtp", "require_tls", bool, False),
+        max_connections=r.get(s, "smtp", "max_connections", int, SmtpConfig.max_connections, positive=True),
+        max_connections_per_ip=r.get(
+            s, "smtp", "max_connections_per_ip", int, SmtpConfig.max_connections_per_ip, positive=True
+        ),
+        max_messages_per_connection=r.get(
+            s, "smtp", "max_messages_per_connection", int, SmtpConfig.max_messages_per_connection,
+            positive=True,
+        ),
+        max_messages_per_minute_per_ip=r.get(
+            s, "smtp", "max_messages_per_minute_per_ip", int, SmtpConfig.max_messages_per_minute_per_ip,
+            positive=True,
+        ),
+        max_header_size=r.get(s, "smtp", "max_header_size", int, SmtpConfig.max_header_size, positive=True),
+        data_total_timeout=float(
+            r.get(s, "smtp", "data_total_timeout", num, SmtpConfig.data_total_timeout, positive=True)
+        ),
+    )
+
+
+VERIFY_UNREACHABLE = ("accept", "tempfail")
+
+
+def _recipient_options(
+    r: _Reader, prefix: str, route: str | None, options: dict[str, Any], base: str
+) -> dict[str, Any]:
+    """
+    Check a domain's recipient-validation keys; ``recipients_file`` is made
+    absolute (relative to the config file's directory).
+    """
+    num = (int, float)
+    recipients = r.get(options, prefix, "recipients", list)
+    if recipients is not None:
+        for i, item in enumerate(recipients):
+            if not isinstance(item, str) or "@" not in item:
+                r.err(f"{prefix}.recipients[{i}]", f"must be an address local@domain, not {item!r}")
+    rfile = r.get(options, prefix, "recipients_file", str)
+    if rfile is not None:
+        options["recipients_file"] = os.path.join(base, rfile)
+    verify = r.get(options, prefix, "verify", str, "none")
+    if verify not in ("none", "route"):
+        r.err(f"{prefix}.verify", f"must be 'route' or 'none', not {verify!r}")
+    elif verify == "route" and route is not None:
+        try:
+            parsed = Route.parse(route)
+        except ValueError:
+            pass
+        else:
+            host, sep, port = parsed.target.rpartition(":")
+            if parsed.transport != "smtp" or not sep or not host or not port.isdigit():
+                r.err(f"{prefix}.verify", f"'route' needs a route 'smtp:host:port', not {route!r}")
+    for key in ("verify_positive_seconds", "verify_negative_seconds", "verify_timeout"):
+        r.get(options, prefix, key, num, positive=True)
+    unreachable = r.get(options, prefix, "verify_unreachable", str, "tempfail")
+    if unreachable not in VERIFY_UNREACHABLE:
+        r.err(f"{prefix}.verify_unreachable", f"must be 'accept' or 'tempfail', not {unreachable!r}")
+    return options
 
 
 def _check_route(r: _Reader, key: str, route: str) -> None:

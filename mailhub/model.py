@@ -69,6 +69,26 @@ _QUOTED = re.compile(r'"(?:[^"\\\r\n]|\\[\x20-\x7e])*"\Z')
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9\-\x80-\U0010ffff]{1,63}(?<!-)\Z")
 
 
+def _lower(text: str) -> str:
+    return text.lower()
+
+
+def _addresses(items: Iterable[Address]) -> tuple[Address, ...]:
+    return tuple(items)
+
+
+def _recipients(items: Iterable[Recipient]) -> tuple[Recipient, ...]:
+    return tuple(items)
+
+
+def _replies(items: Iterable[tuple[Address, Reply]]) -> tuple[tuple[Address, Reply], ...]:
+    return tuple(items)
+
+
+def _outcomes(items: Iterable[Outcome]) -> tuple[Outcome, ...]:
+    return tuple(items)
+
+
 @frozen(order=True)
 class Address:
     """
@@ -77,7 +97,7 @@ class Address:
     """
 
     local: str
-    domain: str = field(converter=str.lower)
+    domain: str = field(converter=_lower)
 
     def __str__(self) -> str:
         return f"{self.local}@{self.domain}"
@@ -186,7 +206,7 @@ class Envelope:
     """
 
     sender: Address | None
-    recipients: tuple[Address, ...] = field(converter=tuple)
+    recipients: tuple[Address, ...] = field(converter=_addresses)
     received_at: float = 0.0
     client: str = ""
     helo: str = ""
@@ -230,7 +250,7 @@ class Entry:
     message_id: str
     route: str
     sender: Address | None
-    recipients: tuple[Recipient, ...] = field(converter=tuple)
+    recipients: tuple[Recipient, ...] = field(converter=_recipients)
     created: float = 0.0
     next_attempt: float = 0.0
     node: str | None = None
@@ -281,7 +301,7 @@ class Attempt:
     node: str
     started: float
     finished: float
-    replies: tuple[tuple[Address, Reply], ...] = field(converter=tuple)
+    replies: tuple[tuple[Address, Reply], ...] = field(converter=_replies)
 
 
 class Action(enum.Enum):
@@ -312,7 +332,7 @@ class Decision:
     :ivar next_node: the node that should make that attempt, or ``None`` for any.
     """
 
-    outcomes: tuple[Outcome, ...] = field(converter=tuple)
+    outcomes: tuple[Outcome, ...] = field(converter=_outcomes)
     next_attempt: float | None = None
     next_node: str | None = None
 

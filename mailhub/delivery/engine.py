@@ -91,8 +91,12 @@ class DeliveryEngine(Service):
     def in_flight(self) -> int:
         return len(self._active)
 
-    def kick(self, ids: Sequence[str]) -> Deferred[None]:
-        """Claim and try the given entries now: the accepting node's first attempt."""
+    def kick(self, ids: Sequence[str]) -> Deferred[int]:
+        """
+        Claim and try the given entries now: the accepting node's first attempt.
+
+        :returns: a Deferred firing with the number of entries claimed.
+        """
         return ensureDeferred(self._claim(list(ids)))
 
     def wake(self) -> None:
