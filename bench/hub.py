@@ -1,0 +1,195 @@
+"""
+A mailhub for the benchmark: a configuration in a temporary directory and
+``twistd -n --pidfile= mailhub --config FILE`` as a subprocess, exactly as the
+README starts it.  Variants: one node or the two-node embedded default (both
+nodes in one process), over the ``sqlite`` store or ``redis`` (a private
+``redis-server`` with AOF and ``appendfsync always``).
+
+Durability is the store's default: SQLite with WAL and ``synchronous=FULL``,
+Redis acknowledging only after the fsync of its AOF.  The configuration differs
+from ``examples/hub.toml`` only in ports, paths, the absence of an archive when
+no archive plugin is installed, and ``[delivery] max_scan_interval = 1`` so a
+flush made by ``mailhub queue flush`` (another process) is seen within a second,
+as Postfix's qmgr sees ``postqueue -f`` at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from importlib.metadata import entry_points
+
+from common import BenchError, smtp_banner, stop_process, wait_for
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VENV_BIN = os.path.dirname(sys.executable)
+NODE_NAMES = ("dallas", "losangeles")
+
+
+def store_plugins() -> list[str]:
+    return sorted({ep.name for ep in entry_points(group="mailhub.stores")})
+
+
+def archive_plugins() -> list[str]:
+    return sorted({ep.name for ep in entry_points(group="mailhub.archives")})
+
+
+class HubInstance:
+    """
+    :param workdir: an empty directory of its own (deleted by ``destroy``).
+    :param ports: one SMTP port per node (one or two).
+    :param sink_port: the route of example.com.
+    :param concurrency: ``max_connections`` of example.com.
+    :param store: ``sqlite`` or ``redis``.
+    """
+
+    def __init__(
+        self, workdir: str, ports: list[int], sink_port: int, concurrency: int, store: str = "sqlite"
+    ) -> None:
+        self.dir = workdir
+        self.ports = ports
+        self.sink_port = sink_port
+        self.concurrency = concurrency
+        self.store = store
+        self.name = f"mailhub-{store}-{len(ports)}node"
+        self.config = os.path.join(workdir, "hub.toml")
+        self.proc: subprocess.Popen | None = None
+        self.redis = None
+        self._log: object | None = None
+
+    def setup(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        if self.store == "redis":
+            from mailhub.testing.redis_server import RedisServer
+
+            self.redis = RedisServer.start(os.path.join(self.dir, "redis"))
+            store = f'plugin = "redis"\nhost = "127.0.0.1"\nport = {self.redis.port}\n'
+        else:
+            store = f'plugin = "{self.store}"\npath = "spool.db"\n'
+        archive = ""
+        if "sqlite" in archive_plugins():
+            archive = '[archive]\nplugin = "sqlite"\npath = "archive.db"\n'
+        nodes = "".join(
+            f'[nodes.{name}]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n\n'
+            for name, port in zip(NODE_NAMES, self.ports, strict=False)
+        )
+        text = f"""\
+[hub]
+hostname = "mx.hub.test"
+# DSNs to outside senders: none are expected in the bench.
+outbound = "smtp:127.0.0.1:9"
+
+[store]
+{store}
+{archive}
+[policy]
+plugin = "standard"
+
+[delivery]
+max_scan_interval = 1.0
+
+{nodes}[domains."example.com"]
+route = "smtp:127.0.0.1:{self.sink_port}"
+max_connections = {self.concurrency}
+"""
+        with open(self.config, "w") as f:
+            f.write(text)
+
+    def start(self, timeout: float = 120.0) -> float:
+        """Start twistd; return the seconds until every node's SMTP port greets."""
+        log = open(os.path.join(self.dir, "twistd.log"), "ab")
+        self._log = log
+        argv = [
+            os.path.join(VENV_BIN, "twistd"),
+            "-n",
+            "--pidfile=",
+            "--logfile", os.path.join(self.dir, "hub.log"),
+            "mailhub",
+            "--config", self.config,
+        ]
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BenchError(f"{self.name}: twistd exited with {self.proc.returncode}: {self.log_tail()}")
+            return all(smtp_banner(p) for p in self.ports)
+
+        wait_for(ready, timeout, f"{self.name} to listen")
+        return time.monotonic() - t0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+
+    def log_tail(self, lines: int = 5) -> str:
+        out = []
+        for name in ("twistd.log", "hub.log"):
+            try:
+                with open(os.path.join(self.dir, name), errors="replace") as f:
+                    out += f.read().strip().splitlines()[-lines:]
+            except OSError:
+                pass
+        return " | ".join(out) or "(no log)"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=60)
+            self.proc = None
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+
+    def _ctl(self, *args: str, timeout: float = 3600) -> dict:
+        res = subprocess.run(
+            [sys.executable, os.path.join(HERE, "hubctl.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if res.returncode != 0:
+            raise BenchError(f"hubctl {args[0]} failed: {res.stderr.strip()[-600:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    def counts(self) -> dict:
+        return self._ctl("counts", self.config)
+
+    def fill(self, entries: int, size: int) -> dict:
+        return self._ctl("fill", self.config, "--entries", str(entries), "--size", str(size), "--progress")
+
+    def claim_latency(self) -> dict:
+        return self._ctl("claim", self.config)
+
+    def flush(self) -> None:
+        """What an operator does when the downstream is back: ``mailhub queue flush``."""
+        res = subprocess.run(
+            [os.path.join(VENV_BIN, "mailhub"), "queue", "--config", self.config, "flush"],
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0:
+            raise BenchError(f"mailhub queue flush failed: {res.stderr.strip() or res.stdout.strip()}")
+
+    def wait_deferred(self, n: int, timeout: float) -> None:
+        """Wait until ``n`` entries are spooled and none is being attempted."""
+
+        def settled() -> bool:
+            c = self.counts()
+            return c["entries"] >= n and c["leased"] == 0
+
+        wait_for(settled, timeout, f"{n} entries deferred by {self.name}", interval=0.5)
+
+    def destroy(self) -> None:
+        self.stop()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        shutil.rmtree(self.dir, ignore_errors=True)

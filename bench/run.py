@@ -1,0 +1,393 @@
+"""
+mailhub against Postfix, side by side, on this machine.
+
+    .venv/bin/python bench/run.py                # default: 10,000 messages, 2 rounds
+    .venv/bin/python bench/run.py --quick        # a smoke run: small counts, 1 round
+    .venv/bin/python bench/run.py --full         # P3 with 100,000 and P4 with 1,000,000 entries
+
+Needs root (Postfix runs a private instance) and Debian's ``postfix`` package
+(``smtp-source``, ``smtp-sink``, ``postfix``, ``postqueue``).  See bench/README.md
+for what each figure means and how both systems are configured.
+
+Figures (ratio > 1 means mailhub is better):
+  P1 ingest   16 sessions, downstream down: messages accepted per second.
+  P2 relay    16 sessions, downstream up: messages per second, accepted to
+              counted at the sink.
+  P3 drain    N deferred, then the downstream comes up and the operator
+              flushes: seconds until the sink has all N.  Also the restart time
+              (to the SMTP greeting) and memory (PSS) with N deferred.
+  P4 scale    mailhub only (Postfix has no spool-store API; its queue is files
+              and its restart does not read them): claim latency with a small
+              vs a large spool, restart time and RSS with the large spool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from common import BenchError, Sink, free_port, parallel_smtp_source
+from hub import HubInstance, store_plugins
+from postfix import PostfixInstance, postfix_version
+
+SESSIONS = 16
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().lower()
+    mult = 1
+    if t.endswith("k"):
+        mult, t = 1024, t[:-1]
+    elif t.endswith("m"):
+        mult, t = 1024 * 1024, t[:-1]
+    return int(float(t) * mult)
+
+
+def size_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size summed over processes (shared pages split), MB."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total / 1024.0
+
+
+# -- systems ---------------------------------------------------------------
+
+
+class System:
+    """A factory for fresh instances of one system under test."""
+
+    def __init__(self, name: str, make: Callable[[str, int, int], Any], is_hub: bool) -> None:
+        self.name = name
+        self._make = make
+        self.is_hub = is_hub
+
+    def make(self, base: str, sink_port: int, concurrency: int) -> Any:
+        workdir = tempfile.mkdtemp(prefix=f"{self.name}-", dir=base)
+        return self._make(workdir, sink_port, concurrency)
+
+
+def build_systems(args: argparse.Namespace) -> list[System]:
+    systems = [
+        System("postfix", lambda d, s, c: PostfixInstance(d, free_port(), s, c), False),
+        System(
+            "mailhub-sqlite-1node",
+            lambda d, s, c: HubInstance(d, [free_port()], s, c, "sqlite"),
+            True,
+        ),
+        System(
+            "mailhub-sqlite-2node",
+            lambda d, s, c: HubInstance(d, [free_port(), free_port()], s, c, "sqlite"),
+            True,
+        ),
+    ]
+    if "redis" in store_plugins() and shutil.which("redis-server"):
+        systems.append(
+            System(
+                "mailhub-redis-1node",
+                lambda d, s, c: HubInstance(d, [free_port()], s, c, "redis"),
+                True,
+            )
+        )
+    if args.systems:
+        wanted = set(args.systems.split(","))
+        unknown = wanted - {s.name for s in systems}
+        if unknown:
+            raise SystemExit(f"unknown or unavailable systems: {', '.join(sorted(unknown))}")
+        systems = [s for s in systems if s.name in wanted]
+    return systems
+
+
+# -- the figures -------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_ingest(system: System, args: argparse.Namespace, size: int) -> dict[str, float]:
+    """P1: downstream down (nothing listens on the route's port)."""
+    inst = system.make(args.workdir, free_port(), args.connections)
+    try:
+        inst.setup()
+        inst.start()
+        secs = parallel_smtp_source(inst.ports, args.messages, SESSIONS, size, args.timeout)
+        return {"P1": args.messages / secs}
+    finally:
+        inst.destroy()
+
+
+def run_relay(system: System, args: argparse.Namespace, size: int) -> dict[str, float]:
+    """P2: downstream up; end to end, from the first connection to the last message at the sink."""
+    sink = Sink(free_port()).start()
+    inst = system.make(args.workdir, sink.port, args.connections)
+    try:
+        inst.setup()
+        inst.start()
+        t0 = time.monotonic()
+        accepted = parallel_smtp_source(inst.ports, args.messages, SESSIONS, size, args.timeout)
+        end = sink.wait_count(args.messages, args.timeout)
+        return {"P2": args.messages / (end - t0), "P2accept": args.messages / accepted}
+    finally:
+        inst.destroy()
+        sink.stop()
+
+
+def run_drain(system: System, args: argparse.Namespace, size: int) -> dict[str, float]:
+    """
+    P3: fill N entries with the downstream down, wait until every one has had
+    its first attempt and is deferred, restart the system (timed, and its
+    memory measured with N deferred), bring the downstream up, flush, time
+    until the sink has all N.
+    """
+    sink_port = free_port()
+    inst = system.make(args.workdir, sink_port, args.connections)
+    sink = Sink(sink_port)
+    n = args.drain
+    try:
+        inst.setup()
+        inst.start()
+        parallel_smtp_source(inst.ports, n, SESSIONS, size, args.timeout)
+        inst.wait_deferred(n, args.timeout)
+        inst.stop()
+        restart = inst.start()
+        time.sleep(2)
+        mem = pss_mb(inst.pids())
+        sink.start()
+        t0 = time.monotonic()
+        inst.flush()
+        end = sink.wait_count(n, args.timeout)
+        return {"P3": end - t0, "P3restart": restart, "P3mem": mem}
+    finally:
+        inst.destroy()
+        sink.stop()
+
+
+def run_scale(system: System, args: argparse.Namespace) -> dict[str, float]:
+    """P4 (mailhub only): claim latency small vs large spool; restart and RSS with the large one."""
+    out: dict[str, float] = {}
+    for label, n in (("small", args.scale_small), ("large", args.scale_large)):
+        inst = system.make(args.workdir, free_port(), args.connections)
+        try:
+            inst.setup()
+            log(f"  {system.name}: filling {n} entries through the store API")
+            filled = inst.fill(n, args.scale_size)
+            out[f"P4fill_{label}"] = filled["per_second"]
+            out[f"P4claim_{label}"] = inst.claim_latency()["median_ms"]
+            if label == "large":
+                out["P4restart"] = inst.start(timeout=args.timeout)
+                time.sleep(5)
+                out["P4rss"] = pss_mb(inst.pids())
+                with open(f"/proc/{inst.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            out["P4rss"] = int(line.split()[1]) / 1024.0
+        finally:
+            inst.destroy()
+    out["P4claim_ratio"] = out["P4claim_large"] / out["P4claim_small"]
+    return out
+
+
+# -- the table ---------------------------------------------------------------
+
+# key, label, unit, higher_is_better
+FIGURES = [
+    ("P1", "P1 ingest {size} (msg/s)", True),
+    ("P2", "P2 relay {size} end-to-end (msg/s)", True),
+    ("P2accept", "P2 relay {size}: accepted (msg/s)", True),
+    ("P3", "P3 drain {n} deferred (s)", False),
+    ("P3restart", "P3 restart with {n} deferred (s)", False),
+    ("P3mem", "P3 memory (PSS) with {n} deferred (MB)", False),
+]
+SCALE_FIGURES = [
+    ("P4fill_small", "P4 store fill rate, {small} entries (entries/s)"),
+    ("P4claim_small", "P4 claim(100) latency, {small} queued (ms)"),
+    ("P4fill_large", "P4 store fill rate, {large} entries (entries/s)"),
+    ("P4claim_large", "P4 claim(100) latency, {large} queued (ms)"),
+    ("P4claim_ratio", "P4 claim latency ratio {large}/{small}"),
+    ("P4restart", "P4 restart with {large} queued (s)"),
+    ("P4rss", "P4 RSS with {large} queued (MB)"),
+]
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}" if v >= 0.01 else f"{v:.2g}"
+
+
+def table(results: dict[str, dict[str, list[float]]], errors: dict[str, list[str]], args: argparse.Namespace,
+          systems: list[System]) -> str:
+    hubs: list[str | None] = [s.name for s in systems if s.is_hub] or [None]
+    has_postfix = any(not s.is_hub for s in systems)
+    rows = ["| figure | system | mailhub | Postfix | ratio |", "|---|---|---:|---:|---:|"]
+
+    def med(system: str, key: str) -> float | None:
+        vals = results.get(system, {}).get(key)
+        return statistics.median(vals) if vals else None
+
+    for size in args.sizes:
+        for key, label, higher in FIGURES:
+            if key.startswith("P3") and size != args.sizes[0]:
+                continue
+            k = key if key.startswith("P3") else f"{key}@{size_label(size)}"
+            name = label.format(size=size_label(size), n=args.drain)
+            pf = med("postfix", k) if has_postfix else None
+            for hub in hubs:
+                hv = med(hub, k) if hub else None
+                if hv is None and pf is None:
+                    continue
+                ratio = None
+                if hv and pf:
+                    ratio = hv / pf if higher else pf / hv
+                rows.append(f"| {name} | {hub or '-'} | {fmt(hv)} | {fmt(pf)} | {fmt(ratio) + '×' if ratio else '-'} |")
+    for key, label in SCALE_FIGURES:
+        name = label.format(small=f"{args.scale_small:,}", large=f"{args.scale_large:,}")
+        for hub in hubs:
+            hv = med(hub, key) if hub else None
+            if hv is not None:
+                rows.append(f"| {name} | {hub} | {fmt(hv)} | n/a | - |")
+    out = "\n".join(rows)
+    if errors:
+        out += "\n\nFailed runs:\n" + "\n".join(f"- {s}: {e}" for s, es in errors.items() for e in es)
+    return out
+
+
+def machine(workdir: str) -> str:
+    def sh(cmd: str) -> str:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+
+    cpu = sh("lscpu | grep -E '^(Model name|CPU\\(s\\)|Thread|Core)' | sed 's/  */ /g'")
+    mem = sh("free -m | awk '/^Mem:/ {print $2 \" MB\"}'")
+    return (
+        f"date: {sh('date -u')}\nnproc: {os.cpu_count()}\n{cpu}\nmemory: {mem}\n"
+        f"kernel: {sh('uname -r')}\npostfix: {postfix_version()}\npython: {sys.version.split()[0]}\n"
+        f"disk for spools: {sh(f'df -T {workdir} | tail -1')}"
+    )
+
+
+# -- main --------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="mailhub against Postfix, side by side (see bench/README.md).")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1,000 messages, 1 round, small P4")
+    p.add_argument("--full", action="store_true", help="P3 with 100,000 deferred, P4 with 1,000,000 queued")
+    p.add_argument("--messages", type=int, help="messages per P1/P2 run (default 10000)")
+    p.add_argument("--size", dest="sizes", action="append", help="message size, e.g. 4k (repeatable; default 4k and 100k)")
+    p.add_argument("--drain", type=int, help="deferred entries for P3 (default 10000; 100000 with --full)")
+    p.add_argument("--rounds", type=int, help="rounds per figure; systems alternate order (default 2)")
+    p.add_argument("--connections", type=int, default=20,
+                   help="destination concurrency: hub max_connections = Postfix relay_destination_concurrency_limit"
+                   " (default 20, Postfix's default)")
+    p.add_argument("--systems", help="comma-separated subset, e.g. postfix,mailhub-sqlite-1node")
+    p.add_argument("--figures", default="P1,P2,P3,P4", help="comma-separated subset of P1,P2,P3,P4")
+    p.add_argument("--workdir", default="/var/tmp", help="where instances put their spools (a real disk)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before one step counts as failed")
+    p.add_argument("--json", help="also write the raw results to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.messages = args.messages or 1000
+        args.drain = args.drain or 1000
+        args.rounds = args.rounds or 1
+        args.scale_small, args.scale_large = 1000, 10000
+    else:
+        args.messages = args.messages or 10000
+        args.drain = args.drain or (100000 if args.full else 10000)
+        args.rounds = args.rounds or 2
+        args.scale_small, args.scale_large = 10000, (1000000 if args.full else 100000)
+    args.sizes = [parse_size(s) for s in (args.sizes or ["4k", "100k"])]
+    args.scale_size = 4096
+    figures = set(args.figures.upper().split(","))
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the Postfix peer is a private instance started with postfix -c")
+    for tool in ("postfix", "smtp-source", "smtp-sink", "postqueue"):
+        if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
+            raise SystemExit(f"{tool} not found: apt-get install postfix")
+
+    systems = build_systems(args)
+    log(f"systems: {', '.join(s.name for s in systems)}")
+    results: dict[str, dict[str, list[float]]] = {}
+    errors: dict[str, list[str]] = {}
+
+    def record(system: System, what: str, fn: Callable[[], dict[str, float]], suffix: str = "") -> None:
+        log(f"{what}: {system.name}")
+        try:
+            got = fn()
+        except (BenchError, OSError, subprocess.SubprocessError) as e:
+            log(f"  FAILED: {e}")
+            errors.setdefault(system.name, []).append(f"{what}: {e}")
+            if os.environ.get("BENCH_DEBUG"):
+                traceback.print_exc()
+            return
+        for k, v in got.items():
+            results.setdefault(system.name, {}).setdefault(k + suffix, []).append(v)
+        log("  " + ", ".join(f"{k}={fmt(v)}" for k, v in got.items()))
+
+    def alternate(what: str, fn: Callable[[System], dict[str, float]], suffix: str = "",
+                  only_hubs: bool = False) -> None:
+        pool = [s for s in systems if s.is_hub or not only_hubs]
+        for r in range(args.rounds):
+            order = pool[r % len(pool):] + pool[: r % len(pool)]
+            if r % 2:
+                order.reverse()
+            for system in order:
+                record(system, f"{what} (round {r + 1})", lambda s=system: fn(s), suffix)
+
+    started = time.monotonic()
+    for size in args.sizes:
+        label = size_label(size)
+        if "P1" in figures:
+            alternate(f"P1 ingest {label}", lambda s, z=size: run_ingest(s, args, z), f"@{label}")
+        if "P2" in figures:
+            alternate(f"P2 relay {label}", lambda s, z=size: run_relay(s, args, z), f"@{label}")
+    if "P3" in figures:
+        alternate(f"P3 drain {args.drain}", lambda s: run_drain(s, args, args.sizes[0]))
+    if "P4" in figures:
+        for system in systems:
+            if system.is_hub:
+                record(system, "P4 scale", lambda s=system: run_scale(s, args))
+    elapsed = time.monotonic() - started
+
+    out = table(results, errors, args, systems)
+    header = (
+        f"{machine(args.workdir)}\n"
+        f"messages per P1/P2 run: {args.messages}; sessions: {SESSIONS}; rounds: {args.rounds} (median);"
+        f" connections: {args.connections}; bench time: {elapsed / 60:.1f} min\n"
+    )
+    print(header)
+    print(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(args.workdir), "args": {k: v for k, v in vars(args).items()},
+                       "results": results, "errors": errors}, f, indent=1)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
