@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from common import BenchError, smtp_banner, stop_process, wait_for
 
@@ -66,7 +67,7 @@ class HubInstance:
         if self.store == "redis":
             from mailhub.testing.redis_server import RedisServer
 
-            self.redis = RedisServer.start(os.path.join(self.dir, "redis"))
+            self.redis = RedisServer.start(Path(self.dir) / "redis")
             store = f'plugin = "redis"\nhost = "127.0.0.1"\nport = {self.redis.port}\n'
         else:
             store = f'plugin = "{self.store}"\npath = "spool.db"\n'
@@ -128,7 +129,12 @@ max_connections = {self.concurrency}
         return self.proc.pid
 
     def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+        """The hub's process, and the redis-server when the store is a private Redis."""
+        pids = [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+        process = getattr(self.redis, "_process", None)
+        if process is not None and process.poll() is None:
+            pids.append(process.pid)
+        return pids
 
     def log_tail(self, lines: int = 5) -> str:
         out = []
