@@ -1,0 +1,1004 @@
+"""
+The ``redis`` spool store: one spool shared by nodes on several hosts.
+
+Every change is one Lua script (``EVAL``), so it is atomic across every node
+of every process sharing the Redis: an enqueue stores all of its entries or
+none, and a claim leases each due entry to exactly one node.  Claiming sets
+``next_attempt`` to the lease's expiry, so an abandoned lease needs no sweep:
+its entry is simply due again.  ``record`` and ``release`` act only while the
+entry still carries their lease's token.
+
+Durability is Redis's: run it with ``appendonly yes`` and ``appendfsync
+always`` so that a reply means the write is on disk, and/or set
+``wait_replicas`` so that ``enqueue`` and ``record`` also wait for ``WAIT``
+to confirm that many replicas have the write.
+
+Every command has a timeout (``command_timeout``): a Redis that is down, or
+up but not answering, makes a call fail with ``StoreUnavailable`` within that
+time, never hang.  The connection is re-established by itself.
+
+txredisapi installs the default reactor when imported, so this module imports
+it only when a store is made, never at plugin discovery.
+
+Configuration (the ``[store]`` table)::
+
+    plugin = "redis"
+    host = "127.0.0.1"          # or url = "redis://:password@host:6379/0"
+    port = 6379
+    db = 0
+    password = "..."            # optional; username = "..." for an ACL user
+    key_prefix = "mailhub:"     # several hubs can share one Redis
+    command_timeout = 5.0       # seconds
+    wait_replicas = 0           # > 0: a write waits for WAIT N to confirm it
+    max_spool_bytes = 0         # > 0: enqueue fails with StoreFull beyond it
+    sentinels = ["10.0.0.1:26379", "10.0.0.2:26379"]   # with master = "mymaster"
+    master = "mymaster"
+    pool_size = 2               # connections per node
+    reconnect_max_delay = 2.0   # seconds between reconnection attempts, at most
+
+Keys (all under ``key_prefix``; one spool per prefix)::
+
+    e:<entry>   hash: data (JSON), next, node, held, token, route, mid, pending
+    a:<entry>   list: the attempts log, JSON, oldest first
+    m:<msg>     hash: body, refs (entries using it), size
+    due         zset: unreserved, unheld entries by next attempt (leased ones
+                      by lease expiry)
+    due:<node>  zset: the same for entries reserved for <node>
+    nodes       set:  the nodes that have a due:<node>
+    all         zset: every entry by next attempt, for listings
+    held, leased  sets of entry ids
+    routes      hash: route -> entries;  recipients, bytes: counters
+
+A key is removed as soon as it is empty, so an empty spool holds no key.  The
+scripts name keys they compute from the prefix, so the store needs one Redis
+(or a Sentinel-managed master), not a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from attrs import define, evolve, field, frozen
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailhub.interfaces import ISpoolStore, IStorePlugin
+from mailhub.model import (
+    Address,
+    Attempt,
+    Decision,
+    Entry,
+    EntryFilter,
+    Envelope,
+    Lease,
+    LeaseLost,
+    Recipient,
+    RecipientState,
+    Reply,
+    StoreFull,
+    StoreUnavailable,
+    apply_decision,
+)
+
+__all__ = ["RedisSpoolStore", "plugin"]
+
+_T = TypeVar("_T")
+_log = Logger()
+
+DEFAULT_PREFIX = "mailhub:"
+DEFAULT_COMMAND_TIMEOUT = 5.0
+DEFAULT_POOL_SIZE = 2
+DEFAULT_RECONNECT_MAX_DELAY = 2.0
+_PAGE = 500
+
+# -- the scripts ------------------------------------------------------------
+#
+# ARGV[1] is always the key prefix.  Times travel as the decimal strings
+# Python's repr() makes, and are stored as given: Lua's tostring() would round
+# them to 14 digits.
+
+_PRELUDE = """
+local P = ARGV[1]
+local function ekey(id) return P .. 'e:' .. id end
+local function dkey(node)
+  if node == '' then return P .. 'due' end
+  return P .. 'due:' .. node
+end
+local function unschedule(id, node)
+  local k = dkey(node)
+  if redis.call('ZREM', k, id) == 1 and node ~= '' and redis.call('EXISTS', k) == 0 then
+    redis.call('SREM', P .. 'nodes', node)
+  end
+end
+local function schedule(id, node, nxt, held)
+  redis.call('ZADD', P .. 'all', nxt, id)
+  if held == '1' then
+    redis.call('SADD', P .. 'held', id)
+  else
+    redis.call('SREM', P .. 'held', id)
+    if node ~= '' then redis.call('SADD', P .. 'nodes', node) end
+    redis.call('ZADD', dkey(node), nxt, id)
+  end
+end
+local function counter(name, by)
+  if redis.call('INCRBY', P .. name, by) <= 0 then redis.call('DEL', P .. name) end
+end
+local function drop(id)
+  local f = redis.call('HMGET', ekey(id), 'node', 'mid', 'route', 'pending')
+  if not f[2] then return 0 end
+  unschedule(id, f[1])
+  redis.call('ZREM', P .. 'all', id)
+  redis.call('SREM', P .. 'held', id)
+  redis.call('SREM', P .. 'leased', id)
+  redis.call('DEL', ekey(id), P .. 'a:' .. id)
+  local mk = P .. 'm:' .. f[2]
+  if redis.call('HINCRBY', mk, 'refs', -1) <= 0 then
+    local size = tonumber(redis.call('HGET', mk, 'size') or '0')
+    redis.call('DEL', mk)
+    counter('bytes', -size)
+  end
+  if redis.call('HINCRBY', P .. 'routes', f[3], -1) <= 0 then
+    redis.call('HDEL', P .. 'routes', f[3])
+  end
+  counter('recipients', -tonumber(f[4]))
+  return 1
+end
+"""
+
+
+def _script(body: str) -> str:
+    return _PRELUDE + body
+
+
+# ARGV: prefix, max_bytes, message_id, body, size, node, next, n,
+#       then per entry: id, route, data, pending.
+# Returns the number of entries, or -1 (and writes nothing) when full.
+_ENQUEUE = _script("""
+local max, mid, size = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[5])
+local node, nxt, n = ARGV[6], ARGV[7], tonumber(ARGV[8])
+if max > 0 and tonumber(redis.call('GET', P .. 'bytes') or '0') + size > max then
+  return -1
+end
+redis.call('HSET', P .. 'm:' .. mid, 'body', ARGV[4], 'refs', n, 'size', size)
+counter('bytes', size)
+for i = 0, n - 1 do
+  local b = 9 + i * 4
+  local id, route, pending = ARGV[b], ARGV[b + 1], ARGV[b + 3]
+  redis.call('HSET', ekey(id), 'data', ARGV[b + 2], 'next', nxt, 'node', node,
+             'held', '0', 'token', '', 'route', route, 'mid', mid, 'pending', pending)
+  schedule(id, node, nxt, '0')
+  redis.call('HINCRBY', P .. 'routes', route, 1)
+  counter('recipients', tonumber(pending))
+end
+return n
+""")
+
+# ARGV: prefix, node, now, limit, expires, takeover, token base, 'ids' | 'due',
+#       then the ids.  Returns {id, token, data, next, node, held} per lease.
+_CLAIM = _script("""
+local node, now, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local expires, takeover, base = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local found = {}
+local function consider(id, nxt, owner)
+  local t = tonumber(nxt)
+  if owner ~= '' and owner ~= node then
+    if t + takeover > now then return end
+  elseif t > now then return end
+  table.insert(found, {id, t})
+end
+if ARGV[8] == 'ids' then
+  for i = 9, #ARGV do
+    local f = redis.call('HMGET', ekey(ARGV[i]), 'next', 'node', 'held')
+    if f[1] and f[3] == '0' then consider(ARGV[i], f[1], f[2]) end
+  end
+else
+  local function take(owner, upto)
+    local r = redis.call('ZRANGEBYSCORE', dkey(owner), '-inf', upto,
+                         'WITHSCORES', 'LIMIT', 0, limit)
+    for i = 1, #r, 2 do consider(r[i], r[i + 1], owner) end
+  end
+  take('', now)
+  for _, owner in ipairs(redis.call('SMEMBERS', P .. 'nodes')) do
+    if owner == node then take(owner, now) else take(owner, now - takeover) end
+  end
+end
+table.sort(found, function(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  return a[1] < b[1]
+end)
+local out = {}
+for i = 1, math.min(limit, #found) do
+  local id = found[i][1]
+  local f = redis.call('HMGET', ekey(id), 'data', 'next', 'node', 'held')
+  local token = base .. '.' .. i
+  unschedule(id, f[3])
+  redis.call('HSET', ekey(id), 'next', expires, 'node', '', 'token', token)
+  redis.call('SADD', P .. 'leased', id)
+  schedule(id, '', expires, '0')
+  table.insert(out, {id, token, f[1], f[2], f[3], f[4]})
+end
+return out
+""")
+
+# ARGV: prefix, id, token, data, next, node, pending, hold, attempt.
+# Returns -1 lease lost, 0 entry gone, 1 kept, 2 kept and held.
+_RECORD = _script("""
+local id, k = ARGV[2], ekey(ARGV[2])
+local f = redis.call('HMGET', k, 'token', 'node', 'held', 'pending')
+if not f[1] or f[1] ~= ARGV[3] then return -1 end
+local pending = tonumber(ARGV[7])
+if pending == 0 then
+  drop(id)
+  return 0
+end
+local held = '0'
+if f[3] == '1' or ARGV[8] == '1' then held = '1' end
+unschedule(id, f[2])
+redis.call('HSET', k, 'data', ARGV[4], 'next', ARGV[5], 'node', ARGV[6],
+           'held', held, 'token', '', 'pending', pending)
+redis.call('SREM', P .. 'leased', id)
+counter('recipients', pending - tonumber(f[4]))
+redis.call('RPUSH', P .. 'a:' .. id, ARGV[9])
+schedule(id, ARGV[6], ARGV[5], held)
+return tonumber(held) + 1
+""")
+
+# ARGV: prefix, id, token, now.
+_RELEASE = _script("""
+local id, k = ARGV[2], ekey(ARGV[2])
+local f = redis.call('HMGET', k, 'token', 'node', 'held')
+if not f[1] or f[1] ~= ARGV[3] then return 0 end
+unschedule(id, f[2])
+redis.call('HSET', k, 'next', ARGV[4], 'node', '', 'token', '')
+redis.call('SREM', P .. 'leased', id)
+schedule(id, '', ARGV[4], f[3])
+return 1
+""")
+
+# ARGV: prefix, node.  Returns {score, 1 if reserved for another node} or nil.
+_NEXT_DUE = _script("""
+local node, best, other = ARGV[2], nil, 0
+local function first(owner, add, flag)
+  local r = redis.call('ZRANGE', dkey(owner), 0, 0, 'WITHSCORES')
+  if r[1] then
+    local t = tonumber(r[2]) + add
+    if best == nil or t < best[1] then best = {t, r[2], flag} end
+  end
+end
+first('', 0, 0)
+for _, owner in ipairs(redis.call('SMEMBERS', P .. 'nodes')) do
+  if owner == node then first(owner, 0, 0) else first(owner, tonumber(ARGV[3]), 1) end
+end
+if best == nil then return false end
+return {best[2], best[3]}
+""")
+
+# ARGV: prefix, id.
+_HOLD = _script("""
+local id, k = ARGV[2], ekey(ARGV[2])
+local f = redis.call('HMGET', k, 'node', 'held', 'next')
+if not f[1] then return 0 end
+if f[2] ~= '1' then
+  unschedule(id, f[1])
+  redis.call('HSET', k, 'held', '1')
+  schedule(id, f[1], f[3], '1')
+end
+return 1
+""")
+
+# ARGV: prefix, id, now.  A held entry still under lease stays due at its
+# lease's expiry, so releasing it never hands it to a second node.
+_RELEASE_HELD = _script("""
+local id, k = ARGV[2], ekey(ARGV[2])
+local f = redis.call('HMGET', k, 'node', 'held', 'next', 'token')
+if not f[1] then return 0 end
+if f[2] == '1' then
+  local nxt = ARGV[3]
+  if f[4] ~= '' and tonumber(f[3]) > tonumber(ARGV[3]) then nxt = f[3] end
+  unschedule(id, f[1])
+  redis.call('HSET', k, 'held', '0', 'next', nxt, 'node', '')
+  schedule(id, '', nxt, '0')
+end
+return 1
+""")
+
+# ARGV: prefix, '1' to match the route | '0' for all, route, now.
+_FLUSH = _script("""
+local now, n = tonumber(ARGV[4]), 0
+local owners = {''}
+for _, owner in ipairs(redis.call('SMEMBERS', P .. 'nodes')) do table.insert(owners, owner) end
+for _, owner in ipairs(owners) do
+  for _, id in ipairs(redis.call('ZRANGE', dkey(owner), 0, -1)) do
+    local f = redis.call('HMGET', ekey(id), 'route', 'next', 'token')
+    local t = tonumber(f[2])
+    local leased = f[3] ~= '' and t > now
+    if not leased and (ARGV[2] == '0' or f[1] == ARGV[3]) then
+      local nxt = f[2]
+      if t > now then nxt = ARGV[4] end
+      unschedule(id, owner)
+      redis.call('HSET', ekey(id), 'next', nxt, 'node', '')
+      schedule(id, '', nxt, '0')
+      n = n + 1
+    end
+  end
+end
+return n
+""")
+
+# ARGV: prefix, id.
+_DELETE = _script("return drop(ARGV[2])\n")
+
+# ARGV: prefix, now.
+_COUNTS = _script("""
+local now, leased = tonumber(ARGV[2]), 0
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'leased')) do
+  local f = redis.call('HMGET', ekey(id), 'token', 'next')
+  if f[1] and f[1] ~= '' and tonumber(f[2]) > now then leased = leased + 1 end
+end
+return {redis.call('ZCARD', P .. 'all'), redis.call('SCARD', P .. 'held'), leased,
+        redis.call('GET', P .. 'recipients') or '0', redis.call('HGETALL', P .. 'routes')}
+""")
+
+# ARGV: prefix, start, stop.  Returns {data, next, node, held} per entry.
+_PAGE_SCRIPT = _script("""
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', P .. 'all', ARGV[2], ARGV[3])) do
+  table.insert(out, redis.call('HMGET', ekey(id), 'data', 'next', 'node', 'held'))
+end
+return out
+""")
+
+
+# -- serialisation ----------------------------------------------------------
+
+
+@functools.cache
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+def _num(value: float) -> str:
+    """A time as a string that reads back as exactly the same float."""
+    return repr(float(value))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _address_json(a: Address | None) -> list[str] | None:
+    return None if a is None else [a.local, a.domain]
+
+
+def _address(data: list[str] | None) -> Address | None:
+    return None if data is None else Address(data[0], data[1])
+
+
+def _reply_json(r: Reply | None) -> list[Any] | None:
+    return None if r is None else [r.code, r.enhanced, r.text]
+
+
+def _reply(data: list[Any] | None) -> Reply | None:
+    return None if data is None else Reply(data[0], data[1], data[2])
+
+
+def _as_tuple(items: Iterable[Any]) -> Any:
+    # mypy cannot solve the attrs ``converter=tuple`` of the model's fields.
+    return tuple(items)
+
+
+def _entry_json(e: Entry) -> str:
+    """The parts of an entry the scripts never look into."""
+    return json.dumps(
+        {
+            "id": e.id,
+            "mid": e.message_id,
+            "route": e.route,
+            "sender": _address_json(e.sender),
+            "rcpt": [
+                [_address_json(r.address), r.state.value, _reply_json(r.reply)]
+                for r in e.recipients
+            ],
+            "created": e.created,
+            "attempts": e.attempts,
+            "size": e.size,
+            "helo": e.envelope_helo,
+            "client": e.envelope_client,
+        }
+    )
+
+
+def _entry(data: bytes, next_attempt: bytes, node: bytes, held: bytes) -> Entry:
+    d = json.loads(data)
+    return Entry(
+        id=d["id"],
+        message_id=d["mid"],
+        route=d["route"],
+        sender=_address(d["sender"]),
+        recipients=_as_tuple(
+            Recipient(_address(a), RecipientState(s), _reply(r))  # type: ignore[arg-type]
+            for a, s, r in d["rcpt"]
+        ),
+        created=d["created"],
+        next_attempt=float(next_attempt),
+        node=_text(node) or None,
+        attempts=d["attempts"],
+        held=held == b"1",
+        size=d["size"],
+        envelope_helo=d["helo"],
+        envelope_client=d["client"],
+    )
+
+
+def _attempt_json(a: Attempt) -> str:
+    return json.dumps(
+        {
+            "entry": a.entry_id,
+            "node": a.node,
+            "started": a.started,
+            "finished": a.finished,
+            "replies": [[_address_json(addr), _reply_json(r)] for addr, r in a.replies],
+        }
+    )
+
+
+def _attempt(data: bytes) -> Attempt:
+    d = json.loads(data)
+    return Attempt(
+        d["entry"],
+        d["node"],
+        d["started"],
+        d["finished"],
+        _as_tuple((_address(addr), _reply(r)) for addr, r in d["replies"]),
+    )
+
+
+def _matches(e: Entry, f: EntryFilter) -> bool:
+    if f.route is not None and e.route != f.route:
+        return False
+    if f.held is not None and e.held != f.held:
+        return False
+    if f.recipient is not None:
+        wanted = f.recipient.lower()
+        if not any(str(r.address).lower() == wanted for r in e.recipients):
+            return False
+    return True
+
+
+# -- the store --------------------------------------------------------------
+
+
+@implementer(ISpoolStore)
+@define
+class RedisSpoolStore:
+    """
+    An ``ISpoolStore`` in Redis.
+
+    :ivar _redis: a txredisapi connection handler (``charset=None``,
+        ``convertNumbers=False``: bulk replies are ``bytes``).
+    :ivar _reactor: ``IReactorTime`` for command timeouts and ``counts()``.
+    :ivar _prefix: prepended to every key.
+    :ivar _timeout: seconds any one call may take before it fails with
+        ``StoreUnavailable``.
+    :ivar _wait_replicas: replicas ``WAIT`` must confirm after a write; 0 for none.
+    :ivar _max_spool_bytes: the spool's message bytes limit; 0 for none.
+    :ivar _disconnect: closes the connections (and Sentinel's).
+    """
+
+    _redis: Any
+    _reactor: Any
+    _prefix: str = DEFAULT_PREFIX
+    _timeout: float = DEFAULT_COMMAND_TIMEOUT
+    _wait_replicas: int = 0
+    _max_spool_bytes: int = 0
+    _disconnect: Callable[[], Deferred[Any]] = field(default=lambda: succeed(None))
+
+    # -- plumbing -------------------------------------------------------
+
+    def _unavailable(self, failure: Failure, what: str) -> Failure:
+        if failure.check(StoreUnavailable):
+            return failure
+        if failure.check(TimeoutError):
+            return Failure(
+                StoreUnavailable(f"redis: {what} got no answer within {self._timeout:g}s")
+            )
+        error = failure.value
+        sub = getattr(error, "subFailure", None)  # a pipeline's FirstError
+        if sub is not None:
+            error = sub.value
+        if str(error).startswith("OOM"):
+            return Failure(StoreFull(f"redis: {what}: {error}"))
+        return Failure(StoreUnavailable(f"redis: {what}: {error}"))
+
+    def _guard(self, d: Deferred[_T], what: str) -> Deferred[_T]:
+        """Bound ``d`` by the command timeout and turn any failure into ``StoreUnavailable``."""
+        d.addTimeout(self._timeout, self._reactor)
+        return d.addErrback(self._unavailable, what)
+
+    def _eval(self, script: str, what: str, *args: str | bytes | int) -> Deferred[Any]:
+        """
+        Run a script by its SHA1, sending its text only when Redis does not
+        know it yet (txredisapi's own ``eval`` fallback is broken).
+        """
+        execute = self._redis.execute_command
+
+        def unknown(failure: Failure) -> Any:
+            if str(failure.value).startswith("NOSCRIPT"):
+                return execute("EVAL", script, 0, self._prefix, *args)
+            return failure
+
+        try:
+            d = execute("EVALSHA", _sha1(script), 0, self._prefix, *args)
+        except Exception:
+            d = fail()
+        return self._guard(d.addErrback(unknown), what)
+
+    def _command(self, what: str, *args: str | bytes | int) -> Deferred[Any]:
+        try:
+            d = self._redis.execute_command(*args)
+        except Exception:
+            d = fail()
+        return self._guard(d, what)
+
+    def _eval_replicated(self, script: str, what: str, *args: str | bytes | int) -> Deferred[Any]:
+        """
+        Run a script that writes and, with ``wait_replicas``, ``WAIT`` for its
+        replication on the same connection (``WAIT`` covers only the writes of
+        the connection that sends it).
+        """
+        if not self._wait_replicas:
+            return self._eval(script, what, *args)
+        wait_ms = max(1, int(self._timeout * 500))
+
+        async def run() -> Any:
+            conn = await self._redis.pipeline()
+            # EVAL, not EVALSHA: a NOSCRIPT retry would come after the WAIT.
+            conn.execute_command("EVAL", script, 0, self._prefix, *args)
+            conn.execute_command("WAIT", self._wait_replicas, wait_ms)
+            result, acked = await conn.execute_pipeline()
+            if acked < self._wait_replicas:
+                raise StoreUnavailable(
+                    f"redis: {what}: {acked} of {self._wait_replicas} replicas"
+                    f" confirmed the write within {wait_ms} ms"
+                )
+            return result
+
+        return self._guard(ensureDeferred(run()), what)
+
+    # -- ISpoolStore ----------------------------------------------------
+
+    def enqueue(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Mapping[str, Sequence[Address]],
+        node: str,
+    ) -> Deferred[list[str]]:
+        if not routes:
+            return succeed([])
+        message = bytes(message)
+        message_id = uuid.uuid4().hex
+        ids: list[str] = []
+        args: list[str | bytes | int] = [
+            str(self._max_spool_bytes),
+            message_id,
+            message,
+            len(message),
+            node,
+            _num(envelope.received_at),
+            len(routes),
+        ]
+        for route, recipients in routes.items():
+            entry = Entry(
+                id=uuid.uuid4().hex,
+                message_id=message_id,
+                route=route,
+                sender=envelope.sender,
+                recipients=_as_tuple(Recipient(a) for a in recipients),
+                created=envelope.received_at,
+                next_attempt=envelope.received_at,
+                node=node,
+                size=len(message),
+                envelope_helo=envelope.helo,
+                envelope_client=envelope.client,
+            )
+            ids.append(entry.id)
+            args += [entry.id, route, _entry_json(entry), len(entry.recipients)]
+
+        def stored(n: int) -> list[str]:
+            if n < 0:
+                raise StoreFull(f"redis: the spool holds max_spool_bytes={self._max_spool_bytes}")
+            return ids
+
+        def undo(failure: Failure) -> Failure:
+            # The write may have reached the master even though WAIT did not
+            # confirm it: the client is told 4xx and sends the message again,
+            # so take this copy back (best effort; at worst a duplicate).
+            if self._wait_replicas and failure.check(StoreUnavailable):
+                for entry_id in ids:
+                    self._eval(_DELETE, "undo enqueue", entry_id).addErrback(
+                        lambda f: _log.failure("could not undo an unconfirmed enqueue", f)
+                    )
+            return failure
+
+        d = self._eval_replicated(_ENQUEUE, "enqueue", *args)
+        return d.addCallbacks(stored, undo)
+
+    def claim(
+        self,
+        node: str,
+        now: float,
+        limit: int,
+        lease_seconds: float,
+        takeover_seconds: float,
+        ids: Iterable[str] | None = None,
+    ) -> Deferred[list[Lease]]:
+        expires = now + lease_seconds
+        args: list[str | bytes | int] = [
+            node,
+            _num(now),
+            max(0, int(limit)),
+            _num(expires),
+            _num(takeover_seconds),
+            uuid.uuid4().hex,
+        ]
+        if ids is None:
+            args.append("due")
+        else:
+            args.append("ids")
+            args += list(dict.fromkeys(ids))
+
+        def leases(rows: list[list[bytes]]) -> list[Lease]:
+            return [
+                Lease(_entry(data, nxt, owner, held), node, _text(token), expires)
+                for _id, token, data, nxt, owner, held in rows
+            ]
+
+        return self._eval(_CLAIM, "claim", *args).addCallback(leases)
+
+    def body(self, message_id: str) -> Deferred[bytes]:
+        def found(body: bytes | None) -> bytes:
+            if body is None:
+                raise KeyError(message_id)
+            return body
+
+        key = f"{self._prefix}m:{message_id}"
+        return self._command("body", "HGET", key, "body").addCallback(found)
+
+    def record(self, lease: Lease, attempt: Attempt, decision: Decision) -> Deferred[Entry | None]:
+        entry = apply_decision(lease.entry, decision)
+
+        def done(result: int) -> Entry | None:
+            if result < 0:
+                raise LeaseLost(lease.entry.id)
+            if result == 0:
+                return None
+            return evolve(entry, held=result == 2)
+
+        d = self._eval_replicated(
+            _RECORD,
+            "record",
+            entry.id,
+            lease.token,
+            _entry_json(entry),
+            _num(entry.next_attempt),
+            entry.node or "",
+            len(entry.pending),
+            "1" if entry.held else "0",
+            _attempt_json(attempt),
+        )
+        return d.addCallback(done)
+
+    def release(self, lease: Lease, now: float) -> Deferred[None]:
+        d = self._eval(_RELEASE, "release", lease.entry.id, lease.token, _num(now))
+        return d.addCallback(lambda _: None)
+
+    def next_due(
+        self, node: str, now: float, takeover_seconds: float = 0.0
+    ) -> Deferred[float | None]:
+        def due(result: list[Any] | None) -> float | None:
+            if not result:
+                return None
+            score, other = result
+            return float(score) + (takeover_seconds if other else 0.0)
+
+        return self._eval(_NEXT_DUE, "next_due", node, _num(takeover_seconds)).addCallback(due)
+
+    def get(self, entry_id: str) -> Deferred[Entry | None]:
+        def found(f: list[bytes | None]) -> Entry | None:
+            if f[0] is None:
+                return None
+            return _entry(*f)  # type: ignore[arg-type]
+
+        key = f"{self._prefix}e:{entry_id}"
+        d = self._command("get", "HMGET", key, "data", "next", "node", "held")
+        return d.addCallback(found)
+
+    def attempts(self, entry_id: str) -> Deferred[list[Attempt]]:
+        key = f"{self._prefix}a:{entry_id}"
+        d = self._command("attempts", "LRANGE", key, 0, -1)
+        return d.addCallback(lambda rows: [_attempt(r) for r in rows or []])
+
+    def _page(self, start: int, stop: int) -> Deferred[list[Entry]]:
+        d = self._eval(_PAGE_SCRIPT, "entries", start, stop)
+        return d.addCallback(lambda rows: [_entry(*row) for row in rows if row[0] is not None])
+
+    def entries(
+        self, filter: EntryFilter | None = None, offset: int = 0, limit: int = 100
+    ) -> Deferred[list[Entry]]:
+        if limit <= 0:
+            return succeed([])
+        if filter is None:
+            return self._page(offset, offset + limit - 1)
+        wanted = filter
+
+        async def scan() -> list[Entry]:
+            found: list[Entry] = []
+            start = 0
+            while len(found) < offset + limit:
+                page = await self._page(start, start + _PAGE - 1)
+                found += [e for e in page if _matches(e, wanted)]
+                if len(page) < _PAGE:
+                    break
+                start += _PAGE
+            return found[offset : offset + limit]
+
+        return ensureDeferred(scan())
+
+    def counts(self) -> Deferred[dict[str, Any]]:
+        def report(r: list[Any]) -> dict[str, Any]:
+            entries, held, leased, recipients, routes = r
+            return {
+                "entries": int(entries),
+                "held": int(held),
+                "leased": int(leased),
+                "recipients": int(recipients),
+                "routes": {
+                    _text(k): int(v) for k, v in zip(routes[::2], routes[1::2], strict=True)
+                },
+            }
+
+        d = self._eval(_COUNTS, "counts", _num(self._reactor.seconds()))
+        return d.addCallback(report)
+
+    def hold(self, entry_id: str) -> Deferred[bool]:
+        return self._eval(_HOLD, "hold", entry_id).addCallback(bool)
+
+    def release_held(self, entry_id: str, now: float) -> Deferred[bool]:
+        return self._eval(_RELEASE_HELD, "release_held", entry_id, _num(now)).addCallback(bool)
+
+    def flush(self, route: str | None, now: float) -> Deferred[int]:
+        d = self._eval(_FLUSH, "flush", "0" if route is None else "1", route or "", _num(now))
+        return d.addCallback(int)
+
+    def delete(self, entry_id: str) -> Deferred[bool]:
+        return self._eval(_DELETE, "delete", entry_id).addCallback(bool)
+
+    def close(self) -> Deferred[None]:
+        d = self._disconnect()
+        d.addTimeout(self._timeout, self._reactor)
+        return d.addBoth(lambda _: None)
+
+
+# -- connecting -------------------------------------------------------------
+
+
+def _connect(settings: _Settings, reactor: Any) -> tuple[Any, Callable[[], Deferred[Any]]]:
+    """
+    Open a lazy, self-reconnecting connection pool: commands issued before it
+    is up wait for it (bounded by the store's command timeout).
+
+    :returns: the txredisapi handler and a function that closes everything.
+    """
+    import txredisapi  # installs the default reactor: only here, never at discovery
+
+    options = dict(
+        charset=None,
+        password=settings.password,
+        replyTimeout=settings.command_timeout,
+        convertNumbers=False,
+        username=settings.username,
+    )
+    if settings.sentinels:
+        sentinel = txredisapi.Sentinel(settings.sentinels)
+        handler = sentinel.master_for(
+            settings.master,
+            factory_class=_sentinel_factory(txredisapi),
+            dbid=settings.db,
+            poolsize=settings.pool_size,
+            **options,
+        )
+        handler._factory.maxDelay = settings.reconnect_max_delay
+
+        def close_sentinel() -> Deferred[Any]:
+            return _gather([handler.disconnect(), sentinel.disconnect()])
+
+        return handler, close_sentinel
+
+    from twisted.internet.endpoints import HostnameEndpoint
+
+    factory = txredisapi.RedisFactory(
+        f"{settings.host}:{settings.port}",
+        settings.db,
+        settings.pool_size,
+        isLazy=True,
+        handler=txredisapi.ConnectionHandler,
+        **options,
+    )
+    factory.maxDelay = settings.reconnect_max_delay
+    factory.startConnecting(
+        HostnameEndpoint(reactor, settings.host, settings.port, timeout=settings.command_timeout)
+    )
+    return factory.handler, factory.disconnect
+
+
+def _gather(ds: list[Deferred[Any]]) -> Deferred[Any]:
+    from twisted.internet.defer import gatherResults
+
+    return gatherResults(ds, consumeErrors=True)
+
+
+def _sentinel_factory(txredisapi: Any) -> Any:
+    """
+    txredisapi's Sentinel factory, with a protocol that understands the
+    ``ROLE`` reply as ``bytes`` (``charset=None``): the stock one compares it
+    with ``"master"`` and so would drop every connection to the master.
+    """
+
+    class Protocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc, name-defined]
+        def connectionMade(self) -> Any:
+            def check_role(role: list[Any]) -> Any:
+                if self.factory.is_master and _text(role[0]) != "master":
+                    self.transport.loseConnection()
+                    return None
+                return txredisapi.RedisProtocol.connectionMade(self)
+
+            if self.password is not None:
+                self.auth(self.password, self.username)
+            return self.role().addCallback(check_role)
+
+    class Factory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc, name-defined]
+        protocol = Protocol
+
+    return Factory
+
+
+# -- configuration ----------------------------------------------------------
+
+
+@frozen
+class _Settings:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    password: str | None = None
+    username: str | None = None
+    key_prefix: str = DEFAULT_PREFIX
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    wait_replicas: int = 0
+    max_spool_bytes: int = 0
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    pool_size: int = DEFAULT_POOL_SIZE
+    reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY
+
+
+def _integer(config: Mapping[str, Any], key: str, default: int, least: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"store.{key}: must be a whole number, {least} or more")
+    return value
+
+
+def _seconds(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"store.{key}: must be a number of seconds, more than 0")
+    return float(value)
+
+
+def _string(config: Mapping[str, Any], key: str, default: str | None) -> str | None:
+    value = config.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"store.{key}: must be a string")
+    return value
+
+
+def _host_port(text: Any, key: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not isinstance(text, str) or not sep or not host or not port.isdigit():
+        raise ValueError(f"store.{key}: {text!r} is not 'host:port'")
+    return host.strip("[]"), int(port)
+
+
+def _settings(config: Mapping[str, Any]) -> _Settings:
+    host = _string(config, "host", "127.0.0.1")
+    port = _integer(config, "port", 6379, 1)
+    db = _integer(config, "db", 0, 0)
+    password = _string(config, "password", None)
+    username = _string(config, "username", None)
+    url = _string(config, "url", None)
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme != "redis" or not parts.hostname:
+            raise ValueError(f"store.url: {url!r} is not 'redis://[:password@]host[:port][/db]'")
+        host = parts.hostname
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError(f"store.url: {url!r} has a bad port")
+        path = parts.path.strip("/")
+        if path:
+            if not path.isdigit():
+                raise ValueError(f"store.url: {url!r}: the database must be a number")
+            db = int(path)
+        if parts.password is not None:
+            password = unquote(parts.password)
+            username = unquote(parts.username) if parts.username else username
+    if port > 65535:
+        raise ValueError("store.port: must be a TCP port number")
+    prefix = _string(config, "key_prefix", DEFAULT_PREFIX)
+    if not prefix:
+        raise ValueError("store.key_prefix: must not be empty")
+    sentinels_raw = config.get("sentinels", [])
+    if isinstance(sentinels_raw, str) or not isinstance(sentinels_raw, list | tuple):
+        raise ValueError("store.sentinels: must be a list of 'host:port'")
+    sentinels = tuple(_host_port(s, "sentinels") for s in sentinels_raw)
+    master = _string(config, "master", "") or ""
+    if sentinels and not master:
+        raise ValueError("store.master: the Sentinel master's name is needed with sentinels")
+    return _Settings(
+        host=host or "127.0.0.1",
+        port=port,
+        db=db,
+        password=password,
+        username=username,
+        key_prefix=prefix,
+        command_timeout=_seconds(config, "command_timeout", DEFAULT_COMMAND_TIMEOUT),
+        wait_replicas=_integer(config, "wait_replicas", 0, 0),
+        max_spool_bytes=_integer(config, "max_spool_bytes", 0, 0),
+        sentinels=sentinels,
+        master=master,
+        pool_size=_integer(config, "pool_size", DEFAULT_POOL_SIZE, 1),
+        reconnect_max_delay=_seconds(config, "reconnect_max_delay", DEFAULT_RECONNECT_MAX_DELAY),
+    )
+
+
+@implementer(IStorePlugin)
+@frozen
+class RedisStorePlugin:
+    """Makes a ``RedisSpoolStore`` from the ``[store]`` table (see the module docstring)."""
+
+    name: str = "redis"
+
+    def make(self, config: Mapping[str, Any], reactor: Any) -> RedisSpoolStore:
+        """
+        Check the configuration and start connecting; the store is usable at
+        once (calls wait for the connection, up to ``command_timeout``).
+
+        :param config: the ``[store]`` table.
+        :param reactor: a running reactor: time, timeouts, TCP.
+        :raises ValueError: naming the key, when the configuration is wrong.
+        """
+        settings = _settings(config)
+        redis, disconnect = _connect(settings, reactor)
+        return RedisSpoolStore(
+            redis,
+            reactor,
+            settings.key_prefix,
+            settings.command_timeout,
+            settings.wait_replicas,
+            settings.max_spool_bytes,
+            disconnect,
+        )
+
+
+plugin = RedisStorePlugin()

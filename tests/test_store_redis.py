@@ -1,0 +1,409 @@
+"""
+The ``redis`` store against a real ``redis-server``: the spool-store contract,
+then what only a shared Redis shows: two nodes on two connections, leases
+across them, the size limit, outages, replication and an empty spool that
+holds no key.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.task import deferLater
+from zope.interface.verify import verifyObject
+
+from mailhub.interfaces import ISpoolStore, IStorePlugin
+from mailhub.model import (
+    Action,
+    Address,
+    Attempt,
+    Decision,
+    Envelope,
+    Lease,
+    LeaseLost,
+    Outcome,
+    Reply,
+    StoreFull,
+    StoreUnavailable,
+)
+from mailhub.plugin import load_plugin
+from mailhub.plugins.redis_store import RedisSpoolStore, plugin
+from mailhub.testing.redis_server import RedisServer, redis_server_binary
+from mailhub.testing.store_contract import NOW, SpoolStoreContract
+
+pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed")
+
+ROUTE = "smtp:mail.a.example:25"
+OTHER_ROUTE = "smtp:mail.b.example:25"
+ALICE = Address("alice", "a.example")
+BOB = Address("bob", "b.example")
+ENVELOPE = Envelope(Address("sender", "outside.example"), [ALICE, BOB], received_at=NOW)
+MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
+OK = Reply(250, "2.0.0", "ok")
+LATER = Reply(451, "4.3.0", "later")
+LEASE = 300.0
+TAKEOVER = 600.0
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One server for the module; each store gets its own key prefix."""
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of the test's own, for tests that stop or restart it."""
+    server = RedisServer.start(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stores() -> Iterator[Callable[..., RedisSpoolStore]]:
+    """Makes stores (``make(server, **config)``) and closes them after the test."""
+    made: list[RedisSpoolStore] = []
+
+    def make(server: RedisServer, **config: Any) -> RedisSpoolStore:
+        settings = {"port": server.port, "key_prefix": f"t{uuid.uuid4().hex[:8]}:", **config}
+        store = plugin.make(settings, reactor)
+        made.append(store)
+        return store
+
+    yield make
+    pytest_twisted.blockon(gatherResults([s.close() for s in made]))
+
+
+class TestRedisSpoolStore(SpoolStoreContract):
+    """The contract, each test under a fresh key prefix."""
+
+    @pytest.fixture
+    def store(
+        self, redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+    ) -> RedisSpoolStore:
+        return stores(redis_server)
+
+
+def deliver(lease: Lease) -> tuple[Attempt, Decision]:
+    pending = lease.entry.pending
+    attempt = Attempt(lease.entry.id, lease.node, NOW, NOW + 1, [(a, OK) for a in pending])
+    return attempt, Decision([Outcome(a, Action.DELIVERED, OK) for a in pending])
+
+
+def defer_to(lease: Lease, at: float, node: str | None) -> tuple[Attempt, Decision]:
+    pending = lease.entry.pending
+    attempt = Attempt(lease.entry.id, lease.node, NOW, NOW + 1, [(a, LATER) for a in pending])
+    return attempt, Decision([Outcome(a, Action.RETRY, LATER) for a in pending], at, node)
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+# -- the plugin ------------------------------------------------------------
+
+
+def test_plugin_provides_store_plugin(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """The entry point object is an ``IStorePlugin`` named ``redis`` making ``ISpoolStore``s."""
+    assert verifyObject(IStorePlugin, plugin)
+    assert plugin.name == "redis"
+    assert verifyObject(ISpoolStore, stores(redis_server))
+
+
+def test_plugin_found_by_name() -> None:
+    """The core finds the store through its entry point."""
+    assert load_plugin("mailhub.stores", "redis") is plugin
+
+
+def test_module_import_installs_no_reactor() -> None:
+    """Importing the plugin does not import txredisapi (which installs a reactor)."""
+    code = (
+        "import sys, mailhub.plugins.redis_store;"
+        "assert 'txredisapi' not in sys.modules;"
+        "assert 'twisted.internet.reactor' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({"port": "6379"}, "store.port"),
+        ({"port": 70000}, "store.port"),
+        ({"db": -1}, "store.db"),
+        ({"command_timeout": 0}, "store.command_timeout"),
+        ({"command_timeout": "soon"}, "store.command_timeout"),
+        ({"wait_replicas": -1}, "store.wait_replicas"),
+        ({"wait_replicas": True}, "store.wait_replicas"),
+        ({"max_spool_bytes": 1.5}, "store.max_spool_bytes"),
+        ({"key_prefix": ""}, "store.key_prefix"),
+        ({"url": "http://localhost"}, "store.url"),
+        ({"url": "redis://localhost/zero"}, "store.url"),
+        ({"sentinels": "127.0.0.1:26379", "master": "m"}, "store.sentinels"),
+        ({"sentinels": ["127.0.0.1"], "master": "m"}, "store.sentinels"),
+        ({"sentinels": ["127.0.0.1:26379"]}, "store.master"),
+        ({"pool_size": 0}, "store.pool_size"),
+    ],
+)
+def test_bad_configuration_names_the_key(config: dict[str, Any], key: str) -> None:
+    """A wrong ``[store]`` table fails at once, naming the key, before connecting."""
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        plugin.make(config, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_url_selects_database(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """``url = "redis://host:port/db"`` connects to that database."""
+    store = stores(redis_server, url=f"redis://127.0.0.1:{redis_server.port}/3", key_prefix="u:")
+    [entry_id] = await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+    assert f"u:e:{entry_id}".encode() in redis_server.keys("u:", db=3)
+    assert redis_server.keys("u:", db=0) == []
+    assert await store.delete(entry_id)
+
+
+# -- two nodes, two connections --------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_claiming_concurrently_get_disjoint_leases(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """Nodes on separate connections, claiming at once and over again, never share an entry."""
+    dallas = stores(redis_server)
+    losangeles = stores(redis_server, key_prefix=dallas._prefix)
+    ids: set[str] = set()
+    for _ in range(100):
+        ids.update(await dallas.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "elsewhere"))
+    now = NOW + TAKEOVER
+    calls = [
+        store.claim(node, now, 7, LEASE, TAKEOVER)
+        for _ in range(6)
+        for store, node in ((dallas, "dallas"), (losangeles, "losangeles"))
+    ]
+    results = await DeferredList(calls, fireOnOneErrback=True, consumeErrors=True)
+    leased = [lease.entry.id for _, leases in results for lease in leases]
+    assert len(leased) == len(set(leased)) == 6 * 2 * 7
+    assert set(leased) <= ids
+    by_node = {lease.node for _, leases in results for lease in leases}
+    assert by_node == {"dallas", "losangeles"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_lease_is_claimable_by_other_node(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """A node that dies holding a lease loses the entry to the other node when it expires."""
+    dallas = stores(redis_server)
+    losangeles = stores(redis_server, key_prefix=dallas._prefix)
+    [entry_id] = await dallas.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+    [old] = await dallas.claim("dallas", NOW, 10, LEASE, TAKEOVER)
+    assert await losangeles.claim("losangeles", old.expires - 1, 10, LEASE, TAKEOVER) == []
+    [new] = await losangeles.claim("losangeles", old.expires, 10, LEASE, TAKEOVER)
+    assert new.entry.id == entry_id
+    with pytest.raises(LeaseLost):
+        await dallas.record(old, *deliver(old))
+    assert await losangeles.record(new, *deliver(new)) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_deferral_alternates_nodes_across_connections(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """After a deferral on Dallas for Los Angeles, Los Angeles has it; Dallas only after takeover."""
+    dallas = stores(redis_server)
+    losangeles = stores(redis_server, key_prefix=dallas._prefix)
+    [entry_id] = await dallas.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+    [lease] = await dallas.claim("dallas", NOW, 10, LEASE, TAKEOVER)
+    retry_at = NOW + 600
+    await dallas.record(lease, *defer_to(lease, retry_at, "losangeles"))
+    assert await dallas.next_due("dallas", NOW, TAKEOVER) == retry_at + TAKEOVER
+    assert await losangeles.next_due("losangeles", NOW, TAKEOVER) == retry_at
+    assert await dallas.claim("dallas", retry_at, 10, LEASE, TAKEOVER) == []
+    [again] = await losangeles.claim("losangeles", retry_at, 10, LEASE, TAKEOVER)
+    assert again.entry.id == entry_id and again.entry.attempts == 1
+    # Los Angeles dies holding it: the lease expires, then Dallas takes over.
+    assert await dallas.claim("dallas", again.expires, 10, LEASE, TAKEOVER) != []
+    attempts = await losangeles.attempts(entry_id)
+    assert [a.node for a in attempts] == ["dallas"]
+
+
+# -- limits and memory ------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_size_limit_refuses_with_store_full(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """At ``max_spool_bytes`` enqueue fails with ``StoreFull``, storing nothing; room comes back."""
+    store = stores(redis_server, max_spool_bytes=1000)
+    body = b"x" * 600
+    await store.enqueue(ENVELOPE, body, {ROUTE: [ALICE], OTHER_ROUTE: [BOB]}, "dallas")
+    with pytest.raises(StoreFull):
+        await store.enqueue(ENVELOPE, body, {ROUTE: [ALICE]}, "dallas")
+    assert (await store.counts())["entries"] == 2
+    # A message shared by two routes counts once; the small one still fits.
+    assert await store.enqueue(ENVELOPE, b"y" * 400, {ROUTE: [ALICE]}, "dallas")
+    with pytest.raises(StoreFull):
+        await store.enqueue(ENVELOPE, b"z", {ROUTE: [ALICE]}, "dallas")
+    for lease in await store.claim("dallas", NOW, 10, LEASE, TAKEOVER):
+        await store.record(lease, *deliver(lease))
+    assert await store.enqueue(ENVELOPE, body, {ROUTE: [ALICE]}, "dallas")
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_done_leaves_no_key_behind(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """Delivered, failed, deleted and expired-lease entries free every key: bodies, logs, indexes."""
+    store = stores(redis_server)
+    prefix = store._prefix
+    routes = {ROUTE: [ALICE], OTHER_ROUTE: [BOB]}
+    for _ in range(3):
+        await store.enqueue(ENVELOPE, MESSAGE * 100, routes, "dallas")
+    [held] = await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "losangeles")
+    await store.hold(held)
+    assert redis_server.keys(prefix)
+    # One round of deferrals (attempts logged, reservations for another node)...
+    for lease in await store.claim("dallas", NOW, 100, LEASE, TAKEOVER):
+        await store.record(lease, *defer_to(lease, NOW + 100, "losangeles"))
+    # ...a lease abandoned and taken over...
+    [abandoned] = await store.claim("losangeles", NOW + 100, 1, LEASE, TAKEOVER)
+    leases = await store.claim("dallas", NOW + 100 + TAKEOVER + LEASE, 100, LEASE, TAKEOVER)
+    assert abandoned.entry.id in {lease.entry.id for lease in leases}
+    assert len(leases) == 6
+    # ...then everything done: delivered, failed, deleted.
+    for i, lease in enumerate(leases):
+        if i % 2:
+            await store.record(lease, *deliver(lease))
+        else:
+            pending = lease.entry.pending
+            no = Reply(550, "5.1.1", "no")
+            await store.record(
+                lease,
+                Attempt(lease.entry.id, lease.node, NOW, NOW, [(a, no) for a in pending]),
+                Decision([Outcome(a, Action.FAILED, no) for a in pending]),
+            )
+    assert await store.delete(held)
+    assert redis_server.keys(prefix) == []
+    assert await store.counts() == {
+        "entries": 0, "held": 0, "leased": 0, "recipients": 0, "routes": {}
+    }  # fmt: skip
+
+
+# -- outages ----------------------------------------------------------------
+
+
+async def until_works(store: RedisSpoolStore, within: float) -> float:
+    """Retry an enqueue until it succeeds; returns the seconds it took."""
+    started = time.monotonic()
+    while True:
+        try:
+            await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+            return time.monotonic() - started
+        except StoreUnavailable:
+            if time.monotonic() - started > within:
+                raise
+            await sleep(0.1)
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_redis_down_fails_fast_and_store_recovers_by_itself(
+    own_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """
+    With Redis stopped, calls fail with ``StoreUnavailable`` within the command
+    timeout instead of hanging; once it is back, the same store works again.
+    """
+    store = stores(own_server, command_timeout=1.0, reconnect_max_delay=0.5)
+    [kept] = await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+    own_server.stop()
+    for call in (
+        lambda: store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas"),
+        lambda: store.claim("dallas", NOW, 10, LEASE, TAKEOVER),
+        lambda: store.counts(),
+    ):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await call()
+        assert time.monotonic() - started < 1.5
+    own_server.restart()
+    assert await until_works(store, within=10.0) < 10.0
+    assert (await store.get(kept)) is not None  # AOF: the acknowledged entry survived
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_redis_not_answering_fails_within_timeout(
+    own_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """A Redis that keeps the connection open but never answers cannot hang a session."""
+    store = stores(own_server, command_timeout=1.0, reconnect_max_delay=0.5)
+    await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+    own_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+        assert 0.9 < time.monotonic() - started < 1.5
+    finally:
+        own_server.resume()
+    assert await until_works(store, within=10.0) < 10.0
+
+
+# -- replication ------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_wait_replicas_without_replica_is_unavailable(
+    own_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """With ``wait_replicas = 1`` and no replica, enqueue fails and takes its write back."""
+    store = stores(own_server, wait_replicas=1, command_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+        await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+    assert time.monotonic() - started < 1.5
+    for _ in range(50):
+        if own_server.keys(store._prefix) == []:
+            break
+        await sleep(0.05)
+    assert own_server.keys(store._prefix) == []
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_wait_replicas_with_replica_succeeds(
+    own_server: RedisServer, tmp_path: Path, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """With a real replica, enqueue and record return once the replica has the write."""
+    replica = RedisServer.start(tmp_path / "replica", replica_of=own_server.address)
+    try:
+        replica.wait_for_replication()
+        store = stores(own_server, wait_replicas=1, command_timeout=2.0)
+        [entry_id] = await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+        # WAIT returned: the replica already holds the entry, without polling.
+        assert f"{store._prefix}e:{entry_id}".encode() in replica.keys(store._prefix)
+        [lease] = await store.claim("dallas", NOW, 10, LEASE, TAKEOVER)
+        updated = await store.record(lease, *defer_to(lease, NOW + 60, None))
+        assert updated is not None and updated.attempts == 1
+        assert replica.command("LLEN", f"{store._prefix}a:{entry_id}") == 1
+    finally:
+        replica.stop()
