@@ -36,7 +36,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from common import BenchError, Sink, free_port, parallel_smtp_source
+from common import BenchError, Sink, free_port, parallel_smtp_source, rss_mb
 from hub import HubInstance, store_plugins
 from postfix import PostfixInstance, postfix_version
 
@@ -126,19 +126,19 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_ingest(system: System, args: argparse.Namespace, size: int) -> dict[str, float]:
+def run_ingest(system: System, args: argparse.Namespace, size: int, out: dict[str, float]) -> None:
     """P1: downstream down (nothing listens on the route's port)."""
     inst = system.make(args.workdir, free_port(), args.connections)
     try:
         inst.setup()
         inst.start()
         secs = parallel_smtp_source(inst.ports, args.messages, SESSIONS, size, args.timeout)
-        return {"P1": args.messages / secs}
+        out["P1"] = args.messages / secs
     finally:
         inst.destroy()
 
 
-def run_relay(system: System, args: argparse.Namespace, size: int) -> dict[str, float]:
+def run_relay(system: System, args: argparse.Namespace, size: int, out: dict[str, float]) -> None:
     """P2: downstream up; end to end, from the first connection to the last message at the sink."""
     sink = Sink(free_port()).start()
     inst = system.make(args.workdir, sink.port, args.connections)
@@ -147,14 +147,15 @@ def run_relay(system: System, args: argparse.Namespace, size: int) -> dict[str, 
         inst.start()
         t0 = time.monotonic()
         accepted = parallel_smtp_source(inst.ports, args.messages, SESSIONS, size, args.timeout)
+        out["P2accept"] = args.messages / accepted
         end = sink.wait_count(args.messages, args.timeout)
-        return {"P2": args.messages / (end - t0), "P2accept": args.messages / accepted}
+        out["P2"] = args.messages / (end - t0)
     finally:
         inst.destroy()
         sink.stop()
 
 
-def run_drain(system: System, args: argparse.Namespace, size: int) -> dict[str, float]:
+def run_drain(system: System, args: argparse.Namespace, size: int, out: dict[str, float]) -> None:
     """
     P3: fill N entries with the downstream down, wait until every one has had
     its first attempt and is deferred, restart the system (timed, and its
@@ -171,22 +172,21 @@ def run_drain(system: System, args: argparse.Namespace, size: int) -> dict[str, 
         parallel_smtp_source(inst.ports, n, SESSIONS, size, args.timeout)
         inst.wait_deferred(n, args.timeout)
         inst.stop()
-        restart = inst.start()
+        out["P3restart"] = inst.start()
         time.sleep(2)
-        mem = pss_mb(inst.pids())
+        out["P3mem"] = pss_mb(inst.pids())
         sink.start()
         t0 = time.monotonic()
         inst.flush()
         end = sink.wait_count(n, args.timeout)
-        return {"P3": end - t0, "P3restart": restart, "P3mem": mem}
+        out["P3"] = end - t0
     finally:
         inst.destroy()
         sink.stop()
 
 
-def run_scale(system: System, args: argparse.Namespace) -> dict[str, float]:
+def run_scale(system: System, args: argparse.Namespace, out: dict[str, float]) -> None:
     """P4 (mailhub only): claim latency small vs large spool; restart and RSS with the large one."""
-    out: dict[str, float] = {}
     for label, n in (("small", args.scale_small), ("large", args.scale_large)):
         inst = system.make(args.workdir, free_port(), args.connections)
         try:
@@ -196,17 +196,13 @@ def run_scale(system: System, args: argparse.Namespace) -> dict[str, float]:
             out[f"P4fill_{label}"] = filled["per_second"]
             out[f"P4claim_{label}"] = inst.claim_latency()["median_ms"]
             if label == "large":
+                out["P4claim_ratio"] = out["P4claim_large"] / out["P4claim_small"]
+            if label == "large":
                 out["P4restart"] = inst.start(timeout=args.timeout)
                 time.sleep(5)
-                out["P4rss"] = pss_mb(inst.pids())
-                with open(f"/proc/{inst.pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            out["P4rss"] = int(line.split()[1]) / 1024.0
+                out["P4rss"] = rss_mb(inst.pid)
         finally:
             inst.destroy()
-    out["P4claim_ratio"] = out["P4claim_large"] / out["P4claim_small"]
-    return out
 
 
 # -- the table ---------------------------------------------------------------
@@ -335,21 +331,23 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[float]]] = {}
     errors: dict[str, list[str]] = {}
 
-    def record(system: System, what: str, fn: Callable[[], dict[str, float]], suffix: str = "") -> None:
+    def record(system: System, what: str, fn: Callable[[dict[str, float]], None], suffix: str = "") -> None:
+        """Run one measurement; keep what it measured even if a later step of it fails."""
         log(f"{what}: {system.name}")
+        got: dict[str, float] = {}
         try:
-            got = fn()
-        except (BenchError, OSError, subprocess.SubprocessError) as e:
-            log(f"  FAILED: {e}")
-            errors.setdefault(system.name, []).append(f"{what}: {e}")
+            fn(got)
+        except (BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
+            log(f"  FAILED: {str(e)[-500:]}")
+            errors.setdefault(system.name, []).append(f"{what}: {str(e)[-500:]}")
             if os.environ.get("BENCH_DEBUG"):
                 traceback.print_exc()
-            return
         for k, v in got.items():
             results.setdefault(system.name, {}).setdefault(k + suffix, []).append(v)
-        log("  " + ", ".join(f"{k}={fmt(v)}" for k, v in got.items()))
+        if got:
+            log("  " + ", ".join(f"{k}={fmt(v)}" for k, v in got.items()))
 
-    def alternate(what: str, fn: Callable[[System], dict[str, float]], suffix: str = "",
+    def alternate(what: str, fn: Callable[[System, dict[str, float]], None], suffix: str = "",
                   only_hubs: bool = False) -> None:
         pool = [s for s in systems if s.is_hub or not only_hubs]
         for r in range(args.rounds):
@@ -357,21 +355,21 @@ def main(argv: list[str] | None = None) -> int:
             if r % 2:
                 order.reverse()
             for system in order:
-                record(system, f"{what} (round {r + 1})", lambda s=system: fn(s), suffix)
+                record(system, f"{what} (round {r + 1})", lambda out, s=system: fn(s, out), suffix)
 
     started = time.monotonic()
     for size in args.sizes:
         label = size_label(size)
         if "P1" in figures:
-            alternate(f"P1 ingest {label}", lambda s, z=size: run_ingest(s, args, z), f"@{label}")
+            alternate(f"P1 ingest {label}", lambda s, out, z=size: run_ingest(s, args, z, out), f"@{label}")
         if "P2" in figures:
-            alternate(f"P2 relay {label}", lambda s, z=size: run_relay(s, args, z), f"@{label}")
+            alternate(f"P2 relay {label}", lambda s, out, z=size: run_relay(s, args, z, out), f"@{label}")
     if "P3" in figures:
-        alternate(f"P3 drain {args.drain}", lambda s: run_drain(s, args, args.sizes[0]))
+        alternate(f"P3 drain {args.drain}", lambda s, out: run_drain(s, args, args.sizes[0], out))
     if "P4" in figures:
         for system in systems:
             if system.is_hub:
-                record(system, "P4 scale", lambda s=system: run_scale(s, args))
+                record(system, "P4 scale", lambda out, s=system: run_scale(s, args, out))
     elapsed = time.monotonic() - started
 
     out = table(results, errors, args, systems)
