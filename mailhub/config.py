@@ -207,7 +207,7 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
     s = r.table(data, "smtp")
     num = (int, float)
     smtp = SmtpConfig(
-        max_message_size=r.get(s, "smtp", "max_message_size", int, SmtpConfig.max_message_size, positive=True),
+        max_message_size=r.get(s, "smtp", "max_message_size", int, SmtpConfig().max_message_size, positive=True),
         max_recipients=r.get(s, "smtp", "max_recipients", int, 1000, positive=True),
         max_line_length=r.get(s, "smtp", "max_line_length", int, 2048, positive=True),
         max_data_line_length=r.get(s, "smtp", "max_data_line_length", int, 10000, positive=True),
@@ -286,6 +286,7 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
 def _smtp_security(r: _Reader, s: Mapping[str, Any], smtp: SmtpConfig, base: str) -> SmtpConfig:
     """The ``[smtp]`` keys of STARTTLS and of the per-client limits."""
     num = (int, float)
+    defaults = SmtpConfig()
     cert = r.get(s, "smtp", "tls_certificate", str, "")
     key = r.get(s, "smtp", "tls_key", str, "")
     if bool(cert) != bool(key):
@@ -296,21 +297,21 @@ def _smtp_security(r: _Reader, s: Mapping[str, Any], smtp: SmtpConfig, base: str
         tls_certificate=os.path.join(base, cert) if cert else "",
         tls_key=os.path.join(base, key) if key else "",
         require_tls=r.get(s, "smtp", "require_tls", bool, False),
-        max_connections=r.get(s, "smtp", "max_connections", int, SmtpConfig.max_connections, positive=True),
+        max_connections=r.get(s, "smtp", "max_connections", int, defaults.max_connections, positive=True),
         max_connections_per_ip=r.get(
-            s, "smtp", "max_connections_per_ip", int, SmtpConfig.max_connections_per_ip, positive=True
+            s, "smtp", "max_connections_per_ip", int, defaults.max_connections_per_ip, positive=True
         ),
         max_messages_per_connection=r.get(
-            s, "smtp", "max_messages_per_connection", int, SmtpConfig.max_messages_per_connection,
+            s, "smtp", "max_messages_per_connection", int, defaults.max_messages_per_connection,
             positive=True,
         ),
         max_messages_per_minute_per_ip=r.get(
-            s, "smtp", "max_messages_per_minute_per_ip", int, SmtpConfig.max_messages_per_minute_per_ip,
+            s, "smtp", "max_messages_per_minute_per_ip", int, defaults.max_messages_per_minute_per_ip,
             positive=True,
         ),
-        max_header_size=r.get(s, "smtp", "max_header_size", int, SmtpConfig.max_header_size, positive=True),
+        max_header_size=r.get(s, "smtp", "max_header_size", int, defaults.max_header_size, positive=True),
         data_total_timeout=float(
-            r.get(s, "smtp", "data_total_timeout", num, SmtpConfig.data_total_timeout, positive=True)
+            r.get(s, "smtp", "data_total_timeout", num, defaults.data_total_timeout, positive=True)
         ),
     )
 

@@ -50,6 +50,7 @@ class Node(MultiService):
         store: ISpoolStore,
         policy: IDeliveryPolicy,
         reactor: Any,
+        tls: Any = None,
     ) -> None:
         super().__init__()
         self.setName(name)
@@ -75,6 +76,7 @@ class Node(MultiService):
             domain_check(config.domains, config.hostname),
             self.receive,
             reactor,
+            tls=tls,
         )
         listener = StreamServerEndpointService(serverFromString(reactor, node_config.smtp), self.smtp_factory)
         # A port we cannot bind must stop twistd with the error, not leave a

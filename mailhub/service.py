@@ -16,6 +16,7 @@ from mailhub.config import HubConfig
 from mailhub.model import Route
 from mailhub.node import Node
 from mailhub.plugin import load_plugin
+from mailhub.smtp.tls import server_tls_options
 
 __all__ = ["HubService", "makeHubService"]
 
@@ -39,7 +40,10 @@ class HubService(MultiService):
             load_plugin("mailhub.transports", Route.parse(route).transport)
         self.policy = policy_factory.make(config.plugin_section("policy"), reactor)
         self.store = store_factory.make(config.plugin_section("store"), reactor)
-        self.nodes = {name: Node(name, config, self.store, self.policy, reactor) for name in node_names}
+        # Before the reactor runs (twistd builds services first): reading, and
+        # on first start generating, the STARTTLS certificate blocks briefly.
+        tls = server_tls_options(config, reactor.seconds())
+        self.nodes = {name: Node(name, config, self.store, self.policy, reactor, tls=tls) for name in node_names}
         for node in self.nodes.values():
             node.setServiceParent(self)
 

@@ -139,6 +139,7 @@ def test_ehlo_advertises_extensions() -> None:
         "PIPELINING",
         "SIZE 1234",
         "8BITMIME",
+        "SMTPUTF8",
         "ENHANCEDSTATUSCODES",
     ]
     assert lines[-1].startswith("250 ")
@@ -399,7 +400,7 @@ def test_body_unknown_value_is_501() -> None:
 
 
 def test_unknown_mail_parameter_is_555() -> None:
-    assert mail(connect(), b"MAIL FROM:<a@b.example> SMTPUTF8") == ["555 5.5.4"]
+    assert mail(connect(), b"MAIL FROM:<a@b.example> RET=HDRS") == ["555 5.5.4"]
 
 
 def test_mail_parameter_after_helo_is_555() -> None:

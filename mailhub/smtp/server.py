@@ -36,7 +36,7 @@ from email.utils import format_datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,7 +44,15 @@ from twisted.python.failure import Failure
 from mailhub.config import SmtpConfig
 from mailhub.model import Address, AddressError, Envelope, Reply, StoreFull
 
-__all__ = ["Receive", "RecipientCheck", "SMTPFactory", "SMTPServerProtocol", "domain_check"]
+__all__ = [
+    "ClientLimiter",
+    "Receive",
+    "RecipientCheck",
+    "SMTPFactory",
+    "SMTPServerProtocol",
+    "chain_checks",
+    "domain_check",
+]
 
 RecipientCheck = Callable[[Address], "Deferred[Any]"]
 """
@@ -76,7 +84,7 @@ _QUEUE_ID = re.compile(r"[!-~]{1,128}\Z")
 # when Address.parse calls it merely malformed (the percent hack, for one).
 _ROUTED = re.compile(r"[%!\[]|\A@|@.*@")
 
-_HELP = "Supported commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+_HELP = "Supported commands: EHLO HELO STARTTLS MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 
 
 def domain_check(domains: Collection[str], hostname: str) -> RecipientCheck:
@@ -102,6 +110,86 @@ def domain_check(domains: Collection[str], hostname: str) -> RecipientCheck:
     return check
 
 
+def chain_checks(*checks: RecipientCheck) -> RecipientCheck:
+    """
+    Ask several recipient checks in turn; the first refusal wins.
+
+    :param checks: asked in order (put the relay rule first, so that no
+        other check ever looks at a recipient the hub does not relay for).
+    :returns: a ``RecipientCheck`` firing with ``None`` when every check
+        accepts, else with the first refusal ``Reply``.
+    """
+
+    def check(address: Address) -> Deferred[Any]:
+        remaining = list(checks)
+
+        def next_check(result: object) -> object:
+            if result is not None or not remaining:
+                return result
+            return maybeDeferred(remaining.pop(0), address).addCallback(next_check)
+
+        return succeed(None).addCallback(next_check)
+
+    return check
+
+
+class ClientLimiter:
+    """
+    The listener's limits across connections: how many connections in all
+    and per client IP, and how many messages per minute per client IP.
+
+    The rate is a token bucket per IP (``max_messages_per_minute_per_ip``
+    tokens, refilled evenly over a minute) so its memory is one pair per
+    active client; full buckets are dropped.
+
+    :param limits: the listener's ``[smtp]`` limits.
+    :param clock: the time source.
+    """
+
+    def __init__(self, limits: SmtpConfig, clock: IReactorTime) -> None:
+        self._limits = limits
+        self._clock: Any = clock
+        self.connections = 0
+        self.per_ip: dict[str, int] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._last_sweep = 0.0
+
+    def admit(self, ip: str) -> bool:
+        """Count a new connection from ``ip``, unless that would go over a limit."""
+        if self.connections >= self._limits.max_connections:
+            return False
+        if self.per_ip.get(ip, 0) >= self._limits.max_connections_per_ip:
+            return False
+        self.connections += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        """An admitted connection from ``ip`` has ended."""
+        self.connections -= 1
+        n = self.per_ip.get(ip, 0) - 1
+        if n > 0:
+            self.per_ip[ip] = n
+        else:
+            self.per_ip.pop(ip, None)
+
+    def allow_message(self, ip: str) -> bool:
+        """Take one message from ``ip``'s budget; ``False`` when it has none left."""
+        rate = self._limits.max_messages_per_minute_per_ip
+        now = self._clock.seconds()
+        tokens, last = self._buckets.get(ip, (float(rate), now))
+        tokens = min(float(rate), tokens + (now - last) * rate / 60.0)
+        if now - self._last_sweep > 60.0:
+            self._last_sweep = now
+            # After a minute of silence a bucket is full again: forget it.
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60.0}
+        if tokens < 1.0:
+            self._buckets[ip] = (tokens, now)
+            return False
+        self._buckets[ip] = (tokens - 1.0, now)
+        return True
+
+
 class SMTPFactory(Factory):
     """
     Builds one ``SMTPServerProtocol`` per inbound connection.
@@ -111,6 +199,8 @@ class SMTPFactory(Factory):
     :param check_recipient: the relay rule, asked once per distinct recipient.
     :param receive: stores an accepted message durably.
     :param clock: the time source for timeouts and ``Envelope.received_at``.
+    :param tls: the STARTTLS context (a ``CertificateOptions`` or any
+        ``IOpenSSLServerConnectionCreator``); ``None``: no STARTTLS.
     """
 
     def __init__(
@@ -120,12 +210,15 @@ class SMTPFactory(Factory):
         check_recipient: RecipientCheck,
         receive: Receive,
         clock: IReactorTime,
+        tls: Any = None,
     ) -> None:
         self.hostname = hostname
         self.limits = limits
         self._check_recipient = check_recipient
         self._receive = receive
         self._clock = clock
+        self._tls = tls
+        self.limiter = ClientLimiter(limits, clock)
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:
         """
@@ -133,7 +226,13 @@ class SMTPFactory(Factory):
         :returns: a new protocol for one connection.
         """
         p = SMTPServerProtocol(
-            self.hostname, self.limits, self._check_recipient, self._receive, self._clock
+            self.hostname,
+            self.limits,
+            self._check_recipient,
+            self._receive,
+            self._clock,
+            tls=self._tls,
+            limiter=self.limiter,
         )
         p.factory = self
         return p
@@ -154,6 +253,9 @@ class SMTPServerProtocol(Protocol):
     :param check_recipient: the relay rule.
     :param receive: stores an accepted message durably.
     :param clock: the time source.
+    :param tls: the STARTTLS context, or ``None`` for no STARTTLS.
+    :param limiter: the limits shared by the listener's connections; by
+        default this connection has its own (tests).
     """
 
     def __init__(
@@ -163,6 +265,8 @@ class SMTPServerProtocol(Protocol):
         check_recipient: RecipientCheck,
         receive: Receive,
         clock: IReactorTime,
+        tls: Any = None,
+        limiter: ClientLimiter | None = None,
     ) -> None:
         self._hostname = hostname
         self._limits = limits
@@ -175,6 +279,12 @@ class SMTPServerProtocol(Protocol):
         self._long_first_line = re.compile(rb"[^\r\n]{%d}" % n)
         self._long_later_line = re.compile(rb"\n[^\r\n]{%d}" % n)
         self._normalise = limits.bare_line_endings == "normalise"
+        self._tls_options = tls
+        self._limiter = limiter or ClientLimiter(limits, clock)
+        self._admitted = False
+        self._secure = False  # STARTTLS done
+        self._messages = 0  # accepted in this connection
+        self._data_deadline = 0.0
 
         self._client = ""
         self._buffer = b""
@@ -209,12 +319,20 @@ class SMTPServerProtocol(Protocol):
         self._recipients: list[Address] = []
         self._rcpt_tried = False
         self._body_8bit = False
+        self._smtputf8 = False
 
     # -- Protocol ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         peer = self._transport.getPeer()
         self._client = str(getattr(peer, "host", peer))
+        if not self._limiter.admit(self._client):
+            self._reply(Reply(421, "4.7.0", f"{self._hostname} Too many connections, try later"), "connection")
+            self._flush()
+            self._done = True
+            self._transport.loseConnection()
+            return
+        self._admitted = True
         banner = self._limits.banner or "ESMTP mailhub"
         self._write_line(f"220 {self._hostname} {banner}")
         self._flush()
@@ -224,13 +342,17 @@ class SMTPServerProtocol(Protocol):
         if self._done:
             return
         self._buffer += data
-        if not self._waiting:
-            self._restart_timer()
+        # The timers measure from the start of a command (or of DATA), so a
+        # client cannot keep a session alive by trickling bytes: only a
+        # complete command line, or a complete line of DATA, restarts them.
         self._process()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = self._done = True
         self._cancel_timer()
+        if self._admitted:
+            self._admitted = False
+            self._limiter.release(self._client)
         self._buffer = b""
         self._data = bytearray()
 
@@ -265,6 +387,7 @@ class SMTPServerProtocol(Protocol):
                 return False
             self._buffer = buf[nl + 1 :]
             self._discarding = False
+            self._restart_timer()
             return True
         limit = self._limits.max_line_length
         if nl < 0:
@@ -276,6 +399,8 @@ class SMTPServerProtocol(Protocol):
             return False
         line = buf[:nl]
         self._buffer = buf[nl + 1 :]
+        # Before dispatching: a command that waits for a Deferred stops the timer.
+        self._restart_timer()
         if line.endswith(b"\r"):
             line = line[:-1]
         if len(line) > limit:
@@ -285,23 +410,36 @@ class SMTPServerProtocol(Protocol):
         return True
 
     def _command(self, line: bytes) -> None:
-        if not line.isascii():
-            if line[:4].upper() in (b"MAIL", b"RCPT"):
-                self._reply(Reply(553, "5.6.7", "Non-ASCII addresses are not accepted here"))
-            else:
+        utf8 = not line.isascii()
+        if utf8:
+            # RFC 6531: UTF-8 is allowed in the addresses of MAIL (with the
+            # SMTPUTF8 parameter) and RCPT (in such a transaction), nowhere else.
+            if line[:4].upper() not in (b"MAIL", b"RCPT"):
                 self._reply(Reply(501, "5.5.4", "Non-ASCII characters in command"))
-            return
-        verb, _, arg = line.decode("ascii").partition(" ")
+                return
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                self._reply(Reply(553, "5.6.7", "Address is not valid UTF-8"))
+                return
+            if any(c < " " or c == "\x7f" for c in text):
+                self._reply(Reply(501, "5.5.4", "Control characters in command"))
+                return
+        else:
+            text = line.decode("ascii")
+        verb, _, arg = text.partition(" ")
         verb = verb.upper()
         arg = arg.strip(" ")
         if verb == "EHLO":
             self._hello(arg, esmtp=True)
         elif verb == "HELO":
             self._hello(arg, esmtp=False)
+        elif verb == "STARTTLS":
+            self._starttls(arg)
         elif verb == "MAIL":
-            self._mail(arg)
+            self._mail(arg, utf8)
         elif verb == "RCPT":
-            self._rcpt(arg)
+            self._rcpt(arg, utf8)
         elif verb == "DATA":
             self._start_data(arg)
         elif verb == "RSET":
@@ -340,18 +478,70 @@ class SMTPServerProtocol(Protocol):
             "PIPELINING",
             f"SIZE {self._limits.max_message_size}",
             "8BITMIME",
-            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
         ]
+        if self._can_starttls():
+            lines.append("STARTTLS")
+        lines.append("ENHANCEDSTATUSCODES")
         for text in lines[:-1]:
             self._write_line(f"250-{text}")
         self._write_line(f"250 {lines[-1]}")
 
-    def _mail(self, arg: str) -> None:
+    def _can_starttls(self) -> bool:
+        return (
+            self._tls_options is not None
+            and not self._secure
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def _starttls(self, arg: str) -> None:
+        if arg:
+            self._reply(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+            return
+        if self._secure:
+            self._reply(Reply(503, "5.5.1", "TLS already active"))
+            return
+        if not self._can_starttls():
+            self._reply(Reply(454, "4.7.0", "TLS not available"))
+            return
+        self._write_line("220 2.0.0 Ready to start TLS")
+        self._flush()
+        # RFC 3207 section 4.2 / CVE-2011-0411: whatever the client pipelined
+        # after STARTTLS arrived in clear text and must never be executed as
+        # if it came over TLS.
+        if self._buffer:
+            _log.warn(
+                "discarded {count} octets sent after STARTTLS by {client}",
+                count=len(self._buffer),
+                client=self._client,
+            )
+        self._buffer = b""
+        self._discarding = False
+        self._transport.startTLS(self._tls_options)
+        self._secure = True
+        # RFC 3207 section 4.2: the session starts again; a new EHLO is needed.
+        self._helo = None
+        self._esmtp = False
+        self._reset_transaction()
+
+    def _close_with(self, reply: Reply, what: str = "") -> None:
+        """Answer with ``reply`` and close the connection once it is written."""
+        self._reply(reply, what)
+        self._done = True
+        self._cancel_timer()
+
+    def _mail(self, arg: str, utf8: bool = False) -> None:
         if self._helo is None:
             self._reply(Reply(503, "5.5.1", "Send HELO or EHLO first"))
             return
         if self._in_mail:
             self._reply(Reply(503, "5.5.1", "Nested MAIL command"))
+            return
+        if self._limits.require_tls and not self._secure:
+            self._reply(Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
+            return
+        if self._messages >= self._limits.max_messages_per_connection:
+            self._close_with(Reply(421, "4.7.0", f"{self._hostname} Too many messages in this connection"))
             return
         m = _MAIL.match(arg)
         if m is None or (m.group(2) and not m.group(2).startswith(" ")):
@@ -359,6 +549,7 @@ class SMTPServerProtocol(Protocol):
             return
         path, params = m.groups()
         body_8bit = False
+        smtputf8 = False
         for param in params.split():
             if not self._esmtp:
                 self._reply(Reply(555, "5.5.4", "MAIL parameters need EHLO"))
@@ -380,9 +571,17 @@ class SMTPServerProtocol(Protocol):
                     self._reply(Reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME"))
                     return
                 body_8bit = body == "8BITMIME"
+            elif key == "SMTPUTF8":
+                if eq:
+                    self._reply(Reply(501, "5.5.4", "Syntax: SMTPUTF8 takes no value"))
+                    return
+                smtputf8 = True
             else:
                 self._reply(Reply(555, "5.5.4", "Unsupported MAIL parameter"))
                 return
+        if utf8 and not smtputf8:
+            self._reply(Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter"))
+            return
         sender: Address | None = None
         if path:
             if path.startswith("@") and ":" in path:
@@ -393,14 +592,21 @@ class SMTPServerProtocol(Protocol):
             except AddressError as e:
                 self._reply(Reply(553, "5.1.7", f"Bad sender address: {e}"))
                 return
+        if not self._limiter.allow_message(self._client):
+            self._reply(Reply(450, "4.7.1", "Too many messages from your address, try later"), "MAIL")
+            return
         self._in_mail = True
         self._sender = sender
         self._body_8bit = body_8bit
+        self._smtputf8 = smtputf8
         self._reply(Reply(250, "2.1.0", "Sender OK"))
 
-    def _rcpt(self, arg: str) -> None:
+    def _rcpt(self, arg: str, utf8: bool = False) -> None:
         if not self._in_mail:
             self._reply(Reply(503, "5.5.1", "Need MAIL before RCPT"))
+            return
+        if utf8 and not self._smtputf8:
+            self._reply(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8 in MAIL"))
             return
         m = _RCPT.match(arg)
         if m is None or (m.group(2) and not m.group(2).startswith(" ")):
@@ -468,6 +674,7 @@ class SMTPServerProtocol(Protocol):
             # the same end marker, and a first line of ".." be unstuffed like any other.
             self._data = bytearray(b"\r\n")
             self._oversize = False
+            self._data_deadline = self._clock.seconds() + self._limits.data_total_timeout
             self._restart_timer()
 
     # -- DATA -------------------------------------------------------------
@@ -481,6 +688,8 @@ class SMTPServerProtocol(Protocol):
         data = self._data
         # Only the last four octets already seen can start a marker split across chunks.
         start = max(0, len(data) - 4)
+        if b"\n" in self._buffer:
+            self._restart_timer()
         data += self._buffer
         self._buffer = b""
         end = data.find(_END_OF_DATA, start)
@@ -519,6 +728,10 @@ class SMTPServerProtocol(Protocol):
             n = self._limits.max_data_line_length
             self._reply(Reply(554, "5.6.0", f"Message has lines longer than {n} octets"))
             return
+        if _header_size(message) > self._limits.max_header_size:
+            self._reset_transaction()
+            self._reply(Reply(552, "5.3.4", "Message header size exceeds limit"))
+            return
         assert self._helo is not None
         now = self._clock.seconds()
         local_id = secrets.token_hex(8)
@@ -529,6 +742,7 @@ class SMTPServerProtocol(Protocol):
             received_at=now,
             client=self._client,
             helo=self._helo,
+            smtputf8=self._smtputf8,
             body_8bit=self._body_8bit,
         )
         self._reset_transaction()
@@ -538,7 +752,10 @@ class SMTPServerProtocol(Protocol):
     def _received_header(self, local_id: str, now: float) -> bytes:
         helo = _HEADER_UNSAFE.sub("_", self._helo or "")
         date = format_datetime(datetime.fromtimestamp(now, UTC))
-        protocol = "ESMTP" if self._esmtp else "SMTP"
+        # RFC 3848 / RFC 6531 section 3.7.4: the protocol type says TLS and UTF-8.
+        protocol = ("UTF8ESMTP" if self._smtputf8 else "ESMTP") if self._esmtp else "SMTP"
+        if self._secure:
+            protocol += "S"
         return (
             f"Received: from {helo} ({self._client})\r\n"
             f"\tby {self._hostname} (mailhub) with {protocol} id {local_id};\r\n"
@@ -563,6 +780,7 @@ class SMTPServerProtocol(Protocol):
                 )
                 self._reply(Reply(451, "4.3.0", "Temporary failure storing message, try later"))
             return
+        self._messages += 1
         queue_id = result if isinstance(result, str) and _QUEUE_ID.match(result) else local_id
         _log.info(
             "accepted message {id} ({queue_id}) from {client} helo {helo}: <{sender}> to "
@@ -622,7 +840,8 @@ class SMTPServerProtocol(Protocol):
         self._write_line(str(reply))
 
     def _write_line(self, line: str) -> None:
-        self._out.append(line.encode("ascii") + b"\r\n")
+        # A reply text may quote a UTF-8 address; replies stay ASCII.
+        self._out.append(line.encode("ascii", "backslashreplace") + b"\r\n")
 
     def _flush(self) -> None:
         if self._out and not self._lost:
@@ -632,7 +851,11 @@ class SMTPServerProtocol(Protocol):
     def _restart_timer(self) -> None:
         if self._done:
             return
-        timeout = self._limits.data_timeout if self._in_data else self._limits.idle_timeout
+        if self._in_data:
+            left = self._data_deadline - self._clock.seconds()
+            timeout = max(0.0, min(self._limits.data_timeout, left))
+        else:
+            timeout = self._limits.idle_timeout
         if self._timer is not None and self._timer.active():
             self._timer.reset(timeout)
         else:
@@ -654,3 +877,11 @@ class SMTPServerProtocol(Protocol):
         self._flush()
         self._done = True
         self._transport.loseConnection()
+
+
+def _header_size(message: bytes) -> int:
+    """The octets of ``message``'s header section, up to and with its last CRLF."""
+    if message.startswith(b"\r\n"):
+        return 0
+    end = message.find(b"\r\n\r\n")
+    return len(message) if end < 0 else end + 2
