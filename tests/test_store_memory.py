@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from mailhub.plugins.memory_store import MemorySpoolStore, plugin
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IStorePlugin
 from mailhub.model import Address, StoreUnavailable
 from mailhub.plugin import load_plugin
+from mailhub.plugins.memory_store import MemorySpoolStore, plugin
 from mailhub.testing.store_contract import SpoolStoreContract, envelope
 
 

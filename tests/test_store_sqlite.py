@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from mailhub.plugins import sqlite_store
-from mailhub.plugins.sqlite_store import CLAIM_IDS_SQL, CLAIM_SQL, SqliteSpoolStore, plugin
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
@@ -24,6 +22,8 @@ from zope.interface.verify import verifyObject
 from mailhub.interfaces import IStorePlugin
 from mailhub.model import Address, StoreFull, StoreUnavailable
 from mailhub.plugin import load_plugin
+from mailhub.plugins import sqlite_store
+from mailhub.plugins.sqlite_store import CLAIM_IDS_SQL, CLAIM_SQL, SqliteSpoolStore, plugin
 from mailhub.testing.store_contract import NOW, ODD_MESSAGE, SpoolStoreContract, envelope
 
 ROUTE = "smtp:mail.a.example:25"
