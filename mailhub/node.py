@@ -23,7 +23,8 @@ from mailhub.delivery.engine import DeliveryEngine
 from mailhub.interfaces import IDeliveryPolicy, ISpoolStore, ITransport
 from mailhub.model import Address, Entry, Envelope, Outcome, Route
 from mailhub.plugin import load_plugin
-from mailhub.smtp.server import SMTPFactory, domain_check
+from mailhub.smtp.recipients import recipient_validation
+from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
 
 __all__ = ["Node", "routes_for"]
 
@@ -73,7 +74,8 @@ class Node(MultiService):
         self.smtp_factory = SMTPFactory(
             config.hostname,
             config.smtp,
-            domain_check(config.domains, config.hostname),
+            # The relay rule first: recipient validation only sees our domains.
+            chain_checks(domain_check(config.domains, config.hostname), recipient_validation(config, reactor)),
             self.receive,
             reactor,
             tls=tls,
