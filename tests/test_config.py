@@ -82,3 +82,31 @@ def test_check_config_command_prints_resolved_config_or_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mailhub.cli", "check-config", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2
     assert f"{bad}: smtp.max_recipients: must be an integer" in out.stderr
+
+
+def test_smtp_security_keys_have_defaults_and_are_read():
+    default = parse(GOOD, "hub.toml").smtp
+    assert default.max_message_size == 50 * 1024 * 1024
+    assert (default.require_tls, default.tls_certificate) == (False, "")
+    text = GOOD + (
+        b"[smtp]\nrequire_tls = true\nmax_connections = 7\nmax_connections_per_ip = 3\n"
+        b"max_messages_per_connection = 4\nmax_messages_per_minute_per_ip = 5\nmax_header_size = 6\n"
+        b"data_total_timeout = 8\n"
+    )
+    smtp = parse(text, "hub.toml").smtp
+    assert (smtp.require_tls, smtp.max_connections, smtp.max_connections_per_ip) == (True, 7, 3)
+    assert (smtp.max_messages_per_connection, smtp.max_messages_per_minute_per_ip) == (4, 5)
+    assert (smtp.max_header_size, smtp.data_total_timeout) == (6, 8.0)
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (b"max_connections_per_ip = 0\n", "smtp.max_connections_per_ip"),
+        (b"require_tls = \"yes\"\n", "smtp.require_tls"),
+        (b"max_header_size = \"big\"\n", "smtp.max_header_size"),
+    ],
+)
+def test_smtp_security_key_errors_name_file_and_key(extra, key):
+    with pytest.raises(ConfigError, match=f"/etc/hub.toml: {key}: "):
+        parse(GOOD + b"[smtp]\n" + extra, "/etc/hub.toml")

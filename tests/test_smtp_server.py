@@ -1126,3 +1126,143 @@ def test_any_input_gives_valid_replies_and_never_relays(
     for envelope, _ in s.store.received:
         assert envelope.recipients
         assert all(r.domain in ("example.com", "example.org") for r in envelope.recipients)
+
+
+# -- limits that keep one client from hurting others ---------------------------
+
+
+class Listener:
+    """Several connections to one factory, from chosen client IPs."""
+
+    def __init__(self, **limits: Any) -> None:
+        self.clock = Clock()
+        self.store = Store()
+        self.factory = SMTPFactory(HOST, SmtpConfig(**limits), domain_check(DOMAINS, HOST), self.store, self.clock)
+
+    def connect(self, ip: str = CLIENT_IP) -> tuple[SMTPServerProtocol, StringTransport]:
+        t = StringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
+        p = self.factory.buildProtocol(t.getPeer())
+        p.makeConnection(t)
+        return p, t
+
+
+def test_connections_over_per_ip_limit_get_421_and_close() -> None:
+    listener = Listener(max_connections_per_ip=2)
+    listener.connect()
+    listener.connect()
+    with capturedLogs() as events:
+        _, t = listener.connect()
+    assert t.value() == f"421 4.7.0 {HOST} Too many connections, try later\r\n".encode()
+    assert t.disconnecting
+    assert any(CLIENT_IP in formatEvent(e) and "421 4.7.0" in formatEvent(e) for e in events)
+    _, other = listener.connect("203.0.113.5")
+    assert other.value().startswith(b"220 ")
+
+
+def test_connections_over_total_limit_get_421() -> None:
+    listener = Listener(max_connections=2)
+    listener.connect("203.0.113.1")
+    listener.connect("203.0.113.2")
+    _, t = listener.connect("203.0.113.3")
+    assert t.value().startswith(b"421 4.7.0")
+
+
+def test_closed_connection_frees_its_slot() -> None:
+    listener = Listener(max_connections_per_ip=1)
+    p, _ = listener.connect()
+    p.connectionLost()
+    _, t = listener.connect()
+    assert t.value().startswith(b"220 ")
+    refused, _ = listener.connect()
+    refused.connectionLost()
+    assert listener.factory.limiter.per_ip == {CLIENT_IP: 1}
+
+
+def test_messages_per_connection_limit_is_421_at_next_mail() -> None:
+    s = connect(max_messages_per_connection=2)
+    for _ in range(2):
+        s.begin()
+        s.send(b"hi\r\n.\r\n")
+        assert s.codes() == ["250 2.0.0"]
+    s.send(b"MAIL FROM:<alice@sender.example>\r\nRCPT TO:<bob@example.com>\r\n")
+    assert s.codes() == ["421 4.7.0"]
+    assert s.transport.disconnecting
+
+
+def test_rate_per_ip_is_450_at_mail_and_recovers_with_time() -> None:
+    listener = Listener(max_messages_per_minute_per_ip=2)
+    p, t = listener.connect()
+    p.dataReceived(b"EHLO c.example\r\n")
+    t.clear()
+    for _ in range(2):
+        p.dataReceived(b"MAIL FROM:<a@b.example>\r\nRSET\r\n")
+    p2, t2 = listener.connect()
+    t2.clear()
+    p2.dataReceived(b"EHLO c.example\r\n")
+    t2.clear()
+    with capturedLogs() as events:
+        p2.dataReceived(b"MAIL FROM:<a@b.example>\r\n")
+    assert t2.value().startswith(b"450 4.7.1")
+    assert any(CLIENT_IP in formatEvent(e) and "450 4.7.1" in formatEvent(e) for e in events)
+    listener.clock.advance(30)
+    t2.clear()
+    p2.dataReceived(b"MAIL FROM:<a@b.example>\r\n")
+    assert t2.value().startswith(b"250 2.1.0")
+
+
+def test_trickled_command_is_cut_off_at_idle_timeout() -> None:
+    """One byte a second never completes a command: the timeout counts from its start."""
+    s = connect(idle_timeout=30)
+    for i in range(29):
+        s.clock.advance(1)
+        s.send(b"NOOP"[i % 4 : i % 4 + 1])
+    assert s.lines() == []
+    s.clock.advance(1)
+    assert s.codes() == ["421 4.4.2"]
+    assert s.transport.disconnecting
+
+
+def test_trickled_data_line_is_cut_off_at_data_timeout() -> None:
+    s = connect(idle_timeout=30, data_timeout=100)
+    s.begin()
+    for _ in range(99):
+        s.clock.advance(1)
+        s.send(b"x")
+    assert s.lines() == []
+    s.clock.advance(1)
+    assert s.codes() == ["421 4.4.2"]
+
+
+def test_trickled_data_lines_are_cut_off_at_data_total_timeout() -> None:
+    s = connect(idle_timeout=30, data_timeout=100, data_total_timeout=500)
+    s.begin()
+    for _ in range(9):
+        s.clock.advance(50)
+        s.send(b"x\r\n")
+    assert s.lines() == []
+    s.clock.advance(50)
+    assert s.codes() == ["421 4.4.2"]
+
+
+def test_header_over_limit_is_552_5_3_4() -> None:
+    s = connect(max_header_size=100)
+    s.begin()
+    s.send(b"Subject: " + b"x" * 100 + b"\r\n\r\nbody\r\n.\r\n")
+    assert s.codes() == ["552 5.3.4"]
+    assert s.store.received == []
+
+
+def test_header_without_body_counts_whole_message() -> None:
+    s = connect(max_header_size=20)
+    s.begin()
+    s.send(b"Subject: " + b"x" * 20 + b"\r\n.\r\n")
+    assert s.codes() == ["552 5.3.4"]
+
+
+def test_header_at_limit_and_large_body_is_accepted() -> None:
+    header = b"Subject: " + b"x" * 89 + b"\r\n"
+    assert len(header) == 100
+    s = connect(max_header_size=100)
+    s.begin()
+    s.send(header + b"\r\n" + b"y" * 500 + b"\r\n.\r\n")
+    assert s.codes() == ["250 2.0.0"]
