@@ -202,6 +202,10 @@ class ITransport(Interface):
             for every pending recipient.  A failure to connect, a timeout or a
             dropped connection is a temporary ``Reply`` (4xx) for each, never an
             errback: the transport says what happened, the policy decides.
+            An entry with ``smtputf8`` set goes with the ``SMTPUTF8`` MAIL
+            parameter (RFC 6531) to a server that offers it; to one that does
+            not, every recipient gets ``Reply(553, "5.6.7", ...)`` without
+            sending, so the policy fails them with a DSN.
         """
 
     def close():

@@ -203,6 +203,8 @@ class Envelope:
     :ivar received_at: POSIX time the message was accepted.
     :ivar client: the client's address, ``"ip"``.
     :ivar helo: what the client said in HELO/EHLO.
+    :ivar smtputf8: the client gave MAIL the SMTPUTF8 parameter (RFC 6531).
+    :ivar body_8bit: the client gave MAIL ``BODY=8BITMIME``.
     """
 
     sender: Address | None
@@ -244,6 +246,10 @@ class Entry:
     :ivar node: the node that should make the next attempt, or ``None`` for any.
     :ivar attempts: how many attempts have been recorded.
     :ivar held: held entries are never claimed until an operator releases them.
+    :ivar smtputf8: the message was received with SMTPUTF8 (RFC 6531): its
+        addresses or headers may hold UTF-8, so a transport may relay it only
+        to a server that offers SMTPUTF8.  Stores set it from
+        ``Envelope.smtputf8`` at ``enqueue`` and keep it.
     """
 
     id: str
@@ -259,6 +265,7 @@ class Entry:
     size: int = 0
     envelope_helo: str = ""
     envelope_client: str = ""
+    smtputf8: bool = False
 
     @property
     def pending(self) -> tuple[Address, ...]:

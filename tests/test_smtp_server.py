@@ -1266,3 +1266,81 @@ def test_header_at_limit_and_large_body_is_accepted() -> None:
     s.begin()
     s.send(header + b"\r\n" + b"y" * 500 + b"\r\n.\r\n")
     assert s.codes() == ["250 2.0.0"]
+
+
+# -- SMTPUTF8 (RFC 6531) -----------------------------------------------------
+
+
+def test_utf8_addresses_with_smtputf8_are_accepted_and_flagged() -> None:
+    s = connect()
+    s.begin("jürgen@example.com", mail="MAIL FROM:<jörg@bücher.example> SMTPUTF8".encode())
+    s.send("Subject: grüße\r\n\r\nhallo\r\n.\r\n".encode())
+    assert s.codes() == ["250 2.0.0"]
+    [(envelope, message)] = s.store.received
+    assert envelope.smtputf8
+    assert str(envelope.sender) == "jörg@bücher.example"
+    assert [str(r) for r in envelope.recipients] == ["jürgen@example.com"]
+    assert body_of(message) == "Subject: grüße\r\n\r\nhallo\r\n".encode()
+    assert b"with UTF8ESMTP id" in message
+
+
+def test_ascii_smtputf8_transaction_is_flagged() -> None:
+    s = connect()
+    s.begin(mail=b"MAIL FROM:<a@b.example> SMTPUTF8")
+    s.send(b"hi\r\n.\r\n")
+    assert s.store.received[0][0].smtputf8
+
+
+def test_envelope_without_smtputf8_is_not_flagged() -> None:
+    s = connect()
+    s.begin()
+    s.send(b"hi\r\n.\r\n")
+    assert not s.store.received[0][0].smtputf8
+
+
+def test_utf8_recipient_without_smtputf8_is_553_5_6_7() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n")
+    s.lines()
+    s.send("RCPT TO:<jürgen@example.com>\r\n".encode())
+    assert s.codes() == ["553 5.6.7"]
+
+
+def test_smtputf8_with_value_is_501() -> None:
+    assert mail(connect(), b"MAIL FROM:<a@b.example> SMTPUTF8=yes") == ["501 5.5.4"]
+
+
+def test_smtputf8_after_helo_is_555() -> None:
+    s = connect()
+    s.send(b"HELO c.example\r\n")
+    s.lines()
+    s.send(b"MAIL FROM:<a@b.example> SMTPUTF8\r\n")
+    assert s.codes() == ["555 5.5.4"]
+
+
+def test_invalid_utf8_in_rcpt_is_553_5_6_7() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example> SMTPUTF8\r\n")
+    s.lines()
+    s.send(b"RCPT TO:<j\xfcrgen@example.com>\r\n")
+    assert s.codes() == ["553 5.6.7"]
+
+
+def test_utf8_domain_outside_configured_domains_is_relaying_denied() -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example> SMTPUTF8\r\n")
+    s.lines()
+    s.send("RCPT TO:<bob@exämple.com>\r\n".encode())
+    assert s.codes() == ["550 5.7.1"]
+
+
+def test_reply_quoting_utf8_address_stays_ascii() -> None:
+    def refuse(address: Address) -> Deferred[Any]:
+        return succeed(Reply(550, "5.1.1", f"<{address}> unknown"))
+
+    s = connect(check=refuse)
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example> SMTPUTF8\r\n")
+    s.lines()
+    s.send("RCPT TO:<jürgen@example.com>\r\n".encode())
+    [line] = s.lines()
+    assert line.startswith("550 5.1.1 <j") and line.isascii()
