@@ -429,3 +429,137 @@ async def test_probe_to_silent_server_times_out() -> None:
             await probe_recipient(reactor, f"127.0.0.1:{port.getHost().port}", ALICE, HOST, 0.5)
     finally:
         await port.stopListening()
+
+
+# -- the whole path: smtplib -> the node's listener -> probe of a real downstream --
+
+
+class Hub:
+    """A node's SMTP listener on 127.0.0.1 (the node's own wiring), not started."""
+
+    def __init__(self, tmp_path: Path, downstream_port: int, **options: Any) -> None:
+        from mailhub.node import Node
+        from mailhub.plugins.memory_store import MemorySpoolStore
+        from mailhub.plugins.standard_policy import StandardPolicy
+
+        lines = [f'route = "smtp:127.0.0.1:{downstream_port}"', 'verify = "route"']
+        lines += [f"{k} = {v!r}".replace("'", '"') for k, v in options.items()]
+        text = (
+            b'[hub]\nhostname = "mx.hub.example"\n[nodes.dallas]\nsmtp = "tcp:0:interface=127.0.0.1"\n'
+            b'[domains."example.com"]\n' + "\n".join(lines).encode() + b"\n"
+        )
+        self.config = parse(text, str(tmp_path / "hub.toml"))
+        self.store = MemorySpoolStore(reactor)
+        self.node = Node("dallas", self.config, self.store, StandardPolicy(nodes=("dallas",)), reactor)
+        self.port = reactor.listenTCP(0, self.node.smtp_factory, interface="127.0.0.1")
+
+    def rcpt(self, *recipients: str) -> Deferred[list[tuple[int, str]]]:
+        """RCPT each recipient in one session (smtplib, in a thread); the replies."""
+        import smtplib
+
+        port = self.port.getHost().port
+
+        def client() -> list[tuple[int, str]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                s.ehlo("client.example")
+                s.mail("someone@sender.example")
+                out = []
+                for r in recipients:
+                    code, text = s.rcpt(r)
+                    out.append((code, text.decode()))
+                s.rset()
+                return out
+
+        from twisted.internet.threads import deferToThread
+
+        return deferToThread(client)
+
+
+@pytest.fixture
+def downstream() -> Any:
+    from mailhub.testing.downstream import DownstreamServer
+
+    server = DownstreamServer(reactor)
+    pytest_twisted.blockon(server.start(port=0))
+    server.known_users = {"alice@example.com"}
+    yield server
+    pytest_twisted.blockon(server.stop())
+
+
+@pytest.fixture
+def hubs() -> Any:
+    made: list[Hub] = []
+
+    def make(*args: Any, **kw: Any) -> Hub:
+        hub = Hub(*args, **kw)
+        made.append(hub)
+        return hub
+
+    yield make
+    for hub in made:
+        pytest_twisted.blockon(hub.port.stopListening())
+
+
+def _status(reply: tuple[int, str]) -> str:
+    return f"{reply[0]} {reply[1].split(' ', 1)[0]}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_known_user_accepted_unknown_550_5_1_1_and_no_data_sent(
+    tmp_path: Path, downstream: Any, hubs: Any
+) -> None:
+    hub = hubs(tmp_path, downstream.port)
+    replies = await hub.rcpt("alice@example.com", "mallory@example.com", "x@elsewhere.example")
+    assert [_status(r) for r in replies] == ["250 2.1.5", "550 5.1.1", "550 5.7.1"]
+    verbs = {c.split(b" ")[0].split(b":")[0].upper() for c in downstream.commands}
+    assert b"DATA" not in verbs
+    assert downstream.messages == []
+    assert not any(b"elsewhere" in c for c in downstream.commands), "relay rule runs first"
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_are_cached(tmp_path: Path, downstream: Any, hubs: Any) -> None:
+    hub = hubs(tmp_path, downstream.port)
+    await hub.rcpt("alice@example.com", "mallory@example.com")
+    asked = sum(1 for c in downstream.commands if c.upper().startswith(b"RCPT"))
+    replies = await hub.rcpt("alice@example.com", "mallory@example.com")
+    assert [_status(r) for r in replies] == ["250 2.1.5", "550 5.1.1"]
+    assert sum(1 for c in downstream.commands if c.upper().startswith(b"RCPT")) == asked == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_downstream_down_uses_expired_cache(tmp_path: Path, downstream: Any, hubs: Any) -> None:
+    hub = hubs(tmp_path, downstream.port, verify_positive_seconds=0.01, verify_negative_seconds=0.01)
+    await hub.rcpt("alice@example.com", "mallory@example.com")
+    await downstream.stop()
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, 0.05, lambda: None)
+    replies = await hub.rcpt("alice@example.com", "mallory@example.com")
+    assert [_status(r) for r in replies] == ["250 2.1.5", "550 5.1.1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_downstream_down_without_cache_tempfails_451_4_4_1(tmp_path: Path, downstream: Any, hubs: Any) -> None:
+    hub = hubs(tmp_path, downstream.port)
+    await downstream.stop()
+    replies = await hub.rcpt("alice@example.com")
+    assert [_status(r) for r in replies] == ["451 4.4.1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_downstream_down_without_cache_accepts_when_configured(
+    tmp_path: Path, downstream: Any, hubs: Any
+) -> None:
+    hub = hubs(tmp_path, downstream.port, verify_unreachable="accept")
+    await downstream.stop()
+    replies = await hub.rcpt("mallory@example.com")
+    assert [_status(r) for r in replies] == ["250 2.1.5"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_route_answering_4xx_counts_as_down(tmp_path: Path, downstream: Any, hubs: Any) -> None:
+    hub = hubs(tmp_path, downstream.port)
+    downstream.mode = "tempfail"
+    replies = await hub.rcpt("alice@example.com")
+    assert [_status(r) for r in replies] == ["451 4.4.1"]
