@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -1344,3 +1344,144 @@ def test_reply_quoting_utf8_address_stays_ascii() -> None:
     s.send("RCPT TO:<jürgen@example.com>\r\n".encode())
     [line] = s.lines()
     assert line.startswith("550 5.1.1 <j") and line.isascii()
+
+
+# -- more properties: what is stored is what was sent ---------------------------
+
+_PIECES = [
+    b"Subject: x\r\n",
+    b"From: a@b.example\r\n",
+    b"\r\n",
+    b".",
+    b"..",
+    b".\r\n",
+    b"\r\n.\r\n",
+    b"\n.\n",
+    b"\r.\r",
+    b"\n",
+    b"\r",
+    b"\x00",
+    b"\x00.\x00",
+    "grüße ".encode(),
+    b"z" * 30,
+]
+
+
+def _stuff(body: bytes) -> bytes:
+    """What a correct client sends for ``body`` (RFC 5321 4.5.2)."""
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    stuffed = (b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]
+    return stuffed + b".\r\n" if stuffed.endswith(b"\r\n") or not stuffed else stuffed + b"\r\n.\r\n"
+
+
+def _normalised(body: bytes) -> bytes:
+    """The documented normalisation: each bare CR and each bare LF becomes CRLF."""
+    out = bytearray()
+    i = 0
+    while i < len(body):
+        if body[i : i + 2] == b"\r\n":
+            out += b"\r\n"
+            i += 2
+        elif body[i : i + 1] in (b"\r", b"\n"):
+            out += b"\r\n"
+            i += 1
+        else:
+            out += body[i : i + 1]
+            i += 1
+    return bytes(out)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    body=st.lists(st.one_of(st.sampled_from(_PIECES), st.binary(max_size=12)), max_size=25).map(b"".join),
+    cuts=st.lists(st.integers(0, 2000), max_size=6),
+    normalise=st.booleans(),
+)
+def test_stored_message_is_exactly_what_was_sent_or_refused_as_documented(
+    body: bytes, cuts: list[int], normalise: bool
+) -> None:
+    limits = {"max_message_size": 250, "max_data_line_length": 60, "max_header_size": 80}
+    s = connect(bare_line_endings="normalise" if normalise else "reject", **limits)
+    s.begin()
+    wire = _stuff(body)
+    bounds = [0, *sorted({c for c in cuts if c < len(wire)}), len(wire)]
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        s.send(wire[start:end])
+    codes = s.codes()
+    sent = body if not body or body.endswith(b"\r\n") else body + b"\r\n"
+    clean = _normalised(sent)
+    lines = clean.split(b"\r\n")
+    header = 0 if clean.startswith(b"\r\n") else (clean.find(b"\r\n\r\n") + 2 if b"\r\n\r\n" in clean else len(clean))
+    if len(wire) - 3 > 250:
+        expected = "552 5.3.4"
+    elif clean != sent and not normalise:
+        expected = "554 5.6.0"
+    elif any(len(line) > 60 for line in lines):
+        expected = "554 5.6.0"
+    elif header > 80:
+        expected = "552 5.3.4"
+    else:
+        expected = "250 2.0.0"
+    event(expected)
+    assert codes == [expected], (wire, codes)
+    if expected == "250 2.0.0":
+        [(_, message)] = s.store.received
+        assert body_of(message) == clean
+        assert message.count(b"\r") == message.count(b"\n") == message.count(b"\r\n")
+    else:
+        assert s.store.received == []
+
+
+_UTF8_TOKENS = [
+    "MAIL FROM:<jörg@b.example> SMTPUTF8\r\n".encode(),
+    "MAIL FROM:<jörg@b.example>\r\n".encode(),
+    b"MAIL FROM:<a@b.example> SMTPUTF8\r\n",
+    "RCPT TO:<jürgen@example.com>\r\n".encode(),
+    "RCPT TO:<bob@exämple.com>\r\n".encode(),
+    b"RCPT TO:<bob@example.com.evil.example>\r\n",
+    b"RCPT TO:<unknown@example.com>\r\n",
+    b"RCPT TO:<j\xfcrgen@example.com>\r\n",
+    b"STARTTLS\r\n",
+    b"MAIL FROM:<a@b.example> SMTPUTF8=1\r\n",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    parts=st.lists(
+        st.one_of(
+            st.sampled_from(_TOKENS + _UTF8_TOKENS),
+            _transactions(),
+            st.text(max_size=30).map(lambda t: t.encode("utf-8")),
+            st.binary(max_size=30),
+        ),
+        max_size=25,
+    ),
+    cuts=st.lists(st.integers(0, 3000), max_size=8),
+)
+def test_any_input_with_utf8_and_validation_never_relays_or_accepts_unknown(
+    parts: list[bytes], cuts: list[int]
+) -> None:
+    from mailhub.smtp.recipients import StaticRecipients
+    from mailhub.smtp.server import chain_checks
+
+    known = StaticRecipients(["bob@example.com", "one@example.com", "two@example.com", "jürgen@example.com"])
+    check = chain_checks(domain_check(DOMAINS, HOST), known)
+    s = connect(check=check, max_line_length=80, max_message_size=300, max_recipients=3)
+    stream = b"EHLO c.example\r\n" + b"".join(parts)
+    bounds = [0, *sorted({c for c in cuts if c < len(stream)}), len(stream)]
+    with capturedLogs() as events:
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            s.send(stream[start:end])
+        s.clock.advance(10_000)
+    assert not [e for e in events if "log_failure" in e], [formatEvent(e) for e in events]
+    out = s.transport.value()
+    assert out == b"" or out.endswith(b"\r\n")
+    for line in out.decode("ascii").split("\r\n")[:-1]:
+        assert _LINE.match(line), line
+    for envelope, _ in s.store.received:
+        assert envelope.recipients
+        for r in envelope.recipients:
+            assert str(r).lower() in ("bob@example.com", "one@example.com", "two@example.com", "jürgen@example.com")
+        assert envelope.smtputf8 or all(str(r).isascii() for r in envelope.recipients)
