@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
@@ -305,3 +307,32 @@ async def test_commands_sent_with_starttls_are_not_answered_over_tls(tls_server:
     assert before_ehlo.startswith(b"503 5.5.1")
     assert b"250 2.1.0" in rest and b"221 2.0.0" in rest
     assert received.messages == []
+
+
+# -- property: nothing pipelined after STARTTLS is ever executed -----------------
+
+_AFTER = [
+    b"MAIL FROM:<a@b.example>\r\n",
+    b"RCPT TO:<bob@example.com>\r\n",
+    b"DATA\r\n",
+    b"hello\r\n.\r\n",
+    b"EHLO evil.example\r\n",
+    b"QUIT\r\n",
+    b"STARTTLS\r\n",
+    b"NOOP\r\n",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.lists(st.sampled_from([b"NOOP\r\n", b"RSET\r\n", b"MAIL FROM:<a@b.example>\r\n"]), max_size=3),
+    after=st.lists(st.one_of(st.sampled_from(_AFTER), st.binary(max_size=20)), min_size=1, max_size=10),
+)
+def test_pipelined_input_after_starttls_is_never_answered(before: list[bytes], after: list[bytes]) -> None:
+    p, t = session()
+    p.dataReceived(b"EHLO c.example\r\n" + b"".join(before) + b"STARTTLS\r\n" + b"".join(after))
+    assert t.tls_started is not None
+    assert t.before_tls.endswith(b"220 2.0.0 Ready to start TLS\r\n")
+    assert t.value() == b""
+    p.dataReceived(b"MAIL FROM:<a@b.example>\r\n")
+    assert codes(t.value()) == ["503 5.5.1"]
