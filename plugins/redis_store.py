@@ -618,15 +618,20 @@ class RedisSpoolStore:
                 raise StoreFull(f"redis: the spool holds max_spool_bytes={self._max_spool_bytes}")
             return ids
 
+        def not_undone(failure: Failure, entry_id: str) -> None:
+            _log.warn(
+                "could not take back unconfirmed entry {entry}: {why}",
+                entry=entry_id,
+                why=failure.getErrorMessage(),
+            )
+
         def undo(failure: Failure) -> Failure:
             # The write may have reached the master even though WAIT did not
             # confirm it: the client is told 4xx and sends the message again,
             # so take this copy back (best effort; at worst a duplicate).
             if self._wait_replicas and failure.check(StoreUnavailable):
                 for entry_id in ids:
-                    self._eval(_DELETE, "undo enqueue", entry_id).addErrback(
-                        lambda f: _log.failure("could not undo an unconfirmed enqueue", f)
-                    )
+                    self._eval(_DELETE, "undo enqueue", entry_id).addErrback(not_undone, entry_id)
             return failure
 
         d = self._eval_replicated(_ENQUEUE, "enqueue", *args)
@@ -800,6 +805,8 @@ def _connect(settings: _Settings, reactor: Any) -> tuple[Any, Callable[[], Defer
     """
     import txredisapi  # installs the default reactor: only here, never at discovery
 
+    plain_factory, sentinel_factory = _factories(txredisapi, settings.reconnect_max_delay)
+
     options = dict(
         charset=None,
         password=settings.password,
@@ -809,14 +816,16 @@ def _connect(settings: _Settings, reactor: Any) -> tuple[Any, Callable[[], Defer
     )
     if settings.sentinels:
         sentinel = txredisapi.Sentinel(settings.sentinels)
+        # Sentinels answer in milliseconds; by default a lookup made while no
+        # master is fit (just after it died) waits 10 s before trying again.
+        sentinel.discovery_timeout = min(1.0, settings.command_timeout)
         handler = sentinel.master_for(
             settings.master,
-            factory_class=_sentinel_factory(txredisapi),
+            factory_class=sentinel_factory,
             dbid=settings.db,
             poolsize=settings.pool_size,
             **options,
         )
-        handler._factory.maxDelay = settings.reconnect_max_delay
 
         def close_sentinel() -> Deferred[Any]:
             return _gather([handler.disconnect(), sentinel.disconnect()])
@@ -825,7 +834,7 @@ def _connect(settings: _Settings, reactor: Any) -> tuple[Any, Callable[[], Defer
 
     from twisted.internet.endpoints import HostnameEndpoint
 
-    factory = txredisapi.RedisFactory(
+    factory = plain_factory(
         f"{settings.host}:{settings.port}",
         settings.db,
         settings.pool_size,
@@ -833,7 +842,6 @@ def _connect(settings: _Settings, reactor: Any) -> tuple[Any, Callable[[], Defer
         handler=txredisapi.ConnectionHandler,
         **options,
     )
-    factory.maxDelay = settings.reconnect_max_delay
     factory.startConnecting(
         HostnameEndpoint(reactor, settings.host, settings.port, timeout=settings.command_timeout)
     )
@@ -846,14 +854,34 @@ def _gather(ds: list[Deferred[Any]]) -> Deferred[Any]:
     return gatherResults(ds, consumeErrors=True)
 
 
-def _sentinel_factory(txredisapi: Any) -> Any:
+def _factories(txredisapi: Any, max_delay: float) -> tuple[Any, Any]:
     """
-    txredisapi's Sentinel factory, with a protocol that understands the
-    ``ROLE`` reply as ``bytes`` (``charset=None``): the stock one compares it
-    with ``"master"`` and so would drop every connection to the master.
+    txredisapi's connection factories (plain and Sentinel), fixed for a
+    store that must never give up reconnecting:
+
+    - txredisapi stops reconnecting *for good* when ``AUTH`` or ``SELECT``
+      fails on a new connection, and a timeout counts: a Redis that accepts
+      connections but does not answer (frozen, overloaded) would leave the
+      node without a spool until it is restarted.  Here ``stopTrying`` does
+      nothing; ``close()`` uses ``disconnect()``, which stops for real.
+      Such failures are logged, not handed to a ``Deferred`` nobody watches.
+    - The Sentinel protocol compares the ``ROLE`` reply with ``"master"``,
+      but with ``charset=None`` the reply is ``bytes``, so it would drop
+      every connection to the master.
     """
 
-    class Protocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc, name-defined]
+    def keep_trying(self: Any) -> Deferred[None]:
+        return succeed(None)
+
+    def log_error(self: Any, why: str) -> None:
+        _log.warn("{why}; reconnecting", why=why)
+
+    class Factory(txredisapi.RedisFactory):  # type: ignore[misc, name-defined]
+        maxDelay = max_delay
+        stopTrying = keep_trying
+        connectionError = log_error
+
+    class SentinelProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc, name-defined]
         def connectionMade(self) -> Any:
             def check_role(role: list[Any]) -> Any:
                 if self.factory.is_master and _text(role[0]) != "master":
@@ -861,14 +889,20 @@ def _sentinel_factory(txredisapi: Any) -> Any:
                     return None
                 return txredisapi.RedisProtocol.connectionMade(self)
 
+            def failed(_: Failure) -> None:
+                self.transport.abortConnection()
+
             if self.password is not None:
-                self.auth(self.password, self.username)
-            return self.role().addCallback(check_role)
+                self.auth(self.password, self.username).addErrback(lambda _: None)
+            return self.role().addCallbacks(check_role, failed)
 
-    class Factory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc, name-defined]
-        protocol = Protocol
+    class SentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc, name-defined]
+        protocol = SentinelProtocol
+        maxDelay = max_delay
+        stopTrying = keep_trying
+        connectionError = log_error
 
-    return Factory
+    return Factory, SentinelFactory
 
 
 # -- configuration ----------------------------------------------------------

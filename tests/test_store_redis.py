@@ -353,8 +353,12 @@ async def test_redis_down_fails_fast_and_store_recovers_by_itself(
 async def test_redis_not_answering_fails_within_timeout(
     own_server: RedisServer, stores: Callable[..., RedisSpoolStore]
 ) -> None:
-    """A Redis that keeps the connection open but never answers cannot hang a session."""
-    store = stores(own_server, command_timeout=1.0, reconnect_max_delay=0.5)
+    """
+    A Redis that accepts connections but never answers cannot hang a session,
+    and the store keeps reconnecting through it (txredisapi alone gives up
+    for good when the ``SELECT`` of a new connection times out).
+    """
+    store = stores(own_server, db=1, pool_size=1, command_timeout=1.0, reconnect_max_delay=0.5)
     await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
     own_server.pause()
     try:
@@ -362,6 +366,8 @@ async def test_redis_not_answering_fails_within_timeout(
         with pytest.raises(StoreUnavailable):
             await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
         assert 0.9 < time.monotonic() - started < 1.5
+        # Reconnections meanwhile reach the frozen server and time out.
+        await sleep(3.0)
     finally:
         own_server.resume()
     assert await until_works(store, within=10.0) < 10.0
@@ -406,4 +412,63 @@ async def test_wait_replicas_with_replica_succeeds(
         assert updated is not None and updated.attempts == 1
         assert replica.command("LLEN", f"{store._prefix}a:{entry_id}") == 1
     finally:
+        replica.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest_twisted.ensureDeferred
+async def test_sentinel_failover_loses_no_acknowledged_entry(
+    own_server: RedisServer, tmp_path: Path, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """
+    Over Sentinel with ``wait_replicas = 1``: the master dies, Sentinel
+    promotes the replica, and the store finds the new master by itself; every
+    entry acknowledged before the failover is there.
+    """
+    master = own_server
+    replica = RedisServer.start(tmp_path / "replica", replica_of=master.address)
+    sentinel = RedisServer.start_sentinel(tmp_path / "sentinel", "spool", master.address)
+    try:
+        replica.wait_for_replication()
+        store = stores(
+            sentinel,
+            sentinels=[f"127.0.0.1:{sentinel.port}"],
+            master="spool",
+            wait_replicas=1,
+            command_timeout=2.0,
+            reconnect_max_delay=0.5,
+        )
+        acknowledged: list[str] = []
+        for _ in range(20):
+            acknowledged += await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+
+        master.kill()
+        started = time.monotonic()
+        # Writes fail (4xx to clients) until the old master is back as a
+        # replica of the promoted one: WAIT 1 needs a replica.
+        with pytest.raises(StoreUnavailable):
+            await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+        while replica.info("replication").get("role") != "master":
+            assert time.monotonic() - started < 30, "Sentinel did not promote the replica"
+            await sleep(0.1)
+        promoted = time.monotonic() - started
+        # Reads work as soon as the store has found the new master.
+        while True:
+            try:
+                assert await store.get(acknowledged[0]) is not None
+                break
+            except StoreUnavailable:
+                assert time.monotonic() - started < 30, "the store did not find the new master"
+                await sleep(0.1)
+        reading = time.monotonic() - started
+        master.restart()
+        took = await until_works(store, within=60.0)
+        print(
+            f"replica promoted after {promoted:.1f}s, store reading at {reading:.1f}s;"
+            f" old master restarted, store writing again {took:.1f}s later"
+        )
+        for entry_id in acknowledged:
+            assert await store.get(entry_id) is not None
+    finally:
+        sentinel.stop()
         replica.stop()

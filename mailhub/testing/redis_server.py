@@ -119,6 +119,7 @@ class RedisServer:
     directory: Path
     replica_of: tuple[str, int] | None = None
     extra_args: tuple[str, ...] = ()
+    sentinel_for: tuple[str, str, int] | None = None
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
@@ -141,6 +142,20 @@ class RedisServer:
         server.restart(timeout)
         return server
 
+    @classmethod
+    def start_sentinel(
+        cls, directory: Path, master: str, master_address: tuple[str, int], timeout: float = 10.0
+    ) -> RedisServer:
+        """
+        Start a Sentinel (``redis-server --sentinel``) that monitors one master
+        under the name ``master``, with a quorum of 1 and short timeouts: it
+        declares the master down after 0.5 s without an answer.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        server = cls(free_port(), directory, sentinel_for=(master, *master_address))
+        server.restart(timeout)
+        return server
+
     @property
     def address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
@@ -153,6 +168,24 @@ class RedisServer:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed")
+        if self.sentinel_for is not None:
+            # Sentinel rewrites its configuration file: write it only once.
+            conf = self.directory / "sentinel.conf"
+            if not conf.exists():
+                name, host, port = self.sentinel_for
+                conf.write_text(
+                    f"sentinel monitor {name} {host} {port} 1\n"
+                    f"sentinel down-after-milliseconds {name} 500\n"
+                    f"sentinel failover-timeout {name} 2000\n"
+                )
+            return [
+                binary, str(conf), "--sentinel",
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self.directory),
+                "--daemonize", "no",
+                "--logfile", str(self.directory / "redis.log"),
+            ]  # fmt: skip
         argv = [
             binary,
             "--port", str(self.port),
