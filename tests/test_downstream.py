@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 
 from mailhub.testing.downstream import DownstreamServer
 
@@ -163,6 +164,20 @@ async def test_down_refuses_connections_and_comes_back_on_the_same_port(server):
     assert await server.start(port=port) == port
     c = await connect(port)
     assert (await c.command(b"NOOP")).startswith(b"250")
+
+
+@pytest_twisted.ensureDeferred
+async def test_mode_down_stops_listening_and_any_other_mode_listens_again(server):
+    port = server.port
+    server.mode = "down"
+    await deferLater(reactor, 0.05, lambda: None)
+    assert not server.listening
+    with pytest.raises(ConnectionRefusedError):
+        await connect(port)
+    server.mode = "accept"
+    await deferLater(reactor, 0.05, lambda: None)
+    assert server.listening and server.port == port
+    await connect(port)
 
 
 @pytest_twisted.ensureDeferred

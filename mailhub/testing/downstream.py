@@ -48,6 +48,7 @@ from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 __all__ = ["MODES", "DownstreamServer", "ReceivedMessage", "main"]
@@ -423,6 +424,8 @@ class DownstreamServer:
     :ivar on_message: called with each ``ReceivedMessage``, if set.
     """
 
+    _log = Logger()
+
     def __init__(
         self, reactor: Any, hostname: str = "downstream.test", interface: str = "127.0.0.1"
     ) -> None:
@@ -473,7 +476,9 @@ class DownstreamServer:
         if mode == "down" and was != "down":
             self.stop()
         elif was == "down" and mode != "down" and self.port is not None and self._listening is None:
-            self.start(self.port)
+            self.start(self.port).addErrback(
+                lambda f: self._log.failure("cannot listen again on port {port}", f, port=self.port)
+            )
 
     @property
     def listening(self) -> bool:
