@@ -15,7 +15,12 @@ to confirm that many replicas have the write.
 
 Every command has a timeout (``command_timeout``): a Redis that is down, or
 up but not answering, makes a call fail with ``StoreUnavailable`` within that
-time, never hang.  The connection is re-established by itself.
+time, never hang.  Calls in flight when the connection drops fail at once.
+The connections are re-established by themselves, at most
+``reconnect_max_delay`` after Redis is back, however long it was away; with
+Sentinel, on the master Sentinel names.  When ``WAIT`` does not confirm an
+enqueue, its entries are taken back (best effort) since the client is told to
+try again later.
 
 txredisapi installs the default reactor when imported, so this module imports
 it only when a store is made, never at plugin discovery.
@@ -30,7 +35,9 @@ Configuration (the ``[store]`` table)::
     key_prefix = "mailhub:"     # several hubs can share one Redis
     command_timeout = 5.0       # seconds
     wait_replicas = 0           # > 0: a write waits for WAIT N to confirm it
-    max_spool_bytes = 0         # > 0: enqueue fails with StoreFull beyond it
+                                # (for half of command_timeout at most)
+    max_spool_bytes = 0         # > 0: enqueue fails with StoreFull when the spooled
+                                # message bodies would exceed it (so does Redis OOM)
     sentinels = ["10.0.0.1:26379", "10.0.0.2:26379"]   # with master = "mymaster"
     master = "mymaster"
     pool_size = 2               # connections per node
