@@ -36,7 +36,13 @@ from email.utils import format_datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -333,6 +339,8 @@ class SMTPServerProtocol(Protocol):
             self._transport.loseConnection()
             return
         self._admitted = True
+        # A listener on an "ssl:" endpoint is TLS from the first byte.
+        self._secure = ISSLTransport.providedBy(self.transport)
         banner = self._limits.banner or "ESMTP mailhub"
         self._write_line(f"220 {self._hostname} {banner}")
         self._flush()
