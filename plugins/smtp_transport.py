@@ -403,6 +403,8 @@ class SMTPTransport:
     async def _deliver(self, entry: Entry, message: bytes) -> dict[Address, Reply]:
         try:
             return await self._deliver_entry(entry, message)
+        except CancelledError:
+            raise
         except Exception as e:
             # A bug here must not become an errback: the contract is a reply per recipient.
             self._log.failure("smtp delivery of entry {entry} failed", entry=entry.id)
@@ -527,6 +529,23 @@ class SMTPTransport:
 
         :raises _Discard: if ``conn`` was reused and failed before the transaction began.
         """
+        try:
+            return await self._transaction_steps(conn, sender, recipients, payload, message)
+        except _Discard:
+            raise
+        except BaseException:
+            # Cancelled (or a bug): the session is in an unknown state.
+            self._drop(conn)
+            raise
+
+    async def _transaction_steps(
+        self,
+        conn: _Connection,
+        sender: Address | None,
+        recipients: Sequence[Address],
+        payload: bytes,
+        message: bytes,
+    ) -> dict[Address, Reply]:
         p = conn.protocol
         reused = conn.deliveries > 0
         timeout = self._command_timeout
@@ -606,16 +625,22 @@ class SMTPTransport:
     # connections
 
     async def _connect(self, key: Key) -> _Connection | Reply:
-        """Open, greet and EHLO a new connection; a slot is already reserved for it."""
+        """
+        Open, greet and EHLO a new connection, for which a slot is reserved;
+        if that fails, the reply says why and the slot is free again.
+        """
         host, port = key
         peer = _peer(host, port)
+        conn: _Connection | None = None
+        ready = False
         try:
             address = host
             if self._destination is None and not _is_address(host):
                 try:
                     address = await self._dns().getHostByName(host)
+                except CancelledError:
+                    raise
                 except Exception as e:
-                    self._free_slot()
                     return Reply(421, "4.4.3", f"cannot resolve {host}: {_describe(e)}")
             endpoint = (
                 self._endpoint_for(address, port)
@@ -628,38 +653,41 @@ class SMTPTransport:
             d = endpoint.connect(factory)
             d.addTimeout(self._connect_timeout, self._reactor)
             protocol = cast(SMTPClientProtocol, await d)
+            self.connections_made += 1
+            conn = _Connection(protocol, key)
+            protocol.on_lost = lambda _: self._lost(conn)
+            banner = await protocol.banner
+            if not banner.ok:
+                return banner
+            reply = await protocol.command(
+                b"EHLO " + self._hostname.encode(), self._command_timeout
+            )
+            if reply.ok:
+                protocol.extensions = _extensions(protocol.last_lines[1:])
+            elif reply.permanent:
+                reply = await protocol.command(
+                    b"HELO " + self._hostname.encode(), self._command_timeout
+                )
+            if not reply.ok:
+                return reply
+            ready = True
+            return conn
         except ConnectionRefusedError:
-            self._free_slot()
             return Reply(421, "4.4.1", f"Connection refused by {peer}")
-        except (DeferredTimeout, ConnectTimeout, CancelledError):
-            self._free_slot()
+        except (DeferredTimeout, ConnectTimeout):
             return Reply(
                 421, "4.4.2", f"Connection to {peer} timed out after {self._connect_timeout:g}s"
             )
         except DNSLookupError as e:
-            self._free_slot()
             return Reply(421, "4.4.3", f"cannot resolve {host}: {_describe(e)}")
         except ConnectError as e:
-            self._free_slot()
             return Reply(421, "4.4.1", f"cannot connect to {peer}: {_describe(e)}")
-        self.connections_made += 1
-        conn = _Connection(protocol, key)
-        protocol.on_lost = lambda _: self._lost(conn)
-        banner = await protocol.banner
-        if not banner.ok:
-            self._drop(conn, quit=True)
-            return banner
-        reply = await protocol.command(b"EHLO " + self._hostname.encode(), self._command_timeout)
-        if reply.ok:
-            protocol.extensions = _extensions(protocol.last_lines[1:])
-        elif reply.permanent:
-            reply = await protocol.command(
-                b"HELO " + self._hostname.encode(), self._command_timeout
-            )
-        if not reply.ok:
-            self._drop(conn, quit=True)
-            return reply
-        return conn
+        finally:
+            if not ready:
+                if conn is not None:
+                    self._drop(conn, quit=True)
+                else:
+                    self._free_slot()
 
     async def _acquire(self, key: Key, fresh_only: bool) -> _Connection | None:
         """
@@ -728,8 +756,11 @@ class SMTPTransport:
         self._wake()
 
     def _wake(self) -> None:
-        if self._slot_waiters:
-            self._slot_waiters.popleft().callback(None)
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.called:  # a cancelled delivery no longer waits
+                waiter.callback(None)
+                return
 
 
 def _mail_command(

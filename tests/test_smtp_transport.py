@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.names import dns
@@ -648,3 +648,22 @@ def test_idle_connection_is_closed_by_the_clock():
     clock.advance(1)
     assert written(p) == b"QUIT\r\n"
     assert not p.transport.connected
+
+
+def test_a_cancelled_delivery_gives_its_connection_slot_back():
+    clock, endpoints = Clock(), Endpoints()
+    t = unit_transport(clock, endpoints, max_connections=1)
+    first = t.deliver(entry("a@example.com"), b"x\r\n")
+    waiting = t.deliver(entry("b@example.com"), b"y\r\n")
+    [p] = endpoints.protocols
+    greet(p)
+    waiting.cancel()
+    first.cancel()
+    first.addErrback(lambda f: f.trap(CancelledError))
+    waiting.addErrback(lambda f: f.trap(CancelledError))
+    assert not p.transport.connected
+    third = t.deliver(entry("c@example.com"), b"z\r\n")
+    assert len(endpoints.protocols) == 2
+    greet(endpoints.protocols[1])
+    endpoints.protocols[1].dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
+    assert third.result[addr("c@example.com")].ok
