@@ -12,13 +12,13 @@ from twisted.web import resource, server, static
 from mailhub.config import load
 from mailhub.service import makeHubService
 
-here = os.path.dirname(os.path.abspath(__file__ if "__file__" in dir() else "examples/embed.tac"))
+here = os.path.dirname(os.path.abspath(__file__))
 config = load(os.environ.get("MAILHUB_CONFIG", os.path.join(here, "hub.toml")))
 
 application = service.Application("my-app-with-a-mail-hub")
 
 root = resource.Resource()
 root.putChild(b"", static.Data(b"the rest of my application\n", "text/plain"))
-strports.service("tcp:8080:interface=127.0.0.1", server.Site(root)).setServiceParent(application)
+strports.service(os.environ.get("APP_WEB", "tcp:8080:interface=127.0.0.1"), server.Site(root)).setServiceParent(application)
 
 makeHubService(config).setServiceParent(application)

@@ -7,8 +7,10 @@ test switches between accepting, deferring, rejecting, dropping and down.
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -213,3 +215,57 @@ async def test_sigkill_under_load_loses_no_acknowledged_message(running, downstr
         return set(acknowledged) <= set(hub.subjects())
 
     await eventually(all_delivered, timeout=60, what="every acknowledged message delivered")
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_option_runs_one_node_of_the_configuration(tmp_path, downstream):
+    ports = {"dallas": free_port(), "losangeles": free_port()}
+    hub = HubProcess(tmp_path, hub_config(tmp_path / "spool.db", downstream.port, ports), node="dallas")
+    hub.start()
+    try:
+        await hub.started(ports["dallas"])
+        code, _ = await send(ports["dallas"], message("one-node"))
+        assert code == 250
+        code, text = await send(ports["losangeles"], message("nobody-there"))
+        assert code == 0 and "refused" in text.lower()
+        await eventually(lambda: len(downstream.messages) == 1, what="delivery by dallas")
+    finally:
+        await hub.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_configuration_stops_twistd_with_the_key_named(tmp_path, downstream):
+    text = hub_config(tmp_path / "spool.db", downstream.port, {"dallas": free_port()})
+    hub = HubProcess(tmp_path, text.replace("retry_minutes = 20", 'retry_minutes = "often"'))
+    hub.start()
+    code = await hub.stop(signal.SIGCONT, timeout=30)
+    assert code != 0
+    assert "policy.retry_minutes" in hub.log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedding_example_runs_the_hub_inside_another_application(tmp_path, downstream):
+    import subprocess
+
+    from hubprocess import BIN
+
+    ports = {"dallas": free_port(), "losangeles": free_port()}
+    config = tmp_path / "hub.toml"
+    config.write_text(hub_config(tmp_path / "spool.db", downstream.port, ports))
+    web_port = free_port()
+    tac = Path(__file__).parent.parent / "examples" / "embed.tac"
+    env = {**os.environ, "MAILHUB_CONFIG": str(config), "APP_WEB": f"tcp:{web_port}:interface=127.0.0.1"}
+    process = subprocess.Popen([str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(tmp_path / "app.log"),
+                                "-y", str(tac)], cwd=tmp_path, env=env)
+    try:
+        hub = HubProcess(tmp_path, config.read_text(), name="unused")
+        hub.process = process
+        hub.log_path = tmp_path / "app.log"
+        await hub.started(ports["losangeles"])
+        code, _ = await send(ports["losangeles"], message("embedded"))
+        assert code == 250
+        await eventually(lambda: len(downstream.messages) == 1, what="delivery from the embedded hub")
+    finally:
+        process.terminate()
+        while process.poll() is None:
+            await sleep(0.05)
