@@ -110,6 +110,7 @@ class MemorySpoolStore:
                     size=len(message),
                     envelope_helo=envelope.helo,
                     envelope_client=envelope.client,
+                    smtputf8=envelope.smtputf8,
                 )
                 self._slots[entry.id] = _Slot(entry)
                 ids.append(entry.id)

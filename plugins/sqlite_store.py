@@ -82,7 +82,8 @@ CREATE TABLE IF NOT EXISTS entries (
     held INTEGER NOT NULL DEFAULT 0,
     size INTEGER NOT NULL,
     helo TEXT NOT NULL DEFAULT '',
-    client TEXT NOT NULL DEFAULT ''
+    client TEXT NOT NULL DEFAULT '',
+    smtputf8 INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS entries_due ON entries (held, next_attempt);
 CREATE INDEX IF NOT EXISTS entries_message ON entries (message_id);
@@ -99,7 +100,7 @@ CREATE INDEX IF NOT EXISTS attempts_entry ON attempts (entry_id);
 
 _ENTRY_COLUMNS = (
     "id, message_id, route, sender, recipients, created, next_attempt, node,"
-    " attempts, held, size, helo, client"
+    " attempts, held, size, helo, client, smtputf8"
 )
 
 #: The claim query.  The index ``entries_due`` gives the due rows in order, so
@@ -160,7 +161,7 @@ def _recipients(text: str) -> tuple[Recipient, ...]:
 
 def _entry(row: Sequence[Any]) -> Entry:
     (id, message_id, route, sender, recipients, created, next_attempt, node) = row[:8]
-    (attempts, held, size, helo, client) = row[8:]
+    (attempts, held, size, helo, client, smtputf8) = row[8:]
     return Entry(
         id=id,
         message_id=message_id,
@@ -175,6 +176,7 @@ def _entry(row: Sequence[Any]) -> Entry:
         size=size,
         envelope_helo=helo,
         envelope_client=client,
+        smtputf8=bool(smtputf8),
     )
 
 
@@ -269,6 +271,7 @@ class _Writer:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            _add_missing_columns(conn)
         except BaseException:
             conn.close()
             raise
@@ -425,6 +428,7 @@ class SqliteSpoolStore:
                         len(body),
                         envelope.helo,
                         envelope.client,
+                        int(envelope.smtputf8),
                     ),
                 )
                 ids.append(entry_id)
@@ -691,10 +695,23 @@ class SqliteSpoolStore:
         return self._writer.stop()
 
 
+#: Columns added to ``entries`` after its first release: a spool file written
+#: before them gets them (with their default) when it is opened.
+_ADDED_COLUMNS = {"smtputf8": "INTEGER NOT NULL DEFAULT 0"}
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+    for name, definition in _ADDED_COLUMNS.items():
+        if name not in have:
+            conn.execute(f"ALTER TABLE entries ADD COLUMN {name} {definition}")
+
+
 def _insert_entry(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
     conn.execute(
         "INSERT INTO entries (id, message_id, route, sender, recipients, created,"
-        " next_attempt, node, size, helo, client) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " next_attempt, node, size, helo, client, smtputf8)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         values,
     )
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -149,6 +150,45 @@ async def test_entries_survive_close_and_reopen(db: Path) -> None:
         assert lease.entry == entry
     finally:
         await second.close()
+
+
+#: ``entries`` as the first release made it, before ``smtputf8``.
+_OLD_ENTRIES = """
+CREATE TABLE messages (id TEXT PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE entries (
+    id TEXT PRIMARY KEY, message_id TEXT NOT NULL REFERENCES messages (id),
+    route TEXT NOT NULL, sender TEXT, recipients TEXT NOT NULL, created REAL NOT NULL,
+    next_attempt REAL NOT NULL, node TEXT, lease_node TEXT, lease_token TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL, helo TEXT NOT NULL DEFAULT '', client TEXT NOT NULL DEFAULT ''
+);
+INSERT INTO messages VALUES ('m1', X'6869');
+INSERT INTO entries (id, message_id, route, sender, recipients, created, next_attempt, size)
+VALUES ('e1', 'm1', 'smtp:mail.a.example:25', 'sender@outside.example',
+        '[{"address": "alice@a.example", "state": "pending", "reply": null}]', 1, 1, 2);
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_file_without_smtputf8_column_still_opens(db: Path) -> None:
+    """
+    A spool written before ``entries.smtputf8`` existed gets the column when
+    opened: its entries read as not SMTPUTF8, and new ones keep the flag.
+    """
+    old = sqlite3.connect(db)
+    old.executescript(_OLD_ENTRIES)
+    old.close()
+    store = open_store(db)
+    try:
+        entry = await store.get("e1")
+        assert entry is not None and entry.pending == (ALICE,) and entry.smtputf8 is False
+        utf8 = envelope(NOW)
+        [new_id] = await store.enqueue(
+            attrs.evolve(utf8, smtputf8=True), b"x\r\n", {ROUTE: [ALICE]}, "dallas"
+        )
+        assert (await store.get(new_id)).smtputf8 is True
+    finally:
+        await store.close()
 
 
 @pytest_twisted.ensureDeferred

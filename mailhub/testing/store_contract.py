@@ -216,6 +216,36 @@ class SpoolStoreContract:
         entry = await store.get(entry_id)
         assert entry.sender == sender and entry.pending == (who,)
 
+    @pytest_twisted.ensureDeferred
+    async def test_smtputf8_flag_survives_enqueue_claim_record_and_get(self, store: Any) -> None:
+        """
+        ``Entry.smtputf8`` is the envelope's flag, on every entry of the
+        message, through ``get``, ``claim``, ``record`` and ``entries``; a
+        message without it stays without it.
+        """
+        utf8 = Envelope(SENDER, _as_tuple([ALICE, DAVE]), received_at=NOW, smtputf8=True)
+        ids = await store.enqueue(utf8, b"x\r\n", {ROUTE_A: [ALICE], ROUTE_B: [DAVE]}, "dallas")
+        [plain] = await self.enqueue(store, {ROUTE_A: [BOB]}, received_at=NOW + 1)
+        assert [(await store.get(i)).smtputf8 for i in ids] == [True, True]
+        assert (await store.get(plain)).smtputf8 is False
+        leases = await self.claim(store, now=NOW + 1)
+        assert {lease.entry.id: lease.entry.smtputf8 for lease in leases} == {
+            ids[0]: True,
+            ids[1]: True,
+            plain: False,
+        }
+        lease = next(lease for lease in leases if lease.entry.id == ids[0])
+        updated = await store.record(
+            lease,
+            attempt_for(lease, {ALICE: LATER}),
+            decision({ALICE: (Action.RETRY, LATER)}, next_attempt=NOW + 1200),
+        )
+        assert updated.smtputf8 is True
+        [again] = await self.claim(store, now=NOW + 1200, ids=[ids[0]])
+        assert again.entry.smtputf8 is True
+        listed = {e.id: e.smtputf8 for e in await store.entries(None, 0, 100)}
+        assert listed[ids[0]] is True and listed[plain] is False
+
     # -- claim ----------------------------------------------------------
 
     @pytest_twisted.ensureDeferred
