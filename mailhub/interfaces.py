@@ -21,6 +21,7 @@ __all__ = [
     "IArchive",
     "IArchivePlugin",
     "IDeliveryPolicy",
+    "INodeRegistry",
     "IPolicyPlugin",
     "ISpoolStore",
     "IStorePlugin",
@@ -157,6 +158,44 @@ class ISpoolStore(Interface):
 
     def close():
         """Release resources; fires when done.  No other method is called after."""
+
+
+class INodeRegistry(Interface):
+    """
+    Where the nodes of a hub say that they are alive: optional, a store may
+    provide it besides ``ISpoolStore`` (the ``memory``, ``sqlite`` and
+    ``redis`` stores do).  A node sends a heartbeat when it starts and every
+    ``[delivery] heartbeat_seconds``; ``mailhub nodes`` lists what the
+    registry knows.  Like every store method these return ``Deferred``s, fail
+    with ``StoreUnavailable`` when the backend is unreachable and never block.
+    """
+
+    def heartbeat(node, now, info):
+        """
+        Record that ``node`` is alive at ``now``, replacing its last heartbeat.
+
+        :param node: the node's name.
+        :param now: the time of the heartbeat (the node's clock).
+        :param info: a small dict that ``json.dumps`` can encode (``host``,
+            ``pid``, ``version``, ``in_flight``, ...), returned as given by
+            ``nodes``.
+        :returns: a ``Deferred`` firing with ``None`` once recorded.
+        """
+
+    def nodes(now):
+        """
+        Every node that sent a heartbeat or holds entries.
+
+        :param now: the time to judge leases by (a lease that expired before
+            ``now`` is no longer held).
+        :returns: a ``Deferred`` firing with a list of dicts, by name:
+            ``"name"``; ``"last_seen"``, the time of its last heartbeat (or
+            ``None`` for a node that holds entries but never sent one);
+            ``"info"``, the dict of that heartbeat (``{}`` without one);
+            ``"leased"``, how many entries it holds under a lease that has not
+            expired; ``"reserved"``, how many entries not held are due next
+            for it (``Entry.node``).
+        """
 
 
 class IArchive(Interface):

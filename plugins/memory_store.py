@@ -17,7 +17,7 @@ from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from mailhub.interfaces import ISpoolStore, IStorePlugin
+from mailhub.interfaces import INodeRegistry, ISpoolStore, IStorePlugin
 from mailhub.model import (
     Address,
     Attempt,
@@ -51,9 +51,10 @@ class _Slot:
 
     entry: Entry
     lease_token: str | None = None
+    lease_node: str | None = None
 
 
-@implementer(ISpoolStore)
+@implementer(ISpoolStore, INodeRegistry)
 @define
 class MemorySpoolStore:
     """
@@ -68,6 +69,7 @@ class MemorySpoolStore:
     _messages: dict[str, bytes] = field(factory=dict)
     _slots: dict[str, _Slot] = field(factory=dict)
     _attempts: dict[str, list[Attempt]] = field(factory=dict)
+    _heartbeats: dict[str, tuple[float, dict[str, Any]]] = field(factory=dict)
 
     def _call(self, fn: Callable[[], _T]) -> Deferred[_T]:
         if self.unavailable:
@@ -152,6 +154,7 @@ class MemorySpoolStore:
                 leases.append(Lease(slot.entry, node, token, now + lease_seconds))
                 slot.entry = evolve(slot.entry, next_attempt=now + lease_seconds, node=None)
                 slot.lease_token = token
+                slot.lease_node = node
             return leases
 
         return self._call(do)
@@ -290,6 +293,35 @@ class MemorySpoolStore:
                 return False
             self._drop(entry_id)
             return True
+
+        return self._call(do)
+
+    # -- INodeRegistry -----------------------------------------------------
+
+    def heartbeat(self, node: str, now: float, info: Mapping[str, Any]) -> Deferred[None]:
+        def do() -> None:
+            self._heartbeats[node] = (now, dict(info))
+
+        return self._call(do)
+
+    def nodes(self, now: float) -> Deferred[list[dict[str, Any]]]:
+        def do() -> list[dict[str, Any]]:
+            found = {
+                name: {"name": name, "last_seen": seen, "info": dict(info), "leased": 0, "reserved": 0}
+                for name, (seen, info) in self._heartbeats.items()
+            }
+
+            def of(name: str) -> dict[str, Any]:
+                return found.setdefault(
+                    name, {"name": name, "last_seen": None, "info": {}, "leased": 0, "reserved": 0}
+                )
+
+            for slot in self._slots.values():
+                if self._leased(slot, now) and slot.lease_node is not None:
+                    of(slot.lease_node)["leased"] += 1
+                elif slot.entry.node is not None and not slot.entry.held:
+                    of(slot.entry.node)["reserved"] += 1
+            return [found[name] for name in sorted(found)]
 
         return self._call(do)
 

@@ -45,7 +45,8 @@ Configuration (the ``[store]`` table)::
 
 Keys (all under ``key_prefix``; one spool per prefix)::
 
-    e:<entry>   hash: data (JSON), next, node, held, token, route, mid, pending
+    e:<entry>   hash: data (JSON), next, node, held, token, lnode (the node
+                      that took the last lease), route, mid, pending
     a:<entry>   list: the attempts log, JSON, oldest first
     m:<msg>     hash: body, refs (entries using it), size
     due         zset: unreserved, unheld entries by next attempt (leased ones
@@ -55,8 +56,10 @@ Keys (all under ``key_prefix``; one spool per prefix)::
     all         zset: every entry by next attempt, for listings
     held, leased  sets of entry ids
     routes      hash: route -> entries;  recipients, bytes: counters
+    heartbeats  hash: node -> JSON {"last_seen", "info"} (``INodeRegistry``)
 
-A key is removed as soon as it is empty, so an empty spool holds no key.  The
+A key is removed as soon as it is empty, so an empty spool holds no key
+(``heartbeats`` excepted: it lives as long as the hub's nodes do).  The
 scripts name keys they compute from the prefix, so the store needs one Redis
 (or a Sentinel-managed master), not a Redis Cluster.
 """
@@ -77,7 +80,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.interfaces import ISpoolStore, IStorePlugin
+from mailhub.interfaces import INodeRegistry, ISpoolStore, IStorePlugin
 from mailhub.model import (
     Address,
     Attempt,
@@ -227,7 +230,7 @@ for i = 1, math.min(limit, #found) do
   local f = redis.call('HMGET', ekey(id), 'data', 'next', 'node', 'held')
   local token = base .. '.' .. i
   unschedule(id, f[3])
-  redis.call('HSET', ekey(id), 'next', expires, 'node', '', 'token', token)
+  redis.call('HSET', ekey(id), 'next', expires, 'node', '', 'token', token, 'lnode', node)
   redis.call('SADD', P .. 'leased', id)
   schedule(id, '', expires, '0')
   table.insert(out, {id, token, f[1], f[2], f[3], f[4]})
@@ -354,6 +357,25 @@ return {redis.call('ZCARD', P .. 'all'), redis.call('SCARD', P .. 'held'), lease
         redis.call('GET', P .. 'recipients') or '0', redis.call('HGETALL', P .. 'routes')}
 """)
 
+# ARGV: prefix, now.  Returns {heartbeats as HGETALL gives them,
+# {node, leased count, ...}, {node, reserved count, ...}}.
+_NODES = _script("""
+local now, leased = tonumber(ARGV[2]), {}
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'leased')) do
+  local f = redis.call('HMGET', ekey(id), 'token', 'next', 'lnode')
+  if f[1] and f[1] ~= '' and f[3] and tonumber(f[2]) > now then
+    leased[f[3]] = (leased[f[3]] or 0) + 1
+  end
+end
+local held, reserved = {}, {}
+for node, n in pairs(leased) do table.insert(held, node); table.insert(held, n) end
+for _, node in ipairs(redis.call('SMEMBERS', P .. 'nodes')) do
+  table.insert(reserved, node)
+  table.insert(reserved, redis.call('ZCARD', dkey(node)))
+end
+return {redis.call('HGETALL', P .. 'heartbeats'), held, reserved}
+""")
+
 # ARGV: prefix, start, stop.  Returns {data, next, node, held} per entry.
 _PAGE_SCRIPT = _script("""
 local out = {}
@@ -419,6 +441,7 @@ def _entry_json(e: Entry) -> str:
             "size": e.size,
             "helo": e.envelope_helo,
             "client": e.envelope_client,
+            "utf8": e.smtputf8,
         }
     )
 
@@ -442,6 +465,7 @@ def _entry(data: bytes, next_attempt: bytes, node: bytes, held: bytes) -> Entry:
         size=d["size"],
         envelope_helo=d["helo"],
         envelope_client=d["client"],
+        smtputf8=bool(d.get("utf8", False)),
     )
 
 
@@ -483,7 +507,7 @@ def _matches(e: Entry, f: EntryFilter) -> bool:
 # -- the store --------------------------------------------------------------
 
 
-@implementer(ISpoolStore)
+@implementer(ISpoolStore, INodeRegistry)
 @define
 class RedisSpoolStore:
     """
@@ -616,6 +640,7 @@ class RedisSpoolStore:
                 size=len(message),
                 envelope_helo=envelope.helo,
                 envelope_client=envelope.client,
+                smtputf8=envelope.smtputf8,
             )
             ids.append(entry.id)
             args += [entry.id, route, _entry_json(entry), len(entry.recipients)]
@@ -793,6 +818,35 @@ class RedisSpoolStore:
 
     def delete(self, entry_id: str) -> Deferred[bool]:
         return self._eval(_DELETE, "delete", entry_id).addCallback(bool)
+
+    # -- INodeRegistry -----------------------------------------------------
+
+    def heartbeat(self, node: str, now: float, info: Mapping[str, Any]) -> Deferred[None]:
+        value = json.dumps({"last_seen": now, "info": dict(info)})
+        d = self._command("heartbeat", "HSET", f"{self._prefix}heartbeats", node, value)
+        return d.addCallback(lambda _: None)
+
+    def nodes(self, now: float) -> Deferred[list[dict[str, Any]]]:
+        def report(r: list[Any]) -> list[dict[str, Any]]:
+            beats, leased, reserved = r
+            found: dict[str, dict[str, Any]] = {}
+
+            def of(name: bytes) -> dict[str, Any]:
+                key = _text(name)
+                return found.setdefault(
+                    key, {"name": key, "last_seen": None, "info": {}, "leased": 0, "reserved": 0}
+                )
+
+            for name, value in zip(beats[::2], beats[1::2], strict=True):
+                beat = json.loads(value)
+                of(name).update(last_seen=beat["last_seen"], info=beat["info"])
+            for name, n in zip(leased[::2], leased[1::2], strict=True):
+                of(name)["leased"] = int(n)
+            for name, n in zip(reserved[::2], reserved[1::2], strict=True):
+                of(name)["reserved"] = int(n)
+            return [found[name] for name in sorted(found)]
+
+        return self._eval(_NODES, "nodes", _num(now)).addCallback(report)
 
     def close(self) -> Deferred[None]:
         d = self._disconnect()

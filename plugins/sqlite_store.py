@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.interfaces import ISpoolStore, IStorePlugin
+from mailhub.interfaces import INodeRegistry, ISpoolStore, IStorePlugin
 from mailhub.model import (
     Address,
     Attempt,
@@ -96,6 +96,11 @@ CREATE TABLE IF NOT EXISTS attempts (
     replies TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS attempts_entry ON attempts (entry_id);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    last_seen REAL NOT NULL,
+    info TEXT NOT NULL
+);
 """
 
 _ENTRY_COLUMNS = (
@@ -351,7 +356,7 @@ class _Writer:
         self._reactor.callFromThread(fire)
 
 
-@implementer(ISpoolStore)
+@implementer(ISpoolStore, INodeRegistry)
 @define
 class SqliteSpoolStore:
     """
@@ -688,6 +693,46 @@ class SqliteSpoolStore:
                 return False
             _remove(conn, entry_id, row[0])
             return True
+
+        return self._writer.submit(job)
+
+    # -- INodeRegistry -----------------------------------------------------
+
+    def heartbeat(self, node: str, now: float, info: Mapping[str, Any]) -> Deferred[None]:
+        text = json.dumps(dict(info), ensure_ascii=False)
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO nodes (name, last_seen, info) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen, info = excluded.info",
+                (node, now, text),
+            )
+
+        return self._writer.submit(job)
+
+    def nodes(self, now: float) -> Deferred[list[dict[str, Any]]]:
+        def job(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = {
+                name: {"name": name, "last_seen": seen, "info": json.loads(info), "leased": 0, "reserved": 0}
+                for name, seen, info in conn.execute("SELECT name, last_seen, info FROM nodes")
+            }
+
+            def of(name: str) -> dict[str, Any]:
+                return found.setdefault(
+                    name, {"name": name, "last_seen": None, "info": {}, "leased": 0, "reserved": 0}
+                )
+
+            for name, n in conn.execute(
+                "SELECT lease_node, count(*) FROM entries WHERE lease_token IS NOT NULL"
+                " AND next_attempt > ? GROUP BY lease_node",
+                (now,),
+            ):
+                of(name)["leased"] = n
+            for name, n in conn.execute(
+                "SELECT node, count(*) FROM entries WHERE node IS NOT NULL AND held = 0 GROUP BY node"
+            ):
+                of(name)["reserved"] = n
+            return [found[name] for name in sorted(found)]
 
         return self._writer.submit(job)
 

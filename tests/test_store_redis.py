@@ -39,7 +39,7 @@ from mailhub.model import (
 from mailhub.plugin import load_plugin
 from mailhub.plugins.redis_store import RedisSpoolStore, plugin
 from mailhub.testing.redis_server import RedisServer, redis_server_binary
-from mailhub.testing.store_contract import NOW, SpoolStoreContract
+from mailhub.testing.store_contract import NOW, NodeRegistryContract, SpoolStoreContract
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed")
 
@@ -86,7 +86,7 @@ def stores() -> Iterator[Callable[..., RedisSpoolStore]]:
     pytest_twisted.blockon(gatherResults([s.close() for s in made]))
 
 
-class TestRedisSpoolStore(SpoolStoreContract):
+class TestRedisSpoolStore(SpoolStoreContract, NodeRegistryContract):
     """The contract, each test under a fresh key prefix."""
 
     @pytest.fixture

@@ -25,14 +25,20 @@ from mailhub.model import Address, StoreFull, StoreUnavailable
 from mailhub.plugin import load_plugin
 from mailhub.plugins import sqlite_store
 from mailhub.plugins.sqlite_store import CLAIM_IDS_SQL, CLAIM_SQL, SqliteSpoolStore, plugin
-from mailhub.testing.store_contract import NOW, ODD_MESSAGE, SpoolStoreContract, envelope
+from mailhub.testing.store_contract import (
+    NOW,
+    ODD_MESSAGE,
+    NodeRegistryContract,
+    SpoolStoreContract,
+    envelope,
+)
 
 ROUTE = "smtp:mail.a.example:25"
 ALICE = Address("alice", "a.example")
 ENVELOPE = envelope(NOW)
 
 
-class TestSqliteSpoolStore(SpoolStoreContract):
+class TestSqliteSpoolStore(SpoolStoreContract, NodeRegistryContract):
     """The contract, over a fresh database file (the module's ``store`` fixture)."""
 
 

@@ -30,7 +30,7 @@ import pytest_twisted
 from twisted.internet.defer import DeferredList
 from zope.interface.verify import verifyObject
 
-from mailhub.interfaces import ISpoolStore
+from mailhub.interfaces import INodeRegistry, ISpoolStore
 from mailhub.model import (
     Action,
     Address,
@@ -46,7 +46,7 @@ from mailhub.model import (
     Reply,
 )
 
-__all__ = ["NOW", "SpoolStoreContract"]
+__all__ = ["NOW", "NodeRegistryContract", "SpoolStoreContract"]
 
 #: The time the suite's messages arrive at.
 NOW = 1_700_000_000.0
@@ -711,3 +711,67 @@ class SpoolStoreContract:
         assert await store.delete(entry_id) is True
         with pytest.raises(LeaseLost):
             await self.deliver_all(store, lease)
+
+
+class NodeRegistryContract:
+    """
+    Tests every store that provides ``INodeRegistry`` passes, with the same
+    ``store`` fixture as ``SpoolStoreContract``.
+    """
+
+    def test_provides_node_registry(self, store: Any) -> None:
+        """The store provides every method of ``INodeRegistry``."""
+        assert verifyObject(INodeRegistry, store)
+
+    @pytest_twisted.ensureDeferred
+    async def test_no_nodes_at_first(self, store: Any) -> None:
+        """An empty store knows no node."""
+        assert await store.nodes(NOW) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_heartbeat_is_listed_and_replaced_by_the_next(self, store: Any) -> None:
+        """``nodes`` gives each node's last heartbeat and its info, by name."""
+        await store.heartbeat("losangeles", NOW, {"host": "la1", "pid": 7})
+        await store.heartbeat("dallas", NOW + 1, {"host": "dal1", "pid": 8, "in_flight": 0})
+        await store.heartbeat("losangeles", NOW + 10, {"host": "la1", "pid": 9})
+        listed = await store.nodes(NOW + 11)
+        assert listed == [
+            {"name": "dallas", "last_seen": NOW + 1, "info": {"host": "dal1", "pid": 8, "in_flight": 0},
+             "leased": 0, "reserved": 0},
+            {"name": "losangeles", "last_seen": NOW + 10, "info": {"host": "la1", "pid": 9},
+             "leased": 0, "reserved": 0},
+        ]
+
+    @pytest_twisted.ensureDeferred
+    async def test_nodes_show_what_each_holds(self, store: Any) -> None:
+        """
+        Entries reserved for a node and entries it holds under a live lease are
+        counted for it; a node that holds entries is listed without a heartbeat.
+        """
+        await store.heartbeat("dallas", NOW, {})
+        routes = {ROUTE_A: [ALICE], ROUTE_B: [DAVE]}
+        await store.enqueue(envelope(), b"x\r\n", routes, "dallas")
+        await store.enqueue(envelope(), b"y\r\n", routes, "losangeles")
+        # losangeles leases one of its own: one leased, one reserved.
+        [lease] = await store.claim("losangeles", NOW, 1, LEASE, TAKEOVER)
+        assert lease.entry.node == "losangeles"
+        by_name = {n["name"]: n for n in await store.nodes(NOW + 1)}
+        assert by_name["dallas"]["reserved"] == 2 and by_name["dallas"]["leased"] == 0
+        assert by_name["losangeles"]["reserved"] == 1 and by_name["losangeles"]["leased"] == 1
+        assert by_name["losangeles"]["last_seen"] is None and by_name["losangeles"]["info"] == {}
+
+    @pytest_twisted.ensureDeferred
+    async def test_expired_lease_is_no_longer_held(self, store: Any) -> None:
+        """A node whose lease expired (it died) no longer holds that entry."""
+        await store.enqueue(envelope(), b"x\r\n", {ROUTE_A: [ALICE]}, "dallas")
+        await store.claim("dallas", NOW, 1, LEASE, TAKEOVER)
+        later = [n for n in await store.nodes(NOW + LEASE + 1) if n["name"] == "dallas"]
+        assert later == [] or later[0]["leased"] == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_held_entries_are_not_reserved(self, store: Any) -> None:
+        """An entry an operator holds is nobody's to deliver."""
+        [entry_id] = await store.enqueue(envelope(), b"x\r\n", {ROUTE_A: [ALICE]}, "dallas")
+        await store.hold(entry_id)
+        listed = [n for n in await store.nodes(NOW) if n["name"] == "dallas"]
+        assert listed == [] or listed[0]["reserved"] == 0
