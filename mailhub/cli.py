@@ -6,6 +6,7 @@
     mailhub queue [--config FILE] show ID [--json]
     mailhub queue [--config FILE] hold|release|delete ID
     mailhub queue [--config FILE] flush [--route R]
+    mailhub nodes [--config FILE] [--json]
     mailhub sink --listen ENDPOINT [--maildir DIR]
 
 The queue commands open the configured spool store themselves (the hub may be
@@ -173,6 +174,59 @@ async def _queue(reactor: Any, args: argparse.Namespace, config: HubConfig) -> i
         await store.close()
 
 
+#: A node is DOWN when it has missed this many heartbeats.
+DOWN_AFTER_HEARTBEATS = 3
+
+
+async def _nodes(reactor: Any, args: argparse.Namespace, config: HubConfig) -> int:
+    """``mailhub nodes``: every node, when it was last seen, and what it holds."""
+    from mailhub.interfaces import INodeRegistry
+
+    store = _open_store(config, reactor)
+    try:
+        registry = INodeRegistry(store, None)
+        if registry is None:
+            sys.stderr.write(
+                f"mailhub: the {config.store['plugin']!r} store keeps no node heartbeats\n"
+            )
+            return 1
+        now = reactor.seconds()
+        listed = {n["name"]: n for n in await registry.nodes(now)}
+    finally:
+        await store.close()
+    limit = DOWN_AFTER_HEARTBEATS * config.delivery.heartbeat_seconds
+    rows = []
+    # The configuration's nodes first, in its order, even if never seen.
+    for name in [*config.nodes, *sorted(set(listed) - set(config.nodes))]:
+        n = listed.get(name) or {"name": name, "last_seen": None, "info": {}, "leased": 0, "reserved": 0}
+        seen = n["last_seen"]
+        age = None if seen is None else max(0.0, now - seen)
+        if seen is None:
+            state = "never seen"
+        elif age is not None and age > limit:
+            state = "DOWN"
+        else:
+            state = "up"
+        rows.append({**n, "age": age, "state": state, "down": state != "up",
+                     "configured": name in config.nodes})
+    out = sys.stdout
+    if args.json:
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+        return 0
+    out.write(f"{'NODE':14} {'STATE':10} {'LAST SEEN':36} {'LEASED':>6} {'RESERVED':>8}  HOST / PID / IN FLIGHT\n")
+    for r in rows:
+        info = r["info"]
+        where = " / ".join(str(info.get(k, "-")) for k in ("host", "pid", "in_flight")) if info else "-"
+        last = "never" if r["last_seen"] is None else _when(r["last_seen"], now)
+        out.write(f"{r['name']:14} {r['state']:10} {last:36} {r['leased']:>6} {r['reserved']:>8}  {where}\n")
+    out.write(
+        f"(DOWN: no heartbeat for {DOWN_AFTER_HEARTBEATS} x [delivery] heartbeat_seconds = {limit:g} s;"
+        " its leases expire and the other nodes take its entries)\n"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailhub", description="Operate a mailhub hub.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -196,6 +250,11 @@ def _parser() -> argparse.ArgumentParser:
         qs.add_parser(name, help=text).add_argument("id")
     qf = qs.add_parser("flush", help="make entries due now")
     qf.add_argument("--route")
+
+    n = sub.add_parser("nodes", help="the hub's nodes, when each was last seen, and what each holds")
+    n.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
+                   help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
+    n.add_argument("--json", action="store_true")
 
     s = sub.add_parser("sink", help="run a test SMTP server that accepts and prints mail")
     s.add_argument("--listen", default="tcp:2500:interface=127.0.0.1")
@@ -229,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: list[int] = []
 
     async def run(reactor: Any) -> None:
-        result.append(await _queue(reactor, args, config))
+        command = _nodes if args.command == "nodes" else _queue
+        result.append(await command(reactor, args, config))
 
     try:
         task.react(lambda reactor: ensureDeferred(run(reactor)))

@@ -81,6 +81,9 @@ class DeliveryConfig:
     takeover_seconds: float = 300.0
     batch: int = 100
     max_scan_interval: float = 60.0
+    # Each node says it is alive this often; ``mailhub nodes`` calls a node
+    # DOWN after three heartbeats missed.
+    heartbeat_seconds: float = 10.0
 
 
 @frozen
@@ -226,6 +229,7 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
         takeover_seconds=float(r.get(dv, "delivery", "takeover_seconds", num, 300.0, positive=True)),
         batch=r.get(dv, "delivery", "batch", int, 100, positive=True),
         max_scan_interval=float(r.get(dv, "delivery", "max_scan_interval", num, 60.0, positive=True)),
+        heartbeat_seconds=float(r.get(dv, "delivery", "heartbeat_seconds", num, 10.0, positive=True)),
     )
 
     store = r.table(data, "store") or {"plugin": "sqlite", "path": "var/spool.db"}

@@ -8,19 +8,22 @@ is the SMTP server's business, when to retry the policy's.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from mailhub import __version__
 from mailhub.config import HubConfig
 from mailhub.delivery.dsn import build_dsn
 from mailhub.delivery.engine import DeliveryEngine
-from mailhub.interfaces import IDeliveryPolicy, ISpoolStore, ITransport
+from mailhub.interfaces import IDeliveryPolicy, INodeRegistry, ISpoolStore, ITransport
 from mailhub.model import Address, Entry, Envelope, Outcome, Route
 from mailhub.plugin import load_plugin
 from mailhub.smtp.recipients import recipient_validation
@@ -86,6 +89,16 @@ class Node(MultiService):
         listener._raiseSynchronously = True
         listener.setName("smtp")
         listener.setServiceParent(self)
+        if INodeRegistry.providedBy(store):
+            # At start, then every heartbeat_seconds; a failed heartbeat is
+            # logged and the next one comes on time (a LoopingCall stops at
+            # the first failure it sees, so none reaches it).
+            heartbeat = TimerService(config.delivery.heartbeat_seconds, self.heartbeat)
+            heartbeat.clock = reactor
+            heartbeat.setName("heartbeat")
+            heartbeat.setServiceParent(self)
+        self._host = socket.gethostname()
+        self._heartbeat_failing = False
 
     def receive(self, envelope: Envelope, message: bytes) -> Deferred[str]:
         """
@@ -111,6 +124,34 @@ class Node(MultiService):
                 lambda f: self.log.failure("immediate attempt of {ids} failed", f, ids=ids)
             )
         return ids[0]
+
+    def heartbeat(self) -> Deferred[None]:
+        """
+        Tell the store's ``INodeRegistry`` that this node is alive.
+
+        :returns: a Deferred that fires when done and never fails.
+        """
+        info = {
+            "host": self._host,
+            "pid": os.getpid(),
+            "version": __version__,
+            "in_flight": self.engine.in_flight,
+            "attempts": self.engine.attempts_made,
+        }
+        d: Deferred[None] = INodeRegistry(self._store).heartbeat(self.name, self._reactor.seconds(), info)
+
+        def sent(_: object) -> None:
+            if self._heartbeat_failing:
+                self.log.info("heartbeat recorded again")
+            self._heartbeat_failing = False
+
+        def failed(f: Any) -> None:
+            # Once per outage: the store's own errors say what is wrong.
+            if not self._heartbeat_failing:
+                self.log.warn("heartbeat not recorded: {why}", why=f.getErrorMessage())
+            self._heartbeat_failing = True
+
+        return d.addCallbacks(sent, failed)
 
     def bounce(self, entry: Entry, outcomes: Sequence[Outcome], message: bytes, now: float) -> Deferred[Any]:
         dsn = build_dsn(self.config.hostname, entry, outcomes, message, now)
