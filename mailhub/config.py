@@ -81,6 +81,7 @@ class DeliveryConfig:
     takeover_seconds: float = 300.0
     batch: int = 100
     max_scan_interval: float = 60.0
+    flush_on_recovery: bool = True
     # Each node says it is alive this often; ``mailhub nodes`` calls a node
     # DOWN after three heartbeats missed.
     heartbeat_seconds: float = 10.0
@@ -229,6 +230,7 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
         takeover_seconds=float(r.get(dv, "delivery", "takeover_seconds", num, 300.0, positive=True)),
         batch=r.get(dv, "delivery", "batch", int, 100, positive=True),
         max_scan_interval=float(r.get(dv, "delivery", "max_scan_interval", num, 60.0, positive=True)),
+        flush_on_recovery=r.get(dv, "delivery", "flush_on_recovery", bool, True),
         heartbeat_seconds=float(r.get(dv, "delivery", "heartbeat_seconds", num, 10.0, positive=True)),
     )
 

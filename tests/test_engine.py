@@ -254,3 +254,22 @@ def test_node_bounce_enqueues_a_dsn_to_the_sender_and_never_to_null(sender):
         assert dsn_entry.sender is None
         assert dsn_entry.pending == (SENDER,)
         assert b"multipart/report" in dsn
+
+
+def test_route_coming_back_releases_its_backlog_at_once_and_paced():
+    up = {"value": False}
+    hub = Hub(lambda entry, message: OK if up["value"] else Reply(421, "4.4.1", "refused"), limit=8)
+    ids = []
+    for _ in range(20):
+        ids.append(hub.accept())
+        hub.clock.advance(25)  # accepted over eight minutes: retries spread out too
+    assert all(hub.entry(i).pending for i in ids)
+    up["value"] = True
+    # The first entry's retry finds the server up; the rest of the backlog
+    # follows within seconds instead of over the next eight minutes.
+    hub.clock.advance(10 * MINUTE - 20 * 25)
+    for _ in range(5):
+        hub.clock.advance(1)
+    assert [i for i in ids if hub.entry(i) is not None] == []
+    status = hub.engines["losangeles"].status()["routes"][ROUTE]
+    assert status["delivered"] + hub.engines["dallas"].status()["routes"][ROUTE]["delivered"] == 20

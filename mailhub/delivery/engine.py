@@ -20,13 +20,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mailhub.config import DeliveryConfig
+from mailhub.delivery.throttle import RouteThrottle
 from mailhub.interfaces import IDeliveryPolicy, ISpoolStore, ITransport
-from mailhub.model import Action, Attempt, Entry, Lease, LeaseLost, Outcome, Reply
+from mailhub.model import Action, Address, Attempt, Entry, Lease, LeaseLost, Outcome, Reply
 
 __all__ = ["DeliveryEngine"]
 
@@ -64,7 +65,8 @@ class DeliveryEngine(Service):
         self._bounce = bounce
         self._clock = clock
         self._settings = settings
-        self._semaphores: dict[str, DeferredSemaphore] = {}
+        self._throttles: dict[str, RouteThrottle] = {}
+        self._recovered_at: dict[str, float] = {}
         self._active: set[Deferred[None]] = set()
         self._timer: IDelayedCall | None = None
         self._scanning = False
@@ -177,33 +179,69 @@ class DeliveryEngine(Service):
         d.addErrback(lambda f: self.log.failure("attempt on {entry} failed", f, entry=lease.entry.id))
         d.addBoth(done)
 
-    def _semaphore(self, route: str) -> DeferredSemaphore:
-        sem = self._semaphores.get(route)
-        if sem is None:
-            sem = self._semaphores[route] = DeferredSemaphore(max(1, self._limit_for(route)))
-        return sem
+    def throttle(self, route: str) -> RouteThrottle:
+        """The pacing of ``route`` on this node."""
+        throttle = self._throttles.get(route)
+        if throttle is None:
+            throttle = self._throttles[route] = RouteThrottle(self._limit_for(route), self._clock)
+        return throttle
+
+    def status(self) -> dict[str, Any]:
+        """What this node's engine is doing, per route: for operators watching a backlog drain."""
+        return {
+            "node": self.node,
+            "in_flight": self.in_flight,
+            "attempts": self.attempts_made,
+            "routes": {route: t.status() for route, t in sorted(self._throttles.items())},
+        }
+
+    async def _flush_route(self, route: str) -> None:
+        try:
+            count = await self._store.flush(route, self._clock.seconds())
+        except Exception:
+            self.log.failure("could not release the backlog of {route}", route=route)
+            return
+        self.log.info("route {route} is back: {count} deferred entries due now", route=route, count=count)
+        self.wake()
 
     # -- one attempt -----------------------------------------------------
 
     async def _attempt(self, lease: Lease) -> None:
         entry = lease.entry
-        sem = self._semaphore(entry.route)
-        await sem.acquire()
+        throttle = self.throttle(entry.route)
+        await throttle.acquire()
+        replies: dict[Address, Reply] = {}
         try:
             if not self.running:
                 await self._store.release(lease, self._clock.seconds())
                 return
-            await self._deliver(lease)
+            replies = await self._deliver(lease)
         finally:
-            sem.release()
+            recovered = throttle.release(replies.values())
+        # An entry that was deferred before and is delivered now says the
+        # route is back, even if this node never saw it down.
+        last = entry.last_reply
+        if any(r.ok for r in replies.values()) and last is not None and last.temporary:
+            recovered = True
+        if recovered:
+            self._route_recovered(entry.route, throttle)
 
-    async def _deliver(self, lease: Lease) -> None:
+    def _route_recovered(self, route: str, throttle: RouteThrottle) -> None:
+        now = self._clock.seconds()
+        if now - self._recovered_at.get(route, float("-inf")) < self._settings.lease_seconds:
+            return
+        self._recovered_at[route] = now
+        throttle.slow_start()
+        if self._settings.flush_on_recovery:
+            ensureDeferred(self._flush_route(route))
+
+    async def _deliver(self, lease: Lease) -> dict[Address, Reply]:
         entry = lease.entry
         try:
             message = await self._store.body(entry.message_id)
         except KeyError:
             self.log.error("entry {entry}: message body {message} is missing", entry=entry.id, message=entry.message_id)
-            return
+            return {}
         started = self._clock.seconds()
         try:
             replies = dict(await self._transport_for(entry.route).deliver(entry, message))
@@ -226,7 +264,7 @@ class DeliveryEngine(Service):
             await self._store.record(lease, attempt, decision)
         except LeaseLost:
             self.log.warn("entry {entry}: lease lost during the attempt; another node owns it now", entry=entry.id)
-            return
+            return replies
         for o in decision.outcomes:
             self.log.info(
                 "entry {entry} <{rcpt}> via {route}: {action} ({reply}){later}",
@@ -241,3 +279,4 @@ class DeliveryEngine(Service):
                     else ""
                 ),
             )
+        return replies

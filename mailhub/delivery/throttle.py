@@ -1,0 +1,169 @@
+"""
+Pacing of one route's deliveries: how many attempts may run at once, and
+when to stop for a while.
+
+An organisation's server that has just come back is easy to push over: the
+backlog of a long outage arrives at once and Exchange answers
+``452 4.3.1 Insufficient system resources`` (its back pressure), other servers
+``421``.  The throttle keeps a concurrency window per route, as TCP does:
+
+- it starts at the route's ``max_connections``;
+- a back-pressure reply halves the window and pauses new attempts
+  (``pause`` seconds, doubling while the pressure lasts, up to ``max_pause``);
+- each delivered entry widens the window by ``1 / window`` (about one more
+  connection per window's worth of deliveries) up to ``max_connections``;
+- when a route that was down (every attempt deferred by connection failures
+  or 4xx) delivers again, the window restarts at a quarter of the maximum and
+  grows from there, so a recovered server sees its backlog ramp up instead of
+  arriving at full concurrency.
+
+This module is a plain object over an injected clock: no socket, no store.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+
+from mailhub.model import Reply
+
+__all__ = ["RouteThrottle", "is_back_pressure"]
+
+
+def is_back_pressure(reply: Reply) -> bool:
+    """
+    Whether a reply says "you are sending too much", as opposed to "not now":
+    Exchange's ``452 4.3.1``, ``421``/``451 4.3.2`` (system not accepting
+    network messages), ``4.7.0``-style rate limits, or a ``421`` greeting.
+    """
+    if not reply.temporary:
+        return False
+    return reply.enhanced in ("4.3.1", "4.3.2", "4.7.0", "4.7.1") or (
+        reply.code == 452 and not reply.enhanced
+    )
+
+
+class RouteThrottle:
+    """
+    :param maximum: the route's ``max_connections``.
+    :param clock: an ``IReactorTime``.
+    """
+
+    def __init__(self, maximum: int, clock: Any, pause: float = 30.0, max_pause: float = 300.0) -> None:
+        self.maximum = max(1, maximum)
+        self.window = float(self.maximum)
+        self.active = 0
+        self.paused_until = 0.0
+        self.down = False
+        self._clock = clock
+        self._base_pause = pause
+        self._pause = pause
+        self._max_pause = max_pause
+        self._waiting: deque[Deferred[None]] = deque()
+        self._timer: IDelayedCall | None = None
+        self.delivered = 0
+        self.deferred = 0
+        self.failed = 0
+        self.back_pressure = 0
+        self.last_reply: Reply | None = None
+        self._recent: deque[float] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def acquire(self) -> Deferred[None]:
+        """Fires when an attempt on the route may start; call ``release`` after it."""
+        d: Deferred[None] = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        self._waiting.append(d)
+        self._pump()
+        return d
+
+    def release(self, replies: Iterable[Reply]) -> bool:
+        """
+        An attempt finished with these replies (one per recipient tried).
+
+        :returns: whether the route just came back up (it was down and now
+            delivered): the engine then lets the route's backlog flow.
+        """
+        self.active -= 1
+        recovered = self._learn(list(replies))
+        self._pump()
+        return recovered
+
+    def slow_start(self) -> None:
+        """The route just came back: restart the window at a quarter of the maximum."""
+        self.window = min(self.window, max(1.0, self.maximum / 4))
+
+    def delivered_per_minute(self) -> int:
+        self._trim()
+        return len(self._recent)
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock.seconds()
+        return {
+            "window": round(self.window, 2),
+            "max_connections": self.maximum,
+            "active": self.active,
+            "waiting": self.waiting,
+            "paused_for": max(0.0, round(self.paused_until - now, 1)),
+            "down": self.down,
+            "delivered": self.delivered,
+            "deferred": self.deferred,
+            "failed": self.failed,
+            "back_pressure": self.back_pressure,
+            "delivered_last_minute": self.delivered_per_minute(),
+            "last_reply": str(self.last_reply) if self.last_reply else None,
+        }
+
+    def _trim(self) -> None:
+        horizon = self._clock.seconds() - 60
+        while self._recent and self._recent[0] < horizon:
+            self._recent.popleft()
+
+    def _learn(self, replies: list[Reply]) -> bool:
+        """Adjust the window; returns whether the route just came back up."""
+        if not replies:
+            return False
+        now = self._clock.seconds()
+        self.last_reply = replies[0]
+        ok = sum(r.ok for r in replies)
+        if any(is_back_pressure(r) for r in replies):
+            self.back_pressure += 1
+            self.deferred += 1
+            self.window = max(1.0, self.window / 2)
+            self.paused_until = now + self._pause
+            self._pause = min(self._pause * 2, self._max_pause)
+            return False
+        if ok:
+            self.delivered += 1
+            self._recent.append(now)
+            self._trim()
+            self._pause = self._base_pause
+            if self.down:
+                self.down = False
+                self.slow_start()
+                return True
+            self.window = min(float(self.maximum), self.window + 1 / self.window)
+            return False
+        if all(r.permanent for r in replies):
+            self.failed += 1
+            return False
+        self.deferred += 1
+        if all(r.temporary for r in replies):
+            self.down = True
+        return False
+
+    def _pump(self) -> None:
+        now = self._clock.seconds()
+        if now < self.paused_until:
+            if self._timer is None or not self._timer.active():
+                self._timer = self._clock.callLater(self.paused_until - now, self._pump)
+            return
+        while self._waiting and self.active < int(self.window):
+            self.active += 1
+            self._waiting.popleft().callback(None)

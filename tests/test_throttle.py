@@ -1,0 +1,110 @@
+"""Pacing per route: the concurrency window, back pressure, recovery."""
+
+from twisted.internet.task import Clock
+
+from mailhub.delivery.throttle import RouteThrottle, is_back_pressure
+from mailhub.model import Reply
+
+OK = Reply(250, "2.0.0", "OK")
+BUSY = Reply(452, "4.3.1", "Insufficient system resources")
+REFUSED = Reply(421, "4.4.1", "Connection refused")
+NO_USER = Reply(550, "5.1.1", "no such user")
+
+
+def started(throttle, n):
+    ds = [throttle.acquire() for _ in range(n)]
+    return sum(d.called for d in ds), ds
+
+
+def test_back_pressure_is_recognised():
+    assert is_back_pressure(BUSY)
+    assert is_back_pressure(Reply(421, "4.3.2", "not accepting"))
+    assert not is_back_pressure(REFUSED)
+    assert not is_back_pressure(Reply(550, "5.3.1", "permanent"))
+
+
+def test_window_starts_at_max_connections():
+    t = RouteThrottle(4, Clock())
+    count, _ = started(t, 10)
+    assert count == 4 and t.waiting == 6
+
+
+def test_back_pressure_halves_the_window_and_pauses():
+    clock = Clock()
+    t = RouteThrottle(8, clock, pause=30)
+    count, ds = started(t, 20)
+    assert count == 8
+    t.release([BUSY])
+    assert t.window == 4
+    assert sum(d.called for d in ds) == 8  # paused: nothing new starts
+    clock.advance(29)
+    assert sum(d.called for d in ds) == 8
+    for _ in range(7):
+        t.release([OK])
+    clock.advance(1)
+    # After the pause, at most the (slowly widening) window runs at once.
+    assert t.active == int(t.window) and t.active in (4, 5)
+
+
+def test_pause_doubles_while_pressure_lasts_and_resets_on_success():
+    clock = Clock()
+    t = RouteThrottle(8, clock, pause=10, max_pause=40)
+    for expected in (10, 20, 40, 40):
+        t.acquire()
+        t.release([BUSY])
+        assert t.paused_until - clock.seconds() == expected
+        clock.advance(expected)
+    t.acquire()
+    t.release([OK])
+    t.acquire()
+    t.release([BUSY])
+    assert t.paused_until - clock.seconds() == 10
+
+
+def test_window_widens_with_deliveries_up_to_the_maximum():
+    t = RouteThrottle(4, Clock())
+    t.window = 1.0
+    for _ in range(50):
+        t.acquire()
+        t.release([OK])
+    assert t.window == 4
+
+
+def test_route_that_comes_back_restarts_at_a_quarter_and_reports_recovery():
+    t = RouteThrottle(20, Clock())
+    t.acquire()
+    assert t.release([REFUSED]) is False
+    assert t.down
+    t.acquire()
+    assert t.release([OK]) is True
+    assert t.window == 5
+    t.acquire()
+    assert t.release([OK]) is False
+
+
+def test_permanent_failures_do_not_mark_the_route_down():
+    t = RouteThrottle(4, Clock())
+    t.acquire()
+    t.release([NO_USER])
+    assert not t.down and t.failed == 1 and t.window == 4
+
+
+def test_cancelled_waiter_leaves_the_queue():
+    t = RouteThrottle(1, Clock())
+    t.acquire()
+    waiting = t.acquire()
+    waiting.addErrback(lambda f: None)
+    waiting.cancel()
+    assert t.waiting == 0
+
+
+def test_status_reports_progress():
+    clock = Clock()
+    t = RouteThrottle(4, clock)
+    for _ in range(3):
+        t.acquire()
+        t.release([OK])
+    status = t.status()
+    assert status["delivered"] == 3 and status["delivered_last_minute"] == 3
+    clock.advance(61)
+    assert t.status()["delivered_last_minute"] == 0
