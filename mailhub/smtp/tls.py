@@ -14,6 +14,7 @@ before the reactor runs, never from the reactor thread while it does.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 
 from cryptography import x509
@@ -99,7 +100,18 @@ def server_tls_options(config: HubConfig, now: float) -> CertificateOptions:
     """
     cert_path, key_path, configured = tls_files(config)
     if not configured and not (os.path.exists(cert_path) and os.path.exists(key_path)):
-        generate_self_signed(config.hostname, cert_path, key_path, now)
+        # Two nodes of one configuration started at once (one twistd per
+        # node) would each write a pair over the other's: one generates, the
+        # other waits for it and uses its pair.
+        os.makedirs(os.path.dirname(key_path) or ".", mode=0o700, exist_ok=True)
+        with open(os.path.join(os.path.dirname(key_path) or ".", ".generate.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            generated = not (os.path.exists(cert_path) and os.path.exists(key_path))
+            if generated:
+                generate_self_signed(config.hostname, cert_path, key_path, now)
+    else:
+        generated = False
+    if generated:
         _log.warn(
             "no [smtp] tls_certificate configured: generated a self-signed certificate for "
             "{hostname} in {path} (STARTTLS works; clients that verify will not trust it)",
