@@ -36,15 +36,17 @@ def hub_config(
     lifetime_days: float = 7,
     extra: str = "",
     store: str | None = None,
+    delivery: str | None = None,
 ) -> str:
     node_tables = "".join(f'[nodes.{name}]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n' for name, port in nodes.items())
+    default_delivery = "[delivery]\nlease_seconds = 30\ntakeover_seconds = 5\nmax_scan_interval = 1\n"
     store_table = store or f'[store]\nplugin = "sqlite"\npath = "{spool}"\n'
     return (
         '[hub]\nhostname = "mx.hub.example"\n'
         f'outbound = "smtp:127.0.0.1:{downstream_port}"\n'
         f"{store_table}"
         f'[policy]\nplugin = "standard"\nretry_minutes = {retry_minutes}\nlifetime_days = {lifetime_days}\njitter = 0\n'
-        "[delivery]\nlease_seconds = 30\ntakeover_seconds = 5\nmax_scan_interval = 1\n"
+        f"{delivery or default_delivery}"
         f"{node_tables}"
         f'[domains."example.com"]\nroute = "smtp:127.0.0.1:{downstream_port}"\nmax_connections = 4\n'
         f"{extra}"
