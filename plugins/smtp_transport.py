@@ -12,7 +12,31 @@ Options (the domain's table, and ``hostname`` from ``[hub]``): ``hostname``
 (our EHLO name), ``connect_timeout`` (30 s), ``command_timeout`` (300 s, per
 reply), ``data_timeout`` (600 s, for the reply to the end of data),
 ``idle_timeout`` (30 s, how long an idle connection is kept for reuse) and
-``max_connections`` (10, open at once for the route).
+``max_connections`` (10, open at once for the route), and for STARTTLS
+(RFC 3207):
+
+- ``tls``: ``"opportunistic"`` (the default) upgrades with STARTTLS when the
+  server offers it and says EHLO again; if the TLS handshake fails, the
+  message goes over a new connection in clear, and the log says so, since
+  a broken TLS setup on the organisation's own server must not stop its
+  mail.  ``"required"`` never sends a message in clear: a server that does
+  not offer STARTTLS gets ``421 4.7.4``, a failed handshake ``421 4.7.5``,
+  for every recipient, so the entry is retried.  ``"none"`` never uses TLS.
+- ``tls_verify`` (false): verify the server's certificate for the route's
+  host (the MX host with ``smtp:mx``), against the system's trusted CAs or
+  ``tls_ca_file`` (a PEM file of CA, or self-signed, certificates).  A
+  verification failure is ``421 4.7.5`` even when TLS is opportunistic:
+  falling back to clear text there would undo what was asked for.  Without
+  it TLS protects against eavesdropping, not against an active attacker;
+  customers' servers often have self-signed certificates.
+
+Anything a server sends after its ``220`` to STARTTLS and before the
+handshake is thrown away unread.
+
+An entry received with SMTPUTF8 (``Entry.smtputf8``), or with an address
+that is not ASCII, goes with the ``SMTPUTF8`` MAIL parameter; a server that
+does not offer it gets no MAIL at all, and every recipient gets
+``553 5.6.7``, so that the policy fails them with a DSN.
 
 One ``SMTPTransport`` serves one route.  Each delivery is one SMTP
 transaction per destination: EHLO (HELO if EHLO gets a 5xx), MAIL with
@@ -57,6 +81,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
 from attrs import define, field, frozen
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -73,8 +98,23 @@ from twisted.internet.error import (
     DNSLookupError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IStreamClientEndpoint,
+    ITCPTransport,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -135,6 +175,7 @@ class _Waiter:
     lines: list[bytes] = field(factory=list)
 
 
+@implementer(IHandshakeListener)
 class SMTPClientProtocol(Protocol):
     """
     One connection to an SMTP server: sends commands and matches each reply to
@@ -165,6 +206,9 @@ class SMTPClientProtocol(Protocol):
         self._connected = False
         self._aborted = False
         self.last_lines: list[bytes] = []
+        self.tls = False
+        self._handshake: Deferred[str | None] | None = None
+        self._handshake_timer: IDelayedCall | None = None
         self.banner = self._expect("greeting", banner_timeout)
 
     # sending
@@ -214,6 +258,44 @@ class SMTPClientProtocol(Protocol):
         if self.transport is not None and self._connected and not self._aborted:
             self._aborted = True
             cast(ITCPTransport, self.transport).abortConnection()
+
+    def start_tls(self, options: IOpenSSLClientConnectionCreator | CertificateOptions,
+                  timeout: float) -> Deferred[str | None]:
+        """
+        Begin the TLS handshake, after the server's ``220`` to STARTTLS.
+
+        Anything the server sent after its ``220`` came before the handshake,
+        in clear, from whoever sits on the path: it is thrown away, never read
+        as a reply.
+
+        :returns: a ``Deferred`` firing with ``None`` once the handshake is
+            done (``tls`` is then true), or with why it failed (the
+            connection is then closed).
+        """
+        assert self.transport is not None and self._handshake is None
+        self._buffer = b""
+        self._handshake = Deferred()
+        self._handshake_timer = self._clock.callLater(timeout, self._handshake_timed_out, timeout)
+        cast(ITLSTransport, self.transport).startTLS(options)
+        return self._handshake
+
+    def handshakeCompleted(self) -> None:
+        """``IHandshakeListener``: TLS is up."""
+        self.tls = True
+        self._handshake_done(None)
+
+    def _handshake_timed_out(self, timeout: float) -> None:
+        self._handshake_timer = None
+        self._handshake_done(f"no TLS handshake within {timeout:g}s")
+        self.abort()
+
+    def _handshake_done(self, failure: str | None) -> None:
+        d, self._handshake = self._handshake, None
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        if d is not None:
+            d.callback(failure)
 
     def _expect(self, command: str, timeout: float) -> Deferred[Reply]:
         waiter = _Waiter(Deferred(), command, timeout)
@@ -312,6 +394,11 @@ class SMTPClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._connected = False
         why = "" if reason.check(ConnectionDone) else f" ({reason.getErrorMessage()})"
+        if self._handshake is not None:
+            self._handshake_done(
+                "the connection closed during the TLS handshake"
+                + (f": {_tls_error(reason)}" if not reason.check(ConnectionDone) else "")
+            )
         self._finish(lambda w: self._lost_reply(w.command, why))
         if self.on_lost is not None:
             self.on_lost(self)
@@ -341,6 +428,47 @@ class _Discard(Exception):
     """The reused connection is no good: discard it and retry on a new one."""
 
 
+@frozen
+class _TLSFailed:
+    """The TLS handshake with ``peer`` failed (the connection is closed)."""
+
+    peer: str
+    why: str
+
+
+class _TLSSetupError(Exception):
+    """Our side of TLS cannot be set up (``tls_ca_file`` unreadable, say)."""
+
+
+TLS_MODES = ("opportunistic", "required", "none")
+"""The values of the ``tls`` option."""
+
+
+def _read_ca_file(path: str) -> list[Certificate]:
+    """The PEM certificates in ``path`` (runs in a thread)."""
+    with open(path, "rb") as f:
+        pem = f.read()
+    found = [
+        Certificate.loadPEM(block + b"-----END CERTIFICATE-----\n")
+        for block in pem.split(b"-----END CERTIFICATE-----")
+        if b"-----BEGIN CERTIFICATE-----" in block
+    ]
+    if not found:
+        raise ValueError("no PEM certificate in it")
+    return found
+
+
+def _tls_error(reason: Failure) -> str:
+    """What OpenSSL (or certificate verification) said, shortly."""
+    error = reason.value
+    errors = error.args[0] if reason.check(SSLError) and error is not None and error.args else None
+    if isinstance(errors, list):
+        texts = [e[-1] for e in errors if isinstance(e, tuple) and e and e[-1]]
+        if texts:
+            return ", ".join(str(t) for t in texts)
+    return reason.getErrorMessage()
+
+
 Endpoints = Callable[[str, int], IStreamClientEndpoint]
 """Gives the endpoint to connect to a host (an address, if names are resolved) and port."""
 
@@ -360,6 +488,11 @@ class SMTPTransport:
     :param endpoint_for: makes the endpoint for a host and port (tests inject
         theirs); ``HostnameEndpoint`` by default.
     :param mx_port: the port of MX hosts (25; something else only in tests).
+    :param tls: STARTTLS: ``"opportunistic"``, ``"required"`` or ``"none"``
+        (see the module docstring).
+    :param tls_verify: verify the server's certificate for the route's host.
+    :param tls_ca_file: trust the CA certificates in this PEM file, rather
+        than the system's, when verifying.
     """
 
     _reactor: Any
@@ -373,11 +506,15 @@ class SMTPTransport:
     _resolver: Any = None
     _endpoint_for: Endpoints | None = None
     _mx_port: int = 25
+    _tls: str = "opportunistic"
+    _tls_verify: bool = False
+    _tls_ca_file: str | None = None
     _random: Callable[[], float] = random.random
     _open: int = field(init=False, default=0)
     _idle: dict[Key, list[_Connection]] = field(init=False, factory=dict)
     _slot_waiters: deque[Deferred[None]] = field(init=False, factory=deque)
     _closed: bool = field(init=False, default=False)
+    _ca_certificates: list[Certificate] | None = field(init=False, default=None)
     connections_made: int = field(init=False, default=0)
     _log: ClassVar[Logger] = Logger()
     """How many connections were opened in all."""
@@ -417,9 +554,10 @@ class SMTPTransport:
         if not recipients:
             return {}
         payload = wire_data(message)
+        utf8 = entry.smtputf8
         if self._destination is not None:
             return await self._deliver_to(
-                [self._destination], entry.sender, recipients, payload, message
+                [self._destination], entry.sender, recipients, payload, message, utf8
             )
         by_domain: dict[str, list[Address]] = {}
         for address in recipients:
@@ -427,7 +565,7 @@ class SMTPTransport:
         results = await gatherResults(
             [
                 Deferred.fromCoroutine(
-                    self._deliver_domain(domain, entry.sender, group, payload, message)
+                    self._deliver_domain(domain, entry.sender, group, payload, message, utf8)
                 )
                 for domain, group in by_domain.items()
             ]
@@ -444,11 +582,12 @@ class SMTPTransport:
         recipients: Sequence[Address],
         payload: bytes,
         message: bytes,
+        smtputf8: bool,
     ) -> dict[Address, Reply]:
         hosts = await self._mx_hosts(domain)
         if isinstance(hosts, Reply):
             return dict.fromkeys(recipients, hosts)
-        return await self._deliver_to(hosts, sender, recipients, payload, message)
+        return await self._deliver_to(hosts, sender, recipients, payload, message, smtputf8)
 
     async def _mx_hosts(self, domain: str) -> list[Key] | Reply:
         """The MX hosts of ``domain`` in preference order, or the reply for every recipient."""
@@ -496,6 +635,7 @@ class SMTPTransport:
         recipients: Sequence[Address],
         payload: bytes,
         message: bytes,
+        smtputf8: bool,
     ) -> dict[Address, Reply]:
         """Try ``hosts`` in order until one of them takes part in a transaction."""
         failure = Reply(421, "4.4.0", "no host to deliver to")
@@ -510,7 +650,9 @@ class SMTPTransport:
                         break
                     conn = got
                 try:
-                    return await self._transaction(conn, sender, recipients, payload, message)
+                    return await self._transaction(
+                        conn, sender, recipients, payload, message, smtputf8
+                    )
                 except _Discard:
                     fresh_only = True
         return dict.fromkeys(recipients, failure)
@@ -522,6 +664,7 @@ class SMTPTransport:
         recipients: Sequence[Address],
         payload: bytes,
         message: bytes,
+        smtputf8: bool,
     ) -> dict[Address, Reply]:
         """
         One MAIL transaction on ``conn``; gives the connection back to the pool
@@ -530,7 +673,9 @@ class SMTPTransport:
         :raises _Discard: if ``conn`` was reused and failed before the transaction began.
         """
         try:
-            return await self._transaction_steps(conn, sender, recipients, payload, message)
+            return await self._transaction_steps(
+                conn, sender, recipients, payload, message, smtputf8
+            )
         except _Discard:
             raise
         except BaseException:
@@ -545,6 +690,7 @@ class SMTPTransport:
         recipients: Sequence[Address],
         payload: bytes,
         message: bytes,
+        smtputf8: bool,
     ) -> dict[Address, Reply]:
         p = conn.protocol
         reused = conn.deliveries > 0
@@ -555,7 +701,7 @@ class SMTPTransport:
                 self._drop(conn)
                 raise _Discard()
         conn.deliveries += 1
-        mail = _mail_command(sender, recipients, payload, message, p.extensions)
+        mail = _mail_command(sender, recipients, payload, message, smtputf8, p.extensions)
         if isinstance(mail, Reply):
             self._release(conn)
             return dict.fromkeys(recipients, mail)
@@ -626,12 +772,50 @@ class SMTPTransport:
 
     async def _connect(self, key: Key) -> _Connection | Reply:
         """
-        Open, greet and EHLO a new connection, for which a slot is reserved;
-        if that fails, the reply says why and the slot is free again.
+        Open, greet, EHLO and (as ``tls`` says) STARTTLS a new connection, for
+        which a slot is reserved; if that fails, the reply says why and the
+        slot is free again.
+
+        When the TLS handshake fails and TLS is only opportunistic (and
+        certificates are not verified), the message goes over a new
+        connection without TLS, and the log says so: a broken TLS setup on
+        the organisation's own server must not stop its mail.
+        """
+        ready = False
+        try:
+            got = await self._session(key, starttls=self._tls != "none")
+            if isinstance(got, _TLSFailed):
+                if self._tls == "required" or self._tls_verify:
+                    return Reply(421, "4.7.5", f"TLS with {got.peer} failed: {got.why}")
+                self._log.warn(
+                    "STARTTLS with {peer} failed ({why}): delivering over a new connection "
+                    "without TLS, as tls = \"opportunistic\" allows",
+                    peer=got.peer,
+                    why=got.why,
+                )
+                got = await self._session(key, starttls=False)
+                assert not isinstance(got, _TLSFailed)
+            if isinstance(got, Reply):
+                return got
+            conn = _Connection(got, key)
+            got.on_lost = lambda _: self._lost(conn)
+            ready = True
+            return conn
+        finally:
+            if not ready:
+                self._free_slot()
+
+    async def _session(self, key: Key, starttls: bool) -> SMTPClientProtocol | Reply | _TLSFailed:
+        """
+        A connection to ``key`` ready for MAIL, or why there is none; closes
+        what it opened unless it returns the connection.
+
+        :param starttls: use STARTTLS if the server offers it (and insist on
+            it if ``tls`` is ``"required"``).
         """
         host, port = key
         peer = _peer(host, port)
-        conn: _Connection | None = None
+        protocol: SMTPClientProtocol | None = None
         ready = False
         try:
             address = host
@@ -654,24 +838,18 @@ class SMTPTransport:
             d.addTimeout(self._connect_timeout, self._reactor)
             protocol = cast(SMTPClientProtocol, await d)
             self.connections_made += 1
-            conn = _Connection(protocol, key)
-            protocol.on_lost = lambda _: self._lost(conn)
             banner = await protocol.banner
             if not banner.ok:
                 return banner
-            reply = await protocol.command(
-                b"EHLO " + self._hostname.encode(), self._command_timeout
-            )
-            if reply.ok:
-                protocol.extensions = _extensions(protocol.last_lines[1:])
-            elif reply.permanent:
-                reply = await protocol.command(
-                    b"HELO " + self._hostname.encode(), self._command_timeout
-                )
+            reply = await self._ehlo(protocol, helo_too=True)
             if not reply.ok:
                 return reply
+            if starttls:
+                refused = await self._starttls(protocol, host, peer)
+                if refused is not None:
+                    return refused
             ready = True
-            return conn
+            return protocol
         except ConnectionRefusedError:
             return Reply(421, "4.4.1", f"Connection refused by {peer}")
         except (DeferredTimeout, ConnectTimeout):
@@ -683,11 +861,89 @@ class SMTPTransport:
         except ConnectError as e:
             return Reply(421, "4.4.1", f"cannot connect to {peer}: {_describe(e)}")
         finally:
-            if not ready:
-                if conn is not None:
-                    self._drop(conn, quit=True)
-                else:
-                    self._free_slot()
+            if not ready and protocol is not None:
+                protocol.quit()
+
+    async def _ehlo(self, protocol: SMTPClientProtocol, helo_too: bool) -> Reply:
+        """EHLO (then HELO, if EHLO gets a 5xx and ``helo_too``); sets ``extensions``."""
+        protocol.extensions = {}
+        reply = await protocol.command(b"EHLO " + self._hostname.encode(), self._command_timeout)
+        if reply.ok:
+            protocol.extensions = _extensions(protocol.last_lines[1:])
+        elif reply.permanent and helo_too:
+            reply = await protocol.command(
+                b"HELO " + self._hostname.encode(), self._command_timeout
+            )
+        return reply
+
+    async def _starttls(
+        self, protocol: SMTPClientProtocol, host: str, peer: str
+    ) -> Reply | _TLSFailed | None:
+        """
+        Upgrade a greeted connection with STARTTLS and say EHLO again.
+
+        :returns: ``None`` when the connection may carry the message (over
+            TLS, or in clear where ``tls = "opportunistic"`` allows it), else
+            the reply for the recipients, or ``_TLSFailed``.
+        """
+        required = self._tls == "required"
+        if "STARTTLS" not in protocol.extensions:
+            if required:
+                return Reply(
+                    421, "4.7.4", f"{peer} does not offer STARTTLS, and the route requires TLS"
+                )
+            return None
+        reply = await protocol.command(b"STARTTLS", self._command_timeout)
+        if reply.code != 220:
+            if reply.code == 421 or protocol.broken:
+                return reply
+            if required:
+                return Reply(
+                    421, "4.7.4", f"{peer} refused STARTTLS ({reply}), and the route requires TLS"
+                )
+            # RFC 3207: the session goes on, in clear, as if STARTTLS was never offered.
+            self._log.info("{peer} refused STARTTLS ({reply}): going on without TLS",
+                           peer=peer, reply=str(reply))
+            return None
+        try:
+            options = await self._tls_options(host)
+        except _TLSSetupError as e:
+            protocol.abort()
+            return Reply(421, "4.7.5", str(e))
+        failed = await protocol.start_tls(options, self._command_timeout)
+        if failed is not None:
+            return _TLSFailed(peer, failed)
+        # RFC 3207: forget everything learnt before TLS, and ask again.
+        reply = await self._ehlo(protocol, helo_too=False)
+        if not reply.ok:
+            return reply
+        return None
+
+    async def _tls_options(self, host: str) -> IOpenSSLClientConnectionCreator | CertificateOptions:
+        """
+        The client TLS context for ``host``: no verification (``tls_verify``
+        false), else verification of ``host`` against ``tls_ca_file`` (read
+        once, in a thread) or the system's trusted CAs.
+
+        :raises _TLSSetupError: if ``tls_ca_file`` cannot be read.
+        """
+        if not self._tls_verify:
+            # Encryption against eavesdropping only: customers' own servers
+            # often have self-signed certificates.
+            return CertificateOptions(verify=False)
+        trust: Any  # IOpenSSLTrustRoot, which Twisted keeps private
+        if self._tls_ca_file is None:
+            trust = platformTrust()
+        else:
+            if self._ca_certificates is None:
+                try:
+                    self._ca_certificates = await deferToThreadPool(
+                        self._reactor, self._reactor.getThreadPool(), _read_ca_file, self._tls_ca_file
+                    )
+                except Exception as e:
+                    raise _TLSSetupError(f"tls_ca_file: cannot use {self._tls_ca_file}: {_describe(e)}")
+            trust = trustRootFromCertificates(self._ca_certificates)
+        return optionsForClientTLS(host, trustRoot=trust)
 
     async def _acquire(self, key: Key, fresh_only: bool) -> _Connection | None:
         """
@@ -768,19 +1024,27 @@ def _mail_command(
     recipients: Iterable[Address],
     payload: bytes,
     message: bytes,
+    smtputf8: bool,
     extensions: Mapping[str, str],
 ) -> bytes | Reply:
-    """The MAIL command for a transaction, or the reply if it cannot be sent."""
+    """
+    The MAIL command for a transaction, or the reply if it cannot be sent.
+
+    SMTPUTF8 is needed when the entry came with it (its headers may hold
+    UTF-8 even if its addresses do not) or when an address is not ASCII.
+    """
     command = b"MAIL FROM:<" + (str(sender).encode() if sender is not None else b"") + b">"
     if not message.isascii() and "8BITMIME" in extensions:
         command += b" BODY=8BITMIME"
     if "SIZE" in extensions:
         command += b" SIZE=%d" % len(payload)
     addresses = [str(sender or "")] + [str(a) for a in recipients]
-    if not all(a.isascii() for a in addresses):
+    if smtputf8 or not all(a.isascii() for a in addresses):
         if "SMTPUTF8" not in extensions:
             return Reply(
-                553, "5.6.7", "the server does not support SMTPUTF8, needed for these addresses"
+                553,
+                "5.6.7",
+                "the route's server does not support SMTPUTF8 (RFC 6531), which this message needs",
             )
         command += b" SMTPUTF8"
     return command
@@ -832,6 +1096,29 @@ def parse_target(target: str) -> Key | None:
     return host, int(port_text)
 
 
+def _tls_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The ``tls``, ``tls_verify`` and ``tls_ca_file`` options, checked.
+
+    :raises ValueError: naming the key at fault.
+    """
+    tls = config.get("tls", "opportunistic")
+    if tls not in TLS_MODES:
+        raise ValueError(f"tls: must be one of {', '.join(map(repr, TLS_MODES))}, not {tls!r}")
+    verify = config.get("tls_verify", False)
+    if not isinstance(verify, bool):
+        raise ValueError(f"tls_verify: must be true or false, not {verify!r}")
+    ca_file = config.get("tls_ca_file")
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file):
+        raise ValueError(f"tls_ca_file: must be the path of a PEM file, not {ca_file!r}")
+    if tls == "none" and (verify or ca_file is not None):
+        key = "tls_verify" if verify else "tls_ca_file"
+        raise ValueError(f'{key}: means nothing with tls = "none"')
+    if ca_file is not None and not verify:
+        raise ValueError("tls_ca_file: is used only with tls_verify = true")
+    return {"tls": tls, "tls_verify": verify, "tls_ca_file": ca_file}
+
+
 @implementer(ITransportPlugin)
 @frozen
 class SMTPTransportPlugin:
@@ -875,6 +1162,7 @@ class SMTPTransportPlugin:
             idle_timeout=number("idle_timeout", 30),
             max_connections=count("max_connections", 10),
             mx_port=count("mx_port", 25),
+            **_tls_config(config),
         )
 
 

@@ -6,14 +6,18 @@ for timeouts and the exact order of what goes on the wire.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.logger import capturedLogs, formatEvent
 from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
 from zope.interface.verify import verifyObject
@@ -27,6 +31,7 @@ from mailhub.plugins.smtp_transport import (
     plugin,
     wire_data,
 )
+from mailhub.smtp.tls import generate_self_signed
 from mailhub.testing.downstream import DownstreamServer
 
 SENDER = "someone@outside.example"
@@ -115,6 +120,11 @@ def test_targets():
         ({"target": "host"}, "hostname"),
         ({"target": "host", "hostname": "h", "command_timeout": 0}, "command_timeout"),
         ({"target": "host", "hostname": "h", "max_connections": "4"}, "max_connections"),
+        ({"target": "host", "hostname": "h", "tls": "yes"}, "tls"),
+        ({"target": "host", "hostname": "h", "tls_verify": "true"}, "tls_verify"),
+        ({"target": "host", "hostname": "h", "tls": "none", "tls_verify": True}, "tls_verify"),
+        ({"target": "host", "hostname": "h", "tls_verify": True, "tls_ca_file": 3}, "tls_ca_file"),
+        ({"target": "host", "hostname": "h", "tls_ca_file": "ca.pem"}, "tls_ca_file"),
     ],
 )
 def test_bad_configuration_names_the_key(config, key):
@@ -667,3 +677,287 @@ def test_a_cancelled_delivery_gives_its_connection_slot_back():
     greet(endpoints.protocols[1])
     endpoints.protocols[1].dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n")
     assert third.result[addr("c@example.com")].ok
+
+
+# STARTTLS, against the real downstream server
+
+
+TLS_HOST = "mail.test"
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate and key for ``mail.test``: ``(cert path, key path)``."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    generate_self_signed(TLS_HOST, cert, key, time.time())
+    return cert, key
+
+
+@pytest.fixture
+def tls_downstream(downstream, certificate):
+    """The downstream server, offering STARTTLS with the self-signed certificate."""
+    downstream.tls_certificate, downstream.tls_key = certificate
+    return downstream
+
+
+@pytest.fixture
+def make_named(downstream, transports):
+    """
+    Like ``make``, for the route ``smtp:mail.test:PORT`` (the name in the
+    certificate), with ``mail.test`` reaching the downstream server.
+    """
+
+    def make(**options: Any) -> Any:
+        config = {"target": f"{TLS_HOST}:{downstream.port}", "hostname": "hub.test", **options}
+        t = attrs.evolve(
+            plugin.make(config, reactor),
+            endpoint_for=lambda host, port: TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+        )
+        transports.append(t)
+        return t
+
+    return make
+
+
+def codes(replies: dict[Address, Reply]) -> set[tuple[int, str]]:
+    return {(r.code, r.enhanced) for r in replies.values()}
+
+
+def verbs(downstream: DownstreamServer) -> list[bytes]:
+    return [c.split(b" ")[0].upper() for c in downstream.commands]
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_is_used_when_the_server_offers_it(tls_downstream, make):
+    """Opportunistic by default: STARTTLS, EHLO again, and the message goes over TLS."""
+    replies = await make().deliver(entry("a@example.com"), MESSAGE)
+    assert codes(replies) == {(250, "2.0.0")}
+    [got] = tls_downstream.messages
+    assert got.tls and got.message == MESSAGE
+    assert verbs(tls_downstream)[:3] == [b"EHLO", b"STARTTLS", b"EHLO"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_connection_is_reused_still_over_tls(tls_downstream, make):
+    t = make()
+    await t.deliver(entry("a@example.com"), MESSAGE)
+    await t.deliver(entry("b@example.com"), MESSAGE)
+    assert [m.tls for m in tls_downstream.messages] == [True, True]
+    assert tls_downstream.connections == 1 and verbs(tls_downstream).count(b"STARTTLS") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_starttls_offered_opportunistic_tls_delivers_in_clear(downstream, make):
+    replies = await make().deliver(entry("a@example.com"), MESSAGE)
+    assert codes(replies) == {(250, "2.0.0")}
+    assert not downstream.messages[0].tls
+    assert b"STARTTLS" not in verbs(downstream)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_none_never_uses_starttls(tls_downstream, make):
+    await make(tls="none").deliver(entry("a@example.com"), MESSAGE)
+    assert not tls_downstream.messages[0].tls
+    assert b"STARTTLS" not in verbs(tls_downstream)
+
+
+@pytest_twisted.ensureDeferred
+async def test_required_tls_without_starttls_is_temporary_and_nothing_goes_in_clear(
+    downstream, make
+):
+    """``tls = "required"``: a server without STARTTLS gets no MAIL, and the entry is retried."""
+    replies = await make(tls="required").deliver(entry("a@example.com", "b@example.com"), MESSAGE)
+    assert codes(replies) == {(421, "4.7.4")}
+    assert all(r.temporary for r in replies.values())
+    assert downstream.messages == []
+    assert set(verbs(downstream)) <= {b"EHLO", b"QUIT"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_required_tls_is_met_over_starttls(tls_downstream, make):
+    replies = await make(tls="required").deliver(entry("a@example.com"), MESSAGE)
+    assert codes(replies) == {(250, "2.0.0")}
+    assert tls_downstream.messages[0].tls
+
+
+@pytest_twisted.ensureDeferred
+async def test_required_tls_with_a_failed_handshake_is_temporary(tls_downstream, make):
+    tls_downstream.starttls_broken = True
+    replies = await make(tls="required").deliver(entry("a@example.com"), MESSAGE)
+    assert codes(replies) == {(421, "4.7.5")}
+    assert tls_downstream.messages == []
+    assert tls_downstream.connections == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_handshake_in_opportunistic_mode_falls_back_to_clear_and_says_so(
+    tls_downstream, make
+):
+    """A broken TLS setup downstream must not stop the mail: a new connection, in clear."""
+    tls_downstream.starttls_broken = True
+    with capturedLogs() as events:
+        replies = await make().deliver(entry("a@example.com"), MESSAGE)
+    assert codes(replies) == {(250, "2.0.0")}
+    [got] = tls_downstream.messages
+    assert not got.tls and got.connection == 2
+    assert verbs(tls_downstream).count(b"STARTTLS") == 1
+    logged = [formatEvent(e) for e in events]
+    assert any("STARTTLS" in line and "without TLS" in line for line in logged), logged
+
+
+@pytest_twisted.ensureDeferred
+async def test_verified_tls_refuses_a_self_signed_certificate(tls_downstream, make_named):
+    """``tls_verify = true`` against the system's CAs: untrusted is a 4xx, never clear text."""
+    replies = await make_named(tls_verify=True).deliver(entry("a@example.com"), MESSAGE)
+    assert codes(replies) == {(421, "4.7.5")}
+    assert tls_downstream.messages == []
+    assert tls_downstream.connections == 1
+    assert b"MAIL" not in verbs(tls_downstream)
+
+
+@pytest_twisted.ensureDeferred
+async def test_verified_tls_trusts_the_tls_ca_file(tls_downstream, make_named, certificate):
+    t = make_named(tls="required", tls_verify=True, tls_ca_file=certificate[0])
+    replies = await t.deliver(entry("a@example.com"), MESSAGE)
+    assert codes(replies) == {(250, "2.0.0")}
+    assert tls_downstream.messages[0].tls
+
+
+@pytest_twisted.ensureDeferred
+async def test_verified_tls_checks_the_route_host_name(tls_downstream, make, certificate):
+    """The certificate is for mail.test; the route names 127.0.0.1: refused."""
+    t = make(tls_verify=True, tls_ca_file=certificate[0])
+    replies = await t.deliver(entry("a@example.com"), MESSAGE)
+    assert codes(replies) == {(421, "4.7.5")}
+    assert tls_downstream.messages == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreadable_tls_ca_file_is_temporary(tls_downstream, make_named, tmp_path):
+    t = make_named(tls_verify=True, tls_ca_file=str(tmp_path / "missing.pem"))
+    replies = await t.deliver(entry("a@example.com"), MESSAGE)
+    assert codes(replies) == {(421, "4.7.5")}
+    assert "tls_ca_file" in next(iter(replies.values())).text
+    assert tls_downstream.messages == []
+
+
+# SMTPUTF8, against the real downstream server
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtputf8_entry_goes_with_the_smtputf8_parameter(downstream, make):
+    downstream.extensions.append("SMTPUTF8")
+    t = make()
+    utf8 = attrs.evolve(entry("a@example.com"), smtputf8=True)
+    assert codes(await t.deliver(utf8, MESSAGE)) == {(250, "2.0.0")}
+    await t.deliver(entry("b@example.com"), MESSAGE)
+    first, second = downstream.messages
+    assert "SMTPUTF8" in first.mail_parameters
+    assert "SMTPUTF8" not in second.mail_parameters
+
+
+@pytest_twisted.ensureDeferred
+async def test_utf8_address_goes_with_the_smtputf8_parameter(downstream, make):
+    downstream.extensions.append("SMTPUTF8")
+    utf8 = attrs.evolve(entry("jürgen@bücher.example"), smtputf8=True)
+    assert codes(await make().deliver(utf8, MESSAGE)) == {(250, "2.0.0")}
+    [got] = downstream.messages
+    assert got.recipients == ["jürgen@bücher.example"] and "SMTPUTF8" in got.mail_parameters
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtputf8_entry_to_a_server_without_it_fails_permanently_unsent(downstream, make):
+    """The server lacks SMTPUTF8: 553 5.6.7 for every recipient, no MAIL, so the policy bounces."""
+    utf8 = attrs.evolve(entry("a@example.com", "b@example.com"), smtputf8=True)
+    replies = await make().deliver(utf8, MESSAGE)
+    assert codes(replies) == {(553, "5.6.7")}
+    assert all(r.permanent for r in replies.values())
+    assert downstream.messages == [] and b"MAIL" not in verbs(downstream)
+
+
+# STARTTLS, against a StringTransport
+
+
+class TLSStringTransport(StringTransportWithDisconnection):
+    """A ``StringTransport`` that records ``startTLS`` (the handshake is the test's to complete)."""
+
+    tls_options: Any = None
+
+    def startTLS(self, options: Any) -> None:
+        self.tls_options = options
+
+
+class TLSEndpoints(Endpoints):
+    def connect(self, factory: Any) -> Deferred[Any]:
+        protocol = factory.buildProtocol(None)
+        transport = TLSStringTransport()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.protocols.append(protocol)
+        return succeed(protocol)
+
+
+STARTTLS_OFFERED = b"250-PIPELINING\r\n250 STARTTLS\r\n"
+
+
+def test_replies_injected_before_the_tls_handshake_are_never_read():
+    """Bytes after the 220 to STARTTLS came in clear: the EHLO over TLS does not take them."""
+    clock, endpoints = Clock(), TLSEndpoints()
+    d = unit_transport(clock, endpoints).deliver(entry("a@example.com"), b"x\r\n")
+    [p] = endpoints.protocols
+    greet(p, STARTTLS_OFFERED)
+    assert written(p) == b"STARTTLS\r\n"
+    p.dataReceived(b"220 2.0.0 go ahead\r\n250-injected\r\n250 8BITMIME\r\n")
+    assert p.transport.tls_options is not None
+    assert written(p) == b""
+    p.handshakeCompleted()
+    assert written(p) == b"EHLO hub.test\r\n"
+    p.dataReceived(b"250-mail.example.com\r\n250 PIPELINING\r\n")
+    assert p.tls and set(p.extensions) == {"PIPELINING"}
+    assert written(p).startswith(b"MAIL FROM:")
+    p.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    p.dataReceived(b"250 2.0.0 queued\r\n")
+    assert d.result == {addr("a@example.com"): Reply(250, "2.0.0", "queued")}
+
+
+def test_tls_handshake_timeout_falls_back_to_a_new_connection_in_clear():
+    clock, endpoints = Clock(), TLSEndpoints()
+    d = unit_transport(clock, endpoints, command_timeout=60).deliver(
+        entry("a@example.com"), b"x\r\n"
+    )
+    [p] = endpoints.protocols
+    greet(p, STARTTLS_OFFERED)
+    written(p)
+    p.dataReceived(b"220 2.0.0 go ahead\r\n")
+    clock.advance(60)
+    assert p.broken and len(endpoints.protocols) == 2
+    second = endpoints.protocols[1]
+    greet(second, STARTTLS_OFFERED)
+    assert written(second).startswith(b"MAIL FROM:")
+    second.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    second.dataReceived(b"250 2.0.0 queued\r\n")
+    assert d.result == {addr("a@example.com"): Reply(250, "2.0.0", "queued")}
+    assert not second.tls
+
+
+def test_starttls_refused_goes_on_in_clear_unless_required():
+    clock, endpoints = Clock(), TLSEndpoints()
+    d = unit_transport(clock, endpoints).deliver(entry("a@example.com"), b"x\r\n")
+    [p] = endpoints.protocols
+    greet(p, STARTTLS_OFFERED)
+    written(p)
+    p.dataReceived(b"454 4.7.0 TLS not available\r\n")
+    assert written(p).startswith(b"MAIL FROM:")
+    p.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 queued\r\n")
+    assert d.result == {addr("a@example.com"): Reply(250, "2.0.0", "queued")}
+
+    clock, endpoints = Clock(), TLSEndpoints()
+    d = unit_transport(clock, endpoints, tls="required").deliver(entry("a@example.com"), b"x\r\n")
+    [p] = endpoints.protocols
+    greet(p, STARTTLS_OFFERED)
+    written(p)
+    p.dataReceived(b"454 4.7.0 TLS not available\r\n")
+    assert written(p) == b"QUIT\r\n"
+    [reply] = d.result.values()
+    assert (reply.code, reply.enhanced) == (421, "4.7.4")

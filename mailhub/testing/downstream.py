@@ -23,7 +23,9 @@ and has to record the bytes exactly as they came off the wire, dot-stuffing
 included, so that tests can check what a client really sent.
 
 It speaks ESMTP with PIPELINING, 8BITMIME, SIZE and ENHANCEDSTATUSCODES, and
-HELO, MAIL, RCPT, DATA, RSET, NOOP, VRFY and QUIT.  It is strict where a
+HELO, MAIL, RCPT, DATA, RSET, NOOP, VRFY and QUIT; with a certificate
+(``tls_certificate`` and ``tls_key``) it offers STARTTLS too, and records
+whether each message came over TLS.  It is strict where a
 client's correctness is being tested: commands and the end of data are
 recognised only with CRLF line ends.  It is not a mail server: nothing is
 relayed, and everything received is kept in memory.  It reads time only from
@@ -42,11 +44,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from attrs import define, field
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509 import load_pem_x509_certificate
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,6 +94,7 @@ class ReceivedMessage:
         (``{"BODY": "8BITMIME", "SIZE": "1234"}``).
     :ivar connection: the serial number of the connection it came on (from 1).
     :ivar received_at: the reactor's time when it was accepted.
+    :ivar tls: it came over TLS (after STARTTLS).
     """
 
     sender: str
@@ -99,6 +105,7 @@ class ReceivedMessage:
     mail_parameters: dict[str, str] = field(factory=dict)
     connection: int = 0
     received_at: float = 0.0
+    tls: bool = False
 
 
 class _Session(Protocol):
@@ -113,6 +120,7 @@ class _Session(Protocol):
         self.recipients: list[str] = []
         self.messages = 0
         self.over_limit = False
+        self.tls = False
         self._buffer = b""
         self._data: bytearray | None = None
         self._paused = False
@@ -227,7 +235,29 @@ class _Session(Protocol):
         self.helo = arg.decode("utf-8", "replace")
         self._reset()
         extensions = [f"SIZE {server.max_size}" if e == "SIZE" else e for e in server.extensions]
+        if server.tls_certificate and not self.tls:
+            extensions.append("STARTTLS")
         self._reply(250, f"{server.hostname} greets {self.helo}", *extensions)
+
+    def _smtp_STARTTLS(self, arg: bytes) -> None:
+        server = self.server
+        if not server.tls_certificate or self.tls:
+            self._reply(502, "5.5.1 Command not implemented")
+            return
+        if arg:
+            self._reply(501, "5.5.4 Syntax: STARTTLS")
+            return
+        self._reply(220, "2.0.0 Ready to start TLS")
+        # Whatever the client pipelined after STARTTLS is never executed.
+        self._buffer = b""
+        if server.starttls_broken:
+            self._close()
+            return
+        assert self.transport is not None
+        self.transport.startTLS(server._tls_options())  # type: ignore[attr-defined]
+        self.tls = True
+        self.helo = None
+        self._reset()
 
     def _smtp_HELO(self, arg: bytes) -> None:
         self.helo = arg.decode("utf-8", "replace")
@@ -370,6 +400,7 @@ class _Session(Protocol):
                 mail_parameters=parameters,
                 connection=self.serial,
                 received_at=server._reactor.seconds(),
+                tls=self.tls,
             )
             server._store(received)
             reply = (250, f"2.0.0 OK queued as {len(server.messages)}")
@@ -410,6 +441,13 @@ class DownstreamServer:
     :ivar extensions: the EHLO keywords advertised (``"SIZE"`` is sent with
         ``max_size``).
     :ivar max_size: the SIZE limit, in bytes.
+    :ivar tls_certificate: the path of a PEM certificate; with ``tls_key``
+        (the path of its PEM key), EHLO offers STARTTLS (``None``: it does
+        not).  The files are read at the first STARTTLS after a change.
+    :ivar tls_key: see ``tls_certificate``.
+    :ivar starttls_broken: answer STARTTLS with 220, then close the
+        connection instead of the TLS handshake (a server whose TLS is
+        misconfigured).
 
     Records:
 
@@ -446,6 +484,10 @@ class DownstreamServer:
         self.esmtp = True
         self.extensions = ["PIPELINING", "8BITMIME", "SIZE", "ENHANCEDSTATUSCODES"]
         self.max_size = 10 * 1024 * 1024
+        self.tls_certificate: str | None = None
+        self.tls_key: str | None = None
+        self.starttls_broken = False
+        self._tls_loaded: tuple[tuple[str, str | None], CertificateOptions] | None = None
         self.on_message: Callable[[ReceivedMessage], Any] | None = None
         self.port: int | None = None
         self._listening: IListeningPort | None = None
@@ -462,6 +504,24 @@ class DownstreamServer:
         self.peak_connections = self.active_connections
         self.rejections = 0
         self.deferrals = 0
+
+    def _tls_options(self) -> CertificateOptions:
+        """The server's TLS context, from ``tls_certificate`` and ``tls_key``."""
+        assert self.tls_certificate is not None
+        files = (self.tls_certificate, self.tls_key)
+        if self._tls_loaded is None or self._tls_loaded[0] != files:
+            # A test server reads two small local files once; not worth a thread.
+            pem = b""
+            for path in files:
+                if path:
+                    with open(path, "rb") as f:
+                        pem += f.read() + b"\n"
+            options = CertificateOptions(
+                privateKey=load_pem_private_key(pem, password=None),  # type: ignore[arg-type]
+                certificate=load_pem_x509_certificate(pem),  # type: ignore[arg-type]
+            )
+            self._tls_loaded = (files, options)
+        return self._tls_loaded[1]
 
     @property
     def mode(self) -> str:
