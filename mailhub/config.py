@@ -276,6 +276,7 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
         maxc = r.get(d, prefix, "max_connections", int, 10, positive=True)
         options = {k: v for k, v in d.items() if k not in ("route", "max_connections")}
         options = _recipient_options(r, prefix, route, options, os.path.dirname(os.path.abspath(path)))
+        options = _route_tls_options(r, prefix, options, os.path.dirname(os.path.abspath(path)))
         if route is not None:
             domains[name.lower()] = DomainConfig(name.lower(), route, maxc, options)
     if "domains" in data and not data.get("domains"):
@@ -358,6 +359,31 @@ def _recipient_options(
     unreachable = r.get(options, prefix, "verify_unreachable", str, "tempfail")
     if unreachable not in VERIFY_UNREACHABLE:
         r.err(f"{prefix}.verify_unreachable", f"must be 'accept' or 'tempfail', not {unreachable!r}")
+    return options
+
+
+ROUTE_TLS = ("opportunistic", "required", "none")
+
+
+def _route_tls_options(r: _Reader, prefix: str, options: dict[str, Any], base: str) -> dict[str, Any]:
+    """
+    Check a domain's outbound STARTTLS keys (``tls``, ``tls_verify``,
+    ``tls_ca_file``), which the route's transport reads; ``tls_ca_file`` is
+    made absolute (relative to the config file's directory).
+    """
+    tls = r.get(options, prefix, "tls", str, "opportunistic")
+    if tls not in ROUTE_TLS:
+        r.err(f"{prefix}.tls", f"must be 'opportunistic', 'required' or 'none', not {tls!r}")
+    verify = r.get(options, prefix, "tls_verify", bool, False)
+    ca_file = r.get(options, prefix, "tls_ca_file", str)
+    if tls == "none" and verify:
+        r.err(f"{prefix}.tls_verify", "means nothing with tls = 'none'")
+    if ca_file is not None:
+        if not verify:
+            r.err(f"{prefix}.tls_ca_file", "is used only with tls_verify = true")
+        options["tls_ca_file"] = os.path.join(base, ca_file)
+        if not os.path.isfile(options["tls_ca_file"]):
+            r.err(f"{prefix}.tls_ca_file", f"no such file: {options['tls_ca_file']}")
     return options
 
 

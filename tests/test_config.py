@@ -110,3 +110,27 @@ def test_smtp_security_keys_have_defaults_and_are_read():
 def test_smtp_security_key_errors_name_file_and_key(extra, key):
     with pytest.raises(ConfigError, match=f"/etc/hub.toml: {key}: "):
         parse(GOOD + b"[smtp]\n" + extra, "/etc/hub.toml")
+
+
+def test_route_tls_keys_reach_the_transport_with_the_ca_file_made_absolute(tmp_path):
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    text = GOOD + b'tls = "required"\ntls_verify = true\ntls_ca_file = "ca.pem"\n'
+    config = parse(text, str(tmp_path / "hub.toml"))
+    options = config.route_options("smtp:mail.example.com:25")
+    assert (options["tls"], options["tls_verify"]) == ("required", True)
+    assert options["tls_ca_file"] == str(tmp_path / "ca.pem")
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (b'tls = "always"\n', "tls"),
+        (b'tls_verify = "yes"\n', "tls_verify"),
+        (b'tls = "none"\ntls_verify = true\n', "tls_verify"),
+        (b'tls_ca_file = "ca.pem"\n', "tls_ca_file"),
+        (b'tls_verify = true\ntls_ca_file = "missing.pem"\n', "tls_ca_file"),
+    ],
+)
+def test_route_tls_key_errors_name_file_and_key(extra, key):
+    with pytest.raises(ConfigError, match=f'/etc/hub.toml: domains."Example.COM".{key}: '):
+        parse(GOOD + extra, "/etc/hub.toml")
