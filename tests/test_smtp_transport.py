@@ -22,6 +22,7 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
 from zope.interface.verify import verifyObject
 
+from mailhub.config import parse
 from mailhub.interfaces import ITransport, ITransportPlugin
 from mailhub.model import Address, Entry, Recipient, RecipientState, Reply
 from mailhub.plugins.smtp_transport import (
@@ -961,3 +962,25 @@ def test_starttls_refused_goes_on_in_clear_unless_required():
     assert written(p) == b"QUIT\r\n"
     [reply] = d.result.values()
     assert (reply.code, reply.enhanced) == (421, "4.7.4")
+
+
+@pytest_twisted.ensureDeferred
+async def test_domain_tls_keys_reach_the_transport_as_the_node_builds_it(
+    tls_downstream, transports, certificate, tmp_path
+):
+    """The config's domain keys, as ``Node.transport_for`` passes them, verify and require TLS."""
+    route = f"smtp:{TLS_HOST}:{tls_downstream.port}"
+    text = (
+        f'[hub]\nhostname = "hub.test"\n[nodes.dallas]\nsmtp = "tcp:0"\n'
+        f'[domains."example.com"]\nroute = "{route}"\ntls = "required"\n'
+        f'tls_verify = true\ntls_ca_file = "{certificate[0]}"\n'
+    ).encode()
+    config = parse(text, str(tmp_path / "hub.toml"))
+    options = {**config.route_options(route), "target": route[5:], "hostname": config.hostname}
+    t = attrs.evolve(
+        plugin.make(options, reactor),
+        endpoint_for=lambda host, port: TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+    )
+    transports.append(t)
+    assert codes(await t.deliver(entry("a@example.com"), MESSAGE)) == {(250, "2.0.0")}
+    assert tls_downstream.messages[0].tls
