@@ -241,3 +241,44 @@ def test_main_prints_a_line_per_message_and_fills_the_maildir(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_is_offered_only_with_a_certificate_and_recorded(server, tmp_path):
+    """``smtplib`` (another client than ours) upgrades; the message is recorded as over TLS."""
+    import ssl
+    import time
+
+    from twisted.internet.threads import deferToThread
+
+    from mailhub.smtp.tls import generate_self_signed
+
+    c = await connect(server.port)
+    assert b"STARTTLS" not in await c.command(b"EHLO client.test")
+    assert (await c.command(b"STARTTLS")).startswith(b"502 ")
+    assert c.transport is not None
+    c.transport.loseConnection()
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    generate_self_signed("downstream.test", cert, key, time.time())
+    server.tls_certificate, server.tls_key = cert, key
+
+    def send() -> None:
+        context = ssl.create_default_context(cafile=cert)
+        context.check_hostname = False
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.ehlo("client.test")
+            assert client.has_extn("starttls")
+            client.starttls(context=context)
+            client.ehlo("client.test")
+            assert not client.has_extn("starttls")
+            client.sendmail("a@x.test", ["b@y.test"], b"Subject: tls\r\n\r\nhi\r\n")
+            client.sendmail("a@x.test", ["b@y.test"], b"Subject: tls again\r\n\r\nhi\r\n")
+
+    await deferToThread(send)
+    plain = await connect(server.port)
+    await plain.command(b"EHLO client.test")
+    await plain.command(b"MAIL FROM:<a@x.test>")
+    await plain.command(b"RCPT TO:<b@y.test>")
+    await plain.command(b"DATA")
+    assert (await plain.command(b"Subject: plain\r\n\r\nhi\r\n.")).startswith(b"250 ")
+    assert [m.tls for m in server.messages] == [True, True, False]
