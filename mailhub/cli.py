@@ -7,6 +7,7 @@
     mailhub queue [--config FILE] hold|release|delete ID
     mailhub queue [--config FILE] flush [--route R]
     mailhub nodes [--config FILE] [--json]
+    mailhub status [--config FILE] [--json]
     mailhub sink --listen ENDPOINT [--maildir DIR]
 
 The queue commands open the configured spool store themselves (the hub may be
@@ -227,6 +228,62 @@ async def _nodes(reactor: Any, args: argparse.Namespace, config: HubConfig) -> i
     return 0
 
 
+def _web_url(endpoint: str) -> str | None:
+    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+    kind, args, kw = _parseServer(endpoint, None)
+    if kind != "TCP":
+        return None
+    host = kw.get("interface") or "127.0.0.1"
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{args[0]}/status"
+
+
+def _status(config: HubConfig, as_json: bool) -> int:
+    """Ask every node with a ``web`` listener for its status (this command is a client, not the hub)."""
+    import urllib.error
+    import urllib.request
+
+    results: dict[str, Any] = {}
+    for node in config.nodes.values():
+        url = _web_url(node.web) if node.web else None
+        if url is None:
+            results[node.name] = {"error": "no tcp web listener configured"}
+            continue
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                results[node.name] = json.loads(response.read())
+        except (OSError, ValueError, urllib.error.URLError) as e:
+            results[node.name] = {"error": f"{url}: {e}"}
+    if as_json:
+        json.dump(results, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0 if all("error" not in r for r in results.values()) else 1
+    failed = False
+    for name, r in results.items():
+        if "error" in r:
+            failed = True
+            sys.stdout.write(f"{name}: UNREACHABLE ({r['error']})\n")
+            continue
+        spool = r.get("spool", {})
+        sys.stdout.write(
+            f"{name}: {r['engine']['in_flight']} attempts in flight; spool {spool.get('entries', 0)} entries "
+            f"({spool.get('held', 0)} held)\n"
+        )
+        backlog = spool.get("routes", {})
+        for route, t in r["engine"]["routes"].items():
+            state = "DOWN" if t["down"] else ("PAUSED %ss" % t["paused_for"] if t["paused_for"] else "up")
+            sys.stdout.write(
+                f"  {route}: {state}, backlog {backlog.get(route, 0)}, window {t['window']}/{t['max_connections']}, "
+                f"{t['active']} running, {t['waiting']} waiting, {t['delivered_last_minute']}/min delivered, "
+                f"{t['delivered']} delivered, {t['deferred']} deferred, {t['back_pressure']} back-pressure"
+                + (f"; last: {t['last_reply']}" if t["last_reply"] else "")
+                + "\n"
+            )
+    return 1 if failed else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailhub", description="Operate a mailhub hub.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -256,6 +313,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
     n.add_argument("--json", action="store_true")
 
+    st = sub.add_parser("status", help="each node's delivery progress per route (from its web listener)")
+    st.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"))
+    st.add_argument("--json", action="store_true")
+
     s = sub.add_parser("sink", help="run a test SMTP server that accepts and prints mail")
     s.add_argument("--listen", default="tcp:2500:interface=127.0.0.1")
     s.add_argument("--maildir")
@@ -282,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"{e}\n")
         return 2
+    if args.command == "status":
+        return _status(config, args.json)
     from twisted.internet import task
     from twisted.internet.defer import ensureDeferred
 

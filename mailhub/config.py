@@ -274,6 +274,8 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
         if route is not None:
             _check_route(r, f"{prefix}.route", route)
         maxc = r.get(d, prefix, "max_connections", int, 10, positive=True)
+        if "backpressure_pause" in d:
+            r.get(d, prefix, "backpressure_pause", (int, float), positive=True)
         options = {k: v for k, v in d.items() if k not in ("route", "max_connections")}
         options = _recipient_options(r, prefix, route, options, os.path.dirname(os.path.abspath(path)))
         options = _route_tls_options(r, prefix, options, os.path.dirname(os.path.abspath(path)))

@@ -18,6 +18,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.web.server import Site
 
 from mailhub import __version__
 from mailhub.config import HubConfig
@@ -28,6 +29,7 @@ from mailhub.model import Address, Entry, Envelope, Outcome, Route
 from mailhub.plugin import load_plugin
 from mailhub.smtp.recipients import recipient_validation
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
+from mailhub.web.status import StatusResource
 
 __all__ = ["Node", "routes_for"]
 
@@ -67,7 +69,7 @@ class Node(MultiService):
             store,
             policy,
             self.transport_for,
-            self.limit_for,
+            self.pacing_for,
             self.bounce,
             reactor,
             config.delivery,
@@ -89,6 +91,13 @@ class Node(MultiService):
         listener._raiseSynchronously = True
         listener.setName("smtp")
         listener.setServiceParent(self)
+        if node_config.web:
+            web = StreamServerEndpointService(
+                serverFromString(reactor, node_config.web), Site(StatusResource(self, store))
+            )
+            web._raiseSynchronously = True
+            web.setName("web")
+            web.setServiceParent(self)
         if INodeRegistry.providedBy(store):
             # At start, then every heartbeat_seconds; a failed heartbeat is
             # logged and the next one comes on time (a LoopingCall stops at
@@ -169,8 +178,9 @@ class Node(MultiService):
             transport = self._transports[route] = factory.make(options, self._reactor)
         return transport
 
-    def limit_for(self, route: str) -> int:
-        return int(self.config.route_options(route).get("max_connections", 10))
+    def pacing_for(self, route: str) -> tuple[int, float]:
+        options = self.config.route_options(route)
+        return int(options.get("max_connections", 10)), float(options.get("backpressure_pause", 30.0))
 
     def stopService(self) -> Deferred[Any]:
         d = ensureDeferred(self._stop())

@@ -42,7 +42,7 @@ class Hub:
         self.settings = settings or DeliveryConfig(max_scan_interval=60.0)
         self.engines = {
             name: DeliveryEngine(
-                name, self.store, self.policy, lambda route: self.transport, lambda route: limit,
+                name, self.store, self.policy, lambda route: self.transport, lambda route: (limit, 30.0),
                 self.bounce, self.clock, self.settings,
             )
             for name in ("dallas", "losangeles")
@@ -273,3 +273,22 @@ def test_route_coming_back_releases_its_backlog_at_once_and_paced():
     assert [i for i in ids if hub.entry(i) is not None] == []
     status = hub.engines["losangeles"].status()["routes"][ROUTE]
     assert status["delivered"] + hub.engines["dallas"].status()["routes"][ROUTE]["delivered"] == 20
+
+
+def test_stopping_gives_back_entries_waiting_for_their_turn():
+    pending: list[Deferred] = []
+
+    def slow(entry, message):
+        d: Deferred = Deferred()
+        pending.append(d)
+        return d
+
+    hub = Hub(slow, limit=1)
+    ids = [hub.accept("dallas") for _ in range(3)]
+    stopped = hub.engines["dallas"].stopService()
+    assert not stopped.called  # the attempt in flight finishes first
+    # The two that waited are due again at once, for any node.
+    waiting = [hub.entry(i) for i in ids[1:]]
+    assert all(e.next_attempt <= hub.clock.seconds() and e.node is None for e in waiting)
+    pending[0].callback(OK)
+    assert stopped.called

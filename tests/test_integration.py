@@ -7,6 +7,7 @@ test switches between accepting, deferring, rejecting, dropping and down.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.threads import deferToThread
 
 from hubprocess import HubProcess, free_port, hub_config, message, send, sleep
 from mailhub.testing.downstream import DownstreamServer
@@ -269,3 +271,39 @@ async def test_embedding_example_runs_the_hub_inside_another_application(tmp_pat
         process.terminate()
         while process.poll() is None:
             await sleep(0.05)
+
+
+@pytest_twisted.ensureDeferred
+async def test_backlog_drains_paced_under_back_pressure_with_progress_visible(tmp_path, downstream):
+    """
+    An Exchange-like server that answers 452 4.3.1 above three concurrent
+    connections: the backlog still drains by itself, the hub narrows its
+    window, and ``mailhub status`` shows the progress per route.
+    """
+    ports = {"dallas": free_port()}
+    web = free_port()
+    text = hub_config(tmp_path / "spool.db", downstream.port, ports, retry_minutes=0.1)
+    text = text.replace('smtp = "tcp:%d:interface=127.0.0.1"\n' % ports["dallas"],
+                        'smtp = "tcp:%d:interface=127.0.0.1"\nweb = "tcp:%d:interface=127.0.0.1"\n' % (ports["dallas"], web))
+    text = text.replace("max_connections = 4", "max_connections = 12\nbackpressure_pause = 1")
+    hub = HubProcess(tmp_path, text)
+    hub.start()
+    try:
+        await hub.started(ports["dallas"])
+        await downstream.stop()
+        sends = [ensureDeferred(send(ports["dallas"], message(f"backlog-{i}"))) for i in range(40)]
+        codes = [code for code, _ in await gatherResults(sends)]
+        assert codes == [250] * 40
+        downstream.max_concurrent_connections = 3
+        downstream.delay = 0.05
+        await downstream.start(port=downstream.port)
+        await eventually(lambda: len({m.message for m in downstream.messages}) == 40, timeout=90, what="backlog drained")
+        out = await deferToThread(hub.cli, "status", "--json")
+        status = json.loads(out.stdout)["dallas"]
+        route = status["engine"]["routes"][f"smtp:127.0.0.1:{downstream.port}"]
+        assert route["delivered"] >= 40
+        assert route["window"] <= 12
+        text_out = (await deferToThread(hub.cli, "status")).stdout
+        assert "dallas:" in text_out and "delivered" in text_out
+    finally:
+        await hub.stop()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -38,7 +38,7 @@ class DeliveryEngine(Service):
     """
     :param node: this node's name.
     :param transport_for: gives the ``ITransport`` of a route (text form).
-    :param limit_for: gives the connection limit of a route.
+    :param pacing_for: gives ``(max_connections, back-pressure pause in seconds)`` of a route.
     :param bounce: enqueues the DSN for failed outcomes; the engine waits for
         it before recording the attempt, so a crash can repeat a DSN but never
         lose one.
@@ -52,7 +52,7 @@ class DeliveryEngine(Service):
         store: ISpoolStore,
         policy: IDeliveryPolicy,
         transport_for: Callable[[str], ITransport],
-        limit_for: Callable[[str], int],
+        pacing_for: Callable[[str], tuple[int, float]],
         bounce: Bounce,
         clock: IReactorTime,
         settings: DeliveryConfig,
@@ -61,7 +61,7 @@ class DeliveryEngine(Service):
         self._store = store
         self._policy = policy
         self._transport_for = transport_for
-        self._limit_for = limit_for
+        self._pacing_for = pacing_for
         self._bounce = bounce
         self._clock = clock
         self._settings = settings
@@ -85,6 +85,8 @@ class DeliveryEngine(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        for throttle in self._throttles.values():
+            throttle.cancel_waiting()
         return DeferredList(list(self._active), consumeErrors=True)
 
     # -- scheduling ------------------------------------------------------
@@ -183,7 +185,8 @@ class DeliveryEngine(Service):
         """The pacing of ``route`` on this node."""
         throttle = self._throttles.get(route)
         if throttle is None:
-            throttle = self._throttles[route] = RouteThrottle(self._limit_for(route), self._clock)
+            maximum, pause = self._pacing_for(route)
+            throttle = self._throttles[route] = RouteThrottle(maximum, self._clock, pause=pause)
         return throttle
 
     def status(self) -> dict[str, Any]:
@@ -209,7 +212,12 @@ class DeliveryEngine(Service):
     async def _attempt(self, lease: Lease) -> None:
         entry = lease.entry
         throttle = self.throttle(entry.route)
-        await throttle.acquire()
+        try:
+            await throttle.acquire()
+        except CancelledError:
+            # Stopping while this entry waited for its turn: give it back.
+            await self._store.release(lease, self._clock.seconds())
+            return
         replies: dict[Address, Reply] = {}
         try:
             if not self.running:

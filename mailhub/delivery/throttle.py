@@ -78,10 +78,14 @@ class RouteThrottle:
 
     def acquire(self) -> Deferred[None]:
         """Fires when an attempt on the route may start; call ``release`` after it."""
-        d: Deferred[None] = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        d: Deferred[None] = Deferred(self._forget)
         self._waiting.append(d)
         self._pump()
         return d
+
+    def _forget(self, d: Deferred[None]) -> None:
+        if d in self._waiting:
+            self._waiting.remove(d)
 
     def release(self, replies: Iterable[Reply]) -> bool:
         """
@@ -94,6 +98,11 @@ class RouteThrottle:
         recovered = self._learn(list(replies))
         self._pump()
         return recovered
+
+    def cancel_waiting(self) -> None:
+        """Fail every waiting ``acquire`` with ``CancelledError`` (the node is stopping)."""
+        while self._waiting:
+            self._waiting[0].cancel()
 
     def slow_start(self) -> None:
         """The route just came back: restart the window at a quarter of the maximum."""
