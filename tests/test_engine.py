@@ -292,3 +292,43 @@ def test_stopping_gives_back_entries_waiting_for_their_turn():
     assert all(e.next_attempt <= hub.clock.seconds() and e.node is None for e in waiting)
     pending[0].callback(OK)
     assert stopped.called
+
+
+def test_first_attempts_beyond_the_batch_wait_for_a_scan_instead_of_holding_leases():
+    pending: list[Deferred] = []
+
+    def slow(entry, message):
+        d: Deferred = Deferred()
+        pending.append(d)
+        return d
+
+    hub = Hub(slow, limit=2, settings=DeliveryConfig(batch=4, max_scan_interval=60.0))
+    ids = [hub.accept("dallas") for _ in range(10)]
+    assert hub.engines["dallas"].in_flight == 4
+    # The other six are not leased: still reserved for dallas, due now.
+    unleased = [hub.entry(i) for i in ids[4:]]
+    assert all(e.node == "dallas" and e.next_attempt <= hub.clock.seconds() for e in unleased)
+    while pending:
+        pending.pop(0).callback(OK)
+        hub.clock.advance(0)
+    assert [i for i in ids if hub.entry(i) is not None] == []
+
+
+def test_entry_that_waited_half_its_lease_is_given_back_not_attempted():
+    pending: list[Deferred] = []
+
+    def slow(entry, message):
+        d: Deferred = Deferred()
+        pending.append(d)
+        return d
+
+    hub = Hub(slow, limit=1, settings=DeliveryConfig(lease_seconds=100.0, max_scan_interval=60.0))
+    hub.accept("dallas")
+    second = hub.accept("dallas")
+    hub.clock.advance(51)
+    pending.pop(0).callback(OK)
+    # The second's lease is past half: not attempted under it, but due again.
+    assert len(hub.transport.deliveries) == 1
+    assert hub.entry(second).next_attempt <= hub.clock.seconds()
+    hub.clock.advance(1)
+    assert len(hub.transport.deliveries) == 2

@@ -20,14 +20,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailhub.config import DeliveryConfig
 from mailhub.delivery.throttle import RouteThrottle
 from mailhub.interfaces import IDeliveryPolicy, ISpoolStore, ITransport
-from mailhub.model import Action, Address, Attempt, Entry, Lease, LeaseLost, Outcome, Reply
+from mailhub.model import (
+    Action,
+    Address,
+    Attempt,
+    Entry,
+    Lease,
+    LeaseLost,
+    Outcome,
+    Reply,
+    StoreUnavailable,
+)
 
 __all__ = ["DeliveryEngine"]
 
@@ -99,9 +110,18 @@ class DeliveryEngine(Service):
         """
         Claim and try the given entries now: the accepting node's first attempt.
 
+        Beyond ``batch`` entries in flight the node takes no more leases: the
+        entries stay reserved for it and the next scan claims them, so no lease
+        can run out while its entry waits behind hundreds of others.
+
         :returns: a Deferred firing with the number of entries claimed.
         """
-        return ensureDeferred(self._claim(list(ids)))
+        room = self._settings.batch - self.in_flight
+        if room < len(ids):
+            self._more = True
+            if room <= 0:
+                return succeed(0)
+        return ensureDeferred(self._claim(list(ids)[: max(room, 0)]))
 
     def wake(self) -> None:
         """Scan the spool for due entries as soon as possible."""
@@ -147,6 +167,9 @@ class DeliveryEngine(Service):
                 # in a tight loop.
                 wait = due - now
                 delay = min(wait if wait > 0 else 1.0, delay)
+        except StoreUnavailable as e:
+            self.log.warn("scan of the spool failed: {why}; trying again in 5 s", why=str(e))
+            delay = 5.0
         except Exception:
             self.log.failure("scan of the spool failed; trying again in 5 s")
             delay = 5.0
@@ -178,8 +201,20 @@ class DeliveryEngine(Service):
             if self._more and self.in_flight <= self._settings.batch // 2:
                 self.wake()
 
-        d.addErrback(lambda f: self.log.failure("attempt on {entry} failed", f, entry=lease.entry.id))
+        d.addErrback(self._attempt_failed, lease)
         d.addBoth(done)
+
+    def _attempt_failed(self, failure: Failure, lease: Lease) -> None:
+        if failure.check(StoreUnavailable):
+            # The store is down: the lease will expire and the entry be tried
+            # again; one line per attempt is enough to say so.
+            self.log.warn(
+                "entry {entry}: attempt not recorded, spool store unavailable ({why}); it will be retried",
+                entry=lease.entry.id,
+                why=failure.getErrorMessage(),
+            )
+        else:
+            self.log.failure("attempt on {entry} failed", failure, entry=lease.entry.id)
 
     def throttle(self, route: str) -> RouteThrottle:
         """The pacing of ``route`` on this node."""
@@ -217,6 +252,13 @@ class DeliveryEngine(Service):
         except CancelledError:
             # Stopping while this entry waited for its turn: give it back.
             await self._store.release(lease, self._clock.seconds())
+            return
+        if self._clock.seconds() > lease.expires - self._settings.lease_seconds / 2:
+            # It waited (back pressure) for half its lease: a fresh claim is
+            # safer than an attempt that may outlive the lease.
+            throttle.release(())
+            await self._store.release(lease, self._clock.seconds())
+            self.wake()
             return
         replies: dict[Address, Reply] = {}
         try:
