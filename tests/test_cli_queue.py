@@ -1,0 +1,99 @@
+"""``mailhub queue``: the operator's view of the spool, over a real SQLite spool."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+
+from mailhub.config import load
+from mailhub.model import Action, Address, Attempt, Decision, Envelope, Outcome, Reply
+from mailhub.plugin import load_plugin
+
+CONFIG = """
+[hub]
+hostname = "mx.hub.example"
+[store]
+plugin = "sqlite"
+path = "spool.db"
+[nodes.dallas]
+smtp = "tcp:0"
+[nodes.losangeles]
+smtp = "tcp:0"
+[domains."example.com"]
+route = "smtp:mail.example.com:25"
+"""
+
+
+@pytest.fixture
+def spool(tmp_path):
+    path = tmp_path / "hub.toml"
+    path.write_text(CONFIG)
+    config = load(str(path))
+    store = load_plugin("mailhub.stores", "sqlite").make(config.plugin_section("store"), reactor)
+
+    async def fill():
+        now = reactor.seconds()
+        env = Envelope(Address("s", "outside.example"), (Address("alice", "example.com"),), received_at=now)
+        (entry_id,) = await store.enqueue(env, b"Subject: x\r\n\r\nbody\r\n", {"smtp:mail.example.com:25": list(env.recipients)}, "dallas")
+        (lease,) = await store.claim("dallas", now, 10, 60.0, 300.0, [entry_id])
+        reply = Reply(451, "4.3.0", "try later")
+        await store.record(
+            lease,
+            Attempt(entry_id, "dallas", now, now + 0.5, ((env.recipients[0], reply),)),
+            Decision((Outcome(env.recipients[0], Action.RETRY, reply),), now + 600, "losangeles"),
+        )
+        await store.close()
+        return entry_id
+
+    entry_id = pytest_twisted.blockon(ensureDeferred(fill()))
+    return path, entry_id
+
+
+def mailhub(*args):
+    return subprocess.run([sys.executable, "-m", "mailhub.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_queue_list_shows_entry_route_next_attempt_node_and_last_reply(spool):
+    path, entry_id = spool
+    out = mailhub("queue", "--config", str(path), "list")
+    assert out.returncode == 0, out.stderr
+    assert "1 entries, 1 recipients, 0 held" in out.stdout
+    line = next(row for row in out.stdout.splitlines() if row.startswith(entry_id))
+    assert "smtp:mail.example.com:25" in line
+    assert "losangeles" in line
+    assert "in 9m" in line or "in 10m" in line
+    assert "451 4.3.0 try later" in line
+
+
+def test_queue_show_gives_recipients_and_attempts_with_replies(spool):
+    path, entry_id = spool
+    out = mailhub("queue", "--config", str(path), "show", entry_id)
+    assert out.returncode == 0, out.stderr
+    assert "<alice@example.com> pending: 451 4.3.0 try later" in out.stdout
+    assert "by losangeles" in out.stdout
+    assert "attempts     1" in out.stdout and "by dallas" in out.stdout
+    data = json.loads(mailhub("queue", "--config", str(path), "show", entry_id, "--json").stdout)
+    assert data["attempt_log"][0]["replies"][0]["reply"] == "451 4.3.0 try later"
+    assert data["node"] == "losangeles"
+
+
+def test_queue_hold_release_flush_delete(spool):
+    path, entry_id = spool
+    assert mailhub("queue", "--config", str(path), "hold", entry_id).returncode == 0
+    listed = json.loads(mailhub("queue", "--config", str(path), "list", "--held", "--json").stdout)
+    assert [e["id"] for e in listed] == [entry_id]
+    assert mailhub("queue", "--config", str(path), "release", entry_id).returncode == 0
+    assert "1 entries due now" in mailhub("queue", "--config", str(path), "flush").stdout
+    assert mailhub("queue", "--config", str(path), "delete", entry_id).returncode == 0
+    assert json.loads(mailhub("queue", "--config", str(path), "list", "--json").stdout) == []
+
+
+def test_queue_show_unknown_entry_says_so(spool):
+    path, _ = spool
+    out = mailhub("queue", "--config", str(path), "show", "nope")
+    assert out.returncode == 1
+    assert "no entry nope" in out.stderr
