@@ -108,3 +108,15 @@ def test_status_reports_progress():
     assert status["delivered"] == 3 and status["delivered_last_minute"] == 3
     clock.advance(61)
     assert t.status()["delivered_last_minute"] == 0
+
+
+def test_one_episode_of_back_pressure_is_answered_once():
+    """Twelve attempts in flight all hit the same 452: one halving, one pause."""
+    clock = Clock()
+    t = RouteThrottle(12, clock, pause=1, max_pause=300)
+    started(t, 12)
+    for _ in range(12):
+        t.release([BUSY])
+    assert t.window == 6
+    assert t.paused_until - clock.seconds() == 1
+    assert t.back_pressure == 12

@@ -144,6 +144,11 @@ class RouteThrottle:
         if any(is_back_pressure(r) for r in replies):
             self.back_pressure += 1
             self.deferred += 1
+            if now < self.paused_until:
+                # Attempts that were already running when the server pushed
+                # back report the same episode: react to it once, as TCP
+                # halves its window once per loss event.
+                return False
             self.window = max(1.0, self.window / 2)
             self.paused_until = now + self._pause
             self._pause = min(self._pause * 2, self._max_pause)
