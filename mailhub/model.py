@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from attrs import evolve, field, frozen
 
@@ -32,6 +32,8 @@ __all__ = [
     "Route",
     "StoreFull",
     "StoreUnavailable",
+    "apply_decision",
+    "new_entries",
 ]
 
 
@@ -358,6 +360,40 @@ class EntryFilter:
     route: str | None = None
     held: bool | None = None
     recipient: str | None = None
+
+
+def new_entries(
+    envelope: Envelope,
+    size: int,
+    routes: Mapping[str, Sequence[Address]],
+    node: str,
+    message_id: str,
+    new_id: Callable[[], str],
+) -> list[Entry]:
+    """
+    The entries ``ISpoolStore.enqueue`` stores for one accepted message: one
+    per route, due at once and reserved for the accepting ``node``.  Stores
+    use this so they all agree on what a new entry is.
+
+    :param new_id: makes a fresh entry id.
+    """
+    return [
+        Entry(
+            id=new_id(),
+            message_id=message_id,
+            route=route,
+            sender=envelope.sender,
+            recipients=tuple(Recipient(a) for a in recipients),
+            created=envelope.received_at,
+            next_attempt=envelope.received_at,
+            node=node,
+            size=size,
+            envelope_helo=envelope.helo,
+            envelope_client=envelope.client,
+            smtputf8=envelope.smtputf8,
+        )
+        for route, recipients in routes.items()
+    ]
 
 
 def apply_decision(entry: Entry, decision: Decision) -> Entry:

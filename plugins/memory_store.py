@@ -27,9 +27,9 @@ from mailhub.model import (
     Envelope,
     Lease,
     LeaseLost,
-    Recipient,
     StoreUnavailable,
     apply_decision,
+    new_entries,
 )
 
 __all__ = ["MemorySpoolStore", "plugin"]
@@ -37,9 +37,8 @@ __all__ = ["MemorySpoolStore", "plugin"]
 _T = TypeVar("_T")
 
 
-def _as_tuple(items: Iterable[Any]) -> Any:
-    # mypy cannot solve the attrs ``converter=tuple`` of the model's fields.
-    return tuple(items)
+def _new_id() -> str:
+    return uuid.uuid4().hex
 
 
 @define
@@ -99,21 +98,7 @@ class MemorySpoolStore:
         def do() -> list[str]:
             message_id = uuid.uuid4().hex
             ids = []
-            for route, recipients in routes.items():
-                entry = Entry(
-                    id=uuid.uuid4().hex,
-                    message_id=message_id,
-                    route=route,
-                    sender=envelope.sender,
-                    recipients=_as_tuple(Recipient(a) for a in recipients),
-                    created=envelope.received_at,
-                    next_attempt=envelope.received_at,
-                    node=node,
-                    size=len(message),
-                    envelope_helo=envelope.helo,
-                    envelope_client=envelope.client,
-                    smtputf8=envelope.smtputf8,
-                )
+            for entry in new_entries(envelope, len(message), routes, node, message_id, _new_id):
                 self._slots[entry.id] = _Slot(entry)
                 ids.append(entry.id)
             if ids:

@@ -96,6 +96,7 @@ from mailhub.model import (
     StoreFull,
     StoreUnavailable,
     apply_decision,
+    new_entries,
 )
 
 __all__ = ["RedisSpoolStore", "plugin"]
@@ -419,9 +420,9 @@ def _reply(data: list[Any] | None) -> Reply | None:
     return None if data is None else Reply(data[0], data[1], data[2])
 
 
-def _as_tuple(items: Iterable[Any]) -> Any:
-    # mypy cannot solve the attrs ``converter=tuple`` of the model's fields.
-    return tuple(items)
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
 
 
 def _entry_json(e: Entry) -> str:
@@ -453,7 +454,7 @@ def _entry(data: bytes, next_attempt: bytes, node: bytes, held: bytes) -> Entry:
         message_id=d["mid"],
         route=d["route"],
         sender=_address(d["sender"]),
-        recipients=_as_tuple(
+        recipients=tuple(
             Recipient(_address(a), RecipientState(s), _reply(r))  # type: ignore[arg-type]
             for a, s, r in d["rcpt"]
         ),
@@ -488,7 +489,7 @@ def _attempt(data: bytes) -> Attempt:
         d["node"],
         d["started"],
         d["finished"],
-        _as_tuple((_address(addr), _reply(r)) for addr, r in d["replies"]),
+        tuple((Address(addr[0], addr[1]), Reply(r[0], r[1], r[2])) for addr, r in d["replies"]),
     )
 
 
@@ -627,23 +628,9 @@ class RedisSpoolStore:
             _num(envelope.received_at),
             len(routes),
         ]
-        for route, recipients in routes.items():
-            entry = Entry(
-                id=uuid.uuid4().hex,
-                message_id=message_id,
-                route=route,
-                sender=envelope.sender,
-                recipients=_as_tuple(Recipient(a) for a in recipients),
-                created=envelope.received_at,
-                next_attempt=envelope.received_at,
-                node=node,
-                size=len(message),
-                envelope_helo=envelope.helo,
-                envelope_client=envelope.client,
-                smtputf8=envelope.smtputf8,
-            )
+        for entry in new_entries(envelope, len(message), routes, node, message_id, _new_id):
             ids.append(entry.id)
-            args += [entry.id, route, _entry_json(entry), len(entry.recipients)]
+            args += [entry.id, entry.route, _entry_json(entry), len(entry.recipients)]
 
         def stored(n: int) -> list[str]:
             if n < 0:

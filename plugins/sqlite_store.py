@@ -134,10 +134,6 @@ def _address(text: str) -> Address:
     return Address(local, domain)
 
 
-def _as_tuple(items: Iterable[Any]) -> Any:
-    # mypy cannot solve the attrs ``converter=tuple`` of the model's fields.
-    return tuple(items)
-
 
 def _reply_json(reply: Reply | None) -> list[Any] | None:
     return None if reply is None else [reply.code, reply.enhanced, reply.text]
@@ -172,7 +168,7 @@ def _entry(row: Sequence[Any]) -> Entry:
         message_id=message_id,
         route=route,
         sender=None if sender is None else _address(sender),
-        recipients=_as_tuple(_recipients(recipients)),
+        recipients=tuple(_recipients(recipients)),
         created=created,
         next_attempt=next_attempt,
         node=node,
@@ -587,7 +583,7 @@ class SqliteSpoolStore:
                     node,
                     started,
                     finished,
-                    _as_tuple(
+                    tuple(
                         (_address(a), Reply(code, enhanced, text))
                         for a, code, enhanced, text in json.loads(replies)
                     ),
