@@ -169,8 +169,11 @@ def run_drain(system: System, args: argparse.Namespace, size: int, out: dict[str
     try:
         inst.setup()
         inst.start()
+        t0 = time.monotonic()
         parallel_smtp_source(inst.ports, n, SESSIONS, size, args.timeout)
+        out["P3fill"] = time.monotonic() - t0
         inst.wait_deferred(n, args.timeout)
+        out["P3settle"] = time.monotonic() - t0
         inst.stop()
         out["P3restart"] = inst.start()
         time.sleep(2)
@@ -212,6 +215,8 @@ FIGURES = [
     ("P1", "P1 ingest {size} (msg/s)", True),
     ("P2", "P2 relay {size} end-to-end (msg/s)", True),
     ("P2accept", "P2 relay {size}: accepted (msg/s)", True),
+    ("P3fill", "P3 fill: {n} accepted, downstream down (s)", False),
+    ("P3settle", "P3 fill: until all {n} deferred (s)", False),
     ("P3", "P3 drain {n} deferred (s)", False),
     ("P3restart", "P3 restart with {n} deferred (s)", False),
     ("P3mem", "P3 memory (PSS) with {n} deferred (MB)", False),
