@@ -82,6 +82,9 @@ class DeliveryConfig:
     batch: int = 100
     max_scan_interval: float = 60.0
     flush_on_recovery: bool = True
+    # While a route is down, at most one real attempt this often; the rest
+    # are deferred without connecting.
+    probe_seconds: float = 30.0
     # Each node says it is alive this often; ``mailhub nodes`` calls a node
     # DOWN after three heartbeats missed.
     heartbeat_seconds: float = 10.0
@@ -231,6 +234,7 @@ def parse(text: bytes, path: str = "<config>") -> HubConfig:
         batch=r.get(dv, "delivery", "batch", int, 100, positive=True),
         max_scan_interval=float(r.get(dv, "delivery", "max_scan_interval", num, 60.0, positive=True)),
         flush_on_recovery=r.get(dv, "delivery", "flush_on_recovery", bool, True),
+        probe_seconds=float(r.get(dv, "delivery", "probe_seconds", num, 30.0, positive=True)),
         heartbeat_seconds=float(r.get(dv, "delivery", "heartbeat_seconds", num, 10.0, positive=True)),
     )
 

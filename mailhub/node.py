@@ -129,7 +129,7 @@ class Node(MultiService):
             ids=",".join(ids),
         )
         if self.engine.running:
-            self.engine.kick(ids).addErrback(
+            self.engine.kick(ids, message).addErrback(
                 lambda f: self.log.failure("immediate attempt of {ids} failed", f, ids=ids)
             )
         return ids[0]

@@ -74,6 +74,7 @@ DNS goes through ``twisted.names``, time comes from the injected reactor.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import re
 from collections import deque
@@ -90,7 +91,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import (
     ConnectError,
     ConnectionDone,
@@ -473,6 +474,21 @@ Endpoints = Callable[[str, int], IStreamClientEndpoint]
 """Gives the endpoint to connect to a host (an address, if names are resolved) and port."""
 
 
+def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """
+    A client endpoint for ``host``.  An address literal needs no name
+    resolution: ``HostnameEndpoint`` would still send it through the
+    resolver's thread pool on every connection.
+    """
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if version == 4:
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
 @implementer(ITransport)
 @define(eq=False)
 class SMTPTransport:
@@ -829,7 +845,7 @@ class SMTPTransport:
             endpoint = (
                 self._endpoint_for(address, port)
                 if self._endpoint_for is not None
-                else HostnameEndpoint(self._reactor, address, port, timeout=self._connect_timeout)
+                else _endpoint(self._reactor, address, port, self._connect_timeout)
             )
             factory = _ClientFactory(
                 lambda: SMTPClientProtocol(self._reactor, peer, self._command_timeout)

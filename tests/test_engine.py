@@ -332,3 +332,26 @@ def test_entry_that_waited_half_its_lease_is_given_back_not_attempted():
     assert hub.entry(second).next_attempt <= hub.clock.seconds()
     hub.clock.advance(1)
     assert len(hub.transport.deliveries) == 2
+
+
+def test_route_down_defers_without_connecting_but_probes_every_probe_seconds():
+    refused = Reply(421, "4.4.1", "Connection refused")
+    hub = Hub(scripted(refused), settings=DeliveryConfig(probe_seconds=30.0, max_scan_interval=60.0))
+    first = hub.accept("dallas")
+    ids = [hub.accept("dallas") for _ in range(5)]
+    # Only the first tried the server; the rest were deferred on its word.
+    assert len(hub.transport.deliveries) == 1
+    suspended = hub.attempts(ids[0])[0].replies[0][1]
+    assert suspended.code == 451 and "suspended" in suspended.text and "refused" in suspended.text
+    assert hub.entry(ids[0]).node == "losangeles"
+    hub.clock.advance(30)
+    hub.accept("dallas")  # the next attempt after probe_seconds is a real one
+    assert len(hub.transport.deliveries) == 2
+    assert hub.entry(first) is not None
+
+
+def test_greylisting_does_not_suspend_the_route():
+    hub = Hub(scripted(Reply(450, "4.2.0", "greylisted, come back later")))
+    for _ in range(3):
+        hub.accept("dallas")
+    assert len(hub.transport.deliveries) == 3

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailhub.config import DeliveryConfig
-from mailhub.delivery.throttle import RouteThrottle
+from mailhub.delivery.throttle import RouteThrottle, is_route_failure
 from mailhub.interfaces import IDeliveryPolicy, ISpoolStore, ITransport
 from mailhub.model import (
     Action,
@@ -106,7 +106,7 @@ class DeliveryEngine(Service):
     def in_flight(self) -> int:
         return len(self._active)
 
-    def kick(self, ids: Sequence[str]) -> Deferred[int]:
+    def kick(self, ids: Sequence[str], message: bytes | None = None) -> Deferred[int]:
         """
         Claim and try the given entries now: the accepting node's first attempt.
 
@@ -121,7 +121,7 @@ class DeliveryEngine(Service):
             self._more = True
             if room <= 0:
                 return succeed(0)
-        return ensureDeferred(self._claim(list(ids)[: max(room, 0)]))
+        return ensureDeferred(self._claim(list(ids)[: max(room, 0)], message=message))
 
     def wake(self) -> None:
         """Scan the spool for due entries as soon as possible."""
@@ -178,7 +178,7 @@ class DeliveryEngine(Service):
         if self.running:
             self._schedule(delay)
 
-    async def _claim(self, ids: list[str] | None, limit: int | None = None) -> int:
+    async def _claim(self, ids: list[str] | None, limit: int | None = None, message: bytes | None = None) -> int:
         s = self._settings
         leases = await self._store.claim(
             self.node,
@@ -189,11 +189,11 @@ class DeliveryEngine(Service):
             ids,
         )
         for lease in leases:
-            self._dispatch(lease)
+            self._dispatch(lease, message)
         return len(leases)
 
-    def _dispatch(self, lease: Lease) -> None:
-        d = ensureDeferred(self._attempt(lease))
+    def _dispatch(self, lease: Lease, message: bytes | None = None) -> None:
+        d = ensureDeferred(self._attempt(lease, message))
         self._active.add(d)
 
         def done(result: object) -> None:
@@ -221,7 +221,9 @@ class DeliveryEngine(Service):
         throttle = self._throttles.get(route)
         if throttle is None:
             maximum, pause = self._pacing_for(route)
-            throttle = self._throttles[route] = RouteThrottle(maximum, self._clock, pause=pause)
+            throttle = self._throttles[route] = RouteThrottle(
+                maximum, self._clock, pause=pause, probe=self._settings.probe_seconds
+            )
         return throttle
 
     def status(self) -> dict[str, Any]:
@@ -244,7 +246,7 @@ class DeliveryEngine(Service):
 
     # -- one attempt -----------------------------------------------------
 
-    async def _attempt(self, lease: Lease) -> None:
+    async def _attempt(self, lease: Lease, message: bytes | None = None) -> None:
         entry = lease.entry
         throttle = self.throttle(entry.route)
         try:
@@ -260,18 +262,20 @@ class DeliveryEngine(Service):
             await self._store.release(lease, self._clock.seconds())
             self.wake()
             return
+        suspended = throttle.suspended()
         replies: dict[Address, Reply] = {}
         try:
             if not self.running:
                 await self._store.release(lease, self._clock.seconds())
                 return
-            replies = await self._deliver(lease)
+            replies = await self._deliver(lease, message, throttle if suspended else None)
         finally:
-            recovered = throttle.release(replies.values())
-        # An entry that was deferred before and is delivered now says the
-        # route is back, even if this node never saw it down.
+            # A suspended attempt taught nothing about the route.
+            recovered = throttle.release(() if suspended else replies.values())
+        # An entry deferred because its route was unreachable and delivered
+        # now says the route is back, even if this node never saw it down.
         last = entry.last_reply
-        if any(r.ok for r in replies.values()) and last is not None and last.temporary:
+        if any(r.ok for r in replies.values()) and last is not None and is_route_failure(last):
             recovered = True
         if recovered:
             self._route_recovered(entry.route, throttle)
@@ -285,22 +289,37 @@ class DeliveryEngine(Service):
         if self._settings.flush_on_recovery:
             ensureDeferred(self._flush_route(route))
 
-    async def _deliver(self, lease: Lease) -> dict[Address, Reply]:
+    async def _deliver(
+        self, lease: Lease, message: bytes | None, suspended_by: RouteThrottle | None
+    ) -> dict[Address, Reply]:
+        """
+        One attempt: deliver (or, with ``suspended_by``, defer at once because
+        the route is down), decide, bounce, record.
+
+        :param message: the message if the caller has it (the accepting node
+            does), else it is read from the spool when needed.
+        """
         entry = lease.entry
-        try:
-            message = await self._store.body(entry.message_id)
-        except KeyError:
-            self.log.error("entry {entry}: message body {message} is missing", entry=entry.id, message=entry.message_id)
-            return {}
         started = self._clock.seconds()
-        try:
-            replies = dict(await self._transport_for(entry.route).deliver(entry, message))
-        except Exception as e:
-            self.log.failure("transport for {route} raised", route=entry.route)
-            replies = {}
-            failure_reply = Reply(451, "4.3.0", f"transport error: {e}")
+        replies: dict[Address, Reply] = {}
+        if suspended_by is not None:
+            last = suspended_by.last_reply
+            failure_reply = Reply(451, "4.4.1", f"delivery to {entry.route} suspended: route down ({last})")
         else:
-            failure_reply = Reply(451, "4.3.0", "no reply from transport")
+            if message is None:
+                try:
+                    message = await self._store.body(entry.message_id)
+                except KeyError:
+                    self.log.error("entry {entry}: message body {message} is missing", entry=entry.id, message=entry.message_id)
+                    return {}
+            try:
+                replies = dict(await self._transport_for(entry.route).deliver(entry, message))
+            except Exception as e:
+                self.log.failure("transport for {route} raised", route=entry.route)
+                replies = {}
+                failure_reply = Reply(451, "4.3.0", f"transport error: {e}")
+            else:
+                failure_reply = Reply(451, "4.3.0", "no reply from transport")
         for address in entry.pending:
             replies.setdefault(address, failure_reply)
         finished = self._clock.seconds()
@@ -309,6 +328,8 @@ class DeliveryEngine(Service):
         attempt = Attempt(entry.id, self.node, started, finished, tuple((a, replies[a]) for a in entry.pending))
         bounced = [o for o in decision.outcomes if o.action in (Action.FAILED, Action.EXPIRED)]
         if bounced:
+            if message is None:
+                message = await self._store.body(entry.message_id)
             await self._bounce(entry, bounced, message, finished)
         try:
             await self._store.record(lease, attempt, decision)

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IDelayedCall
 
 from mailhub.model import Reply
 
-__all__ = ["RouteThrottle", "is_back_pressure"]
+__all__ = ["RouteThrottle", "is_back_pressure", "is_route_failure"]
 
 
 def is_back_pressure(reply: Reply) -> bool:
@@ -47,13 +47,27 @@ def is_back_pressure(reply: Reply) -> bool:
     )
 
 
+def is_route_failure(reply: Reply) -> bool:
+    """
+    Whether a reply says the route itself is unreachable (refused, timed out,
+    dropped, ``421`` service not available), not that one recipient or one
+    message is refused for now (greylisting, a full mailbox).
+    """
+    return reply.temporary and (reply.code == 421 or reply.enhanced.startswith("4.4."))
+
+
 class RouteThrottle:
     """
     :param maximum: the route's ``max_connections``.
     :param clock: an ``IReactorTime``.
+    :param probe: while the route is down, at most one real attempt per
+        ``probe`` seconds; the others are deferred without connecting
+        (``suspended``), as Postfix marks a dead destination.
     """
 
-    def __init__(self, maximum: int, clock: Any, pause: float = 30.0, max_pause: float = 300.0) -> None:
+    def __init__(
+        self, maximum: int, clock: Any, pause: float = 30.0, max_pause: float = 300.0, probe: float = 30.0
+    ) -> None:
         self.maximum = max(1, maximum)
         self.window = float(self.maximum)
         self.active = 0
@@ -63,6 +77,8 @@ class RouteThrottle:
         self._base_pause = pause
         self._pause = pause
         self._max_pause = max_pause
+        self._probe = probe
+        self._last_try = float("-inf")
         self._waiting: deque[Deferred[None]] = deque()
         self._timer: IDelayedCall | None = None
         self.delivered = 0
@@ -98,6 +114,20 @@ class RouteThrottle:
         recovered = self._learn(list(replies))
         self._pump()
         return recovered
+
+    def suspended(self) -> bool:
+        """
+        Whether to skip an attempt without connecting: the route is down and
+        was tried less than ``probe`` seconds ago.  When it returns ``False``
+        for a down route, the caller's attempt is the probe.
+        """
+        if not self.down:
+            return False
+        now = self._clock.seconds()
+        if now - self._last_try >= self._probe:
+            self._last_try = now
+            return False
+        return True
 
     def cancel_waiting(self) -> None:
         """Fail every waiting ``acquire`` with ``CancelledError`` (the node is stopping)."""
@@ -139,6 +169,7 @@ class RouteThrottle:
         if not replies:
             return False
         now = self._clock.seconds()
+        self._last_try = now
         self.last_reply = replies[0]
         ok = sum(r.ok for r in replies)
         if any(is_back_pressure(r) for r in replies):
@@ -168,7 +199,7 @@ class RouteThrottle:
             self.failed += 1
             return False
         self.deferred += 1
-        if all(r.temporary for r in replies):
+        if all(is_route_failure(r) for r in replies):
             self.down = True
         return False
 
