@@ -121,13 +121,7 @@ class Node(MultiService):
     async def _receive(self, envelope: Envelope, message: bytes) -> str:
         routes = routes_for(self.config, envelope.recipients)
         ids = await self._store.enqueue(envelope, message, routes, self.name)
-        self.log.info(
-            "accepted from {client} <{sender}> for {count} recipient(s) as {ids}",
-            client=envelope.client,
-            sender=str(envelope.sender or ""),
-            count=len(envelope.recipients),
-            ids=",".join(ids),
-        )
+        self.log.debug("spooled as {ids}", ids=ids)
         if self.engine.running:
             self.engine.kick(ids, message).addErrback(
                 lambda f: self.log.failure("immediate attempt of {ids} failed", f, ids=ids)

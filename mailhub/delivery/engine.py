@@ -336,18 +336,26 @@ class DeliveryEngine(Service):
         except LeaseLost:
             self.log.warn("entry {entry}: lease lost during the attempt; another node owns it now", entry=entry.id)
             return replies
-        for o in decision.outcomes:
-            self.log.info(
-                "entry {entry} <{rcpt}> via {route}: {action} ({reply}){later}",
-                entry=entry.id,
-                rcpt=str(o.recipient),
-                route=entry.route,
-                action=o.action.value,
-                reply=str(o.reply),
-                later=(
-                    f"; next attempt in {decision.next_attempt - finished:.0f} s by {decision.next_node}"
-                    if o.action is Action.RETRY and decision.next_attempt is not None
-                    else ""
-                ),
-            )
+        # One line per attempt, the mail log an operator greps: who, where,
+        # what each recipient got, and what happens next.
+        later = ""
+        if decision.next_attempt is not None:
+            later = f"; next attempt in {decision.next_attempt - finished:.0f} s by {decision.next_node or 'any node'}"
+        self.log.info(
+            "entry {entry} via {route}: {outcomes}{later}",
+            entry=entry.id,
+            route=entry.route,
+            outcomes=_Outcomes(decision.outcomes),
+            later=later,
+        )
         return replies
+
+
+class _Outcomes:
+    """Formats an attempt's outcomes only if a log observer renders the event."""
+
+    def __init__(self, outcomes: Sequence[Outcome]) -> None:
+        self._outcomes = outcomes
+
+    def __str__(self) -> str:
+        return ", ".join(f"<{o.recipient}> {o.action.value} ({o.reply})" for o in self._outcomes)
