@@ -8,6 +8,7 @@ This module reads one file and does no other I/O.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -409,18 +410,29 @@ def _check_endpoint(r: _Reader, key: str, description: str) -> None:
         r.err(key, f"not a Twisted endpoint string ({e}): {description!r}")
 
 
+def _toml(value: Any) -> str:
+    """A value as TOML writes it, so the resolved configuration can be reused."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
 def describe(config: HubConfig) -> str:
     """The resolved configuration, as ``mailhub check-config`` prints it."""
     lines = [f"# {config.path}: OK", "[hub]", f'hostname = "{config.hostname}"', f'outbound = "{config.outbound}"']
     for title, obj in (("smtp", config.smtp), ("delivery", config.delivery)):
         lines.append(f"[{title}]")
         for k, v in asdict(obj).items():
-            lines.append(f"{k} = {v!r}")
+            lines.append(f"{k} = {_toml(v)}")
     for title in ("store", "archive", "policy"):
         section = getattr(config, title)
         if section:
             lines.append(f"[{title}]")
-            lines.extend(f"{k} = {v!r}" for k, v in section.items())
+            lines.extend(f"{k} = {_toml(v)}" for k, v in section.items())
     for n in config.nodes.values():
         lines.append(f"[nodes.{n.name}]")
         lines.append(f'smtp = "{n.smtp}"')
@@ -430,5 +442,5 @@ def describe(config: HubConfig) -> str:
         lines.append(f'[domains."{d.name}"]')
         lines.append(f'route = "{d.route}"')
         lines.append(f"max_connections = {d.max_connections}")
-        lines.extend(f"{k} = {v!r}" for k, v in d.options.items())
+        lines.extend(f"{k} = {_toml(v)}" for k, v in d.options.items())
     return "\n".join(lines)

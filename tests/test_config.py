@@ -76,7 +76,7 @@ def test_check_config_command_prints_resolved_config_or_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mailhub.cli", "check-config", str(good)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert 'route = "smtp:mail.example.com:25"' in out.stdout
-    assert 'plugin = \'sqlite\'' in out.stdout or "plugin = 'sqlite'" in out.stdout
+    assert 'plugin = "sqlite"' in out.stdout
     bad = tmp_path / "bad.toml"
     bad.write_bytes(GOOD + b"[smtp]\nmax_recipients = 'lots'\n")
     out = subprocess.run([sys.executable, "-m", "mailhub.cli", "check-config", str(bad)], capture_output=True, text=True)
@@ -134,3 +134,17 @@ def test_route_tls_keys_reach_the_transport_with_the_ca_file_made_absolute(tmp_p
 def test_route_tls_key_errors_name_file_and_key(extra, key):
     with pytest.raises(ConfigError, match=f'/etc/hub.toml: domains."Example.COM".{key}: '):
         parse(GOOD + extra, "/etc/hub.toml")
+
+
+def test_check_config_output_is_toml_that_loads_to_the_same_configuration(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mailhub.cli", "check-config", str(EXAMPLES / "hub.toml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    resolved = tmp_path / "resolved.toml"
+    resolved.write_text(out.stdout)
+    again = load(str(resolved))
+    original = load(str(EXAMPLES / "hub.toml"))
+    assert again.smtp == original.smtp
+    assert again.delivery == original.delivery
+    assert again.domains == original.domains
+    assert again.nodes == original.nodes
