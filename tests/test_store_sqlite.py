@@ -21,7 +21,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IStorePlugin
-from mailhub.model import Address, StoreFull, StoreUnavailable
+from mailhub.model import Action, Address, Reply, StoreFull, StoreUnavailable
 from mailhub.plugin import load_plugin
 from mailhub.plugins import sqlite_store
 from mailhub.plugins.sqlite_store import CLAIM_IDS_SQL, CLAIM_SQL, SqliteSpoolStore, plugin
@@ -30,6 +30,8 @@ from mailhub.testing.store_contract import (
     ODD_MESSAGE,
     NodeRegistryContract,
     SpoolStoreContract,
+    attempt_for,
+    decision,
     envelope,
 )
 
@@ -262,6 +264,170 @@ async def test_failing_job_does_not_poison_its_batch(store: SqliteSpoolStore) ->
     # The blocker's batch and one for the five jobs.
     assert store.commits - before == 2
     assert await table_sizes(store) == (3, 3, 0)
+
+
+# -- reads beside the writer ------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_run_beside_a_busy_writer(store: SqliteSpoolStore) -> None:
+    """
+    Reads run on their own thread (not the reactor's, not the writer's) and
+    answer while the writer is held inside its transaction.
+    """
+    entry_id = await enqueue(store, b"body\r\n")
+    entry = await store.get(entry_id)
+    assert entry is not None
+    started, gate = threading.Event(), threading.Event()
+
+    def block(conn: sqlite3.Connection) -> int:
+        started.set()
+        gate.wait(10)
+        return threading.get_ident()
+
+    blocker = store.run(block)
+    try:
+        assert started.wait(10)
+        assert (await store.get(entry_id)) == entry
+        assert await store.body(entry.message_id) == b"body\r\n"
+        assert (await store.counts())["entries"] == 1
+        assert [e.id for e in await store.entries()] == [entry_id]
+        assert await store.next_due("dallas", NOW) == NOW
+        assert await store.attempts(entry_id) == []
+        assert [n["name"] for n in await store.nodes(NOW)] == ["dallas"]
+        reader = await store._read(lambda conn: threading.get_ident())
+    finally:
+        gate.set()
+    writer = await blocker
+    assert len({reader, writer, threading.get_ident()}) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_do_not_commit(store: SqliteSpoolStore) -> None:
+    """Reads add no transaction to the writer's count, and their connection cannot write."""
+    entry_id = await enqueue(store)
+    before = store.commits
+    await gatherResults([store.get(entry_id) for _ in range(20)] + [store.counts()])
+    assert store.commits == before
+    with pytest.raises(StoreUnavailable):
+        await store._read(lambda conn: conn.execute("DELETE FROM entries"))
+    assert await store.get(entry_id) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_after_a_write_fired_sees_it(store: SqliteSpoolStore) -> None:
+    """Once a write's ``Deferred`` has fired, a read issued next sees the write."""
+    alice = Reply(250, "2.0.0", "ok")
+    for i in range(30):
+        message = b"m%d\r\n" % i
+        entry_id = await enqueue(store, message)
+        entry = await store.get(entry_id)
+        assert entry is not None
+        assert await store.body(entry.message_id) == message
+        assert await store.hold(entry_id) is True
+        assert (await store.get(entry_id)).held is True  # type: ignore[union-attr]
+        assert await store.release_held(entry_id, NOW) is True
+        [lease] = await store.claim("dallas", NOW, 1, 60, 60, ids=[entry_id])
+        assert (await store.get(entry_id)).next_attempt == lease.expires  # type: ignore[union-attr]
+        done = decision({ALICE: (Action.DELIVERED, alice)})
+        assert await store.record(lease, attempt_for(lease, {ALICE: alice}), done) is None
+        assert await store.get(entry_id) is None
+        with pytest.raises(KeyError):
+            await store.body(entry.message_id)
+
+
+# -- ids, claims, pages ------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_unique_across_stores_on_one_file(db: Path) -> None:
+    """Two stores on one file (as two processes would) never make the same id."""
+    a, b = open_store(db), open_store(db)
+    try:
+        routes = {f"smtp:r{i}": [ALICE] for i in range(3)}
+        made = await gatherResults(
+            [s.enqueue(ENVELOPE, b"x\r\n", routes, "dallas") for s in (a, b) for _ in range(50)]
+        )
+        [lease] = await a.claim("dallas", NOW, 1, 60, 60)
+        [other] = await b.claim("dallas", NOW, 1, 60, 60)
+
+        def message_ids(conn: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in conn.execute("SELECT id FROM messages")]
+
+        messages = await a.run(message_ids)
+    finally:
+        await a.close()
+        await b.close()
+    entry_ids = [i for ids in made for i in ids]
+    assert len(set(entry_ids)) == len(entry_ids) == 300
+    assert len(messages) == 100
+    assert not set(messages) & set(entry_ids)
+    assert lease.token != other.token
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_leases_its_rows_in_one_update(store: SqliteSpoolStore) -> None:
+    """However many rows a claim takes, it writes them with one UPDATE statement."""
+    ids = await store.enqueue(ENVELOPE, b"x\r\n", {f"smtp:r{i}": [ALICE] for i in range(40)}, "x")
+    statements: list[str] = []
+    await store.run(lambda conn: conn.set_trace_callback(statements.append))
+    try:
+        leases = await store.claim("dallas", NOW + 3600, 100, 60, 60)
+    finally:
+        await store.run(lambda conn: conn.set_trace_callback(None))
+    assert sorted(lease.entry.id for lease in leases) == sorted(ids)
+    assert len([s for s in statements if s.lstrip().upper().startswith("UPDATE")]) == 1
+    # Every row carries the lease: none can be claimed again, each can be recorded.
+    assert await store.claim("losangeles", NOW + 3600, 100, 60, 60) == []
+    reply = Reply(250, "2.0.0", "ok")
+    done = decision({ALICE: (Action.DELIVERED, reply)})
+    for lease in leases:
+        assert await store.record(lease, attempt_for(lease, {ALICE: reply}), done) is None
+    assert await table_sizes(store) == (0, 0, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_of_many_rows_spans_update_chunks(store: SqliteSpoolStore) -> None:
+    """A claim of more rows than one UPDATE takes still leases each exactly once."""
+    n = sqlite_store._CLAIM_UPDATE_CHUNK + 7
+    ids = await store.enqueue(ENVELOPE, b"x\r\n", {f"smtp:r{i}": [ALICE] for i in range(n)}, "x")
+    leases = await store.claim("dallas", NOW + 3600, n + 10, 60, 60)
+    assert sorted(lease.entry.id for lease in leases) == sorted(ids)
+
+    def leased(conn: sqlite3.Connection) -> int:
+        return conn.execute(
+            "SELECT count(*) FROM entries WHERE lease_token = ?", (leases[0].token,)
+        ).fetchone()[0]
+
+    assert await store.run(leased) == n
+
+
+def _page_size(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA page_size").fetchone()[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_spool_file_gets_the_page_size(store: SqliteSpoolStore) -> None:
+    """A new spool file is made with ``PAGE_SIZE`` pages, still in WAL mode."""
+    await enqueue(store)
+    assert await store.run(_page_size) == sqlite_store.PAGE_SIZE
+
+
+@pytest_twisted.ensureDeferred
+async def test_existing_spool_file_keeps_its_page_size(db: Path) -> None:
+    """A spool file made with other pages opens as it is, and works."""
+    old = sqlite3.connect(db)
+    old.execute("PRAGMA page_size=4096")
+    old.executescript(_OLD_ENTRIES)
+    old.close()
+    store = open_store(db)
+    try:
+        entry_id = await enqueue(store, b"y" * 100_000)
+        entry = await store.get(entry_id)
+        assert entry is not None and await store.body(entry.message_id) == b"y" * 100_000
+        assert await store.run(_page_size) == 4096
+    finally:
+        await store.close()
 
 
 # -- indexes ---------------------------------------------------------------
