@@ -816,6 +816,71 @@ def test_data_line_at_limit_is_accepted() -> None:
     assert s.codes() == ["250 2.0.0"]
 
 
+def test_stuffed_line_at_limit_is_accepted_and_one_over_is_554() -> None:
+    # The limit applies to the line as stored, after its dot is removed.
+    s = connect(max_data_line_length=10)
+    s.begin()
+    s.send(b"a\r\n.." + b"y" * 9 + b"\r\n.\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    assert body_of(s.store.received[0][1]) == b"a\r\n." + b"y" * 9 + b"\r\n"
+    s.begin()
+    s.send(b"a\r\n.." + b"y" * 10 + b"\r\n.\r\n")
+    assert s.codes() == ["554 5.6.0"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(1, 40),
+    lines=st.lists(st.tuples(st.integers(0, 45), st.booleans()), min_size=1, max_size=150),
+    cuts=st.lists(st.integers(0, 8000), max_size=6),
+)
+def test_long_line_is_found_anywhere_in_a_long_message(
+    limit: int, lines: list[tuple[int, bool]], cuts: list[int]
+) -> None:
+    """Over many multiples of the limit, and with dot-stuffed lines, split anywhere."""
+    body = b"".join(
+        (b"." if dot and n else b"") + b"x" * (n - 1 if dot and n else n) + b"\r\n"
+        for n, dot in lines
+    )
+    wire = _stuff(body)
+    s = connect(max_data_line_length=limit)
+    s.begin()
+    bounds = [0, *sorted({c for c in cuts if c < len(wire)}), len(wire)]
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        s.send(wire[start:end])
+    if any(n > limit for n, _ in lines):
+        assert s.codes() == ["554 5.6.0"]
+        assert s.store.received == []
+    else:
+        assert s.codes() == ["250 2.0.0"]
+        assert body_of(s.store.received[0][1]) == body
+
+
+def test_dot_stuffing_and_end_of_data_split_at_every_octet() -> None:
+    wire = b"..a\r\nb\r\n...\r\n.x\r\n\r\n.\r\nNOOP\r\n"
+    for cut in range(len(wire) + 1):
+        s = connect()
+        s.begin()
+        s.send(wire[:cut], wire[cut:])
+        assert s.codes() == ["250 2.0.0", "250 2.0.0"], cut
+        assert body_of(s.store.received[0][1]) == b".a\r\nb\r\n..\r\nx\r\n\r\n", cut
+    s = connect()
+    s.begin()
+    s.send(*(wire[i : i + 1] for i in range(len(wire))))
+    assert s.codes() == ["250 2.0.0", "250 2.0.0"]
+    assert body_of(s.store.received[0][1]) == b".a\r\nb\r\n..\r\nx\r\n\r\n"
+
+
+def test_message_without_stuffing_split_at_every_octet() -> None:
+    wire = b"Subject: x\r\n\r\na.b\r\n\r\n.\r\n"
+    for cut in range(len(wire) + 1):
+        s = connect()
+        s.begin()
+        s.send(wire[:cut], wire[cut:])
+        assert s.codes() == ["250 2.0.0"], cut
+        assert body_of(s.store.received[0][1]) == b"Subject: x\r\n\r\na.b\r\n\r\n", cut
+
+
 def test_session_continues_after_rejected_data() -> None:
     s = connect()
     s.begin()
@@ -880,6 +945,40 @@ def test_received_header_says_smtp_after_helo() -> None:
     s.send(b"HELO old.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\n")
     s.send(b"DATA\r\nhi\r\n.\r\n")
     assert b"with SMTP id" in s.store.received[0][1].split(b"\r\n\r\n")[0]
+
+
+def test_local_ids_are_distinct_hex() -> None:
+    s = connect()
+    ids = []
+    for _ in range(3):
+        s.begin()
+        s.send(b"hi\r\n.\r\n")
+        assert s.codes() == ["250 2.0.0"]
+    for _, message in s.store.received:
+        m = re.search(rb"with ESMTP id ([0-9a-f]{16});", message)
+        assert m is not None, message
+        ids.append(m.group(1))
+    assert len(set(ids)) == 3
+
+
+@pytest.mark.parametrize(
+    "times",
+    [
+        [1_700_000_000.5, 1_700_000_000.9, 1_700_000_001.6, 1_700_000_060.6, 1_700_000_060.6],
+        [1_700_000_000.9999999, 1_700_003_601.0, 1_700_003_601.0005, 1_600_000_000.0],
+    ],
+)
+def test_received_date_follows_the_clock(times: list[float]) -> None:
+    from datetime import UTC, datetime
+    from email.utils import format_datetime
+
+    for now in times:
+        s = connect(now=now)
+        s.begin()
+        s.send(b"hi\r\n.\r\n")
+        header = s.store.received[-1][1].split(b"\r\n")[2]
+        expected = format_datetime(datetime.fromtimestamp(now, UTC))
+        assert header == b"\t" + expected.encode(), (now, header)
 
 
 def test_250_names_queue_id_from_store() -> None:
@@ -1018,6 +1117,30 @@ def test_accepted_message_is_logged_with_client() -> None:
         s.send(b"hi\r\n.\r\n")
     texts = [formatEvent(e) for e in events]
     assert any("accepted" in t and CLIENT_IP in t for t in texts), texts
+
+
+def test_accepted_message_is_one_line_naming_sender_recipients_and_size() -> None:
+    s = connect()
+    s.begin("bob@example.com", "carol@example.org")
+    with capturedLogs() as events:
+        s.send(b"hi\r\n.\r\n")
+    texts = [formatEvent(e) for e in events]
+    [line] = [t for t in texts if "accepted" in t]
+    size = len(s.store.received[0][1])
+    assert line.endswith(
+        f"from {CLIENT_IP} helo client.sender.example: <alice@sender.example> to "
+        f"<bob@example.com>, <carol@example.org>, {size} octets"
+    ), line
+    assert "(Q123)" in line
+
+
+def test_accepted_message_with_null_sender_is_logged() -> None:
+    s = connect()
+    s.begin(mail=b"MAIL FROM:<>")
+    with capturedLogs() as events:
+        s.send(b"hi\r\n.\r\n")
+    texts = [formatEvent(e) for e in events]
+    assert any(": <> to <bob@example.com>," in t for t in texts), texts
 
 
 def test_refusal_is_logged_with_client() -> None:

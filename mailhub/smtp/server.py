@@ -20,7 +20,9 @@ The message body is never handled line by line in Python: DATA mode scans the
 received chunks with ``bytes.find`` for ``CRLF . CRLF`` (and only that: no
 bare-LF, bare-CR or NUL variant ends a message, which is what SMTP smuggling
 relies on), and unstuffs, checks and normalises with bytes methods and compiled
-regular expressions.
+regular expressions.  The checks run in place on the DATA buffer, and the
+stored message is its one copy (with the ``Received:`` header in front); only
+dot-stuffed or normalised messages are copied once more.
 
 This module must not do I/O other than through its transport, nor read the
 wall clock: time comes from the injected ``IReactorTime``.
@@ -28,9 +30,10 @@ wall clock: time comes from the injected ``IReactorTime``.
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -86,6 +89,11 @@ _HELO_NAME = re.compile(r"[!-~]+\Z")
 _HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _QUEUE_ID = re.compile(r"[!-~]{1,128}\Z")
+# The local id of a message (its Received: id, in the logs): a random prefix
+# per process and a counter, unique without a system call per message.  The
+# ids of one process are sequential; nothing relies on them being secret.
+_ID_PREFIX = secrets.token_hex(4)
+_ID_COUNTER = itertools.count()
 # A recipient whose text hides a second destination is a relay attempt even
 # when Address.parse calls it merely malformed (the percent hack, for one).
 _ROUTED = re.compile(r"[%!\[]|\A@|@.*@")
@@ -281,9 +289,6 @@ class SMTPServerProtocol(Protocol):
         # Typed Any: without the mypy-zope plugin mypy misreads interface
         # methods (no ``self``), so calls on IReactorTime/IDelayedCall fail to check.
         self._clock: Any = clock
-        n = limits.max_data_line_length + 1
-        self._long_first_line = re.compile(rb"[^\r\n]{%d}" % n)
-        self._long_later_line = re.compile(rb"\n[^\r\n]{%d}" % n)
         self._normalise = limits.bare_line_endings == "normalise"
         self._tls_options = tls
         self._limiter = limiter or ClientLimiter(limits, clock)
@@ -309,6 +314,7 @@ class SMTPServerProtocol(Protocol):
         self._in_data = False
         self._data = bytearray()
         self._oversize = False
+        self._stuffed = False  # a line of this DATA starts with a dot
         self._reset_transaction()
 
     @property
@@ -682,6 +688,7 @@ class SMTPServerProtocol(Protocol):
             # the same end marker, and a first line of ".." be unstuffed like any other.
             self._data = bytearray(b"\r\n")
             self._oversize = False
+            self._stuffed = False
             self._data_deadline = self._clock.seconds() + self._limits.data_total_timeout
             self._restart_timer()
 
@@ -700,7 +707,18 @@ class SMTPServerProtocol(Protocol):
             self._restart_timer()
         data += self._buffer
         self._buffer = b""
-        end = data.find(_END_OF_DATA, start)
+        if self._stuffed:
+            end = data.find(_END_OF_DATA, start)
+        else:
+            # One scan finds both the end and the first dot-stuffed line: each
+            # starts with CRLF ".".  After such a line only the end is sought.
+            end = data.find(b"\r\n.", start)
+            if end >= 0 and data[end + 3 : end + 5] != b"\r\n":
+                if len(data) < end + 5:
+                    end = -1  # the end of data, or not: the next chunk tells
+                else:
+                    self._stuffed = True
+                    end = data.find(_END_OF_DATA, end + 3)
         limit = self._limits.max_message_size
         if end < 0:
             if len(data) - 4 > limit:
@@ -708,7 +726,8 @@ class SMTPServerProtocol(Protocol):
                 del data[:-4]
                 self._oversize = True
             return True
-        self._buffer = bytes(data[end + 5 :])
+        with memoryview(data) as view:
+            self._buffer = bytes(view[end + 5 :])
         self._in_data = False
         self._data = bytearray()
         self._restart_timer()
@@ -717,33 +736,51 @@ class SMTPServerProtocol(Protocol):
             self._reset_transaction()
             self._reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
             return True
-        # RFC 5321 4.5.2: a leading dot is removed from every line.
+        if not self._stuffed:
+            # No line starts with a dot: checked where it is, no copy.
+            self._message_received(data, 2, end + 2)
+            return True
+        # RFC 5321 4.5.2: a leading dot is removed from every line.  The CRLF
+        # in front of the message is data[0:2]: the first line's dot is at 2.
+        lo = 3 if data[2] == 0x2E else 2
         with memoryview(data) as view:
-            message = bytes(view[: end + 2]).replace(b"\r\n.", b"\r\n")[2:]
-        self._message_received(message)
+            message = bytes(view[lo : end + 2]).replace(b"\r\n.", b"\r\n")
+        self._message_received(message, 0, len(message))
         return True
 
-    def _message_received(self, message: bytes) -> None:
-        crlf = message.count(b"\r\n")
-        if not (message.count(b"\r") == crlf == message.count(b"\n")):
+    def _message_received(self, data: bytes | bytearray, lo: int, hi: int) -> None:
+        """
+        Check the message ``data[lo:hi]`` (unstuffed) and hand it to ``receive``.
+
+        :param data: holds the message; not kept (the caller drops it).
+        """
+        # Bare CR or LF: every CR is followed by LF and every LF follows a CR
+        # exactly when the three counts agree (CRLFs cannot overlap).
+        # Single-octet counts are fast; the regex _BARE_LINE_END is ten
+        # times slower, so it only runs to normalise.
+        lf = data.count(b"\n", lo, hi)
+        if data.count(b"\r", lo, hi) != lf or data.count(b"\r\n", lo, hi) != lf:
             if not self._normalise:
                 self._reset_transaction()
                 self._reply(Reply(554, "5.6.0", "Message contains bare CR or LF"))
                 return
-            message = _BARE_LINE_END.sub(b"\r\n", message)
-        if self._long_first_line.match(message) or self._long_later_line.search(message):
+            with memoryview(data) as view:
+                data = _BARE_LINE_END.sub(b"\r\n", view[lo:hi])
+            lo, hi = 0, len(data)
+        n = self._limits.max_data_line_length
+        if _has_long_line(data, lo, hi, n):
             self._reset_transaction()
-            n = self._limits.max_data_line_length
             self._reply(Reply(554, "5.6.0", f"Message has lines longer than {n} octets"))
             return
-        if _header_size(message) > self._limits.max_header_size:
+        if _header_size(data, lo, hi) > self._limits.max_header_size:
             self._reset_transaction()
             self._reply(Reply(552, "5.3.4", "Message header size exceeds limit"))
             return
         assert self._helo is not None
         now = self._clock.seconds()
-        local_id = secrets.token_hex(8)
-        message = self._received_header(local_id, now) + message
+        local_id = f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+        with memoryview(data) as view:
+            message = b"".join((self._received_header(local_id, now), view[lo:hi]))
         envelope = Envelope(
             self._sender,
             self._recipients,  # type: ignore[arg-type]  # attrs converter=tuple
@@ -759,7 +796,7 @@ class SMTPServerProtocol(Protocol):
 
     def _received_header(self, local_id: str, now: float) -> bytes:
         helo = _HEADER_UNSAFE.sub("_", self._helo or "")
-        date = format_datetime(datetime.fromtimestamp(now, UTC))
+        date = _date(now)
         # RFC 3848 / RFC 6531 section 3.7.4: the protocol type says TLS and UTF-8.
         protocol = ("UTF8ESMTP" if self._smtputf8 else "ESMTP") if self._esmtp else "SMTP"
         if self._secure:
@@ -790,6 +827,8 @@ class SMTPServerProtocol(Protocol):
             return
         self._messages += 1
         queue_id = result if isinstance(result, str) and _QUEUE_ID.match(result) else local_id
+        # The one line per message; the addresses are formatted only if an
+        # observer renders the event.
         _log.info(
             "accepted message {id} ({queue_id}) from {client} helo {helo}: <{sender}> to "
             "{recipients}, {size} octets",
@@ -797,8 +836,8 @@ class SMTPServerProtocol(Protocol):
             queue_id=queue_id,
             client=envelope.client,
             helo=envelope.helo,
-            sender=str(envelope.sender or ""),
-            recipients=", ".join(f"<{r}>" for r in envelope.recipients),
+            sender=envelope.sender or "",
+            recipients=_Recipients(envelope.recipients),
             size=size,
         )
         self._reply(Reply(250, "2.0.0", f"OK queued as {queue_id}"))
@@ -887,9 +926,56 @@ class SMTPServerProtocol(Protocol):
         self._transport.loseConnection()
 
 
-def _header_size(message: bytes) -> int:
-    """The octets of ``message``'s header section, up to and with its last CRLF."""
-    if message.startswith(b"\r\n"):
+class _Recipients:
+    """A message's recipients for a log line, formatted only when rendered."""
+
+    __slots__ = ("_recipients",)
+
+    def __init__(self, recipients: Sequence[Address]) -> None:
+        self._recipients = recipients
+
+    def __str__(self) -> str:
+        return ", ".join(f"<{r}>" for r in self._recipients)
+
+
+_last_date: tuple[datetime, str] | None = None
+
+
+def _date(now: float) -> str:
+    """The RFC 5322 date of ``now`` (UTC); one formatting per second of traffic."""
+    global _last_date
+    second = datetime.fromtimestamp(now, UTC).replace(microsecond=0)
+    if _last_date is None or _last_date[0] != second:
+        _last_date = (second, format_datetime(second))
+    return _last_date[1]
+
+
+def _header_size(data: bytes | bytearray, lo: int, hi: int) -> int:
+    """The octets of the header section of ``data[lo:hi]``, up to and with its last CRLF."""
+    if data.startswith(b"\r\n", lo, hi):
         return 0
-    end = message.find(b"\r\n\r\n")
-    return len(message) if end < 0 else end + 2
+    end = data.find(b"\r\n\r\n", lo, hi)
+    return hi - lo if end < 0 else end + 2 - lo
+
+
+def _has_long_line(data: bytes | bytearray, lo: int, hi: int, limit: int) -> bool:
+    """
+    Whether ``data[lo:hi]`` has a line of more than ``limit`` octets.
+
+    Its lines end in CRLF (no bare CR or LF; a last line without one is
+    allowed for).  A line starting at ``start`` has at most ``limit`` octets
+    exactly when its LF is among the ``limit + 2`` octets from ``start``; so
+    does every line ending inside that window.  The scan therefore jumps to
+    just after the window's last LF: one ``rfind`` (C, backwards) per window,
+    about ``len / limit`` calls whatever the number of lines, instead of a
+    regular expression stepping through every octet.
+    """
+    window = limit + 2
+    start = lo
+    # The rest, from a line's start, is too short to hold a long line.
+    while hi - start > limit:
+        lf = data.rfind(b"\n", start, start + window)
+        if lf < 0:
+            return True
+        start = lf + 1
+    return False
