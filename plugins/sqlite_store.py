@@ -34,6 +34,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -356,7 +357,7 @@ class _Writer(_Worker):
         try:
             # Only a new, empty file takes the page size (before WAL is set).
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            self._set_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
@@ -366,6 +367,23 @@ class _Writer(_Worker):
             raise
         self.ready = True
         return conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> None:
+        """
+        Switch to WAL.  Two stores opening a new file at once (two nodes, two
+        processes) race for the exclusive lock this needs, and SQLite does
+        not wait on its busy handler for it: retry here (the writer thread,
+        never the reactor's) until the busy timeout.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL").fetchall()
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _run_batch(
         self, batch: list[tuple[_Job, Deferred[Any]]]
