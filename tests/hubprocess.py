@@ -5,6 +5,7 @@ FILE`` in a subprocess, on free ports of 127.0.0.1, with a real SMTP client.
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import smtplib
@@ -172,3 +173,16 @@ async def send(port: int, data: bytes, sender: str = "someone@outside.example",
                recipients: list[str] | None = None) -> tuple[int, str]:
     return await deferToThread(send_blocking, port, sender, recipients or ["alice@example.com"], data)
 
+
+async def eventually(check: Any, timeout: float = 30.0, interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll ``check`` (a function, possibly async) until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await sleep(interval)

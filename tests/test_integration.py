@@ -6,11 +6,9 @@ test switches between accepting, deferring, rejecting, dropping and down.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -19,23 +17,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 
-from hubprocess import HubProcess, free_port, hub_config, message, send, sleep
+from hubprocess import HubProcess, eventually, free_port, hub_config, message, send, sleep
 from mailhub.testing.downstream import DownstreamServer
 
 pytestmark = pytest.mark.integration
-
-
-async def eventually(check, timeout=30.0, interval=0.2, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(interval)
 
 
 class Running:

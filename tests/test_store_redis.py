@@ -38,10 +38,8 @@ from mailhub.model import (
 )
 from mailhub.plugin import load_plugin
 from mailhub.plugins.redis_store import RedisSpoolStore, plugin
-from mailhub.testing.redis_server import RedisServer, redis_server_binary
+from mailhub.testing.redis_server import RedisServer
 from mailhub.testing.store_contract import NOW, NodeRegistryContract, SpoolStoreContract
-
-pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed")
 
 ROUTE = "smtp:mail.a.example:25"
 OTHER_ROUTE = "smtp:mail.b.example:25"

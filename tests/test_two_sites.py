@@ -10,7 +10,6 @@ them (see README, "Failover timings").
 
 from __future__ import annotations
 
-import inspect
 import json
 import signal
 import time
@@ -24,31 +23,17 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 
-from hubprocess import HubProcess, free_port, hub_config, message, send, sleep
+from hubprocess import HubProcess, eventually, free_port, hub_config, message, send, sleep
 from mailhub.testing.downstream import DownstreamServer
-from mailhub.testing.redis_server import RedisServer, redis_server_binary
+from mailhub.testing.redis_server import RedisServer
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed"),
 ]
 
 LEASE = 10
 TAKEOVER = 2
 HEARTBEAT = 1
-
-
-async def eventually(check: Any, timeout: float = 30.0, interval: float = 0.2, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(interval)
 
 
 @pytest.fixture
