@@ -59,6 +59,23 @@ class ISpoolStore(Interface):
             ``StoreUnavailable`` when the backend cannot take it.
         """
 
+    def enqueue_leased(envelope, message, routes, node, lease_seconds):
+        """
+        ``enqueue``, with the new entries leased to ``node`` in the same atomic
+        write: the accepting node's first attempt needs no ``claim`` (one
+        write, one fsync, no second round trip before delivery starts).
+
+        The leases expire at ``envelope.received_at + lease_seconds``; each
+        ``Lease.entry`` is the entry as ``enqueue`` would have stored it (due at
+        ``received_at``, reserved for ``node``).  Until the lease is recorded
+        or released, the entry is due again only at its expiry, as after
+        ``claim``.
+
+        :returns: a ``Deferred`` firing with one ``Lease`` per route, in the
+            order of ``routes``, once the message is durable; the same errors
+            as ``enqueue``.
+        """
+
     def claim(node, now, limit, lease_seconds, takeover_seconds, ids=None):
         """
         Lease due entries to ``node``.

@@ -18,6 +18,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from mailhub import __version__
@@ -25,7 +26,7 @@ from mailhub.config import HubConfig
 from mailhub.delivery.dsn import build_dsn
 from mailhub.delivery.engine import DeliveryEngine
 from mailhub.interfaces import IDeliveryPolicy, INodeRegistry, ISpoolStore, ITransport
-from mailhub.model import Address, Entry, Envelope, Outcome, Route
+from mailhub.model import Address, Entry, Envelope, Lease, Outcome, Route
 from mailhub.plugin import load_plugin
 from mailhub.smtp.recipients import recipient_validation
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
@@ -113,20 +114,37 @@ class Node(MultiService):
         """
         Spool an accepted message (one entry per route), then try it at once.
 
+        When the engine has room, the entries are stored already leased to
+        this node (``ISpoolStore.enqueue_leased``: one write, no claim) and
+        the attempts start with the message this node holds.
+
         :returns: a Deferred firing with the first entry id once the spool has
             the message durably; it fails if the store could not take it.
         """
-        return ensureDeferred(self._receive(envelope, message))
-
-    async def _receive(self, envelope: Envelope, message: bytes) -> str:
         routes = routes_for(self.config, envelope.recipients)
-        ids = await self._store.enqueue(envelope, message, routes, self.name)
-        self.log.debug("spooled as {ids}", ids=ids)
-        if self.engine.running:
-            self.engine.kick(ids, message).addErrback(
-                lambda f: self.log.failure("immediate attempt of {ids} failed", f, ids=ids)
-            )
-        return ids[0]
+        engine = self.engine
+        n = len(routes)
+        if n and engine.reserve(n):
+
+            def leased(leases: list[Lease]) -> str:
+                engine.attempt_leased(leases, message, n)
+                return leases[0].entry.id
+
+            def failed(f: Failure) -> Failure:
+                engine.unreserve(n)
+                return f
+
+            d = self._store.enqueue_leased(envelope, message, routes, self.name, self.config.delivery.lease_seconds)
+            return d.addCallbacks(leased, failed)
+
+        def spooled(ids: list[str]) -> str:
+            if engine.running:
+                engine.kick(ids, message).addErrback(
+                    lambda f: self.log.failure("immediate attempt of {ids} failed", f, ids=ids)
+                )
+            return ids[0]
+
+        return self._store.enqueue(envelope, message, routes, self.name).addCallback(spooled)
 
     def heartbeat(self) -> Deferred[None]:
         """

@@ -107,6 +107,32 @@ class MemorySpoolStore:
 
         return self._call(do)
 
+    def enqueue_leased(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Mapping[str, Sequence[Address]],
+        node: str,
+        lease_seconds: float,
+    ) -> Deferred[list[Lease]]:
+        expires = envelope.received_at + lease_seconds
+
+        def do() -> list[Lease]:
+            message_id = uuid.uuid4().hex
+            leases = []
+            for entry in new_entries(envelope, len(message), routes, node, message_id, _new_id):
+                token = uuid.uuid4().hex
+                slot = _Slot(evolve(entry, next_attempt=expires, node=None))
+                slot.lease_token = token
+                slot.lease_node = node
+                self._slots[entry.id] = slot
+                leases.append(Lease(entry, node, token, expires))
+            if leases:
+                self._messages[message_id] = bytes(message)
+            return leases
+
+        return self._call(do)
+
     def claim(
         self,
         node: str,

@@ -170,22 +170,34 @@ def _script(body: str) -> str:
 
 
 # ARGV: prefix, max_bytes, message_id, body, size, node, next, n,
+#       lease token ('' for none), lease expiry,
 #       then per entry: id, route, data, pending.
+# With a token, the entries are stored leased to node (as _CLAIM leaves them).
 # Returns the number of entries, or -1 (and writes nothing) when full.
 _ENQUEUE = _script("""
 local max, mid, size = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[5])
 local node, nxt, n = ARGV[6], ARGV[7], tonumber(ARGV[8])
+local token, expires = ARGV[9], ARGV[10]
 if max > 0 and tonumber(redis.call('GET', P .. 'bytes') or '0') + size > max then
   return -1
 end
 redis.call('HSET', P .. 'm:' .. mid, 'body', ARGV[4], 'refs', n, 'size', size)
 counter('bytes', size)
 for i = 0, n - 1 do
-  local b = 9 + i * 4
+  local b = 11 + i * 4
   local id, route, pending = ARGV[b], ARGV[b + 1], ARGV[b + 3]
-  redis.call('HSET', ekey(id), 'data', ARGV[b + 2], 'next', nxt, 'node', node,
-             'held', '0', 'token', '', 'route', route, 'mid', mid, 'pending', pending)
-  schedule(id, node, nxt, '0')
+  if token == '' then
+    redis.call('HSET', ekey(id), 'data', ARGV[b + 2], 'next', nxt, 'node', node,
+               'held', '0', 'token', '', 'route', route, 'mid', mid, 'pending', pending)
+    schedule(id, node, nxt, '0')
+  else
+    local t = token .. '.' .. (i + 1)
+    redis.call('HSET', ekey(id), 'data', ARGV[b + 2], 'next', expires, 'node', '',
+               'held', '0', 'token', t, 'lnode', node, 'route', route, 'mid', mid,
+               'pending', pending)
+    redis.call('SADD', P .. 'leased', id)
+    schedule(id, '', expires, '0')
+  end
   redis.call('HINCRBY', P .. 'routes', route, 1)
   counter('recipients', tonumber(pending))
 end
@@ -614,11 +626,40 @@ class RedisSpoolStore:
         routes: Mapping[str, Sequence[Address]],
         node: str,
     ) -> Deferred[list[str]]:
+        d = self._enqueue(envelope, message, routes, node, None)
+        return d.addCallback(lambda entries: [e.id for e in entries])
+
+    def enqueue_leased(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Mapping[str, Sequence[Address]],
+        node: str,
+        lease_seconds: float,
+    ) -> Deferred[list[Lease]]:
+        expires = envelope.received_at + lease_seconds
+        token = uuid.uuid4().hex
+        d = self._enqueue(envelope, message, routes, node, (token, expires))
+        return d.addCallback(
+            lambda entries: [
+                Lease(e, node, f"{token}.{i}", expires) for i, e in enumerate(entries, 1)
+            ]
+        )
+
+    def _enqueue(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Mapping[str, Sequence[Address]],
+        node: str,
+        lease: tuple[str, float] | None,
+    ) -> Deferred[list[Entry]]:
         if not routes:
             return succeed([])
         message = bytes(message)
         message_id = uuid.uuid4().hex
-        ids: list[str] = []
+        entries = new_entries(envelope, len(message), routes, node, message_id, _new_id)
+        ids = [e.id for e in entries]
         args: list[str | bytes | int] = [
             str(self._max_spool_bytes),
             message_id,
@@ -627,15 +668,16 @@ class RedisSpoolStore:
             node,
             _num(envelope.received_at),
             len(routes),
+            "" if lease is None else lease[0],
+            "" if lease is None else _num(lease[1]),
         ]
-        for entry in new_entries(envelope, len(message), routes, node, message_id, _new_id):
-            ids.append(entry.id)
+        for entry in entries:
             args += [entry.id, entry.route, _entry_json(entry), len(entry.recipients)]
 
-        def stored(n: int) -> list[str]:
+        def stored(n: int) -> list[Entry]:
             if n < 0:
                 raise StoreFull(f"redis: the spool holds max_spool_bytes={self._max_spool_bytes}")
-            return ids
+            return entries
 
         def not_undone(failure: Failure, entry_id: str) -> None:
             _log.warn(
