@@ -165,14 +165,67 @@ async def _queue(reactor: Any, args: argparse.Namespace, config: HubConfig) -> i
                 sys.stderr.write(f"mailhub: no entry {args.id} in the spool\n")
                 return 1
             out.write(f"{args.action}: {args.id}\n")
+            if args.action == "release":
+                await _wake_local_nodes(store, now, config.delivery.heartbeat_seconds, out)
             return 0
         if args.action == "flush":
             n = await store.flush(args.route, now)
             out.write(f"{n} entries due now\n")
+            await _wake_local_nodes(store, now, config.delivery.heartbeat_seconds, out)
             return 0
         raise AssertionError(args.action)
     finally:
         await store.close()
+
+
+async def _wake_local_nodes(store: Any, now: float, heartbeat_seconds: float, out: Any) -> None:
+    """
+    Tell the hub processes on this host, by their heartbeats, to scan the
+    spool now (``mailhub.service.WAKE_SIGNAL``).  Nodes elsewhere see the
+    change at their next scan, within ``[delivery] max_scan_interval``.
+    """
+    import socket
+
+    from mailhub.interfaces import INodeRegistry
+    from mailhub.service import WAKE_SIGNAL
+
+    registry = INodeRegistry(store, None)
+    if registry is None:
+        return
+    host = socket.gethostname()
+    # Only a process that said, in a recent heartbeat, that it handles the
+    # signal: its default action ends a process, and a pid is reused.
+    recent = now - DOWN_AFTER_HEARTBEATS * heartbeat_seconds
+    pids = {
+        n["info"]["pid"]
+        for n in await registry.nodes(now)
+        if n["info"].get("host") == host
+        and isinstance(n["info"].get("pid"), int)
+        and n["info"].get("wake_signal") == int(WAKE_SIGNAL)
+        and (n["last_seen"] or 0) >= recent
+    }
+    woken = 0
+    for pid in sorted(pids):
+        if not _is_hub_process(pid):
+            continue
+        try:
+            os.kill(pid, WAKE_SIGNAL)
+        except (ProcessLookupError, PermissionError):
+            continue  # a node that stopped since its last heartbeat
+        woken += 1
+    if woken:
+        out.write(f"woke {woken} hub process{'es' if woken > 1 else ''} on this host\n")
+
+
+def _is_hub_process(pid: int) -> bool:
+    """Whether ``pid`` runs mailhub, where ``/proc`` tells (else trust the heartbeat)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"mailhub" in f.read()
+    except FileNotFoundError:
+        return os.path.isdir("/proc/self") is False
+    except OSError:
+        return False
 
 
 #: A node is DOWN when it has missed this many heartbeats.

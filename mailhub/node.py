@@ -109,6 +109,9 @@ class Node(MultiService):
             heartbeat.setServiceParent(self)
         self._host = socket.gethostname()
         self._heartbeat_failing = False
+        #: The signal that wakes this node's engine, if its process handles
+        #: one (``mailhub.service.install_wake_signal``); heartbeats tell.
+        self.wake_signal: int | None = None
 
     def receive(self, envelope: Envelope, message: bytes) -> Deferred[str]:
         """
@@ -159,6 +162,8 @@ class Node(MultiService):
             "in_flight": self.engine.in_flight,
             "attempts": self.engine.attempts_made,
         }
+        if self.wake_signal is not None:
+            info["wake_signal"] = self.wake_signal
         d: Deferred[None] = INodeRegistry(self._store).heartbeat(self.name, self._reactor.seconds(), info)
 
         def sent(_: object) -> None:

@@ -3,10 +3,16 @@ The hub as a Twisted service, for ``twistd mailhub`` and for embedding.
 
 ``makeHubService(config)`` returns an ``IService``: add it to an existing
 application (see ``examples/embed.tac``) and the hub starts and stops with it.
+
+Under ``twistd mailhub`` the hub also answers ``SIGUSR2`` by scanning its
+spool at once (``WAKE_SIGNAL``): ``mailhub queue flush`` and ``release`` send
+it to the nodes running on their host, as ``postqueue -f`` wakes Postfix's
+queue manager, instead of leaving the change to the next periodic scan.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application.service import IService, MultiService
@@ -18,7 +24,10 @@ from mailhub.node import Node
 from mailhub.plugin import load_plugin
 from mailhub.smtp.tls import server_tls_options
 
-__all__ = ["HubService", "makeHubService"]
+__all__ = ["WAKE_SIGNAL", "HubService", "install_wake_signal", "makeHubService"]
+
+#: The signal that makes a running hub scan its spool now.
+WAKE_SIGNAL = signal.SIGUSR2
 
 
 class HubService(MultiService):
@@ -46,6 +55,11 @@ class HubService(MultiService):
         self.nodes = {name: Node(name, config, self.store, self.policy, reactor, tls=tls) for name in node_names}
         for node in self.nodes.values():
             node.setServiceParent(self)
+
+    def wake(self) -> None:
+        """Have every node's engine scan the spool now (after ``mailhub queue flush``)."""
+        for node in self.nodes.values():
+            node.engine.wake()
 
     def stopService(self) -> Deferred[Any]:
         return ensureDeferred(self._stop())
@@ -77,3 +91,19 @@ def makeHubService(config: HubConfig, reactor: Any = None, nodes: list[str] | No
             f"{config.path}: nodes: no node {', '.join(unknown)} (configured: {', '.join(config.nodes)})"
         )
     return HubService(config, reactor, names)
+
+
+def install_wake_signal(hub: HubService, reactor: Any) -> None:
+    """
+    Make ``WAKE_SIGNAL`` wake ``hub``'s engines (``twistd mailhub`` does this;
+    an application embedding the hub owns its process's signals and decides).
+    """
+
+    def woken(signum: int, frame: object) -> None:
+        reactor.callFromThread(hub.wake)
+
+    signal.signal(WAKE_SIGNAL, woken)
+    # Heartbeats say so: the CLI signals only processes that asked for it
+    # (the signal's default action would end any other).
+    for node in hub.nodes.values():
+        node.wake_signal = int(WAKE_SIGNAL)

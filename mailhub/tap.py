@@ -38,7 +38,14 @@ def makeService(options: Options) -> IService:
 
     try:
         config = load(options["config"])
-        return makeHubService(config, nodes=options["nodes"] or None)
+        hub = makeHubService(config, nodes=options["nodes"] or None)
     except (ConfigError, PluginNotFound, ValueError) as e:
         # twistd shows a traceback for anything else; the operator needs the message.
         raise SystemExit(f"mailhub: {e}")
+    from twisted.internet import reactor
+
+    from mailhub.service import HubService, install_wake_signal
+
+    assert isinstance(hub, HubService)
+    install_wake_signal(hub, reactor)
+    return hub

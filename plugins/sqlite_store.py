@@ -5,12 +5,14 @@ Every statement runs on one of the store's two threads, never on the reactor
 thread.  The writer thread takes all the jobs waiting in its queue, runs them
 in one transaction, each inside its own savepoint, commits once and then fires
 their ``Deferred`` from the reactor thread: concurrent SMTP sessions share one
-fsync (group commit), and a job that fails rolls back only its own savepoint.
+fsync (group commit).  The batch runs without savepoints; if a job fails,
+it is rolled back and run again with a savepoint per job, so a job that
+fails rolls back only its own work.
 
 Calls that only read (``body``, ``get``, ``attempts``, ``entries``,
 ``counts``, ``next_due``, ``nodes``) run on a reader thread with its own
-connection, each in its own read transaction: in WAL mode they run beside the
-writer without taking its lock or joining its batches.  A write's ``Deferred``
+connection, each batch of them in one read transaction: in WAL mode they run
+beside the writer without taking its lock or joining its batches.  A write's ``Deferred``
 fires only after its ``COMMIT``, so a read issued after that sees the write.
 
 Leasing is atomic across stores and processes because a claim runs inside
@@ -492,9 +494,10 @@ class _Writer(_Worker):
 
 class _Reader(_Worker):
     """
-    The thread that runs a store's read-only jobs, each in its own read
-    transaction (a consistent snapshot of what was committed when it began),
-    on a connection of its own that may not write (``query_only``).
+    The thread that runs a store's read-only jobs, each batch of them in one
+    read transaction (a consistent snapshot of what was committed when the
+    batch began), on a connection of its own that may not write
+    (``query_only``).
     """
 
     _role = "reader"
@@ -511,20 +514,26 @@ class _Reader(_Worker):
     def _run_batch(
         self, batch: list[tuple[_Job, Deferred[Any]]]
     ) -> list[tuple[Deferred[Any], bool, Any]]:
+        """
+        Run the batch's jobs in one read transaction: it begins after every
+        job of the batch was submitted, so each sees all that was committed
+        before it was asked, and a burst of reads (the bodies of a claimed
+        batch) costs one ``BEGIN``/``COMMIT`` instead of one per read.  A job
+        whose statement fails ends that transaction; the jobs after it run
+        in a new one.
+        """
         results: list[tuple[Deferred[Any], bool, Any]] = []
+        conn: sqlite3.Connection | None = None
         for job, d in batch:
             try:
                 if self._conn is None:
                     self._conn = self._connect()
                 conn = self._conn
-                conn.execute("BEGIN")
-                try:
-                    value = job(conn)
-                finally:
-                    if conn.in_transaction:
-                        conn.execute("COMMIT")
+                if not conn.in_transaction:
+                    conn.execute("BEGIN")
+                value = job(conn)
             except sqlite3.Error as e:
-                # Start afresh on the next job: the connection may be broken.
+                # Start afresh: the connection may be broken.
                 self._drop_connection()
                 results.append((d, False, _unavailable(e)))
             except OSError as e:
@@ -534,6 +543,12 @@ class _Reader(_Worker):
                 results.append((d, False, e))
             else:
                 results.append((d, True, value))
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                self._drop_connection()
         return results
 
 

@@ -636,12 +636,36 @@ def test_deliveries_wait_for_a_free_connection():
     p.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
     p.dataReceived(b"250 2.0.0 first\r\n")
     assert first.result[addr("a@example.com")].text == "first"
-    # The waiting delivery reuses the same connection, RSET first.
+    # The waiting delivery reuses the same connection: RSET leads the
+    # pipelined group, no round trip of its own.
     assert len(endpoints.protocols) == 1
-    assert written(p) == b"x\r\n.\r\nRSET\r\n"
-    p.dataReceived(b"250 ok\r\n")
-    assert written(p).startswith(b"MAIL FROM:")
-    p.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 second\r\n")
+    sent = written(p)
+    assert sent.startswith(b"x\r\n.\r\nRSET\r\nMAIL FROM:")
+    assert sent.endswith(b"RCPT TO:<b@example.com>\r\nDATA\r\n")
+    p.dataReceived(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 second\r\n")
+    assert second.result[addr("b@example.com")].text == "second"
+
+
+def test_reused_connection_whose_pipelined_rset_fails_is_dropped_and_delivery_retried():
+    clock, endpoints = Clock(), Endpoints()
+    t = unit_transport(clock, endpoints, max_connections=1)
+    first = t.deliver(entry("a@example.com"), b"x\r\n")
+    second = t.deliver(entry("b@example.com"), b"y\r\n")
+    [p] = endpoints.protocols
+    greet(p)
+    written(p)
+    p.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 first\r\n")
+    assert first.result[addr("a@example.com")].ok
+    assert b"RSET\r\nMAIL FROM:" in written(p)
+    # The server gives up on the kept connection: the group is abandoned
+    # unanswered, the connection closed at once, and a new one carries it.
+    p.dataReceived(b"421 4.4.2 idle too long\r\n")
+    assert not p.transport.connected
+    assert len(endpoints.protocols) == 2
+    q = endpoints.protocols[1]
+    greet(q)
+    assert written(q).startswith(b"MAIL FROM:")
+    q.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 second\r\n")
     assert second.result[addr("b@example.com")].text == "second"
 
 

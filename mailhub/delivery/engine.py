@@ -286,29 +286,53 @@ class DeliveryEngine(Service):
     async def _attempt(self, lease: Lease, message: bytes | None = None) -> None:
         entry = lease.entry
         throttle = self.throttle(entry.route)
+        body: Deferred[bytes] | None = None
+        if message is None and _prefetch(entry, throttle):
+            # Read the body while the attempt waits for its turn on the route.
+            body = self._store.body(entry.message_id)
         try:
             await throttle.acquire()
         except CancelledError:
             # Stopping while this entry waited for its turn: give it back.
+            _drop(body)
             await self._store.release(lease, self._clock.seconds())
             return
         if self._clock.seconds() > lease.expires - self._settings.lease_seconds / 2:
             # It waited (back pressure) for half its lease: a fresh claim is
             # safer than an attempt that may outlive the lease.
+            _drop(body)
             throttle.release(())
             await self._store.release(lease, self._clock.seconds())
             self.wake()
             return
         suspended = throttle.suspended()
+        started = self._clock.seconds()
         replies: dict[Address, Reply] = {}
         try:
             if not self.running:
+                _drop(body)
                 await self._store.release(lease, self._clock.seconds())
                 return
-            replies = await self._deliver(lease, message, throttle if suspended else None)
+            if suspended:
+                _drop(body)
+                replies = self._suspended_replies(entry, throttle)
+            else:
+                if message is None:
+                    try:
+                        message = await (body or self._store.body(entry.message_id))
+                    except KeyError:
+                        self.log.error(
+                            "entry {entry}: message body {message} is missing",
+                            entry=entry.id,
+                            message=entry.message_id,
+                        )
+                        return
+                replies = await self._send(entry, message)
         finally:
-            # A suspended attempt taught nothing about the route.
-            recovered = throttle.release(() if suspended else replies.values())
+            # The route's slot is free as soon as the transport is done: the
+            # record below is the spool's business, not the route's.  A
+            # suspended attempt taught nothing about the route.
+            recovered = throttle.release(() if suspended or not replies else replies.values())
         # An entry deferred because its route was unreachable and delivered
         # now says the route is back, even if this node never saw it down.
         last = entry.last_reply
@@ -316,6 +340,7 @@ class DeliveryEngine(Service):
             recovered = True
         if recovered:
             self._route_recovered(entry.route, throttle)
+        await self._conclude(lease, message, replies, started)
 
     def _route_recovered(self, route: str, throttle: RouteThrottle) -> None:
         now = self._clock.seconds()
@@ -326,39 +351,35 @@ class DeliveryEngine(Service):
         if self._settings.flush_on_recovery:
             ensureDeferred(self._flush_route(route))
 
-    async def _deliver(
-        self, lease: Lease, message: bytes | None, suspended_by: RouteThrottle | None
-    ) -> dict[Address, Reply]:
-        """
-        One attempt: deliver (or, with ``suspended_by``, defer at once because
-        the route is down), decide, bounce, record.
+    def _suspended_replies(self, entry: Entry, throttle: RouteThrottle) -> dict[Address, Reply]:
+        """The replies of an attempt deferred without connecting: the route is down."""
+        reply = Reply(451, "4.4.1", f"delivery to {entry.route} suspended: route down ({throttle.last_reply})")
+        return dict.fromkeys(entry.pending, reply)
 
-        :param message: the message if the caller has it (the accepting node
-            does), else it is read from the spool when needed.
-        """
-        entry = lease.entry
-        started = self._clock.seconds()
-        replies: dict[Address, Reply] = {}
-        if suspended_by is not None:
-            last = suspended_by.last_reply
-            failure_reply = Reply(451, "4.4.1", f"delivery to {entry.route} suspended: route down ({last})")
+    async def _send(self, entry: Entry, message: bytes) -> dict[Address, Reply]:
+        """Hand the entry to its route's transport: a reply for every pending recipient."""
+        try:
+            replies = dict(await self._transport_for(entry.route).deliver(entry, message))
+        except Exception as e:
+            self.log.failure("transport for {route} raised", route=entry.route)
+            replies = {}
+            failure_reply = Reply(451, "4.3.0", f"transport error: {e}")
         else:
-            if message is None:
-                try:
-                    message = await self._store.body(entry.message_id)
-                except KeyError:
-                    self.log.error("entry {entry}: message body {message} is missing", entry=entry.id, message=entry.message_id)
-                    return {}
-            try:
-                replies = dict(await self._transport_for(entry.route).deliver(entry, message))
-            except Exception as e:
-                self.log.failure("transport for {route} raised", route=entry.route)
-                replies = {}
-                failure_reply = Reply(451, "4.3.0", f"transport error: {e}")
-            else:
-                failure_reply = Reply(451, "4.3.0", "no reply from transport")
+            failure_reply = Reply(451, "4.3.0", "no reply from transport")
         for address in entry.pending:
             replies.setdefault(address, failure_reply)
+        return replies
+
+    async def _conclude(
+        self, lease: Lease, message: bytes | None, replies: dict[Address, Reply], started: float
+    ) -> None:
+        """
+        After an attempt: decide, bounce, record, log.
+
+        :param message: the message if the attempt had it, else it is read
+            from the spool if a DSN needs it.
+        """
+        entry = lease.entry
         finished = self._clock.seconds()
         self.attempts_made += 1
         decision = self._policy.decide(entry, replies, finished, self.node)
@@ -372,7 +393,7 @@ class DeliveryEngine(Service):
             await self._store.record(lease, attempt, decision)
         except LeaseLost:
             self.log.warn("entry {entry}: lease lost during the attempt; another node owns it now", entry=entry.id)
-            return replies
+            return
         # One line per attempt, the mail log an operator greps: who, where,
         # what each recipient got, and what happens next.
         # (Made as one f-string and logged as "{line}": see the server's
@@ -387,5 +408,23 @@ class DeliveryEngine(Service):
             entry=entry.id,
             route=entry.route,
         )
-        return replies
 
+
+#: Bodies up to this size are read while their attempt waits for its turn.
+PREFETCH_MAX_SIZE = 1024 * 1024
+
+
+def _prefetch(entry: Entry, throttle: RouteThrottle) -> bool:
+    """
+    Whether to read an entry's body before its attempt gets its turn: not
+    for a route that is down (the attempt will likely be deferred without
+    it), nor for a large message or one far back in the route's queue (the
+    bodies of a whole batch would sit in memory).
+    """
+    return not throttle.down and entry.size <= PREFETCH_MAX_SIZE and throttle.waiting < throttle.window
+
+
+def _drop(body: Deferred[bytes] | None) -> None:
+    """Let a prefetched body go unused (its failure, if any, is not an error)."""
+    if body is not None:
+        body.addErrback(lambda f: None)
