@@ -5,13 +5,15 @@ the seed's schedule from end to end, without a socket.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from mailhub.config import DeliveryConfig, parse
 from mailhub.delivery.engine import DeliveryEngine
-from mailhub.model import Action, Address, Envelope, Reply
+from mailhub.model import Action, Address, Envelope, Reply, StoreUnavailable
 from mailhub.node import Node, routes_for
 from mailhub.plugins.memory_store import MemorySpoolStore
 from mailhub.plugins.standard_policy import StandardPolicy
@@ -355,3 +357,242 @@ def test_greylisting_does_not_suspend_the_route():
     for _ in range(3):
         hub.accept("dallas")
     assert len(hub.transport.deliveries) == 3
+
+
+# -- the accepting node's first attempt: stored leased, tried at once ----------
+
+COM = "smtp:mail.example.com:25"
+ORG = "smtp:mail.example.org:25"
+C = Address("carol", "example.org")
+
+NODE_CONFIG = b"""
+[hub]
+hostname = "h.example"
+outbound = "smtp:smarthost:25"
+[delivery]
+batch = %d
+[nodes.dallas]
+smtp = "tcp:0"
+[domains."example.com"]
+route = "smtp:mail.example.com:25"
+[domains."example.org"]
+route = "smtp:mail.example.org:25"
+"""
+
+
+class SpyStore(MemorySpoolStore):
+    """
+    The memory store, counting the calls made to it; with ``hold_leases``,
+    the answers of ``enqueue_leased`` wait (the entries are stored at once)
+    until ``let_leases_through``.
+    """
+
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.calls = Counter()
+        self.hold_leases = False
+        self.held = []
+
+    def enqueue(self, *args):
+        self.calls["enqueue"] += 1
+        return super().enqueue(*args)
+
+    def enqueue_leased(self, *args):
+        self.calls["enqueue_leased"] += 1
+        d = super().enqueue_leased(*args)
+        if not self.hold_leases:
+            return d
+        later = Deferred()
+        self.held.append((d, later))
+        return later
+
+    def let_leases_through(self):
+        held, self.held = self.held, []
+        for d, later in held:
+            d.chainDeferred(later)
+
+    def claim(self, *args):
+        self.calls["claim"] += 1
+        return super().claim(*args)
+
+    def body(self, message_id):
+        self.calls["body"] += 1
+        return super().body(message_id)
+
+    def release(self, lease, now):
+        self.calls["release"] += 1
+        return super().release(lease, now)
+
+
+class OneNode:
+    """The node ``dallas`` over a spy store, its transports answering from ``pending`` Deferreds."""
+
+    def __init__(self, batch=100, start=True):
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.store = SpyStore(self.clock)
+        self.pending: list[Deferred] = []
+        self.transport = ScriptedTransport(self.slow)
+        self.node = Node(
+            "dallas", parse(NODE_CONFIG % batch), self.store,
+            StandardPolicy(nodes=("dallas", "losangeles"), jitter=0.0), self.clock,
+        )
+        self.node._transports = {
+            route: self.transport for route in (COM, ORG, "smtp:smarthost:25")
+        }
+        self.engine = self.node.engine
+        if start:
+            self.engine.startService()
+
+    def slow(self, entry, message):
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+    def receive(self, *recipients):
+        """Give the node a message; what its Deferred fired with (or ``[]`` while it waits)."""
+        env = Envelope(SENDER, recipients or (A,), received_at=self.clock.seconds())
+        result = []
+        self.node.receive(env, MESSAGE).addBoth(result.append)
+        return result
+
+    def answer_all(self, reply=OK):
+        while self.pending:
+            self.pending.pop(0).callback(reply)
+
+    def entry(self, entry_id):
+        result = []
+        self.store.get(entry_id).addCallback(result.append)
+        return result[0]
+
+
+def test_receive_with_room_stores_leased_and_tries_at_once_without_claim_or_body_read():
+    """
+    With room in the batch, ``receive`` stores the message leased to the node
+    (one ``enqueue_leased``) and starts one attempt per route at once, with
+    the message it holds: no ``claim``, no ``body`` read, no plain ``enqueue``.
+    """
+    hub = OneNode()
+    [first_id] = hub.receive(A, C)
+    assert hub.store.calls == Counter(enqueue_leased=1)
+    assert [(e.route, m) for e, m in hub.transport.deliveries] == [(COM, MESSAGE), (ORG, MESSAGE)]
+    assert hub.transport.deliveries[0][0].id == first_id
+    assert hub.engine.in_flight == 2
+    assert hub.engine._reserved == 0
+    hub.answer_all()
+    assert [hub.entry(e.id) for e, _ in hub.transport.deliveries] == [None, None]
+    assert hub.engine.in_flight == 0
+    assert hub.store.calls == Counter(enqueue_leased=1)
+
+
+def test_receive_without_room_spools_unleased_for_the_next_scan():
+    """
+    With the batch full, ``receive`` falls back to ``enqueue``: the entry
+    waits, reserved for the node and not leased, and the scan that follows
+    the end of an attempt claims it and reads its body.
+    """
+    hub = OneNode(batch=1)
+    hub.receive(A)
+    [waiting] = hub.receive(A)
+    assert hub.store.calls == Counter(enqueue_leased=1, enqueue=1)
+    assert len(hub.transport.deliveries) == 1
+    entry = hub.entry(waiting)
+    assert entry.node == "dallas" and entry.next_attempt == hub.clock.seconds()
+    hub.answer_all()
+    hub.clock.advance(0)
+    assert [e.id for e, _ in hub.transport.deliveries][1:] == [waiting]
+    assert hub.store.calls["claim"] >= 1 and hub.store.calls["body"] == 1
+    hub.answer_all()
+    assert hub.entry(waiting) is None
+
+
+def test_receive_with_less_room_than_routes_kicks_what_fits():
+    """
+    A message with more routes than the room left is spooled unleased; the
+    room there is is filled at once by ``kick`` (a claim by id, with the
+    message in hand), and the rest waits reserved for the node.
+    """
+    hub = OneNode(batch=2)
+    hub.receive(A)
+    [first_id] = hub.receive(A, C)
+    assert hub.store.calls == Counter(enqueue_leased=1, enqueue=1, claim=1)
+    assert len(hub.transport.deliveries) == 2
+    kicked, message = hub.transport.deliveries[1]
+    assert kicked.id == first_id and message == MESSAGE
+    assert hub.store.calls["body"] == 0
+    assert hub.engine.in_flight == 2
+
+
+def test_failed_enqueue_leased_gives_the_room_back_and_fails_receive():
+    """
+    If the store cannot take the message, ``receive`` fails with the store's
+    error and the room kept for its leases is given back: the next message
+    is stored leased and tried at once again.
+    """
+    hub = OneNode(batch=1)
+    hub.store.unavailable = True
+    [failure] = hub.receive(A)
+    assert failure.check(StoreUnavailable)
+    assert hub.engine._reserved == 0
+    hub.store.unavailable = False
+    [entry_id] = hub.receive(A)
+    assert hub.store.calls == Counter(enqueue_leased=2)
+    assert [e.id for e, _ in hub.transport.deliveries] == [entry_id]
+
+
+def test_room_kept_for_leases_on_their_way_counts_against_the_batch():
+    """
+    While ``enqueue_leased`` is answering, the room kept for its leases is
+    not given to another message nor to a scan; when the leases arrive they
+    are tried at once.
+    """
+    hub = OneNode(batch=2)
+    hub.store.hold_leases = True
+    hub.receive(A)
+    hub.receive(A)
+    assert hub.engine._reserved == 2
+    [third] = hub.receive(A)
+    assert hub.store.calls == Counter(enqueue_leased=2, enqueue=1)
+    hub.clock.advance(0)  # the scan: no room
+    assert hub.store.calls["claim"] == 0
+    assert hub.entry(third).node == "dallas"
+    hub.store.let_leases_through()
+    assert len(hub.transport.deliveries) == 2
+    assert third not in [e.id for e, _ in hub.transport.deliveries]
+    assert hub.engine._reserved == 0 and hub.engine.in_flight == 2
+    assert hub.store.calls["body"] == 0
+
+
+def test_leases_arriving_after_the_engine_stopped_are_released():
+    """
+    If the engine stops while ``enqueue_leased`` is answering, the leases
+    are given back when they arrive: nothing is tried, and the entries are
+    due at once for any node.
+    """
+    hub = OneNode()
+    hub.store.hold_leases = True
+    result = hub.receive(A, C)
+    assert hub.engine._reserved == 2
+    hub.engine.stopService()
+    hub.clock.advance(5)
+    hub.store.let_leases_through()
+    [first_id] = result
+    assert hub.transport.deliveries == []
+    assert hub.store.calls["release"] == 2
+    assert hub.engine._reserved == 0
+    now = hub.clock.seconds()
+    entry = hub.entry(first_id)
+    assert entry.next_attempt == now and entry.node is None
+    leases = []
+    hub.store.claim("losangeles", now, 10, 600.0, 300.0).addCallback(leases.extend)
+    assert len(leases) == 2 and first_id in [lease.entry.id for lease in leases]
+
+
+def test_receive_with_engine_not_running_only_spools():
+    """A node whose engine is not running stores the message unleased and tries nothing."""
+    hub = OneNode(start=False)
+    [entry_id] = hub.receive(A)
+    assert hub.store.calls == Counter(enqueue=1)
+    assert hub.transport.deliveries == []
+    entry = hub.entry(entry_id)
+    assert entry.node == "dallas" and entry.next_attempt == hub.clock.seconds()

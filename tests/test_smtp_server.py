@@ -1,26 +1,33 @@
 """
 Tests for ``mailhub.smtp.server``: the inbound SMTP protocol against a
-``StringTransport`` and a ``Clock``, with fake recipient checks and stores.
+``StringTransport`` and a ``Clock``, with fake recipient checks and stores;
+then how replies reach a real socket (sent at once, in order).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
 
 from mailhub.config import SmtpConfig
 from mailhub.model import Address, Envelope, Reply, StoreFull, StoreUnavailable
-from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, domain_check
+from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, _send_now, domain_check
 
 HOST = "mx.hub.example"
 DOMAINS = ("example.com", "Example.ORG")
@@ -1608,3 +1615,319 @@ def test_any_input_with_utf8_and_validation_never_relays_or_accepts_unknown(
         for r in envelope.recipients:
             assert str(r).lower() in ("bob@example.com", "one@example.com", "two@example.com", "jürgen@example.com")
         assert envelope.smtputf8 or all(str(r).isascii() for r in envelope.recipients)
+
+
+def test_quit_frees_the_connection_slot_before_the_connection_closes() -> None:
+    """
+    QUIT gives the connection's slot back as its 221 is written, before the
+    connection is lost: a client that reconnects at once is not refused, and
+    the slot is not given back a second time when the connection goes.
+    """
+    listener = Listener(max_connections_per_ip=1)
+    p, t = listener.connect()
+    p.dataReceived(b"QUIT\r\n")
+    assert t.value().endswith(f"221 2.0.0 {HOST} closing connection\r\n".encode())
+    assert t.disconnecting
+    assert listener.factory.limiter.per_ip == {}
+    assert listener.factory.limiter.connections == 0
+    again, t2 = listener.connect()
+    assert t2.value().startswith(b"220 ")
+    p.connectionLost()
+    assert listener.factory.limiter.per_ip == {CLIENT_IP: 1}
+    assert listener.factory.limiter.connections == 1
+    again.connectionLost()
+    assert listener.factory.limiter.per_ip == {} and listener.factory.limiter.connections == 0
+
+
+# -- replies on a real socket: sent at once, in order --------------------------
+
+
+def test_send_now_leaves_other_transports_to_write() -> None:
+    """On a transport that is not plain TCP, ``_send_now`` sends nothing and gives all back."""
+    t = StringTransport()
+    data = b"250 2.0.0 OK\r\n"
+    assert _send_now(t, data) == data
+    assert t.value() == b""
+
+
+class _Made(Protocol):
+    def __init__(self, made: Deferred[Protocol]) -> None:
+        self._made = made
+
+    def connectionMade(self) -> None:
+        self._made.callback(self)
+
+
+@asynccontextmanager
+async def plain_tcp(small_buffers: bool = False) -> AsyncIterator[tuple[Any, socket.socket]]:
+    """
+    A plain TCP connection over 127.0.0.1: the reactor's transport of its
+    server side, and the client's blocking socket.  With ``small_buffers``
+    the kernel holds little of what the server sends while the client does
+    not read, so sends are partial.
+    """
+    made: Deferred[Protocol] = Deferred()
+    factory = Factory.forProtocol(lambda: _Made(made))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if small_buffers:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(10)
+        client.connect(("127.0.0.1", port.getHost().port))
+        transport = (await made).transport
+        if small_buffers:
+            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        try:
+            yield transport, client
+        finally:
+            transport.abortConnection()
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    """``n`` octets from ``sock``, or fewer if it closes (to run in a thread)."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_sends_at_once_on_a_plain_tcp_connection() -> None:
+    """On plain TCP with nothing queued the data is in the client's socket on return."""
+    async with plain_tcp() as (transport, client):
+        assert type(transport) is tcp.Server
+        assert _send_now(transport, b"220 hello\r\n") == b""
+        # No turn of the reactor in between: the kernel has it already.
+        client.setblocking(False)
+        assert client.recv(100) == b"220 hello\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_waits_behind_data_written_before() -> None:
+    """Data given to ``write`` and not yet sent goes first: ``_send_now`` sends nothing."""
+    async with plain_tcp() as (transport, client):
+        transport.write(b"250 first\r\n")
+        assert _send_now(transport, b"250 second\r\n") == b"250 second\r\n"
+        transport.write(b"250 second\r\n")
+        assert await deferToThread(_read, client, 22) == b"250 first\r\n250 second\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_waits_behind_data_the_socket_did_not_take() -> None:
+    """
+    While part of an earlier write waits in the transport's buffer (the
+    client reads slowly), ``_send_now`` sends nothing.
+    """
+    async with plain_tcp(small_buffers=True) as (transport, client):
+        big = bytes(range(256)) * 4096
+        transport.write(big)
+        for _ in range(100):
+            await deferLater(reactor, 0.01, lambda: None)
+            if transport.dataBuffer and not transport._tempDataBuffer:
+                break
+        assert transport.dataBuffer, "the socket took it all: no partial send to test"
+        assert _send_now(transport, b"tail") == b"tail"
+        transport.write(b"tail")
+        assert await deferToThread(_read, client, len(big) + 4) == big + b"tail"
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_gives_back_what_the_socket_did_not_take() -> None:
+    """A partial send returns exactly the rest, which written after arrives in order."""
+    async with plain_tcp(small_buffers=True) as (transport, client):
+        big = bytes(range(256)) * 4096
+        rest = _send_now(transport, big)
+        sent = len(big) - len(rest)
+        assert 0 < sent < len(big)
+        assert rest == big[sent:]
+        transport.write(rest)
+        assert await deferToThread(_read, client, len(big)) == big
+
+
+class _FailingSocket:
+    """A socket whose ``send`` fails; everything else is the real one's."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self._real = real
+
+    def send(self, data: bytes) -> int:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_gives_all_back_on_socket_error() -> None:
+    """A socket error is left to the transport: ``_send_now`` gives all the data back."""
+    async with plain_tcp() as (transport, client):
+        real = transport.socket
+        transport.socket = _FailingSocket(real)
+        try:
+            assert _send_now(transport, b"250 OK\r\n") == b"250 OK\r\n"
+        finally:
+            transport.socket = real
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_leaves_tls_to_the_transport() -> None:
+    """Over TLS the bytes must go through the TLS layer: ``_send_now`` gives all back."""
+    async with plain_tcp() as (transport, client):
+        transport.TLS = True
+        try:
+            assert _send_now(transport, b"250 OK\r\n") == b"250 OK\r\n"
+        finally:
+            del transport.TLS
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(100)
+
+
+@pytest.fixture
+def listen() -> Iterator[Callable[..., tuple[int, SMTPFactory]]]:
+    """Starts SMTP listeners on 127.0.0.1 with the real reactor (``listen(**limits)``)."""
+    ports: list[Any] = []
+
+    def start(**limits: Any) -> tuple[int, SMTPFactory]:
+        check = domain_check(DOMAINS, HOST)
+        factory = SMTPFactory(HOST, SmtpConfig(**limits), check, Store(), reactor)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        return port.getHost().port, factory
+
+    yield start
+    for port in ports:
+        pytest_twisted.blockon(port.stopListening())
+
+
+class _Client:
+    """A plain SMTP client on a blocking socket (to run in a thread)."""
+
+    def __init__(self, port: int, small_buffer: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if small_buffer:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        self.file = self.sock.makefile("rb")
+
+    def reply(self) -> list[bytes]:
+        """The lines of the next reply."""
+        lines = []
+        while True:
+            line = self.file.readline()
+            assert line.endswith(b"\r\n"), (lines, line)
+            lines.append(line)
+            if line[3:4] == b" ":
+                return lines
+
+    def replies(self, n: int) -> list[bytes]:
+        """The final lines of the next ``n`` replies."""
+        return [self.reply()[-1] for _ in range(n)]
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> bytes:
+        """Whatever comes before the server closes, then close."""
+        rest = self.file.read()
+        self.file.close()
+        self.sock.close()
+        return rest
+
+
+_BURST = b"NOOP\r\nVRFY someone\r\nFROB\r\n"
+_BURST_REPLIES = [
+    b"250 2.0.0 OK\r\n",
+    b"252 2.0.0 Cannot VRFY user, but will accept message\r\n",
+    b"500 5.5.2 Command not recognized\r\n",
+]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_real_socket_session_gets_every_reply_in_order(
+    listen: Callable[..., tuple[int, SMTPFactory]],
+) -> None:
+    """
+    Over a real socket, each reply arrives whole and in order: the banner,
+    the multi-line EHLO and HELP, a pipelined transaction, and a burst of
+    thousands of pipelined commands whose replies the client reads slowly.
+    """
+    port, factory = listen()
+
+    def session() -> dict[str, Any]:
+        c = _Client(port, small_buffer=True)
+        seen: dict[str, Any] = {"banner": c.reply()}
+        c.send(b"EHLO client.example\r\n")
+        seen["ehlo"] = c.reply()
+        c.send(
+            b"MAIL FROM:<alice@sender.example>\r\nRCPT TO:<bob@example.com>\r\n"
+            b"RCPT TO:<eve@elsewhere.example>\r\nRCPT TO:<carol@example.org>\r\nDATA\r\n"
+        )
+        seen["transaction"] = c.replies(5)
+        c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+        seen["data"] = c.replies(1)
+        c.send(_BURST * 3000 + b"HELP\r\n")
+        seen["burst"] = c.replies(3 * 3000)
+        seen["help"] = c.reply()
+        c.send(b"QUIT\r\n")
+        seen["quit"] = c.replies(1)
+        seen["after"] = c.close()
+        return seen
+
+    seen = await deferToThread(session)
+    assert seen["banner"] == [f"220 {HOST} ESMTP mailhub\r\n".encode()]
+    assert seen["ehlo"] == [
+        f"250-{HOST} Hello 127.0.0.1\r\n".encode(),
+        b"250-PIPELINING\r\n",
+        b"250-SIZE %d\r\n" % SmtpConfig().max_message_size,
+        b"250-8BITMIME\r\n",
+        b"250-SMTPUTF8\r\n",
+        b"250 ENHANCEDSTATUSCODES\r\n",
+    ]
+    assert [line[:9] for line in seen["transaction"]] == [
+        b"250 2.1.0", b"250 2.1.5", b"550 5.7.1", b"250 2.1.5", b"354 End d",
+    ]  # fmt: skip
+    assert seen["data"] == [b"250 2.0.0 OK queued as Q123\r\n"]
+    assert seen["burst"] == _BURST_REPLIES * 3000
+    assert seen["help"][-1].startswith(b"214 2.0.0 Supported commands: EHLO HELO")
+    assert seen["quit"] == [f"221 2.0.0 {HOST} closing connection\r\n".encode()]
+    assert seen["after"] == b""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_client_reconnecting_after_221_is_greeted_not_refused(
+    listen: Callable[..., tuple[int, SMTPFactory]],
+) -> None:
+    """
+    With one connection per IP, a client that reads the 221 of its QUIT and
+    reconnects at once (an MTA with more mail) is greeted with 220, every time.
+    """
+    port, factory = listen(max_connections_per_ip=1)
+
+    def sessions() -> list[bytes]:
+        greetings = []
+        c = _Client(port)
+        for _ in range(20):
+            greetings.append(c.reply()[-1][:4])
+            c.send(b"QUIT\r\n")
+            assert c.reply()[-1].startswith(b"221 ")
+            c.close()
+            c = _Client(port)
+        greetings.append(c.reply()[-1][:4])
+        c.send(b"QUIT\r\n")
+        c.close()
+        return greetings
+
+    assert await deferToThread(sessions) == [b"220 "] * 21

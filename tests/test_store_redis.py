@@ -265,6 +265,32 @@ async def test_size_limit_refuses_with_store_full(
 
 
 @pytest_twisted.ensureDeferred
+async def test_size_limit_refuses_enqueue_leased_with_store_full(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """
+    ``enqueue_leased`` keeps to ``max_spool_bytes`` as ``enqueue`` does: over
+    it, ``StoreFull`` and nothing stored (no entry, no lease); a message that
+    fits is stored leased, and counts against the limit.
+    """
+    store = stores(redis_server, max_spool_bytes=1000)
+    body = b"x" * 600
+    await store.enqueue(ENVELOPE, body, {ROUTE: [ALICE]}, "dallas")
+    with pytest.raises(StoreFull):
+        routes = {ROUTE: [ALICE], OTHER_ROUTE: [BOB]}
+        await store.enqueue_leased(ENVELOPE, body, routes, "dallas", LEASE)
+    counts = await store.counts()
+    assert counts["entries"] == 1 and counts["leased"] == 0
+    [lease] = await store.enqueue_leased(ENVELOPE, b"y" * 400, {ROUTE: [ALICE]}, "dallas", LEASE)
+    assert (await store.counts())["entries"] == 2
+    with pytest.raises(StoreFull):
+        await store.enqueue(ENVELOPE, b"z", {ROUTE: [ALICE]}, "dallas")
+    # Delivered under its lease, the message gives its room back.
+    assert await store.record(lease, *deliver(lease)) is None
+    assert await store.enqueue_leased(ENVELOPE, b"y" * 400, {ROUTE: [ALICE]}, "dallas", LEASE)
+
+
+@pytest_twisted.ensureDeferred
 async def test_spool_done_leaves_no_key_behind(
     redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
 ) -> None:

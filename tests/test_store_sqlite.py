@@ -266,6 +266,111 @@ async def test_failing_job_does_not_poison_its_batch(store: SqliteSpoolStore) ->
     assert await table_sizes(store) == (3, 3, 0)
 
 
+async def run_in_one_batch(
+    store: SqliteSpoolStore, jobs: list[Callable[[sqlite3.Connection], Any]]
+) -> list[tuple[bool, Any]]:
+    """
+    Run ``jobs`` in one batch of the writer (each job's success and result or
+    ``Failure``, in order): the writer is held in a batch of its own while
+    they queue up, so that they are taken together.
+    """
+    started, gate = threading.Event(), threading.Event()
+
+    def block(conn: sqlite3.Connection) -> bool:
+        started.set()
+        return gate.wait(10)
+
+    blocker = store.run(block)
+    assert started.wait(10)
+    submitted = [store.run(job) for job in jobs]
+    gate.set()
+    assert await blocker is True
+    return await DeferredList(submitted, consumeErrors=True)
+
+
+def insert_message(name: str, result: Any = None) -> Callable[[sqlite3.Connection], Any]:
+    def job(conn: sqlite3.Connection) -> Any:
+        conn.execute("INSERT INTO messages (id, body) VALUES (?, x'00')", (name,))
+        return result
+
+    return job
+
+
+async def message_ids(store: SqliteSpoolStore) -> set[str]:
+    return set(
+        await store.run(lambda conn: [row[0] for row in conn.execute("SELECT id FROM messages")])
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_of_jobs_runs_each_once_in_one_transaction_without_savepoints(
+    store: SqliteSpoolStore,
+) -> None:
+    """
+    A batch whose jobs all succeed costs one commit: each job runs once, one
+    after the other, with no savepoint statement between them.
+    """
+    await store.counts()
+    statements: list[str] = []
+    runs: list[int] = []
+
+    def job(i: int) -> Callable[[sqlite3.Connection], int]:
+        def run(conn: sqlite3.Connection) -> int:
+            if i == 0:
+                conn.set_trace_callback(statements.append)
+            runs.append(i)
+            insert_message(f"m{i}")(conn)
+            if i == 4:
+                conn.set_trace_callback(None)
+            return i * 10
+
+        return run
+
+    before = store.commits
+    results = await run_in_one_batch(store, [job(i) for i in range(5)])
+    assert results == [(True, i * 10) for i in range(5)]
+    # The holding batch, and one for the five.
+    assert store.commits - before == 2
+    assert runs == [0, 1, 2, 3, 4]
+    assert len([s for s in statements if s.startswith("INSERT")]) == 5
+    assert not [s for s in statements if "SAVEPOINT" in s.upper() or "RELEASE" in s.upper()]
+    assert await message_ids(store) == {f"m{i}" for i in range(5)}
+
+
+@pytest.mark.parametrize("position", [0, 1, 2], ids=["first", "middle", "last"])
+@pytest_twisted.ensureDeferred
+async def test_failing_job_fails_alone_and_its_write_is_undone(
+    store: SqliteSpoolStore, position: int
+) -> None:
+    """
+    In a batch of several jobs, one that writes and then raises fails with its
+    own exception and leaves nothing behind; the others' writes are committed
+    (once each) and their Deferreds fire with their results, in one commit.
+    """
+    await store.counts()
+
+    def bad(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO messages (id, body) VALUES ('bad', x'00')")
+        raise ValueError("this job breaks")
+
+    jobs: list[Callable[[sqlite3.Connection], Any]] = [
+        insert_message("g1", "one"),
+        insert_message("g2", "two"),
+    ]
+    jobs.insert(position, bad)
+    before = store.commits
+    results = await run_in_one_batch(store, jobs)
+    assert store.commits - before == 2
+    failure = results.pop(position)
+    assert failure[0] is False
+    assert failure[1].check(ValueError) and failure[1].getErrorMessage() == "this job breaks"
+    assert results == [(True, "one"), (True, "two")]
+    assert await message_ids(store) == {"g1", "g2"}
+    # The writer goes on as before.
+    await enqueue(store)
+    assert await table_sizes(store) == (3, 1, 0)
+
+
 # -- reads beside the writer ------------------------------------------------
 
 

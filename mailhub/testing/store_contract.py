@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from attrs import evolve
 from twisted.internet.defer import DeferredList
 from zope.interface.verify import verifyObject
 
@@ -126,6 +127,22 @@ class SpoolStoreContract:
             routes = {ROUTE_A: [ALICE]}
         ids: list[str] = await store.enqueue(envelope(received_at), message, routes, node)
         return ids
+
+    async def enqueue_leased(
+        self,
+        store: Any,
+        routes: Mapping[str, Sequence[Address]] | None = None,
+        received_at: float = NOW,
+        node: str = "dallas",
+        message: bytes = b"Subject: hi\r\n\r\nhello\r\n",
+        lease_seconds: float = LEASE,
+    ) -> list[Lease]:
+        if routes is None:
+            routes = {ROUTE_A: [ALICE]}
+        leases: list[Lease] = await store.enqueue_leased(
+            envelope(received_at), message, routes, node, lease_seconds
+        )
+        return leases
 
     async def claim(
         self,
@@ -245,6 +262,210 @@ class SpoolStoreContract:
         assert again.entry.smtputf8 is True
         listed = {e.id: e.smtputf8 for e in await store.entries(None, 0, 100)}
         assert listed[ids[0]] is True and listed[plain] is False
+
+    # -- enqueue_leased -------------------------------------------------
+
+    @pytest.mark.parametrize("variant", ["plain", "smtputf8", "null sender"])
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_leased_gives_one_lease_per_route_in_order(
+        self, store: Any, variant: str
+    ) -> None:
+        """
+        ``enqueue_leased`` gives one lease per route, in the order of
+        ``routes``, held by the accepting node until ``received_at +
+        lease_seconds``; each lease's entry is the entry ``enqueue`` stores for
+        the same message (due at ``received_at``, reserved for that node).
+        """
+        env = envelope(NOW + 5)
+        if variant == "smtputf8":
+            env = evolve(env, smtputf8=True)
+        elif variant == "null sender":
+            env = evolve(env, sender=None)
+        # Not in sorted order: the leases follow the mapping, not the names.
+        routes = {ROUTE_B: [DAVE], ROUTE_A: [ALICE, BOB]}
+        message = b"Subject: hi\r\n\r\nhello\r\n"
+        leases = await store.enqueue_leased(env, message, routes, "losangeles", LEASE)
+        assert [lease.entry.route for lease in leases] == [ROUTE_B, ROUTE_A]
+        assert [lease.entry.pending for lease in leases] == [(DAVE,), (ALICE, BOB)]
+        assert len({lease.entry.id for lease in leases}) == 2
+        assert len({lease.entry.message_id for lease in leases}) == 1
+        for lease in leases:
+            assert lease.node == "losangeles"
+            assert lease.expires == NOW + 5 + LEASE
+            assert lease.token
+            assert lease.entry.next_attempt == NOW + 5
+            assert lease.entry.node == "losangeles"
+            assert lease.entry.created == NOW + 5
+            assert lease.entry.attempts == 0 and not lease.entry.held
+            assert all(
+                r.state is RecipientState.PENDING and r.reply is None
+                for r in lease.entry.recipients
+            )
+        ids = await store.enqueue(env, message, routes, "losangeles")
+        for lease, entry_id in zip(leases, ids, strict=True):
+            stored = await store.get(entry_id)
+            assert lease.entry == evolve(
+                stored, id=lease.entry.id, message_id=lease.entry.message_id
+            )
+
+    @pytest.mark.parametrize(
+        "message", [ODD_MESSAGE, b"", bytes(range(256)) * 1000], ids=["8bit", "empty", "large"]
+    )
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_leased_stores_the_message(self, store: Any, message: bytes) -> None:
+        """The message is stored with the leased entries: ``body`` gives back the exact bytes."""
+        [lease] = await self.enqueue_leased(store, message=message)
+        assert await store.body(lease.entry.message_id) == message
+        assert lease.entry.size == len(message)
+        assert (await store.get(lease.entry.id)).size == len(message)
+
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_leased_entries_not_claimed_before_expiry(self, store: Any) -> None:
+        """
+        Until the lease expires nobody claims an entry stored leased, by due
+        time or by id, not even the node that holds the lease; it is next due
+        at the expiry.
+        """
+        leases = await self.enqueue_leased(store, {ROUTE_A: [ALICE], ROUTE_B: [DAVE]})
+        ids = [lease.entry.id for lease in leases]
+        expires = leases[0].expires
+        for node in ("dallas", "losangeles"):
+            for now in (NOW, expires - 1):
+                assert await self.claim(store, node=node, now=now) == []
+                assert await self.claim(store, node=node, now=now, ids=ids) == []
+        assert await store.next_due("losangeles", NOW, TAKEOVER) == expires
+        assert await store.next_due("dallas", NOW, TAKEOVER) == expires
+
+    @pytest_twisted.ensureDeferred
+    async def test_expired_enqueue_leased_lease_goes_to_another_node(self, store: Any) -> None:
+        """
+        Once the lease expires another node claims the entry, and recording
+        under the first lease fails with ``LeaseLost``, changing nothing.
+        """
+        [old] = await self.enqueue_leased(store, node="dallas")
+        [new] = await self.claim(store, node="losangeles", now=old.expires)
+        assert new.entry.id == old.entry.id
+        assert new.token != old.token
+        with pytest.raises(LeaseLost):
+            await self.deliver_all(store, old)
+        entry = await store.get(old.entry.id)
+        assert entry.attempts == 0 and entry.pending == (ALICE,)
+        assert await store.attempts(old.entry.id) == []
+        assert await self.deliver_all(store, new) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_delivery_recorded_under_enqueue_leased_lease(self, store: Any) -> None:
+        """
+        A delivery recorded under a lease from ``enqueue_leased`` removes that
+        entry; the message stays until its other entry is done too.
+        """
+        message = b"Subject: hi\r\n\r\nhello\r\n"
+        first, second = await self.enqueue_leased(
+            store, {ROUTE_A: [ALICE, BOB], ROUTE_B: [DAVE]}, message=message
+        )
+        message_id = first.entry.message_id
+        assert await self.deliver_all(store, first) is None
+        assert await store.get(first.entry.id) is None
+        assert await store.body(message_id) == message
+        assert await self.deliver_all(store, second) is None
+        assert await store.get(second.entry.id) is None
+        with pytest.raises(KeyError):
+            await store.body(message_id)
+        assert (await store.counts())["entries"] == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_deferral_recorded_under_enqueue_leased_lease(self, store: Any) -> None:
+        """
+        A deferral recorded under a lease from ``enqueue_leased`` keeps the
+        entry with the decision applied, due when and where the policy says,
+        and logs the attempt.
+        """
+        [lease] = await self.enqueue_leased(store, {ROUTE_A: [ALICE, BOB, CAROL]})
+        retry_at = NOW + 1200
+        attempt = attempt_for(lease, {ALICE: OK, BOB: LATER, CAROL: NO})
+        updated = await store.record(
+            lease,
+            attempt,
+            decision(
+                {
+                    ALICE: (Action.DELIVERED, OK),
+                    BOB: (Action.RETRY, LATER),
+                    CAROL: (Action.FAILED, NO),
+                },
+                next_attempt=retry_at,
+                next_node="losangeles",
+            ),
+        )
+        assert updated.pending == (BOB,)
+        assert {r.address: (r.state, r.reply) for r in updated.recipients} == {
+            ALICE: (RecipientState.DELIVERED, OK),
+            BOB: (RecipientState.PENDING, LATER),
+            CAROL: (RecipientState.FAILED, NO),
+        }
+        assert updated.next_attempt == retry_at
+        assert updated.node == "losangeles"
+        assert updated.attempts == 1
+        assert updated.created == NOW
+        assert await store.get(lease.entry.id) == updated
+        assert await store.attempts(lease.entry.id) == [attempt]
+        assert await self.claim(store, node="losangeles", now=retry_at - 1) == []
+        [again] = await self.claim(store, node="losangeles", now=retry_at)
+        assert again.entry == updated
+
+    @pytest_twisted.ensureDeferred
+    async def test_release_of_enqueue_leased_lease(self, store: Any) -> None:
+        """
+        Released, an entry stored leased is due at the given time for any
+        node, with no attempt counted, and the released lease is gone.
+        """
+        [lease] = await self.enqueue_leased(store, node="dallas")
+        assert await store.release(lease, NOW + 5) is None
+        assert await self.claim(store, node="losangeles", now=NOW + 4) == []
+        [again] = await self.claim(store, node="losangeles", now=NOW + 5)
+        assert again.entry.id == lease.entry.id
+        assert again.entry.attempts == 0
+        assert await store.attempts(lease.entry.id) == []
+        with pytest.raises(LeaseLost):
+            await self.deliver_all(store, lease)
+
+    @pytest_twisted.ensureDeferred
+    async def test_get_shows_enqueue_leased_entry_as_claimed(self, store: Any) -> None:
+        """
+        ``get`` and ``entries`` show an entry stored leased exactly as they
+        show one enqueued and then claimed at the same time for as long.
+        """
+        [lease] = await self.enqueue_leased(store, {ROUTE_A: [ALICE, BOB]})
+        [claimed_id] = await self.enqueue(store, {ROUTE_A: [ALICE, BOB]})
+        [claimed] = await self.claim(store, ids=[claimed_id])
+        assert claimed.expires == lease.expires
+        reference = await store.get(claimed_id)
+        leased = await store.get(lease.entry.id)
+        assert leased == evolve(reference, id=lease.entry.id, message_id=lease.entry.message_id)
+        listed = {e.id: e for e in await store.entries(None, 0, 100)}
+        assert listed[lease.entry.id] == leased
+
+    @pytest_twisted.ensureDeferred
+    async def test_counts_enqueue_leased_entry_as_leased(self, store: Any) -> None:
+        """``counts`` counts an entry stored leased as leased, until the lease is released."""
+        # A lease long enough to be current whatever the store's clock says.
+        [lease] = await self.enqueue_leased(store, {ROUTE_A: [ALICE, BOB]}, lease_seconds=10.0**10)
+        await self.enqueue(store, {ROUTE_B: [DAVE]})
+        assert await store.counts() == {
+            "entries": 2,
+            "held": 0,
+            "leased": 1,
+            "recipients": 3,
+            "routes": {ROUTE_A: 1, ROUTE_B: 1},
+        }
+        await store.release(lease, NOW)
+        assert (await store.counts())["leased"] == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_leased_without_routes_is_empty(self, store: Any) -> None:
+        """No route, no lease, and nothing stored."""
+        assert await store.enqueue_leased(envelope(), b"x\r\n", {}, "dallas", LEASE) == []
+        assert (await store.counts())["entries"] == 0
+        assert await store.entries(None, 0, 100) == []
 
     # -- claim ----------------------------------------------------------
 
@@ -759,6 +980,15 @@ class NodeRegistryContract:
         assert by_name["dallas"]["reserved"] == 2 and by_name["dallas"]["leased"] == 0
         assert by_name["losangeles"]["reserved"] == 1 and by_name["losangeles"]["leased"] == 1
         assert by_name["losangeles"]["last_seen"] is None and by_name["losangeles"]["info"] == {}
+
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_leased_entries_are_held_by_the_node(self, store: Any) -> None:
+        """Entries stored leased count as leased by the accepting node, not reserved for it."""
+        routes = {ROUTE_A: [ALICE], ROUTE_B: [DAVE]}
+        await store.enqueue_leased(envelope(), b"x\r\n", routes, "dallas", LEASE)
+        by_name = {n["name"]: n for n in await store.nodes(NOW + 1)}
+        assert by_name["dallas"]["leased"] == 2
+        assert by_name["dallas"]["reserved"] == 0
 
     @pytest_twisted.ensureDeferred
     async def test_expired_lease_is_no_longer_held(self, store: Any) -> None:
