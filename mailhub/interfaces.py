@@ -59,7 +59,7 @@ class ISpoolStore(Interface):
             ``StoreUnavailable`` when the backend cannot take it.
         """
 
-    def enqueue_leased(envelope, message, routes, node, lease_seconds):
+    def enqueue_leased(envelope, message, routes, node, lease_seconds, decided=None):
         """
         ``enqueue``, with the new entries leased to ``node`` in the same atomic
         write: the accepting node's first attempt needs no ``claim`` (one
@@ -71,9 +71,17 @@ class ISpoolStore(Interface):
         or released, the entry is due again only at its expiry, as after
         ``claim``.
 
-        :returns: a ``Deferred`` firing with one ``Lease`` per route, in the
-            order of ``routes``, once the message is durable; the same errors
-            as ``enqueue``.
+        :param decided: for some routes, the first attempt already made and
+            decided while the message was being accepted (the route is known
+            to be down: deferred without connecting), as ``{route: (attempt,
+            decision)}``; ``attempt.entry_id`` is ignored.  Such an entry is
+            stored as ``record`` would leave it after that attempt (the
+            decision applied, the attempt logged) and is not leased.  Every
+            outcome of such a decision is ``Action.RETRY``.
+        :returns: a ``Deferred`` firing, once the message is durable, with one
+            item per route in the order of ``routes``: a ``Lease``, or for a
+            decided route the ``Entry`` as stored.  The same errors as
+            ``enqueue``.
         """
 
     def claim(node, now, limit, lease_seconds, takeover_seconds, ids=None):

@@ -26,7 +26,7 @@ from mailhub.config import HubConfig
 from mailhub.delivery.dsn import build_dsn
 from mailhub.delivery.engine import DeliveryEngine
 from mailhub.interfaces import IDeliveryPolicy, INodeRegistry, ISpoolStore, ITransport
-from mailhub.model import Address, Entry, Envelope, Lease, Outcome, Route
+from mailhub.model import Address, Entry, Envelope, Lease, Outcome, Route, new_entries
 from mailhub.plugin import load_plugin
 from mailhub.smtp.recipients import recipient_validation
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
@@ -128,17 +128,30 @@ class Node(MultiService):
         engine = self.engine
         n = len(routes)
         if n and engine.reserve(n):
+            # A route known to be down gets its first attempt decided now and
+            # stored with the entry, in the same write.
+            decided = {}
+            for entry in new_entries(envelope, len(message), routes, self.name or "", "", lambda: ""):
+                settled = engine.decide_while_down(entry)
+                if settled is not None:
+                    decided[entry.route] = settled
 
-            def leased(leases: list[Lease]) -> str:
-                engine.attempt_leased(leases, message, n)
-                return leases[0].entry.id
+            def stored(results: list[Lease | Entry]) -> str:
+                engine.attempt_leased([r for r in results if isinstance(r, Lease)], message, n)
+                for r in results:
+                    if isinstance(r, Entry):
+                        engine.decided_stored(r, *decided[r.route])
+                first = results[0]
+                return first.entry.id if isinstance(first, Lease) else first.id
 
             def failed(f: Failure) -> Failure:
                 engine.unreserve(n)
                 return f
 
-            d = self._store.enqueue_leased(envelope, message, routes, self.name, self.config.delivery.lease_seconds)
-            return d.addCallbacks(leased, failed)
+            d = self._store.enqueue_leased(
+                envelope, message, routes, self.name, self.config.delivery.lease_seconds, decided or None
+            )
+            return d.addCallbacks(stored, failed)
 
         def spooled(ids: list[str]) -> str:
             if engine.running:

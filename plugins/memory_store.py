@@ -114,22 +114,31 @@ class MemorySpoolStore:
         routes: Mapping[str, Sequence[Address]],
         node: str,
         lease_seconds: float,
-    ) -> Deferred[list[Lease]]:
+        decided: Mapping[str, tuple[Attempt, Decision]] | None = None,
+    ) -> Deferred[list[Lease | Entry]]:
         expires = envelope.received_at + lease_seconds
+        decided = decided or {}
 
-        def do() -> list[Lease]:
+        def do() -> list[Lease | Entry]:
             message_id = uuid.uuid4().hex
-            leases = []
+            results: list[Lease | Entry] = []
             for entry in new_entries(envelope, len(message), routes, node, message_id, _new_id):
+                if entry.route in decided:
+                    attempt, decision = decided[entry.route]
+                    stored = apply_decision(entry, decision)
+                    self._slots[entry.id] = _Slot(stored)
+                    self._attempts[entry.id] = [evolve(attempt, entry_id=entry.id)]
+                    results.append(stored)
+                    continue
                 token = uuid.uuid4().hex
                 slot = _Slot(evolve(entry, next_attempt=expires, node=None))
                 slot.lease_token = token
                 slot.lease_node = node
                 self._slots[entry.id] = slot
-                leases.append(Lease(entry, node, token, expires))
-            if leases:
+                results.append(Lease(entry, node, token, expires))
+            if results:
                 self._messages[message_id] = bytes(message)
-            return leases
+            return results
 
         return self._call(do)
 

@@ -71,7 +71,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 from attrs import define, evolve, field, frozen
@@ -169,34 +169,35 @@ def _script(body: str) -> str:
     return _PRELUDE + body
 
 
-# ARGV: prefix, max_bytes, message_id, body, size, node, next, n,
-#       lease token ('' for none), lease expiry,
-#       then per entry: id, route, data, pending.
-# With a token, the entries are stored leased to node (as _CLAIM leaves them).
-# Returns the number of entries, or -1 (and writes nothing) when full.
+# ARGV: prefix, max_bytes, message_id, body, size, lease node, n, then per
+#       entry: id, route, data, pending, next, node, lease token ('' for
+#       none), attempt ('' for none).
+# A leased entry is stored as _CLAIM leaves one; one with an attempt as
+# _RECORD leaves one after it.  Returns the number of entries, or -1 (and
+# writes nothing) when full.
 _ENQUEUE = _script("""
 local max, mid, size = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[5])
-local node, nxt, n = ARGV[6], ARGV[7], tonumber(ARGV[8])
-local token, expires = ARGV[9], ARGV[10]
+local lnode, n = ARGV[6], tonumber(ARGV[7])
 if max > 0 and tonumber(redis.call('GET', P .. 'bytes') or '0') + size > max then
   return -1
 end
 redis.call('HSET', P .. 'm:' .. mid, 'body', ARGV[4], 'refs', n, 'size', size)
 counter('bytes', size)
 for i = 0, n - 1 do
-  local b = 11 + i * 4
-  local id, route, pending = ARGV[b], ARGV[b + 1], ARGV[b + 3]
+  local b = 8 + i * 8
+  local id, route, data, pending = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+  local nxt, node, token, attempt = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
   if token == '' then
-    redis.call('HSET', ekey(id), 'data', ARGV[b + 2], 'next', nxt, 'node', node,
+    redis.call('HSET', ekey(id), 'data', data, 'next', nxt, 'node', node,
                'held', '0', 'token', '', 'route', route, 'mid', mid, 'pending', pending)
     schedule(id, node, nxt, '0')
+    if attempt ~= '' then redis.call('RPUSH', P .. 'a:' .. id, attempt) end
   else
-    local t = token .. '.' .. (i + 1)
-    redis.call('HSET', ekey(id), 'data', ARGV[b + 2], 'next', expires, 'node', '',
-               'held', '0', 'token', t, 'lnode', node, 'route', route, 'mid', mid,
+    redis.call('HSET', ekey(id), 'data', data, 'next', nxt, 'node', '',
+               'held', '0', 'token', token, 'lnode', lnode, 'route', route, 'mid', mid,
                'pending', pending)
     redis.call('SADD', P .. 'leased', id)
-    schedule(id, '', expires, '0')
+    schedule(id, '', nxt, '0')
   end
   redis.call('HINCRBY', P .. 'routes', route, 1)
   counter('recipients', tonumber(pending))
@@ -626,8 +627,8 @@ class RedisSpoolStore:
         routes: Mapping[str, Sequence[Address]],
         node: str,
     ) -> Deferred[list[str]]:
-        d = self._enqueue(envelope, message, routes, node, None)
-        return d.addCallback(lambda entries: [e.id for e in entries])
+        d = self._enqueue(envelope, message, routes, node, None, None)
+        return d.addCallback(lambda stored: [cast(Entry, e).id for e in stored])
 
     def enqueue_leased(
         self,
@@ -636,15 +637,10 @@ class RedisSpoolStore:
         routes: Mapping[str, Sequence[Address]],
         node: str,
         lease_seconds: float,
-    ) -> Deferred[list[Lease]]:
-        expires = envelope.received_at + lease_seconds
-        token = uuid.uuid4().hex
-        d = self._enqueue(envelope, message, routes, node, (token, expires))
-        return d.addCallback(
-            lambda entries: [
-                Lease(e, node, f"{token}.{i}", expires) for i, e in enumerate(entries, 1)
-            ]
-        )
+        decided: Mapping[str, tuple[Attempt, Decision]] | None = None,
+    ) -> Deferred[list[Lease | Entry]]:
+        lease = (uuid.uuid4().hex, envelope.received_at + lease_seconds)
+        return self._enqueue(envelope, message, routes, node, lease, decided)
 
     def _enqueue(
         self,
@@ -653,7 +649,8 @@ class RedisSpoolStore:
         routes: Mapping[str, Sequence[Address]],
         node: str,
         lease: tuple[str, float] | None,
-    ) -> Deferred[list[Entry]]:
+        decided: Mapping[str, tuple[Attempt, Decision]] | None,
+    ) -> Deferred[list[Lease | Entry]]:
         if not routes:
             return succeed([])
         message = bytes(message)
@@ -666,18 +663,31 @@ class RedisSpoolStore:
             message,
             len(message),
             node,
-            _num(envelope.received_at),
             len(routes),
-            "" if lease is None else lease[0],
-            "" if lease is None else _num(lease[1]),
         ]
-        for entry in entries:
-            args += [entry.id, entry.route, _entry_json(entry), len(entry.recipients)]
+        results: list[Lease | Entry] = []
+        for i, entry in enumerate(entries, 1):
+            if decided and entry.route in decided:
+                attempt, decision = decided[entry.route]
+                after = apply_decision(entry, decision)
+                results.append(after)
+                args += [entry.id, entry.route, _entry_json(after), len(after.pending),
+                         _num(after.next_attempt), after.node or "", "",
+                         _attempt_json(evolve(attempt, entry_id=entry.id))]
+            elif lease is not None:
+                token = f"{lease[0]}.{i}"
+                results.append(Lease(entry, node, token, lease[1]))
+                args += [entry.id, entry.route, _entry_json(entry), len(entry.recipients),
+                         _num(lease[1]), "", token, ""]
+            else:
+                results.append(entry)
+                args += [entry.id, entry.route, _entry_json(entry), len(entry.recipients),
+                         _num(entry.next_attempt), node, "", ""]
 
-        def stored(n: int) -> list[Entry]:
+        def stored(n: int) -> list[Lease | Entry]:
             if n < 0:
                 raise StoreFull(f"redis: the spool holds max_spool_bytes={self._max_spool_bytes}")
-            return entries
+            return results
 
         def not_undone(failure: Failure, entry_id: str) -> None:
             _log.warn(

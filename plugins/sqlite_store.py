@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from attrs import define, frozen
+from attrs import define, evolve, frozen
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -648,7 +648,8 @@ class SqliteSpoolStore:
         routes: Mapping[str, Sequence[Address]],
         node: str,
         lease_seconds: float,
-    ) -> Deferred[list[Lease]]:
+        decided: Mapping[str, tuple[Attempt, Decision]] | None = None,
+    ) -> Deferred[list[Lease | Entry]]:
         body = bytes(message)
         new_id = self._new_id
         message_id = new_id()
@@ -658,18 +659,37 @@ class SqliteSpoolStore:
         # row, a lease's expiry stands in for the due time, as after claim.
         entries = new_entries(envelope, len(body), routes, node, message_id, new_id)
         sender = None if envelope.sender is None else str(envelope.sender)
-        rest = (envelope.received_at, expires, None, len(body), envelope.helo, envelope.client,
-                int(envelope.smtputf8), node, token)
-        rows = [
-            (e.id, message_id, e.route, sender, _pending_json(a for a in routes[e.route])) + rest
-            for e in entries
-        ]
+        common = (envelope.received_at, len(body), envelope.helo, envelope.client, int(envelope.smtputf8))
+        results: list[Lease | Entry] = []
+        rows: list[tuple[Any, ...]] = []
+        attempts = []
+        for e in entries:
+            if decided and e.route in decided:
+                # Stored as record() leaves it after that attempt.
+                attempt, decision = decided[e.route]
+                stored = apply_decision(e, decision)
+                results.append(stored)
+                rows.append(
+                    (e.id, message_id, e.route, sender, _recipients_json(stored.recipients))
+                    + common
+                    + (stored.next_attempt, stored.node, None, None, stored.attempts, int(stored.held))
+                )
+                attempts.append(_attempt_row(evolve(attempt, entry_id=e.id)))
+            else:
+                results.append(Lease(e, node, token, expires))
+                rows.append(
+                    (e.id, message_id, e.route, sender, _pending_json(routes[e.route]))
+                    + common
+                    + (expires, None, node, token, 0, 0)
+                )
 
-        def job(conn: sqlite3.Connection) -> list[Lease]:
+        def job(conn: sqlite3.Connection) -> list[Lease | Entry]:
             if rows:
                 conn.execute("INSERT INTO messages (id, body) VALUES (?, ?)", (message_id, body))
-                conn.executemany(_INSERT_LEASED_SQL, rows)
-            return [Lease(e, node, token, expires) for e in entries]
+                conn.executemany(_INSERT_NEW_SQL, rows)
+                if attempts:
+                    conn.executemany(_INSERT_ATTEMPT_SQL, attempts)
+            return results
 
         return self._writer.submit(job)
 
@@ -751,20 +771,7 @@ class SqliteSpoolStore:
                     entry.id,
                 ),
             )
-            conn.execute(
-                "INSERT INTO attempts (entry_id, node, started, finished, replies)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (
-                    attempt.entry_id,
-                    attempt.node,
-                    attempt.started,
-                    attempt.finished,
-                    json.dumps(
-                        [[str(a), r.code, r.enhanced, r.text] for a, r in attempt.replies],
-                        ensure_ascii=False,
-                    ),
-                ),
-            )
+            conn.execute(_INSERT_ATTEMPT_SQL, _attempt_row(attempt))
             return entry
 
         return self._writer.submit(job)
@@ -997,11 +1004,28 @@ def _insert_entry(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
     )
 
 
-_INSERT_LEASED_SQL = (
-    "INSERT INTO entries (id, message_id, route, sender, recipients, created,"
-    " next_attempt, node, size, helo, client, smtputf8, lease_node, lease_token)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_NEW_SQL = (
+    "INSERT INTO entries (id, message_id, route, sender, recipients, created, size, helo,"
+    " client, smtputf8, next_attempt, node, lease_node, lease_token, attempts, held)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+_INSERT_ATTEMPT_SQL = (
+    "INSERT INTO attempts (entry_id, node, started, finished, replies) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _attempt_row(attempt: Attempt) -> tuple[Any, ...]:
+    return (
+        attempt.entry_id,
+        attempt.node,
+        attempt.started,
+        attempt.finished,
+        json.dumps(
+            [[str(a), r.code, r.enhanced, r.text] for a, r in attempt.replies],
+            ensure_ascii=False,
+        ),
+    )
 
 
 def _remove(conn: sqlite3.Connection, entry_id: str, message_id: str) -> None:

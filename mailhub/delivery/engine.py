@@ -32,6 +32,7 @@ from mailhub.model import (
     Action,
     Address,
     Attempt,
+    Decision,
     Entry,
     Lease,
     LeaseLost,
@@ -142,6 +143,35 @@ class DeliveryEngine(Service):
             return
         for lease in leases:
             self._dispatch(lease, message)
+
+    def decide_while_down(self, entry: Entry) -> tuple[Attempt, Decision] | None:
+        """
+        The first attempt of a new entry, decided at once if its route is down
+        on this node and not due for a probe: deferred without connecting, as
+        every attempt on the route is until a probe gets through.  The node
+        then stores the entry with that attempt (``ISpoolStore.enqueue_leased``
+        with ``decided``) instead of leasing it, attempting it and recording
+        the same deferral in a second write.
+
+        :param entry: the entry as it will be stored (its id does not matter).
+        :returns: the attempt (``entry_id`` left empty) and the decision, or
+            ``None``: attempt the entry as usual (the route is up, or this
+            entry is its probe, or the policy wants more than a retry).
+        """
+        throttle = self._throttles.get(entry.route)
+        if not self.running or throttle is None or not throttle.down or not throttle.suspended():
+            return None
+        now = self._clock.seconds()
+        replies = self._suspended_replies(entry, throttle)
+        decision = self._policy.decide(entry, replies, now, self.node)
+        if decision.next_attempt is None or any(o.action is not Action.RETRY for o in decision.outcomes):
+            return None
+        self.attempts_made += 1
+        return Attempt("", self.node, now, now, tuple((a, replies[a]) for a in entry.pending)), decision
+
+    def decided_stored(self, entry: Entry, attempt: Attempt, decision: Decision) -> None:
+        """An entry stored with its first attempt already decided: log that attempt."""
+        self._log_attempt(entry, decision, attempt.finished)
 
     def kick(self, ids: Sequence[str], message: bytes | None = None) -> Deferred[int]:
         """
@@ -394,10 +424,15 @@ class DeliveryEngine(Service):
         except LeaseLost:
             self.log.warn("entry {entry}: lease lost during the attempt; another node owns it now", entry=entry.id)
             return
-        # One line per attempt, the mail log an operator greps: who, where,
-        # what each recipient got, and what happens next.
-        # (Made as one f-string and logged as "{line}": see the server's
-        # "accepted message" line.)
+        self._log_attempt(entry, decision, finished)
+
+    def _log_attempt(self, entry: Entry, decision: Decision, finished: float) -> None:
+        """
+        One line per attempt, the mail log an operator greps: who, where,
+        what each recipient got, and what happens next.  (Made as one
+        f-string and logged as "{line}": see the server's "accepted message"
+        line.)
+        """
         later = ""
         if decision.next_attempt is not None:
             later = f"; next attempt in {decision.next_attempt - finished:.0f} s by {decision.next_node or 'any node'}"
