@@ -151,7 +151,9 @@ class Node(MultiService):
             d = self._store.enqueue_leased(
                 envelope, message, routes, self.name, self.config.delivery.lease_seconds, decided or None
             )
-            return d.addCallbacks(stored, failed)
+            d.addCallbacks(stored, failed)
+            engine.expect(d)
+            return d
 
         def spooled(ids: list[str]) -> str:
             if engine.running:

@@ -588,6 +588,25 @@ def test_leases_arriving_after_the_engine_stopped_are_released():
     assert len(leases) == 2 and first_id in [lease.entry.id for lease in leases]
 
 
+def test_stopping_waits_for_leases_on_their_way_and_their_release():
+    """
+    Stopping the engine waits for leases still coming from the store and for
+    giving them back, so the hub closes its store only after: none is left
+    to expire there (10 minutes during which no node could take the entry).
+    """
+    hub = OneNode()
+    hub.store.hold_leases = True
+    result = hub.receive(A)
+    stopped = hub.engine.stopService()
+    assert not stopped.called
+    hub.store.let_leases_through()
+    [entry_id] = result
+    assert hub.store.calls["release"] == 1
+    assert stopped.called
+    entry = hub.entry(entry_id)
+    assert entry.next_attempt == hub.clock.seconds() and entry.node is None
+
+
 def test_receive_with_engine_not_running_only_spools():
     """A node whose engine is not running stores the message unleased and tries nothing."""
     hub = OneNode(start=False)

@@ -85,6 +85,7 @@ class DeliveryEngine(Service):
         self._rescan = False
         self._more = False
         self._reserved = 0
+        self._arriving: set[Deferred[None]] = set()
         self.attempts_made = 0
 
     # -- service ---------------------------------------------------------
@@ -100,7 +101,17 @@ class DeliveryEngine(Service):
         self._timer = None
         for throttle in self._throttles.values():
             throttle.cancel_waiting()
-        return DeferredList(list(self._active), consumeErrors=True)
+        return ensureDeferred(self._settle())
+
+    async def _settle(self) -> None:
+        """
+        Wait for the attempts in flight and for leases still on their way
+        from the store (``expect``): those are given back as they come, and
+        the givings back waited for too, so that none is left to expire in a
+        store closed after this.
+        """
+        while self._active or self._arriving:
+            await DeferredList(list(self._active | self._arriving), consumeErrors=True)
 
     # -- scheduling ------------------------------------------------------
 
@@ -122,6 +133,21 @@ class DeliveryEngine(Service):
         self._reserved += count
         return True
 
+    def expect(self, stored: Deferred[Any]) -> None:
+        """
+        Leases for room kept by ``reserve`` come with ``stored``: stopping
+        waits for it (and gives them back) rather than let them expire.
+        """
+        arrived: Deferred[None] = Deferred()
+        self._arriving.add(arrived)
+
+        def done(result: object) -> object:
+            self._arriving.discard(arrived)
+            arrived.callback(None)
+            return result
+
+        stored.addBoth(done)
+
     def unreserve(self, count: int) -> None:
         """Give back room kept by ``reserve``."""
         self._reserved -= count
@@ -136,10 +162,12 @@ class DeliveryEngine(Service):
         if not self.running:
             now = self._clock.seconds()
             for lease in leases:
-                self._store.release(lease, now).addErrback(
+                released = self._store.release(lease, now).addErrback(
                     lambda f, entry: self.log.failure("could not release {entry}", f, entry=entry),
                     lease.entry.id,
                 )
+                self._active.add(released)
+                released.addBoth(lambda _, d=released: self._active.discard(d))
             return
         for lease in leases:
             self._dispatch(lease, message)
