@@ -353,6 +353,7 @@ class _Writer(_Worker):
     def __init__(self, path: str, busy_timeout: float, reactor: Any) -> None:
         self.commits = 0
         self.ready = False
+        self.checkpointer: _Checkpointer | None = None
         super().__init__(path, busy_timeout, reactor)
 
     def _connect(self) -> sqlite3.Connection:
@@ -362,6 +363,7 @@ class _Writer(_Worker):
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             self._set_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
             # Savepoints' statement journals in memory, not in a temporary
             # file opened and deleted per batch.
             conn.execute("PRAGMA temp_store=MEMORY")
@@ -431,7 +433,7 @@ class _Writer(_Worker):
                 except sqlite3.Error as e:
                     self._abort(conn)
                     return self._everyone_fails(batch, e)
-                self.commits += 1
+                self._committed()
                 return [(d, True, value) for (_, d), value in zip(batch, values, strict=True)]
         return self._run_isolated(conn, batch)
 
@@ -480,8 +482,13 @@ class _Writer(_Worker):
         except sqlite3.Error as e:
             self._abort(conn)
             return self._everyone_fails(batch, e)
-        self.commits += 1
+        self._committed()
         return results
+
+    def _committed(self) -> None:
+        self.commits += 1
+        if self.checkpointer is not None and self.commits % CHECKPOINT_EVERY == 0:
+            self.checkpointer.want()
 
     def _abort(self, conn: sqlite3.Connection) -> None:
         try:
@@ -490,6 +497,78 @@ class _Writer(_Worker):
         except sqlite3.Error:
             # The connection is unusable: reconnect for the next batch.
             self._drop_connection()
+
+
+class _Checkpointer:
+    """
+    Copies the write-ahead log back into the database file on a thread and
+    connection of its own (``wal_checkpoint(PASSIVE)``: beside the writer,
+    never blocking it), when the writer says the log has grown
+    (``CHECKPOINT_EVERY`` commits) and once a second.
+
+    Left to SQLite, the checkpoint runs inside whichever ``COMMIT`` finds the
+    log past ``wal_autocheckpoint`` pages: with 100 KB messages that is one
+    commit in a hundred or so stopping every session waiting on it while
+    16 MB are copied and the database fsync'd.  The writer keeps a larger
+    automatic checkpoint only as a bound on the log should this thread fall
+    behind.
+    """
+
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._wanted = threading.Event()
+        self._stopping = False
+        self.checkpoints = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"mailhub-sqlite-checkpointer {path}", daemon=True
+        )
+        self._thread.start()
+
+    def want(self) -> None:
+        """Ask for a checkpoint soon (any thread)."""
+        self._wanted.set()
+
+    def stop(self) -> None:
+        """End the thread after the checkpoint it may be running (any thread)."""
+        self._stopping = True
+        self._wanted.set()
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._stopping:
+                self._wanted.wait(1.0)
+                self._wanted.clear()
+                if self._stopping:
+                    break
+                try:
+                    if conn is None:
+                        if not os.path.exists(self._path):
+                            continue
+                        conn = sqlite3.connect(
+                            self._path, timeout=self._busy_timeout, isolation_level=None,
+                            check_same_thread=False,
+                        )
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
+                except sqlite3.Error:
+                    # The writer reports what is wrong with the database; a
+                    # checkpoint is retried on the next round.
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+#: Commits between the writer's requests for a checkpoint.
+CHECKPOINT_EVERY = 100
+
+#: The writer's own automatic checkpoint, in pages: only a bound on the log
+#: if the checkpointer falls behind (64 MB with 16 KB pages).
+WAL_AUTOCHECKPOINT = 4000
 
 
 class _Reader(_Worker):
@@ -583,6 +662,7 @@ class SqliteSpoolStore:
         :param clock: an ``IReactorTime`` for ``counts()``; the reactor by default.
         """
         writer = _Writer(path, busy_timeout, reactor)
+        writer.checkpointer = _Checkpointer(path, busy_timeout)
         reader = _Reader(path, busy_timeout, reactor)
         return cls(writer, reactor if clock is None else clock, reader, _id_maker())
 
@@ -979,6 +1059,8 @@ class SqliteSpoolStore:
         return self._read(job)
 
     def close(self) -> Deferred[None]:
+        if self._writer.checkpointer is not None:
+            self._writer.checkpointer.stop()
         stopped = gatherResults([self._writer.stop(), self._reader.stop()])
         return stopped.addCallback(lambda _: None)
 
