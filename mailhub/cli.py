@@ -186,8 +186,7 @@ async def _wake_local_nodes(store: Any, now: float, heartbeat_seconds: float, ou
     """
     import socket
 
-    from mailhub.interfaces import INodeRegistry
-    from mailhub.service import WAKE_SIGNAL
+    from mailhub.interfaces import WAKE_SIGNAL, INodeRegistry
 
     registry = INodeRegistry(store, None)
     if registry is None:
@@ -196,17 +195,19 @@ async def _wake_local_nodes(store: Any, now: float, heartbeat_seconds: float, ou
     # Only a process that said, in a recent heartbeat, that it handles the
     # signal: its default action ends a process, and a pid is reused.
     recent = now - DOWN_AFTER_HEARTBEATS * heartbeat_seconds
-    pids = {
-        n["info"]["pid"]
-        for n in await registry.nodes(now)
-        if n["info"].get("host") == host
-        and isinstance(n["info"].get("pid"), int)
-        and n["info"].get("wake_signal") == int(WAKE_SIGNAL)
-        and (n["last_seen"] or 0) >= recent
-    }
+    pids: dict[int, float] = {}
+    for n in await registry.nodes(now):
+        pid, seen = n["info"].get("pid"), n["last_seen"] or 0
+        if (
+            n["info"].get("host") == host
+            and isinstance(pid, int)
+            and n["info"].get("wake_signal") == int(WAKE_SIGNAL)
+            and seen >= recent
+        ):
+            pids[pid] = max(seen, pids.get(pid, 0))
     woken = 0
-    for pid in sorted(pids):
-        if not _is_hub_process(pid):
+    for pid, seen in sorted(pids.items()):
+        if not _is_hub_process(pid, seen):
             continue
         try:
             os.kill(pid, WAKE_SIGNAL)
@@ -217,15 +218,28 @@ async def _wake_local_nodes(store: Any, now: float, heartbeat_seconds: float, ou
         out.write(f"woke {woken} hub process{'es' if woken > 1 else ''} on this host\n")
 
 
-def _is_hub_process(pid: int) -> bool:
-    """Whether ``pid`` runs mailhub, where ``/proc`` tells (else trust the heartbeat)."""
+def _is_hub_process(pid: int, last_seen: float) -> bool:
+    """
+    Whether ``pid`` is still the mailhub process whose heartbeat was seen at
+    ``last_seen``, where ``/proc`` tells (else the heartbeat is trusted): its
+    command line names mailhub, and it started before that heartbeat (a pid
+    taken over since by another process did not).
+    """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"mailhub" in f.read()
+            if b"mailhub" not in f.read():
+                return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
     except FileNotFoundError:
-        return os.path.isdir("/proc/self") is False
-    except OSError:
+        return not os.path.isdir("/proc/self")
+    except (OSError, ValueError, IndexError, StopIteration):
         return False
+    started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    # btime is whole seconds: allow for its rounding.
+    return started <= last_seen + 1.0
 
 
 #: A node is DOWN when it has missed this many heartbeats.
@@ -392,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sink_args = ["--listen", args.listen] + (["--maildir", args.maildir] if args.maildir else [])
         return sink_main(sink_args) or 0
     try:
-        config = load(args.config)
+        # status reads the nodes' web endpoints; the others listen on nothing.
+        config = load(args.config, endpoints=args.command == "status")
     except ConfigError as e:
         sys.stderr.write(f"{e}\n")
         return 2

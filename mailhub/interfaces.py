@@ -15,6 +15,8 @@ the reactor a plugin is given): no plugin reads the wall clock itself.
 
 from __future__ import annotations
 
+import signal
+
 from zope.interface import Attribute, Interface
 
 __all__ = [
@@ -183,6 +185,13 @@ class ISpoolStore(Interface):
 
     def close():
         """Release resources; fires when done.  No other method is called after."""
+
+
+#: The signal a hub process run by ``twistd mailhub`` answers by scanning its
+#: spool at once; its nodes' heartbeats then carry ``"wake_signal"`` with its
+#: number, and ``mailhub queue flush``/``release`` send it to such processes on
+#: their host (``mailhub.service.install_wake_signal``).
+WAKE_SIGNAL = signal.SIGUSR2
 
 
 class INodeRegistry(Interface):

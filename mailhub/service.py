@@ -19,6 +19,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from mailhub.config import HubConfig
+from mailhub.interfaces import WAKE_SIGNAL
 from mailhub.model import Route
 from mailhub.node import Node
 from mailhub.plugin import load_plugin
@@ -26,8 +27,6 @@ from mailhub.smtp.tls import server_tls_options
 
 __all__ = ["WAKE_SIGNAL", "HubService", "install_wake_signal", "makeHubService"]
 
-#: The signal that makes a running hub scan its spool now.
-WAKE_SIGNAL = signal.SIGUSR2
 
 
 class HubService(MultiService):

@@ -503,3 +503,34 @@ def test_hub_wake_wakes_every_node_engine() -> None:
         node.engine.wake = lambda name=name: woken.append(name)  # type: ignore[method-assign]
     hub.wake()
     assert sorted(woken) == ["dallas", "losangeles"]
+
+
+def test_a_pid_taken_over_after_the_heartbeat_is_not_the_hub():
+    """
+    The CLI signals a pid only if that process started before the heartbeat
+    that named it: a hub that died and whose pid went to a new process
+    (even one with "mailhub" in its command line) is left alone.
+    """
+    from mailhub.cli import _is_hub_process
+
+    canary = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)  # mailhub canary"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while b"canary" not in Path(f"/proc/{canary.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the canary never started"
+            time.sleep(0.01)
+        now = time.time()
+        assert _is_hub_process(canary.pid, now + 5)
+        # A heartbeat from before the canary started names some earlier process.
+        assert not _is_hub_process(canary.pid, now - 600)
+    finally:
+        canary.kill()
+        canary.wait()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert not _is_hub_process(sleeper.pid, time.time() + 5)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
