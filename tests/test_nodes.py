@@ -17,16 +17,17 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from zope.interface import implementer
 
 from mailhub.config import parse
 from mailhub.interfaces import ISpoolStore
-from mailhub.model import Address, Envelope
+from mailhub.model import Address, Envelope, Reply
 from mailhub.node import Node
 from mailhub.plugins.memory_store import MemorySpoolStore
 from mailhub.plugins.sqlite_store import plugin as sqlite_plugin
 from mailhub.plugins.standard_policy import StandardPolicy
+from mailhub.testing.fakes import ScriptedTransport
 
 CONFIG = b"""
 [hub]
@@ -110,6 +111,53 @@ def test_store_without_registry_gets_no_heartbeats() -> None:
     node = make_node(StoreWithoutRegistry(), Clock())
     with pytest.raises(KeyError):
         node.getServiceNamed("heartbeat")
+
+
+# -- the first attempt of a message for a route known to be down -------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_for_a_down_route_costs_the_sqlite_store_one_commit(tmp_path: Path) -> None:
+    """
+    Over the sqlite store, a node whose route was just refused stores the
+    next message for it with its first attempt decided in one transaction:
+    deferred to the other node about ten minutes on, the attempt logged
+    under the entry's id, nothing sent.
+    """
+    route = "smtp:127.0.0.1:2500"
+    store = sqlite_plugin.make({"path": "spool.db", "config_dir": str(tmp_path)}, reactor)
+    node = make_node(store, reactor)
+    transport = ScriptedTransport(lambda entry, message: Reply(421, "4.4.1", "Connection refused"))
+    node._transports = {route: transport}
+    node.engine.startService()
+    alice = Address("alice", "example.com")
+
+    def envelope() -> Envelope:
+        return Envelope(Address("s", "outside.example"), (alice,), received_at=reactor.seconds())
+
+    try:
+        first = await node.receive(envelope(), b"x\r\n")
+        for _ in range(500):
+            if await store.attempts(first):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert node.engine.throttle(route).down
+        before = store.commits
+        received = reactor.seconds()
+        second = await node.receive(envelope(), b"y\r\n")
+        assert store.commits - before == 1
+        assert node.engine.in_flight == 0  # no attempt left to record
+        assert len(transport.deliveries) == 1
+        entry = await store.get(second)
+        assert entry is not None and entry.attempts == 1 and entry.node == "losangeles"
+        assert 540 <= entry.next_attempt - received <= 660
+        [attempt] = await store.attempts(second)
+        assert attempt.entry_id == second and attempt.node == "dallas"
+        assert [(a, r.code, r.enhanced) for a, r in attempt.replies] == [(alice, 451, "4.4.1")]
+        assert await store.body(entry.message_id) == b"y\r\n"
+    finally:
+        await node.engine.stopService()
+        await store.close()
 
 
 # -- mailhub nodes -----------------------------------------------------------

@@ -441,6 +441,103 @@ async def test_read_after_a_write_fired_sees_it(store: SqliteSpoolStore) -> None
             await store.body(entry.message_id)
 
 
+class HeldReader:
+    """
+    The store's reader held inside a batch of its own, in a read transaction
+    that began before ``hold`` returned: reads submitted meanwhile queue up
+    and are taken together as the next batch once ``let_go`` is awaited.
+    """
+
+    def __init__(self, store: SqliteSpoolStore, trace: list[str] | None = None) -> None:
+        self._started, self._gate = threading.Event(), threading.Event()
+        self._trace = trace
+
+        def block(conn: sqlite3.Connection) -> bool:
+            # A snapshot taken now, before the writes the test makes next.
+            conn.execute("SELECT count(*) FROM messages").fetchone()
+            self._started.set()
+            released = self._gate.wait(10)
+            if self._trace is not None:
+                conn.set_trace_callback(self._trace.append)
+            return released
+
+        self._blocker = store._read(block)
+        assert self._started.wait(10)
+
+    async def let_go(self) -> None:
+        self._gate.set()
+        assert await self._blocker is True
+
+
+async def message_id_of(store: SqliteSpoolStore, entry_id: str) -> str:
+    """The entry's message id, asked of the writer (the reader may be held)."""
+    row = await store.run(
+        lambda conn: conn.execute("SELECT message_id FROM entries WHERE id = ?", (entry_id,)).fetchone()
+    )
+    return str(row[0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_submitted_together_share_one_read_transaction(store: SqliteSpoolStore) -> None:
+    """
+    Reads submitted in one reactor turn run as one batch in one read
+    transaction (one ``BEGIN`` for them all), and every one of them sees
+    what was committed before it was submitted, even though the reader's
+    previous batch began before those commits.
+    """
+    await store.counts()
+    statements: list[str] = []
+    held = HeldReader(store, statements)
+    bodies = [b"m%d\r\n" % i for i in range(5)]
+    ids = [await enqueue(store, body) for body in bodies]
+    message_ids = [await message_id_of(store, entry_id) for entry_id in ids]
+    reads = (
+        [store.body(m) for m in message_ids]
+        + [store.get(entry_id) for entry_id in ids]
+        + [store.counts(), store.attempts(ids[0])]
+    )
+    untraced = store._read(lambda conn: conn.set_trace_callback(None))
+    await held.let_go()
+    results = await gatherResults(reads)
+    await untraced
+    assert results[:5] == bodies
+    assert [e.id for e in results[5:10]] == ids
+    assert results[10]["entries"] == 5 and results[11] == []
+    # The held batch's COMMIT, then the batch of reads in one transaction.
+    words = [s.split()[0].upper() for s in statements]
+    assert words[0] == "COMMIT"
+    assert words[1] == "BEGIN" and words.count("BEGIN") == 1 and "COMMIT" not in words[1:]
+    assert len(words) - 2 >= len(reads)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_read_fails_alone_in_its_batch(store: SqliteSpoolStore) -> None:
+    """
+    In one batch of reads, a job whose statement fails (``sqlite3.Error``)
+    fails alone with ``StoreUnavailable``, as does a read failing with its
+    own error (a body that is gone: ``KeyError``); the reads after each
+    still run and see the data, and the reader goes on.
+    """
+    first, second = await enqueue(store, b"one\r\n"), await enqueue(store, b"two\r\n")
+    m1, m2 = await message_id_of(store, first), await message_id_of(store, second)
+    held = HeldReader(store)
+    reads = [
+        store.body(m1),
+        store._read(lambda conn: conn.execute("SELECT nonsense FROM nowhere").fetchall()),
+        store.body(m2),
+        store.body("nosuchmessage"),
+        store.get(second),
+    ]
+    await held.let_go()
+    results = await DeferredList(reads, consumeErrors=True)
+    assert [ok for ok, _ in results] == [True, False, True, False, True]
+    assert results[0][1] == b"one\r\n" and results[2][1] == b"two\r\n"
+    assert results[1][1].check(StoreUnavailable) and "nowhere" in results[1][1].getErrorMessage()
+    assert results[3][1].check(KeyError)
+    assert results[4][1].id == second
+    assert await store.body(m1) == b"one\r\n"
+
+
 # -- ids, claims, pages ------------------------------------------------------
 
 

@@ -107,6 +107,26 @@ def attempt_for(lease: Lease, replies: Mapping[Address, Reply], at: float = NOW)
     return Attempt(lease.entry.id, lease.node, at, at + 1, _as_tuple(replies.items()))
 
 
+#: The first attempt of a message for a route known to be down: deferred
+#: without connecting, to losangeles ten minutes later.
+SUSPENDED = Reply(
+    451, "4.4.1", "delivery to smtp:mail.a.example:25 suspended: route down (421 4.4.1 refused)"
+)
+RETRY_AT = NOW + 600
+
+
+def deferred_at_once(recipients: Sequence[Address]) -> tuple[Attempt, Decision]:
+    """
+    ``enqueue_leased``'s ``decided`` for one route: dallas's first attempt,
+    every recipient deferred to losangeles at ``RETRY_AT``, with an
+    ``entry_id`` the store must ignore.
+    """
+    replies = _as_tuple((a, SUSPENDED) for a in recipients)
+    attempt = Attempt("not-the-entry", "dallas", NOW, NOW, replies)
+    retry = decision({a: (Action.RETRY, SUSPENDED) for a in recipients}, RETRY_AT, "losangeles")
+    return attempt, retry
+
+
 class SpoolStoreContract:
     """
     Tests every ``ISpoolStore`` passes.
@@ -466,6 +486,184 @@ class SpoolStoreContract:
         assert await store.enqueue_leased(envelope(), b"x\r\n", {}, "dallas", LEASE) == []
         assert (await store.counts())["entries"] == 0
         assert await store.entries(None, 0, 100) == []
+
+    # -- enqueue_leased with a first attempt already decided --------------
+
+    async def enqueue_decided(
+        self,
+        store: Any,
+        routes: Mapping[str, Sequence[Address]],
+        decided: Sequence[str],
+        lease_seconds: float = LEASE,
+        message: bytes = b"Subject: hi\r\n\r\nhello\r\n",
+    ) -> list[Any]:
+        """
+        ``enqueue_leased`` by dallas, the routes in ``decided`` deferred to
+        losangeles: what it fires with, a ``Lease`` or an ``Entry`` per route
+        (typed ``Any`` for the tests' unpacking).
+        """
+        firsts = {route: deferred_at_once(routes[route]) for route in decided}
+        results: list[Any] = await store.enqueue_leased(
+            envelope(), message, routes, "dallas", lease_seconds, firsts
+        )
+        return results
+
+    @pytest.mark.parametrize("decided_route", [ROUTE_A, ROUTE_B], ids=["first", "second"])
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_leased_gives_the_decided_route_its_entry_in_routes_order(
+        self, store: Any, decided_route: str
+    ) -> None:
+        """
+        A decided route comes back as the ``Entry`` as stored (``get`` gives
+        the same), the others as leases, in the order of ``routes``: the
+        entry has the decision applied (due at its next attempt, for its next
+        node, one attempt, each recipient pending with the deferral's reply)
+        and is not leased; the lease of the other route is as without
+        ``decided``.
+        """
+        routes = {ROUTE_A: [ALICE, BOB], ROUTE_B: [DAVE]}
+        results = await self.enqueue_decided(store, routes, [decided_route])
+        kinds = [Entry, Lease] if decided_route == ROUTE_A else [Lease, Entry]
+        assert [type(r) for r in results] == kinds
+        [entry] = [r for r in results if isinstance(r, Entry)]
+        [lease] = [r for r in results if isinstance(r, Lease)]
+        assert {entry.route, lease.entry.route} == {ROUTE_A, ROUTE_B}
+        assert entry.route == decided_route
+        assert entry.id != lease.entry.id and entry.message_id == lease.entry.message_id
+        assert await store.get(entry.id) == entry
+        assert entry.next_attempt == RETRY_AT and entry.node == "losangeles"
+        assert entry.attempts == 1 and not entry.held
+        assert entry.pending == tuple(routes[decided_route])
+        assert [(r.address, r.state, r.reply) for r in entry.recipients] == [
+            (a, RecipientState.PENDING, SUSPENDED) for a in routes[decided_route]
+        ]
+        assert entry.created == NOW and entry.sender == SENDER
+        assert entry.size == len(b"Subject: hi\r\n\r\nhello\r\n")
+        assert entry.envelope_helo == "client.outside.example" and entry.envelope_client == "192.0.2.7"
+        assert lease.node == "dallas" and lease.expires == NOW + LEASE
+        assert lease.entry.attempts == 0 and lease.entry.next_attempt == NOW
+        assert lease.entry.node == "dallas"
+        assert await store.attempts(lease.entry.id) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_decided_attempt_is_logged_with_the_real_entry_id(self, store: Any) -> None:
+        """
+        The decided entry's log holds exactly the attempt given, under the
+        entry's own id (the ``entry_id`` given is ignored), with its replies.
+        """
+        routes = {ROUTE_A: [ALICE, BOB], ROUTE_B: [DAVE]}
+        attempt, _ = deferred_at_once(routes[ROUTE_A])
+        entry, _ = await self.enqueue_decided(store, routes, [ROUTE_A])
+        assert await store.attempts(entry.id) == [evolve(attempt, entry_id=entry.id)]
+        [logged] = await store.attempts(entry.id)
+        assert logged.entry_id == entry.id and logged.node == "dallas"
+        assert logged.replies == ((ALICE, SUSPENDED), (BOB, SUSPENDED))
+
+    @pytest_twisted.ensureDeferred
+    async def test_decided_entry_is_stored_as_record_leaves_it(self, store: Any) -> None:
+        """
+        The decided entry, its listing and its log are what ``enqueue_leased``
+        without ``decided`` then ``record`` of the same attempt and decision
+        leave for the same message.
+        """
+        routes = {ROUTE_A: [ALICE, BOB]}
+        entry, = await self.enqueue_decided(store, routes, [ROUTE_A])
+        [lease] = await self.enqueue_leased(store, routes)
+        attempt, verdict = deferred_at_once(routes[ROUTE_A])
+        recorded = await store.record(lease, evolve(attempt, entry_id=lease.entry.id), verdict)
+        reference = await store.get(lease.entry.id)
+        assert recorded == reference
+        same = evolve(reference, id=entry.id, message_id=entry.message_id)
+        assert entry == same
+        assert await store.get(entry.id) == same
+        listed = {e.id: e for e in await store.entries(None, 0, 100)}
+        assert listed[entry.id] == same
+        assert [evolve(a, entry_id="") for a in await store.attempts(entry.id)] == [
+            evolve(a, entry_id="") for a in await store.attempts(lease.entry.id)
+        ]
+
+    @pytest_twisted.ensureDeferred
+    async def test_decided_entry_is_due_at_its_next_attempt_for_its_next_node(
+        self, store: Any
+    ) -> None:
+        """
+        Nobody claims a decided entry before the decision's next attempt, by
+        due time or by id; then its next node does, and the node that accepted
+        it only after the takeover, as for a deferral ``record`` stored.
+        """
+        routes = {ROUTE_A: [ALICE], ROUTE_B: [DAVE]}
+        first, second = await self.enqueue_decided(store, routes, [ROUTE_A, ROUTE_B])
+        ids = [first.id, second.id]
+        for node in ("dallas", "losangeles"):
+            assert await self.claim(store, node=node, now=RETRY_AT - 1) == []
+            assert await self.claim(store, node=node, now=RETRY_AT - 1, ids=ids) == []
+        assert await store.next_due("losangeles", NOW, TAKEOVER) == RETRY_AT
+        assert await store.next_due("dallas", NOW, TAKEOVER) == RETRY_AT + TAKEOVER
+        assert await self.claim(store, node="dallas", now=RETRY_AT + TAKEOVER - 1, ids=ids) == []
+        [again] = await self.claim(store, node="losangeles", now=RETRY_AT, ids=[first.id])
+        assert again.entry == first
+        [taken] = await self.claim(store, node="dallas", now=RETRY_AT + TAKEOVER, ids=[second.id])
+        assert taken.entry == second
+
+    @pytest_twisted.ensureDeferred
+    async def test_counts_decided_entry_as_not_leased(self, store: Any) -> None:
+        """``counts`` counts the decided entry, its recipients and route, but not as leased."""
+        # A lease long enough to be current whatever the store's clock says.
+        await self.enqueue_decided(
+            store, {ROUTE_A: [ALICE, BOB], ROUTE_B: [DAVE]}, [ROUTE_A], lease_seconds=10.0**10
+        )
+        assert await store.counts() == {
+            "entries": 2,
+            "held": 0,
+            "leased": 1,
+            "recipients": 3,
+            "routes": {ROUTE_A: 1, ROUTE_B: 1},
+        }
+
+    @pytest.mark.parametrize("message", [ODD_MESSAGE, bytes(range(256)) * 1000], ids=["8bit", "large"])
+    @pytest_twisted.ensureDeferred
+    async def test_decided_message_body_lasts_until_both_entries_are_done(
+        self, store: Any, message: bytes
+    ) -> None:
+        """
+        The message is stored with a decided entry: its body stays while
+        either entry is left (the leased one delivered first) and goes with
+        the last.
+        """
+        routes = {ROUTE_A: [ALICE], ROUTE_B: [DAVE]}
+        entry, lease = await self.enqueue_decided(store, routes, [ROUTE_A], message=message)
+        assert await store.body(entry.message_id) == message
+        assert entry.size == len(message)
+        assert await self.deliver_all(store, lease) is None
+        assert await store.body(entry.message_id) == message
+        [again] = await self.claim(store, node="losangeles", now=RETRY_AT)
+        assert await self.deliver_all(store, again, at=RETRY_AT) is None
+        with pytest.raises(KeyError):
+            await store.body(entry.message_id)
+        assert (await store.counts())["entries"] == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_message_with_every_route_decided(self, store: Any) -> None:
+        """
+        With every route decided, ``enqueue_leased`` gives only entries, in
+        the order of ``routes``, none leased, the message stored, each due
+        at its next attempt.
+        """
+        routes = {ROUTE_B: [DAVE], ROUTE_A: [ALICE, BOB]}
+        message = b"Subject: down\r\n\r\nboth\r\n"
+        results = await self.enqueue_decided(store, routes, [ROUTE_A, ROUTE_B], message=message)
+        assert all(isinstance(r, Entry) for r in results)
+        assert [e.route for e in results] == [ROUTE_B, ROUTE_A]
+        assert [e.pending for e in results] == [(DAVE,), (ALICE, BOB)]
+        assert len({e.id for e in results}) == 2 and len({e.message_id for e in results}) == 1
+        for entry in results:
+            assert await store.get(entry.id) == entry
+            assert entry.attempts == 1 and entry.next_attempt == RETRY_AT and entry.node == "losangeles"
+            assert len(await store.attempts(entry.id)) == 1
+        assert await store.body(results[0].message_id) == message
+        counts = await store.counts()
+        assert (counts["entries"], counts["leased"], counts["recipients"]) == (2, 0, 3)
+        assert await store.next_due("losangeles", NOW, TAKEOVER) == RETRY_AT
 
     # -- claim ----------------------------------------------------------
 
@@ -989,6 +1187,20 @@ class NodeRegistryContract:
         by_name = {n["name"]: n for n in await store.nodes(NOW + 1)}
         assert by_name["dallas"]["leased"] == 2
         assert by_name["dallas"]["reserved"] == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_decided_entries_are_reserved_for_their_next_node(self, store: Any) -> None:
+        """
+        Of a message stored with one route decided, the leased entry is held
+        by the accepting node and the decided one reserved for its next node.
+        """
+        routes = {ROUTE_A: [ALICE], ROUTE_B: [DAVE]}
+        await store.enqueue_leased(
+            envelope(), b"x\r\n", routes, "dallas", LEASE, {ROUTE_A: deferred_at_once([ALICE])}
+        )
+        by_name = {n["name"]: n for n in await store.nodes(NOW + 1)}
+        assert (by_name["dallas"]["leased"], by_name["dallas"]["reserved"]) == (1, 0)
+        assert (by_name["losangeles"]["leased"], by_name["losangeles"]["reserved"]) == (0, 1)
 
     @pytest_twisted.ensureDeferred
     async def test_expired_lease_is_no_longer_held(self, store: Any) -> None:
