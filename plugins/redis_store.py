@@ -140,6 +140,8 @@ local function schedule(id, node, nxt, held)
   end
 end
 local function counter(name, by)
+  -- INCRBY refuses the "-0" that Lua makes of -0 (an empty message's size).
+  if by == 0 then return end
   if redis.call('INCRBY', P .. name, by) <= 0 then redis.call('DEL', P .. name) end
 end
 local function drop(id)

@@ -826,6 +826,26 @@ class SqliteSpoolStore:
         return self._read(job)
 
     def record(self, lease: Lease, attempt: Attempt, decision: Decision) -> Deferred[Entry | None]:
+        if not apply_decision(lease.entry, decision).pending:
+            # Every recipient the lease covers is done (the usual case: all
+            # delivered), and only the lease's holder changes recipients, so
+            # the entry goes whatever its row holds: no read, no decoding on
+            # the writer, one statement fewer.
+            entry_id, token, message_id = lease.entry.id, lease.token, lease.entry.message_id
+            logged = lease.entry.attempts > 0
+
+            def remove(conn: sqlite3.Connection) -> None:
+                deleted = conn.execute(
+                    "DELETE FROM entries WHERE id = ? AND lease_token = ?", (entry_id, token)
+                ).rowcount
+                if not deleted:
+                    raise LeaseLost(entry_id)
+                if logged:
+                    conn.execute("DELETE FROM attempts WHERE entry_id = ?", (entry_id,))
+                conn.execute(_DELETE_UNUSED_MESSAGE_SQL, (message_id, message_id))
+
+            return self._writer.submit(remove)
+
         def job(conn: sqlite3.Connection) -> Entry | None:
             row = conn.execute(
                 f"SELECT {_ENTRY_COLUMNS}, lease_token FROM entries WHERE id = ?",
@@ -1110,15 +1130,16 @@ def _attempt_row(attempt: Attempt) -> tuple[Any, ...]:
     )
 
 
+_DELETE_UNUSED_MESSAGE_SQL = (
+    "DELETE FROM messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM entries WHERE message_id = ?)"
+)
+
+
 def _remove(conn: sqlite3.Connection, entry_id: str, message_id: str) -> None:
     """Remove an entry, its attempts, and its message once no entry uses it."""
     conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
     conn.execute("DELETE FROM attempts WHERE entry_id = ?", (entry_id,))
-    conn.execute(
-        "DELETE FROM messages WHERE id = ?"
-        " AND NOT EXISTS (SELECT 1 FROM entries WHERE message_id = ?)",
-        (message_id, message_id),
-    )
+    conn.execute(_DELETE_UNUSED_MESSAGE_SQL, (message_id, message_id))
 
 
 @implementer(IStorePlugin)

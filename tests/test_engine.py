@@ -724,13 +724,6 @@ def test_route_that_is_up_never_gets_decided(reply):
     assert hub.engine.decide_while_down(entry) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "decide_while_down's throttle.suspended() takes the probe, so the leased attempt"
-        " that follows is suspended and the route is never probed by a new message"
-    ),
-)
 def test_first_message_after_probe_seconds_is_the_probe():
     """
     Within ``probe_seconds`` of the attempt that found the route down, new

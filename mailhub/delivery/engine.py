@@ -85,6 +85,7 @@ class DeliveryEngine(Service):
         self._rescan = False
         self._more = False
         self._reserved = 0
+        self._recording = 0
         self._arriving: set[Deferred[None]] = set()
         self.attempts_made = 0
 
@@ -115,6 +116,21 @@ class DeliveryEngine(Service):
 
     # -- scheduling ------------------------------------------------------
 
+    def _room(self) -> int:
+        """
+        How many more entries this node may lease: ``batch`` less those it
+        holds that are waiting for or on their route, or on their way
+        (``reserve``).  Attempts done with their route and only being
+        recorded do not count: the spool's write is not the route's business,
+        and a backlog must not stall behind the writer's latency.
+        """
+        return self._settings.batch - (self.in_flight - self._recording) - self._reserved
+
+    def _refill(self) -> None:
+        """Claim more once half the batch is free, if the last claim left some behind."""
+        if self._more and self._room() >= self._settings.batch // 2:
+            self.wake()
+
     @property
     def in_flight(self) -> int:
         return len(self._active)
@@ -128,7 +144,7 @@ class DeliveryEngine(Service):
 
         :returns: whether the room was kept.
         """
-        if not self.running or self._settings.batch - self.in_flight - self._reserved < count:
+        if not self.running or self._room() < count:
             return False
         self._reserved += count
         return True
@@ -187,7 +203,9 @@ class DeliveryEngine(Service):
             entry is its probe, or the policy wants more than a retry).
         """
         throttle = self._throttles.get(entry.route)
-        if not self.running or throttle is None or not throttle.down or not throttle.suspended():
+        # would_suspend, not suspended: a probe that is due is left to the
+        # entry's own attempt, which takes it.
+        if not self.running or throttle is None or not throttle.would_suspend():
             return None
         now = self._clock.seconds()
         replies = self._suspended_replies(entry, throttle)
@@ -211,7 +229,7 @@ class DeliveryEngine(Service):
 
         :returns: a Deferred firing with the number of entries claimed.
         """
-        room = self._settings.batch - self.in_flight - self._reserved
+        room = self._room()
         if room < len(ids):
             self._more = True
             if room <= 0:
@@ -246,7 +264,7 @@ class DeliveryEngine(Service):
         try:
             while self.running:
                 self._rescan = False
-                room = self._settings.batch - self.in_flight - self._reserved
+                room = self._room()
                 if room <= 0:
                     self._more = True
                     break
@@ -293,8 +311,7 @@ class DeliveryEngine(Service):
 
         def done(result: object) -> None:
             self._active.discard(d)
-            if self._more and self.in_flight <= self._settings.batch // 2:
-                self.wake()
+            self._refill()
 
         d.addErrback(self._attempt_failed, lease)
         d.addBoth(done)
@@ -398,7 +415,12 @@ class DeliveryEngine(Service):
             recovered = True
         if recovered:
             self._route_recovered(entry.route, throttle)
-        await self._conclude(lease, message, replies, started)
+        self._recording += 1
+        self._refill()
+        try:
+            await self._conclude(lease, message, replies, started)
+        finally:
+            self._recording -= 1
 
     def _route_recovered(self, route: str, throttle: RouteThrottle) -> None:
         now = self._clock.seconds()

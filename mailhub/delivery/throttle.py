@@ -129,6 +129,14 @@ class RouteThrottle:
             return False
         return True
 
+    def would_suspend(self) -> bool:
+        """
+        Whether ``suspended`` would now say to skip an attempt, without taking
+        the probe when one is due (``suspended`` does: its ``False`` for a down
+        route makes the caller's attempt the probe).
+        """
+        return self.down and self._clock.seconds() - self._last_try < self._probe
+
     def cancel_waiting(self) -> None:
         """Fail every waiting ``acquire`` with ``CancelledError`` (the node is stopping)."""
         while self._waiting:

@@ -620,7 +620,9 @@ class SpoolStoreContract:
             "routes": {ROUTE_A: 1, ROUTE_B: 1},
         }
 
-    @pytest.mark.parametrize("message", [ODD_MESSAGE, bytes(range(256)) * 1000], ids=["8bit", "large"])
+    @pytest.mark.parametrize(
+        "message", [ODD_MESSAGE, bytes(range(256)) * 1000, b""], ids=["8bit", "large", "empty"]
+    )
     @pytest_twisted.ensureDeferred
     async def test_decided_message_body_lasts_until_both_entries_are_done(
         self, store: Any, message: bytes
