@@ -474,17 +474,17 @@ def heartbeat_infos(hub: HubService) -> dict[str, dict[str, Any]]:
     return {r["name"]: r["info"] for r in rows}
 
 
-def test_an_embedded_hub_advertises_no_wake_signal() -> None:
-    hub = makeHubService(parse(HUB_CONFIG, "hub.toml"), Clock())
+def test_an_embedded_hub_advertises_no_wake_signal(tmp_path: Path) -> None:
+    hub = makeHubService(parse(HUB_CONFIG, str(tmp_path / "hub.toml")), Clock())
     assert isinstance(hub, HubService)
     infos = heartbeat_infos(hub)
     assert set(infos) == {"dallas", "losangeles"}
     assert all("wake_signal" not in info for info in infos.values())
 
 
-def test_a_hub_with_the_signal_installed_advertises_it(restore_wake_signal: None) -> None:
+def test_a_hub_with_the_signal_installed_advertises_it(restore_wake_signal: None, tmp_path: Path) -> None:
     clock = Clock()
-    hub = makeHubService(parse(HUB_CONFIG, "hub.toml"), clock)
+    hub = makeHubService(parse(HUB_CONFIG, str(tmp_path / "hub.toml")), clock)
     assert isinstance(hub, HubService)
     install_wake_signal(hub, clock)
     assert signal.getsignal(WAKE_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
@@ -495,8 +495,8 @@ def test_a_hub_with_the_signal_installed_advertises_it(restore_wake_signal: None
     }
 
 
-def test_hub_wake_wakes_every_node_engine() -> None:
-    hub = makeHubService(parse(HUB_CONFIG, "hub.toml"), Clock())
+def test_hub_wake_wakes_every_node_engine(tmp_path: Path) -> None:
+    hub = makeHubService(parse(HUB_CONFIG, str(tmp_path / "hub.toml")), Clock())
     assert isinstance(hub, HubService)
     woken: list[str] = []
     for name, node in hub.nodes.items():
