@@ -131,7 +131,8 @@ class Node(MultiService):
             # A route known to be down gets its first attempt decided now and
             # stored with the entry, in the same write.
             decided = {}
-            for entry in new_entries(envelope, len(message), routes, self.name or "", "", lambda: ""):
+            down = {route: recipients for route, recipients in routes.items() if engine.route_suspended(route)}
+            for entry in new_entries(envelope, len(message), down, self.name or "", "", lambda: ""):
                 settled = engine.decide_while_down(entry)
                 if settled is not None:
                     decided[entry.route] = settled

@@ -188,6 +188,15 @@ class DeliveryEngine(Service):
         for lease in leases:
             self._dispatch(lease, message)
 
+    def route_suspended(self, route: str) -> bool:
+        """
+        Whether attempts on ``route`` are being deferred without connecting
+        right now (it is down and no probe is due): ``decide_while_down``
+        can only decide for such a route.
+        """
+        throttle = self._throttles.get(route)
+        return bool(self.running) and throttle is not None and throttle.would_suspend()
+
     def decide_while_down(self, entry: Entry) -> tuple[Attempt, Decision] | None:
         """
         The first attempt of a new entry, decided at once if its route is down

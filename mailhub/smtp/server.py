@@ -939,15 +939,15 @@ class SMTPServerProtocol(Protocol):
         self._transport.loseConnection()
 
 
-_last_date: tuple[datetime, str] | None = None
+_last_date: tuple[int, str] | None = None
 
 
 def _date(now: float) -> str:
     """The RFC 5322 date of ``now`` (UTC); one formatting per second of traffic."""
     global _last_date
-    second = datetime.fromtimestamp(now, UTC).replace(microsecond=0)
+    second = int(now // 1)
     if _last_date is None or _last_date[0] != second:
-        _last_date = (second, format_datetime(second))
+        _last_date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
     return _last_date[1]
 
 
