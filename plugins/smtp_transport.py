@@ -122,6 +122,7 @@ from zope.interface import implementer
 
 from mailhub.interfaces import ITransport, ITransportPlugin
 from mailhub.model import Address, Entry, Reply
+from mailhub.netio import write_now
 
 __all__ = ["SMTPClientProtocol", "SMTPTransport", "SMTPTransportPlugin", "plugin", "wire_data"]
 
@@ -224,7 +225,7 @@ class SMTPClientProtocol(Protocol):
         if self.broken:
             return [succeed(self._lost_reply(c.split(b" ", 1)[0].decode(), "")) for c in commands]
         assert self.transport is not None
-        self.transport.write(b"".join(c + b"\r\n" for c in commands))
+        write_now(self.transport, b"".join(c + b"\r\n" for c in commands))
         return [
             self._expect(c.split(b" ", 1)[0].decode("ascii", "replace").upper(), timeout)
             for c in commands
@@ -243,7 +244,7 @@ class SMTPClientProtocol(Protocol):
         if self.broken:
             return succeed(self._lost_reply("end of data", ""))
         assert self.transport is not None
-        self.transport.write(payload)
+        write_now(self.transport, payload)
         return self._expect("end of data", timeout)
 
     def quit(self) -> None:

@@ -38,7 +38,6 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
@@ -53,6 +52,7 @@ from twisted.python.failure import Failure
 
 from mailhub.config import SmtpConfig
 from mailhub.model import Address, AddressError, Envelope, Reply, StoreFull
+from mailhub.netio import send_now as _send_now
 
 __all__ = [
     "ClientLimiter",
@@ -949,36 +949,6 @@ def _date(now: float) -> str:
     if _last_date is None or _last_date[0] != second:
         _last_date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
     return _last_date[1]
-
-
-def _send_now(transport: Any, data: bytes) -> bytes:
-    """
-    Send ``data`` on a plain TCP transport at once if nothing is queued
-    before it; return what is left for the caller to ``write`` as usual (all
-    of it for another transport, TLS, queued output or a socket error, which
-    the transport then meets and reports itself).
-
-    A reply given to ``transport.write`` waits for the next turn of the
-    reactor: register for writability, poll, send, unregister: two
-    ``epoll_ctl`` calls and a loop turn per reply, seven times per message
-    for a client that does not pipeline, the larger part of the reactor's
-    work per message after the kernel's.  Replies are short and the socket's
-    buffer is nearly always empty, so they go out at once.
-    """
-    if (
-        type(transport) is not tcp.Server
-        or transport.TLS
-        or not transport.connected
-        or transport._writeDisconnected
-        or transport.dataBuffer
-        or transport._tempDataBuffer
-    ):
-        return data
-    try:
-        sent = transport.socket.send(data)
-    except OSError:
-        return data
-    return data[sent:]
 
 
 def _header_size(data: bytes | bytearray, lo: int, hi: int) -> int:
