@@ -1016,13 +1016,21 @@ class SqliteSpoolStore:
 
     def flush(self, route: str | None, now: float) -> Deferred[int]:
         def job(conn: sqlite3.Connection) -> int:
-            sql = (
-                "UPDATE entries SET next_attempt = min(next_attempt, :now), node = NULL"
-                " WHERE held = 0 AND NOT (lease_token IS NOT NULL AND next_attempt > :now)"
-            )
+            where = " WHERE held = 0 AND NOT (lease_token IS NOT NULL AND next_attempt > :now)"
             if route is not None:
-                sql += " AND route = :route"
-            return conn.execute(sql, {"now": now, "route": route}).rowcount
+                where += " AND route = :route"
+            params = {"now": now, "route": route}
+            # Rows already due for any node are left as they are: a second
+            # flush (the operator's, then the engine's when the route comes
+            # back) would otherwise rewrite the whole backlog for nothing.
+            conn.execute(
+                "UPDATE entries SET next_attempt = min(next_attempt, :now), node = NULL"
+                + where
+                + " AND (next_attempt > :now OR node IS NOT NULL)",
+                params,
+            )
+            (count,) = conn.execute("SELECT count(*) FROM entries" + where, params).fetchone()
+            return int(count)
 
         return self._writer.submit(job)
 
