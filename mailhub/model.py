@@ -195,6 +195,29 @@ class Route:
         return f"{self.transport}:{self.target}"
 
 
+class CheckedMessage(bytes):
+    """
+    A message as the SMTP server accepted it, with what its checks found:
+    its line ends are all CRLF (no bare CR or LF), and ``dot_lines`` says
+    whether any line starts with a dot.
+
+    It travels with the message to the accepting node's first attempt, so
+    the transport does not scan 100 KB again for what the server already
+    knows (``plugins.smtp_transport.wire_data``).  A message read back from
+    the spool is plain ``bytes`` and is checked afresh.
+    """
+
+    #: Whether any line starts with ".", so that it needs dot-stuffing on
+    #: the wire (True, the safe answer, unless the server said otherwise).
+    dot_lines: bool = True
+
+    @classmethod
+    def of(cls, data: bytes, dot_lines: bool) -> CheckedMessage:
+        message = cls(data)
+        message.dot_lines = dot_lines
+        return message
+
+
 @frozen
 class Envelope:
     """

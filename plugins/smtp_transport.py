@@ -121,7 +121,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailhub.interfaces import ITransport, ITransportPlugin
-from mailhub.model import Address, Entry, Reply
+from mailhub.model import Address, CheckedMessage, Entry, Reply
 from mailhub.netio import write_now
 
 __all__ = ["SMTPClientProtocol", "SMTPTransport", "SMTPTransportPlugin", "plugin", "wire_data"]
@@ -141,16 +141,23 @@ def wire_data(message: bytes) -> bytes:
 
     The message should already have CRLF line ends; any bare CR or LF is made a
     CRLF all the same, since a bare one confuses servers at best and, with a
-    dot next to it, smuggles a second message at worst.
+    dot next to it, smuggles a second message at worst.  A ``CheckedMessage``
+    (the accepting node's first attempt) carries what the SMTP server's
+    checks found, and is not scanned again for it.
     """
-    crlf = message.count(b"\r\n")
-    if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
-        message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    checked = isinstance(message, CheckedMessage)
+    dot_lines = message.dot_lines if isinstance(message, CheckedMessage) else True
+    if not checked:
+        crlf = message.count(b"\r\n")
+        if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
+            message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"
-    if message.startswith(b"."):
-        message = b"." + message
-    return message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    if dot_lines:
+        if message.startswith(b"."):
+            message = b"." + message
+        message = message.replace(b"\r\n.", b"\r\n..")
+    return message + b".\r\n"
 
 
 def parse_reply(code: int, lines: Sequence[bytes]) -> Reply:

@@ -26,7 +26,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
 
 from mailhub.config import SmtpConfig
-from mailhub.model import Address, Envelope, Reply, StoreFull, StoreUnavailable
+from mailhub.model import Address, CheckedMessage, Envelope, Reply, StoreFull, StoreUnavailable
 from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, _send_now, domain_check
 
 HOST = "mx.hub.example"
@@ -728,6 +728,42 @@ def test_dot_stuffing_split_across_chunks_is_unstuffed() -> None:
     s.begin()
     s.send(b"a\r", b"\n.", b".b\r\n.", b"\r\n")
     assert body_of(s.store.received[0][1]) == b"a\r\n.b\r\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "dot_lines"),
+    [
+        (b"Subject: t\r\n\r\nno dot at a line start. a.b\r\n", False),
+        (b"", False),
+        (b"..first line\r\n", True),
+        (b"a\r\n...\r\nb\r\n", True),
+        (b"a\r\n", False),
+    ],
+)
+def test_accepted_message_carries_what_the_checks_found(content: bytes, dot_lines: bool) -> None:
+    """
+    The message handed on is a ``CheckedMessage``: CRLF only, and whether a
+    line starts with a dot, so the first attempt's transport need not scan
+    it again.
+    """
+    s = connect()
+    s.begin()
+    s.send(content + b".\r\n")
+    message = s.store.received[0][1]
+    assert isinstance(message, CheckedMessage)
+    assert message.dot_lines is dot_lines
+    body = body_of(message)
+    assert (body.startswith(b".") or b"\r\n." in body) is dot_lines
+
+
+def test_normalised_message_may_have_dot_lines() -> None:
+    """A bare LF made CRLF can put a dot at a line's start: the server says so."""
+    s = connect(bare_line_endings="normalise")
+    s.begin()
+    s.send(b"a\n.b\r\n.\r\n")
+    message = s.store.received[0][1]
+    assert body_of(message) == b"a\r\n.b\r\n"
+    assert isinstance(message, CheckedMessage) and message.dot_lines
 
 
 # -- DATA: content checks -----------------------------------------------------

@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 
 from mailhub.config import parse
 from mailhub.interfaces import ITransport, ITransportPlugin
-from mailhub.model import Address, Entry, Recipient, RecipientState, Reply
+from mailhub.model import Address, CheckedMessage, Entry, Recipient, RecipientState, Reply
 from mailhub.plugins.smtp_transport import (
     SMTPTransport,
     parse_reply,
@@ -140,6 +140,23 @@ def test_wire_data_stuffs_dots_and_ends_with_crlf_dot_crlf():
     assert wire_data(b".a\r\nb\r\n..c\r\n.\r\n") == b"..a\r\nb\r\n...c\r\n..\r\n.\r\n"
     assert wire_data(b"no final line end") == b"no final line end\r\n.\r\n"
     assert wire_data(b"") == b".\r\n"
+
+
+def test_wire_data_trusts_what_the_server_found():
+    """
+    A ``CheckedMessage`` is not scanned again: without dot lines it goes as
+    it is (even holding what a plain message would have stuffed: the server's
+    word is taken), with them it is stuffed.
+    """
+    plain = b"Subject: t\r\n\r\nbody\r\n"
+    assert wire_data(CheckedMessage.of(plain, dot_lines=False)) == plain + b".\r\n"
+    lying = b"a\r\n.b\r\n"
+    assert wire_data(CheckedMessage.of(lying, dot_lines=False)) == lying + b".\r\n"
+    dotted = b".a\r\n.b\r\n"
+    assert wire_data(CheckedMessage.of(dotted, dot_lines=True)) == b"..a\r\n..b\r\n.\r\n"
+    assert wire_data(CheckedMessage.of(b"", dot_lines=False)) == b".\r\n"
+    # Plain bytes are checked as before.
+    assert wire_data(lying) == b"a\r\n..b\r\n.\r\n"
 
 
 def test_wire_data_makes_bare_cr_and_lf_crlf():

@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailhub.config import SmtpConfig
-from mailhub.model import Address, AddressError, Envelope, Reply, StoreFull
+from mailhub.model import Address, AddressError, CheckedMessage, Envelope, Reply, StoreFull
 from mailhub.netio import send_now as _send_now
 
 __all__ = [
@@ -766,6 +766,9 @@ class SMTPServerProtocol(Protocol):
         # exactly when the three counts agree (CRLFs cannot overlap).
         # Single-octet counts are fast; the regex _BARE_LINE_END is ten
         # times slower, so it only runs to normalise.
+        # A line starts with a dot only if the client stuffed one, or a bare
+        # line end made CRLF below put one at a line's start.
+        dot_lines = self._stuffed
         lf = data.count(b"\n", lo, hi)
         if data.count(b"\r", lo, hi) != lf or data.count(b"\r\n", lo, hi) != lf:
             if not self._normalise:
@@ -775,6 +778,7 @@ class SMTPServerProtocol(Protocol):
             with memoryview(data) as view:
                 data = _BARE_LINE_END.sub(b"\r\n", view[lo:hi])
             lo, hi = 0, len(data)
+            dot_lines = True
         n = self._limits.max_data_line_length
         if _has_long_line(data, lo, hi, n):
             self._reset_transaction()
@@ -788,7 +792,9 @@ class SMTPServerProtocol(Protocol):
         now = self._clock.seconds()
         local_id = f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
         with memoryview(data) as view:
-            message = b"".join((self._received_header(local_id, now), view[lo:hi]))
+            message = CheckedMessage.of(
+                b"".join((self._received_header(local_id, now), view[lo:hi])), dot_lines
+            )
         envelope = Envelope(
             self._sender,
             self._recipients,  # type: ignore[arg-type]  # attrs converter=tuple
