@@ -221,9 +221,10 @@ async def _wake_local_nodes(store: Any, now: float, heartbeat_seconds: float, ou
 def _is_hub_process(pid: int, last_seen: float) -> bool:
     """
     Whether ``pid`` is still the mailhub process whose heartbeat was seen at
-    ``last_seen``, where ``/proc`` tells (else the heartbeat is trusted): its
-    command line names mailhub, and it started before that heartbeat (a pid
-    taken over since by another process did not).
+    ``last_seen``: its command line names mailhub, and it started before
+    that heartbeat (a pid taken over since by another process did not).
+    Without ``/proc`` to tell, no: the signal's default action would end
+    whatever process holds the pid now.
     """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -233,8 +234,6 @@ def _is_hub_process(pid: int, last_seen: float) -> bool:
             ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
         with open("/proc/stat", "rb") as f:
             boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-    except FileNotFoundError:
-        return not os.path.isdir("/proc/self")
     except (OSError, ValueError, IndexError, StopIteration):
         return False
     started = boot + ticks / os.sysconf("SC_CLK_TCK")

@@ -130,12 +130,20 @@ class Node(MultiService):
         if n and engine.reserve(n):
             # A route known to be down gets its first attempt decided now and
             # stored with the entry, in the same write.
-            decided = {}
-            down = {route: recipients for route, recipients in routes.items() if engine.route_suspended(route)}
-            for entry in new_entries(envelope, len(message), down, self.name or "", "", lambda: ""):
-                settled = engine.decide_while_down(entry)
-                if settled is not None:
-                    decided[entry.route] = settled
+            try:
+                decided = {}
+                down = {route: rcpts for route, rcpts in routes.items() if engine.route_suspended(route)}
+                for entry in new_entries(envelope, len(message), down, self.name or "", "", lambda: ""):
+                    settled = engine.decide_while_down(entry)
+                    if settled is not None:
+                        decided[entry.route] = settled
+                d = self._store.enqueue_leased(
+                    envelope, message, routes, self.name, self.config.delivery.lease_seconds, decided or None
+                )
+            except BaseException:
+                # A policy or store that raises here must not keep the room.
+                engine.unreserve(n)
+                raise
 
             def stored(results: list[Lease | Entry]) -> str:
                 engine.attempt_leased([r for r in results if isinstance(r, Lease)], message, n)
@@ -149,9 +157,6 @@ class Node(MultiService):
                 engine.unreserve(n)
                 return f
 
-            d = self._store.enqueue_leased(
-                envelope, message, routes, self.name, self.config.delivery.lease_seconds, decided or None
-            )
             d.addCallbacks(stored, failed)
             engine.expect(d)
             return d

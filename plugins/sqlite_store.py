@@ -299,9 +299,13 @@ class _Worker:
                         ]
                     self._fire(results)
         finally:
+            self._before_close()
             if self._conn is not None:
                 self._conn.close()
             self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _before_close(self) -> None:
+        """On the worker's thread, once its last job has run, before its connection closes."""
 
     def _run_batch(
         self, batch: list[tuple[_Job, Deferred[Any]]]
@@ -485,6 +489,14 @@ class _Writer(_Worker):
         self._committed()
         return results
 
+    def _before_close(self) -> None:
+        # The checkpointer's connection goes first (waited for here, not on
+        # the reactor thread), so the writer's close is the database's last
+        # and folds the log back in.
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
+            self.checkpointer.join(self._busy_timeout + 5.0)
+
     def _committed(self) -> None:
         self.commits += 1
         if self.checkpointer is not None and self.commits % CHECKPOINT_EVERY == 0:
@@ -534,6 +546,10 @@ class _Checkpointer:
         self._stopping = True
         self._wanted.set()
 
+    def join(self, timeout: float) -> None:
+        """Wait for the thread to end (never on the reactor thread)."""
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
         try:
@@ -544,7 +560,7 @@ class _Checkpointer:
                     break
                 try:
                     if conn is None:
-                        if not os.path.exists(self._path):
+                        if self._stopping or not os.path.exists(self._path):
                             continue
                         conn = sqlite3.connect(
                             self._path, timeout=self._busy_timeout, isolation_level=None,
@@ -662,8 +678,9 @@ class SqliteSpoolStore:
         :param clock: an ``IReactorTime`` for ``counts()``; the reactor by default.
         """
         writer = _Writer(path, busy_timeout, reactor)
-        writer.checkpointer = _Checkpointer(path, busy_timeout)
         reader = _Reader(path, busy_timeout, reactor)
+        # Last, so that nothing above can fail and leave its thread running.
+        writer.checkpointer = _Checkpointer(path, busy_timeout)
         return cls(writer, reactor if clock is None else clock, reader, _id_maker())
 
     @property
@@ -1087,8 +1104,6 @@ class SqliteSpoolStore:
         return self._read(job)
 
     def close(self) -> Deferred[None]:
-        if self._writer.checkpointer is not None:
-            self._writer.checkpointer.stop()
         stopped = gatherResults([self._writer.stop(), self._reader.stop()])
         return stopped.addCallback(lambda _: None)
 

@@ -599,6 +599,23 @@ def test_leases_arriving_after_the_engine_stopped_are_released():
     assert len(leases) == 2 and first_id in [lease.entry.id for lease in leases]
 
 
+def test_store_raising_at_once_gives_the_room_back():
+    """
+    A store (or policy) that raises before ``enqueue_leased`` returns must
+    not keep the room reserved for the message: the engine's batch would
+    shrink for good.
+    """
+    hub = OneNode()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("store bug")
+
+    hub.store.enqueue_leased = broken
+    with pytest.raises(RuntimeError):
+        hub.node.receive(Envelope(SENDER, (A,), received_at=hub.clock.seconds()), MESSAGE)
+    assert hub.engine._reserved == 0
+
+
 def test_stopping_waits_for_leases_on_their_way_and_their_release():
     """
     Stopping the engine waits for leases still coming from the store and for

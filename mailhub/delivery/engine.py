@@ -221,11 +221,11 @@ class DeliveryEngine(Service):
         decision = self._policy.decide(entry, replies, now, self.node)
         if decision.next_attempt is None or any(o.action is not Action.RETRY for o in decision.outcomes):
             return None
-        self.attempts_made += 1
         return Attempt("", self.node, now, now, tuple((a, replies[a]) for a in entry.pending)), decision
 
     def decided_stored(self, entry: Entry, attempt: Attempt, decision: Decision) -> None:
-        """An entry stored with its first attempt already decided: log that attempt."""
+        """An entry stored with its first attempt already decided: count and log that attempt."""
+        self.attempts_made += 1
         self._log_attempt(entry, decision, attempt.finished)
 
     def kick(self, ids: Sequence[str], message: bytes | None = None) -> Deferred[int]:
