@@ -56,9 +56,12 @@ class HubService(MultiService):
             node.setServiceParent(self)
 
     def wake(self) -> None:
-        """Have every node's engine scan the spool now (after ``mailhub queue flush``)."""
+        """
+        Have every node's engine try its due entries now, after ``mailhub
+        queue flush``/``release``: also those of a route it saw down.
+        """
         for node in self.nodes.values():
-            node.engine.wake()
+            node.engine.retry_now()
 
     def stopService(self) -> Deferred[Any]:
         return ensureDeferred(self._stop())

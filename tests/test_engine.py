@@ -789,6 +789,30 @@ def test_route_up_again_after_its_probe_is_no_longer_decided():
     assert hub.entry(entry_id).attempts == 0
 
 
+def test_operator_retry_tries_entries_of_a_route_seen_down():
+    """
+    After ``mailhub queue flush`` (``retry_now``) the entries of a route this
+    node saw down are really tried, all of them, not deferred without
+    connecting until ``probe_seconds`` pass (each for another retry interval).
+    """
+    hub = OneNode()
+    route_down(hub)
+    ids: list[str] = []
+    for _ in range(3):
+        env = Envelope(SENDER, (A,), received_at=hub.clock.seconds())
+        hub.store.enqueue(env, MESSAGE, {COM: [A]}, "dallas").addCallback(ids.extend)
+    hub.engine.retry_now()
+    hub.clock.advance(0)
+    # The window restarts small (a quarter, as after a recovery): answer the
+    # attempts as they come.
+    for _ in range(10):
+        hub.answer_all()
+        hub.clock.advance(0)
+    assert sorted(e.id for e, _ in hub.transport.deliveries[1:]) == sorted(ids)
+    assert not hub.engine.throttle(COM).down
+    assert all(hub.entry(i) is None for i in ids)
+
+
 def test_decide_while_down_decides_nothing_once_the_engine_stopped():
     """A stopped engine decides no first attempt, even for a route it saw down."""
     hub = OneNode()

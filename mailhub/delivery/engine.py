@@ -245,6 +245,17 @@ class DeliveryEngine(Service):
                 return succeed(0)
         return ensureDeferred(self._claim(list(ids)[: max(room, 0)], message=message))
 
+    def retry_now(self) -> None:
+        """
+        The operator made entries due (``mailhub queue flush``/``release``):
+        routes this node saw down are tried again rather than deferred
+        without connecting for up to ``probe_seconds`` (each would be
+        deferred another retry interval), and the spool is scanned now.
+        """
+        for throttle in self._throttles.values():
+            throttle.retry_now()
+        self.wake()
+
     def wake(self) -> None:
         """Scan the spool for due entries as soon as possible."""
         if not self.running:

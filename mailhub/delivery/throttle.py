@@ -142,6 +142,17 @@ class RouteThrottle:
         while self._waiting:
             self._waiting[0].cancel()
 
+    def retry_now(self) -> None:
+        """
+        The operator asked for delivery now (``mailhub queue flush``): stop
+        deferring without connecting, and start again at a quarter of the
+        window, as after a recovery.  If the route is still down, the next
+        failures say so again.
+        """
+        if self.down:
+            self.down = False
+            self.slow_start()
+
     def slow_start(self) -> None:
         """The route just came back: restart the window at a quarter of the maximum."""
         self.window = min(self.window, max(1.0, self.maximum / 4))
