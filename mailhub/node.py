@@ -18,7 +18,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from mailhub import __version__
@@ -26,7 +25,7 @@ from mailhub.config import HubConfig
 from mailhub.delivery.dsn import build_dsn
 from mailhub.delivery.engine import DeliveryEngine
 from mailhub.interfaces import IDeliveryPolicy, INodeRegistry, ISpoolStore, ITransport
-from mailhub.model import Address, Entry, Envelope, Lease, Outcome, Route, new_entries
+from mailhub.model import Address, Entry, Envelope, Outcome, Route
 from mailhub.plugin import load_plugin
 from mailhub.smtp.recipients import recipient_validation
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
@@ -115,60 +114,13 @@ class Node(MultiService):
 
     def receive(self, envelope: Envelope, message: bytes) -> Deferred[str]:
         """
-        Spool an accepted message (one entry per route), then try it at once.
-
-        When the engine has room, the entries are stored already leased to
-        this node (``ISpoolStore.enqueue_leased``: one write, no claim) and
-        the attempts start with the message this node holds.
+        Spool an accepted message (one entry per route) and try it at once
+        (``DeliveryEngine.accept``).
 
         :returns: a Deferred firing with the first entry id once the spool has
             the message durably; it fails if the store could not take it.
         """
-        routes = routes_for(self.config, envelope.recipients)
-        engine = self.engine
-        n = len(routes)
-        if n and engine.reserve(n):
-            # A route known to be down gets its first attempt decided now and
-            # stored with the entry, in the same write.
-            try:
-                decided = {}
-                down = {route: rcpts for route, rcpts in routes.items() if engine.route_suspended(route)}
-                for entry in new_entries(envelope, len(message), down, self.name or "", "", lambda: ""):
-                    settled = engine.decide_while_down(entry)
-                    if settled is not None:
-                        decided[entry.route] = settled
-                d = self._store.enqueue_leased(
-                    envelope, message, routes, self.name, self.config.delivery.lease_seconds, decided or None
-                )
-            except BaseException:
-                # A policy or store that raises here must not keep the room.
-                engine.unreserve(n)
-                raise
-
-            def stored(results: list[Lease | Entry]) -> str:
-                engine.attempt_leased([r for r in results if isinstance(r, Lease)], message, n)
-                for r in results:
-                    if isinstance(r, Entry):
-                        engine.decided_stored(r, *decided[r.route])
-                first = results[0]
-                return first.entry.id if isinstance(first, Lease) else first.id
-
-            def failed(f: Failure) -> Failure:
-                engine.unreserve(n)
-                return f
-
-            d.addCallbacks(stored, failed)
-            engine.expect(d)
-            return d
-
-        def spooled(ids: list[str]) -> str:
-            if engine.running:
-                engine.kick(ids, message).addErrback(
-                    lambda f: self.log.failure("immediate attempt of {ids} failed", f, ids=ids)
-                )
-            return ids[0]
-
-        return self._store.enqueue(envelope, message, routes, self.name).addCallback(spooled)
+        return self.engine.accept(envelope, message, routes_for(self.config, envelope.recipients))
 
     def heartbeat(self) -> Deferred[None]:
         """

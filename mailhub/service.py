@@ -4,10 +4,11 @@ The hub as a Twisted service, for ``twistd mailhub`` and for embedding.
 ``makeHubService(config)`` returns an ``IService``: add it to an existing
 application (see ``examples/embed.tac``) and the hub starts and stops with it.
 
-Under ``twistd mailhub`` the hub also answers ``SIGUSR2`` by scanning its
-spool at once (``WAKE_SIGNAL``): ``mailhub queue flush`` and ``release`` send
-it to the nodes running on their host, as ``postqueue -f`` wakes Postfix's
-queue manager, instead of leaving the change to the next periodic scan.
+Under ``twistd mailhub`` the hub also answers ``SIGUSR2`` (``WAKE_SIGNAL``)
+by trying its due entries at once, those of routes it saw down included
+(``HubService.wake``): ``mailhub queue flush`` and ``release`` send it to the
+hub processes on their host, as ``postqueue -f`` wakes Postfix's queue
+manager, instead of leaving the change to the next periodic scan.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from mailhub.config import HubConfig
@@ -26,7 +27,6 @@ from mailhub.plugin import load_plugin
 from mailhub.smtp.tls import server_tls_options
 
 __all__ = ["WAKE_SIGNAL", "HubService", "install_wake_signal", "makeHubService"]
-
 
 
 class HubService(MultiService):
@@ -71,7 +71,7 @@ class HubService(MultiService):
         await self.store.close()
 
 
-def makeHubService(config: HubConfig, reactor: Any = None, nodes: list[str] | None = None) -> IService:
+def makeHubService(config: HubConfig, reactor: Any = None, nodes: list[str] | None = None) -> HubService:
     """
     Build the hub's service from a loaded configuration.
 

@@ -44,8 +44,7 @@ def makeService(options: Options) -> IService:
         raise SystemExit(f"mailhub: {e}")
     from twisted.internet import reactor
 
-    from mailhub.service import HubService, install_wake_signal
+    from mailhub.service import install_wake_signal
 
-    assert isinstance(hub, HubService)
     install_wake_signal(hub, reactor)
     return hub

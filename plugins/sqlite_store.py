@@ -432,13 +432,7 @@ class _Writer(_Worker):
                 if self._conn is None:
                     return self._everyone_fails(batch, StoreUnavailable("spool database: connection lost"))
             else:
-                try:
-                    conn.execute("COMMIT")
-                except sqlite3.Error as e:
-                    self._abort(conn)
-                    return self._everyone_fails(batch, e)
-                self._committed()
-                return [(d, True, value) for (_, d), value in zip(batch, values, strict=True)]
+                return self._commit(conn, batch, [(d, True, v) for (_, d), v in zip(batch, values, strict=True)])
         return self._run_isolated(conn, batch)
 
     def _everyone_fails(
@@ -481,12 +475,23 @@ class _Writer(_Worker):
             else:
                 conn.execute("RELEASE job")
                 results.append((d, True, value))
+        return self._commit(conn, batch, results)
+
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[_Job, Deferred[Any]]],
+        results: list[tuple[Deferred[Any], bool, Any]],
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        """Commit the batch's transaction: ``results`` if it holds, every job failed if not."""
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             self._abort(conn)
             return self._everyone_fails(batch, e)
-        self._committed()
+        self.commits += 1
+        if self.checkpointer is not None and self.commits % CHECKPOINT_EVERY == 0:
+            self.checkpointer.want()
         return results
 
     def _before_close(self) -> None:
@@ -496,11 +501,6 @@ class _Writer(_Worker):
         if self.checkpointer is not None:
             self.checkpointer.stop()
             self.checkpointer.join(self._busy_timeout + 5.0)
-
-    def _committed(self) -> None:
-        self.commits += 1
-        if self.checkpointer is not None and self.commits % CHECKPOINT_EVERY == 0:
-            self.checkpointer.want()
 
     def _abort(self, conn: sqlite3.Connection) -> None:
         try:

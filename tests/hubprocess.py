@@ -118,8 +118,7 @@ class HubProcess:
         return text[-6000:] + err.decode(errors="replace")[-3000:]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "mailhub"), *args[:1], "--config", str(self.config_path), *args[1:]],
-                              capture_output=True, text=True, timeout=60)
+        return mailhub_cli(self.config_path, *args)
 
     async def queue(self) -> list[dict[str, Any]]:
         out = await deferToThread(self.cli, "queue", "list", "--json")
@@ -130,6 +129,12 @@ class HubProcess:
         out = await deferToThread(self.cli, "queue", "show", entry_id, "--json")
         assert out.returncode == 0, out.stderr
         return dict(json.loads(out.stdout))
+
+
+def mailhub_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mailhub COMMAND --config FILE ARGS...`` with the venv's entry point (blocking)."""
+    return subprocess.run([str(BIN / "mailhub"), *args[:1], "--config", str(config), *args[1:]],
+                          capture_output=True, text=True, timeout=60)
 
 
 def _answers(port: int) -> bool:

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 
 from hubprocess import HubProcess, eventually, free_port, hub_config, message, send, sleep
-from mailhub.testing.downstream import DownstreamServer
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +35,6 @@ class Running:
 
     def subjects(self):
         return [m.message.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in self.downstream.messages]
-
-
-@pytest.fixture
-def downstream():
-    server = DownstreamServer(reactor)
-    pytest_twisted.blockon(server.start(port=0))
-    yield server
-    pytest_twisted.blockon(server.stop())
 
 
 @pytest.fixture

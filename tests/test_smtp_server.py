@@ -27,7 +27,8 @@ from twisted.logger import capturedLogs, formatEvent
 
 from mailhub.config import SmtpConfig
 from mailhub.model import Address, CheckedMessage, Envelope, Reply, StoreFull, StoreUnavailable
-from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, _send_now, domain_check
+from mailhub.netio import send_now as _send_now
+from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, domain_check
 
 HOST = "mx.hub.example"
 DOMAINS = ("example.com", "Example.ORG")

@@ -67,14 +67,6 @@ async def eventually(check: Any, timeout: float = 5.0) -> None:
 
 
 @pytest.fixture
-def downstream():
-    server = DownstreamServer(reactor)
-    pytest_twisted.blockon(server.start(port=0))
-    yield server
-    pytest_twisted.blockon(server.stop())
-
-
-@pytest.fixture
 def transports():
     made: list[Any] = []
     yield made

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 
@@ -41,14 +40,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer.start(tmp_path / "redis")
     yield server
     server.stop()
-
-
-@pytest.fixture
-def downstream() -> Iterator[DownstreamServer]:
-    server = DownstreamServer(reactor)
-    pytest_twisted.blockon(server.start(port=0))
-    yield server
-    pytest_twisted.blockon(server.stop())
 
 
 class Sites:

@@ -33,7 +33,17 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
-from hubprocess import BIN, HubProcess, eventually, free_port, hub_config, message, send, sleep
+from hubprocess import (
+    BIN,
+    HubProcess,
+    eventually,
+    free_port,
+    hub_config,
+    mailhub_cli,
+    message,
+    send,
+    sleep,
+)
 from mailhub.config import load, parse
 from mailhub.plugin import load_plugin
 from mailhub.service import WAKE_SIGNAL, HubService, install_wake_signal, makeHubService
@@ -53,12 +63,6 @@ DELIVERY = (
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def mailhub_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``mailhub COMMAND --config FILE ARGS...`` with the venv's entry point."""
-    return subprocess.run([str(BIN / "mailhub"), args[0], "--config", str(config), *args[1:]],
-                          capture_output=True, text=True, timeout=60)
 
 
 async def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -129,14 +133,6 @@ def woke(out: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 # -- real hub processes --------------------------------------------------------
-
-
-@pytest.fixture
-def downstream() -> Iterator[DownstreamServer]:
-    server = DownstreamServer(reactor)
-    pytest_twisted.blockon(server.start(port=0))
-    yield server
-    pytest_twisted.blockon(server.stop())
 
 
 class Hub:

@@ -16,7 +16,7 @@ the policy and the reactor are given to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -34,11 +34,13 @@ from mailhub.model import (
     Attempt,
     Decision,
     Entry,
+    Envelope,
     Lease,
     LeaseLost,
     Outcome,
     Reply,
     StoreUnavailable,
+    new_entries,
 )
 
 __all__ = ["DeliveryEngine"]
@@ -107,7 +109,7 @@ class DeliveryEngine(Service):
     async def _settle(self) -> None:
         """
         Wait for the attempts in flight and for leases still on their way
-        from the store (``expect``): those are given back as they come, and
+        from the store (``accept``): those are given back as they come, and
         the givings back waited for too, so that none is left to expire in a
         store closed after this.
         """
@@ -120,7 +122,7 @@ class DeliveryEngine(Service):
         """
         How many more entries this node may lease: ``batch`` less those it
         holds that are waiting for or on their route, or on their way
-        (``reserve``).  Attempts done with their route and only being
+        (``accept``).  Attempts done with their route and only being
         recorded do not count: the spool's write is not the route's business,
         and a backlog must not stall behind the writer's latency.
         """
@@ -135,46 +137,78 @@ class DeliveryEngine(Service):
     def in_flight(self) -> int:
         return len(self._active)
 
-    def reserve(self, count: int) -> bool:
+    def accept(
+        self, envelope: Envelope, message: bytes, routes: Mapping[str, Sequence[Address]]
+    ) -> Deferred[str]:
         """
-        Keep room for ``count`` first attempts whose leases are on their way
-        (``ISpoolStore.enqueue_leased``), if the engine runs and has that room
-        within ``batch``.  Hand the leases to ``attempt_leased``, or give the
-        room back with ``unreserve`` if they never come.
+        Spool a message this node accepted, one entry per route, and make its
+        first attempt at once.
 
-        :returns: whether the room was kept.
+        With room in ``batch``, the entries are stored already leased to this
+        node (``ISpoolStore.enqueue_leased``: one write, no claim), those of a
+        route known to be down with that first attempt already decided
+        (``decide_while_down``), and the attempts start with the message in
+        hand.  Without room (or with the engine stopped) they are stored
+        reserved for this node, and claimed as room frees up.
+
+        :returns: a Deferred firing with the first entry id once the spool has
+            the message durably; it fails if the store could not take it.
         """
-        if not self.running or self._room() < count:
-            return False
+        count = len(routes)
+        if not count or not self.running or self._room() < count:
+            return self._store.enqueue(envelope, message, routes, self.node).addCallback(self._spooled, message)
+        # The room is kept until the leases come back: other claims must not take it.
         self._reserved += count
-        return True
-
-    def expect(self, stored: Deferred[Any]) -> None:
-        """
-        Leases for room kept by ``reserve`` come with ``stored``: stopping
-        waits for it (and gives them back) rather than let them expire.
-        """
+        try:
+            decided = {}
+            down = {route: rcpts for route, rcpts in routes.items() if self.route_suspended(route)}
+            for entry in new_entries(envelope, len(message), down, self.node, "", lambda: ""):
+                settled = self.decide_while_down(entry)
+                if settled is not None:
+                    decided[entry.route] = settled
+            d = self._store.enqueue_leased(
+                envelope, message, routes, self.node, self._settings.lease_seconds, decided or None
+            )
+        except BaseException:
+            # A policy or store that raises here must not keep the room.
+            self._reserved -= count
+            raise
+        # Stopping waits for these leases, to give them back rather than let
+        # them expire in a store closed after the engine.
         arrived: Deferred[None] = Deferred()
         self._arriving.add(arrived)
+
+        def stored(results: list[Lease | Entry]) -> str:
+            self._reserved -= count
+            self._attempt_leased([r for r in results if isinstance(r, Lease)], message)
+            for r in results:
+                if isinstance(r, Entry):
+                    attempt, decision = decided[r.route]
+                    self.attempts_made += 1
+                    self._log_attempt(r, decision, attempt.finished)
+            first = results[0]
+            return first.entry.id if isinstance(first, Lease) else first.id
+
+        def failed(f: Failure) -> Failure:
+            self._reserved -= count
+            return f
 
         def done(result: object) -> object:
             self._arriving.discard(arrived)
             arrived.callback(None)
             return result
 
-        stored.addBoth(done)
+        return d.addCallbacks(stored, failed).addBoth(done)
 
-    def unreserve(self, count: int) -> None:
-        """Give back room kept by ``reserve``."""
-        self._reserved -= count
+    def _spooled(self, ids: list[str], message: bytes) -> str:
+        if self.running:
+            self.kick(ids, message).addErrback(
+                lambda f: self.log.failure("immediate attempt of {ids} failed", f, ids=ids)
+            )
+        return ids[0]
 
-    def attempt_leased(self, leases: Sequence[Lease], message: bytes | None, reserved: int) -> None:
-        """
-        Try entries this node already holds leases on (the accepting node's
-        first attempt), in the room ``reserve`` kept for them.  An engine
-        stopped in the meantime gives the leases back.
-        """
-        self._reserved -= reserved
+    def _attempt_leased(self, leases: Sequence[Lease], message: bytes) -> None:
+        """Try entries this node holds leases on from ``accept``; an engine stopped since gives them back."""
         if not self.running:
             now = self._clock.seconds()
             for lease in leases:
@@ -195,6 +229,8 @@ class DeliveryEngine(Service):
         can only decide for such a route.
         """
         throttle = self._throttles.get(route)
+        # would_suspend, not suspended: a probe that is due is left to the
+        # entry's own attempt, which takes it.
         return bool(self.running) and throttle is not None and throttle.would_suspend()
 
     def decide_while_down(self, entry: Entry) -> tuple[Attempt, Decision] | None:
@@ -211,22 +247,14 @@ class DeliveryEngine(Service):
             ``None``: attempt the entry as usual (the route is up, or this
             entry is its probe, or the policy wants more than a retry).
         """
-        throttle = self._throttles.get(entry.route)
-        # would_suspend, not suspended: a probe that is due is left to the
-        # entry's own attempt, which takes it.
-        if not self.running or throttle is None or not throttle.would_suspend():
+        if not self.route_suspended(entry.route):
             return None
         now = self._clock.seconds()
-        replies = self._suspended_replies(entry, throttle)
+        replies = self._suspended_replies(entry, self._throttles[entry.route])
         decision = self._policy.decide(entry, replies, now, self.node)
         if decision.next_attempt is None or any(o.action is not Action.RETRY for o in decision.outcomes):
             return None
         return Attempt("", self.node, now, now, tuple((a, replies[a]) for a in entry.pending)), decision
-
-    def decided_stored(self, entry: Entry, attempt: Attempt, decision: Decision) -> None:
-        """An entry stored with its first attempt already decided: count and log that attempt."""
-        self.attempts_made += 1
-        self._log_attempt(entry, decision, attempt.finished)
 
     def kick(self, ids: Sequence[str], message: bytes | None = None) -> Deferred[int]:
         """

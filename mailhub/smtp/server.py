@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 
 from mailhub.config import SmtpConfig
 from mailhub.model import Address, AddressError, CheckedMessage, Envelope, Reply, StoreFull
-from mailhub.netio import send_now as _send_now
+from mailhub.netio import write_now
 
 __all__ = [
     "ClientLimiter",
@@ -909,9 +909,7 @@ class SMTPServerProtocol(Protocol):
 
     def _flush(self) -> None:
         if self._out and not self._lost:
-            rest = _send_now(self.transport, b"".join(self._out))
-            if rest:
-                self._transport.write(rest)
+            write_now(self._transport, b"".join(self._out))
         self._out = []
 
     def _restart_timer(self) -> None:
