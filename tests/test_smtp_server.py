@@ -598,7 +598,23 @@ def test_pipelined_input_waits_while_recipient_check_pending() -> None:
     s.send(PIPELINED)
     assert s.codes() == ["250 ENHANCEDSTATUSCODES", "250 2.1.0"]
     assert len(check.pending) == 1
+    # A few pipelined commands wait in the buffer: reading goes on.
+    assert s.transport.producerState == "producing"
+
+
+def test_input_past_the_bound_while_waiting_stops_reading_until_the_reply() -> None:
+    check = SlowCheck()
+    s = connect(check=check)
+    s.send(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<one@example.com>\r\n")
+    assert len(check.pending) == 1
+    s.send(b"NOOP\r\n" * 10000)  # 60,000 octets: under the bound
+    assert s.transport.producerState == "producing"
+    s.send(b"NOOP\r\n" * 1000)
     assert s.transport.producerState == "paused"
+    assert s.codes() == ["250 ENHANCEDSTATUSCODES", "250 2.1.0"]
+    check.answer_all()
+    assert s.transport.producerState == "producing"
+    assert s.codes() == ["250 2.1.5"] + ["250 2.0.0"] * 11000
 
 
 def test_pipelined_replies_stay_in_order_when_checks_fire_later() -> None:

@@ -83,6 +83,8 @@ _log = Logger(namespace="mailhub.smtp.server")
 RELAYING_DENIED = Reply(550, "5.7.1", "Relaying denied")
 
 _END_OF_DATA = b"\r\n.\r\n"
+#: Input held while a reply is awaited before reading stops (see dataReceived).
+_MAX_WAITING_INPUT = 64 * 1024
 _MAIL = re.compile(r"FROM: *<([^<>]*)>(.*)\Z", re.IGNORECASE)
 _RCPT = re.compile(r"TO: *<([^<>]*)>(.*)\Z", re.IGNORECASE)
 _HELO_NAME = re.compile(r"[!-~]+\Z")
@@ -357,6 +359,21 @@ class SMTPServerProtocol(Protocol):
         if self._done:
             return
         self._buffer += data
+        if self._waiting:
+            # A pipelining client may send on while a reply is awaited (the
+            # store's, a recipient check's).  Its input waits in the buffer;
+            # past a bound, reading stops until the reply is written.  (Not
+            # at once: stopping and restarting reading costs two epoll_ctl
+            # calls per message, and a client that is not pipelining sends
+            # nothing while it waits.)
+            if (
+                len(self._buffer) > _MAX_WAITING_INPUT
+                and not self._paused
+                and IPushProducer.providedBy(self._transport)
+            ):
+                self._paused = True
+                self._transport.pauseProducing()
+            return
         # The timers measure from the start of a command (or of DATA), so a
         # client cannot keep a session alive by trickling bytes: only a
         # complete command line, or a complete line of DATA, restarts them.
@@ -885,11 +902,6 @@ class SMTPServerProtocol(Protocol):
             self._process()
 
         d.addBoth(done)
-        if self._waiting and not self._paused:
-            # Fired later: read no more until it does (bounds the buffer).
-            if IPushProducer.providedBy(self._transport):
-                self._paused = True
-                self._transport.pauseProducing()
 
     # -- output and timers ------------------------------------------------
 
