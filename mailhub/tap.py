@@ -44,7 +44,9 @@ def makeService(options: Options) -> IService:
         raise SystemExit(f"mailhub: {e}")
     from twisted.internet import reactor
 
+    from mailhub.memory import keep_freed_memory
     from mailhub.service import install_wake_signal
 
     install_wake_signal(hub, reactor)
+    keep_freed_memory()
     return hub
