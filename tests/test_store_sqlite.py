@@ -21,17 +21,19 @@ from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IStorePlugin
-from mailhub.model import Action, Address, Reply, StoreFull, StoreUnavailable
+from mailhub.model import Action, Address, Lease, Reply, StoreFull, StoreUnavailable
 from mailhub.plugin import load_plugin
 from mailhub.plugins import sqlite_store
 from mailhub.plugins.sqlite_store import CLAIM_IDS_SQL, CLAIM_SQL, SqliteSpoolStore, plugin
 from mailhub.testing.store_contract import (
     NOW,
     ODD_MESSAGE,
+    RETRY_AT,
     NodeRegistryContract,
     SpoolStoreContract,
     attempt_for,
     decision,
+    deferred_at_once,
     envelope,
 )
 
@@ -274,6 +276,13 @@ async def run_in_one_batch(
     ``Failure``, in order): the writer is held in a batch of its own while
     they queue up, so that they are taken together.
     """
+    return await submitted_in_one_batch(store, [lambda job=job: store.run(job) for job in jobs])
+
+
+async def submitted_in_one_batch(
+    store: SqliteSpoolStore, calls: list[Callable[[], Deferred[Any]]]
+) -> list[tuple[bool, Any]]:
+    """``run_in_one_batch`` for store calls: each of ``calls`` submits its writer jobs."""
     started, gate = threading.Event(), threading.Event()
 
     def block(conn: sqlite3.Connection) -> bool:
@@ -282,7 +291,7 @@ async def run_in_one_batch(
 
     blocker = store.run(block)
     assert started.wait(10)
-    submitted = [store.run(job) for job in jobs]
+    submitted = [call() for call in calls]
     gate.set()
     assert await blocker is True
     return await DeferredList(submitted, consumeErrors=True)
@@ -369,6 +378,143 @@ async def test_failing_job_fails_alone_and_its_write_is_undone(
     # The writer goes on as before.
     await enqueue(store)
     assert await table_sizes(store) == (3, 1, 0)
+
+
+# -- enqueue_leased in a batch: one INSERT per table ------------------------
+
+
+def leased_call(
+    store: SqliteSpoolStore,
+    message: bytes,
+    routes: dict[str, list[Address]],
+    decided: dict[str, Any] | None = None,
+) -> Callable[[], Deferred[Any]]:
+    return lambda: store.enqueue_leased(ENVELOPE, message, routes, "dallas", 300, decided)
+
+
+def tracing(statements: list[str], on: bool) -> Callable[[sqlite3.Connection], None]:
+    def job(conn: sqlite3.Connection) -> None:
+        conn.set_trace_callback(statements.append if on else None)
+
+    return job
+
+
+@pytest_twisted.ensureDeferred
+async def test_enqueue_leased_together_is_one_insert_per_table(store: SqliteSpoolStore) -> None:
+    """
+    Messages arriving together are stored by one multi-row INSERT per table
+    (messages, entries, decided attempts), in the batch's one transaction;
+    every message, entry and attempt is there, as each call said.
+    """
+    await store.counts()
+    statements: list[str] = []
+    other = "smtp:mail.b.example:25"
+    bob = Address("bob", "b.example")
+    attempt, retry = deferred_at_once([bob])
+    calls = [lambda: store.run(tracing(statements, True))]
+    for i in range(6):
+        decided = {other: (attempt, retry)} if i % 2 else None
+        calls.append(
+            leased_call(store, b"message %d\r\n" % i, {ROUTE: [ALICE], other: [bob]}, decided)
+        )
+    calls.append(lambda: store.run(tracing(statements, False)))
+    before = store.commits
+    results = await submitted_in_one_batch(store, calls)
+    assert all(ok for ok, _ in results), results
+    assert store.commits - before == 2  # the holding batch, and one for the rest
+    inserts = [s.split(" (")[0] for s in statements if s.startswith("INSERT")]
+    assert inserts == ["INSERT INTO messages", "INSERT INTO entries", "INSERT INTO attempts"]
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()]
+    stored = [value for _, value in results[1:-1]]
+    assert await table_sizes(store) == (6, 12, 3)
+    for i, (first, second) in enumerate(stored):
+        assert isinstance(first, Lease) and first.entry.route == ROUTE
+        assert await store.body(first.entry.message_id) == b"message %d\r\n" % i
+        again = await store.get(first.entry.id)
+        assert again is not None and again.recipients == first.entry.recipients
+        if i % 2:
+            # Decided while down: stored as that attempt left it, with the attempt.
+            assert not isinstance(second, Lease)
+            assert second.next_attempt == RETRY_AT
+            assert [a.replies for a in await store.attempts(second.id)] == [attempt.replies]
+        else:
+            assert isinstance(second, Lease) and second.entry.route == other
+            assert await store.attempts(second.entry.id) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_merged_inserts_keep_their_place_among_other_jobs(store: SqliteSpoolStore) -> None:
+    """A job between two enqueues sees the first one's rows and not the second's."""
+    await store.counts()
+
+    def count(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+    results = await submitted_in_one_batch(
+        store,
+        [
+            leased_call(store, b"one\r\n", {ROUTE: [ALICE]}),
+            leased_call(store, b"two\r\n", {ROUTE: [ALICE]}),
+            lambda: store.run(count),
+            leased_call(store, b"three\r\n", {ROUTE: [ALICE]}),
+            lambda: store.run(count),
+        ],
+    )
+    assert [ok for ok, _ in results] == [True] * 5
+    assert results[2][1] == 2
+    assert results[4][1] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_rows_span_several_insert_statements(store: SqliteSpoolStore) -> None:
+    """
+    More rows than one statement's parameters allow (SQLite's limit before
+    3.32, set here on the writer's connection): split over several
+    statements, all stored, without falling back to one job at a time.
+    """
+    await store.counts()
+    statements: list[str] = []
+
+    def limit(conn: sqlite3.Connection) -> None:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        conn.set_trace_callback(statements.append)
+
+    routes = {f"smtp:mx{i}.example:25": [ALICE] for i in range(100)}
+    results = await submitted_in_one_batch(
+        store,
+        [lambda: store.run(limit)]
+        + [leased_call(store, b"m%d\r\n" % i, routes) for i in range(4)]
+        + [lambda: store.run(tracing(statements, False))],
+    )
+    assert [ok for ok, _ in results] == [True] * 6
+    assert await table_sizes(store) == (4, 400, 0)
+    for _, leases in results[1:-1]:
+        assert [lease.entry.route for lease in leases] == list(routes)
+    entries = [s for s in statements if s.startswith("INSERT INTO entries")]
+    assert len(entries) == 7  # 400 rows of 16 parameters, 62 rows a statement
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_merged_insert_fails_only_its_own_job(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Two messages given the same id: the merged INSERT fails, the batch runs
+    again job by job, and only the second of the two fails; the others are
+    stored.
+    """
+    await store.counts()
+    ids = iter(["m1", "t1", "e1", "m2", "t2", "e2", "m1", "t3", "e3", "m4", "t4", "e4"])
+    monkeypatch.setattr(store, "_new_id", lambda: next(ids))
+    results = await submitted_in_one_batch(
+        store, [leased_call(store, b"m%d\r\n" % i, {ROUTE: [ALICE]}) for i in range(4)]
+    )
+    assert [ok for ok, _ in results] == [True, True, False, True]
+    assert results[2][1].check(StoreUnavailable)
+    assert await message_ids(store) == {"m1", "m2", "m4"}
+    assert await store.body("m1") == b"m0\r\n"
+    assert await table_sizes(store) == (3, 3, 0)
 
 
 # -- reads beside the writer ------------------------------------------------
@@ -472,7 +618,9 @@ class HeldReader:
 async def message_id_of(store: SqliteSpoolStore, entry_id: str) -> str:
     """The entry's message id, asked of the writer (the reader may be held)."""
     row = await store.run(
-        lambda conn: conn.execute("SELECT message_id FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        lambda conn: conn.execute(
+            "SELECT message_id FROM entries WHERE id = ?", (entry_id,)
+        ).fetchone()
     )
     return str(row[0])
 
