@@ -14,6 +14,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 from mailhub.config import DeliveryConfig, parse
 from mailhub.delivery.engine import PREFETCH_MAX_SIZE, DeliveryEngine
+from mailhub.delivery.throttle import READ_AHEAD
 from mailhub.model import Action, Address, Envelope, Reply, StoreUnavailable, new_entries
 from mailhub.node import Node, routes_for
 from mailhub.plugins.memory_store import MemorySpoolStore
@@ -894,22 +895,25 @@ def test_body_of_a_scanned_entry_is_read_while_it_waits_for_its_turn():
     assert hub.store.bodies == [first.message_id, second.message_id]
 
 
-def test_bodies_are_read_ahead_only_for_the_front_of_the_queue():
+def test_bodies_are_read_ahead_only_for_the_next_windows_of_the_queue():
     """
-    With as many attempts waiting as the window is wide, the next entry's
-    body is not read ahead (a whole batch of bodies would sit in memory):
-    it is read when the entry gets its slot.
+    A body is read ahead once its attempt is among the next ``READ_AHEAD``
+    windows to start, not before (a whole batch of bodies would sit in
+    memory): with a window of 1, the fourth entry's is read when the second
+    gets the slot, while the second is being tried.
     """
+    assert READ_AHEAD == 2
     hub = ScanEngine(window=1)
-    first, second, third = hub.spool(), hub.spool(), hub.spool()
-    assert hub.throttle.waiting == 2
-    assert hub.store.bodies == [first.message_id, second.message_id]
+    first, second, third, fourth = hub.spool(), hub.spool(), hub.spool(), hub.spool()
+    assert hub.throttle.waiting == 3
+    assert hub.store.bodies == [first.message_id, second.message_id, third.message_id]
     hub.answer()
     assert hub.tried() == [first.id, second.id]
-    assert hub.store.bodies == [first.message_id, second.message_id]
+    assert hub.store.bodies == [e.message_id for e in (first, second, third, fourth)]
     hub.answer()
-    assert hub.tried() == [first.id, second.id, third.id]
-    assert hub.store.bodies == [first.message_id, second.message_id, third.message_id]
+    hub.answer()
+    assert hub.tried() == [first.id, second.id, third.id, fourth.id]
+    assert hub.store.bodies == [e.message_id for e in (first, second, third, fourth)]
 
 
 @pytest.mark.parametrize(

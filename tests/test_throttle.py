@@ -2,7 +2,7 @@
 
 from twisted.internet.task import Clock
 
-from mailhub.delivery.throttle import RouteThrottle, is_back_pressure
+from mailhub.delivery.throttle import READ_AHEAD, RouteThrottle, is_back_pressure
 from mailhub.model import Reply
 
 OK = Reply(250, "2.0.0", "OK")
@@ -120,3 +120,75 @@ def test_one_episode_of_back_pressure_is_answered_once():
     assert t.window == 6
     assert t.paused_until - clock.seconds() == 1
     assert t.back_pressure == 12
+
+
+def told_acquire(t, told, name):
+    return t.acquire(lambda: told.append(name))
+
+
+def test_soon_is_called_once_an_attempt_is_among_the_next_windows_to_start():
+    t = RouteThrottle(2, Clock())
+    told: list[str] = []
+    ds = [told_acquire(t, told, name) for name in "abcdefghi"]
+    # a, b start; c to f are the next two windows to start; g, h, i wait
+    # further back.
+    assert READ_AHEAD == 2
+    assert [d.called for d in ds] == [True, True] + [False] * 7
+    assert told == list("abcdef")
+    t.release([OK])
+    assert ds[2].called and told == list("abcdefg")
+    t.release([OK])
+    t.release([OK])
+    assert told == list("abcdefghi")
+    # Each once, whatever comes after.
+    for _ in range(6):
+        t.release([OK])
+    assert all(d.called for d in ds)
+    assert told == list("abcdefghi")
+
+
+def test_soon_follows_the_window():
+    clock = Clock()
+    t = RouteThrottle(4, clock, pause=30)
+    told: list[str] = []
+    started(t, 4)
+    for name in "abcdefghijklmnop":
+        told_acquire(t, told, name)
+    assert "".join(told) == "abcdefgh"  # two windows of 4
+    # Back pressure halves the window: the first two windows of 2 are told
+    # already, and no one more while it narrows and slowly widens again.
+    t.release([BUSY])
+    clock.advance(30)
+    t.release([OK])
+    t.release([OK])
+    assert t.window < 3 and t.waiting == 15
+    assert "".join(told) == "abcdefgh"
+    # Wider than 3: the front of the queue moves up into two windows again.
+    t.release([OK])
+    assert int(t.window) == 3 and t.waiting == 13
+    assert "".join(told) == "abcdefghi"
+    while t.waiting:
+        t.release([OK])
+    assert "".join(told) == "abcdefghijklmnop"
+
+
+def test_a_cancelled_waiter_is_not_told_and_frees_its_place():
+    t = RouteThrottle(1, Clock())
+    told: list[str] = []
+    first = told_acquire(t, told, "first")
+    second = told_acquire(t, told, "second")
+    third = told_acquire(t, told, "third")
+    fourth = told_acquire(t, told, "fourth")
+    assert first.called and told == ["first", "second", "third"]
+    second.addErrback(lambda f: None)
+    second.cancel()
+    # Third and fourth are now the next two to start: the fourth is told at
+    # the next turn of the queue.
+    told_acquire(t, told, "fifth").addErrback(lambda f: None)
+    assert told == ["first", "second", "third", "fourth"]
+    for d in (third, fourth):
+        d.addErrback(lambda f: None)
+        d.cancel()
+    t.release([OK])
+    assert told == ["first", "second", "third", "fourth", "fifth"]
+    assert t.active == 1 and t.waiting == 0

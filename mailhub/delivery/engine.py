@@ -410,11 +410,14 @@ class DeliveryEngine(Service):
         entry = lease.entry
         throttle = self.throttle(entry.route)
         body: Deferred[bytes] | None = None
-        if message is None and _prefetch(entry, throttle):
+
+        def read_ahead() -> None:
             # Read the body while the attempt waits for its turn on the route.
+            nonlocal body
             body = self._store.body(entry.message_id)
+
         try:
-            await throttle.acquire()
+            await throttle.acquire(read_ahead if message is None and _prefetch(entry, throttle) else None)
         except CancelledError:
             # Stopping while this entry waited for its turn: give it back.
             _drop(body)
@@ -549,12 +552,13 @@ PREFETCH_MAX_SIZE = 1024 * 1024
 
 def _prefetch(entry: Entry, throttle: RouteThrottle) -> bool:
     """
-    Whether to read an entry's body before its attempt gets its turn: not
-    for a route that is down (the attempt will likely be deferred without
-    it), nor for a large message or one far back in the route's queue (the
-    bodies of a whole batch would sit in memory).
+    Whether to read an entry's body before its attempt gets its turn (once
+    it is among the next ``window`` to start: ``RouteThrottle.acquire``'s
+    ``soon``, so that a window's worth of bodies waits in memory, not a
+    batch's): not for a route that is down (the attempt will likely be
+    deferred without it), nor for a large message.
     """
-    return not throttle.down and entry.size <= PREFETCH_MAX_SIZE and throttle.waiting < throttle.window
+    return not throttle.down and entry.size <= PREFETCH_MAX_SIZE
 
 
 def _drop(body: Deferred[bytes] | None) -> None:
