@@ -28,6 +28,7 @@ from twisted.logger import capturedLogs, formatEvent
 from mailhub.config import SmtpConfig
 from mailhub.model import Address, CheckedMessage, Envelope, Reply, StoreFull, StoreUnavailable
 from mailhub.netio import send_now as _send_now
+from mailhub.smtp import server as server_module
 from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, domain_check
 
 HOST = "mx.hub.example"
@@ -795,6 +796,55 @@ def test_bare_line_endings_are_rejected_554(content: bytes) -> None:
     assert s.store.received == []
 
 
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.binary(max_size=200).map(
+        # Mostly line ends, in every arrangement.
+        lambda raw: bytes(b"\r\nx"[b % 3] for b in raw)
+    ),
+    cut=st.tuples(st.integers(0, 200), st.integers(0, 200)),
+    slice_size=st.sampled_from([1, 2, 3, 7, 32 * 1024]),
+)
+def test_bare_line_end_agrees_with_the_definition(
+    data: bytes, cut: tuple[int, int], slice_size: int
+) -> None:
+    """
+    ``_bare_line_end(data, lo, hi)`` is the regular expression's answer for
+    ``data[lo:hi]``, whatever the range and wherever the comparison's slices
+    fall (slices of 1, 2, 3, 7 octets put their edges on every kind of pair).
+    """
+    lo, hi = sorted(min(c, len(data)) for c in cut)
+    original = server_module._MASK_SLICE
+    server_module._MASK_SLICE = slice_size
+    try:
+        for kind in (bytes, bytearray):
+            assert server_module._bare_line_end(kind(data), lo, hi) == bool(
+                _BARE.search(data[lo:hi])
+            ), (data, lo, hi)
+    finally:
+        server_module._MASK_SLICE = original
+
+
+@pytest.mark.parametrize("position", [0, 1, 32 * 1024 - 1, 32 * 1024, 32 * 1024 + 1, 99_998])
+@pytest.mark.parametrize("octet", [b"\r", b"\n"])
+def test_one_bare_octet_in_100_kb_is_found(position: int, octet: bytes) -> None:
+    """A single bare CR or LF anywhere in a 100 KB message, slice edges included, is a 554."""
+    line = b"x" * 98 + b"\r\n"
+    message = bytearray(line * 1000)
+    # Put the octet on an "x" (move it off a line end).
+    while message[position : position + 1] in (b"\r", b"\n"):
+        position -= 1
+    message[position : position + 1] = octet
+    s = connect(bare_line_endings="reject", max_message_size=10**6)
+    s.begin()
+    s.send(bytes(message) + b".\r\n")
+    assert s.codes() == ["554 5.6.0"]
+    assert s.store.received == []
+
+
 @pytest.mark.parametrize(
     ("content", "normalised"),
     [
@@ -1320,7 +1370,9 @@ class Listener:
     def __init__(self, **limits: Any) -> None:
         self.clock = Clock()
         self.store = Store()
-        self.factory = SMTPFactory(HOST, SmtpConfig(**limits), domain_check(DOMAINS, HOST), self.store, self.clock)
+        self.factory = SMTPFactory(
+            HOST, SmtpConfig(**limits), domain_check(DOMAINS, HOST), self.store, self.clock
+        )
 
     def connect(self, ip: str = CLIENT_IP) -> tuple[SMTPServerProtocol, StringTransport]:
         t = StringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
@@ -1555,7 +1607,9 @@ def _stuff(body: bytes) -> bytes:
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
     stuffed = (b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]
-    return stuffed + b".\r\n" if stuffed.endswith(b"\r\n") or not stuffed else stuffed + b"\r\n.\r\n"
+    return (
+        stuffed + b".\r\n" if stuffed.endswith(b"\r\n") or not stuffed else stuffed + b"\r\n.\r\n"
+    )
 
 
 def _normalised(body: bytes) -> bytes:
@@ -1577,7 +1631,9 @@ def _normalised(body: bytes) -> bytes:
 
 @settings(max_examples=400, deadline=None)
 @given(
-    body=st.lists(st.one_of(st.sampled_from(_PIECES), st.binary(max_size=12)), max_size=25).map(b"".join),
+    body=st.lists(st.one_of(st.sampled_from(_PIECES), st.binary(max_size=12)), max_size=25).map(
+        b"".join
+    ),
     cuts=st.lists(st.integers(0, 2000), max_size=6),
     normalise=st.booleans(),
 )
@@ -1595,7 +1651,11 @@ def test_stored_message_is_exactly_what_was_sent_or_refused_as_documented(
     sent = body if not body or body.endswith(b"\r\n") else body + b"\r\n"
     clean = _normalised(sent)
     lines = clean.split(b"\r\n")
-    header = 0 if clean.startswith(b"\r\n") else (clean.find(b"\r\n\r\n") + 2 if b"\r\n\r\n" in clean else len(clean))
+    header = (
+        0
+        if clean.startswith(b"\r\n")
+        else (clean.find(b"\r\n\r\n") + 2 if b"\r\n\r\n" in clean else len(clean))
+    )
     if len(wire) - 3 > 250:
         expected = "552 5.3.4"
     elif clean != sent and not normalise:
@@ -1649,7 +1709,9 @@ def test_any_input_with_utf8_and_validation_never_relays_or_accepts_unknown(
     from mailhub.smtp.recipients import StaticRecipients
     from mailhub.smtp.server import chain_checks
 
-    known = StaticRecipients(["bob@example.com", "one@example.com", "two@example.com", "jürgen@example.com"])
+    known = StaticRecipients(
+        ["bob@example.com", "one@example.com", "two@example.com", "jürgen@example.com"]
+    )
     check = chain_checks(domain_check(DOMAINS, HOST), known)
     s = connect(check=check, max_line_length=80, max_message_size=300, max_recipients=3)
     stream = b"EHLO c.example\r\n" + b"".join(parts)
@@ -1666,7 +1728,12 @@ def test_any_input_with_utf8_and_validation_never_relays_or_accepts_unknown(
     for envelope, _ in s.store.received:
         assert envelope.recipients
         for r in envelope.recipients:
-            assert str(r).lower() in ("bob@example.com", "one@example.com", "two@example.com", "jürgen@example.com")
+            assert str(r).lower() in (
+                "bob@example.com",
+                "one@example.com",
+                "two@example.com",
+                "jürgen@example.com",
+            )
         assert envelope.smtputf8 or all(str(r).isascii() for r in envelope.recipients)
 
 
