@@ -38,7 +38,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from attrs import define, evolve, frozen
@@ -844,20 +844,10 @@ class SqliteSpoolStore:
             # delivered), and only the lease's holder changes recipients, so
             # the entry goes whatever its row holds: no read, no decoding on
             # the writer, one statement fewer.
-            entry_id, token, message_id = lease.entry.id, lease.token, lease.entry.message_id
-            logged = lease.entry.attempts > 0
-
-            def remove(conn: sqlite3.Connection) -> None:
-                deleted = conn.execute(
-                    "DELETE FROM entries WHERE id = ? AND lease_token = ?", (entry_id, token)
-                ).rowcount
-                if not deleted:
-                    raise LeaseLost(entry_id)
-                if logged:
-                    conn.execute("DELETE FROM attempts WHERE entry_id = ?", (entry_id,))
-                conn.execute(_DELETE_UNUSED_MESSAGE_SQL, (message_id, message_id))
-
-            return self._writer.submit(remove)
+            entry = lease.entry
+            return self._writer.submit(
+                _Removal(entry.id, lease.token, entry.message_id, entry.attempts > 0)
+            )
 
         def job(conn: sqlite3.Connection) -> Entry | None:
             row = conn.execute(
@@ -1154,6 +1144,77 @@ class _Inserts:
         """The rows per table, in the order they are inserted (a row's parent first)."""
         return (("messages", self.messages), ("entries", self.entries), ("attempts", self.attempts))
 
+    @staticmethod
+    def run_together(conn: sqlite3.Connection, group: Sequence[_Inserts]) -> list[Any]:
+        for t, (table, _) in enumerate(group[0].tables()):
+            rows = [row for job in group for row in job.tables()[t][1]]
+            for chunk in _chunks(rows, _MAX_PARAMETERS // len(_INSERT_COLUMNS[table])):
+                conn.execute(_insert_sql(table, len(chunk)), [v for row in chunk for v in row])
+        return [job.result for job in group]
+
+
+class _Removal:
+    """
+    A writer job that removes an entry whose recipients are all done
+    (``record``'s usual case, the end of a delivery): the entry if the lease
+    still holds it, its attempts, and its message once no entry uses it.
+
+    Neighbouring removals run together, like ``_Inserts`` and for the same
+    reason: three statements for a batch of them, not up to three each.
+    """
+
+    __slots__ = ("entry_id", "token", "message_id", "logged")
+
+    def __init__(self, entry_id: str, token: str, message_id: str, logged: bool) -> None:
+        self.entry_id = entry_id
+        self.token = token
+        self.message_id = message_id
+        #: Whether the entry has attempts to remove (it was tried before).
+        self.logged = logged
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        deleted = conn.execute(
+            "DELETE FROM entries WHERE id = ? AND lease_token = ?", (self.entry_id, self.token)
+        ).rowcount
+        if not deleted:
+            raise LeaseLost(self.entry_id)
+        if self.logged:
+            conn.execute("DELETE FROM attempts WHERE entry_id = ?", (self.entry_id,))
+        conn.execute(_DELETE_UNUSED_MESSAGE_SQL, (self.message_id, self.message_id))
+
+    @staticmethod
+    def run_together(conn: sqlite3.Connection, group: Sequence[_Removal]) -> list[Any]:
+        # Each row goes only with its own lease's token: the CASE gives each
+        # id its token, and the id list lets SQLite find the rows by key (a
+        # row value IN scans the table).
+        for chunk in _chunks(group, _MAX_PARAMETERS // 3):
+            marks = ", ".join("?" * len(chunk))
+            cases = " ".join(["WHEN ? THEN ?"] * len(chunk))
+            deleted = conn.execute(
+                f"DELETE FROM entries WHERE id IN ({marks}) AND lease_token = CASE id {cases} END",
+                [job.entry_id for job in chunk] + [v for job in chunk for v in (job.entry_id, job.token)],
+            ).rowcount
+            if deleted != len(chunk):
+                # A lease was lost: the writer runs the batch again job by
+                # job, and only the removal that lost its lease fails.
+                raise LeaseLost("one of a batch of removals")
+        for ids in _chunks([job.entry_id for job in group if job.logged], _MAX_PARAMETERS):
+            conn.execute(f"DELETE FROM attempts WHERE entry_id IN ({', '.join('?' * len(ids))})", ids)
+        messages = list(dict.fromkeys(job.message_id for job in group))
+        for ids in _chunks(messages, _MAX_PARAMETERS):
+            conn.execute(
+                f"DELETE FROM messages WHERE id IN ({', '.join('?' * len(ids))})"
+                " AND NOT EXISTS (SELECT 1 FROM entries WHERE message_id = messages.id)",
+                ids,
+            )
+        return [None] * len(group)
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    """``items`` in slices of at most ``size``."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
 
 #: The columns ``_Inserts`` fills, per table.
 _INSERT_COLUMNS = {
@@ -1181,31 +1242,28 @@ def _insert_sql(table: str, rows: int) -> str:
 def _run_merged(conn: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
     """
     Run ``jobs`` in order on ``conn`` and return their values, each run of
-    neighbouring ``_Inserts`` as one multi-row ``INSERT`` per table.  An
-    exception leaves the transaction to the caller (the writer rolls it back
-    and runs the batch again, each job alone).
+    neighbouring ``_Inserts`` (or ``_Removal``) together, a few statements
+    for all of them.  An exception leaves the transaction to the caller (the
+    writer rolls it back and runs the batch again, each job alone).
     """
     values: list[Any] = []
     i = 0
     while i < len(jobs):
-        job = jobs[i]
-        if not isinstance(job, _Inserts):
-            values.append(job(conn))
+        kind = type(jobs[i])
+        if kind not in _MERGED:
+            values.append(jobs[i](conn))
             i += 1
             continue
         j = i + 1
-        while j < len(jobs) and isinstance(jobs[j], _Inserts):
+        while j < len(jobs) and type(jobs[j]) is kind:
             j += 1
-        group: list[_Inserts] = jobs[i:j]  # type: ignore[assignment]
-        for t, (table, _) in enumerate(group[0].tables()):
-            rows = [row for job in group for row in job.tables()[t][1]]
-            per = _MAX_PARAMETERS // len(_INSERT_COLUMNS[table])
-            for k in range(0, len(rows), per):
-                chunk = rows[k : k + per]
-                conn.execute(_insert_sql(table, len(chunk)), [v for row in chunk for v in row])
-        values.extend(job.result for job in group)
+        values.extend(kind.run_together(conn, jobs[i:j]))  # type: ignore[attr-defined,arg-type]
         i = j
     return values
+
+
+#: The jobs that run together with their like neighbours.
+_MERGED = (_Inserts, _Removal)
 
 
 def _insert_entry(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:

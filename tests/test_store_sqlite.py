@@ -21,7 +21,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IStorePlugin
-from mailhub.model import Action, Address, Lease, Reply, StoreFull, StoreUnavailable
+from mailhub.model import Action, Address, Lease, LeaseLost, Reply, StoreFull, StoreUnavailable
 from mailhub.plugin import load_plugin
 from mailhub.plugins import sqlite_store
 from mailhub.plugins.sqlite_store import CLAIM_IDS_SQL, CLAIM_SQL, SqliteSpoolStore, plugin
@@ -35,6 +35,9 @@ from mailhub.testing.store_contract import (
     decision,
     deferred_at_once,
     envelope,
+)
+from mailhub.testing.store_contract import (
+    SUSPENDED as SUSPENDED_REPLY,
 )
 
 ROUTE = "smtp:mail.a.example:25"
@@ -515,6 +518,112 @@ async def test_a_failing_merged_insert_fails_only_its_own_job(
     assert await message_ids(store) == {"m1", "m2", "m4"}
     assert await store.body("m1") == b"m0\r\n"
     assert await table_sizes(store) == (3, 3, 0)
+
+
+# -- record of a finished entry in a batch: a few DELETEs for all -----------
+
+DELIVERED = Reply(250, "2.0.0", "OK")
+
+
+def finish(store: SqliteSpoolStore, lease: Lease) -> Callable[[], Deferred[Any]]:
+    """``record`` of an attempt that delivered every recipient of ``lease``."""
+    replies = dict.fromkeys(lease.entry.pending, DELIVERED)
+    done = decision({a: (Action.DELIVERED, DELIVERED) for a in lease.entry.pending})
+    return lambda: store.record(lease, attempt_for(lease, replies), done)
+
+
+async def leased(store: SqliteSpoolStore, count: int, routes: int = 1) -> list[Lease]:
+    """``count`` messages, each with an entry for each of ``routes`` routes, leased to dallas."""
+    leases: list[Lease] = []
+    for i in range(count):
+        message_routes = {f"smtp:mx{r}.example:25": [ALICE] for r in range(routes)}
+        got = await store.enqueue_leased(ENVELOPE, b"m%d\r\n" % i, message_routes, "dallas", 300)
+        leases.extend(got)
+    return leases
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_entries_together_are_one_delete_per_table(store: SqliteSpoolStore) -> None:
+    """
+    Entries finished together go in one DELETE per table, in the batch's one
+    transaction: the entries, the attempts of those tried before, and each
+    message no entry uses any more (one whose other entry stays, stays).
+    """
+    await store.counts()
+    # Three messages of two entries each; a fourth with an attempt on record.
+    leases = await leased(store, 3, routes=2)
+    [earlier] = await store.enqueue_leased(ENVELOPE, b"tried\r\n", {ROUTE: [ALICE]}, "dallas", 300)
+    retry = decision({ALICE: (Action.RETRY, SUSPENDED_REPLY)}, NOW + 60, "dallas")
+    await store.record(earlier, attempt_for(earlier, {ALICE: SUSPENDED_REPLY}), retry)
+    [tried] = await store.claim("dallas", NOW + 120, 10, 300, 600)
+    assert tried.entry.attempts == 1
+    # Both entries of message 0, the first of messages 1 and 2, and the tried one.
+    finished = [leases[0], leases[1], leases[2], leases[4], tried]
+    statements: list[str] = []
+    before = store.commits
+    results = await submitted_in_one_batch(
+        store,
+        [lambda: store.run(tracing(statements, True))]
+        + [finish(store, lease) for lease in finished]
+        + [lambda: store.run(tracing(statements, False))],
+    )
+    assert results == [(True, None)] * 7
+    assert store.commits - before == 2
+    deletes = [s.split(" WHERE")[0] for s in statements if s.startswith("DELETE")]
+    assert deletes == ["DELETE FROM entries", "DELETE FROM attempts", "DELETE FROM messages"]
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()]
+    remaining = {lease.entry.id for lease in leases} - {lease.entry.id for lease in finished}
+    assert {e.id for e in await store.entries(None, 0, 100)} == remaining
+    assert await store.attempts(tried.entry.id) == []
+    assert await message_ids(store) == {leases[3].entry.message_id, leases[5].entry.message_id}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_lease_in_a_batch_of_removals_fails_alone(store: SqliteSpoolStore) -> None:
+    """
+    One entry of the batch was taken over (its lease token is another's): its
+    record fails with ``LeaseLost`` and the entry stays; the others go.
+    """
+    await store.counts()
+    leases = await leased(store, 4)
+
+    def take_over(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE entries SET lease_token = ?, lease_node = 'losangeles' WHERE id = ?",
+            # Another batch's token, so that a token check across the batch
+            # (not row by row) would take the row.
+            (leases[0].token, leases[2].entry.id),
+        )
+
+    await store.run(take_over)
+    results = await submitted_in_one_batch(store, [finish(store, lease) for lease in leases])
+    assert [ok for ok, _ in results] == [True, True, False, True]
+    assert results[2][1].check(LeaseLost)
+    assert [e.id for e in await store.entries(None, 0, 100)] == [leases[2].entry.id]
+    assert await message_ids(store) == {leases[2].entry.message_id}
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_removals_span_several_statements(store: SqliteSpoolStore) -> None:
+    """More removals than one statement's parameters allow: split, all done, no fallback."""
+    await store.counts()
+    leases = await leased(store, 400)
+    statements: list[str] = []
+
+    def limit(conn: sqlite3.Connection) -> None:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        conn.set_trace_callback(statements.append)
+
+    results = await submitted_in_one_batch(
+        store,
+        [lambda: store.run(limit)]
+        + [finish(store, lease) for lease in leases]
+        + [lambda: store.run(tracing(statements, False))],
+    )
+    assert all(ok for ok, _ in results)
+    assert await table_sizes(store) == (0, 0, 0)
+    assert len([s for s in statements if s.startswith("DELETE FROM entries")]) == 2
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()]
 
 
 # -- reads beside the writer ------------------------------------------------
