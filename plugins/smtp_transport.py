@@ -121,7 +121,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailhub.interfaces import ITransport, ITransportPlugin
-from mailhub.model import Address, CheckedMessage, Entry, Reply
+from mailhub.model import Address, CheckedMessage, Entry, Reply, has_bare_line_end
 from mailhub.netio import write_now
 
 __all__ = ["SMTPClientProtocol", "SMTPTransport", "SMTPTransportPlugin", "plugin", "wire_data"]
@@ -147,10 +147,8 @@ def wire_data(message: bytes) -> bytes:
     """
     checked = isinstance(message, CheckedMessage)
     dot_lines = message.dot_lines if isinstance(message, CheckedMessage) else True
-    if not checked:
-        crlf = message.count(b"\r\n")
-        if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
-            message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if not checked and has_bare_line_end(message):
+        message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"
     if dot_lines:

@@ -25,10 +25,10 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
 
+from mailhub import model
 from mailhub.config import SmtpConfig
 from mailhub.model import Address, CheckedMessage, Envelope, Reply, StoreFull, StoreUnavailable
 from mailhub.netio import send_now as _send_now
-from mailhub.smtp import server as server_module
 from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, domain_check
 
 HOST = "mx.hub.example"
@@ -812,20 +812,20 @@ def test_bare_line_end_agrees_with_the_definition(
     data: bytes, cut: tuple[int, int], slice_size: int
 ) -> None:
     """
-    ``_bare_line_end(data, lo, hi)`` is the regular expression's answer for
+    ``has_bare_line_end(data, lo, hi)`` is the regular expression's answer for
     ``data[lo:hi]``, whatever the range and wherever the comparison's slices
     fall (slices of 1, 2, 3, 7 octets put their edges on every kind of pair).
     """
     lo, hi = sorted(min(c, len(data)) for c in cut)
-    original = server_module._MASK_SLICE
-    server_module._MASK_SLICE = slice_size
+    original = model._MASK_SLICE
+    model._MASK_SLICE = slice_size
     try:
         for kind in (bytes, bytearray):
-            assert server_module._bare_line_end(kind(data), lo, hi) == bool(
+            assert model.has_bare_line_end(kind(data), lo, hi) == bool(
                 _BARE.search(data[lo:hi])
             ), (data, lo, hi)
     finally:
-        server_module._MASK_SLICE = original
+        model._MASK_SLICE = original
 
 
 @pytest.mark.parametrize("position", [0, 1, 32 * 1024 - 1, 32 * 1024, 32 * 1024 + 1, 99_998])
