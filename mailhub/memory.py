@@ -14,11 +14,21 @@ kernel; keeping freed memory for the next message measured 5-10 % more
 ``twistd mailhub`` calls :func:`keep_freed_memory` when it starts.  An
 embedded hub leaves its host process's allocator alone: how that process uses
 memory is its own business.
+
+The price: memory freed after a burst of large messages stays with the
+process (up to ``TRIM_THRESHOLD`` per malloc arena, and buffers under
+``MMAP_THRESHOLD`` come from the heap) instead of going back to the kernel.
+An operator who wants glibc's own behaviour, or other figures, sets glibc's
+environment variables (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
+see mallopt(3)) for the twistd process; with either of them set, the hub
+leaves malloc as glibc set it from them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+from collections.abc import Mapping
 from typing import Any
 
 #: ``mallopt`` parameters, from glibc's ``<malloc.h>``.
@@ -34,14 +44,22 @@ MMAP_THRESHOLD = 4 * 1024 * 1024
 TRIM_THRESHOLD = 32 * 1024 * 1024
 
 
-def keep_freed_memory(libc: Any = None) -> bool:
+#: glibc's environment variables for these settings: the operator's word wins.
+OPERATOR_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+def keep_freed_memory(libc: Any = None, environ: Mapping[str, str] = os.environ) -> bool:
     """
     Set glibc's mmap and trim thresholds (see the module's docstring).
 
     :param libc: the C library (this process's own if ``None``).
-    :returns: whether both were set; ``False`` where there is no glibc
-        ``mallopt`` (musl, macOS), which changes nothing but speed.
+    :param environ: the process's environment.
+    :returns: whether both were set; ``False`` where the operator set them
+        (``OPERATOR_SETTINGS``), or where there is no glibc ``mallopt``
+        (musl, macOS), which changes nothing but speed.
     """
+    if any(name in environ for name in OPERATOR_SETTINGS):
+        return False
     if libc is None:
         try:
             libc = ctypes.CDLL(None)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from mailhub import memory
 
@@ -46,3 +49,39 @@ def test_glibc_takes_the_settings() -> None:
         "import sys; sys.exit(0 if keep_freed_memory() else 1)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_operators_settings_win() -> None:
+    for name in memory.OPERATOR_SETTINGS:
+        libc = FakeLibc()
+        assert memory.keep_freed_memory(libc, environ={name: "131072"}) is False
+        assert libc.calls == []
+
+
+def test_twistd_mailhub_keeps_freed_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``twistd mailhub``'s makeService sets the thresholds; an embedded hub does not."""
+    from mailhub import tap
+
+    called: list[bool] = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: called.append(True) or True)
+    installed: list[object] = []
+    monkeypatch.setattr("mailhub.service.install_wake_signal", lambda hub, reactor: installed.append(hub))
+    config = tmp_path / "hub.toml"
+    config.write_text(
+        '[hub]\nhostname = "mx.test"\n'
+        '[store]\nplugin = "memory"\n'
+        '[domains."example.com"]\nroute = "smtp:127.0.0.1:2525"\n'
+        '[nodes.dallas]\nsmtp = "tcp:0:interface=127.0.0.1"\n'
+    )
+    options = tap.Options()
+    options.parseOptions(["--config", str(config)])
+    hub = tap.makeService(options)
+    assert called == [True]
+    assert installed == [hub]
+
+    from mailhub.config import load
+    from mailhub.service import makeHubService
+
+    called.clear()
+    makeHubService(load(str(config)))
+    assert called == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -821,9 +822,8 @@ def test_bare_line_end_agrees_with_the_definition(
     model._MASK_SLICE = slice_size
     try:
         for kind in (bytes, bytearray):
-            assert model.has_bare_line_end(kind(data), lo, hi) == bool(
-                _BARE.search(data[lo:hi])
-            ), (data, lo, hi)
+            expected = bool(_BARE.search(data[lo:hi]))
+            assert model.has_bare_line_end(kind(data), lo, hi) == expected, (data, lo, hi)
     finally:
         model._MASK_SLICE = original
 
@@ -2051,3 +2051,110 @@ async def test_client_reconnecting_after_221_is_greeted_not_refused(
         return greetings
 
     assert await deferToThread(sessions) == [b"220 "] * 21
+
+
+def _pending_listener(**limits: Any) -> tuple[Any, Store]:
+    """A real listener on 127.0.0.1 whose store answers only when told (``store.pending``)."""
+    store = Store()
+    store.mode = "pending"
+    factory = SMTPFactory(HOST, SmtpConfig(**limits), domain_check(DOMAINS, HOST), store, reactor)
+    return reactor.listenTCP(0, factory, interface="127.0.0.1"), store
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+_TRANSACTION = b"MAIL FROM:<alice@sender.example>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_client_that_shuts_down_its_side_still_gets_its_replies() -> None:
+    """
+    A client sends its message and QUIT and shuts down its sending side at
+    once (``nc -N``, scripts, some MTAs), while the store is still at work:
+    it gets the 250 and the 221, then the connection closes; the message is
+    stored once.  (Closing at the client's end of input would lose the 250
+    and have the client send the message again.)
+    """
+    port, store = _pending_listener()
+
+    def session() -> tuple[list[bytes], bytes]:
+        c = _Client(port.getHost().port)
+        c.reply()
+        c.send(b"EHLO client.example\r\n")
+        c.reply()
+        c.send(_TRANSACTION)
+        c.replies(3)
+        c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+        c.sock.shutdown(socket.SHUT_WR)
+        return c.replies(2), c.close()
+
+    try:
+        result = deferToThread(session)
+        await _until(lambda: bool(store.pending))
+        # Time for the client's end of input to reach the server first.
+        await deferLater(reactor, 0.3, lambda: None)
+        store.pending[0].callback("Q9")
+        replies, after = await result
+    finally:
+        await port.stopListening()
+    assert replies == [
+        b"250 2.0.0 OK queued as Q9\r\n",
+        f"221 2.0.0 {HOST} closing connection\r\n".encode(),
+    ]
+    assert after == b""
+    assert len(store.received) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_a_closed_connection_keeps_its_slot_while_its_store_is_pending() -> None:
+    """
+    With one connection allowed, a client that sends a message and resets
+    the connection cannot come back while the store still holds that message: the
+    slot is the connection's until the store answers.  Then it is free
+    again.
+    """
+    port, store = _pending_listener(max_connections=1)
+    number = port.getHost().port
+
+    def send_and_close() -> None:
+        c = _Client(number)
+        c.reply()
+        c.send(b"EHLO client.example\r\n")
+        c.reply()
+        c.send(_TRANSACTION)
+        c.replies(3)
+        c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+        # Reset, not a shutdown: the server's connection is gone at once.
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.sock.close()
+
+    def banner() -> bytes:
+        c = _Client(number)
+        line = c.reply()[-1][:4]
+        c.sock.close()
+        return line
+
+    try:
+        await deferToThread(send_and_close)
+        await _until(lambda: bool(store.pending))
+        await deferLater(reactor, 0.3, lambda: None)  # the close reaches the server
+        assert await deferToThread(banner) == b"421 "
+        store.pending[0].callback("Q9")
+        # The connection closes once its reply is written: a turn of the
+        # reactor or two, then the slot is free.
+        for _ in range(100):
+            if await deferToThread(banner) == b"220 ":
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        else:
+            raise AssertionError("the slot stayed taken after the store answered")
+    finally:
+        await port.stopListening()
+    assert len(store.received) == 1

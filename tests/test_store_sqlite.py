@@ -1090,3 +1090,13 @@ async def test_full_disk_fails_with_store_full(store: SqliteSpoolStore) -> None:
     # Small messages still fit, and the store goes on working.
     await enqueue(store, b"small\r\n")
     assert await table_sizes(store) == (2, 2, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_enqueue_leased_without_routes_stores_nothing(store: SqliteSpoolStore) -> None:
+    """No routes, no entries: not even the message row (nothing would ever delete it)."""
+    await store.counts()
+    before = store.commits
+    assert await store.enqueue_leased(ENVELOPE, b"m\r\n", {}, "dallas", 300) == []
+    assert store.commits == before
+    assert await table_sizes(store) == (0, 0, 0)

@@ -1,6 +1,9 @@
 """Pacing per route: the concurrency window, back pressure, recovery."""
 
+import weakref
+
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 
 from mailhub.delivery.throttle import READ_AHEAD, RouteThrottle, is_back_pressure
 from mailhub.model import Reply
@@ -192,3 +195,46 @@ def test_a_cancelled_waiter_is_not_told_and_frees_its_place():
     t.release([OK])
     assert told == ["first", "second", "third", "fourth", "fifth"]
     assert t.active == 1 and t.waiting == 0
+
+
+def test_a_failing_soon_is_logged_and_takes_nothing_with_it():
+    """A ``soon`` that raises (a store breaking its contract) costs neither a slot nor a waiter."""
+    t = RouteThrottle(1, Clock())
+
+    def broken() -> None:
+        raise RuntimeError("read-ahead broke")
+
+    with capturedLogs() as events:
+        first = t.acquire(broken)
+        second = t.acquire(broken)
+        third = t.acquire(broken)
+    assert first.called and not second.called
+    t.release([OK])
+    assert second.called and t.active == 1
+    t.release([OK])
+    assert third.called and t.active == 1
+    failures = [e for e in events if "log_failure" in e]
+    assert len(failures) == 3
+    assert all(e["log_failure"].check(RuntimeError) for e in failures)
+
+
+def test_a_cancelled_waiter_lets_go_of_its_soon():
+    """The ``soon`` of a cancelled waiter is dropped with it, not kept until the queue moves."""
+    t = RouteThrottle(1, Clock())
+    t.acquire()
+    told: list[str] = []
+
+    class Soon:
+        def __call__(self) -> None:
+            told.append("soon")
+
+    soon = Soon()
+    ref = weakref.ref(soon)
+    for _ in range(3):
+        t.acquire()  # the next two windows of 1 are taken
+    waiting = t.acquire(soon)
+    del soon
+    waiting.addErrback(lambda f: None)
+    waiting.cancel()
+    assert ref() is None
+    assert told == []

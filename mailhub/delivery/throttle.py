@@ -28,8 +28,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 
 from mailhub.model import Reply
+
+_log = Logger()
 
 __all__ = ["RouteThrottle", "is_back_pressure", "is_route_failure"]
 
@@ -63,6 +66,17 @@ def is_route_failure(reply: Reply) -> bool:
 #: (P3 drain on loopback: wait for the body 1.5 ms median, 1.7 ms mean with
 #: one window; 0 median, 1.2 ms mean with two).
 READ_AHEAD = 2
+
+
+def _tell(soon: Callable[[], object]) -> None:
+    """
+    Call an ``acquire``'s ``soon``.  It is only a hint (read ahead): if it
+    fails, the attempt goes on without it, and the queue with it.
+    """
+    try:
+        soon()
+    except Exception:
+        _log.failure("read-ahead for a waiting attempt failed")
 
 
 class RouteThrottle:
@@ -134,7 +148,7 @@ class RouteThrottle:
             soon = self._soon.pop(self._waiting[self._told], None)
             self._told += 1
             if soon is not None:
-                soon()
+                _tell(soon)
 
     def release(self, replies: Iterable[Reply]) -> bool:
         """
@@ -267,6 +281,6 @@ class RouteThrottle:
             self._told = max(0, self._told - 1)
             soon = self._soon.pop(d, None)
             if soon is not None:
-                soon()
+                _tell(soon)
             d.callback(None)
         self._tell()

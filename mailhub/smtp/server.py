@@ -41,6 +41,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
+    IHalfCloseableProtocol,
     IPushProducer,
     IReactorTime,
     ISSLTransport,
@@ -49,6 +50,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailhub.config import SmtpConfig
 from mailhub.model import (
@@ -263,15 +265,18 @@ class SMTPFactory(Factory):
         return p
 
 
+@implementer(IHalfCloseableProtocol)
 class SMTPServerProtocol(Protocol):
     """
     One inbound SMTP session.
 
     Input goes into one buffer.  In command mode it is taken a line at a time;
     in DATA mode all of it is handed to the end-of-data scanner.  While a
-    recipient check or a store is outstanding (``_waiting``) the buffer is left
-    alone and the transport paused; when the Deferred fires its reply is
-    written and processing resumes where it stopped.
+    recipient check or a store is outstanding (``_waiting``) what arrives is
+    held, unprocessed (reading stops past ``_MAX_WAITING_INPUT``); when the
+    Deferred fires its reply is written and processing resumes where it
+    stopped.  A client that shuts down its sending side (after QUIT, say)
+    still gets every reply to what it sent before the connection closes.
 
     :param hostname: the hub's name.
     :param limits: the listener's limits.
@@ -314,7 +319,11 @@ class SMTPServerProtocol(Protocol):
         self._timer: Any = None  # an IDelayedCall, see _clock
         self._processing = False
         self._waiting = False
+        # Input that arrived while waiting, in the order it came.
+        self._held: list[bytes] = []
+        self._held_size = 0
         self._paused = False
+        self._eof = False  # the client shut down its side: it sends no more
         self._done = False  # QUIT or timeout: no more input is read
         self._lost = False
         self._discarding = False  # inside the rest of a too-long command line
@@ -366,32 +375,57 @@ class SMTPServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._done:
             return
-        self._buffer += data
         if self._waiting:
             # A pipelining client may send on while a reply is awaited (the
-            # store's, a recipient check's).  Its input waits in the buffer;
+            # store's, a recipient check's).  Its input is held (in pieces:
+            # adding each to the buffer would copy the buffer every time);
             # past a bound, reading stops until the reply is written.  (Not
             # at once: stopping and restarting reading costs two epoll_ctl
             # calls per message, and a client that is not pipelining sends
             # nothing while it waits.)
+            self._held.append(data)
+            self._held_size += len(data)
             if (
-                len(self._buffer) > _MAX_WAITING_INPUT
+                self._held_size > _MAX_WAITING_INPUT
                 and not self._paused
                 and IPushProducer.providedBy(self._transport)
             ):
                 self._paused = True
                 self._transport.pauseProducing()
             return
+        self._buffer += data
         # The timers measure from the start of a command (or of DATA), so a
         # client cannot keep a session alive by trickling bytes: only a
         # complete command line, or a complete line of DATA, restarts them.
         self._process()
 
+    def readConnectionLost(self) -> None:
+        """
+        The client shut down its sending side (``IHalfCloseableProtocol``):
+        what it sent is still answered, then the connection closes.  Without
+        this, a client that sends QUIT and shuts down its side at once, as
+        scripts and some MTAs do, would lose the reply to a message whose
+        store was still pending (and send the message again).
+        """
+        self._eof = True
+        if not self._waiting:
+            # Whatever complete command lines it sent are answered already.
+            self._done = True
+            self._process()
+
+    def writeConnectionLost(self) -> None:
+        """``IHalfCloseableProtocol``: the hub never shuts down only its own side."""
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = self._done = True
         self._cancel_timer()
-        self._release_slot()
+        if not self._waiting:
+            # A store or check still pending keeps the connection's slot until
+            # it fires: otherwise a client could close and reconnect to have
+            # any number of messages in the store's hands at once.
+            self._release_slot()
         self._buffer = b""
+        self._held = []
         self._data = bytearray()
 
     def _release_slot(self) -> None:
@@ -413,7 +447,10 @@ class SMTPServerProtocol(Protocol):
         finally:
             self._processing = False
             self._flush()
-            if self._done and not self._lost and self._waiting is False:
+            if (self._done or self._eof) and not self._lost and self._waiting is False:
+                # QUIT, a timeout, or the client has sent all it will and
+                # everything it sent is answered.
+                self._done = True
                 self._transport.loseConnection()
 
     def _command_step(self) -> bool:
@@ -899,7 +936,12 @@ class SMTPServerProtocol(Protocol):
                 self._reply(Reply(451, "4.3.0", "Internal error, try later"))
             self._waiting = False
             if self._lost:
+                self._release_slot()
                 return
+            if self._held:
+                self._buffer += b"".join(self._held)
+                self._held = []
+                self._held_size = 0
             if self._paused:
                 self._paused = False
                 self._transport.resumeProducing()
