@@ -21,7 +21,8 @@ from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from mailhub.testing.downstream import DownstreamServer
+from mailhub.testing import downstream
+from mailhub.testing.downstream import DownstreamServer, ReceivedMessage
 
 pytestmark = pytest.mark.integration
 
@@ -282,3 +283,20 @@ async def test_starttls_is_offered_only_with_a_certificate_and_recorded(server, 
     await plain.command(b"DATA")
     assert (await plain.command(b"Subject: plain\r\n\r\nhi\r\n.")).startswith(b"250 ")
     assert [m.tls for m in server.messages] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    "head, subject",
+    [
+        (b"Subject: last\r\n", "last"),
+        (b"Subject: first\r\nFrom: a@x.test\r\n", "first"),
+        (b"subject: folded\r\n  on two lines\r\nTo: b@y.test\r\n", "folded on two lines"),
+        (b"From: a@x.test\r\n", ""),
+    ],
+)
+def test_summary_line_shows_the_subject_alone(head: bytes, subject: str) -> None:
+    """The sink's line for a message: the subject without its line end, wherever it is."""
+    message = ReceivedMessage("a@x.test", ["b@y.test"], b"", head + b"\r\nbody\r\n")
+    line = downstream._summary(message)
+    assert line.endswith(f"subject={subject!r}")
+    assert "\r" not in line

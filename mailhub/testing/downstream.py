@@ -635,7 +635,9 @@ class _Factory(Factory):
 def _summary(message: ReceivedMessage) -> str:
     subject = ""
     head = message.message.split(b"\r\n\r\n", 1)[0]
-    found = re.search(rb"^Subject:[ \t]*(.*(?:\r\n[ \t].*)*)", head, re.IGNORECASE | re.MULTILINE)
+    found = re.search(
+        rb"^Subject:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", head, re.IGNORECASE | re.MULTILINE
+    )
     if found:
         subject = re.sub(rb"\r\n[ \t]+", b" ", found.group(1)).decode("utf-8", "replace")
     when = datetime.fromtimestamp(message.received_at, UTC).isoformat(timespec="seconds")
