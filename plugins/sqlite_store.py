@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from attrs import define, evolve, frozen
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
@@ -714,30 +714,10 @@ class SqliteSpoolStore:
         routes: Mapping[str, Sequence[Address]],
         node: str,
     ) -> Deferred[list[str]]:
-        body = bytes(message)
-        new_id = self._new_id
-        sender = None if envelope.sender is None else str(envelope.sender)
-        received_at = envelope.received_at
-        rest = (node, len(body), envelope.helo, envelope.client, int(envelope.smtputf8))
-        entries = [(route, _pending_json(recipients)) for route, recipients in routes.items()]
-
-        def job(conn: sqlite3.Connection) -> list[str]:
-            if not entries:
-                return []
-            message_id = new_id()
-            conn.execute("INSERT INTO messages (id, body) VALUES (?, ?)", (message_id, body))
-            ids = []
-            for route, recipients in entries:
-                entry_id = new_id()
-                _insert_entry(
-                    conn,
-                    (entry_id, message_id, route, sender, recipients, received_at, received_at)
-                    + rest,
-                )
-                ids.append(entry_id)
-            return ids
-
-        return self._writer.submit(job)
+        job = self._new_message(envelope, message, routes, node, None, None)
+        if job is None:
+            return succeed([])
+        return self._writer.submit(job).addCallback(lambda stored: [cast(Entry, e).id for e in stored])
 
     def enqueue_leased(
         self,
@@ -748,43 +728,67 @@ class SqliteSpoolStore:
         lease_seconds: float,
         decided: Mapping[str, tuple[Attempt, Decision]] | None = None,
     ) -> Deferred[list[Lease | Entry]]:
+        expires = envelope.received_at + lease_seconds
+        job = self._new_message(envelope, message, routes, node, expires, decided)
+        if job is None:
+            return succeed([])
+        return self._writer.submit(job)
+
+    def _new_message(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        routes: Mapping[str, Sequence[Address]],
+        node: str,
+        expires: float | None,
+        decided: Mapping[str, tuple[Attempt, Decision]] | None,
+    ) -> _Inserts | None:
+        """
+        The writer job that stores a new message and its entries (``None``
+        without routes: nothing to store).  Its result has one item per
+        route: the entry; with ``expires``, a lease on it to this node until
+        then; for a route in ``decided``, the entry as ``record`` leaves it
+        after that first attempt.
+        """
         # A bytes subclass (the server's CheckedMessage) binds as it is: no copy.
         body = message if isinstance(message, bytes) else bytes(message)
-        new_id = self._new_id
-        message_id = new_id()
-        expires = envelope.received_at + lease_seconds
-        token = new_id()
-        # The entries as enqueue stores them: what the leases carry.  In the
-        # row, a lease's expiry stands in for the due time, as after claim.
-        entries = new_entries(envelope, len(body), routes, node, message_id, new_id)
+        message_id = self._new_id()
+        token = "" if expires is None else self._new_id()
+        entries = new_entries(envelope, len(body), routes, node, message_id, self._new_id)
+        if not entries:
+            return None
         sender = None if envelope.sender is None else str(envelope.sender)
         common = (envelope.received_at, len(body), envelope.helo, envelope.client, int(envelope.smtputf8))
-        results: list[Lease | Entry] = []
+        stored: list[Lease | Entry] = []
         rows: list[tuple[Any, ...]] = []
         attempts = []
         for e in entries:
+            head = (e.id, message_id, e.route, sender)
             if decided and e.route in decided:
                 # Stored as record() leaves it after that attempt.
                 attempt, decision = decided[e.route]
-                stored = apply_decision(e, decision)
-                results.append(stored)
+                after = apply_decision(e, decision)
+                stored.append(after)
                 rows.append(
-                    (e.id, message_id, e.route, sender, _recipients_json(stored.recipients))
+                    head
+                    + (_recipients_json(after.recipients),)
                     + common
-                    + (stored.next_attempt, stored.node, None, None, stored.attempts, int(stored.held))
+                    + (after.next_attempt, after.node, None, None, after.attempts, int(after.held))
                 )
                 attempts.append(_attempt_row(evolve(attempt, entry_id=e.id)))
-            else:
-                results.append(Lease(e, node, token, expires))
+            elif expires is None:
+                stored.append(e)
                 rows.append(
-                    (e.id, message_id, e.route, sender, _pending_json(routes[e.route]))
-                    + common
-                    + (expires, None, node, token, 0, 0)
+                    head + (_pending_json(routes[e.route]),) + common + (e.next_attempt, e.node, None, None, 0, 0)
                 )
-
-        if not rows:
-            return succeed(results)
-        return self._writer.submit(_Inserts([(message_id, body)], rows, attempts, results))
+            else:
+                # In the row, the lease's expiry stands in for the due time,
+                # as after claim; the lease carries the entry as enqueued.
+                stored.append(Lease(e, node, token, expires))
+                rows.append(
+                    head + (_pending_json(routes[e.route]),) + common + (expires, None, node, token, 0, 0)
+                )
+        return _Inserts([(message_id, body)], rows, attempts, stored)
 
     def claim(
         self,
@@ -1264,15 +1268,6 @@ def _run_merged(conn: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
 
 #: The jobs that run together with their like neighbours.
 _MERGED = (_Inserts, _Removal)
-
-
-def _insert_entry(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
-    conn.execute(
-        "INSERT INTO entries (id, message_id, route, sender, recipients, created,"
-        " next_attempt, node, size, helo, client, smtputf8)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        values,
-    )
 
 
 def _attempt_row(attempt: Attempt) -> tuple[Any, ...]:

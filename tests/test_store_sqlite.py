@@ -1045,20 +1045,25 @@ async def test_not_a_database_fails_with_store_unavailable(tmp_path: Path) -> No
 
 
 @pytest_twisted.ensureDeferred
-async def test_failure_half_way_through_enqueue_stores_nothing(
-    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_failure_half_way_through_enqueue_stores_nothing(store: SqliteSpoolStore) -> None:
     """If the second entry of a message cannot be written, neither entry nor body stays."""
     calls = []
-    real = sqlite_store._insert_entry
 
-    def flaky(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
-        calls.append(values)
+    def flaky(entry_id: str) -> int:
+        calls.append(entry_id)
         if len(calls) == 2:
             raise sqlite3.OperationalError("disk I/O error")
-        real(conn, values)
+        return 0
 
-    monkeypatch.setattr(sqlite_store, "_insert_entry", flaky)
+    def fail_the_second_entry(conn: sqlite3.Connection) -> None:
+        # On the writer's connection: each entry's insert calls flaky first.
+        conn.create_function("flaky", 1, flaky)
+        conn.execute(
+            "CREATE TEMP TRIGGER flaky_entry BEFORE INSERT ON entries"
+            " BEGIN SELECT flaky(NEW.id); END"
+        )
+
+    await store.run(fail_the_second_entry)
     with pytest.raises(StoreUnavailable):
         await store.enqueue(ENVELOPE, b"x\r\n", {"smtp:a": [ALICE], "smtp:b": [ALICE]}, "dallas")
     assert len(calls) == 2
