@@ -401,36 +401,7 @@ class SpoolStoreContract:
         and logs the attempt.
         """
         [lease] = await self.enqueue_leased(store, {ROUTE_A: [ALICE, BOB, CAROL]})
-        retry_at = NOW + 1200
-        attempt = attempt_for(lease, {ALICE: OK, BOB: LATER, CAROL: NO})
-        updated = await store.record(
-            lease,
-            attempt,
-            decision(
-                {
-                    ALICE: (Action.DELIVERED, OK),
-                    BOB: (Action.RETRY, LATER),
-                    CAROL: (Action.FAILED, NO),
-                },
-                next_attempt=retry_at,
-                next_node="losangeles",
-            ),
-        )
-        assert updated.pending == (BOB,)
-        assert {r.address: (r.state, r.reply) for r in updated.recipients} == {
-            ALICE: (RecipientState.DELIVERED, OK),
-            BOB: (RecipientState.PENDING, LATER),
-            CAROL: (RecipientState.FAILED, NO),
-        }
-        assert updated.next_attempt == retry_at
-        assert updated.node == "losangeles"
-        assert updated.attempts == 1
-        assert updated.created == NOW
-        assert await store.get(lease.entry.id) == updated
-        assert await store.attempts(lease.entry.id) == [attempt]
-        assert await self.claim(store, node="losangeles", now=retry_at - 1) == []
-        [again] = await self.claim(store, node="losangeles", now=retry_at)
-        assert again.entry == updated
+        await self.record_partial_delivery(store, lease)
 
     @pytest_twisted.ensureDeferred
     async def test_release_of_enqueue_leased_lease(self, store: Any) -> None:
@@ -852,12 +823,22 @@ class SpoolStoreContract:
     @pytest_twisted.ensureDeferred
     async def test_partial_delivery_keeps_pending_recipients(self, store: Any) -> None:
         """Only the deferred recipients stay pending, due when and where the policy says."""
-        [entry_id] = await self.enqueue(store, {ROUTE_A: [ALICE, BOB, CAROL]})
+        await self.enqueue(store, {ROUTE_A: [ALICE, BOB, CAROL]})
         [lease] = await self.claim(store)
+        await self.record_partial_delivery(store, lease)
+
+    async def record_partial_delivery(self, store: Any, lease: Lease) -> None:
+        """
+        Under ``lease`` (an entry for ALICE, BOB and CAROL, created at
+        ``NOW``), record ALICE delivered, BOB deferred to losangeles in 20
+        minutes, CAROL failed; check the entry that stays, its attempt, and
+        that it is due again then, to losangeles first.
+        """
         retry_at = NOW + 1200
+        attempt = attempt_for(lease, {ALICE: OK, BOB: LATER, CAROL: NO})
         updated = await store.record(
             lease,
-            attempt_for(lease, {ALICE: OK, BOB: LATER, CAROL: NO}),
+            attempt,
             decision(
                 {
                     ALICE: (Action.DELIVERED, OK),
@@ -878,7 +859,9 @@ class SpoolStoreContract:
         assert updated.next_attempt == retry_at
         assert updated.node == "losangeles"
         assert updated.attempts == 1
-        assert await store.get(entry_id) == updated
+        assert updated.created == NOW
+        assert await store.get(lease.entry.id) == updated
+        assert await store.attempts(lease.entry.id) == [attempt]
         # The lease ended: due again at retry_at, to losangeles first.
         assert await self.claim(store, node="losangeles", now=retry_at - 1) == []
         assert await self.claim(store, node="dallas", now=retry_at) == []
