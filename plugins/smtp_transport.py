@@ -145,10 +145,12 @@ def wire_data(message: bytes) -> bytes:
     (the accepting node's first attempt) carries what the SMTP server's
     checks found, and is not scanned again for it.
     """
-    checked = isinstance(message, CheckedMessage)
-    dot_lines = message.dot_lines if isinstance(message, CheckedMessage) else True
-    if not checked and has_bare_line_end(message):
-        message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if isinstance(message, CheckedMessage):
+        dot_lines = message.dot_lines
+    else:
+        dot_lines = True
+        if has_bare_line_end(message):
+            message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"
     if dot_lines:
@@ -314,15 +316,12 @@ class SMTPClientProtocol(Protocol):
     def _arm(self) -> None:
         """Time the reply awaited first (moving the running timer: cheaper than a new one)."""
         timer = self._timer
-        active = timer is not None and timer.active()
-        if not self._waiting:
-            if active:
-                timer.cancel()  # type: ignore[union-attr]
-            self._timer = None
-        elif active:
-            timer.reset(self._waiting[0].timeout)  # type: ignore[union-attr]
-        else:
-            self._timer = self._clock.callLater(self._waiting[0].timeout, self._timed_out)
+        if timer is not None and timer.active():
+            if self._waiting:
+                timer.reset(self._waiting[0].timeout)
+                return
+            timer.cancel()
+        self._timer = self._clock.callLater(self._waiting[0].timeout, self._timed_out) if self._waiting else None
 
     # receiving
 
