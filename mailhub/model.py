@@ -218,8 +218,9 @@ def has_bare_line_end(data: bytes | bytearray, lo: int = 0, hi: int | None = Non
     one).  In slices, so that the masks stay small buffers, which malloc
     reuses instead of mapping fresh pages for each.
 
-    The SMTP server checks every message with it; the SMTP transport checks
-    a message read back from the spool.
+    The SMTP transport checks a message read back from the spool with it.
+    (The SMTP server finds bare CRs in the same scan that finds the end of
+    DATA, and bare LFs with one regular expression: see ``_find_end``.)
     """
     if hi is None:
         hi = len(data)

@@ -991,6 +991,48 @@ def test_message_without_stuffing_split_at_every_octet() -> None:
         assert body_of(s.store.received[0][1]) == b"Subject: x\r\n\r\na.b\r\n\r\n", cut
 
 
+@settings(max_examples=500, deadline=None)
+@given(
+    content=st.binary(max_size=60).map(
+        # Line ends, dots and text in every arrangement.
+        lambda raw: bytes(b"\r\n.x"[b % 4] for b in raw)
+    ),
+    cuts=st.lists(st.integers(0, 70), max_size=6),
+    mode=st.sampled_from(["reject", "normalise"]),
+)
+def test_data_scan_agrees_with_the_definitions_however_the_input_is_cut(
+    content: bytes, cuts: list[int], mode: str
+) -> None:
+    """
+    Whatever the content and wherever the chunks end, the server ends the
+    message at the first CRLF "." CRLF (counting the CRLF before DATA's first
+    line), removes the leading dot of every line, and rejects or normalises
+    exactly when the unstuffed message has a CR without an LF after it or an
+    LF without a CR in front: one scan decides the end, the dot lines and
+    the bare CRs, picking up at each chunk what the last left undecided.
+    """
+    wire = content + b"\r\n.\r\n"
+    stream = b"\r\n" + wire
+    end = stream.find(b"\r\n.\r\n")
+    lines = stream[2 : end + 2].split(b"\r\n")
+    unstuffed = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+    bounds = sorted({0, len(wire), *(min(c, len(wire)) for c in cuts)})
+    s = connect(bare_line_endings=mode)
+    s.begin()
+    s.send(*(wire[a:b] for a, b in zip(bounds, bounds[1:], strict=False)))
+    replies = s.codes()
+    if _BARE.search(unstuffed) and mode == "reject":
+        assert replies[0] == "554 5.6.0"
+        assert s.store.received == []
+        return
+    assert replies[0] == "250 2.0.0"
+    body = s.store.received[0][1]
+    assert body_of(body) == _BARE.sub(b"\r\n", unstuffed)
+    assert isinstance(body, CheckedMessage)
+    if body.dot_lines is False:
+        assert b"\r\n." not in b"\r\n" + body_of(body)
+
+
 def test_session_continues_after_rejected_data() -> None:
     s = connect()
     s.begin()
