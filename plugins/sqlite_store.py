@@ -21,6 +21,14 @@ sets ``next_attempt`` to the lease's expiry, so an abandoned lease needs no
 sweep: its entry is simply due again.  ``record`` and ``release`` act only
 while the row still carries their lease's token.
 
+Bodies over ``LOG_THRESHOLD`` octets (16 KB) are not stored in the database
+but appended to segment files in ``<path>.bodies/`` (``_BodyLog``), each
+segment's new bodies fdatasync'd before the ``COMMIT`` that refers to them: a
+100 KB body is written to disk once, where in the database it was written to
+the log and then copied by the checkpoint into the database file.  A segment
+is deleted once no message refers to it.  The database and its ``.bodies``
+directory are one spool: back them up, move them and delete them together.
+
 Configuration (the ``[store]`` table)::
 
     plugin = "sqlite"
@@ -30,11 +38,15 @@ Configuration (the ``[store]`` table)::
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
 import itertools
 import json
 import os
 import queue
+import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -82,7 +94,10 @@ PAGE_SIZE = 16384
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    log_segment TEXT,
+    log_offset INTEGER,
+    log_length INTEGER
 );
 CREATE TABLE IF NOT EXISTS entries (
     id TEXT PRIMARY KEY,
@@ -359,6 +374,7 @@ class _Writer(_Worker):
         self.commits = 0
         self.ready = False
         self.checkpointer: _Checkpointer | None = None
+        self.bodies = _BodyLog(path)
         super().__init__(path, busy_timeout, reactor)
 
     def _connect(self) -> sqlite3.Connection:
@@ -484,18 +500,32 @@ class _Writer(_Worker):
         batch: list[tuple[_Job, Deferred[Any]]],
         results: list[tuple[Deferred[Any], bool, Any]],
     ) -> list[tuple[Deferred[Any], bool, Any]]:
-        """Commit the batch's transaction: ``results`` if it holds, every job failed if not."""
+        """
+        Commit the batch's transaction: ``results`` if it holds, every job
+        failed if not.  The bodies the batch appended to the body log are
+        made durable first: a row never refers to octets a crash could lose.
+        """
         try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            self._abort(conn)
-            return self._everyone_fails(batch, e)
+            try:
+                self.bodies.sync()
+            except (StoreFull, StoreUnavailable) as e:
+                self._abort(conn)
+                return self._everyone_fails(batch, e)
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._abort(conn)
+                return self._everyone_fails(batch, e)
+        finally:
+            self.bodies.committed()
         self.commits += 1
+        self.bodies.sweep_now_and_then(conn)
         if self.checkpointer is not None and self.commits % CHECKPOINT_EVERY == 0:
             self.checkpointer.want()
         return results
 
     def _before_close(self) -> None:
+        self.bodies.close()
         # The checkpointer's connection goes first (waited for here, not on
         # the reactor thread), so the writer's close is the database's last
         # and folds the log back in.
@@ -586,6 +616,238 @@ CHECKPOINT_EVERY = 100
 #: The writer's own automatic checkpoint, in pages: only a bound on the log
 #: if the checkpointer falls behind (64 MB with 16 KB pages).
 WAL_AUTOCHECKPOINT = 4000
+
+
+#: Bodies larger than this (octets) go to the body log, not into the database.
+#: Below it SQLite is the cheaper place: a 4 KB body shares its page.
+LOG_THRESHOLD = 16 * 1024
+
+#: A segment of the body log is closed once it holds this much: it is
+#: deleted when its last message is, so smaller segments give space back
+#: sooner (at the cost of a directory fsync each).
+SEGMENT_SIZE = 16 * 1024 * 1024
+
+#: Seconds between the writer's sweeps for segments no message refers to.
+SWEEP_INTERVAL = 10.0
+
+_SEGMENT_NAME = re.compile(r"[0-9a-f]{12}-[0-9]{6}\Z")
+
+
+class _BodyLog:
+    """
+    The large bodies of a store, appended to segment files in the directory
+    ``<database path>.bodies``; used by the writer thread, except ``read``
+    (any thread).
+
+    A batch's bodies are written with ``pwrite`` as its jobs run and made
+    durable with one ``fdatasync`` (``sync``) before its ``COMMIT``.
+
+    Several stores (nodes, processes) may share the database, each with
+    segments of its own (named by a random token).  A segment is deleted by
+    whichever store's sweep finds that no message refers to it and can take
+    the segment's ``flock``; its writer holds that lock from before the
+    segment has its name until the batch that last appended to it is
+    committed, so no sweep deletes a segment that a commit is about to
+    refer to.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.directory = path + ".bodies"
+        self._token = secrets.token_hex(6)
+        self._sequence = 0
+        self._fd: int | None = None
+        self._name = ""
+        self._size = 0
+        self._unsynced = False
+        # A failed fdatasync of a segment closed during the current batch: the
+        # batch's bodies there may be lost, so the whole batch fails.
+        self._lost: StoreUnavailable | None = None
+        # Segments closed during the current batch: locked until it commits.
+        self._retired: list[int] = []
+        self._next_sweep = 0.0
+        #: Segments this log deleted (for tests and metrics).
+        self.swept = 0
+
+    def _path(self, segment: str) -> str:
+        return os.path.join(self.directory, segment)
+
+    def append(self, body: bytes) -> tuple[str, int]:
+        """Write ``body`` to the open segment: its (segment, offset), durable after ``sync``."""
+        if self._fd is None or (self._size > 0 and self._size + len(body) > SEGMENT_SIZE):
+            self._next_segment()
+        assert self._fd is not None
+        offset = self._size
+        try:
+            with memoryview(body) as view:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self._fd, view[done:], offset + done)
+        except OSError as e:
+            # What was written is never referred to; the next append starts
+            # after it (a short write leaves the rest of the file unknown).
+            self._size = offset + len(body)
+            raise _body_log_error(e, self._path(self._name)) from e
+        self._size += len(body)
+        self._unsynced = True
+        return self._name, offset
+
+    def sync(self) -> None:
+        """
+        Make what the batch appended durable (before its ``COMMIT``), or
+        raise: then the batch must not commit.
+        """
+        lost, self._lost = self._lost, None
+        if lost is not None:
+            raise lost
+        self._sync_open_segment()
+
+    def _sync_open_segment(self) -> None:
+        if self._fd is not None and self._unsynced:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                # After a failed fdatasync the page cache no longer says what
+                # is on disk: nothing more goes to this segment.
+                self._retire()
+                raise _body_log_error(e, self._path(self._name)) from e
+            self._unsynced = False
+
+    def committed(self) -> None:
+        """The batch is over (committed or not): its closed segments may be swept."""
+        self._lost = None
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
+
+    def close(self) -> None:
+        self._retire()
+        self.committed()
+
+    def read(self, segment: str, offset: int, length: int) -> bytes:
+        """The body at ``offset`` in ``segment`` (any thread)."""
+        if not _SEGMENT_NAME.match(segment):
+            raise StoreUnavailable(f"spool database names a body segment {segment!r} that is not one")
+        path = self._path(segment)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreUnavailable(f"spool body file {path} is missing") from None
+        except OSError as e:
+            raise _body_log_error(e, path) from e
+        try:
+            parts = []
+            done = 0
+            while done < length:
+                part = os.pread(fd, length - done, offset + done)
+                if not part:
+                    raise StoreUnavailable(
+                        f"spool body file {path} ends at {offset + done} octets,"
+                        f" where the database says a body runs to {offset + length}"
+                    )
+                parts.append(part)
+                done += len(part)
+        except OSError as e:
+            raise _body_log_error(e, path) from e
+        finally:
+            os.close(fd)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _retire(self) -> None:
+        if self._fd is not None:
+            self._retired.append(self._fd)
+            self._fd = None
+            # Its unsynced octets, if any, are no row's: nothing commits them now.
+            self._unsynced = False
+
+    def _next_segment(self) -> None:
+        if self._fd is not None:
+            # The batch's bodies in it are made durable now; its lock is
+            # kept until the batch commits.
+            try:
+                self._sync_open_segment()
+            except StoreUnavailable as e:
+                self._lost = e
+                raise
+            self._retire()
+        try:
+            if not os.path.isdir(self.directory):
+                os.makedirs(self.directory, exist_ok=True)
+                _fsync_directory(os.path.dirname(os.path.abspath(self.directory)))
+            self._sequence += 1
+            name = f"{self._token}-{self._sequence:06d}"
+            # Locked under a name no sweep looks at, then renamed: a sweep
+            # never sees this segment unlocked.
+            fresh = self._path(name + ".new")
+            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(fresh, self._path(name))
+                _fsync_directory(self.directory)
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as e:
+            raise _body_log_error(e, self.directory) from e
+        self._fd, self._name, self._size = fd, name, 0
+
+    def sweep_now_and_then(self, conn: sqlite3.Connection) -> None:
+        """After a commit: ``sweep`` if ``SWEEP_INTERVAL`` has passed since the last."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            try:
+                self.sweep(conn)
+            except (OSError, sqlite3.Error):
+                # Retried at the next sweep; the space is only freed later.
+                pass
+
+    def sweep(self, conn: sqlite3.Connection) -> int:
+        """
+        Delete the segments that no message refers to and no writer holds
+        (writer thread, outside a transaction): how many.
+        """
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return 0
+        deleted = 0
+        for name in sorted(names):
+            if not _SEGMENT_NAME.match(name) or name == self._name:
+                continue
+            path = self._path(name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a writer still appends to it, or its batch is not committed
+                used = conn.execute(
+                    "SELECT 1 FROM messages WHERE log_segment = ? LIMIT 1", (name,)
+                ).fetchone()
+                if used is None:
+                    os.unlink(path)
+                    deleted += 1
+            finally:
+                os.close(fd)
+        self.swept += deleted
+        return deleted
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _body_log_error(e: OSError, path: str) -> StoreUnavailable:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"spool body file {path}: {e.strerror}")
+    return StoreUnavailable(f"spool body file {path}: {e.strerror or e}")
 
 
 class _Reader(_Worker):
@@ -788,7 +1050,7 @@ class SqliteSpoolStore:
                 rows.append(
                     head + (_pending_json(routes[e.route]),) + common + (expires, None, node, token, 0, 0)
                 )
-        return _Inserts([(message_id, body)], rows, attempts, stored)
+        return _Inserts([(message_id, body)], rows, attempts, stored, self._writer.bodies)
 
     def claim(
         self,
@@ -834,10 +1096,17 @@ class SqliteSpoolStore:
         return self._writer.submit(job)
 
     def body(self, message_id: str) -> Deferred[bytes]:
+        bodies = self._writer.bodies
+
         def job(conn: sqlite3.Connection) -> bytes:
-            row = conn.execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
+            row = conn.execute(
+                "SELECT body, log_segment, log_offset, log_length FROM messages WHERE id = ?",
+                (message_id,),
+            ).fetchone()
             if row is None:
                 raise KeyError(message_id)
+            if row[1] is not None:
+                return bodies.read(row[1], row[2], row[3])
             return bytes(row[0])
 
         return self._read(job)
@@ -1103,11 +1372,21 @@ class SqliteSpoolStore:
 _ADDED_COLUMNS = {"smtputf8": "INTEGER NOT NULL DEFAULT 0"}
 
 
+#: Columns added to ``messages`` since: where a body kept in the body log is.
+_ADDED_MESSAGE_COLUMNS = {"log_segment": "TEXT", "log_offset": "INTEGER", "log_length": "INTEGER"}
+
+
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    have = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
-    for name, definition in _ADDED_COLUMNS.items():
-        if name not in have:
-            conn.execute(f"ALTER TABLE entries ADD COLUMN {name} {definition}")
+    for table, added in (("entries", _ADDED_COLUMNS), ("messages", _ADDED_MESSAGE_COLUMNS)):
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, definition in added.items():
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+    # The sweep asks, per segment, whether any message still uses it.
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS messages_log_segment ON messages (log_segment)"
+        " WHERE log_segment IS NOT NULL"
+    )
 
 
 class _Inserts:
@@ -1124,19 +1403,40 @@ class _Inserts:
     were 32 or more such waits; merged they are two or three.
     """
 
-    __slots__ = ("messages", "entries", "attempts", "result")
+    __slots__ = ("bodies", "entries", "attempts", "result", "_log", "_messages")
 
     def __init__(
         self,
-        messages: list[tuple[Any, ...]],
+        bodies: list[tuple[str, bytes]],
         entries: list[tuple[Any, ...]],
         attempts: list[tuple[Any, ...]],
         result: Any,
+        log: _BodyLog,
     ) -> None:
-        self.messages = messages
+        #: (message id, body) of each message.
+        self.bodies = bodies
         self.entries = entries
         self.attempts = attempts
         self.result = result
+        self._log = log
+        self._messages: list[tuple[Any, ...]] | None = None
+
+    def message_rows(self) -> list[tuple[Any, ...]]:
+        """
+        The ``messages`` rows: a large body goes to the body log (on the
+        writer thread, the first time only: run again after a rollback, the
+        job refers to the octets it already wrote) and its row says where.
+        """
+        if self._messages is None:
+            rows: list[tuple[Any, ...]] = []
+            for message_id, body in self.bodies:
+                if len(body) > LOG_THRESHOLD:
+                    segment, offset = self._log.append(body)
+                    rows.append((message_id, b"", segment, offset, len(body)))
+                else:
+                    rows.append((message_id, body, None, None, None))
+            self._messages = rows
+        return self._messages
 
     def __call__(self, conn: sqlite3.Connection) -> Any:
         for table, rows in self.tables():
@@ -1146,7 +1446,7 @@ class _Inserts:
 
     def tables(self) -> tuple[tuple[str, list[tuple[Any, ...]]], ...]:
         """The rows per table, in the order they are inserted (a row's parent first)."""
-        return (("messages", self.messages), ("entries", self.entries), ("attempts", self.attempts))
+        return (("messages", self.message_rows()), ("entries", self.entries), ("attempts", self.attempts))
 
     @staticmethod
     def run_together(conn: sqlite3.Connection, group: Sequence[_Inserts]) -> list[Any]:
@@ -1222,7 +1522,7 @@ def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
 
 #: The columns ``_Inserts`` fills, per table.
 _INSERT_COLUMNS = {
-    "messages": ("id", "body"),
+    "messages": ("id", "body", "log_segment", "log_offset", "log_length"),
     "entries": (
         "id", "message_id", "route", "sender", "recipients", "created", "size", "helo",
         "client", "smtputf8", "next_attempt", "node", "lease_node", "lease_token", "attempts",

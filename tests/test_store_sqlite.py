@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -200,6 +201,14 @@ async def test_spool_file_without_smtputf8_column_still_opens(db: Path) -> None:
             attrs.evolve(utf8, smtputf8=True), b"x\r\n", {ROUTE: [ALICE]}, "dallas"
         )
         assert (await store.get(new_id)).smtputf8 is True
+        # Its messages table gets the body log's columns: old bodies read as
+        # before, new large ones go to the log.
+        assert await store.body("m1") == b"hi"
+        large = b"y" * (sqlite_store.LOG_THRESHOLD + 1)
+        [large_id] = await store.enqueue(ENVELOPE, large, {ROUTE: [ALICE]}, "dallas")
+        entry = await store.get(large_id)
+        assert entry is not None and await store.body(entry.message_id) == large
+        assert (await body_row(store, entry.message_id))[0] == b""
     finally:
         await store.close()
 
@@ -1084,15 +1093,20 @@ async def test_full_disk_fails_with_store_full(store: SqliteSpoolStore) -> None:
     """When the database cannot grow, enqueue fails with ``StoreFull`` and stores nothing."""
     await enqueue(store)
 
-    def cap(conn: sqlite3.Connection) -> None:
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+    def cap(more: int) -> Callable[[sqlite3.Connection], None]:
+        def run(conn: sqlite3.Connection) -> None:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages + more}")
 
-    await store.run(cap)
+        return run
+
+    await store.run(cap(0))
     with pytest.raises(StoreFull):
-        await enqueue(store, b"x" * 1_000_000)
+        # The largest body kept in the database itself: a page and more.
+        await enqueue(store, b"x" * sqlite_store.LOG_THRESHOLD)
     assert await table_sizes(store) == (1, 1, 0)
-    # Small messages still fit, and the store goes on working.
+    # Given room again, the store goes on working.
+    await store.run(cap(2))
     await enqueue(store, b"small\r\n")
     assert await table_sizes(store) == (2, 2, 0)
 
@@ -1105,3 +1119,270 @@ async def test_enqueue_leased_without_routes_stores_nothing(store: SqliteSpoolSt
     assert await store.enqueue_leased(ENVELOPE, b"m\r\n", {}, "dallas", 300) == []
     assert store.commits == before
     assert await table_sizes(store) == (0, 0, 0)
+
+
+# -- the body log: large bodies in segment files beside the database --------
+
+LARGE = b"".join(b"%07d " % i + b"x" * 90 + b"\r\n" for i in range(1000))  # 100 KB
+
+
+async def body_row(store: SqliteSpoolStore, message_id: str) -> tuple[Any, ...]:
+    """The ``messages`` row of ``message_id``: body, segment, offset, length."""
+
+    def job(conn: sqlite3.Connection) -> tuple[Any, ...]:
+        return tuple(
+            conn.execute(
+                "SELECT body, log_segment, log_offset, log_length FROM messages WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+        )
+
+    return await store.run(job)
+
+
+async def message_of(store: SqliteSpoolStore, entry_id: str) -> str:
+    entry = await store.get(entry_id)
+    assert entry is not None
+    return entry.message_id
+
+
+def segments(db: Path) -> list[str]:
+    directory = Path(str(db) + ".bodies")
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+async def deliver_all(store: SqliteSpoolStore) -> None:
+    """Claim every entry and record it delivered (its message goes too)."""
+    for lease in await store.claim("dallas", NOW + 3600, 1000, 60, 60):
+        await finish(store, lease)()
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_bodies_go_to_the_body_log_small_ones_stay_in_the_database(
+    store: SqliteSpoolStore, db: Path
+) -> None:
+    at_threshold = b"t" * sqlite_store.LOG_THRESHOLD
+    above = b"a" * (sqlite_store.LOG_THRESHOLD + 1)
+    ids = [await message_of(store, await enqueue(store, m)) for m in (at_threshold, above, LARGE)]
+    rows = [await body_row(store, i) for i in ids]
+    assert rows[0] == (at_threshold, None, None, None)
+    [segment] = segments(db)
+    # Appended one after the other to the same segment.
+    assert rows[1] == (b"", segment, 0, len(above))
+    assert rows[2] == (b"", segment, len(above), len(LARGE))
+    assert [await store.body(i) for i in ids] == [at_threshold, above, LARGE]
+
+
+async def in_one_batch(store: SqliteSpoolStore, messages: list[bytes]) -> list[tuple[bool, Any]]:
+    """Enqueue ``messages`` so that the writer runs them in one batch: queued behind a held job."""
+    started, gate = threading.Event(), threading.Event()
+    held = store.run(lambda conn: (started.set(), gate.wait(10)))
+    # Alone in its batch once it runs: what comes now waits for the next.
+    while not started.is_set():
+        await deferLater(reactor, 0.001, lambda: None)
+    waits = [Deferred.fromCoroutine(enqueue(store, m)) for m in messages]
+    gate.set()
+    await held
+    return await DeferredList(waits, consumeErrors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_segment_a_commit_refers_to_is_fdatasyncd_before_it(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also when the batch's bodies span two segments (one closed in its middle)."""
+    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+    events: list[str] = []
+    real_sync, real_write = os.fdatasync, os.pwrite
+
+    def name(fd: int) -> str:
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def fdatasync(fd: int) -> None:
+        events.append("fdatasync " + name(fd))
+        real_sync(fd)
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        events.append("pwrite " + name(fd))
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    await store.run(lambda conn: conn.set_trace_callback(events.append))
+    try:
+        results = await in_one_batch(store, [LARGE, LARGE + b"2\r\n"])
+    finally:
+        await store.run(lambda conn: conn.set_trace_callback(None))
+    assert [ok for ok, _ in results] == [True, True]
+    rows = [await body_row(store, await message_of(store, entry_id)) for _, entry_id in results]
+    assert rows[0][1] != rows[1][1]
+    commit = max(i for i, e in enumerate(events) if e == "COMMIT")
+    for _, segment, _, _ in rows:
+        last_write = max(i for i, e in enumerate(events) if e == f"pwrite {segment}")
+        assert any(
+            last_write < i < commit for i, e in enumerate(events) if e == f"fdatasync {segment}"
+        ), events
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_fdatasync_of_a_segment_closed_mid_batch_fails_the_whole_batch(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The first body goes to a segment that the second closes; that segment's
+    fdatasync fails.  The batch's commit would make the first body's row
+    point at octets that may be lost: every job of the batch fails.
+    """
+    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+    real = os.fdatasync
+    calls = []
+
+    def fails_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fails_once)
+    results = await in_one_batch(store, [LARGE, LARGE + b"2\r\n"])
+    assert [ok for ok, _ in results] == [False, False]
+    assert all(f.check(StoreUnavailable) for _, f in results)
+    assert await table_sizes(store) == (0, 0, 0)
+    monkeypatch.undo()
+    entry_id = await enqueue(store, LARGE)
+    assert await store.body(await message_of(store, entry_id)) == LARGE
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_fdatasync_fails_the_whole_batch_and_the_segment_is_left(
+    store: SqliteSpoolStore, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await enqueue(store, LARGE)
+    [first] = segments(db)
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    results = await DeferredList(
+        [Deferred.fromCoroutine(enqueue(store, m)) for m in (LARGE, b"small\r\n")],
+        consumeErrors=True,
+    )
+    # Both failed if they shared the batch; a large body never got a 250.
+    assert not results[0][0]
+    failure = results[0][1]
+    assert failure.check(StoreUnavailable) and not failure.check(StoreFull)
+    assert "Input/output error" in str(failure.value)
+    assert await table_sizes(store) == (1 + int(results[1][0]),) * 2 + (0,)
+    monkeypatch.undo()
+    # The next body goes to a new segment: after a failed fdatasync the old
+    # one's state on disk is unknown.
+    entry_id = await enqueue(store, LARGE)
+    assert (await body_row(store, await message_of(store, entry_id)))[1] != first
+    assert len(segments(db)) == 2
+    assert await store.body(await message_of(store, entry_id)) == LARGE
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_room_for_a_body_is_store_full_and_stores_nothing(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await enqueue(store, b"small\r\n")
+
+    def full(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(StoreFull, match="No space left"):
+        await enqueue(store, LARGE)
+    assert await table_sizes(store) == (1, 1, 0)
+    # What needs no body log still works; so does the log once there is room.
+    await enqueue(store, b"small\r\n")
+    monkeypatch.undo()
+    entry_id = await enqueue(store, LARGE)
+    assert await store.body(await message_of(store, entry_id)) == LARGE
+
+
+@pytest_twisted.ensureDeferred
+async def test_bodies_in_the_log_survive_close_and_reopen(db: Path) -> None:
+    store = open_store(db)
+    entry_id = await enqueue(store, LARGE)
+    await store.close()
+    store = open_store(db)
+    try:
+        assert await store.body(await message_of(store, entry_id)) == LARGE
+        # A reopened store writes a segment of its own, never after another's end.
+        await enqueue(store, LARGE + b"again\r\n")
+        assert len(segments(db)) == 2
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_segments_rotate_and_the_sweep_deletes_only_unused_ones(
+    store: SqliteSpoolStore, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 2 * len(LARGE) + 100)
+    ids = [await enqueue(store, LARGE + b"%d\r\n" % i) for i in range(5)]
+    messages = [await message_of(store, i) for i in ids]
+    names = [(await body_row(store, m))[1] for m in messages]
+    # Two bodies per segment (the third would not fit).
+    assert names[0] == names[1] != names[2] == names[3] != names[4]
+    assert segments(db) == sorted(set(names))
+    sweep = lambda: store.run(store._writer.bodies.sweep)  # noqa: E731
+    assert await sweep() == 0
+    # Deliver the first three: the first segment is unused; the second still
+    # has message 3, the third is the open one.
+    for lease in await store.claim("dallas", NOW + 3600, 3, 60, 60, ids=ids[:3]):
+        await finish(store, lease)()
+    assert await sweep() == 1
+    assert segments(db) == sorted({names[2], names[4]})
+    assert [await store.body(m) for m in messages[3:]] == [LARGE + b"3\r\n", LARGE + b"4\r\n"]
+    await deliver_all(store)
+    # The open segment stays, unused, for the next body.
+    assert await sweep() == 1
+    assert segments(db) == [names[4]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sweep_spares_a_segment_another_writer_still_holds(db: Path) -> None:
+    a, b = open_store(db), open_store(db)
+    try:
+        entry_id = await enqueue(a, LARGE)
+        [held] = segments(db)
+        # Unused, but a's open segment: b's sweep leaves it.
+        await deliver_all(b)
+        assert await a.get(entry_id) is None
+        assert await b.run(b._writer.bodies.sweep) == 0
+        assert segments(db) == [held]
+        await a.close()
+        # Its writer gone, the segment is anyone's to sweep.
+        assert await b.run(b._writer.bodies.sweep) == 1
+        assert segments(db) == []
+    finally:
+        await gatherResults([a.close(), b.close()])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_or_short_segment_is_a_clear_error(store: SqliteSpoolStore, db: Path) -> None:
+    message_id = await message_of(store, await enqueue(store, LARGE))
+    [segment] = segments(db)
+    path = Path(str(db) + ".bodies") / segment
+    os.truncate(path, len(LARGE) - 1)
+    with pytest.raises(StoreUnavailable, match=f"{path} ends at {len(LARGE) - 1} octets"):
+        await store.body(message_id)
+    path.unlink()
+    with pytest.raises(StoreUnavailable, match=f"{path} is missing"):
+        await store.body(message_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_short_writes_and_reads_are_continued(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write, real_read = os.pwrite, os.pread
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: real_write(fd, data[:7000], at))
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: real_read(fd, min(n, 5000), at))
+    ids = [await enqueue(store, m) for m in (LARGE, LARGE[::-1])]
+    for entry_id, body in zip(ids, (LARGE, LARGE[::-1]), strict=True):
+        assert await store.body(await message_of(store, entry_id)) == body
