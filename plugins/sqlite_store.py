@@ -26,8 +26,10 @@ but appended to segment files in ``<path>.bodies/`` (``_BodyLog``), each
 segment's new bodies fdatasync'd before the ``COMMIT`` that refers to them: a
 100 KB body is written to disk once, where in the database it was written to
 the log and then copied by the checkpoint into the database file.  A segment
-is deleted once no message refers to it.  The database and its ``.bodies``
-directory are one spool: back them up, move them and delete them together.
+is deleted once no message refers to it (and no writer holds it).  The
+database and its ``.bodies`` directory are one spool: back them up, move them
+and delete them together.  The spool's schema is in ``PRAGMA user_version``
+(``SCHEMA_VERSION``); a store refuses a spool of a newer schema.
 
 Configuration (the ``[store]`` table)::
 
@@ -38,6 +40,7 @@ Configuration (the ``[store]`` table)::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -313,6 +316,8 @@ class _Worker:
                         results = [
                             (d, False, StoreUnavailable(f"spool database: {e}")) for _, d in batch
                         ]
+                    finally:
+                        self._batch_over()
                     self._fire(results)
         finally:
             self._before_close()
@@ -322,6 +327,9 @@ class _Worker:
 
     def _before_close(self) -> None:
         """On the worker's thread, once its last job has run, before its connection closes."""
+
+    def _batch_over(self) -> None:
+        """On the worker's thread, after each batch, however it ended."""
 
     def _run_batch(
         self, batch: list[tuple[_Job, Deferred[Any]]]
@@ -506,23 +514,24 @@ class _Writer(_Worker):
         made durable first: a row never refers to octets a crash could lose.
         """
         try:
-            try:
-                self.bodies.sync()
-            except (StoreFull, StoreUnavailable) as e:
-                self._abort(conn)
-                return self._everyone_fails(batch, e)
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as e:
-                self._abort(conn)
-                return self._everyone_fails(batch, e)
-        finally:
-            self.bodies.committed()
+            self.bodies.sync()
+        except StoreUnavailable as e:
+            self._abort(conn)
+            return self._everyone_fails(batch, e)
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._abort(conn)
+            return self._everyone_fails(batch, e)
         self.commits += 1
+        self.bodies.batch_over()
         self.bodies.sweep_now_and_then(conn)
         if self.checkpointer is not None and self.commits % CHECKPOINT_EVERY == 0:
             self.checkpointer.want()
         return results
+
+    def _batch_over(self) -> None:
+        self.bodies.batch_over()
 
     def _before_close(self) -> None:
         self.bodies.close()
@@ -630,7 +639,9 @@ SEGMENT_SIZE = 16 * 1024 * 1024
 #: Seconds between the writer's sweeps for segments no message refers to.
 SWEEP_INTERVAL = 10.0
 
-_SEGMENT_NAME = re.compile(r"[0-9a-f]{12}-[0-9]{6}\Z")
+_SEGMENT_NAME = re.compile(r"[0-9a-f]{12}-[0-9]{6,}\Z")
+#: A segment being created (locked, not yet named); left behind only by a crash.
+_NEW_SEGMENT_NAME = re.compile(r"[0-9a-f]{12}-[0-9]{6,}\.new\Z")
 
 
 class _BodyLog:
@@ -664,7 +675,12 @@ class _BodyLog:
         self._lost: StoreUnavailable | None = None
         # Segments closed during the current batch: locked until it commits.
         self._retired: list[int] = []
+        self._directory_synced = False
         self._next_sweep = 0.0
+        # Segments the last sweep found unused: deleted if the next finds
+        # them unused too.  (A reader that has a body's row in its snapshot
+        # opens the segment a moment later; the time between sweeps covers it.)
+        self._unused: set[str] = set()
         #: Segments this log deleted (for tests and metrics).
         self.swept = 0
 
@@ -712,16 +728,25 @@ class _BodyLog:
                 raise _body_log_error(e, self._path(self._name)) from e
             self._unsynced = False
 
-    def committed(self) -> None:
-        """The batch is over (committed or not): its closed segments may be swept."""
+    def batch_over(self) -> None:
+        """
+        The batch is over, committed or not (writer thread, after every
+        batch): the segments closed during it may be swept, and what it
+        appended and did not commit is no row's.
+        """
         self._lost = None
-        for fd in self._retired:
-            os.close(fd)
-        self._retired.clear()
+        self._unsynced = False
+        retired, self._retired = self._retired, []
+        for fd in retired:
+            try:
+                os.close(fd)
+            except OSError:
+                # The lock goes with the descriptor, closed or not.
+                pass
 
     def close(self) -> None:
         self._retire()
-        self.committed()
+        self.batch_over()
 
     def read(self, segment: str, offset: int, length: int) -> bytes:
         """The body at ``offset`` in ``segment`` (any thread)."""
@@ -770,9 +795,12 @@ class _BodyLog:
                 raise
             self._retire()
         try:
-            if not os.path.isdir(self.directory):
+            if not self._directory_synced:
+                # Whoever made the directory, its entry must be durable before
+                # a row refers to a segment in it.
                 os.makedirs(self.directory, exist_ok=True)
                 _fsync_directory(os.path.dirname(os.path.abspath(self.directory)))
+                self._directory_synced = True
             self._sequence += 1
             name = f"{self._token}-{self._sequence:06d}"
             # Locked under a name no sweep looks at, then renamed: a sweep
@@ -801,39 +829,65 @@ class _BodyLog:
                 # Retried at the next sweep; the space is only freed later.
                 pass
 
-    def sweep(self, conn: sqlite3.Connection) -> int:
+    def sweep(self, conn: sqlite3.Connection, now: float | None = None) -> int:
         """
-        Delete the segments that no message refers to and no writer holds
-        (writer thread, outside a transaction): how many.
+        Delete the segments that no message refers to, that the previous
+        sweep found unused too, and that no writer holds (writer thread,
+        outside a transaction): how many.  Also a ``.new`` file a crash left
+        behind, an hour on.
         """
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return 0
+        unused = set()
         deleted = 0
         for name in sorted(names):
-            if not _SEGMENT_NAME.match(name) or name == self._name:
+            if _NEW_SEGMENT_NAME.match(name):
+                path = self._path(name)
+                with contextlib.suppress(OSError):
+                    if (time.time() if now is None else now) - os.stat(path).st_mtime > 3600:
+                        deleted += self._delete_if_free(path, None, conn)
                 continue
-            path = self._path(name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
+            if not _SEGMENT_NAME.match(name) or name == self._name or self._used(conn, name):
                 continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a writer still appends to it, or its batch is not committed
-                used = conn.execute(
-                    "SELECT 1 FROM messages WHERE log_segment = ? LIMIT 1", (name,)
-                ).fetchone()
-                if used is None:
-                    os.unlink(path)
-                    deleted += 1
-            finally:
-                os.close(fd)
+            if name not in self._unused:
+                unused.add(name)
+                continue
+            if not self._delete_if_free(self._path(name), name, conn):
+                unused.add(name)  # held by a writer: not yet
+            else:
+                deleted += 1
+        self._unused = unused
         self.swept += deleted
         return deleted
+
+    @staticmethod
+    def _used(conn: sqlite3.Connection, name: str) -> bool:
+        return (
+            conn.execute("SELECT 1 FROM messages WHERE log_segment = ? LIMIT 1", (name,)).fetchone()
+            is not None
+        )
+
+    def _delete_if_free(self, path: str, name: str | None, conn: sqlite3.Connection) -> int:
+        """Delete ``path`` if no writer holds it and (for a segment) still no row uses it."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a writer appends to it, or its batch is not committed
+            # Asked again under the lock: a batch that committed a row using
+            # it after the first question released the lock only after that.
+            if name is not None and self._used(conn, name):
+                return 0
+            os.unlink(path)
+            return 1
+        finally:
+            os.close(fd)
 
 
 def _fsync_directory(path: str) -> None:
@@ -1376,17 +1430,39 @@ _ADDED_COLUMNS = {"smtputf8": "INTEGER NOT NULL DEFAULT 0"}
 _ADDED_MESSAGE_COLUMNS = {"log_segment": "TEXT", "log_offset": "INTEGER", "log_length": "INTEGER"}
 
 
+#: The spool's schema, in ``PRAGMA user_version``.  1: bodies may be in the
+#: body log (a hub before it would read them as empty: it must not open such
+#: a spool, and any later one refuses a spool of a schema it does not know).
+SCHEMA_VERSION = 1
+
+
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    for table, added in (("entries", _ADDED_COLUMNS), ("messages", _ADDED_MESSAGE_COLUMNS)):
-        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        for name, definition in added.items():
-            if name not in have:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
-    # The sweep asks, per segment, whether any message still uses it.
-    conn.execute(
-        "CREATE INDEX IF NOT EXISTS messages_log_segment ON messages (log_segment)"
-        " WHERE log_segment IS NOT NULL"
-    )
+    """Bring a spool of an earlier schema up to ``SCHEMA_VERSION`` (in one transaction)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"the spool was written by a newer mailhub (schema {version};"
+                f" this one knows up to {SCHEMA_VERSION})"
+            )
+        for table, added in (("entries", _ADDED_COLUMNS), ("messages", _ADDED_MESSAGE_COLUMNS)):
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            for name, definition in added.items():
+                if name not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+        # The sweep asks, per segment, whether any message still uses it.
+        conn.execute(
+            "CREATE INDEX IF NOT EXISTS messages_log_segment ON messages (log_segment)"
+            " WHERE log_segment IS NOT NULL"
+        )
+        if version < SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 class _Inserts:

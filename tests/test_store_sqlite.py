@@ -1173,17 +1173,27 @@ async def test_large_bodies_go_to_the_body_log_small_ones_stay_in_the_database(
     assert [await store.body(i) for i in ids] == [at_threshold, above, LARGE]
 
 
-async def in_one_batch(store: SqliteSpoolStore, messages: list[bytes]) -> list[tuple[bool, Any]]:
-    """Enqueue ``messages`` so that the writer runs them in one batch: queued behind a held job."""
+async def in_one_batch(
+    store: SqliteSpoolStore, messages: list[bytes], *jobs: Callable[[sqlite3.Connection], Any]
+) -> list[tuple[bool, Any]]:
+    """
+    Enqueue ``messages`` (then submit ``jobs``) so that the writer runs them
+    in one batch: queued behind a held job.
+    """
     started, gate = threading.Event(), threading.Event()
     held = store.run(lambda conn: (started.set(), gate.wait(10)))
     # Alone in its batch once it runs: what comes now waits for the next.
     while not started.is_set():
         await deferLater(reactor, 0.001, lambda: None)
+    before = store.commits
     waits = [Deferred.fromCoroutine(enqueue(store, m)) for m in messages]
+    waits += [store.run(job) for job in jobs]
     gate.set()
     await held
-    return await DeferredList(waits, consumeErrors=True)
+    results = await DeferredList(waits, consumeErrors=True)
+    # The held job's batch, and at most one more.
+    assert store.commits - before <= 2
+    return results
 
 
 @pytest_twisted.ensureDeferred
@@ -1335,11 +1345,14 @@ async def test_segments_rotate_and_the_sweep_deletes_only_unused_ones(
     # has message 3, the third is the open one.
     for lease in await store.claim("dallas", NOW + 3600, 3, 60, 60, ids=ids[:3]):
         await finish(store, lease)()
+    # Unused at two sweeps in a row, then deleted.
+    assert await sweep() == 0
     assert await sweep() == 1
     assert segments(db) == sorted({names[2], names[4]})
     assert [await store.body(m) for m in messages[3:]] == [LARGE + b"3\r\n", LARGE + b"4\r\n"]
     await deliver_all(store)
     # The open segment stays, unused, for the next body.
+    assert await sweep() == 0
     assert await sweep() == 1
     assert segments(db) == [names[4]]
 
@@ -1353,6 +1366,7 @@ async def test_the_sweep_spares_a_segment_another_writer_still_holds(db: Path) -
         # Unused, but a's open segment: b's sweep leaves it.
         await deliver_all(b)
         assert await a.get(entry_id) is None
+        assert await b.run(b._writer.bodies.sweep) == 0
         assert await b.run(b._writer.bodies.sweep) == 0
         assert segments(db) == [held]
         await a.close()
@@ -1386,3 +1400,104 @@ async def test_short_writes_and_reads_are_continued(
     ids = [await enqueue(store, m) for m in (LARGE, LARGE[::-1])]
     for entry_id, body in zip(ids, (LARGE, LARGE[::-1]), strict=True):
         assert await store.body(await message_of(store, entry_id)) == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_segment_number_past_six_digits_is_still_a_segment(
+    store: SqliteSpoolStore, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+    await enqueue(store, b"small\r\n")  # the writer (and its body log) is up
+    store._writer.bodies._sequence = 999_999
+    message_id = await message_of(store, await enqueue(store, LARGE))
+    assert (await body_row(store, message_id))[1].endswith("-1000000")
+    assert await store.body(message_id) == LARGE
+    await deliver_all(store)
+    store._writer.bodies._sequence = 5_000_000
+    await enqueue(store, LARGE)  # the next segment: -1000000 is no longer open
+    sweep = lambda: store.run(store._writer.bodies.sweep)  # noqa: E731
+    assert [await sweep(), await sweep()] == [0, 1]
+    assert [name[-8:] for name in segments(db)] == ["-5000001"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_that_ends_without_a_commit_leaves_nothing_for_the_next(
+    store: SqliteSpoolStore, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A batch whose transaction SQLite rolled back (here, a job that ends it)
+    after a segment's fdatasync failed: the next batch neither inherits the
+    failure nor keeps the closed segment locked.
+    """
+    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def fails_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    def ends_the_transaction(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("the transaction was rolled back")
+
+    monkeypatch.setattr(os, "fdatasync", fails_once)
+    results = await in_one_batch(store, [LARGE, LARGE + b"2\r\n"], ends_the_transaction)
+    assert not any(ok for ok, _ in results)
+    assert await table_sizes(store) == (0, 0, 0)
+    # The next batch, small or large, is not failed by what came before.
+    await enqueue(store, b"small\r\n")
+    entry_id = await enqueue(store, LARGE)
+    assert await store.body(await message_of(store, entry_id)) == LARGE
+    # The two segments of the failed batch are no one's now: swept.
+    sweep = lambda: store.run(store._writer.bodies.sweep)  # noqa: E731
+    assert [await sweep(), await sweep()] == [0, 2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spool_of_a_newer_schema_is_refused(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {sqlite_store.SCHEMA_VERSION + 1}")
+    conn.close()
+    store = open_store(db)
+    try:
+        with pytest.raises(StoreUnavailable, match="written by a newer mailhub"):
+            await enqueue(store)
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_file_left_by_a_crash_is_swept_an_hour_on(store: SqliteSpoolStore, db: Path) -> None:
+    await enqueue(store, LARGE)
+    directory = Path(str(db) + ".bodies")
+    left = directory / "0123456789ab-000001.new"
+    left.write_bytes(b"half")
+    bodies = store._writer.bodies
+    assert await store.run(lambda conn: bodies.sweep(conn, now=left.stat().st_mtime + 60)) == 0
+    assert left.exists()
+    assert await store.run(lambda conn: bodies.sweep(conn, now=left.stat().st_mtime + 3601)) == 1
+    assert not left.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sweep_asks_again_under_the_lock(db: Path) -> None:
+    """
+    Between the sweep's question (no row uses the segment) and its taking
+    the lock, the segment's writer may commit a row using it and let go:
+    under the lock the sweep asks again, and keeps the segment.
+    """
+    a = open_store(db)
+    message_id = await message_of(a, await enqueue(a, LARGE))
+    [name] = segments(db)
+    await a.close()
+    b = open_store(db)
+    try:
+        path = str(Path(str(db) + ".bodies") / name)
+        bodies = b._writer.bodies
+        assert await b.run(lambda conn: bodies._delete_if_free(path, name, conn)) == 0
+        assert await b.body(message_id) == LARGE
+    finally:
+        await b.close()
