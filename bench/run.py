@@ -1,7 +1,7 @@
 """
 mailhub against Postfix, side by side, on this machine.
 
-    .venv/bin/python bench/run.py                # default: 10,000 messages, 2 rounds
+    .venv/bin/python bench/run.py                # default: 10,000 messages, 3 rounds
     .venv/bin/python bench/run.py --quick        # a smoke run: small counts, 1 round
     .venv/bin/python bench/run.py --full         # P3 with 100,000 and P4 with 1,000,000 entries
 
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, help="messages per P1/P2 run (default 10000)")
     p.add_argument("--size", dest="sizes", action="append", help="message size, e.g. 4k (repeatable; default 4k and 100k)")
     p.add_argument("--drain", type=int, help="deferred entries for P3 (default 10000; 100000 with --full)")
-    p.add_argument("--rounds", type=int, help="rounds per figure; systems alternate order (default 2)")
+    p.add_argument("--rounds", type=int, help="rounds per figure; systems alternate order (default 3: the median of 3 leaves out one outlying round)")
     p.add_argument("--connections", type=int, default=20,
                    help="destination concurrency: hub max_connections = Postfix relay_destination_concurrency_limit"
                    " (default 20, Postfix's default)")
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.messages = args.messages or 10000
         args.drain = args.drain or (100000 if args.full else 10000)
-        args.rounds = args.rounds or 2
+        args.rounds = args.rounds or 3
         args.scale_small, args.scale_large = 10000, (1000000 if args.full else 100000)
     args.sizes = [parse_size(s) for s in (args.sizes or ["4k", "100k"])]
     args.scale_size = 4096
