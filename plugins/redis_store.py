@@ -8,6 +8,12 @@ none, and a claim leases each due entry to exactly one node.  Claiming sets
 its entry is simply due again.  ``record`` and ``release`` act only while the
 entry still carries their lease's token.
 
+The ``record`` and ``body`` calls made in one turn of the reactor go to Redis
+together, as one script each (``_RECORD_MANY``, ``_BODIES``), each call still
+getting its own result: in a drain, deliveries end and bodies are read ahead
+many at a time, and every call to Redis costs the reactor thread a reply to
+parse and a timeout to arm.  If the shared script fails, every call in it does.
+
 Durability is Redis's: run it with ``appendonly yes`` and ``appendfsync
 always`` so that a reply means the write is on disk, and/or set
 ``wait_replicas`` so that ``enqueue`` and ``record`` also wait for ``WAIT``
@@ -277,6 +283,30 @@ schedule(id, ARGV[6], ARGV[5], held)
 return tonumber(held) + 1
 """)
 
+# ARGV: prefix, n, then per record the 8 arguments of _RECORD after its
+# prefix.  Returns the list of what _RECORD returns for each, in order.
+_RECORD_MANY = _script(
+    "local function record(ARGV)\n"
+    + _RECORD[len(_PRELUDE):]
+    + """end
+local out, n = {}, tonumber(ARGV[2])
+for i = 0, n - 1 do
+  local args = {ARGV[1]}
+  for j = 1, 8 do args[j + 1] = ARGV[2 + i * 8 + j] end
+  out[i + 1] = record(args)
+end
+return out
+""")
+
+# ARGV: prefix, then message ids.  Returns their bodies (nil for one not there).
+_BODIES = _script("""
+local out = {}
+for i = 2, #ARGV do
+  out[i - 1] = redis.call('HGET', P .. 'm:' .. ARGV[i], 'body') or false
+end
+return out
+""")
+
 # ARGV: prefix, id, token, now.
 _RELEASE = _script("""
 local id, k = ARGV[2], ekey(ARGV[2])
@@ -523,6 +553,20 @@ def _matches(e: Entry, f: EntryFilter) -> bool:
 # -- the store --------------------------------------------------------------
 
 
+def _answer_each(d: Deferred[list[Any]], waiting: list[Deferred[Any]]) -> None:
+    """Fire each of ``waiting`` with its item of ``d``'s list, or all with its failure."""
+
+    def answered(results: list[Any]) -> None:
+        for each, result in zip(waiting, results, strict=True):
+            each.callback(result)
+
+    def failed(failure: Failure) -> None:
+        for each in waiting:
+            each.errback(failure)
+
+    d.addCallbacks(answered, failed)
+
+
 @implementer(ISpoolStore, INodeRegistry)
 @define
 class RedisSpoolStore:
@@ -547,6 +591,8 @@ class RedisSpoolStore:
     _wait_replicas: int = 0
     _max_spool_bytes: int = 0
     _disconnect: Callable[[], Deferred[Any]] = field(default=lambda: succeed(None))
+    _records: list[tuple[tuple[str | int, ...], Deferred[int]]] = field(init=False, factory=list)
+    _bodies: list[tuple[str, Deferred[bytes | None]]] = field(init=False, factory=list)
 
     # -- plumbing -------------------------------------------------------
 
@@ -748,8 +794,17 @@ class RedisSpoolStore:
                 raise KeyError(message_id)
             return body
 
-        key = f"{self._prefix}m:{message_id}"
-        return self._command("body", "HGET", key, "body").addCallback(found)
+        d: Deferred[bytes | None] = Deferred()
+        self._bodies.append((message_id, d))
+        if len(self._bodies) == 1:
+            self._reactor.callLater(0, self._send_body_reads)
+        return d.addCallback(found)
+
+    def _send_body_reads(self) -> None:
+        """The bodies asked for in one turn of the reactor (a claimed batch's), in one script."""
+        reads, self._bodies = self._bodies, []
+        d = self._eval(_BODIES, "body", *(message_id for message_id, _ in reads))
+        _answer_each(d, [waiting for _, waiting in reads])
 
     def record(self, lease: Lease, attempt: Attempt, decision: Decision) -> Deferred[Entry | None]:
         entry = apply_decision(lease.entry, decision)
@@ -761,19 +816,37 @@ class RedisSpoolStore:
                 return None
             return evolve(entry, held=result == 2)
 
-        d = self._eval_replicated(
-            _RECORD,
-            "record",
-            entry.id,
-            lease.token,
-            _entry_json(entry),
-            _num(entry.next_attempt),
-            entry.node or "",
-            len(entry.pending),
-            "1" if entry.held else "0",
-            _attempt_json(attempt),
+        d: Deferred[int] = Deferred()
+        self._records.append(
+            (
+                (
+                    entry.id,
+                    lease.token,
+                    _entry_json(entry),
+                    _num(entry.next_attempt),
+                    entry.node or "",
+                    len(entry.pending),
+                    "1" if entry.held else "0",
+                    _attempt_json(attempt),
+                ),
+                d,
+            )
         )
+        if len(self._records) == 1:
+            self._reactor.callLater(0, self._send_records)
         return d.addCallback(done)
+
+    def _send_records(self) -> None:
+        """
+        The records asked for in one turn of the reactor, in one script: a
+        drain's deliveries end together, and each call to Redis costs the
+        reactor thread a reply to parse and a timeout to arm.
+        """
+        records, self._records = self._records, []
+        d = self._eval_replicated(
+            _RECORD_MANY, "record", len(records), *(a for args, _ in records for a in args)
+        )
+        _answer_each(d, [waiting for _, waiting in records])
 
     def release(self, lease: Lease, now: float) -> Deferred[None]:
         d = self._eval(_RELEASE, "release", lease.entry.id, lease.token, _num(now))

@@ -496,3 +496,86 @@ async def test_sentinel_failover_loses_no_acknowledged_entry(
     finally:
         sentinel.stop()
         replica.stop()
+
+
+def script_calls(server: RedisServer) -> int:
+    """How many scripts the server has run (EVALSHA and EVAL), from ``INFO commandstats``."""
+    stats = server.info("commandstats")
+    total = 0
+    for command in ("cmdstat_evalsha", "cmdstat_eval"):
+        if command in stats:
+            total += int(stats[command].split(",")[0].split("=")[1])
+    return total
+
+
+@pytest_twisted.ensureDeferred
+async def test_bodies_asked_for_in_one_turn_are_read_by_one_script(
+    own_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    store = stores(own_server)
+    bodies = [MESSAGE + b"%d\r\n" % i for i in range(5)]
+    messages = []
+    for body in bodies:
+        [entry_id] = await store.enqueue(ENVELOPE, body, {ROUTE: [ALICE]}, "dallas")
+        entry = await store.get(entry_id)
+        assert entry is not None
+        messages.append(entry.message_id)
+    await store.body(messages[0])  # Redis learns the script (EVALSHA, then EVAL)
+    before = script_calls(own_server)
+    results = await DeferredList(
+        [store.body(m) for m in messages[:3]] + [store.body("nosuch")] + [store.body(m) for m in messages[3:]],
+        consumeErrors=True,
+    )
+    assert script_calls(own_server) - before == 1
+    assert [value for ok, value in results if ok] == bodies
+    # The one that is not there fails alone, as a lone read would.
+    [(ok, failure)] = [r for r in results if not r[0]]
+    assert failure.check(KeyError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_made_in_one_turn_go_in_one_script_each_with_its_own_result(
+    own_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    store = stores(own_server)
+    for _ in range(4):
+        await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+    first, *leases = await store.claim("dallas", NOW, 10, LEASE, TAKEOVER)
+    assert len(leases) == 3
+    await store.record(first, *deliver(first))  # Redis learns the script
+    # The second lease is no longer this node's: its record fails alone.
+    stolen = await store.claim("losangeles", leases[1].expires, 10, LEASE, TAKEOVER, ids=[leases[1].entry.id])
+    assert len(stolen) == 1
+    before = script_calls(own_server)
+    results = await DeferredList(
+        [
+            store.record(leases[0], *deliver(leases[0])),
+            store.record(leases[1], *deliver(leases[1])),
+            store.record(leases[2], *defer_to(leases[2], NOW + 1200, "losangeles")),
+        ],
+        consumeErrors=True,
+    )
+    assert script_calls(own_server) - before == 1
+    assert results[0] == (True, None)
+    assert not results[1][0] and results[1][1].check(LeaseLost)
+    assert results[2][0] and results[2][1].next_attempt == NOW + 1200
+    assert await store.get(leases[0].entry.id) is None
+    assert (await store.get(leases[2].entry.id)).node == "losangeles"  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_shared_script_fails_every_call_that_was_in_it(
+    own_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    store = stores(own_server, command_timeout=1.0, reconnect_max_delay=0.5)
+    [entry_id] = await store.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, "dallas")
+    entry = await store.get(entry_id)
+    assert entry is not None
+    [lease] = await store.claim("dallas", NOW, 10, LEASE, TAKEOVER)
+    own_server.stop()
+    results = await DeferredList(
+        [store.body(entry.message_id), store.body(entry.message_id), store.record(lease, *deliver(lease))],
+        consumeErrors=True,
+    )
+    assert [ok for ok, _ in results] == [False, False, False]
+    assert all(f.check(StoreUnavailable) for _, f in results)
