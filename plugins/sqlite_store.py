@@ -26,7 +26,9 @@ but appended to segment files in ``<path>.bodies/`` (``_BodyLog``), each
 segment's new bodies fdatasync'd before the ``COMMIT`` that refers to them: a
 100 KB body is written to disk once, where in the database it was written to
 the log and then copied by the checkpoint into the database file.  A segment
-is deleted once no message refers to it (and no writer holds it).  The
+is deleted once no message refers to it (and no writer holds it); one that
+is mostly unused has its bodies still in use copied forward first
+(``_BodyLog.compact``), so a long-deferred message keeps no whole segment.  The
 database and its ``.bodies`` directory are one spool: back them up, move them
 and delete them together.  The spool's schema is in ``PRAGMA user_version``
 (``SCHEMA_VERSION``); a store refuses a spool of a newer schema.
@@ -319,6 +321,7 @@ class _Worker:
                     finally:
                         self._batch_over()
                     self._fire(results)
+                    self._between_batches()
         finally:
             self._before_close()
             if self._conn is not None:
@@ -330,6 +333,9 @@ class _Worker:
 
     def _batch_over(self) -> None:
         """On the worker's thread, after each batch, however it ended."""
+
+    def _between_batches(self) -> None:
+        """On the worker's thread, after a batch's results are on their way."""
 
     def _run_batch(
         self, batch: list[tuple[_Job, Deferred[Any]]]
@@ -525,13 +531,17 @@ class _Writer(_Worker):
             return self._everyone_fails(batch, e)
         self.commits += 1
         self.bodies.batch_over()
-        self.bodies.sweep_now_and_then(conn)
         if self.checkpointer is not None and self.commits % CHECKPOINT_EVERY == 0:
             self.checkpointer.want()
         return results
 
     def _batch_over(self) -> None:
         self.bodies.batch_over()
+
+    def _between_batches(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.in_transaction:
+            self.bodies.sweep_now_and_then(conn)
 
     def _before_close(self) -> None:
         self.bodies.close()
@@ -639,6 +649,12 @@ SEGMENT_SIZE = 16 * 1024 * 1024
 #: Seconds between the writer's sweeps for segments no message refers to.
 SWEEP_INTERVAL = 10.0
 
+#: A closed segment at most this fraction of which is still in use, with
+#: at least ``COMPACT_MIN_DEAD`` octets not in use, has its bodies still in
+#: use copied to the open segment (``_BodyLog.compact``), so that it can go.
+COMPACT_LIVE_FRACTION = 0.25
+COMPACT_MIN_DEAD = 4 * 1024 * 1024
+
 _SEGMENT_NAME = re.compile(r"[0-9a-f]{12}-[0-9]{6,}\Z")
 #: A segment being created (locked, not yet named); left behind only by a crash.
 _NEW_SEGMENT_NAME = re.compile(r"[0-9a-f]{12}-[0-9]{6,}\.new\Z")
@@ -681,8 +697,9 @@ class _BodyLog:
         # them unused too.  (A reader that has a body's row in its snapshot
         # opens the segment a moment later; the time between sweeps covers it.)
         self._unused: set[str] = set()
-        #: Segments this log deleted (for tests and metrics).
+        #: Segments this log deleted, and compacted (for tests and metrics).
         self.swept = 0
+        self.compacted = 0
 
     def _path(self, segment: str) -> str:
         return os.path.join(self.directory, segment)
@@ -760,22 +777,9 @@ class _BodyLog:
         except OSError as e:
             raise _body_log_error(e, path) from e
         try:
-            parts = []
-            done = 0
-            while done < length:
-                part = os.pread(fd, length - done, offset + done)
-                if not part:
-                    raise StoreUnavailable(
-                        f"spool body file {path} ends at {offset + done} octets,"
-                        f" where the database says a body runs to {offset + length}"
-                    )
-                parts.append(part)
-                done += len(part)
-        except OSError as e:
-            raise _body_log_error(e, path) from e
+            return _read_exactly(fd, offset, length, path)
         finally:
             os.close(fd)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _retire(self) -> None:
         if self._fd is not None:
@@ -819,15 +823,94 @@ class _BodyLog:
         self._fd, self._name, self._size = fd, name, 0
 
     def sweep_now_and_then(self, conn: sqlite3.Connection) -> None:
-        """After a commit: ``sweep`` if ``SWEEP_INTERVAL`` has passed since the last."""
+        """
+        Between batches: ``sweep``, then ``compact`` one segment, if
+        ``SWEEP_INTERVAL`` has passed since the last time.
+        """
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
             try:
                 self.sweep(conn)
-            except (OSError, sqlite3.Error):
+                self.compact(conn)
+            except (OSError, sqlite3.Error, StoreUnavailable):
                 # Retried at the next sweep; the space is only freed later.
                 pass
+
+    def compact(self, conn: sqlite3.Connection) -> bool:
+        """
+        Copy the bodies still in use in a closed segment that is mostly
+        unused (at most ``COMPACT_LIVE_FRACTION`` of it in use, and at least
+        ``COMPACT_MIN_DEAD`` octets unused) to the open segment, and point
+        their rows there, in one transaction committed after the copies are
+        fdatasync'd.  The old segment, now unused, goes at a later sweep.
+        Without this, one long-deferred message would keep a whole segment.
+        Writer thread; one segment at a time.  Outside a transaction it runs
+        in one of its own; inside a writer batch's, that batch's commit
+        makes the copies durable first.
+
+        :returns: whether a segment was compacted.
+        """
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return False
+        for name in names:
+            if not _SEGMENT_NAME.match(name) or name == self._name:
+                continue
+            count, live = conn.execute(
+                "SELECT count(*), coalesce(sum(log_length), 0) FROM messages WHERE log_segment = ?",
+                (name,),
+            ).fetchone()
+            path = self._path(name)
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                continue
+            dead = size - live
+            if count == 0 or live > size * COMPACT_LIVE_FRACTION or dead < COMPACT_MIN_DEAD:
+                continue
+            if self._compact(conn, name, path):
+                return True
+        return False
+
+    def _compact(self, conn: sqlite3.Connection, name: str, path: str) -> bool:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # its writer still holds it
+            # Run as a job of a batch (a test's, an operator's), the batch's
+            # commit makes the copies durable first, as for any new body.
+            own = not conn.in_transaction
+            if own:
+                conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    "SELECT id, log_offset, log_length FROM messages WHERE log_segment = ?", (name,)
+                ).fetchall()
+                for message_id, offset, length in rows:
+                    body = _read_exactly(fd, offset, length, path)
+                    segment, new_offset = self.append(body)
+                    conn.execute(
+                        "UPDATE messages SET log_segment = ?, log_offset = ? WHERE id = ?",
+                        (segment, new_offset, message_id),
+                    )
+                if own:
+                    self.sync()
+                    conn.execute("COMMIT")
+            except BaseException:
+                if own and conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            finally:
+                if own:
+                    self.batch_over()
+            self.compacted += 1
+            return True
+        finally:
+            os.close(fd)
 
     def sweep(self, conn: sqlite3.Connection, now: float | None = None) -> int:
         """
@@ -888,6 +971,25 @@ class _BodyLog:
             return 1
         finally:
             os.close(fd)
+
+
+def _read_exactly(fd: int, offset: int, length: int, path: str) -> bytes:
+    """``length`` octets at ``offset`` of the segment open as ``fd`` (at ``path``)."""
+    parts = []
+    done = 0
+    try:
+        while done < length:
+            part = os.pread(fd, length - done, offset + done)
+            if not part:
+                raise StoreUnavailable(
+                    f"spool body file {path} ends at {offset + done} octets,"
+                    f" where the database says a body runs to {offset + length}"
+                )
+            parts.append(part)
+            done += len(part)
+    except OSError as e:
+        raise _body_log_error(e, path) from e
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _fsync_directory(path: str) -> None:

@@ -1501,3 +1501,156 @@ async def test_the_sweep_asks_again_under_the_lock(db: Path) -> None:
         assert await b.body(message_id) == LARGE
     finally:
         await b.close()
+
+
+async def four_in_a_segment_one_left(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str, str]:
+    """
+    Four large bodies fill a (small) segment, a fifth opens the next; the
+    first three are delivered.  Returns the closed segment, the message left
+    in it and the open segment.
+    """
+    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 4 * len(LARGE) + 100)
+    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 0)
+    ids = [await enqueue(store, LARGE + b"%d\r\n" % i) for i in range(5)]
+    rows = [await body_row(store, await message_of(store, i)) for i in ids]
+    assert len({r[1] for r in rows[:4]}) == 1 and rows[4][1] != rows[0][1]
+    for lease in await store.claim("dallas", NOW + 3600, 3, 60, 60, ids=ids[:3]):
+        await finish(store, lease)()
+    return rows[0][1], await message_of(store, ids[3]), rows[4][1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mostly_unused_segment_is_compacted_then_swept(
+    store: SqliteSpoolStore, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed, left, open_segment = await four_in_a_segment_one_left(store, monkeypatch)
+    bodies = store._writer.bodies
+    assert await store.run(bodies.compact) is True
+    body, segment, offset, length = await body_row(store, left)
+    assert (body, segment, length) == (b"", open_segment, len(LARGE) + 3)
+    assert offset == len(LARGE) + 3  # after the fifth message's body
+    assert await store.body(left) == LARGE + b"3\r\n"
+    # Nothing is left to compact; the old segment goes at the second sweep.
+    assert await store.run(bodies.compact) is False
+    sweep = lambda: store.run(bodies.sweep)  # noqa: E731
+    assert [await sweep(), await sweep()] == [0, 1]
+    assert segments(db) == [open_segment]
+    assert closed not in segments(db)
+
+
+@pytest_twisted.ensureDeferred
+async def test_compaction_commits_only_after_the_copies_are_fdatasyncd(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, left, open_segment = await four_in_a_segment_one_left(store, monkeypatch)
+    events: list[str] = []
+    real_sync, real_write = os.fdatasync, os.pwrite
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("fdatasync"), real_sync(fd))[1])
+    monkeypatch.setattr(os, "pwrite", lambda fd, d, at: (events.append("pwrite"), real_write(fd, d, at))[1])
+    await store.run(lambda conn: conn.set_trace_callback(events.append))
+    try:
+        assert await store.run(store._writer.bodies.compact) is True
+    finally:
+        await store.run(lambda conn: conn.set_trace_callback(None))
+    update = events.index(next(e for e in events if e.startswith("UPDATE messages")))
+    commit = events.index("COMMIT", update)
+    last_write = max(i for i, e in enumerate(events) if e == "pwrite")
+    assert any(last_write < i < commit for i, e in enumerate(events) if e == "fdatasync"), events
+    assert (await body_row(store, left))[1] == open_segment
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_compaction_leaves_every_row_where_it_was(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed, left, _ = await four_in_a_segment_one_left(store, monkeypatch)
+    before = await body_row(store, left)
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StoreUnavailable, match="Input/output error"):
+        await store.run(store._writer.bodies.compact)
+    monkeypatch.setattr(os, "fdatasync", os.fsync)
+    assert await body_row(store, left) == before
+    assert before[1] == closed
+    assert await store.body(left) == LARGE + b"3\r\n"
+    # The store goes on: new bodies and a later compaction work.
+    entry_id = await enqueue(store, LARGE + b"new\r\n")
+    assert await store.body(await message_of(store, entry_id)) == LARGE + b"new\r\n"
+    assert await store.run(store._writer.bodies.compact) is True
+    assert await store.body(left) == LARGE + b"3\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_compaction_leaves_well_used_segments_and_ones_a_writer_holds(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 0)
+    a, b = open_store(db), open_store(db)
+    try:
+        ids = [await enqueue(a, LARGE + b"%d\r\n" % i) for i in range(4)]
+        # a's open segment, 3/4 unused: b leaves it (a holds it).
+        for lease in await b.claim("dallas", NOW + 3600, 3, 60, 60, ids=ids[:3]):
+            await finish(b, lease)()
+        assert await b.run(b._writer.bodies.compact) is False
+        await a.close()
+        assert await b.run(b._writer.bodies.compact) is True
+        # Now in b's open segment, alone: well used, left alone.
+        assert await b.run(b._writer.bodies.compact) is False
+        assert await b.body(await message_of(b, ids[3])) == LARGE + b"3\r\n"
+    finally:
+        await gatherResults([a.close(), b.close()])
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_writer_compacts_between_batches_in_a_transaction_of_its_own(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the hub runs it: sweeps and compaction after a batch, every ``SWEEP_INTERVAL``."""
+    _, left, open_segment = await four_in_a_segment_one_left(store, monkeypatch)
+    events: list[str] = []
+    real_sync, real_write = os.fdatasync, os.pwrite
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("fdatasync"), real_sync(fd))[1])
+    monkeypatch.setattr(os, "pwrite", lambda fd, d, at: (events.append("pwrite"), real_write(fd, d, at))[1])
+    await store.run(lambda conn: conn.set_trace_callback(events.append))
+    monkeypatch.setattr(sqlite_store, "SWEEP_INTERVAL", 0.0)
+    store._writer.bodies._next_sweep = 0.0
+    try:
+        await enqueue(store, b"small\r\n")  # a batch; after it, the writer's own work
+        await store.run(lambda conn: None)  # and one more batch, to wait for it
+    finally:
+        await store.run(lambda conn: conn.set_trace_callback(None))
+    assert store._writer.bodies.compacted == 1
+    assert (await body_row(store, left))[1] == open_segment
+    assert await store.body(left) == LARGE + b"3\r\n"
+    update = next(i for i, e in enumerate(events) if e.startswith("UPDATE messages"))
+    begin = max(i for i, e in enumerate(events[:update]) if e.startswith("BEGIN"))
+    commit = events.index("COMMIT", update)
+    assert events[begin] == "BEGIN IMMEDIATE"
+    last_write = max(i for i, e in enumerate(events[:commit]) if e == "pwrite")
+    assert any(last_write < i < commit for i, e in enumerate(events) if e == "fdatasync"), events
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_segment_still_half_in_use_is_left_alone(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 4 * len(LARGE) + 100)
+    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 0)
+    ids = [await enqueue(store, LARGE + b"%d\r\n" % i) for i in range(5)]
+    closed = (await body_row(store, await message_of(store, ids[0])))[1]
+    for lease in await store.claim("dallas", NOW + 3600, 2, 60, 60, ids=ids[:2]):
+        await finish(store, lease)()
+    assert await store.run(store._writer.bodies.compact) is False
+    assert (await body_row(store, await message_of(store, ids[3])))[1] == closed
+    # Unused space below COMPACT_MIN_DEAD is not worth a copy either.
+    for lease in await store.claim("dallas", NOW + 3600, 1, 60, 60, ids=ids[2:3]):
+        await finish(store, lease)()
+    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 3 * len(LARGE) + 100)
+    assert await store.run(store._writer.bodies.compact) is False
+    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 3 * len(LARGE))
+    assert await store.run(store._writer.bodies.compact) is True
