@@ -654,6 +654,9 @@ SWEEP_INTERVAL = 10.0
 #: use copied to the open segment (``_BodyLog.compact``), so that it can go.
 COMPACT_LIVE_FRACTION = 0.25
 COMPACT_MIN_DEAD = 4 * 1024 * 1024
+#: ... and last written this many seconds ago: what is still in use then is
+#: mail that waits (a deferral is 20 minutes), not mail about to be delivered.
+COMPACT_MIN_AGE = 600.0
 
 _SEGMENT_NAME = re.compile(r"[0-9a-f]{12}-[0-9]{6,}\Z")
 #: A segment being created (locked, not yet named); left behind only by a crash.
@@ -837,11 +840,12 @@ class _BodyLog:
                 # Retried at the next sweep; the space is only freed later.
                 pass
 
-    def compact(self, conn: sqlite3.Connection) -> bool:
+    def compact(self, conn: sqlite3.Connection, now: float | None = None) -> bool:
         """
         Copy the bodies still in use in a closed segment that is mostly
-        unused (at most ``COMPACT_LIVE_FRACTION`` of it in use, and at least
-        ``COMPACT_MIN_DEAD`` octets unused) to the open segment, and point
+        unused (at most ``COMPACT_LIVE_FRACTION`` of it in use, at least
+        ``COMPACT_MIN_DEAD`` octets unused, last written ``COMPACT_MIN_AGE``
+        seconds before ``now``) to the open segment, and point
         their rows there, in one transaction committed after the copies are
         fdatasync'd.  The old segment, now unused, goes at a later sweep.
         Without this, one long-deferred message would keep a whole segment.
@@ -864,11 +868,13 @@ class _BodyLog:
             ).fetchone()
             path = self._path(name)
             try:
-                size = os.stat(path).st_size
+                stat = os.stat(path)
             except FileNotFoundError:
                 continue
-            dead = size - live
+            size, dead = stat.st_size, stat.st_size - live
             if count == 0 or live > size * COMPACT_LIVE_FRACTION or dead < COMPACT_MIN_DEAD:
+                continue
+            if (time.time() if now is None else now) - stat.st_mtime < COMPACT_MIN_AGE:
                 continue
             if self._compact(conn, name, path):
                 return True

@@ -1513,6 +1513,7 @@ async def four_in_a_segment_one_left(
     """
     monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 4 * len(LARGE) + 100)
     monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 0)
+    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_AGE", 0.0)
     ids = [await enqueue(store, LARGE + b"%d\r\n" % i) for i in range(5)]
     rows = [await body_row(store, await message_of(store, i)) for i in ids]
     assert len({r[1] for r in rows[:4]}) == 1 and rows[4][1] != rows[0][1]
@@ -1590,6 +1591,7 @@ async def test_compaction_leaves_well_used_segments_and_ones_a_writer_holds(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 0)
+    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_AGE", 0.0)
     a, b = open_store(db), open_store(db)
     try:
         ids = [await enqueue(a, LARGE + b"%d\r\n" % i) for i in range(4)]
@@ -1641,6 +1643,7 @@ async def test_a_closed_segment_still_half_in_use_is_left_alone(
 ) -> None:
     monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 4 * len(LARGE) + 100)
     monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 0)
+    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_AGE", 0.0)
     ids = [await enqueue(store, LARGE + b"%d\r\n" % i) for i in range(5)]
     closed = (await body_row(store, await message_of(store, ids[0])))[1]
     for lease in await store.claim("dallas", NOW + 3600, 2, 60, 60, ids=ids[:2]):
@@ -1654,3 +1657,18 @@ async def test_a_closed_segment_still_half_in_use_is_left_alone(
     assert await store.run(store._writer.bodies.compact) is False
     monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 3 * len(LARGE))
     assert await store.run(store._writer.bodies.compact) is True
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_segment_written_lately_is_not_compacted(
+    store: SqliteSpoolStore, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What is still in use in a young segment is mail about to be delivered: no copy."""
+    closed, left, _ = await four_in_a_segment_one_left(store, monkeypatch)
+    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_AGE", 600.0)
+    written = (Path(str(db) + ".bodies") / closed).stat().st_mtime
+    bodies = store._writer.bodies
+    assert await store.run(lambda conn: bodies.compact(conn, now=written + 599)) is False
+    assert await store.run(lambda conn: bodies.compact(conn, now=written + 601)) is True
+    assert await store.body(left) == LARGE + b"3\r\n"
