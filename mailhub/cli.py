@@ -30,6 +30,10 @@ from mailhub.model import Attempt, Entry, EntryFilter
 __all__ = ["main"]
 
 
+def _megabytes(octets: int) -> str:
+    return f"{octets / 1_000_000:.1f} MB"
+
+
 def _when(ts: float, now: float) -> str:
     delta = ts - now
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
@@ -112,6 +116,12 @@ async def _queue(reactor: Any, args: argparse.Namespace, config: HubConfig) -> i
                 f"{counts.get('entries', 0)} entries, {counts.get('recipients', 0)} recipients, "
                 f"{counts.get('held', 0)} held, {counts.get('leased', 0)} being delivered\n"
             )
+            log = counts.get("body_log")
+            if log:
+                out.write(
+                    f"body log: {log['segments']} segments, {_megabytes(log['octets'])} on disk, "
+                    f"{_megabytes(log['in_use'])} of bodies in use\n"
+                )
             if entries:
                 out.write(f"{'ID':32}  {'ROUTE':28} {'TRIES':>5}  {'NEXT ATTEMPT':32} {'NODE':12} RECIPIENTS / LAST REPLY\n")
             for e in entries:

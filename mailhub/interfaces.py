@@ -165,7 +165,9 @@ class ISpoolStore(Interface):
         """
         :returns: a ``Deferred`` firing with a dict: ``"entries"``, ``"held"``,
             ``"leased"``, ``"recipients"`` and ``"routes"`` (a dict of route
-            text to entry count).
+            text to entry count); a store may add keys of its own (the
+            ``sqlite`` store's ``"body_log"``: ``"segments"``, ``"octets"``
+            on disk and ``"in_use"``, the octets of the bodies in them).
         """
 
     def hold(entry_id):

@@ -707,6 +707,20 @@ class _BodyLog:
     def _path(self, segment: str) -> str:
         return os.path.join(self.directory, segment)
 
+    def usage(self) -> dict[str, int]:
+        """The segments on disk and their octets (any thread)."""
+        segments = octets = 0
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if _SEGMENT_NAME.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    octets += os.stat(self._path(name)).st_size
+                    segments += 1
+        return {"segments": segments, "octets": octets}
+
     def append(self, body: bytes) -> tuple[str, int]:
         """Write ``body`` to the open segment: its (segment, offset), durable after ``sync``."""
         if self._fd is None or (self._size > 0 and self._size + len(body) > SEGMENT_SIZE):
@@ -1420,14 +1434,19 @@ class SqliteSpoolStore:
                 " WHERE json_extract(value, '$.state') = 'pending'"
             ).fetchone()
             routes = dict(conn.execute("SELECT route, count(*) FROM entries GROUP BY route"))
+            (in_use,) = conn.execute(
+                "SELECT coalesce(sum(log_length), 0) FROM messages WHERE log_segment IS NOT NULL"
+            ).fetchone()
             return {
                 "entries": entries,
                 "held": held,
                 "leased": leased,
                 "recipients": recipients,
                 "routes": routes,
+                "body_log": {**bodies.usage(), "in_use": in_use},
             }
 
+        bodies = self._writer.bodies
         return self._read(job)
 
     def hold(self, entry_id: str) -> Deferred[bool]:

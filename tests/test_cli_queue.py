@@ -62,6 +62,8 @@ def test_queue_list_shows_entry_route_next_attempt_node_and_last_reply(spool):
     out = mailhub("queue", "--config", str(path), "list")
     assert out.returncode == 0, out.stderr
     assert "1 entries, 1 recipients, 0 held" in out.stdout
+    # The spool's one body is small: in the database, none in the body log.
+    assert "body log: 0 segments, 0.0 MB on disk, 0.0 MB of bodies in use" in out.stdout
     line = next(row for row in out.stdout.splitlines() if row.startswith(entry_id))
     assert "smtp:mail.example.com:25" in line
     assert "losangeles" in line

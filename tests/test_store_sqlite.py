@@ -1672,3 +1672,21 @@ async def test_a_segment_written_lately_is_not_compacted(
     assert await store.run(lambda conn: bodies.compact(conn, now=written + 599)) is False
     assert await store.run(lambda conn: bodies.compact(conn, now=written + 601)) is True
     assert await store.body(left) == LARGE + b"3\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_counts_say_what_the_body_log_holds_on_disk_and_in_use(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (await store.counts())["body_log"] == {"segments": 0, "octets": 0, "in_use": 0}
+    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 2 * len(LARGE) + 100)
+    ids = [await enqueue(store, m) for m in (LARGE, LARGE + b"1\r\n", LARGE + b"22\r\n", b"small\r\n")]
+    on_disk = 3 * len(LARGE) + 3 + 4
+    assert (await store.counts())["body_log"] == {"segments": 2, "octets": on_disk, "in_use": on_disk}
+    for lease in await store.claim("dallas", NOW + 3600, 1, 60, 60, ids=ids[:1]):
+        await finish(store, lease)()
+    assert (await store.counts())["body_log"] == {
+        "segments": 2,
+        "octets": on_disk,
+        "in_use": on_disk - len(LARGE),
+    }

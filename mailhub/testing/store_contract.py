@@ -127,6 +127,12 @@ def deferred_at_once(recipients: Sequence[Address]) -> tuple[Attempt, Decision]:
     return attempt, retry
 
 
+
+async def core_counts(store: Any) -> dict[str, Any]:
+    """``store.counts()`` without the keys a store may add of its own."""
+    counts = await store.counts()
+    return {k: counts[k] for k in ("entries", "held", "leased", "recipients", "routes")}
+
 class SpoolStoreContract:
     """
     Tests every ``ISpoolStore`` passes.
@@ -441,7 +447,7 @@ class SpoolStoreContract:
         # A lease long enough to be current whatever the store's clock says.
         [lease] = await self.enqueue_leased(store, {ROUTE_A: [ALICE, BOB]}, lease_seconds=10.0**10)
         await self.enqueue(store, {ROUTE_B: [DAVE]})
-        assert await store.counts() == {
+        assert await core_counts(store) == {
             "entries": 2,
             "held": 0,
             "leased": 1,
@@ -583,7 +589,7 @@ class SpoolStoreContract:
         await self.enqueue_decided(
             store, {ROUTE_A: [ALICE, BOB], ROUTE_B: [DAVE]}, [ROUTE_A], lease_seconds=10.0**10
         )
-        assert await store.counts() == {
+        assert await core_counts(store) == {
             "entries": 2,
             "held": 0,
             "leased": 1,
@@ -1023,7 +1029,7 @@ class SpoolStoreContract:
         await store.hold(held)
         # A lease long enough to be current whatever the store's clock says.
         await self.claim(store, limit=1, lease_seconds=10.0**10)
-        assert await store.counts() == {
+        assert await core_counts(store) == {
             "entries": 3,
             "held": 1,
             "leased": 1,
@@ -1033,7 +1039,7 @@ class SpoolStoreContract:
 
     @pytest_twisted.ensureDeferred
     async def test_counts_empty_spool(self, store: Any) -> None:
-        assert await store.counts() == {
+        assert await core_counts(store) == {
             "entries": 0,
             "held": 0,
             "leased": 0,
