@@ -33,6 +33,7 @@ __all__ = [
     "StoreFull",
     "StoreUnavailable",
     "apply_decision",
+    "has_bare_lf",
     "has_bare_line_end",
     "new_entries",
 ]
@@ -196,12 +197,11 @@ class Route:
         return f"{self.transport}:{self.target}"
 
 
-#: ``translate`` tables: CR to 1 and every other octet to 0; LF likewise.
-_CR_MASK = bytes(int(i == 0x0D) for i in range(256))
-_LF_MASK = bytes(int(i == 0x0A) for i in range(256))
-
-#: Octets compared at a time by ``has_bare_line_end``.
-_MASK_SLICE = 32 * 1024
+#: A CR with no LF after it (within the range searched: a CR at its end is bare).
+_BARE_CR = re.compile(rb"\r(?!\n)")
+#: An LF without a CR in front (the lookbehind ends at the LF itself, so it
+#: sees the octet before the LF, within the range searched or not).
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
 
 
 def has_bare_line_end(data: bytes | bytearray, lo: int = 0, hi: int | None = None) -> bool:
@@ -209,32 +209,28 @@ def has_bare_line_end(data: bytes | bytearray, lo: int = 0, hi: int | None = Non
     Whether ``data[lo:hi]`` has a bare CR or LF: a CR not followed by an LF,
     or an LF not after a CR (both within the range).
 
-    Line ends are all CRLF exactly when there is a CR at ``i`` wherever there
-    is an LF at ``i + 1`` and nowhere else: the range's CR mask equals its
-    LF mask shifted by one octet, and the range neither starts with an LF
-    nor ends with a CR.  ``translate`` makes each mask in C, a table lookup
-    per octet, and comparing them is a ``memcmp``: 55 us for 100 KB, where
-    counting CR, LF and CRLF took 125 us (the two-octet count is the slow
-    one).  In slices, so that the masks stay small buffers, which malloc
-    reuses instead of mapping fresh pages for each.
+    Two searches, each led by one literal octet, so that the regular
+    expression engine's own scan finds the candidates: 58 us for 100 KB,
+    where one pattern for both (led by a choice of octets) steps through
+    every position and takes ten times as long.
 
     The SMTP transport checks a message read back from the spool with it.
     (The SMTP server finds bare CRs in the same scan that finds the end of
-    DATA, and bare LFs with one regular expression: see ``_find_end``.)
+    DATA, then bare LFs with ``has_bare_lf``.)
     """
     if hi is None:
         hi = len(data)
     if hi <= lo:
         return False
-    if data[lo] == 0x0A or data[hi - 1] == 0x0D:
+    if data[lo] == 0x0A:
+        # The range's first LF is bare whatever precedes it outside the range.
         return True
-    a = lo
-    while a < hi - 1:
-        b = min(a + _MASK_SLICE, hi - 1)
-        if data[a:b].translate(_CR_MASK) != data[a + 1 : b + 1].translate(_LF_MASK):
-            return True
-        a = b
-    return False
+    return _BARE_CR.search(data, lo, hi) is not None or has_bare_lf(data, lo, hi)
+
+
+def has_bare_lf(data: bytes | bytearray, lo: int = 0, hi: int | None = None) -> bool:
+    """Whether ``data[lo:hi]`` has an LF without a CR in front (the octet before ``lo`` counts)."""
+    return _BARE_LF.search(data, lo, len(data) if hi is None else hi) is not None
 
 
 class CheckedMessage(bytes):

@@ -553,18 +553,40 @@ def _matches(e: Entry, f: EntryFilter) -> bool:
 # -- the store --------------------------------------------------------------
 
 
-def _answer_each(d: Deferred[list[Any]], waiting: list[Deferred[Any]]) -> None:
-    """Fire each of ``waiting`` with its item of ``d``'s list, or all with its failure."""
+class _OneTurn:
+    """
+    The calls of one kind made in one turn of the reactor, sent to Redis
+    together: ``send(items)`` makes one call for all of them, whose list
+    result gives each its own answer (or whose failure fails them all).  In
+    a drain, deliveries end and bodies are read ahead many at a time, and
+    every call to Redis costs the reactor thread a reply to parse and a
+    timeout to arm.
+    """
 
-    def answered(results: list[Any]) -> None:
-        for each, result in zip(waiting, results, strict=True):
-            each.callback(result)
+    def __init__(self, reactor: Any, send: Callable[[list[Any]], Deferred[list[Any]]]) -> None:
+        self._reactor = reactor
+        self._send = send
+        self._pending: list[tuple[Any, Deferred[Any]]] = []
 
-    def failed(failure: Failure) -> None:
-        for each in waiting:
-            each.errback(failure)
+    def add(self, item: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._pending.append((item, d))
+        if len(self._pending) == 1:
+            self._reactor.callLater(0, self._flush)
+        return d
 
-    d.addCallbacks(answered, failed)
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+
+        def answered(results: list[Any]) -> None:
+            for (_, each), result in zip(pending, results, strict=True):
+                each.callback(result)
+
+        def failed(failure: Failure) -> None:
+            for _, each in pending:
+                each.errback(failure)
+
+        self._send([item for item, _ in pending]).addCallbacks(answered, failed)
 
 
 @implementer(ISpoolStore, INodeRegistry)
@@ -591,8 +613,12 @@ class RedisSpoolStore:
     _wait_replicas: int = 0
     _max_spool_bytes: int = 0
     _disconnect: Callable[[], Deferred[Any]] = field(default=lambda: succeed(None))
-    _records: list[tuple[tuple[str | int, ...], Deferred[int]]] = field(init=False, factory=list)
-    _bodies: list[tuple[str, Deferred[bytes | None]]] = field(init=False, factory=list)
+    _records: _OneTurn = field(init=False)
+    _bodies: _OneTurn = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._records = _OneTurn(self._reactor, self._send_records)
+        self._bodies = _OneTurn(self._reactor, self._read_bodies)
 
     # -- plumbing -------------------------------------------------------
 
@@ -794,17 +820,11 @@ class RedisSpoolStore:
                 raise KeyError(message_id)
             return body
 
-        d: Deferred[bytes | None] = Deferred()
-        self._bodies.append((message_id, d))
-        if len(self._bodies) == 1:
-            self._reactor.callLater(0, self._send_body_reads)
-        return d.addCallback(found)
+        return self._bodies.add(message_id).addCallback(found)
 
-    def _send_body_reads(self) -> None:
+    def _read_bodies(self, message_ids: list[str]) -> Deferred[list[bytes | None]]:
         """The bodies asked for in one turn of the reactor (a claimed batch's), in one script."""
-        reads, self._bodies = self._bodies, []
-        d = self._eval(_BODIES, "body", *(message_id for message_id, _ in reads))
-        _answer_each(d, [waiting for _, waiting in reads])
+        return self._eval(_BODIES, "body", *message_ids)
 
     def record(self, lease: Lease, attempt: Attempt, decision: Decision) -> Deferred[Entry | None]:
         entry = apply_decision(lease.entry, decision)
@@ -816,37 +836,23 @@ class RedisSpoolStore:
                 return None
             return evolve(entry, held=result == 2)
 
-        d: Deferred[int] = Deferred()
-        self._records.append(
-            (
-                (
-                    entry.id,
-                    lease.token,
-                    _entry_json(entry),
-                    _num(entry.next_attempt),
-                    entry.node or "",
-                    len(entry.pending),
-                    "1" if entry.held else "0",
-                    _attempt_json(attempt),
-                ),
-                d,
-            )
+        args = (
+            entry.id,
+            lease.token,
+            _entry_json(entry),
+            _num(entry.next_attempt),
+            entry.node or "",
+            len(entry.pending),
+            "1" if entry.held else "0",
+            _attempt_json(attempt),
         )
-        if len(self._records) == 1:
-            self._reactor.callLater(0, self._send_records)
-        return d.addCallback(done)
+        return self._records.add(args).addCallback(done)
 
-    def _send_records(self) -> None:
-        """
-        The records asked for in one turn of the reactor, in one script: a
-        drain's deliveries end together, and each call to Redis costs the
-        reactor thread a reply to parse and a timeout to arm.
-        """
-        records, self._records = self._records, []
-        d = self._eval_replicated(
-            _RECORD_MANY, "record", len(records), *(a for args, _ in records for a in args)
+    def _send_records(self, records: list[tuple[str | int, ...]]) -> Deferred[list[int]]:
+        """The records made in one turn of the reactor, in one script."""
+        return self._eval_replicated(
+            _RECORD_MANY, "record", len(records), *(a for args in records for a in args)
         )
-        _answer_each(d, [waiting for _, waiting in records])
 
     def release(self, lease: Lease, now: float) -> Deferred[None]:
         d = self._eval(_RELEASE, "release", lease.entry.id, lease.token, _num(now))

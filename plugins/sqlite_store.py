@@ -530,12 +530,12 @@ class _Writer(_Worker):
             self._abort(conn)
             return self._everyone_fails(batch, e)
         self.commits += 1
-        self.bodies.batch_over()
         if self.checkpointer is not None and self.commits % CHECKPOINT_EVERY == 0:
             self.checkpointer.want()
         return results
 
     def _batch_over(self) -> None:
+        # Committed or not, the batch's closed segments may be swept now.
         self.bodies.batch_over()
 
     def _between_batches(self) -> None:
@@ -1422,6 +1422,7 @@ class SqliteSpoolStore:
 
     def counts(self) -> Deferred[dict[str, Any]]:
         now = self._clock.seconds()
+        bodies = self._writer.bodies
 
         def job(conn: sqlite3.Connection) -> dict[str, Any]:
             entries, held, leased = conn.execute(
@@ -1446,7 +1447,6 @@ class SqliteSpoolStore:
                 "body_log": {**bodies.usage(), "in_use": in_use},
             }
 
-        bodies = self._writer.bodies
         return self._read(job)
 
     def hold(self, entry_id: str) -> Deferred[bool]:
@@ -1594,8 +1594,10 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 
 class _Inserts:
     """
-    A writer job that only inserts rows (``enqueue_leased``'s): a message,
-    its entries, their decided attempts, and what the job returns.
+    A writer job that only inserts rows (``enqueue``'s and
+    ``enqueue_leased``'s): a message, its entries, their decided attempts,
+    and what the job returns.  A large body goes to the body log as the job
+    runs (``message_rows``).
 
     Run alone it is an ``executemany`` per table.  In the writer's
     optimistic pass, neighbouring ``_Inserts`` run together

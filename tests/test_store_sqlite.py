@@ -8,7 +8,8 @@ import os
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -1196,12 +1197,14 @@ async def in_one_batch(
     return results
 
 
-@pytest_twisted.ensureDeferred
-async def test_every_segment_a_commit_refers_to_is_fdatasyncd_before_it(
+@asynccontextmanager
+async def writes_and_statements(
     store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Also when the batch's bodies span two segments (one closed in its middle)."""
-    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+) -> AsyncIterator[list[str]]:
+    """
+    In order: the writer's SQL statements, and the body log's ``pwrite`` and
+    ``fdatasync`` calls as ``"pwrite SEGMENT"``, ``"fdatasync SEGMENT"``.
+    """
     events: list[str] = []
     real_sync, real_write = os.fdatasync, os.pwrite
 
@@ -1220,18 +1223,31 @@ async def test_every_segment_a_commit_refers_to_is_fdatasyncd_before_it(
     monkeypatch.setattr(os, "pwrite", pwrite)
     await store.run(lambda conn: conn.set_trace_callback(events.append))
     try:
-        results = await in_one_batch(store, [LARGE, LARGE + b"2\r\n"])
+        yield events
     finally:
         await store.run(lambda conn: conn.set_trace_callback(None))
+
+
+def synced_after_last_write(events: list[str], segment: str, before: int) -> bool:
+    """Whether ``segment`` was fdatasync'd after its last write before ``events[before]``."""
+    last_write = max(i for i, e in enumerate(events[:before]) if e == f"pwrite {segment}")
+    return any(last_write < i < before for i, e in enumerate(events) if e == f"fdatasync {segment}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_segment_a_commit_refers_to_is_fdatasyncd_before_it(
+    store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also when the batch's bodies span two segments (one closed in its middle)."""
+    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+    async with writes_and_statements(store, monkeypatch) as events:
+        results = await in_one_batch(store, [LARGE, LARGE + b"2\r\n"])
     assert [ok for ok, _ in results] == [True, True]
     rows = [await body_row(store, await message_of(store, entry_id)) for _, entry_id in results]
     assert rows[0][1] != rows[1][1]
     commit = max(i for i, e in enumerate(events) if e == "COMMIT")
     for _, segment, _, _ in rows:
-        last_write = max(i for i, e in enumerate(events) if e == f"pwrite {segment}")
-        assert any(
-            last_write < i < commit for i, e in enumerate(events) if e == f"fdatasync {segment}"
-        ), events
+        assert synced_after_last_write(events, segment, commit), events
 
 
 @pytest_twisted.ensureDeferred
@@ -1546,19 +1562,11 @@ async def test_compaction_commits_only_after_the_copies_are_fdatasyncd(
     store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, left, open_segment = await four_in_a_segment_one_left(store, monkeypatch)
-    events: list[str] = []
-    real_sync, real_write = os.fdatasync, os.pwrite
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("fdatasync"), real_sync(fd))[1])
-    monkeypatch.setattr(os, "pwrite", lambda fd, d, at: (events.append("pwrite"), real_write(fd, d, at))[1])
-    await store.run(lambda conn: conn.set_trace_callback(events.append))
-    try:
+    async with writes_and_statements(store, monkeypatch) as events:
         assert await store.run(store._writer.bodies.compact) is True
-    finally:
-        await store.run(lambda conn: conn.set_trace_callback(None))
     update = events.index(next(e for e in events if e.startswith("UPDATE messages")))
     commit = events.index("COMMIT", update)
-    last_write = max(i for i, e in enumerate(events) if e == "pwrite")
-    assert any(last_write < i < commit for i, e in enumerate(events) if e == "fdatasync"), events
+    assert synced_after_last_write(events, open_segment, commit), events
     assert (await body_row(store, left))[1] == open_segment
 
 
@@ -1614,18 +1622,11 @@ async def test_the_writer_compacts_between_batches_in_a_transaction_of_its_own(
 ) -> None:
     """As the hub runs it: sweeps and compaction after a batch, every ``SWEEP_INTERVAL``."""
     _, left, open_segment = await four_in_a_segment_one_left(store, monkeypatch)
-    events: list[str] = []
-    real_sync, real_write = os.fdatasync, os.pwrite
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (events.append("fdatasync"), real_sync(fd))[1])
-    monkeypatch.setattr(os, "pwrite", lambda fd, d, at: (events.append("pwrite"), real_write(fd, d, at))[1])
-    await store.run(lambda conn: conn.set_trace_callback(events.append))
-    monkeypatch.setattr(sqlite_store, "SWEEP_INTERVAL", 0.0)
-    store._writer.bodies._next_sweep = 0.0
-    try:
+    async with writes_and_statements(store, monkeypatch) as events:
+        monkeypatch.setattr(sqlite_store, "SWEEP_INTERVAL", 0.0)
+        store._writer.bodies._next_sweep = 0.0
         await enqueue(store, b"small\r\n")  # a batch; after it, the writer's own work
         await store.run(lambda conn: None)  # and one more batch, to wait for it
-    finally:
-        await store.run(lambda conn: conn.set_trace_callback(None))
     assert store._writer.bodies.compacted == 1
     assert (await body_row(store, left))[1] == open_segment
     assert await store.body(left) == LARGE + b"3\r\n"
@@ -1633,8 +1634,7 @@ async def test_the_writer_compacts_between_batches_in_a_transaction_of_its_own(
     begin = max(i for i, e in enumerate(events[:update]) if e.startswith("BEGIN"))
     commit = events.index("COMMIT", update)
     assert events[begin] == "BEGIN IMMEDIATE"
-    last_write = max(i for i, e in enumerate(events[:commit]) if e == "pwrite")
-    assert any(last_write < i < commit for i, e in enumerate(events) if e == "fdatasync"), events
+    assert synced_after_last_write(events, open_segment, commit), events
 
 
 @pytest_twisted.ensureDeferred

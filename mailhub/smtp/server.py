@@ -60,6 +60,7 @@ from mailhub.model import (
     Envelope,
     Reply,
     StoreFull,
+    has_bare_lf,
 )
 from mailhub.netio import write_now
 
@@ -103,9 +104,6 @@ _DATA_SCANS = {
     (False, True): re.compile(rb"\r\n\."),
     (True, True): re.compile(rb"\r\n\.\r\n"),
 }
-# An LF without a CR in front (the lookbehind ends at the LF itself, so it
-# sees the CR before it, within the range searched or not).
-_BARE_LF = re.compile(rb"\n(?<!\r\n)")
 #: Input held while a reply is awaited before reading stops (see dataReceived).
 _MAX_WAITING_INPUT = 64 * 1024
 _MAIL = re.compile(r"FROM: *<([^<>]*)>(.*)\Z", re.IGNORECASE)
@@ -862,7 +860,7 @@ class SMTPServerProtocol(Protocol):
         # A line starts with a dot only if the client stuffed one, or a bare
         # line end made CRLF below put one at a line's start.
         dot_lines = self._stuffed
-        if self._bare_cr or _BARE_LF.search(data, lo, hi) is not None:
+        if self._bare_cr or has_bare_lf(data, lo, hi):
             if not self._normalise:
                 self._reset_transaction()
                 self._reply(Reply(554, "5.6.0", "Message contains bare CR or LF"))

@@ -127,11 +127,11 @@ def deferred_at_once(recipients: Sequence[Address]) -> tuple[Attempt, Decision]:
     return attempt, retry
 
 
-
 async def core_counts(store: Any) -> dict[str, Any]:
     """``store.counts()`` without the keys a store may add of its own."""
     counts = await store.counts()
     return {k: counts[k] for k in ("entries", "held", "leased", "recipients", "routes")}
+
 
 class SpoolStoreContract:
     """
