@@ -242,7 +242,18 @@ def test_node_bounce_enqueues_a_dsn_to_the_sender_and_never_to_null(sender):
         b'[domains."example.com"]\nroute="smtp:mail.example.com:25"\n'
     )
     clock = Clock()
-    store = MemorySpoolStore(clock)
+    stored: list[Envelope] = []
+
+    class RecordingStore(MemorySpoolStore):
+        def enqueue(self, envelope, *args, **kw):
+            stored.append(envelope)
+            return super().enqueue(envelope, *args, **kw)
+
+        def enqueue_leased(self, envelope, *args, **kw):
+            stored.append(envelope)
+            return super().enqueue_leased(envelope, *args, **kw)
+
+    store = RecordingStore(clock)
     node = Node("dallas", config, store, StandardPolicy(nodes=("dallas",), jitter=0.0), clock)
     transport = ScriptedTransport(lambda e, m: PERM if e.route == "smtp:mail.example.com:25" else TEMP)
     node._transports = {"smtp:mail.example.com:25": transport, "smtp:smarthost:25": transport}
@@ -250,8 +261,13 @@ def test_node_bounce_enqueues_a_dsn_to_the_sender_and_never_to_null(sender):
     ids: list = []
     node.receive(Envelope(sender, (A,), received_at=0.0), MESSAGE).addCallback(ids.append)
     routes = [e.route for e, _ in transport.deliveries]
+    assert stored[0].sender == sender and len(ids) == 1
     if sender is None:
         assert routes == ["smtp:mail.example.com:25"]
+        # Nothing at all is stored for a bounce to <>: not even a message
+        # without recipients, and the spool is empty once the entry failed.
+        assert len(stored) == 1
+        assert store.counts().result["entries"] == 0
     else:
         assert routes == ["smtp:mail.example.com:25", "smtp:smarthost:25"]
         dsn_entry, dsn = transport.deliveries[1]

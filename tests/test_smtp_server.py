@@ -470,6 +470,11 @@ def test_rcpt_parameter_is_555() -> None:
         "bob@[192.0.2.1]",  # IP literal
         "bob@[IPv6:2001:db8::1]",  # IPv6 literal
         "bob@elsewhere.example@example.com",  # two @
+        "bob@evilexample.com",  # ends with a served domain
+        "bob@sub.example.com",  # a sub-domain of a served domain
+        "bob@example.com.elsewhere.example",  # starts with a served domain
+        "bob@xexample.org",  # ends with a served domain, other case in the config
+        "bob@example.co",  # a prefix of a served domain
     ],
 )
 def test_relay_tricks_are_refused_550(address: str) -> None:
@@ -1314,6 +1319,9 @@ _TOKENS = [
     b'RCPT TO:<"x@elsewhere.example"@example.com>\r\n',
     b"RCPT TO:<x@[192.0.2.1]>\r\n",
     b"RCPT TO:<x@mx.hub.example>\r\n",
+    b"RCPT TO:<x@evilexample.com>\r\n",
+    b"RCPT TO:<x@sub.example.com>\r\n",
+    b"RCPT TO:<x@example.org.elsewhere.example>\r\n",
     b"DATA\r\n",
     b"RSET\r\n",
     b"NOOP\r\n",
@@ -1396,7 +1404,7 @@ def test_any_input_gives_valid_replies_and_never_relays(
         assert _LINE.match(line), line
     for envelope, _ in s.store.received:
         assert envelope.recipients
-        assert all(r.domain in ("example.com", "example.org") for r in envelope.recipients)
+        assert all(r.domain.lower() in ("example.com", "example.org") for r in envelope.recipients)
 
 
 # -- limits that keep one client from hurting others ---------------------------

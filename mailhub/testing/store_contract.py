@@ -770,6 +770,72 @@ class SpoolStoreContract:
         # The new holder's lease is intact.
         assert await self.deliver_all(store, new) is None
 
+    async def assert_stale_record_refused(
+        self, store: Any, old: Lease, new: Lease, outcomes: Mapping[Address, tuple[Action, Reply]]
+    ) -> None:
+        """
+        ``record`` under ``old`` (expired, its entry since claimed as ``new``)
+        of an attempt that leaves recipients pending raises ``LeaseLost`` and
+        changes nothing: not the entry, not its attempt log, not the new lease.
+        """
+        before = await store.get(new.entry.id)
+        logged = await store.attempts(new.entry.id)
+        replies = {a: reply for a, (_, reply) in outcomes.items()}
+        with pytest.raises(LeaseLost):
+            await store.record(
+                old,
+                attempt_for(old, replies, at=old.expires),
+                decision(outcomes, next_attempt=old.expires + 1200, next_node="dallas"),
+            )
+        assert await store.get(new.entry.id) == before
+        assert await store.attempts(new.entry.id) == logged
+        # The stale writer did not wipe the new holder's token: nobody else
+        # can claim the entry, and the new lease still records.
+        assert await self.claim(store, node="dallas", now=old.expires + 1) == []
+        await self.record_partial_delivery(store, new)
+
+    @pytest_twisted.ensureDeferred
+    async def test_record_of_retry_under_lost_lease_fails_and_changes_nothing(
+        self, store: Any
+    ) -> None:
+        """A node whose lease expired cannot record a retry over the new holder's lease."""
+        await self.enqueue(store, {ROUTE_A: [ALICE, BOB, CAROL]})
+        [old] = await self.claim(store, node="dallas")
+        [new] = await self.claim(store, node="losangeles", now=old.expires)
+        await self.assert_stale_record_refused(
+            store, old, new, {a: (Action.RETRY, LATER) for a in (ALICE, BOB, CAROL)}
+        )
+
+    @pytest_twisted.ensureDeferred
+    async def test_record_of_partial_delivery_under_lost_lease_fails_and_changes_nothing(
+        self, store: Any
+    ) -> None:
+        """Nor a partial delivery: recipients stay pending, so the entry would stay."""
+        await self.enqueue(store, {ROUTE_A: [ALICE, BOB, CAROL]})
+        [old] = await self.claim(store, node="dallas")
+        [new] = await self.claim(store, node="losangeles", now=old.expires)
+        await self.assert_stale_record_refused(
+            store,
+            old,
+            new,
+            {
+                ALICE: (Action.DELIVERED, OK),
+                BOB: (Action.RETRY, LATER),
+                CAROL: (Action.FAILED, NO),
+            },
+        )
+
+    @pytest_twisted.ensureDeferred
+    async def test_record_of_retry_under_lost_enqueue_leased_lease_changes_nothing(
+        self, store: Any
+    ) -> None:
+        """The accepting node's lease, once expired and taken over, records nothing either."""
+        [old] = await self.enqueue_leased(store, {ROUTE_A: [ALICE, BOB, CAROL]})
+        [new] = await self.claim(store, node="losangeles", now=old.expires)
+        await self.assert_stale_record_refused(
+            store, old, new, {a: (Action.RETRY, LATER) for a in (ALICE, BOB, CAROL)}
+        )
+
     @pytest_twisted.ensureDeferred
     async def test_release_of_lost_lease_does_nothing(self, store: Any) -> None:
         """Releasing an expired lease leaves the new holder's lease alone."""
