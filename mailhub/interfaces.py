@@ -25,6 +25,8 @@ __all__ = [
     "IDeliveryPolicy",
     "INodeRegistry",
     "IPolicyPlugin",
+    "IPooledTransport",
+    "IRouteCoordination",
     "ISpoolStore",
     "IStorePlugin",
     "ITransport",
@@ -234,6 +236,63 @@ class INodeRegistry(Interface):
         """
 
 
+class IRouteCoordination(Interface):
+    """
+    What the nodes of a hub agree on per route, through the store they share:
+    optional, a store may provide it besides ``ISpoolStore`` (the ``memory``,
+    ``sqlite`` and ``redis`` stores do).  Without it each node keeps a route's
+    limits on its own.  Like every store method these return ``Deferred``s,
+    fail with ``StoreUnavailable`` when the backend is unreachable and never
+    block.
+    """
+
+    def share(route, node, want, holding, limit, now, ttl):
+        """
+        Ask for ``node``'s share of a route's connections: the route's
+        ``max_connections`` bound the connections of all nodes together, and
+        each node opens no more than the share it was last given.
+
+        Atomically across every node of every process sharing the store:
+        shares whose ``ttl`` ran out (a node that died, or stopped asking) are
+        forgotten; then ``node`` is given ``max(holding, min(want, fair, free))``
+        where ``fair`` is its part of ``limit`` among the nodes that want some
+        (``mailhub.model.fair_share`` over the wants not yet expired) and
+        ``free`` is ``limit`` less the shares other nodes hold.  That becomes
+        its share (and ``want`` its demand) until ``now + ttl``.  A node
+        shrinks its share only down to what it has open (``holding``), so the
+        shares of all nodes never add up to more than ``limit`` while each
+        node stays within its own.
+
+        :param route: the route, as text.
+        :param node: the asking node's name.
+        :param want: how many connections it could use now (``0`` gives its
+            share back down to ``holding``).
+        :param holding: how many it has open now; never less than that is given.
+        :param limit: the route's ``max_connections`` for the whole hub.
+        :param now: the time of the request (the node's clock).
+        :param ttl: seconds the share lasts unless asked for again.
+        :returns: a ``Deferred`` firing with the share given (an ``int``).
+        """
+
+    def route_states():
+        """
+        :returns: a ``Deferred`` firing with a dict of route text to the state
+            an engine or an operator set for it (``set_route_state``); routes
+            without one are not in it.
+        """
+
+    def set_route_state(route, state):
+        """
+        Set or clear a route's hub-wide state.
+
+        :param state: a small dict that ``json.dumps`` can encode, with at
+            least ``"state"`` (``"rejecting"``: the route answers 5xx to
+            everything and its entries are held), as given back by
+            ``route_states``; ``None`` clears it.
+        :returns: a ``Deferred`` firing with ``None`` once durable.
+        """
+
+
 class IArchive(Interface):
     """
     Every accepted message, searchable per mailbox, kept for a retention period.
@@ -285,6 +344,23 @@ class ITransport(Interface):
 
     def close():
         """Close idle connections; fires when done."""
+
+
+class IPooledTransport(Interface):
+    """
+    A transport that keeps connections open between entries (optional,
+    besides ``ITransport``): the engine tells it how many it may keep, so
+    that a route's connections stay within the node's share of the hub's
+    limit (``IRouteCoordination.share``), idle ones included.
+    """
+
+    def limit_connections(count):
+        """
+        Keep at most ``count`` connections open from now on: idle ones above
+        it are closed at once (with ``QUIT``), busy ones when their delivery
+        ends.  ``0`` closes every idle connection; a delivery asked for then
+        may still open one.
+        """
 
 
 class IDeliveryPolicy(Interface):

@@ -33,8 +33,10 @@ __all__ = [
     "StoreFull",
     "StoreUnavailable",
     "apply_decision",
+    "fair_share",
     "has_bare_lf",
     "has_bare_line_end",
+    "is_back_pressure",
     "new_entries",
 ]
 
@@ -173,6 +175,51 @@ class Reply:
         if self.text:
             parts.append(self.text)
         return " ".join(parts)
+
+
+def is_back_pressure(reply: Reply) -> bool:
+    """
+    Whether a reply says "you are sending too much", as opposed to "not now":
+    Exchange's ``452 4.3.1``, ``421``/``451 4.3.2`` (system not accepting
+    network messages), ``4.7.0``-style rate limits, or a ``421`` greeting.
+    """
+    if not reply.temporary:
+        return False
+    return reply.enhanced in ("4.3.1", "4.3.2", "4.7.0", "4.7.1") or (
+        reply.code == 452 and not reply.enhanced
+    )
+
+
+def fair_share(limit: int, wants: Mapping[str, int], node: str) -> int:
+    """
+    ``node``'s part of ``limit`` connections when the nodes in ``wants`` each
+    want as many (max-min fairness: a node wanting less than an equal part
+    gets what it wants, the others split the rest; what does not split
+    evenly goes to the first nodes by name).  For stores that coordinate a
+    route's connections between nodes (``IRouteCoordination.share``).
+
+    :param limit: the route's connections for the whole hub.
+    :param wants: each node's demand (nodes wanting nothing may be left out).
+    :param node: the node asking; it must be in ``wants``.
+    :returns: at most ``wants[node]``.
+    """
+    left = max(0, limit)
+    pending = sorted((w, name) for name, w in wants.items() if w > 0)
+    given: dict[str, int] = {}
+    while pending:
+        equal = left // len(pending)
+        want, name = pending[0]
+        if want <= equal:
+            given[name] = want
+            left -= want
+            pending.pop(0)
+            continue
+        # Everyone left wants more than an equal part: split what is left.
+        extra = left - equal * len(pending)
+        for i, name in enumerate(sorted(n for _, n in pending)):
+            given[name] = equal + (1 if i < extra else 0)
+        break
+    return min(given.get(node, 0), max(0, wants.get(node, 0)))
 
 
 @frozen

@@ -17,7 +17,7 @@ from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from mailhub.interfaces import INodeRegistry, ISpoolStore, IStorePlugin
+from mailhub.interfaces import INodeRegistry, IRouteCoordination, ISpoolStore, IStorePlugin
 from mailhub.model import (
     Address,
     Attempt,
@@ -29,6 +29,7 @@ from mailhub.model import (
     LeaseLost,
     StoreUnavailable,
     apply_decision,
+    fair_share,
     new_entries,
 )
 
@@ -53,7 +54,7 @@ class _Slot:
     lease_node: str | None = None
 
 
-@implementer(ISpoolStore, INodeRegistry)
+@implementer(ISpoolStore, INodeRegistry, IRouteCoordination)
 @define
 class MemorySpoolStore:
     """
@@ -69,6 +70,9 @@ class MemorySpoolStore:
     _slots: dict[str, _Slot] = field(factory=dict)
     _attempts: dict[str, list[Attempt]] = field(factory=dict)
     _heartbeats: dict[str, tuple[float, dict[str, Any]]] = field(factory=dict)
+    #: route -> node -> (share, want, expires)
+    _shares: dict[str, dict[str, tuple[int, int, float]]] = field(factory=dict)
+    _route_states: dict[str, dict[str, Any]] = field(factory=dict)
 
     def _call(self, fn: Callable[[], _T]) -> Deferred[_T]:
         if self.unavailable:
@@ -342,6 +346,37 @@ class MemorySpoolStore:
                 elif slot.entry.node is not None and not slot.entry.held:
                     of(slot.entry.node)["reserved"] += 1
             return [found[name] for name in sorted(found)]
+
+        return self._call(do)
+
+    # -- IRouteCoordination -----------------------------------------------
+
+    def share(
+        self, route: str, node: str, want: int, holding: int, limit: int, now: float, ttl: float
+    ) -> Deferred[int]:
+        def do() -> int:
+            shares = self._shares.setdefault(route, {})
+            for name, (_, _, expires) in list(shares.items()):
+                if expires <= now or name == node:
+                    del shares[name]
+            others = sum(given for given, _, _ in shares.values())
+            wants = {name: w for name, (_, w, _) in shares.items()}
+            wants[node] = want
+            given = max(holding, min(want, fair_share(limit, wants, node), limit - others))
+            shares[node] = (given, want, now + ttl)
+            return given
+
+        return self._call(do)
+
+    def route_states(self) -> Deferred[dict[str, dict[str, Any]]]:
+        return self._call(lambda: {r: dict(s) for r, s in self._route_states.items()})
+
+    def set_route_state(self, route: str, state: Mapping[str, Any] | None) -> Deferred[None]:
+        def do() -> None:
+            if state is None:
+                self._route_states.pop(route, None)
+            else:
+                self._route_states[route] = dict(state)
 
         return self._call(do)
 

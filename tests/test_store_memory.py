@@ -10,10 +10,15 @@ from mailhub.interfaces import IStorePlugin
 from mailhub.model import Address, StoreUnavailable
 from mailhub.plugin import load_plugin
 from mailhub.plugins.memory_store import MemorySpoolStore, plugin
-from mailhub.testing.store_contract import NodeRegistryContract, SpoolStoreContract, envelope
+from mailhub.testing.store_contract import (
+    NodeRegistryContract,
+    RouteCoordinationContract,
+    SpoolStoreContract,
+    envelope,
+)
 
 
-class TestMemorySpoolStore(SpoolStoreContract, NodeRegistryContract):
+class TestMemorySpoolStore(SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract):
     @pytest.fixture
     def store(self) -> MemorySpoolStore:
         return plugin.make({}, Clock())

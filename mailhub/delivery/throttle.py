@@ -30,24 +30,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from mailhub.model import Reply
+from mailhub.model import Reply, is_back_pressure
 
 _log = Logger()
 
 __all__ = ["RouteThrottle", "is_back_pressure", "is_route_failure"]
-
-
-def is_back_pressure(reply: Reply) -> bool:
-    """
-    Whether a reply says "you are sending too much", as opposed to "not now":
-    Exchange's ``452 4.3.1``, ``421``/``451 4.3.2`` (system not accepting
-    network messages), ``4.7.0``-style rate limits, or a ``421`` greeting.
-    """
-    if not reply.temporary:
-        return False
-    return reply.enhanced in ("4.3.1", "4.3.2", "4.7.0", "4.7.1") or (
-        reply.code == 452 and not reply.enhanced
-    )
 
 
 def is_route_failure(reply: Reply) -> bool:

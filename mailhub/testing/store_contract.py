@@ -22,6 +22,7 @@ whose ``Deferred`` fire at once.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from attrs import evolve
 from twisted.internet.defer import DeferredList
 from zope.interface.verify import verifyObject
 
-from mailhub.interfaces import INodeRegistry, ISpoolStore
+from mailhub.interfaces import INodeRegistry, IRouteCoordination, ISpoolStore
 from mailhub.model import (
     Action,
     Address,
@@ -47,7 +48,7 @@ from mailhub.model import (
     Reply,
 )
 
-__all__ = ["NOW", "NodeRegistryContract", "SpoolStoreContract"]
+__all__ = ["NOW", "NodeRegistryContract", "RouteCoordinationContract", "SpoolStoreContract"]
 
 #: The time the suite's messages arrive at.
 NOW = 1_700_000_000.0
@@ -1274,3 +1275,95 @@ class NodeRegistryContract:
         await store.hold(entry_id)
         listed = [n for n in await store.nodes(NOW) if n["name"] == "dallas"]
         assert listed == [] or listed[0]["reserved"] == 0
+
+
+class RouteCoordinationContract:
+    """
+    Tests of ``IRouteCoordination``, for a store that provides it: shares of
+    a route's connections between nodes, and routes' hub-wide states.
+    """
+
+    @pytest.fixture
+    def ask(self, store: Any) -> Any:
+        async def ask(
+            node: str, want: int, holding: int = 0, limit: int = 3, now: float = NOW,
+            ttl: float = 30.0, route: str = ROUTE_A,
+        ) -> int:
+            given: int = await store.share(route, node, want, holding, limit, now, ttl)
+            return given
+
+        return ask
+
+    def test_provides_route_coordination(self, store: Any) -> None:
+        assert verifyObject(IRouteCoordination, store)
+
+    @pytest_twisted.ensureDeferred
+    async def test_lone_node_gets_what_it_wants_up_to_the_limit(self, ask: Any) -> None:
+        assert await ask("dallas", 2) == 2
+        assert await ask("dallas", 5) == 3
+        assert await ask("dallas", 0) == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_second_node_gets_what_the_first_gives_back(self, ask: Any) -> None:
+        """The shares never add up to more than the limit: a node shrinks first, then the other grows."""
+        assert await ask("dallas", 3) == 3
+        # losangeles wants some, but dallas holds all three.
+        assert await ask("losangeles", 3) == 0
+        # dallas, asking again with three open, keeps them; with two, gets two.
+        assert await ask("dallas", 3, holding=3) == 3
+        assert await ask("dallas", 3, holding=2) == 2
+        assert await ask("losangeles", 3) == 1
+        # Both still want three: the fair split of three stays two and one.
+        assert await ask("dallas", 3, holding=2) == 2
+        assert await ask("losangeles", 3, holding=1) == 1
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_node_wanting_little_leaves_the_rest_to_the_other(self, ask: Any) -> None:
+        assert await ask("dallas", 1, limit=10) == 1
+        assert await ask("losangeles", 20, limit=10) == 9
+
+    @pytest_twisted.ensureDeferred
+    async def test_share_of_a_silent_node_lapses(self, ask: Any) -> None:
+        """A node that died stops asking: its share is forgotten after its ttl."""
+        assert await ask("dallas", 3, ttl=10) == 3
+        assert await ask("losangeles", 3, now=NOW + 9) == 0
+        assert await ask("losangeles", 3, now=NOW + 10) == 3
+
+    @pytest_twisted.ensureDeferred
+    async def test_holding_is_never_taken_away(self, ask: Any) -> None:
+        assert await ask("dallas", 3) == 3
+        assert await ask("dallas", 0, holding=2) == 2
+        assert await ask("losangeles", 3) == 1
+
+    @pytest_twisted.ensureDeferred
+    async def test_routes_are_shared_separately(self, ask: Any) -> None:
+        assert await ask("dallas", 3) == 3
+        assert await ask("losangeles", 3, route=ROUTE_B) == 3
+
+    @pytest_twisted.ensureDeferred
+    async def test_shares_never_exceed_the_limit(self, ask: Any) -> None:
+        """Three nodes asking in any order, each within what it was given, never hold more than the limit."""
+        rng = random.Random(7)
+        limit = 4
+        held = {"dallas": 0, "losangeles": 0, "chicago": 0}
+        given = dict(held)
+        for step in range(200):
+            node = rng.choice(sorted(held))
+            held[node] = rng.randint(0, given[node])  # what it has open
+            want = rng.randint(0, 6)
+            given[node] = await ask(
+                node, want, holding=held[node], limit=limit, now=NOW + step, ttl=10_000
+            )
+            assert given[node] >= held[node]
+            assert sum(given.values()) <= limit, (step, given)
+
+    @pytest_twisted.ensureDeferred
+    async def test_route_states_set_and_cleared(self, store: Any) -> None:
+        assert await store.route_states() == {}
+        state = {"state": "rejecting", "since": NOW, "reply": "550 5.1.1 no such user"}
+        await store.set_route_state(ROUTE_A, state)
+        assert await store.route_states() == {ROUTE_A: state}
+        await store.set_route_state(ROUTE_B, {"state": "rejecting", "since": NOW + 1})
+        await store.set_route_state(ROUTE_A, None)
+        assert await store.route_states() == {ROUTE_B: {"state": "rejecting", "since": NOW + 1}}
+        await store.set_route_state(ROUTE_A, None)  # clearing twice is fine
