@@ -89,6 +89,14 @@ class DeliveryConfig:
     # Each node says it is alive this often; ``mailhub nodes`` calls a node
     # DOWN after three heartbeats missed.
     heartbeat_seconds: float = 10.0
+    # How often a node renews its shares of routes' connections and reads
+    # the routes' hub-wide states.
+    share_seconds: float = 1.0
+    # A route that was down or deferring and then rejects this many distinct
+    # recipients (5xx to every recipient of an attempt) within the window is
+    # REJECTING: its entries are held, no DSN is sent.  0 turns it off.
+    reject_storm_recipients: int = 3
+    reject_storm_window: float = 600.0
 
 
 @frozen
@@ -240,7 +248,12 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         flush_on_recovery=r.get(dv, "delivery", "flush_on_recovery", bool, True),
         probe_seconds=float(r.get(dv, "delivery", "probe_seconds", num, 30.0, positive=True)),
         heartbeat_seconds=float(r.get(dv, "delivery", "heartbeat_seconds", num, 10.0, positive=True)),
+        share_seconds=float(r.get(dv, "delivery", "share_seconds", num, 1.0, positive=True)),
+        reject_storm_recipients=r.get(dv, "delivery", "reject_storm_recipients", int, 3),
+        reject_storm_window=float(r.get(dv, "delivery", "reject_storm_window", num, 600.0, positive=True)),
     )
+    if delivery.reject_storm_recipients < 0:
+        r.err("delivery.reject_storm_recipients", "must be 0 (off) or more")
 
     store = r.table(data, "store") or {"plugin": "sqlite", "path": "var/spool.db"}
     if not isinstance(store.get("plugin", "sqlite"), str):
@@ -284,6 +297,8 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         maxc = r.get(d, prefix, "max_connections", int, 10, positive=True)
         if "backpressure_pause" in d:
             r.get(d, prefix, "backpressure_pause", (int, float), positive=True)
+        if "max_rate" in d:
+            r.get(d, prefix, "max_rate", (int, float), positive=True)
         options = {k: v for k, v in d.items() if k not in ("route", "max_connections")}
         options = _recipient_options(r, prefix, route, options, os.path.dirname(os.path.abspath(path)))
         options = _route_tls_options(r, prefix, options, os.path.dirname(os.path.abspath(path)))

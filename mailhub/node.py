@@ -168,9 +168,15 @@ class Node(MultiService):
             transport = self._transports[route] = factory.make(options, self._reactor)
         return transport
 
-    def pacing_for(self, route: str) -> tuple[int, float]:
+    def pacing_for(self, route: str) -> tuple[int, float, float | None]:
+        """A route's ``(max_connections, backpressure_pause, max_rate)``, for the whole hub."""
         options = self.config.route_options(route)
-        return int(options.get("max_connections", 10)), float(options.get("backpressure_pause", 30.0))
+        rate = options.get("max_rate")
+        return (
+            int(options.get("max_connections", 10)),
+            float(options.get("backpressure_pause", 30.0)),
+            float(rate) if rate else None,
+        )
 
     def stopService(self) -> Deferred[Any]:
         d = ensureDeferred(self._stop())

@@ -120,8 +120,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.interfaces import ITransport, ITransportPlugin
-from mailhub.model import Address, CheckedMessage, Entry, Reply, has_bare_line_end
+from mailhub.interfaces import IPooledTransport, ITransport, ITransportPlugin
+from mailhub.model import Address, CheckedMessage, Entry, Reply, has_bare_line_end, is_back_pressure
 from mailhub.netio import write_now
 
 __all__ = ["SMTPClientProtocol", "SMTPTransport", "SMTPTransportPlugin", "plugin", "wire_data"]
@@ -499,7 +499,7 @@ def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
     return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
-@implementer(ITransport)
+@implementer(ITransport, IPooledTransport)
 @define(eq=False)
 class SMTPTransport:
     """
@@ -560,6 +560,21 @@ class SMTPTransport:
                 self._drop(conn, quit=True)
         self._idle.clear()
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    # IPooledTransport
+
+    def limit_connections(self, count: int) -> None:
+        """
+        Keep at most ``count`` connections open (this node's share of the
+        route): idle ones above it are closed now with QUIT, busy ones as
+        their deliveries end.
+        """
+        self._max_connections = max(0, count)
+        for connections in list(self._idle.values()):
+            for conn in list(connections):
+                if self._open <= self._max_connections:
+                    return
+                self._drop(conn, quit=True)
 
     # delivery
 
@@ -763,7 +778,10 @@ class SMTPTransport:
             if reused and mail_reply.temporary:
                 self._drop(conn)
                 raise _Discard()
-            self._settle(conn, data_reply)
+            if is_back_pressure(mail_reply):
+                self._leave(conn, data_reply)
+            else:
+                self._settle(conn, data_reply)
             return dict.fromkeys(recipients, mail_reply)
         fatal: Reply | None = None
         for address, reply in zip(recipients, rcpt_replies, strict=False):
@@ -794,8 +812,22 @@ class SMTPTransport:
             for address in recipients:
                 results.setdefault(address, fatal)
             return results
-        self._settle(conn, data_reply)
+        if any(is_back_pressure(r) for r in results.values()):
+            self._leave(conn, data_reply)
+        else:
+            self._settle(conn, data_reply)
         return results
+
+    def _leave(self, conn: _Connection, unused_data_reply: Reply | None) -> None:
+        """
+        End a transaction the server pushed back on (``452 4.3.1``): it has
+        too many of us, so the connection goes (with QUIT) instead of
+        waiting idle for the next delivery.
+        """
+        if unused_data_reply is not None and unused_data_reply.code == 354:
+            self._drop(conn, abort=True)
+        else:
+            self._drop(conn, quit=True)
 
     def _settle(self, conn: _Connection, unused_data_reply: Reply | None) -> None:
         """End a transaction: keep the connection unless DATA was answered 354 and not used."""
@@ -995,7 +1027,8 @@ class SMTPTransport:
                     conn.idle_timer.cancel()
                 conn.idle_timer = None
                 return conn
-            if self._open < self._max_connections:
+            # A share of 0 still lets a delivery the engine started open one.
+            if self._open < max(1, self._max_connections):
                 self._open += 1
                 return None
             victim = next((c for cs in self._idle.values() for c in cs), None)
@@ -1011,7 +1044,7 @@ class SMTPTransport:
 
     def _release(self, conn: _Connection) -> None:
         """A delivery is done with ``conn``: keep it idle, or close it."""
-        if conn.protocol.broken or self._closed:
+        if conn.protocol.broken or self._closed or self._open > self._max_connections:
             self._drop(conn, quit=True)
             return
         self._idle.setdefault(conn.key, []).append(conn)

@@ -69,7 +69,12 @@ class StandardPolicy:
     def decide(self, entry: Entry, replies: Mapping[Address, Reply], now: float, node: str) -> Decision:
         expires = entry.created + self.lifetime
         all_permanent = bool(replies) and all(r.permanent for r in replies.values())
-        hold = self.hold_on_reject_after_deferral and all_permanent and entry.attempts > 0
+        # "Deferred before": its last attempt got a temporary failure.  (Not
+        # merely tried before: an entry held and released that is rejected
+        # again is a real rejection, and bounces.)
+        last = entry.last_reply
+        deferred_before = entry.attempts > 0 and last is not None and last.temporary
+        hold = self.hold_on_reject_after_deferral and all_permanent and deferred_before
         outcomes = []
         for address in entry.pending:
             reply = replies.get(address, Reply(451, "4.3.0", "no reply from transport"))

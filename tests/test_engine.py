@@ -706,14 +706,20 @@ def test_message_for_a_down_route_is_stored_deferred_in_one_write():
     entry = hub.entry(entry_id)
     assert entry.node == "losangeles" and entry.next_attempt == now + 10 * MINUTE
     assert entry.attempts == 1 and entry.pending == (A,)
-    suspended = Reply(451, "4.4.1", f"delivery to {COM} suspended: route down ({REFUSED})")
-    assert entry.last_reply == suspended
+    # The reply says what the route's state is, not a reply it never got.
+    assert (entry.last_reply.code, entry.last_reply.enhanced) == (451, "4.4.1")
+    assert entry.last_reply.text.startswith(f"delivery to {COM} suspended: route down since ")
+    assert entry.last_reply.text.endswith(f"not tried (last probe: {REFUSED})")
+    suspended = entry.last_reply
     [attempt] = hub.store.attempts(entry_id).result
     assert (attempt.entry_id, attempt.node, attempt.finished) == (entry_id, "dallas", now)
     assert attempt.replies == ((A, suspended),)
-    assert attempt_lines(events) == [
-        f"entry {entry_id} via {COM}: <{A}> retry ({suspended}); next attempt in 600 s by losangeles"
-    ]
+    # Not a line per suspended entry: one per route and probe interval.
+    assert attempt_lines(events) == []
+    with capturedLogs() as events:
+        hub.clock.advance(1)
+    lines = [formatEvent(e) for e in events if "without connecting" in formatEvent(e)]
+    assert len(lines) == 1 and f"route {COM} is down: 1 attempts deferred" in lines[0]
 
 
 def test_only_the_down_route_of_a_message_is_decided():
@@ -985,3 +991,128 @@ def test_slot_is_free_once_the_transport_is_done_before_the_record():
     hub.store.let_through("record")
     assert hub.engine.in_flight == 0
     assert hub.entry(first.id) is None and hub.entry(second.id) is None
+
+
+# -- one budget for the hub, and the reject storm -----------------------------
+
+
+def test_two_nodes_never_run_more_attempts_than_the_routes_limit():
+    """``max_connections`` bounds both nodes together: their shares come from the store."""
+    pending: list[Deferred] = []
+    running = {"now": 0, "peak": 0}
+
+    def slow(entry, message):
+        running["now"] += 1
+        running["peak"] = max(running["peak"], running["now"])
+        d: Deferred = Deferred()
+
+        def done(reply):
+            running["now"] -= 1
+            return reply
+
+        pending.append(d)
+        return d.addCallback(done)
+
+    hub = Hub(slow, limit=3)
+    ids = [hub.accept(node) for node in ("dallas", "losangeles") * 10]
+    for _ in range(200):
+        hub.clock.advance(1)
+        while pending:
+            pending.pop(0).callback(OK)
+            hub.clock.advance(0.01)
+            assert running["now"] <= 3
+    assert [i for i in ids if hub.entry(i) is not None] == []
+    assert running["peak"] == 3
+    shares = {name: e.throttle(ROUTE).share for name, e in hub.engines.items()}
+    assert sum(shares.values()) <= 3
+
+
+def test_a_stopped_node_gives_its_share_back_at_once():
+    hub = Hub(limit=4)
+    hub.accept("dallas")
+    hub.engines["dallas"].throttle(ROUTE).peak_demand = 4
+    hub.clock.advance(1)
+    assert hub.engines["dallas"].throttle(ROUTE).share >= 1
+    hub.engines["dallas"].stopService()
+    given = hub.store.share(ROUTE, "losangeles", 4, 0, 4, hub.clock.seconds(), 30).result
+    assert given == 4
+
+
+def test_rejecting_after_an_outage_holds_backlog_and_new_mail_without_dsn():
+    """
+    A route that was down comes back answering 550 to everyone: nothing is
+    bounced, the route becomes REJECTING hub-wide, and mail arriving then is
+    held too.  When the server accepts again, a probe ends the state and
+    everything is delivered.
+    """
+    mode = {"reply": Reply(421, "4.4.1", "refused")}
+    hub = Hub(lambda entry, message: mode["reply"])
+    backlog = [
+        hub.accept(node, recipients=(Address(f"user{i}", "example.com"),))
+        for i, node in enumerate(("dallas", "losangeles") * 3)
+    ]
+    assert all(hub.entry(i).pending for i in backlog)
+    mode["reply"] = PERM
+    hub.store.flush(None, hub.clock.seconds())
+    for engine in hub.engines.values():
+        engine.retry_now()
+    hub.clock.advance(1)
+    hub.clock.advance(1)
+    assert hub.bounces == []
+    state = hub.store.route_states().result
+    assert state[ROUTE]["state"] == "rejecting" and "550 5.1.1" in state[ROUTE]["reply"]
+    assert all(hub.entry(i).held for i in backlog)
+    assert hub.engines["dallas"].status()["routes"][ROUTE]["state"] == "rejecting"
+    # New mail while rejecting: held, not bounced.
+    fresh = [hub.accept("dallas") for _ in range(3)]
+    hub.clock.advance(1)
+    assert hub.bounces == []
+    assert all(hub.entry(i).held for i in fresh)
+    # The server is fixed: a probe (one held entry released per probe
+    # interval) is delivered, the state ends, the backlog flows.
+    mode["reply"] = OK
+    for _ in range(120):
+        hub.clock.advance(1)
+    assert hub.store.route_states().result == {}
+    assert [i for i in backlog + fresh if hub.entry(i) is not None] == []
+    assert hub.bounces == []
+
+
+def test_a_single_rejection_on_a_healthy_route_still_bounces():
+    hub = Hub(scripted(OK, PERM))
+    hub.accept("dallas")
+    entry_id = hub.accept("dallas")
+    assert hub.entry(entry_id) is None
+    assert [eid for eid, _ in hub.bounces] == [entry_id]
+    assert hub.store.route_states().result == {}
+
+
+def test_rejections_below_the_threshold_are_held_until_the_route_delivers():
+    """After a deferral, a 5xx is held on suspicion; a delivery shows the route healthy and releases it."""
+    mode = {"reply": TEMP}
+    hub = Hub(lambda entry, message: mode["reply"] if entry.pending[0] != B else PERM)
+    first = hub.accept("dallas")  # deferred: the route is troubled
+    suspect = hub.accept("dallas", recipients=(B,))
+    assert hub.entry(suspect).held and hub.bounces == []
+    mode["reply"] = OK
+    hub.store.flush(None, hub.clock.seconds())
+    hub.engines["dallas"].wake()
+    hub.clock.advance(1)
+    assert hub.entry(first) is None
+    # Released: tried again on a healthy route, the 5xx now bounces.
+    hub.clock.advance(1)
+    assert hub.entry(suspect) is None
+    assert [eid for eid, _ in hub.bounces] == [suspect]
+
+
+def test_storm_detection_can_be_turned_off():
+    mode = {"reply": Reply(421, "4.4.1", "refused")}
+    hub = Hub(
+        lambda entry, message: mode["reply"],
+        settings=DeliveryConfig(max_scan_interval=60.0, reject_storm_recipients=0),
+    )
+    entry_id = hub.accept("dallas")
+    mode["reply"] = PERM
+    fresh = hub.accept("losangeles")
+    assert hub.entry(fresh) is None and [eid for eid, _ in hub.bounces] == [fresh]
+    assert hub.entry(entry_id).pending

@@ -18,10 +18,13 @@ def policy(nodes=("dallas", "losangeles"), **kw):
     return StandardPolicy(nodes=nodes, jitter=kw.pop("jitter", 0.0), **kw)
 
 
-def entry(attempts=0, created=0.0, recipients=(A,)):
+def entry(attempts=0, created=0.0, recipients=(A,), last=None):
+    """An entry; tried ``attempts`` times, the last reply ``last`` (a deferral by default)."""
+    if last is None and attempts:
+        last = TEMP
     return Entry(
         id="e1", message_id="m1", route="smtp:mx.example.com:25", sender=Address("s", "sender.example"),
-        recipients=tuple(Recipient(r) for r in recipients), created=created, attempts=attempts,
+        recipients=tuple(Recipient(r, reply=last) for r in recipients), created=created, attempts=attempts,
     )
 
 
@@ -92,6 +95,12 @@ def test_rebuilt_server_rejecting_everything_after_a_deferral_holds():
     d = policy().decide(entry(attempts=3, recipients=(A, B)), {A: PERM, B: PERM}, 0.0, "dallas")
     assert {o.action for o in d.outcomes} == {Action.HOLD}
     assert d.hold
+
+
+def test_rejection_after_a_rejection_fails():
+    """An entry held for a 5xx and released, rejected again, was not deferred before: it bounces."""
+    d = policy().decide(entry(attempts=2, last=PERM), {A: PERM}, 0.0, "dallas")
+    assert d.outcomes[0].action is Action.FAILED
 
 
 def test_partial_rejection_after_a_deferral_still_fails_only_that_recipient():

@@ -5,7 +5,7 @@ import weakref
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-from mailhub.delivery.throttle import READ_AHEAD, RouteThrottle, is_back_pressure
+from mailhub.delivery.throttle import FIRST_PAUSE, READ_AHEAD, RouteThrottle, is_back_pressure
 from mailhub.model import Reply
 
 OK = Reply(250, "2.0.0", "OK")
@@ -32,27 +32,28 @@ def test_window_starts_at_max_connections():
     assert count == 4 and t.waiting == 6
 
 
-def test_back_pressure_halves_the_window_and_pauses():
+def test_back_pressure_halves_the_window_and_pauses_briefly():
     clock = Clock()
-    t = RouteThrottle(8, clock, pause=30)
+    t = RouteThrottle(8, clock, random=lambda: 0.5)
     count, ds = started(t, 20)
     assert count == 8
     t.release([BUSY])
     assert t.window == 4
+    assert t.paused_until - clock.seconds() == FIRST_PAUSE
     assert sum(d.called for d in ds) == 8  # paused: nothing new starts
-    clock.advance(29)
+    clock.advance(FIRST_PAUSE - 0.1)
     assert sum(d.called for d in ds) == 8
     for _ in range(7):
         t.release([OK])
-    clock.advance(1)
+    clock.advance(0.1)
     # After the pause, at most the (slowly widening) window runs at once.
     assert t.active == int(t.window) and t.active in (4, 5)
 
 
-def test_pause_doubles_while_pressure_lasts_and_resets_on_success():
+def test_pause_doubles_while_pressure_lasts_up_to_the_maximum_and_resets_on_success():
     clock = Clock()
-    t = RouteThrottle(8, clock, pause=10, max_pause=40)
-    for expected in (10, 20, 40, 40):
+    t = RouteThrottle(8, clock, max_pause=4, random=lambda: 0.5)
+    for expected in (1, 2, 4, 4):
         t.acquire()
         t.release([BUSY])
         assert t.paused_until - clock.seconds() == expected
@@ -61,7 +62,91 @@ def test_pause_doubles_while_pressure_lasts_and_resets_on_success():
     t.release([OK])
     t.acquire()
     t.release([BUSY])
-    assert t.paused_until - clock.seconds() == 10
+    assert t.paused_until - clock.seconds() == 1
+
+
+def test_pauses_are_jittered_so_nodes_do_not_resume_in_step():
+    """Two nodes pushed back at the same moment come back at different times."""
+    clock = Clock()
+    a = RouteThrottle(8, clock, random=lambda: 0.1)
+    b = RouteThrottle(8, clock, random=lambda: 0.9)
+    for t in (a, b):
+        t.acquire()
+        t.release([BUSY])
+    assert a.paused_until != b.paused_until
+    assert 0.5 <= a.paused_until - clock.seconds() < b.paused_until - clock.seconds() <= 1.5
+
+
+def test_attempts_already_running_go_on_during_a_pause():
+    """A pause stops new attempts only: the route is not left idle while the server has room."""
+    clock = Clock()
+    t = RouteThrottle(4, clock, random=lambda: 0.5)
+    started(t, 4)
+    t.release([BUSY])
+    assert t.active == 3
+
+
+def test_attempts_stay_within_the_nodes_share():
+    t = RouteThrottle(10, Clock())
+    asked: list[int] = []
+    t = RouteThrottle(10, Clock(), on_demand=lambda: asked.append(t.demand()))
+    t.set_share(2)
+    count, ds = started(t, 5)
+    assert count == 2 and t.waiting == 3
+    assert asked and asked[-1] == 5  # it asks for more
+    t.set_share(4)
+    assert sum(d.called for d in ds) == 4
+    t.set_share(1)  # a smaller share: running attempts go on, none starts
+    t.release([OK])
+    t.release([OK])
+    t.release([OK])
+    assert t.active == 1 and sum(d.called for d in ds) == 4
+    t.release([OK])
+    assert t.active == 1 and all(d.called for d in ds)
+
+
+def test_share_of_zero_starts_nothing():
+    t = RouteThrottle(3, Clock())
+    t.set_share(0)
+    count, _ = started(t, 2)
+    assert count == 0 and t.demand() == 2
+
+
+def test_rate_spaces_attempts():
+    """``max_rate`` 2/s with the whole share: an attempt every half second."""
+    clock = Clock()
+    t = RouteThrottle(4, clock, rate=2.0)
+    ds = [t.acquire() for _ in range(4)]
+    assert sum(d.called for d in ds) == 1
+    clock.advance(0.5)
+    assert sum(d.called for d in ds) == 2
+    clock.pump([0.5, 0.5])
+    assert sum(d.called for d in ds) == 4
+
+
+def test_rate_follows_the_share():
+    """With half the connections, the node starts half the hub's rate."""
+    clock = Clock()
+    t = RouteThrottle(4, clock, rate=2.0)
+    t.set_share(2)
+    ds = [t.acquire() for _ in range(2)]
+    assert sum(d.called for d in ds) == 1
+    clock.advance(0.5)
+    assert sum(d.called for d in ds) == 1
+    clock.advance(0.5)
+    assert sum(d.called for d in ds) == 2
+
+
+def test_status_says_why_attempts_wait():
+    clock = Clock()
+    t = RouteThrottle(4, clock, random=lambda: 0.5)
+    t.set_share(1)
+    started(t, 3)
+    assert "share is 1 of 4" in t.status()["why"]
+    t.release([BUSY])
+    status = t.status()
+    assert status["state"] == "back-pressure" and "back pressure since" in status["why"]
+    assert "452 4.3.1" in status["why"]
 
 
 def test_window_widens_with_deliveries_up_to_the_maximum():
@@ -116,12 +201,12 @@ def test_status_reports_progress():
 def test_one_episode_of_back_pressure_is_answered_once():
     """Twelve attempts in flight all hit the same 452: one halving, one pause."""
     clock = Clock()
-    t = RouteThrottle(12, clock, pause=1, max_pause=300)
+    t = RouteThrottle(12, clock, max_pause=300, random=lambda: 0.5)
     started(t, 12)
     for _ in range(12):
         t.release([BUSY])
     assert t.window == 6
-    assert t.paused_until - clock.seconds() == 1
+    assert t.paused_until - clock.seconds() == FIRST_PAUSE
     assert t.back_pressure == 12
 
 
@@ -152,7 +237,7 @@ def test_soon_is_called_once_an_attempt_is_among_the_next_windows_to_start():
 
 def test_soon_follows_the_window():
     clock = Clock()
-    t = RouteThrottle(4, clock, pause=30)
+    t = RouteThrottle(4, clock)
     told: list[str] = []
     started(t, 4)
     for name in "abcdefghijklmnop":

@@ -7,8 +7,22 @@ transport, asks the policy what the replies mean and records the verdict.
 - Otherwise the engine sleeps until the spool says the next entry is due
   (``ISpoolStore.next_due``), capped at ``max_scan_interval`` so entries that
   other processes add are seen too.  An idle spool costs one query a cap.
-- At most ``max_connections`` attempts run at once per route, and at most
-  ``batch`` entries are leased by the node at a time.
+- A route's ``max_connections`` (and ``max_rate``) bound all nodes together:
+  each node asks the store for its share (``IRouteCoordination.share``) when
+  it has more to send than its share allows and every ``share_seconds``
+  while it uses one, and its transport keeps no more connections open, idle
+  ones included (``IPooledTransport``).  A node that dies stops asking and
+  its share lapses.  At most ``batch`` entries are leased by the node at a
+  time.
+- A route that was down or deferring and comes back answering 5xx to every
+  recipient is a rebuilt server rejecting everything, not a set of unknown
+  users: the rejected entries are held instead of bounced, and once
+  ``reject_storm_recipients`` distinct recipients were rejected within
+  ``reject_storm_window`` the route enters the hub-wide state
+  ``rejecting`` (``IRouteCoordination.set_route_state``): its entries are
+  held, new mail for it too, one probe per ``probe_seconds`` still goes, and
+  the state ends when a probe is delivered or an operator acts
+  (``mailhub route release``/``confirm``).
 
 The engine owns no socket and no clock of its own: the store, the transports,
 the policy and the reactor are given to it.
@@ -16,6 +30,7 @@ the policy and the reactor are given to it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,19 +42,27 @@ from twisted.python.failure import Failure
 
 from mailhub.config import DeliveryConfig
 from mailhub.delivery.throttle import RouteThrottle, is_route_failure
-from mailhub.interfaces import IDeliveryPolicy, ISpoolStore, ITransport
+from mailhub.interfaces import (
+    IDeliveryPolicy,
+    IPooledTransport,
+    IRouteCoordination,
+    ISpoolStore,
+    ITransport,
+)
 from mailhub.model import (
     Action,
     Address,
     Attempt,
     Decision,
     Entry,
+    EntryFilter,
     Envelope,
     Lease,
     LeaseLost,
     Outcome,
     Reply,
     StoreUnavailable,
+    is_back_pressure,
     new_entries,
 )
 
@@ -52,7 +75,8 @@ class DeliveryEngine(Service):
     """
     :param node: this node's name.
     :param transport_for: gives the ``ITransport`` of a route (text form).
-    :param pacing_for: gives ``(max_connections, back-pressure pause in seconds)`` of a route.
+    :param pacing_for: gives ``(max_connections, longest back-pressure pause in
+        seconds[, max_rate])`` of a route, for the whole hub.
     :param bounce: enqueues the DSN for failed outcomes; the engine waits for
         it before recording the attempt, so a crash can repeat a DSN but never
         lose one.
@@ -66,7 +90,7 @@ class DeliveryEngine(Service):
         store: ISpoolStore,
         policy: IDeliveryPolicy,
         transport_for: Callable[[str], ITransport],
-        pacing_for: Callable[[str], tuple[int, float]],
+        pacing_for: Callable[[str], tuple[Any, ...]],
         bounce: Bounce,
         clock: IReactorTime,
         settings: DeliveryConfig,
@@ -90,21 +114,57 @@ class DeliveryEngine(Service):
         self._recording = 0
         self._arriving: set[Deferred[None]] = set()
         self.attempts_made = 0
+        self._coordination = IRouteCoordination(store, None)
+        self._asking: set[str] = set()
+        self._ask_again: set[str] = set()
+        self._short: set[str] = set()
+        self._share_failing = False
+        self._tick_timer: IDelayedCall | None = None
+        self._ticking: Deferred[None] | None = None
+        #: Hub-wide route states (``rejecting``), as last read from the store.
+        self.route_states: dict[str, dict[str, Any]] = {}
+        self._watches: dict[str, _RejectWatch] = {}
+        self._probed_at: dict[str, float] = {}
+        self._probe_released: dict[str, float] = {}
+        self._probe_ids: set[str] = set()
+        self._suspended_count: dict[str, int] = {}
+        self._suspended_logged: dict[str, float] = {}
+        self._drains: dict[str, dict[str, Any]] = {}
+        self.last_drains: dict[str, dict[str, Any]] = {}
+        self._drain_checked = float("-inf")
 
     # -- service ---------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self.wake()
+        self._schedule_tick()
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._tick_timer is not None and self._tick_timer.active():
+            self._tick_timer.cancel()
+        self._tick_timer = None
         for throttle in self._throttles.values():
             throttle.cancel_waiting()
-        return ensureDeferred(self._settle())
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await self._settle()
+        if self._ticking is not None:
+            await DeferredList([self._ticking], consumeErrors=True)
+        # Give the shares back at once: the other nodes need not wait for them to lapse.
+        if self._coordination is not None:
+            now = self._clock.seconds()
+            gives = [
+                self._coordination.share(route, self.node, 0, 0, t.maximum, now, self._share_ttl())
+                for route, t in self._throttles.items()
+                if t.share
+            ]
+            await DeferredList(gives, consumeErrors=True)
 
     async def _settle(self) -> None:
         """
@@ -183,9 +243,8 @@ class DeliveryEngine(Service):
             self._attempt_leased([r for r in results if isinstance(r, Lease)], message)
             for r in results:
                 if isinstance(r, Entry):
-                    attempt, decision = decided[r.route]
                     self.attempts_made += 1
-                    self._log_attempt(r, decision, attempt.finished)
+                    self._suspended_count[r.route] = self._suspended_count.get(r.route, 0) + 1
             first = results[0]
             return first.entry.id if isinstance(first, Lease) else first.id
 
@@ -380,20 +439,343 @@ class DeliveryEngine(Service):
         """The pacing of ``route`` on this node."""
         throttle = self._throttles.get(route)
         if throttle is None:
-            maximum, pause = self._pacing_for(route)
+            pacing = tuple(self._pacing_for(route))
+            maximum, pause = int(pacing[0]), float(pacing[1])
+            rate = float(pacing[2]) if len(pacing) > 2 and pacing[2] else None
             throttle = self._throttles[route] = RouteThrottle(
-                maximum, self._clock, pause=pause, probe=self._settings.probe_seconds
+                maximum,
+                self._clock,
+                max_pause=pause,
+                probe=self._settings.probe_seconds,
+                rate=rate,
+                on_demand=lambda: self._ask_share(route),
             )
+            if self._coordination is not None:
+                # Nothing may start before the store gives this node a share.
+                throttle.share = 0
+                self._ask_share(route)
         return throttle
 
     def status(self) -> dict[str, Any]:
         """What this node's engine is doing, per route: for operators watching a backlog drain."""
+        routes = {}
+        for route, t in sorted(self._throttles.items()):
+            status = t.status()
+            state = self.route_states.get(route)
+            if state is not None and state.get("state") == "rejecting":
+                status["state"] = "rejecting"
+                status["why"] = (
+                    f"REJECTING since {_utc(state.get('since'))}: every recipient refused"
+                    f" ({state.get('reply')}); its entries are held, no DSN is sent;"
+                    f" 'mailhub route release {route}' retries them,"
+                    f" 'mailhub route confirm {route}' bounces them"
+                )
+            if route in self._drains:
+                status["drain"] = dict(self._drains[route])
+            if route in self.last_drains:
+                status["last_drain"] = dict(self.last_drains[route])
+            routes[route] = status
         return {
             "node": self.node,
             "in_flight": self.in_flight,
             "attempts": self.attempts_made,
-            "routes": {route: t.status() for route, t in sorted(self._throttles.items())},
+            "routes": routes,
+            "route_states": dict(self.route_states),
         }
+
+    # -- the hub-wide budget -----------------------------------------------
+
+    def _share_ttl(self) -> float:
+        s = self._settings
+        return max(3 * s.heartbeat_seconds, 5 * s.share_seconds)
+
+    def _ask_share(self, route: str, want: int | None = None) -> None:
+        """Ask the store for this node's share of ``route``'s connections (one request at a time)."""
+        if self._coordination is None or not self.running:
+            return
+        throttle = self._throttles.get(route)
+        if throttle is None:
+            return
+        if want is None:
+            if route in self._short:
+                # The last answer gave less than asked: the others hold the
+                # rest; ask again at the next tick, not at every attempt.
+                return
+            want = throttle.demand()
+        if route in self._asking:
+            self._ask_again.add(route)
+            return
+        self._asking.add(route)
+        d = self._coordination.share(
+            route, self.node, want, throttle.active, throttle.maximum, self._clock.seconds(), self._share_ttl()
+        )
+
+        def given(share: int) -> None:
+            if share < want:
+                self._short.add(route)
+            if share != throttle.share:
+                throttle.set_share(share)
+                pooled = IPooledTransport(self._transport_for(route), None)
+                if pooled is not None:
+                    pooled.limit_connections(share)
+            if self._share_failing:
+                self.log.info("route shares answered again")
+                self._share_failing = False
+
+        def failed(f: Failure) -> None:
+            if not self._share_failing:
+                self.log.warn(
+                    "share of {route} not given: {why}; keeping {share}",
+                    route=route,
+                    why=f.getErrorMessage(),
+                    share=throttle.share,
+                )
+            self._share_failing = True
+
+        def done(_: object) -> None:
+            self._asking.discard(route)
+            if route in self._ask_again:
+                self._ask_again.discard(route)
+                if throttle.demand() > throttle.share:
+                    self._ask_share(route)
+
+        d.addCallbacks(given, failed).addBoth(done)
+
+    def _schedule_tick(self) -> None:
+        if self.running:
+            self._tick_timer = self._clock.callLater(self._settings.share_seconds, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick_timer = None
+        if self._ticking is None:
+            self._ticking = ensureDeferred(self._tick())
+
+            def done(_: object) -> None:
+                self._ticking = None
+
+            self._ticking.addErrback(lambda f: self.log.failure("route upkeep failed", f)).addBoth(done)
+        self._schedule_tick()
+
+    async def _tick(self) -> None:
+        """Every ``share_seconds``: renew shares, read route states, log what waited, see drains end."""
+        now = self._clock.seconds()
+        self._short.clear()
+        for route, throttle in list(self._throttles.items()):
+            want = max(throttle.peak_demand, throttle.demand())
+            throttle.peak_demand = throttle.demand()
+            if self._coordination is not None and (want or throttle.share):
+                self._ask_share(route, want)
+            self._log_suspended(route, now)
+        if self._coordination is not None:
+            try:
+                states = await self._coordination.route_states()
+            except Exception as e:
+                self.log.debug("route states not read: {why}", why=str(e))
+            else:
+                await self._states_read(states)
+        await self._probe_rejecting(now)
+        if self._drains and now - self._drain_checked >= 5 * self._settings.share_seconds:
+            self._drain_checked = now
+            await self._check_drains(now)
+
+    # -- reject storms -----------------------------------------------------
+
+    async def _states_read(self, states: dict[str, dict[str, Any]]) -> None:
+        before = self.route_states
+        self.route_states = dict(states)
+        for route, state in before.items():
+            if state.get("state") == "rejecting" and route not in states:
+                self.log.info("route {route} is no longer REJECTING", route=route)
+                self._watches.pop(route, None)
+                self._start_drain(route)
+                self.wake()
+
+    def _rejecting(self, route: str) -> dict[str, Any] | None:
+        state = self.route_states.get(route)
+        return state if state is not None and state.get("state") == "rejecting" else None
+
+    def _storm_decision(
+        self, entry: Entry, replies: Mapping[Address, Reply], decision: Decision, now: float
+    ) -> Decision:
+        """
+        The policy's decision, unless the route is (or looks like) a server
+        rejecting everything: then rejected recipients are held, not failed.
+        """
+        route = entry.route
+        delivered = any(o.action is Action.DELIVERED for o in decision.outcomes)
+        rejected = [o for o in decision.outcomes if o.action in (Action.FAILED, Action.HOLD) and o.reply.permanent]
+        if self._rejecting(route) is not None:
+            if delivered:
+                ensureDeferred(self._end_storm(route, f"it delivered {entry.id}"))
+            return _held(decision)
+        threshold = self._settings.reject_storm_recipients
+        if threshold <= 0:
+            return decision
+        watch = self._watches.setdefault(route, _RejectWatch(self._settings.reject_storm_window))
+        if delivered:
+            held = watch.clear()
+            if held:
+                ensureDeferred(self._release_entries(route, held))
+            return decision
+        throttle = self.throttle(route)
+        last = entry.last_reply
+        suspect = throttle.troubled or watch.recent(now) or (last is not None and last.temporary)
+        if rejected and replies and all(r.permanent for r in replies.values()) and suspect:
+            count = watch.add(now, [o.recipient for o in rejected], entry.id)
+            if count >= threshold:
+                ensureDeferred(self._start_storm(route, rejected[0].reply, now, count))
+            return _held(decision)
+        return decision
+
+    async def _start_storm(self, route: str, reply: Reply, now: float, count: int) -> None:
+        if self._rejecting(route) is not None:
+            return
+        state = {"state": "rejecting", "since": now, "reply": str(reply), "node": self.node, "recipients": count}
+        self.route_states[route] = state
+        self.log.error(
+            "route {route} is REJECTING: {count} recipients refused ({reply}) after it was down or"
+            " deferring; its entries are held and no DSN is sent.  When the server is fixed:"
+            " 'mailhub route release {route}' (or it ends by itself when a probe is delivered);"
+            " if the rejections are real: 'mailhub route confirm {route}' bounces them",
+            route=route,
+            count=count,
+            reply=str(reply),
+        )
+        try:
+            if self._coordination is not None:
+                await self._coordination.set_route_state(route, state)
+            held = await hold_route(self._store, route)
+        except Exception:
+            self.log.failure("could not hold the entries of {route}", route=route)
+            return
+        self.log.info("route {route}: {count} entries held while it is REJECTING", route=route, count=held)
+
+    async def _end_storm(self, route: str, why: str) -> None:
+        if self._rejecting(route) is None:
+            return
+        self.route_states.pop(route, None)
+        self._watches.pop(route, None)
+        try:
+            if self._coordination is not None:
+                await self._coordination.set_route_state(route, None)
+            released = await release_route(self._store, route, self._clock.seconds())
+        except Exception:
+            self.log.failure("could not release the entries of {route}", route=route)
+            return
+        self.log.info(
+            "route {route} accepts mail again ({why}): no longer REJECTING, {count} held entries released",
+            route=route,
+            why=why,
+            count=released,
+        )
+        self._start_drain(route)
+        self.wake()
+
+    async def _release_entries(self, route: str, ids: Sequence[str]) -> None:
+        """Entries held because the route looked like it was rejecting everything, and was not."""
+        now = self._clock.seconds()
+        for entry_id in ids:
+            try:
+                await self._store.release_held(entry_id, now)
+            except Exception:
+                self.log.failure("could not release {entry}", entry=entry_id)
+        self.log.info(
+            "route {route} delivers again: {count} entries held on suspicion of a reject storm released",
+            route=route,
+            count=len(ids),
+        )
+        self.wake()
+
+    async def _probe_rejecting(self, now: float) -> None:
+        """While a route is rejecting, one held entry per ``probe_seconds`` goes again: the probe."""
+        every = self._settings.probe_seconds
+        for route in [r for r in self.route_states if self._rejecting(r) is not None]:
+            last = max(self._probed_at.get(route, float("-inf")), self._probe_released.get(route, float("-inf")))
+            if now - last < every:
+                continue
+            self._probe_released[route] = now
+            try:
+                held = await self._store.entries(EntryFilter(route=route, held=True), 0, 1)
+                if held:
+                    self._probe_ids.add(held[0].id)
+                    await self._store.release_held(held[0].id, now)
+                    self.wake()
+            except Exception as e:
+                self.log.debug("probe of {route} not released: {why}", route=route, why=str(e))
+
+    def _probe_due(self, route: str) -> bool:
+        now = self._clock.seconds()
+        if now - self._probed_at.get(route, float("-inf")) >= self._settings.probe_seconds:
+            self._probed_at[route] = now
+            return True
+        return False
+
+    # -- drains --------------------------------------------------------------
+
+    def _start_drain(self, route: str) -> None:
+        if route not in self._drains:
+            self._drains[route] = {
+                "started": self._clock.seconds(),
+                "delivered": 0,
+                "deferred": 0,
+                "back_pressure": 0,
+                "failed": 0,
+                "peak_connections": 0,
+            }
+
+    def _count_drain(self, route: str, throttle: RouteThrottle, replies: Sequence[Reply]) -> None:
+        drain = self._drains.get(route)
+        if drain is None or not replies:
+            return
+        drain["peak_connections"] = max(drain["peak_connections"], throttle.active + 1)
+        if any(r.ok for r in replies):
+            drain["delivered"] += 1
+        elif any(is_back_pressure(r) for r in replies):
+            drain["back_pressure"] += 1
+        elif all(r.permanent for r in replies):
+            drain["failed"] += 1
+        else:
+            drain["deferred"] += 1
+
+    async def _check_drains(self, now: float) -> None:
+        try:
+            counts = await self._store.counts()
+        except Exception:
+            return
+        backlog = counts.get("routes", {})
+        for route, drain in list(self._drains.items()):
+            if backlog.get(route, 0):
+                continue
+            del self._drains[route]
+            report = dict(drain, finished=now, seconds=round(now - drain["started"], 1))
+            self.last_drains[route] = report
+            self.log.info(
+                "{line}",
+                line=(
+                    f"route {route} drained: {report['delivered']} entries delivered by {self.node} in"
+                    f" {report['seconds']} s, peak {report['peak_connections']} connections from this node,"
+                    f" {report['back_pressure']} back-pressure replies, {report['deferred']} other 4xx,"
+                    f" {report['failed']} failed"
+                ),
+            )
+
+    # -- suspended attempts ------------------------------------------------
+
+    def _log_suspended(self, route: str, now: float) -> None:
+        """One line per route and ``probe_seconds`` for attempts deferred without connecting."""
+        count = self._suspended_count.get(route, 0)
+        if not count or now - self._suspended_logged.get(route, float("-inf")) < self._settings.probe_seconds:
+            return
+        self._suspended_count[route] = 0
+        self._suspended_logged[route] = now
+        throttle = self._throttles.get(route)
+        self.log.info(
+            "route {route} is down: {count} attempts deferred without connecting since the last line"
+            " (last probe: {reply})",
+            route=route,
+            count=count,
+            reply=str(throttle.last_reply) if throttle else None,
+        )
 
     async def _flush_route(self, route: str) -> None:
         try:
@@ -434,6 +816,20 @@ class DeliveryEngine(Service):
         suspended = throttle.suspended()
         started = self._clock.seconds()
         replies: dict[Address, Reply] = {}
+        storm = self._rejecting(entry.route)
+        probe = entry.id in self._probe_ids
+        self._probe_ids.discard(entry.id)
+        if storm is not None and not suspended and not (probe or self._probe_due(entry.route)):
+            # Held without connecting: the route refuses everything, and its
+            # probe for this interval went already.
+            _drop(body)
+            throttle.release(())
+            reply = Reply(
+                450, "4.7.1", f"held: {entry.route} is REJECTING every recipient since {_utc(storm.get('since'))}"
+                f" ({storm.get('reply')}); not tried"
+            )
+            await self._conclude(lease, message, dict.fromkeys(entry.pending, reply), started, held=True)
+            return
         try:
             if not self.running:
                 _drop(body)
@@ -459,6 +855,8 @@ class DeliveryEngine(Service):
             # record below is the spool's business, not the route's.  A
             # suspended attempt taught nothing about the route.
             recovered = throttle.release(() if suspended or not replies else replies.values())
+            if not suspended:
+                self._count_drain(entry.route, throttle, list(replies.values()))
         # An entry deferred because its route was unreachable and delivered
         # now says the route is back, even if this node never saw it down.
         last = entry.last_reply
@@ -469,7 +867,7 @@ class DeliveryEngine(Service):
         self._recording += 1
         self._refill()
         try:
-            await self._conclude(lease, message, replies, started)
+            await self._conclude(lease, message, replies, started, suspended=suspended)
         finally:
             self._recording -= 1
 
@@ -479,12 +877,18 @@ class DeliveryEngine(Service):
             return
         self._recovered_at[route] = now
         throttle.slow_start()
+        self._start_drain(route)
         if self._settings.flush_on_recovery:
             ensureDeferred(self._flush_route(route))
 
     def _suspended_replies(self, entry: Entry, throttle: RouteThrottle) -> dict[Address, Reply]:
-        """The replies of an attempt deferred without connecting: the route is down."""
-        reply = Reply(451, "4.4.1", f"delivery to {entry.route} suspended: route down ({throttle.last_reply})")
+        """The replies of an attempt deferred without connecting: the route is down (not a reply it got)."""
+        reply = Reply(
+            451,
+            "4.4.1",
+            f"delivery to {entry.route} suspended: route down since {_utc(throttle.down_since)},"
+            f" not tried (last probe: {throttle.last_reply})",
+        )
         return dict.fromkeys(entry.pending, reply)
 
     async def _send(self, entry: Entry, message: bytes) -> dict[Address, Reply]:
@@ -502,18 +906,31 @@ class DeliveryEngine(Service):
         return replies
 
     async def _conclude(
-        self, lease: Lease, message: bytes | None, replies: dict[Address, Reply], started: float
+        self,
+        lease: Lease,
+        message: bytes | None,
+        replies: dict[Address, Reply],
+        started: float,
+        suspended: bool = False,
+        held: bool = False,
     ) -> None:
         """
         After an attempt: decide, bounce, record, log.
 
         :param message: the message if the attempt had it, else it is read
             from the spool if a DSN needs it.
+        :param suspended: deferred without connecting (the route is down):
+            logged once per route and interval, not per entry.
+        :param held: not tried, the route is rejecting: hold every recipient.
         """
         entry = lease.entry
         finished = self._clock.seconds()
         self.attempts_made += 1
-        decision = self._policy.decide(entry, replies, finished, self.node)
+        if held:
+            decision = Decision(tuple(Outcome(a, Action.HOLD, replies[a]) for a in entry.pending))
+        else:
+            decision = self._policy.decide(entry, replies, finished, self.node)
+            decision = self._storm_decision(entry, replies, decision, finished)
         attempt = Attempt(entry.id, self.node, started, finished, tuple((a, replies[a]) for a in entry.pending))
         bounced = [o for o in decision.outcomes if o.action in (Action.FAILED, Action.EXPIRED)]
         if bounced:
@@ -524,6 +941,9 @@ class DeliveryEngine(Service):
             await self._store.record(lease, attempt, decision)
         except LeaseLost:
             self.log.warn("entry {entry}: lease lost during the attempt; another node owns it now", entry=entry.id)
+            return
+        if suspended:
+            self._suspended_count[entry.route] = self._suspended_count.get(entry.route, 0) + 1
             return
         self._log_attempt(entry, decision, finished)
 
@@ -565,3 +985,83 @@ def _drop(body: Deferred[bytes] | None) -> None:
     """Let a prefetched body go unused (its failure, if any, is not an error)."""
     if body is not None:
         body.addErrback(lambda f: None)
+
+
+def _held(decision: Decision) -> Decision:
+    """``decision`` with every failed recipient held instead (no DSN)."""
+    if not any(o.action is Action.FAILED for o in decision.outcomes):
+        return decision
+    outcomes = tuple(
+        Outcome(o.recipient, Action.HOLD, o.reply) if o.action is Action.FAILED else o for o in decision.outcomes
+    )
+    return Decision(outcomes, decision.next_attempt, decision.next_node)
+
+
+class _RejectWatch:
+    """The distinct recipients a route rejected lately, and the entries held for it."""
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._seen: dict[Address, float] = {}
+        self._held: list[str] = []
+
+    def recent(self, now: float) -> bool:
+        self._trim(now)
+        return bool(self._seen)
+
+    def add(self, now: float, recipients: Sequence[Address], entry_id: str) -> int:
+        for address in recipients:
+            self._seen[address] = now
+        self._held.append(entry_id)
+        self._trim(now)
+        return len(self._seen)
+
+    def clear(self) -> list[str]:
+        held, self._held = self._held, []
+        self._seen.clear()
+        return held
+
+    def _trim(self, now: float) -> None:
+        for address, when in list(self._seen.items()):
+            if now - when > self._window:
+                del self._seen[address]
+
+
+async def hold_route(store: ISpoolStore, route: str, page: int = 500) -> int:
+    """Hold every entry of ``route`` not held yet; returns how many."""
+    count = 0
+    while True:
+        batch = await store.entries(EntryFilter(route=route, held=False), 0, page)
+        if not batch:
+            return count
+        found = await DeferredList([store.hold(e.id) for e in batch], consumeErrors=True)
+        count += sum(1 for ok, result in found if ok and result)
+        if len(batch) < page:
+            return count
+
+
+async def release_route(store: ISpoolStore, route: str | None, now: float, limit: int | None = None) -> int:
+    """
+    Release held entries of ``route`` (every route for ``None``), oldest
+    first, at most ``limit`` of them; returns how many.
+    """
+    count = 0
+    page = 500
+    while limit is None or count < limit:
+        want = page if limit is None else min(page, limit - count)
+        batch = await store.entries(EntryFilter(route=route, held=True), 0, want)
+        if not batch:
+            break
+        found = await DeferredList([store.release_held(e.id, now) for e in batch], consumeErrors=True)
+        released = sum(1 for ok, result in found if ok and result)
+        count += released
+        if len(batch) < want or not released:
+            break
+    return count
+
+
+def _utc(when: Any) -> str:
+    """A time for log and status texts."""
+    if not isinstance(when, int | float):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))

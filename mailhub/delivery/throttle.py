@@ -1,15 +1,22 @@
 """
-Pacing of one route's deliveries: how many attempts may run at once, and
-when to stop for a while.
+Pacing of one route's deliveries on one node: how many attempts may run at
+once, how fast they may start, and when to stop for a while.
 
 An organisation's server that has just come back is easy to push over: the
 backlog of a long outage arrives at once and Exchange answers
 ``452 4.3.1 Insufficient system resources`` (its back pressure), other servers
 ``421``.  The throttle keeps a concurrency window per route, as TCP does:
 
-- it starts at the route's ``max_connections``;
-- a back-pressure reply halves the window and pauses new attempts
-  (``pause`` seconds, doubling while the pressure lasts, up to ``max_pause``);
+- attempts run at most ``min(window, share)`` at once, where ``share`` is
+  this node's part of the route's ``max_connections`` for the whole hub
+  (``IRouteCoordination.share``, asked for by the engine; without a store
+  that coordinates, the whole ``max_connections``), and start at most
+  ``rate`` a second (the node's part of ``max_rate``);
+- a back-pressure reply halves the window and pauses new attempts for a
+  short, jittered time (1 s at first, doubling while the pressure lasts, up
+  to ``max_pause``), so that two nodes never resume in step; attempts
+  already running go on, so the route is never left idle while the server
+  has room;
 - each delivered entry widens the window by ``1 / window`` (about one more
   connection per window's worth of deliveries) up to ``max_connections``;
 - when a route that was down (every attempt deferred by connection failures
@@ -22,6 +29,8 @@ This module is a plain object over an injected clock: no socket, no store.
 
 from __future__ import annotations
 
+import random
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -66,28 +75,58 @@ def _tell(soon: Callable[[], object]) -> None:
         _log.failure("read-ahead for a waiting attempt failed")
 
 
+#: The first pause after back pressure, in seconds (before jitter).
+FIRST_PAUSE = 1.0
+
+
 class RouteThrottle:
     """
-    :param maximum: the route's ``max_connections``.
+    :param maximum: the route's ``max_connections`` (for the whole hub when
+        the engine coordinates shares, see ``share``).
     :param clock: an ``IReactorTime``.
+    :param max_pause: the longest pause after back pressure (the domain's
+        ``backpressure_pause``).
     :param probe: while the route is down, at most one real attempt per
         ``probe`` seconds; the others are deferred without connecting
         (``suspended``), as Postfix marks a dead destination.
+    :param rate: attempts a second at most for the whole hub (``max_rate``),
+        or ``None``; this node's part follows its share.
+    :param on_demand: called (without arguments) when attempts wait that the
+        share does not let run: time to ask for a bigger one.
+    :param random: a ``random()``-like callable, for the pauses' jitter.
     """
 
     def __init__(
-        self, maximum: int, clock: Any, pause: float = 30.0, max_pause: float = 300.0, probe: float = 30.0
+        self,
+        maximum: int,
+        clock: Any,
+        max_pause: float = 30.0,
+        probe: float = 30.0,
+        rate: float | None = None,
+        on_demand: Callable[[], object] | None = None,
+        random: Callable[[], float] = random.random,
     ) -> None:
         self.maximum = max(1, maximum)
         self.window = float(self.maximum)
+        #: This node's share of ``maximum`` (set by the engine).
+        self.share = self.maximum
         self.active = 0
         self.paused_until = 0.0
+        self.pressure_since: float | None = None
         self.down = False
+        self.down_since: float | None = None
+        #: Deferred or refused since the last delivery: a 5xx now may be a
+        #: rebuilt server rejecting everything, not one unknown user.
+        self.troubled = False
+        self.rate = rate
+        self._next_start = float("-inf")
+        self._on_demand = on_demand
+        self._random = random
         self._clock = clock
-        self._base_pause = pause
-        self._pause = pause
-        self._max_pause = max_pause
+        self._pause = FIRST_PAUSE
+        self._max_pause = max(max_pause, FIRST_PAUSE)
         self._probe = probe
+        self.peak_demand = 0
         self._last_try = float("-inf")
         self._waiting: deque[Deferred[None]] = deque()
         # The ``soon`` callbacks of waiters not yet told, and how many
@@ -106,6 +145,20 @@ class RouteThrottle:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def limit(self) -> int:
+        """How many attempts may run at once now: the window, within the share."""
+        return max(0, min(int(self.window), self.share))
+
+    def demand(self) -> int:
+        """How many connections this node could use now (what it asks its share for)."""
+        return min(int(self.window), self.active + len(self._waiting))
+
+    def set_share(self, share: int) -> None:
+        """The engine was given ``share`` connections of the route for this node."""
+        self.share = max(0, share)
+        self._pump()
+
     def acquire(self, soon: Callable[[], object] | None = None) -> Deferred[None]:
         """
         Fires when an attempt on the route may start; call ``release`` after it.
@@ -120,7 +173,14 @@ class RouteThrottle:
         if soon is not None:
             self._soon[d] = soon
         self._pump()
+        self._note_demand()
         return d
+
+    def _note_demand(self) -> None:
+        demand = self.demand()
+        self.peak_demand = max(self.peak_demand, demand)
+        if demand > self.share and self._on_demand is not None:
+            self._on_demand()
 
     def _forget(self, d: Deferred[None]) -> None:
         if d in self._waiting:
@@ -191,18 +251,46 @@ class RouteThrottle:
         """The route just came back: restart the window at a quarter of the maximum."""
         self.window = min(self.window, max(1.0, self.maximum / 4))
 
+    def state(self) -> str:
+        """``"down"``, ``"back-pressure"`` (paused, or pushed back within a minute) or ``"up"``."""
+        if self.down:
+            return "down"
+        now = self._clock.seconds()
+        if self.pressure_since is not None and (now < self.paused_until or now - self.paused_until < 60):
+            return "back-pressure"
+        return "up"
+
     def delivered_per_minute(self) -> int:
         self._trim()
         return len(self._recent)
 
     def status(self) -> dict[str, Any]:
         now = self._clock.seconds()
+        paused_for = max(0.0, round(self.paused_until - now, 1))
+        why = None
+        if paused_for:
+            why = f"back pressure since {_clock_time(self.pressure_since)} ({self.last_reply})"
+        elif self.down:
+            due = max(0.0, self._last_try + self._probe - now)
+            why = (
+                f"route down since {_clock_time(self.down_since)}; next probe in {due:.0f} s"
+                f" (last: {self.last_reply})"
+            )
+        elif self.waiting and self.active >= self.limit:
+            if self.share < int(self.window):
+                why = f"waiting for a connection: this node's share is {self.share} of {self.maximum}"
+            else:
+                why = f"waiting for a connection: window {self.window:.1f}"
         return {
+            "state": self.state(),
+            "why": why,
             "window": round(self.window, 2),
             "max_connections": self.maximum,
+            "share": self.share,
+            "rate": self.rate,
             "active": self.active,
             "waiting": self.waiting,
-            "paused_for": max(0.0, round(self.paused_until - now, 1)),
+            "paused_for": paused_for,
             "down": self.down,
             "delivered": self.delivered,
             "deferred": self.deferred,
@@ -233,36 +321,53 @@ class RouteThrottle:
                 # back report the same episode: react to it once, as TCP
                 # halves its window once per loss event.
                 return False
+            if self.pressure_since is None:
+                self.pressure_since = now
             self.window = max(1.0, self.window / 2)
-            self.paused_until = now + self._pause
+            # Jitter, so that nodes pushed back together do not come back together.
+            self.paused_until = now + self._pause * (0.5 + self._random())
             self._pause = min(self._pause * 2, self._max_pause)
             return False
         if ok:
             self.delivered += 1
             self._recent.append(now)
             self._trim()
-            self._pause = self._base_pause
+            self._pause = FIRST_PAUSE
+            self.troubled = False
+            if now >= self.paused_until:
+                self.pressure_since = None
             if self.down:
                 self.down = False
+                self.down_since = None
                 self.slow_start()
                 return True
             self.window = min(float(self.maximum), self.window + 1 / self.window)
+            self._note_demand()
             return False
         if all(r.permanent for r in replies):
             self.failed += 1
             return False
         self.deferred += 1
+        self.troubled = True
         if all(is_route_failure(r) for r in replies):
+            if not self.down:
+                self.down_since = now
             self.down = True
         return False
 
     def _pump(self) -> None:
         now = self._clock.seconds()
         if now < self.paused_until:
-            if self._timer is None or not self._timer.active():
-                self._timer = self._clock.callLater(self.paused_until - now, self._pump)
+            self._wake_at(self.paused_until)
             return
-        while self._waiting and self.active < int(self.window):
+        while self._waiting and self.active < self.limit:
+            if self.rate:
+                # This node's part of the hub's rate follows its share.
+                interval = self.maximum / (self.rate * max(1, self.share))
+                if now < self._next_start:
+                    self._wake_at(self._next_start)
+                    break
+                self._next_start = max(now, self._next_start) + interval
             self.active += 1
             d = self._waiting.popleft()
             self._told = max(0, self._told - 1)
@@ -271,3 +376,17 @@ class RouteThrottle:
                 _tell(soon)
             d.callback(None)
         self._tell()
+
+    def _wake_at(self, when: float) -> None:
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._pump)
+
+
+def _clock_time(when: float | None) -> str | None:
+    """A time of day for status texts (UTC, as the log's)."""
+    if when is None:
+        return None
+    return time.strftime("%H:%M:%S", time.gmtime(when))
