@@ -63,11 +63,16 @@ Keys (all under ``key_prefix``; one spool per prefix)::
     held, leased  sets of entry ids
     routes      hash: route -> entries;  recipients, bytes: counters
     heartbeats  hash: node -> JSON {"last_seen", "info"} (``INodeRegistry``)
+    shares:<route>  hash: node -> "given want expires", the nodes' shares of
+                      the route's connections (``IRouteCoordination.share``)
+    route_states    hash: route -> JSON, routes' hub-wide states
 
 A key is removed as soon as it is empty, so an empty spool holds no key
-(``heartbeats`` excepted: it lives as long as the hub's nodes do).  The
-scripts name keys they compute from the prefix, so the store needs one Redis
-(or a Sentinel-managed master), not a Redis Cluster.
+(``heartbeats`` excepted: it lives as long as the hub's nodes do; so does a
+``shares:<route>`` until every node has given its share back, or its share
+expired and a later ``share`` of the route dropped it).  The scripts name
+keys they compute from the prefix, so the store needs one Redis (or a
+Sentinel-managed master), not a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.interfaces import INodeRegistry, ISpoolStore, IStorePlugin
+from mailhub.interfaces import INodeRegistry, IRouteCoordination, ISpoolStore, IStorePlugin
 from mailhub.model import (
     Address,
     Attempt,
@@ -432,6 +437,88 @@ return out
 """)
 
 
+# ARGV: prefix, route, node, want, holding, limit, now, expires (now + ttl).
+# Returns the share given.  What mailhub.model.fair_share computes in Python,
+# computed here so that reading the others' shares and writing this one are
+# one step: expired shares dropped, then max(holding, min(want, fair, free)).
+# Names are ordered by their bytes, as Python orders str (Lua's < on strings
+# would follow the server's locale).  A share of 0 wanting 0 counts for
+# nothing, so it is dropped rather than kept: an idle route holds no key.
+_SHARE = _script("""
+local key, node = P .. 'shares:' .. ARGV[2], ARGV[3]
+local want, holding, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now, expires = tonumber(ARGV[7]), ARGV[8]
+local function before(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local others, wants = 0, {{node, want}}
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  local name = all[i]
+  if name ~= node then
+    local given, wanted, until_ = string.match(all[i + 1], '^(%S+) (%S+) (%S+)$')
+    if tonumber(until_) <= now then
+      redis.call('HDEL', key, name)
+    else
+      others = others + tonumber(given)
+      table.insert(wants, {name, tonumber(wanted)})
+    end
+  end
+end
+-- Max-min fairness: fill the smallest wants first (by want, then name);
+-- once every node left wants more than an equal part of what is left, each
+-- gets that part, the remainder one each to the first of them by name.
+local left, pending, fair = math.max(0, limit), {}, {}
+for _, w in ipairs(wants) do
+  if w[2] > 0 then table.insert(pending, w) end
+end
+table.sort(pending, function(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  return before(a[1], b[1])
+end)
+local i = 1
+while i <= #pending do
+  local count = #pending - i + 1
+  local equal = math.floor(left / count)
+  if pending[i][2] <= equal then
+    fair[pending[i][1]] = pending[i][2]
+    left = left - pending[i][2]
+    i = i + 1
+  else
+    local extra, names = left - equal * count, {}
+    for j = i, #pending do table.insert(names, pending[j][1]) end
+    table.sort(names, before)
+    for j, name in ipairs(names) do
+      if j <= extra then fair[name] = equal + 1 else fair[name] = equal end
+    end
+    break
+  end
+end
+local mine = math.min(fair[node] or 0, math.max(0, want))
+local given = math.max(holding, math.min(want, mine, limit - others))
+if given == 0 and want == 0 then
+  redis.call('HDEL', key, node)
+else
+  redis.call('HSET', key, node, string.format('%d %d %s', given, want, expires))
+end
+return given
+""")
+
+# ARGV: prefix, route, '1' to set | '0' to clear, the state's JSON.
+_SET_ROUTE_STATE = _script("""
+if ARGV[3] == '1' then
+  redis.call('HSET', P .. 'route_states', ARGV[2], ARGV[4])
+else
+  redis.call('HDEL', P .. 'route_states', ARGV[2])
+end
+return 1
+""")
+
+
 # -- serialisation ----------------------------------------------------------
 
 
@@ -589,7 +676,7 @@ class _OneTurn:
         self._send([item for item, _ in pending]).addCallbacks(answered, failed)
 
 
-@implementer(ISpoolStore, INodeRegistry)
+@implementer(ISpoolStore, INodeRegistry, IRouteCoordination)
 @define
 class RedisSpoolStore:
     """
@@ -967,6 +1054,37 @@ class RedisSpoolStore:
             return [found[name] for name in sorted(found)]
 
         return self._eval(_NODES, "nodes", _num(now)).addCallback(report)
+
+    # -- IRouteCoordination -----------------------------------------------
+
+    def share(
+        self, route: str, node: str, want: int, holding: int, limit: int, now: float, ttl: float
+    ) -> Deferred[int]:
+        # Not replicated before it fires: a share lasts ttl seconds and is
+        # asked for again; a failover that loses one loses only that.
+        d = self._eval(
+            _SHARE, "share", route, node, int(want), int(holding), int(limit), _num(now),
+            _num(now + ttl),
+        )
+        return d.addCallback(int)
+
+    def route_states(self) -> Deferred[dict[str, dict[str, Any]]]:
+        def report(r: list[bytes]) -> dict[str, dict[str, Any]]:
+            return {_text(k): json.loads(v) for k, v in zip(r[::2], r[1::2], strict=True)}
+
+        d = self._command("route_states", "HGETALL", f"{self._prefix}route_states")
+        return d.addCallback(report)
+
+    def set_route_state(self, route: str, state: Mapping[str, Any] | None) -> Deferred[None]:
+        if state is None:
+            args: tuple[str, ...] = (route, "0", "")
+        else:
+            try:
+                args = (route, "1", json.dumps(dict(state)))
+            except (TypeError, ValueError):
+                return fail()
+        d = self._eval_replicated(_SET_ROUTE_STATE, "set_route_state", *args)
+        return d.addCallback(lambda _: None)
 
     def close(self) -> Deferred[None]:
         d = self._disconnect()

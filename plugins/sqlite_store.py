@@ -10,16 +10,18 @@ it is rolled back and run again with a savepoint per job, so a job that
 fails rolls back only its own work.
 
 Calls that only read (``body``, ``get``, ``attempts``, ``entries``,
-``counts``, ``next_due``, ``nodes``) run on a reader thread with its own
-connection, each batch of them in one read transaction: in WAL mode they run
-beside the writer without taking its lock or joining its batches.  A write's ``Deferred``
-fires only after its ``COMMIT``, so a read issued after that sees the write.
+``counts``, ``next_due``, ``nodes``, ``route_states``) run on a reader
+thread with its own connection, each batch of them in one read transaction:
+in WAL mode they run beside the writer without taking its lock or joining
+its batches.  A write's ``Deferred`` fires only after its ``COMMIT``, so a
+read issued after that sees the write.
 
 Leasing is atomic across stores and processes because a claim runs inside
 ``BEGIN IMMEDIATE``, which takes SQLite's write lock before reading.  Claiming
 sets ``next_attempt`` to the lease's expiry, so an abandoned lease needs no
 sweep: its entry is simply due again.  ``record`` and ``release`` act only
-while the row still carries their lease's token.
+while the row still carries their lease's token.  A route's ``share`` is one
+writer job, so it too is atomic across stores and processes.
 
 Bodies over ``LOG_THRESHOLD`` octets (16 KB) are not stored in the database
 but appended to segment files in ``<path>.bodies/`` (``_BodyLog``), each
@@ -63,7 +65,7 @@ from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.interfaces import INodeRegistry, ISpoolStore, IStorePlugin
+from mailhub.interfaces import INodeRegistry, IRouteCoordination, ISpoolStore, IStorePlugin
 from mailhub.model import (
     Address,
     Attempt,
@@ -79,6 +81,7 @@ from mailhub.model import (
     StoreFull,
     StoreUnavailable,
     apply_decision,
+    fair_share,
     new_entries,
 )
 
@@ -137,6 +140,18 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     last_seen REAL NOT NULL,
     info TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS route_shares (
+    route TEXT NOT NULL,
+    node TEXT NOT NULL,
+    given INTEGER NOT NULL,
+    want INTEGER NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (route, node)
+);
+CREATE TABLE IF NOT EXISTS route_states (
+    route TEXT PRIMARY KEY,
+    state TEXT NOT NULL
 );
 """
 
@@ -1086,7 +1101,7 @@ class _Reader(_Worker):
         return results
 
 
-@implementer(ISpoolStore, INodeRegistry)
+@implementer(ISpoolStore, INodeRegistry, IRouteCoordination)
 @define
 class SqliteSpoolStore:
     """
@@ -1543,6 +1558,69 @@ class SqliteSpoolStore:
 
         return self._read(job)
 
+    # -- IRouteCoordination -----------------------------------------------
+
+    def share(
+        self, route: str, node: str, want: int, holding: int, limit: int, now: float, ttl: float
+    ) -> Deferred[int]:
+        # One writer job: its BEGIN IMMEDIATE makes the read and the write one
+        # step for every store and process on the file.
+        def job(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "DELETE FROM route_shares WHERE route = ? AND (expires <= ? OR node = ?)",
+                (route, now, node),
+            )
+            others = 0
+            wants: dict[str, int] = {}
+            for name, given, wanted in conn.execute(
+                "SELECT node, given, want FROM route_shares WHERE route = ?", (route,)
+            ):
+                others += given
+                wants[name] = wanted
+            wants[node] = want
+            given = max(holding, min(want, fair_share(limit, wants, node), limit - others))
+            # A share of nothing, wanting nothing, counts for nothing: no row
+            # keeps it (an idle route leaves the table empty).
+            if given or want:
+                conn.execute(
+                    "INSERT INTO route_shares (route, node, given, want, expires)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (route, node, given, want, now + ttl),
+                )
+            return given
+
+        return self._writer.submit(job)
+
+    def route_states(self) -> Deferred[dict[str, dict[str, Any]]]:
+        def job(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            return {
+                route: json.loads(state)
+                for route, state in conn.execute("SELECT route, state FROM route_states")
+            }
+
+        return self._read(job)
+
+    def set_route_state(self, route: str, state: Mapping[str, Any] | None) -> Deferred[None]:
+        if state is None:
+
+            def job(conn: sqlite3.Connection) -> None:
+                conn.execute("DELETE FROM route_states WHERE route = ?", (route,))
+
+        else:
+            try:
+                text = json.dumps(dict(state), ensure_ascii=False)
+            except (TypeError, ValueError):
+                return fail()
+
+            def job(conn: sqlite3.Connection) -> None:
+                conn.execute(
+                    "INSERT INTO route_states (route, state) VALUES (?, ?)"
+                    " ON CONFLICT (route) DO UPDATE SET state = excluded.state",
+                    (route, text),
+                )
+
+        return self._writer.submit(job)
+
     def close(self) -> Deferred[None]:
         stopped = gatherResults([self._writer.stop(), self._reader.stop()])
         return stopped.addCallback(lambda _: None)
@@ -1560,6 +1638,9 @@ _ADDED_MESSAGE_COLUMNS = {"log_segment": "TEXT", "log_offset": "INTEGER", "log_l
 #: The spool's schema, in ``PRAGMA user_version``.  1: bodies may be in the
 #: body log (a hub before it would read them as empty: it must not open such
 #: a spool, and any later one refuses a spool of a schema it does not know).
+#: Tables added since (``route_shares``, ``route_states``) need no new
+#: version: ``_SCHEMA`` creates whichever is missing when a spool is opened,
+#: and a hub before them reads the rest of the spool as it always did.
 SCHEMA_VERSION = 1
 
 

@@ -7,6 +7,7 @@ holds no key.
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import ISpoolStore, IStorePlugin
@@ -37,9 +38,15 @@ from mailhub.model import (
     StoreUnavailable,
 )
 from mailhub.plugin import load_plugin
+from mailhub.plugins import memory_store
 from mailhub.plugins.redis_store import RedisSpoolStore, plugin
 from mailhub.testing.redis_server import RedisServer
-from mailhub.testing.store_contract import NOW, NodeRegistryContract, SpoolStoreContract
+from mailhub.testing.store_contract import (
+    NOW,
+    NodeRegistryContract,
+    RouteCoordinationContract,
+    SpoolStoreContract,
+)
 
 ROUTE = "smtp:mail.a.example:25"
 OTHER_ROUTE = "smtp:mail.b.example:25"
@@ -84,7 +91,7 @@ def stores() -> Iterator[Callable[..., RedisSpoolStore]]:
     pytest_twisted.blockon(gatherResults([s.close() for s in made]))
 
 
-class TestRedisSpoolStore(SpoolStoreContract, NodeRegistryContract):
+class TestRedisSpoolStore(SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract):
     """The contract, each test under a fresh key prefix."""
 
     @pytest.fixture
@@ -330,6 +337,89 @@ async def test_spool_done_leaves_no_key_behind(
     }  # fmt: skip
 
 
+# -- route coordination ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_shares_are_those_the_memory_store_gives(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """
+    The script's max-min fairness is ``fair_share``'s: the same requests,
+    asked of the ``memory`` store and of Redis, get the same shares (names
+    chosen so that their order by bytes is not a locale's).
+    """
+    store = stores(redis_server)
+    memory = memory_store.plugin.make({}, Clock())
+    rng = random.Random(11)
+    names = ["dallas", "Dallas", "b", "ä-node", "a b", "losangeles-2", "losangeles-10"]
+    held = dict.fromkeys(names, 0)
+    for step in range(400):
+        name = rng.choice(names)
+        route = rng.choice([ROUTE, OTHER_ROUTE])
+        want, limit = rng.randint(0, 9), rng.choice([0, 1, 3, 7, 10, 25])
+        holding = rng.randint(0, held[name])
+        ttl = rng.choice([5.0, 50.0, 1e6])
+        now = NOW + step * 0.75
+        args = (route, name, want, holding, limit, now, ttl)
+        expected = await memory.share(*args)
+        assert await store.share(*args) == expected, (step, args)
+        held[name] = expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_connections_never_share_out_more_than_the_limit(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """Nodes on two stores asking all at once, each holding all it was given, stay within the limit."""
+    a = stores(redis_server)
+    b = stores(redis_server, key_prefix=a._prefix)
+    limit = 5
+    given = {f"n{i}": 0 for i in range(6)}
+    for step in range(20):
+        asked = [
+            (a if i % 2 else b).share(ROUTE, name, 4, given[name], limit, NOW + step, 3600.0)
+            for i, name in enumerate(sorted(given))
+        ]
+        for name, share in zip(sorted(given), await gatherResults(asked), strict=True):
+            assert share >= given[name]
+            given[name] = share
+        assert sum(given.values()) <= limit
+    assert sum(given.values()) == limit
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_routes_leave_no_key_behind(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """Shares given back, expired shares and cleared states free their keys."""
+    store = stores(redis_server)
+    prefix = store._prefix
+    assert await store.share(ROUTE, "dallas", 2, 0, 3, NOW, 10.0) == 2
+    assert await store.share(ROUTE, "losangeles", 2, 0, 3, NOW, 10.0) == 1
+    await store.set_route_state(ROUTE, {"state": "rejecting", "since": NOW})
+    assert sorted(redis_server.keys(prefix)) == [
+        f"{prefix}route_states".encode(), f"{prefix}shares:{ROUTE}".encode()
+    ]
+    await store.set_route_state(ROUTE, None)
+    assert await store.share(ROUTE, "dallas", 0, 0, 3, NOW + 1, 10.0) == 0
+    # losangeles stopped asking: its share lapses when dallas next asks.
+    assert await store.share(ROUTE, "dallas", 0, 0, 3, NOW + 10, 10.0) == 0
+    assert redis_server.keys(prefix) == []
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_route_state_waits_for_replicas_a_share_does_not(
+    own_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """With ``wait_replicas = 1`` and no replica, a route state is not acknowledged; a share is."""
+    store = stores(own_server, wait_replicas=1, command_timeout=1.0)
+    with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+        await store.set_route_state(ROUTE, {"state": "rejecting"})
+    assert await store.share(ROUTE, "dallas", 2, 0, 3, NOW, 10.0) == 2
+
+
 # -- outages ----------------------------------------------------------------
 
 
@@ -395,6 +485,28 @@ async def test_redis_not_answering_fails_within_timeout(
     finally:
         own_server.resume()
     assert await until_works(store, within=10.0) < 10.0
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_route_coordination_fails_fast_when_redis_is_down(
+    own_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    store = stores(own_server, command_timeout=1.0, reconnect_max_delay=0.5)
+    await store.set_route_state(ROUTE, {"state": "rejecting"})
+    own_server.stop()
+    for call in (
+        lambda: store.share(ROUTE, "dallas", 2, 0, 3, NOW, 10.0),
+        lambda: store.route_states(),
+        lambda: store.set_route_state(ROUTE, None),
+    ):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await call()
+        assert time.monotonic() - started < 1.5
+    own_server.restart()
+    assert await until_works(store, within=10.0) < 10.0
+    assert await store.route_states() == {ROUTE: {"state": "rejecting"}}
 
 
 # -- replication ------------------------------------------------------------

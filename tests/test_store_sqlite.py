@@ -32,6 +32,7 @@ from mailhub.testing.store_contract import (
     ODD_MESSAGE,
     RETRY_AT,
     NodeRegistryContract,
+    RouteCoordinationContract,
     SpoolStoreContract,
     attempt_for,
     decision,
@@ -47,7 +48,7 @@ ALICE = Address("alice", "a.example")
 ENVELOPE = envelope(NOW)
 
 
-class TestSqliteSpoolStore(SpoolStoreContract, NodeRegistryContract):
+class TestSqliteSpoolStore(SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract):
     """The contract, over a fresh database file (the module's ``store`` fixture)."""
 
 
@@ -212,6 +213,69 @@ async def test_spool_file_without_smtputf8_column_still_opens(db: Path) -> None:
         assert (await body_row(store, entry.message_id))[0] == b""
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_file_without_route_tables_gets_them(db: Path) -> None:
+    """
+    A spool written before ``IRouteCoordination`` (no ``route_shares``, no
+    ``route_states``) gets both tables when opened, keeps its schema version
+    and its entries, and shares and route states work on it.
+    """
+    first = open_store(db)
+    entry_id = await enqueue(first)
+    await first.close()
+    old = sqlite3.connect(db)
+    old.executescript("DROP TABLE route_shares; DROP TABLE route_states;")
+    old.close()
+    store = open_store(db)
+    try:
+        assert (await store.get(entry_id)) is not None
+        assert await store.route_states() == {}
+        assert await store.share(ROUTE, "dallas", 2, 0, 3, NOW, 30.0) == 2
+        assert await store.share(ROUTE, "losangeles", 5, 0, 3, NOW, 30.0) == 1
+        await store.set_route_state(ROUTE, {"state": "rejecting", "since": NOW})
+        assert await store.route_states() == {ROUTE: {"state": "rejecting", "since": NOW}}
+        version = await store.run(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
+        assert version == sqlite_store.SCHEMA_VERSION
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_route_state_and_shares_survive_close_and_reopen(db: Path) -> None:
+    """A route state is committed before its ``Deferred`` fires; so is a share."""
+    first = open_store(db)
+    await first.set_route_state(ROUTE, {"state": "rejecting", "reply": "550 5.1.1 nö"})
+    assert await first.share(ROUTE, "dallas", 3, 0, 3, NOW, 30.0) == 3
+    await first.close()
+    second = open_store(db)
+    try:
+        assert await second.route_states() == {
+            ROUTE: {"state": "rejecting", "reply": "550 5.1.1 nö"}
+        }
+        assert await second.share(ROUTE, "losangeles", 3, 0, 3, NOW + 1, 30.0) == 0
+    finally:
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_share_asked_for_nothing_leaves_no_row(store: SqliteSpoolStore) -> None:
+    """A node that gives everything back and wants nothing is not kept: an idle route holds no row."""
+    count = lambda: store.run(  # noqa: E731
+        lambda c: c.execute("SELECT count(*) FROM route_shares").fetchone()[0]
+    )
+    assert await store.share(ROUTE, "dallas", 2, 0, 3, NOW, 30.0) == 2
+    assert await count() == 1
+    assert await store.share(ROUTE, "dallas", 0, 0, 3, NOW + 1, 30.0) == 0
+    assert await count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_state_json_cannot_encode_fails_the_call(store: SqliteSpoolStore) -> None:
+    with pytest.raises(TypeError):
+        await store.set_route_state(ROUTE, {"state": object()})
+    assert await store.route_states() == {}
 
 
 @pytest_twisted.ensureDeferred
@@ -964,6 +1028,31 @@ async def test_two_stores_on_one_file_never_lease_the_same_entry(db: Path) -> No
     assert not set(got_a) & set(got_b)
     assert set(got_a) | set(got_b) == ids
     assert got_a and got_b
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_stores_on_one_file_never_share_out_more_than_the_limit(db: Path) -> None:
+    """
+    Nodes on two stores over one file, asking all at once and each holding
+    all it was given, are never given more than the route's limit together.
+    """
+    a, b = open_store(db), open_store(db)
+    limit = 5
+    given = {f"n{i}": 0 for i in range(6)}
+    try:
+        for step in range(20):
+            asked = [
+                (a if i % 2 else b).share(ROUTE, name, 4, given[name], limit, NOW + step, 3600.0)
+                for i, name in enumerate(sorted(given))
+            ]
+            for name, share in zip(sorted(given), await gatherResults(asked), strict=True):
+                assert share >= given[name]
+                given[name] = share
+            assert sum(given.values()) <= limit
+    finally:
+        await a.close()
+        await b.close()
+    assert sum(given.values()) == limit
 
 
 CHILD = """
