@@ -5,7 +5,10 @@
     mailhub queue [--config FILE] list [--json] [--route R] [--held]
     mailhub queue [--config FILE] show ID [--json]
     mailhub queue [--config FILE] hold|release|delete ID
+    mailhub queue [--config FILE] hold|release (--route R | --domain D | --all) [--first N]
     mailhub queue [--config FILE] flush [--route R]
+    mailhub route [--config FILE] list [--json]
+    mailhub route [--config FILE] release|confirm ROUTE
     mailhub nodes [--config FILE] [--json]
     mailhub status [--config FILE] [--json]
     mailhub sink --listen ENDPOINT [--maildir DIR]
@@ -164,7 +167,12 @@ async def _queue(reactor: Any, args: argparse.Namespace, config: HubConfig) -> i
                 for rcpt, reply in a.replies:
                     out.write(f"    <{rcpt}>: {reply}\n")
             return 0
+        if args.action in ("hold", "release") and args.id is None:
+            return await _bulk(store, args, config, now, out)
         if args.action in ("hold", "release", "delete"):
+            if args.id is None:
+                sys.stderr.write("mailhub: delete needs an entry id\n")
+                return 2
             if args.action == "hold":
                 found = await store.hold(args.id)
             elif args.action == "release":
@@ -226,6 +234,155 @@ async def _wake_local_nodes(store: Any, now: float, heartbeat_seconds: float, ou
         woken += 1
     if woken:
         out.write(f"woke {woken} hub process{'es' if woken > 1 else ''} on this host\n")
+
+
+def _selected_route(args: argparse.Namespace, config: HubConfig) -> tuple[str | None, str | None]:
+    """The route a bulk command acts on (``None``: every route), or an error text."""
+    chosen = [k for k in ("route", "domain", "all") if getattr(args, k, None)]
+    if len(chosen) != 1:
+        return None, "give an entry id, or exactly one of --route, --domain, --all"
+    if args.domain:
+        route = config.route_for(args.domain)
+        if route is None:
+            return None, f"no domain {args.domain} in {config.path}"
+        return route, None
+    return args.route, None
+
+
+async def _bulk(store: Any, args: argparse.Namespace, config: HubConfig, now: float, out: Any) -> int:
+    """``queue hold|release --route R | --domain D | --all [--first N]``: many entries at once."""
+    from mailhub.delivery.engine import hold_route, release_route
+
+    route, error = _selected_route(args, config)
+    if error:
+        sys.stderr.write(f"mailhub: {error}\n")
+        return 2
+    where = f"route {route}" if route else "every route"
+    if args.action == "hold":
+        if route is None:
+            count = 0
+            for r in sorted(set(d.route for d in config.domains.values()) | set((await store.counts())["routes"])):
+                count += await hold_route(store, r)
+        else:
+            count = await hold_route(store, route)
+        out.write(f"held {count} entries of {where}\n")
+        return 0
+    started = time.monotonic()
+    count = await release_route(store, route, now, args.first)
+    left = (await store.entries(EntryFilter(route=route, held=True), 0, 1_000_000)) if args.first else []
+    out.write(
+        f"released {count} held entries of {where} in {time.monotonic() - started:.1f} s"
+        + (f"; {len(left)} still held (release them with --{_flag(args)} once these are delivered)" if left else "")
+        + "\n"
+    )
+    await _wake_local_nodes(store, now, config.delivery.heartbeat_seconds, out)
+    return 0
+
+
+def _flag(args: argparse.Namespace) -> str:
+    if args.route:
+        return f"route {args.route}"
+    if args.domain:
+        return f"domain {args.domain}"
+    return "all"
+
+
+async def _route(reactor: Any, args: argparse.Namespace, config: HubConfig) -> int:
+    """``mailhub route list|release|confirm``: routes' hub-wide states (``rejecting``)."""
+    from mailhub.delivery.engine import release_route
+    from mailhub.interfaces import IRouteCoordination
+
+    store = _open_store(config, reactor)
+    out = sys.stdout
+    now = reactor.seconds()
+    try:
+        coordination = IRouteCoordination(store, None)
+        if coordination is None:
+            sys.stderr.write(f"mailhub: the {config.store.get('plugin')} store keeps no route states\n")
+            return 1
+        states = await coordination.route_states()
+        if args.action == "list":
+            if args.json:
+                json.dump(states, out, indent=2)
+                out.write("\n")
+                return 0
+            if not states:
+                out.write("no route is in a special state\n")
+            for route, state in sorted(states.items()):
+                out.write(
+                    f"{route}: {state.get('state', '?').upper()} since {_when(state.get('since') or now, now)},"
+                    f" {state.get('recipients', '?')} recipients refused ({state.get('reply')}), seen by"
+                    f" {state.get('node')}\n"
+                )
+            return 0
+        route = args.route
+        if route not in states:
+            sys.stderr.write(f"mailhub: route {route} is in no special state (see: mailhub route list)\n")
+            return 1
+        if args.action == "release":
+            await coordination.set_route_state(route, None)
+            count = await release_route(store, route, now)
+            out.write(f"route {route}: no longer {states[route].get('state', '').upper()}; {count} held entries"
+                      " released, to be retried now\n")
+        else:
+            bounced, silent = await _confirm(store, config, route, states[route], now)
+            await coordination.set_route_state(route, None)
+            out.write(f"route {route}: rejections confirmed; {bounced} entries bounced (DSN to their senders),"
+                      f" {silent} without a DSN (null sender)\n")
+        await _wake_local_nodes(store, now, config.delivery.heartbeat_seconds, out)
+        return 0
+    finally:
+        await store.close()
+
+
+async def _confirm(store: Any, config: HubConfig, route: str, state: dict[str, Any], now: float) -> tuple[int, int]:
+    """
+    Bounce every held entry of ``route``: a DSN to its sender with each
+    pending recipient's rejection (or the route's, for one never tried while
+    it was rejecting), then the entry leaves the spool.
+    """
+    from mailhub.delivery.dsn import build_dsn
+    from mailhub.model import Action, Outcome, Reply
+    from mailhub.node import routes_for
+
+    fallback = _parse_reply(str(state.get("reply", ""))) or Reply(550, "5.0.0", "rejected by the route's server")
+    first_node = next(iter(config.nodes))
+    bounced = silent = 0
+    while True:
+        batch = await store.entries(EntryFilter(route=route, held=True), 0, 200)
+        if not batch:
+            return bounced, silent
+        for entry in batch:
+            outcomes = [
+                Outcome(r.address, Action.FAILED, r.reply if r.reply is not None and r.reply.permanent else fallback)
+                for r in entry.recipients
+                if r.state.value == "pending"
+            ]
+            try:
+                message = await store.body(entry.message_id)
+            except KeyError:
+                message = b""
+            dsn = build_dsn(config.hostname, entry, outcomes, message, now)
+            if dsn is None:
+                silent += 1
+            else:
+                envelope, data = dsn
+                # The DSN is safely spooled before the entry goes.
+                await store.enqueue(envelope, data, routes_for(config, envelope.recipients), first_node)
+                bounced += 1
+            await store.delete(entry.id)
+
+
+def _parse_reply(text: str) -> Any:
+    from mailhub.model import Reply
+
+    code, _, rest = text.partition(" ")
+    if not code.isdigit():
+        return None
+    enhanced, _, words = rest.partition(" ")
+    if not (enhanced[:1].isdigit() and enhanced.count(".") == 2):
+        enhanced, words = "", rest
+    return Reply(int(code), enhanced, words)
 
 
 def _is_hub_process(pid: int, last_seen: float) -> bool:
@@ -337,6 +494,11 @@ def _status(config: HubConfig, as_json: bool) -> int:
         sys.stdout.write("\n")
         return 0 if all("error" not in r for r in results.values()) else 1
     failed = False
+    # Deliveries a minute per route, all nodes together: the drain's pace.
+    pace: dict[str, int] = {}
+    for r in results.values():
+        for route, t in r.get("engine", {}).get("routes", {}).items():
+            pace[route] = pace.get(route, 0) + t["delivered_last_minute"]
     for name, r in results.items():
         if "error" in r:
             failed = True
@@ -349,15 +511,40 @@ def _status(config: HubConfig, as_json: bool) -> int:
         )
         backlog = spool.get("routes", {})
         for route, t in r["engine"]["routes"].items():
-            state = "DOWN" if t["down"] else ("PAUSED %ss" % t["paused_for"] if t["paused_for"] else "up")
-            sys.stdout.write(
-                f"  {route}: {state}, backlog {backlog.get(route, 0)}, window {t['window']}/{t['max_connections']}, "
-                f"{t['active']} running, {t['waiting']} waiting, {t['delivered_last_minute']}/min delivered, "
-                f"{t['delivered']} delivered, {t['deferred']} deferred, {t['back_pressure']} back-pressure"
-                + (f"; last: {t['last_reply']}" if t["last_reply"] else "")
-                + "\n"
-            )
+            sys.stdout.write(f"  {route}: {_route_line(t, backlog.get(route, 0), pace.get(route, 0))}\n")
     return 1 if failed else 0
+
+
+def _route_line(t: dict[str, Any], backlog: int, per_minute: int) -> str:
+    """One route of ``mailhub status``: its state and why, the budget, the progress."""
+    state = str(t.get("state") or ("down" if t["down"] else "up")).upper()
+    if t["paused_for"]:
+        state += " (paused %ss)" % t["paused_for"]
+    share = t.get("share", t["max_connections"])
+    line = (
+        f"{state}, backlog {backlog}, window {t['window']}/{t['max_connections']}, share {share} of"
+        f" {t['max_connections']} for the hub, {t['active']} running, {t['waiting']} waiting,"
+        f" {t['delivered_last_minute']}/min delivered ({per_minute}/min by all nodes)"
+    )
+    if backlog and per_minute:
+        line += f", about {_span(60.0 * backlog / per_minute)} left"
+    line += f"; {t['delivered']} delivered, {t['deferred']} deferred, {t['back_pressure']} back-pressure"
+    if t.get("why"):
+        line += f"\n      why: {t['why']}"
+    if t.get("drain"):
+        d = t["drain"]
+        line += f"\n      draining: {d['delivered']} delivered, {d['back_pressure']} back-pressure so far"
+    elif t.get("last_drain"):
+        d = t["last_drain"]
+        line += (
+            f"\n      last drain: {d['delivered']} delivered in {d['seconds']} s, peak {d['peak_connections']}"
+            f" connections, {d['back_pressure']} back-pressure, {d['deferred']} deferred, {d['failed']} failed"
+        )
+    if t["last_reply"]:
+        line += f"\n      last reply: {t['last_reply']}"
+    return line
+
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -379,10 +566,34 @@ def _parser() -> argparse.ArgumentParser:
     qsh = qs.add_parser("show", help="one entry, its recipients and its attempts")
     qsh.add_argument("id")
     qsh.add_argument("--json", action="store_true")
-    for name, text in (("hold", "hold an entry"), ("release", "release a held entry"), ("delete", "delete an entry")):
-        qs.add_parser(name, help=text).add_argument("id")
+    for name, text in (
+        ("hold", "hold an entry, or many (--route, --domain, --all)"),
+        ("release", "release a held entry, or many (--route, --domain, --all; --first N for a test batch)"),
+        ("delete", "delete an entry"),
+    ):
+        qa = qs.add_parser(name, help=text)
+        qa.add_argument("id", nargs="?")
+        if name != "delete":
+            qa.add_argument("--route", help="every entry of this route (its text, as in queue list)")
+            qa.add_argument("--domain", help="every entry of this domain's route")
+            qa.add_argument("--all", action="store_true", help="every entry")
+        if name == "release":
+            qa.add_argument("--first", type=int, metavar="N", help="only the N oldest: a test batch")
     qf = qs.add_parser("flush", help="make entries due now")
     qf.add_argument("--route")
+
+    r = sub.add_parser("route", help="routes' hub-wide states: a server rejecting everything")
+    r.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
+                   help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
+    rs = r.add_subparsers(dest="action", required=True)
+    rl = rs.add_parser("list", help="routes in a special state (REJECTING), since when, with what reply")
+    rl.add_argument("--json", action="store_true")
+    rs.add_parser("release", help="the server is fixed: end REJECTING and retry every held entry").add_argument(
+        "route"
+    )
+    rs.add_parser(
+        "confirm", help="the rejections are real: bounce the held entries (DSNs) and end REJECTING"
+    ).add_argument("route")
 
     n = sub.add_parser("nodes", help="the hub's nodes, when each was last seen, and what each holds")
     n.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
@@ -428,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: list[int] = []
 
     async def run(reactor: Any) -> None:
-        command = _nodes if args.command == "nodes" else _queue
+        command = {"nodes": _nodes, "route": _route}.get(args.command, _queue)
         result.append(await command(reactor, args, config))
 
     try:

@@ -99,3 +99,103 @@ def test_queue_show_unknown_entry_says_so(spool):
     out = mailhub("queue", "--config", str(path), "show", "nope")
     assert out.returncode == 1
     assert "no entry nope" in out.stderr
+
+
+ROUTE = "smtp:mail.example.com:25"
+
+
+def fill_held(path, count):
+    """``count`` entries of ROUTE, each rejected (550) and held; returns their ids."""
+    config = load(str(path))
+    store = load_plugin("mailhub.stores", "sqlite").make(config.plugin_section("store"), reactor)
+
+    async def fill():
+        now = reactor.seconds()
+        ids = []
+        for i in range(count):
+            rcpt = Address(f"user{i}", "example.com")
+            env = Envelope(Address("s", "outside.example"), (rcpt,), received_at=now)
+            (entry_id,) = await store.enqueue(env, b"Subject: x\r\n\r\nbody\r\n", {ROUTE: [rcpt]}, "dallas")
+            (lease,) = await store.claim("dallas", now, 10, 60.0, 300.0, [entry_id])
+            reply = Reply(550, "5.1.1", "no such user")
+            await store.record(
+                lease,
+                Attempt(entry_id, "dallas", now, now, ((rcpt, reply),)),
+                Decision((Outcome(rcpt, Action.HOLD, reply),)),
+            )
+            ids.append(entry_id)
+        await store.set_route_state(ROUTE, {"state": "rejecting", "since": now, "reply": str(reply)})
+        await store.close()
+        return ids
+
+    return pytest_twisted.blockon(ensureDeferred(fill()))
+
+
+@pytest.fixture
+def held(spool):
+    """The spool, plus 6 entries of ROUTE held after a 550, and the route REJECTING."""
+    return fill_held(spool[0], 6)
+
+
+def held_ids(path):
+    return {e["id"] for e in json.loads(mailhub("queue", "--config", str(path), "list", "--held", "--json").stdout)}
+
+
+def test_release_a_test_batch_then_the_rest_by_domain(spool, held):
+    """Many held entries are released in one command: a first batch of N, then the rest."""
+    path, _ = spool
+    ids = held
+    out = mailhub("queue", "--config", str(path), "release", "--domain", "example.com", "--first", "2")
+    assert out.returncode == 0, out.stderr
+    assert "released 2 held entries of route smtp:mail.example.com:25" in out.stdout
+    assert "4 still held" in out.stdout
+    assert len(held_ids(path)) == 4
+    out = mailhub("queue", "--config", str(path), "release", "--route", ROUTE)
+    assert "released 4 held entries" in out.stdout
+    assert held_ids(path) == set()
+    assert mailhub("queue", "--config", str(path), "hold", "--all").stdout.startswith("held 7 entries")
+    assert held_ids(path) == set(ids) | {spool[1]}
+
+
+def test_bulk_needs_exactly_one_selection(spool):
+    path, _ = spool
+    out = mailhub("queue", "--config", str(path), "release")
+    assert out.returncode == 2 and "exactly one of --route, --domain, --all" in out.stderr
+    out = mailhub("queue", "--config", str(path), "release", "--domain", "nowhere.example")
+    assert out.returncode == 2 and "no domain nowhere.example" in out.stderr
+
+
+def test_route_list_and_release_end_rejecting_and_retry_everything(spool, held):
+    path, _ = spool
+    ids = held
+    out = mailhub("route", "--config", str(path), "list")
+    assert out.returncode == 0, out.stderr
+    assert f"{ROUTE}: REJECTING since" in out.stdout and "550 5.1.1 no such user" in out.stdout
+    out = mailhub("route", "--config", str(path), "release", ROUTE)
+    assert out.returncode == 0, out.stderr
+    assert "6 held entries released" in out.stdout
+    assert held_ids(path) == set()
+    assert json.loads(mailhub("route", "--config", str(path), "list", "--json").stdout) == {}
+    assert {e["id"] for e in json.loads(mailhub("queue", "--config", str(path), "list", "--json").stdout)} >= set(ids)
+
+
+def test_route_confirm_bounces_held_entries_with_their_rejection(spool, held):
+    """Confirmed rejections: each held entry becomes a DSN in the spool (for the outbound route), then leaves."""
+    path, first = spool
+    ids = held
+    out = mailhub("route", "--config", str(path), "confirm", ROUTE)
+    assert out.returncode == 0, out.stderr
+    assert "6 entries bounced" in out.stdout
+    entries = json.loads(mailhub("queue", "--config", str(path), "list", "--json").stdout)
+    assert not set(ids) & {e["id"] for e in entries}
+    dsns = [e for e in entries if e["id"] != first]
+    assert len(dsns) == 6
+    assert all(e["sender"] == "" and e["recipients"][0]["address"] == "s@outside.example" for e in dsns)
+    assert {e["route"] for e in dsns} == {"smtp:mx"}  # the outbound route
+    assert json.loads(mailhub("route", "--config", str(path), "list", "--json").stdout) == {}
+
+
+def test_route_release_of_a_route_in_no_state_says_so(spool):
+    path, _ = spool
+    out = mailhub("route", "--config", str(path), "release", ROUTE)
+    assert out.returncode == 1 and "in no special state" in out.stderr
