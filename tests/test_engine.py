@@ -1116,3 +1116,21 @@ def test_storm_detection_can_be_turned_off():
     fresh = hub.accept("losangeles")
     assert hub.entry(fresh) is None and [eid for eid, _ in hub.bounces] == [fresh]
     assert hub.entry(entry_id).pending
+
+
+def test_new_mail_at_a_node_that_never_saw_the_outage_is_held_not_bounced():
+    """A node learns from the store that the route is down: a 5xx then is suspect there too."""
+    mode = {"reply": Reply(421, "4.4.1", "refused")}
+    hub = Hub(lambda entry, message: mode["reply"])
+    hub.accept("dallas")
+    assert hub.store.route_states().result[ROUTE]["state"] == "down"
+    hub.clock.advance(1)  # losangeles reads the route states
+    assert hub.engines["losangeles"].route_states[ROUTE]["state"] == "down"
+    assert not hub.engines["losangeles"].throttle(ROUTE).troubled
+    mode["reply"] = PERM
+    fresh = hub.accept("losangeles", recipients=(B,))
+    assert hub.entry(fresh).held and hub.bounces == []
+    # A delivery clears the hub-wide state.
+    mode["reply"] = OK
+    hub.accept("losangeles")
+    assert ROUTE not in hub.store.route_states().result

@@ -451,9 +451,10 @@ class DeliveryEngine(Service):
                 on_demand=lambda: self._ask_share(route),
             )
             if self._coordination is not None:
-                # Nothing may start before the store gives this node a share.
+                # Nothing may start before the store gives this node a share:
+                # ask for one at once, for the attempt that is about to wait.
                 throttle.share = 0
-                self._ask_share(route)
+                self._ask_share(route, 1)
         return throttle
 
     def status(self) -> dict[str, Any]:
@@ -564,6 +565,12 @@ class DeliveryEngine(Service):
             want = max(throttle.peak_demand, throttle.demand())
             throttle.peak_demand = throttle.demand()
             if self._coordination is not None and (want or throttle.share):
+                if want < throttle.share:
+                    # Close what this node will give back before the others
+                    # may take it: the server never sees both at once.
+                    pooled = IPooledTransport(self._transport_for(route), None)
+                    if pooled is not None:
+                        pooled.limit_connections(max(want, throttle.active))
                 self._ask_share(route, want)
             self._log_suspended(route, now)
         if self._coordination is not None:
@@ -589,6 +596,28 @@ class DeliveryEngine(Service):
                 self._watches.pop(route, None)
                 self._start_drain(route)
                 self.wake()
+
+    def _publish_down(self, route: str, throttle: RouteThrottle) -> None:
+        """
+        Tell the other nodes that ``route`` is down: a node that did not see
+        the outage then treats a 5xx for new mail as a suspected reject
+        storm too, not as one unknown user.
+        """
+        if self._coordination is None or route in self.route_states:
+            return
+        state = {"state": "down", "since": self._clock.seconds(), "reply": str(throttle.last_reply), "node": self.node}
+        self.route_states[route] = state
+        self._coordination.set_route_state(route, state).addErrback(
+            lambda f: self.log.debug("route state not written: {why}", why=f.getErrorMessage())
+        )
+
+    def _clear_down(self, route: str) -> None:
+        if self._coordination is None or self.route_states.get(route, {}).get("state") != "down":
+            return
+        del self.route_states[route]
+        self._coordination.set_route_state(route, None).addErrback(
+            lambda f: self.log.debug("route state not cleared: {why}", why=f.getErrorMessage())
+        )
 
     def _rejecting(self, route: str) -> dict[str, Any] | None:
         state = self.route_states.get(route)
@@ -619,7 +648,12 @@ class DeliveryEngine(Service):
             return decision
         throttle = self.throttle(route)
         last = entry.last_reply
-        suspect = throttle.troubled or watch.recent(now) or (last is not None and last.temporary)
+        suspect = (
+            throttle.troubled
+            or watch.recent(now)
+            or (last is not None and last.temporary)
+            or self.route_states.get(route, {}).get("state") == "down"
+        )
         if rejected and replies and all(r.permanent for r in replies.values()) and suspect:
             count = watch.add(now, [o.recipient for o in rejected], entry.id)
             if count >= threshold:
@@ -854,7 +888,10 @@ class DeliveryEngine(Service):
             # The route's slot is free as soon as the transport is done: the
             # record below is the spool's business, not the route's.  A
             # suspended attempt taught nothing about the route.
+            was_down = throttle.down
             recovered = throttle.release(() if suspended or not replies else replies.values())
+            if throttle.down and not was_down:
+                self._publish_down(entry.route, throttle)
             if not suspended:
                 self._count_drain(entry.route, throttle, list(replies.values()))
         # An entry deferred because its route was unreachable and delivered
@@ -864,6 +901,8 @@ class DeliveryEngine(Service):
             recovered = True
         if recovered:
             self._route_recovered(entry.route, throttle)
+        if any(r.ok for r in replies.values()) and self.route_states.get(entry.route, {}).get("state") == "down":
+            self._clear_down(entry.route)
         self._recording += 1
         self._refill()
         try:
