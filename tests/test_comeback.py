@@ -58,7 +58,7 @@ class TwoNodes:
         )
         text = text.replace(f'outbound = "smtp:127.0.0.1:{downstream.port}"', f'outbound = "smtp:127.0.0.1:{outbound.port}"')
         text = text.replace("max_connections = 4", f"max_connections = {LIMIT}")
-        for name, port in self.ports.items():
+        for port in self.ports.values():
             listener = f'smtp = "tcp:{port}:interface=127.0.0.1"\n'
             text = text.replace(listener, listener + f'web = "tcp:{free_port()}:interface=127.0.0.1"\n')
         self.hubs = {name: HubProcess(tmp_path, text, node=name, name=name) for name in self.ports}
