@@ -1134,3 +1134,26 @@ def test_new_mail_at_a_node_that_never_saw_the_outage_is_held_not_bounced():
     mode["reply"] = OK
     hub.accept("losangeles")
     assert ROUTE not in hub.store.route_states().result
+
+
+def test_back_pressure_makes_the_attempt_wait_for_a_slot_not_for_the_schedule():
+    """A 452 4.3.1 slows the route; the entry is tried again after the brief pause, not ten minutes later."""
+    busy = Reply(452, "4.3.1", "Insufficient system resources")
+    hub = Hub(scripted(busy, busy, OK))
+    entry_id = hub.accept("dallas")
+    assert hub.entry(entry_id) is not None
+    hub.clock.advance(5)  # the pauses: about 1 s, then about 2 s
+    assert hub.entry(entry_id) is None
+    assert len(hub.transport.deliveries) == 3
+    throttle = hub.engines["dallas"].throttle(ROUTE)
+    assert throttle.back_pressure == 2 and throttle.window < 10
+
+
+def test_back_pressure_that_lasts_goes_back_to_the_schedule():
+    busy = Reply(452, "4.3.1", "Insufficient system resources")
+    hub = Hub(scripted(busy))
+    entry_id = hub.accept("dallas")
+    hub.clock.advance(60)
+    entry = hub.entry(entry_id)
+    assert entry is not None and entry.attempts == 1 and entry.last_reply == busy
+    assert entry.next_attempt > hub.clock.seconds() + 60  # the policy's retry, to the other node

@@ -832,68 +832,84 @@ class DeliveryEngine(Service):
             nonlocal body
             body = self._store.body(entry.message_id)
 
-        try:
-            await throttle.acquire(read_ahead if message is None and _prefetch(entry, throttle) else None)
-        except CancelledError:
-            # Stopping while this entry waited for its turn: give it back.
-            _drop(body)
-            await self._store.release(lease, self._clock.seconds())
-            return
-        if self._clock.seconds() > lease.expires - self._settings.lease_seconds / 2:
-            # It waited (back pressure) for half its lease: a fresh claim is
-            # safer than an attempt that may outlive the lease.
-            _drop(body)
-            throttle.release(())
-            await self._store.release(lease, self._clock.seconds())
-            self.wake()
-            return
-        suspended = throttle.suspended()
-        started = self._clock.seconds()
-        replies: dict[Address, Reply] = {}
-        storm = self._rejecting(entry.route)
-        probe = entry.id in self._probe_ids
-        self._probe_ids.discard(entry.id)
-        if storm is not None and not suspended and not (probe or self._probe_due(entry.route)):
-            # Held without connecting: the route refuses everything, and its
-            # probe for this interval went already.
-            _drop(body)
-            throttle.release(())
-            reply = Reply(
-                450, "4.7.1", f"held: {entry.route} is REJECTING every recipient since {_utc(storm.get('since'))}"
-                f" ({storm.get('reply')}); not tried"
-            )
-            await self._conclude(lease, message, dict.fromkeys(entry.pending, reply), started, held=True)
-            return
-        try:
-            if not self.running:
+        tries = 0
+        while True:
+            try:
+                await throttle.acquire(read_ahead if message is None and _prefetch(entry, throttle) else None)
+            except CancelledError:
+                # Stopping while this entry waited for its turn: give it back.
                 _drop(body)
                 await self._store.release(lease, self._clock.seconds())
                 return
-            if suspended:
+            if self._clock.seconds() > lease.expires - self._settings.lease_seconds / 2:
+                # It waited (back pressure) for half its lease: a fresh claim is
+                # safer than an attempt that may outlive the lease.
                 _drop(body)
-                replies = self._suspended_replies(entry, throttle)
-            else:
-                if message is None:
-                    try:
-                        message = await (body or self._store.body(entry.message_id))
-                    except KeyError:
-                        self.log.error(
-                            "entry {entry}: message body {message} is missing",
-                            entry=entry.id,
-                            message=entry.message_id,
-                        )
-                        return
-                replies = await self._send(entry, message)
-        finally:
-            # The route's slot is free as soon as the transport is done: the
-            # record below is the spool's business, not the route's.  A
-            # suspended attempt taught nothing about the route.
-            was_down = throttle.down
-            recovered = throttle.release(() if suspended or not replies else replies.values())
-            if throttle.down and not was_down:
-                self._publish_down(entry.route, throttle)
-            if not suspended:
-                self._count_drain(entry.route, throttle, list(replies.values()))
+                throttle.release(())
+                await self._store.release(lease, self._clock.seconds())
+                self.wake()
+                return
+            suspended = throttle.suspended()
+            started = self._clock.seconds()
+            replies: dict[Address, Reply] = {}
+            storm = self._rejecting(entry.route)
+            probe = entry.id in self._probe_ids
+            self._probe_ids.discard(entry.id)
+            if storm is not None and not suspended and not (probe or self._probe_due(entry.route)):
+                # Held without connecting: the route refuses everything, and its
+                # probe for this interval went already.
+                _drop(body)
+                throttle.release(())
+                reply = Reply(
+                    450, "4.7.1", f"held: {entry.route} is REJECTING every recipient since {_utc(storm.get('since'))}"
+                    f" ({storm.get('reply')}); not tried"
+                )
+                await self._conclude(lease, message, dict.fromkeys(entry.pending, reply), started, held=True)
+                return
+            try:
+                if not self.running:
+                    _drop(body)
+                    await self._store.release(lease, self._clock.seconds())
+                    return
+                if suspended:
+                    _drop(body)
+                    replies = self._suspended_replies(entry, throttle)
+                else:
+                    if message is None:
+                        try:
+                            message = await (body or self._store.body(entry.message_id))
+                        except KeyError:
+                            self.log.error(
+                                "entry {entry}: message body {message} is missing",
+                                entry=entry.id,
+                                message=entry.message_id,
+                            )
+                            return
+                    replies = await self._send(entry, message)
+            finally:
+                # The route's slot is free as soon as the transport is done: the
+                # record below is the spool's business, not the route's.  A
+                # suspended attempt taught nothing about the route.
+                was_down = throttle.down
+                recovered = throttle.release(() if suspended or not replies else replies.values())
+                if throttle.down and not was_down:
+                    self._publish_down(entry.route, throttle)
+                if not suspended:
+                    self._count_drain(entry.route, throttle, list(replies.values()))
+            if (
+                not suspended
+                and replies
+                and all(is_back_pressure(r) for r in replies.values())
+                and tries < BACK_PRESSURE_TRIES
+                and self.running
+            ):
+                # "Too many of us": the window narrowed (and paused a
+                # moment); the entry waits for a slot in it, rather than for
+                # the retry schedule, so the drain slows but does not stop.
+                tries += 1
+                body = None
+                continue
+            break
         # An entry deferred because its route was unreachable and delivered
         # now says the route is back, even if this node never saw it down.
         last = entry.last_reply
@@ -1004,6 +1020,10 @@ class DeliveryEngine(Service):
             route=entry.route,
         )
 
+
+#: How many times an attempt pushed back by the server (``452 4.3.1``) waits
+#: for another slot on its route before its entry goes back to the schedule.
+BACK_PRESSURE_TRIES = 3
 
 #: Bodies up to this size are read while their attempt waits for its turn.
 PREFETCH_MAX_SIZE = 1024 * 1024

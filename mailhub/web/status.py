@@ -1,9 +1,11 @@
 """
 The node's status page: what an operator watches while a backlog drains.
 
-``GET /status`` answers JSON: the node, its engine's per-route pacing (window,
-attempts running and waiting, deliveries in the last minute, back-pressure
-events) and the spool's counts.  ``GET /health`` answers ``200 ok`` when the
+``GET /status`` answers JSON: the node, its engine's per-route pacing (state
+and why, window, share of the hub's connections, attempts running and
+waiting, deliveries in the last minute, back-pressure events, the backlog
+and the time left at this pace, the drain under way or the last one), the
+routes' hub-wide states, and the spool's counts.  ``GET /health`` answers ``200 ok`` when the
 spool store answers, ``503`` otherwise, for load balancers and monitoring.
 """
 
@@ -42,7 +44,15 @@ class _Status(resource.Resource):
             request.setResponseCode(503)
             body: Any = {"node": self._node.name, "error": f"spool store unavailable: {e}"}
         else:
-            body = {"node": self._node.name, "spool": counts, "engine": self._node.engine.status()}
+            engine = self._node.engine.status()
+            backlog = counts.get("routes", {})
+            for route, t in engine["routes"].items():
+                # Progress: the route's backlog in the spool, and the time
+                # left at this node's pace of the last minute.
+                t["backlog"] = backlog.get(route, 0)
+                pace = t["delivered_last_minute"]
+                t["eta_seconds"] = round(60.0 * t["backlog"] / pace) if t["backlog"] and pace else None
+            body = {"node": self._node.name, "spool": counts, "engine": engine}
             if self._health:
                 body = {"node": self._node.name, "status": "ok"}
         request.setHeader(b"content-type", b"application/json")
