@@ -309,11 +309,13 @@ async def _route(reactor: Any, args: argparse.Namespace, config: HubConfig) -> i
             if not states:
                 out.write("no route is in a special state\n")
             for route, state in sorted(states.items()):
-                out.write(
-                    f"{route}: {state.get('state', '?').upper()} since {_when(state.get('since') or now, now)},"
-                    f" {state.get('recipients', '?')} recipients refused ({state.get('reply')}), seen by"
-                    f" {state.get('node')}\n"
-                )
+                what = state.get("state", "?")
+                since = _when(state.get("since") or now, now)
+                if what == "rejecting":
+                    detail = f"{state.get('recipients', '?')} recipients refused ({state.get('reply')})"
+                else:
+                    detail = f"last reply {state.get('reply')}"
+                out.write(f"{route}: {what.upper()} since {since}, {detail}, seen by {state.get('node')}\n")
             return 0
         route = args.route
         if route not in states:
@@ -526,7 +528,7 @@ def _route_line(t: dict[str, Any], backlog: int, per_minute: int) -> str:
         f" {t['max_connections']} for the hub, {t['active']} running, {t['waiting']} waiting,"
         f" {t['delivered_last_minute']}/min delivered ({per_minute}/min by all nodes)"
     )
-    if backlog and per_minute:
+    if backlog and per_minute and state.startswith(("UP", "BACK-PRESSURE")):
         line += f", about {_span(60.0 * backlog / per_minute)} left"
     line += f"; {t['delivered']} delivered, {t['deferred']} deferred, {t['back_pressure']} back-pressure"
     if t.get("why"):
@@ -607,6 +609,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sink", help="run a test SMTP server that accepts and prints mail")
     s.add_argument("--listen", default="tcp:2500:interface=127.0.0.1")
     s.add_argument("--maildir")
+    s.add_argument("--mode", default="accept", choices=["accept", "reject", "tempfail", "busy", "drop"],
+                   help="rehearse an outage: reject (550 5.1.1 to everyone, a rebuilt server), tempfail (451),"
+                        " busy (421), drop (close)")
+    s.add_argument("--max-connections", type=int, metavar="N",
+                   help="452 4.3.1 at MAIL above N connections, as Exchange's back pressure")
     return p
 
 
@@ -623,7 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sink":
         from mailhub.testing.downstream import main as sink_main
 
-        sink_args = ["--listen", args.listen] + (["--maildir", args.maildir] if args.maildir else [])
+        sink_args = ["--listen", args.listen, "--mode", args.mode] + (["--maildir", args.maildir] if args.maildir else [])
+        if args.max_connections:
+            sink_args += ["--max-connections", str(args.max_connections)]
         return sink_main(sink_args) or 0
     try:
         # status reads the nodes' web endpoints; the others listen on nothing.

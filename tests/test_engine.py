@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
@@ -1157,3 +1157,28 @@ def test_back_pressure_that_lasts_goes_back_to_the_schedule():
     entry = hub.entry(entry_id)
     assert entry is not None and entry.attempts == 1 and entry.last_reply == busy
     assert entry.next_attempt > hub.clock.seconds() + 60  # the policy's retry, to the other node
+
+
+def test_operator_release_of_a_rejecting_route_is_seen_before_the_next_tick():
+    """``mailhub route release`` clears the state and releases the entries; a node woken at once delivers them."""
+    from mailhub.delivery.engine import release_route
+
+    mode = {"reply": Reply(421, "4.4.1", "refused")}
+    hub = Hub(lambda entry, message: mode["reply"])
+    backlog = [hub.accept("dallas", recipients=(Address(f"u{i}", "example.com"),)) for i in range(4)]
+    mode["reply"] = PERM
+    hub.store.flush(None, hub.clock.seconds())
+    for engine in hub.engines.values():
+        engine.retry_now()
+    hub.clock.advance(0.1)
+    assert hub.store.route_states().result[ROUTE]["state"] == "rejecting"
+    assert all(hub.entry(i).held for i in backlog)
+    hub.clock.advance(0.5)  # before the next tick: the engines' view is the store's of a moment ago
+    mode["reply"] = OK
+    hub.store.set_route_state(ROUTE, None)
+    ensureDeferred(release_route(hub.store, ROUTE, hub.clock.seconds()))
+    for engine in hub.engines.values():
+        engine.retry_now()
+    hub.clock.advance(0.1)
+    assert [i for i in backlog if hub.entry(i) is not None] == []
+    assert hub.bounces == []

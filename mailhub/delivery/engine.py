@@ -781,7 +781,9 @@ class DeliveryEngine(Service):
             if backlog.get(route, 0):
                 continue
             del self._drains[route]
-            report = dict(drain, finished=now, seconds=round(now - drain["started"], 1))
+            if not any(drain[k] for k in ("delivered", "deferred", "back_pressure", "failed")):
+                continue  # the other nodes drained it: nothing to report from here
+            report = dict(drain, finished=now, seconds=round(max(0.0, now - drain["started"]), 1))
             self.last_drains[route] = report
             self.log.info(
                 "{line}",
@@ -855,6 +857,14 @@ class DeliveryEngine(Service):
             storm = self._rejecting(entry.route)
             probe = entry.id in self._probe_ids
             self._probe_ids.discard(entry.id)
+            if storm is not None and not suspended and not probe and self._coordination is not None:
+                # An operator may have ended the state a moment ago (and
+                # released this entry): ask the store, not the last tick.
+                try:
+                    await self._states_read(await self._coordination.route_states())
+                except Exception as e:
+                    self.log.debug("route states not read: {why}", why=str(e))
+                storm = self._rejecting(entry.route)
             if storm is not None and not suspended and not (probe or self._probe_due(entry.route)):
                 # Held without connecting: the route refuses everything, and its
                 # probe for this interval went already.

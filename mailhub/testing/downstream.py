@@ -673,6 +673,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="accept", choices=sorted(MODES - {"down"}))
     p.add_argument("--user", action="append", help="accept only these recipients (repeatable)")
     p.add_argument("--hostname", default="downstream.test")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        help="like Exchange's back pressure: 452 4.3.1 at MAIL on connections above this many",
+    )
     return p
 
 
@@ -691,6 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.mode = args.mode
     if args.user:
         server.known_users = set(args.user)
+    if args.max_connections:
+        server.max_concurrent_connections = args.max_connections
     status = [0]
     saved = [0]
 

@@ -51,7 +51,8 @@ class _Status(resource.Resource):
                 # left at this node's pace of the last minute.
                 t["backlog"] = backlog.get(route, 0)
                 pace = t["delivered_last_minute"]
-                t["eta_seconds"] = round(60.0 * t["backlog"] / pace) if t["backlog"] and pace else None
+                flowing = t.get("state") in ("up", "back-pressure")
+                t["eta_seconds"] = round(60.0 * t["backlog"] / pace) if t["backlog"] and pace and flowing else None
             body = {"node": self._node.name, "spool": counts, "engine": engine}
             if self._health:
                 body = {"node": self._node.name, "status": "ok"}
