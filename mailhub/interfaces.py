@@ -295,29 +295,108 @@ class IRouteCoordination(Interface):
 
 class IArchive(Interface):
     """
-    Every accepted message, searchable per mailbox, kept for a retention period.
+    Every accepted message, per mailbox of the hub's domains, searchable,
+    kept for a retention period: what users read while their own server is
+    down, and what an operator re-delivers from.
+
+    The core decodes each message (``mailhub.model.ArchiveText``) and parses
+    queries (``mailhub.model.ArchiveQuery``); a plugin stores, indexes and
+    finds.  Every method returns a ``Deferred``, fails with
+    ``mailhub.model.StoreUnavailable`` when the backend cannot be reached,
+    and never blocks the reactor thread.  Times are POSIX seconds.
+    ``mailhub.testing.archive_contract`` is the suite every plugin passes.
     """
 
-    def add(envelope, message):
+    def add(message):
         """
-        Archive a message.
+        Archive a message durably, for its mailboxes.
 
-        :returns: a ``Deferred`` firing with the archive id once durable.
+        :param message: a ``mailhub.model.ArchivedMessage``.
+        :returns: a ``Deferred`` firing with ``None`` once the message and its
+            mailboxes are durable (fsync'd or acknowledged by replication).
+            Adding an id that is there already adds the mailboxes it does not
+            have yet and changes nothing else (the core may add a message
+            twice after a crash).
+        :raises: (errback) ``StoreFull`` when the archive cannot take more,
+            ``StoreUnavailable`` when it cannot be reached.
         """
 
-    def search(mailbox, query, offset, limit):
+    def search(scope, query, cursor=None, limit=50):
         """
-        :param mailbox: an ``Address``: only messages whose envelope included it.
-        :param query: free text matched against headers and body; ``""`` for all.
-        :returns: a ``Deferred`` firing with a list of summaries (dicts with
-            ``id``, ``date``, ``sender``, ``subject``), newest first.
+        Find messages, newest first (by ``received_at``, then by id).
+
+        :param scope: a ``mailhub.model.ArchiveScope``: a mailbox, a domain,
+            or everything.
+        :param query: a ``mailhub.model.ArchiveQuery`` (every part must
+            match; an empty query matches every message in scope).
+        :param cursor: ``None`` for the first page, else the ``next`` of the
+            page before.  A page deep into the results costs about what the
+            first does.
+        :param limit: at most this many summaries.
+        :returns: a ``Deferred`` firing with a ``mailhub.model.ArchivePage``;
+            each summary lists the message's mailboxes within ``scope``.
         """
+
+    def count(scope, query):
+        """:returns: a ``Deferred`` firing with how many messages ``search`` would find in all."""
 
     def get(archive_id):
-        """:returns: a ``Deferred`` firing with ``(Envelope, bytes)`` or ``None``."""
+        """
+        :returns: a ``Deferred`` firing with the ``ArchivedMessage`` (its
+            bytes exactly as added, every mailbox it is archived for, its
+            ``ArchiveText``), or ``None`` if there is no such message.
+        """
 
-    def expire(before):
-        """Drop messages archived before ``before``; fires with how many."""
+    def expire(domain, before, limit):
+        """
+        Remove the messages of ``domain``'s mailboxes received before
+        ``before``, except for mailboxes and domains under hold.  A message
+        archived for several mailboxes leaves with the last of them.
+
+        :param domain: a domain (lower case).
+        :param limit: remove at most this many (mailbox, message) pairs, so
+            that one call stays short.
+        :returns: a ``Deferred`` firing with how many pairs were removed
+            (fewer than ``limit``: nothing more to expire now).
+        """
+
+    def set_hold(scope, held, reason, at):
+        """
+        Put a mailbox or a domain under legal hold (``held=True``: nothing of
+        it expires) or lift it.
+
+        :param scope: an ``ArchiveScope`` with ``mailbox`` or ``domain`` set.
+        :returns: a ``Deferred`` firing with ``None``.
+        """
+
+    def holds():
+        """
+        :returns: a ``Deferred`` firing with a list of dicts, one per hold:
+            ``"scope"`` (``str(ArchiveScope)``), ``"mailbox"`` or ``"domain"``
+            (the other ``None``), ``"reason"``, ``"since"``.
+        """
+
+    def record_audit(event):
+        """
+        Append an ``mailhub.model.AuditEvent`` to the audit log, durably.
+
+        :returns: a ``Deferred`` firing with ``None``.
+        """
+
+    def audit_log(actor, action, since, until, limit):
+        """
+        Search the audit log, newest first.
+
+        :param actor: only this actor, or ``None``.
+        :param action: only this action, or ``None``.
+        :param since: events at or after this time, or ``None``.
+        :param until: events before this time, or ``None``.
+        :returns: a ``Deferred`` firing with a list of ``AuditEvent``, at
+            most ``limit``.
+        """
+
+    def close():
+        """Release resources; fires when done.  No other method is called after."""
 
 
 class ITransport(Interface):

@@ -18,7 +18,14 @@ __all__ = [
     "Action",
     "Address",
     "AddressError",
+    "ArchivePage",
+    "ArchiveQuery",
+    "ArchiveScope",
+    "ArchiveSummary",
+    "ArchiveText",
+    "ArchivedMessage",
     "Attempt",
+    "AuditEvent",
     "Decision",
     "Entry",
     "EntryFilter",
@@ -532,3 +539,152 @@ def apply_decision(entry: Entry, decision: Decision) -> Entry:
         node=decision.next_node,
         held=entry.held or decision.hold,
     )
+
+
+# -- the archive ---------------------------------------------------------------
+
+
+@frozen
+class ArchiveText:
+    """
+    What the archive searches in a message, decoded by the core (never by a
+    plugin): header fields as text, the text of its text parts (HTML reduced
+    to text) and its attachments' names.
+
+    :ivar subject: the decoded ``Subject:``.
+    :ivar sender: the decoded ``From:`` (display names and addresses).
+    :ivar recipients: the decoded ``To:`` and ``Cc:``.
+    :ivar body: the text of the message, as far as it can be decoded.
+    :ivar attachments: file names of its attachments.
+    :ivar message_id: its ``Message-ID:`` (without ``<>``), or ``""``.
+    :ivar date: its ``Date:`` as POSIX time, or ``None``.
+    """
+
+    subject: str = ""
+    sender: str = ""
+    recipients: str = ""
+    body: str = ""
+    attachments: tuple[str, ...] = field(default=(), converter=tuple)
+    message_id: str = ""
+    date: float | None = None
+
+    @property
+    def has_attachment(self) -> bool:
+        return bool(self.attachments)
+
+
+@frozen
+class ArchivedMessage:
+    """
+    One archived message and the hub's mailboxes it was for.
+
+    :ivar id: the archive id: the spool's message id of the accepted message
+        (``Entry.message_id``), or one an import made.  Adding the same id
+        again only adds mailboxes.
+    :ivar received_at: when the hub accepted it (an import: when it was first
+        received, as far as known).
+    :ivar sender: the envelope sender; ``None`` for ``<>``.
+    :ivar mailboxes: the recipients in the hub's domains it is archived for.
+    :ivar message: the message as accepted, byte for byte.
+    :ivar text: its searchable text (``ArchiveText``).
+    """
+
+    id: str
+    received_at: float
+    sender: Address | None
+    mailboxes: tuple[Address, ...] = field(converter=_addresses)
+    message: bytes = b""
+    text: ArchiveText = ArchiveText()
+
+
+@frozen
+class ArchiveScope:
+    """
+    Whose messages: one mailbox, every mailbox of a domain, or (neither set)
+    the whole archive, for operators.
+    """
+
+    mailbox: Address | None = None
+    domain: str | None = field(default=None, converter=lambda d: None if d is None else d.lower())
+
+    def __str__(self) -> str:
+        if self.mailbox is not None:
+            return f"mailbox {self.mailbox}"
+        if self.domain is not None:
+            return f"domain {self.domain}"
+        return "the whole archive"
+
+
+@frozen
+class ArchiveQuery:
+    """
+    A search, every part of which must match (``mailhub.archive.query``
+    parses the text form ``words "a phrase" from:x to:y subject:z
+    before:2026-01-31 after:2026-01-01 has:attachment``).
+
+    :ivar words: each must occur, as a word or a word's start, in the
+        sender, recipients, subject, body or attachment names.
+    :ivar phrases: each must occur as consecutive words in one of them.
+    :ivar sender: each must occur in the ``From:`` or the envelope sender.
+    :ivar recipient: each must occur in ``To:``/``Cc:`` or the mailboxes.
+    :ivar subject: each must occur in the subject.
+    :ivar before: received before this time.
+    :ivar after: received at or after this time.
+    :ivar has_attachment: with (``True``) or without (``False``) attachments.
+    """
+
+    words: tuple[str, ...] = field(default=(), converter=tuple)
+    phrases: tuple[str, ...] = field(default=(), converter=tuple)
+    sender: tuple[str, ...] = field(default=(), converter=tuple)
+    recipient: tuple[str, ...] = field(default=(), converter=tuple)
+    subject: tuple[str, ...] = field(default=(), converter=tuple)
+    before: float | None = None
+    after: float | None = None
+    has_attachment: bool | None = None
+
+
+@frozen
+class ArchiveSummary:
+    """One line of a search result."""
+
+    id: str
+    received_at: float
+    sender: str
+    subject: str
+    mailboxes: tuple[Address, ...] = field(converter=_addresses)
+    size: int = 0
+    has_attachment: bool = False
+    message_id: str = ""
+
+
+@frozen
+class ArchivePage:
+    """
+    One page of a search, newest first.
+
+    :ivar items: the summaries.
+    :ivar next: an opaque cursor for the next page, or ``None`` at the end.
+    """
+
+    items: tuple[ArchiveSummary, ...] = field(converter=tuple)
+    next: str | None = None
+
+
+@frozen
+class AuditEvent:
+    """
+    Who did what to the archive, and when.
+
+    :ivar at: POSIX time.
+    :ivar actor: who (``"operator:root@mx1"``, ``"user:alice@example.com"``).
+    :ivar action: ``search``, ``read``, ``export``, ``redeliver``, ``import``,
+        ``hold``, ``release``, ``expire``.
+    :ivar scope: whose messages (``str(ArchiveScope)``) or an archive id.
+    :ivar detail: the query, counts, ... as text.
+    """
+
+    at: float
+    actor: str
+    action: str
+    scope: str
+    detail: str = ""
