@@ -1,0 +1,46 @@
+"""The ``memory`` archive against the archive contract."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from mailhub.interfaces import IArchivePlugin
+from mailhub.model import ArchiveQuery, ArchiveScope, StoreUnavailable
+from mailhub.plugin import load_plugin
+from mailhub.plugins.memory_archive import MemoryArchive, plugin, words
+from mailhub.testing.archive_contract import ArchiveContract, archived
+
+
+class TestMemoryArchive(ArchiveContract):
+    @pytest.fixture
+    def archive(self) -> MemoryArchive:
+        return plugin.make({}, Clock())
+
+
+def test_plugin_provides_archive_plugin() -> None:
+    """The entry point object is an ``IArchivePlugin`` named ``memory``."""
+    assert verifyObject(IArchivePlugin, plugin)
+    assert plugin.name == "memory"
+
+
+def test_plugin_found_by_name() -> None:
+    """The core finds the archive through its entry point."""
+    assert load_plugin("mailhub.archives", "memory") is plugin
+
+
+def test_words_fold_case_and_accents() -> None:
+    assert words("Le CAFÉ, prêt_à-porter 你好") == ["le", "cafe", "pret", "a", "porter", "你好"]
+
+
+def test_unavailable_archive_fails_every_call() -> None:
+    """A test can make the archive fail, to check how callers cope."""
+    archive = plugin.make({}, Clock())
+    archive.unavailable = True
+    failures: list[object] = []
+    archive.add(archived("x")).addErrback(failures.append)
+    archive.search(ArchiveScope(), ArchiveQuery()).addErrback(failures.append)
+    archive.get("x").addErrback(failures.append)
+    assert len(failures) == 3
+    assert all(f.check(StoreUnavailable) for f in failures)  # type: ignore[attr-defined]
