@@ -1,0 +1,941 @@
+"""
+The ``sqlite`` archive: the embedded default, for hubs on one host.
+
+Every statement runs on one of the archive's two threads, never on the
+reactor thread.  The writer thread takes all the jobs waiting in its queue,
+runs them in one ``BEGIN IMMEDIATE`` transaction, each in a savepoint of its
+own (a failing job rolls back only its own work), commits once and then
+fires their ``Deferred`` on the reactor thread.  The database is in WAL mode
+with ``synchronous=FULL``: ``add`` fires only once its ``COMMIT`` is on disk.
+Reads (``search``, ``count``, ``get``, ``holds``, ``audit_log``) run on a
+reader thread with a connection of its own, beside the writer.
+
+Tables:
+
+- ``messages``: one row per archive id (what a search shows, the envelope
+  sender, the hash of the bytes, the ``ArchiveText`` as compressed JSON).
+- ``bodies``: the message bytes, zlib-compressed, once per SHA-256: a message
+  for a hundred mailboxes, or imported twice under two ids, is stored once.
+- ``mailboxes``: one row per (mailbox, message), with the domain and the
+  message's time, indexed for newest-first walks of a mailbox and of a domain.
+- ``text_index``: FTS5 (``unicode61 remove_diacritics 2``: case and accents
+  folded) over subject, sender (``From:`` and envelope), recipients
+  (``To:``/``Cc:``), body and attachment names, keyed by the messages' rowid;
+  contentless, as the text is kept in ``messages``.
+- ``holds`` and ``audit``.
+
+Searches page by keyset on ``(received_at, id)``, so a page deep into the
+results costs about what the first does; the cursor is opaque (base64 of
+JSON).  User text reaches FTS5 only inside a quoted string, its quotes
+doubled: it is never query syntax.  ``expire`` removes a batch in one
+transaction.  The schema is in ``PRAGMA user_version`` (``SCHEMA_VERSION``);
+an archive of a newer schema is refused.
+
+Configuration (the ``[archive]`` table)::
+
+    plugin = "sqlite"
+    path = "var/archive.db"   # relative to the configuration file's directory
+    max_size_mb = 10000       # optional: beyond it, add fails with StoreFull
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import queue
+import re
+import sqlite3
+import threading
+import time
+import unicodedata
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from attrs import define, frozen
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailhub.interfaces import IArchive, IArchivePlugin
+from mailhub.model import (
+    Address,
+    ArchivedMessage,
+    ArchivePage,
+    ArchiveQuery,
+    ArchiveScope,
+    ArchiveSummary,
+    ArchiveText,
+    AuditEvent,
+    StoreFull,
+    StoreUnavailable,
+)
+
+__all__ = ["SCHEMA_VERSION", "SqliteArchive", "plugin"]
+
+_T = TypeVar("_T")
+_Job = Callable[[sqlite3.Connection], Any]
+
+DEFAULT_BUSY_TIMEOUT = 10.0
+_MAX_BATCH = 500
+
+#: The archive's schema, in ``PRAGMA user_version``.
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    received_at REAL NOT NULL,
+    sender TEXT,
+    size INTEGER NOT NULL,
+    has_attachment INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    from_text TEXT NOT NULL,
+    body_hash BLOB NOT NULL,
+    text BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_time ON messages (received_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS messages_body ON messages (body_hash);
+CREATE TABLE IF NOT EXISTS bodies (
+    hash BLOB PRIMARY KEY,
+    data BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailboxes (
+    message_id TEXT NOT NULL,
+    mailbox TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    words TEXT NOT NULL,
+    PRIMARY KEY (mailbox, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS mailboxes_time ON mailboxes (mailbox, received_at DESC, message_id DESC);
+CREATE INDEX IF NOT EXISTS mailboxes_domain ON mailboxes (domain, received_at DESC, message_id DESC);
+CREATE INDEX IF NOT EXISTS mailboxes_message ON mailboxes (message_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS text_index USING fts5 (
+    subject, sender, recipients, body, attachments,
+    content = '', tokenize = 'unicode61 remove_diacritics 2'
+);
+CREATE TABLE IF NOT EXISTS holds (
+    scope TEXT PRIMARY KEY,
+    mailbox TEXT,
+    domain TEXT,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor, at);
+"""
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _words(text: str) -> list[str]:
+    """Words as the archive compares mailboxes: case and accents folded."""
+    folded = unicodedata.normalize("NFKD", text.casefold())
+    plain = "".join(c for c in folded if not unicodedata.combining(c))
+    return _WORD.findall(unicodedata.normalize("NFC", plain))
+
+
+def _clean(text: str) -> str:
+    """``text`` as SQLite can take it (lone surrogates replaced)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _address(text: str) -> Address:
+    # A domain never contains "@", so the last one splits the address exactly.
+    local, _, domain = text.rpartition("@")
+    return Address(local, domain)
+
+
+def _as_tuple(items: Iterable[Any]) -> Any:
+    # mypy cannot solve the attrs ``converter=tuple`` of the model's fields.
+    return tuple(items)
+
+
+def _encode_cursor(received_at: float, archive_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([received_at, archive_id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        received_at, archive_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (binascii.Error, ValueError, TypeError) as e:
+        raise ValueError(f"not an archive cursor: {cursor!r}") from e
+    if not isinstance(received_at, int | float) or not isinstance(archive_id, str):
+        raise ValueError(f"not an archive cursor: {cursor!r}")
+    return float(received_at), archive_id
+
+
+def _text_blob(text: ArchiveText) -> bytes:
+    data = {
+        "subject": text.subject,
+        "sender": text.sender,
+        "recipients": text.recipients,
+        "body": text.body,
+        "attachments": list(text.attachments),
+        "message_id": text.message_id,
+        "date": text.date,
+    }
+    return zlib.compress(json.dumps(data).encode("ascii"))
+
+
+def _text(blob: bytes) -> ArchiveText:
+    data = json.loads(zlib.decompress(blob))
+    data["attachments"] = _as_tuple(data["attachments"])
+    return ArchiveText(**data)
+
+
+def _index_row(text: ArchiveText, sender: str | None) -> tuple[str, ...]:
+    """The values of ``text_index``'s columns for a message (``delete`` needs them again)."""
+    return (
+        _clean(text.subject),
+        _clean(f"{text.sender}\n{sender or ''}"),
+        _clean(text.recipients),
+        _clean(text.body),
+        _clean("\n".join(text.attachments)),
+    )
+
+
+def _fts_string(term: str, prefix: bool) -> str:
+    """
+    ``term`` as one FTS5 string: quoted, its quotes doubled, so that nothing
+    in it is syntax; the tokenizer splits it into the words of a phrase.
+    """
+    return '"' + term.replace('"', '""') + '"' + (" *" if prefix else "")
+
+
+def _unavailable(e: BaseException) -> StoreUnavailable:
+    if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StoreFull(f"archive database is full: {e}")
+    return StoreUnavailable(f"archive database: {e}")
+
+
+class _NewerSchema(sqlite3.DatabaseError):
+    """The archive was written by a newer mailhub."""
+
+
+class _Worker:
+    """
+    A thread that owns one connection to the archive's database, and its
+    queue of jobs.  A job is a function of the connection; what it returns or
+    raises goes to the ``Deferred`` that ``submit`` returned, fired on the
+    reactor thread.
+    """
+
+    _STOP = object()
+    _role = "worker"
+
+    def __init__(self, path: str, busy_timeout: float, reactor: Any) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._reactor = reactor
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._conn: sqlite3.Connection | None = None
+        self._stopped: Deferred[None] = Deferred()
+        self._closing = False
+        self.thread = threading.Thread(
+            target=self._run, name=f"mailhub-archive-{self._role} {path}", daemon=True
+        )
+        self.thread.start()
+
+    def submit(self, job: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
+        """Queue ``job``; only ever called on the reactor thread."""
+        if self._closing:
+            return fail(StoreUnavailable("archive is closed"))
+        d: Deferred[_T] = Deferred()
+        self._queue.put((job, d))
+        return d
+
+    def stop(self) -> Deferred[None]:
+        """Run the jobs already queued, close the database, end the thread."""
+        if not self._closing:
+            self._closing = True
+            self._queue.put(self._STOP)
+        return self._stopped
+
+    def _run(self) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                batch = [self._queue.get()]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._STOP in batch:
+                    stopping = True
+                    batch = [job for job in batch if job is not self._STOP]
+                if batch:
+                    try:
+                        results = self._run_batch(batch)
+                    except Exception as e:
+                        self._drop_connection()
+                        results = [(d, False, _unavailable(e)) for _, d in batch]
+                    self._fire(results)
+        finally:
+            self._drop_connection()
+            self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _run_batch(
+        self, batch: list[tuple[_Job, Deferred[Any]]]
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        raise NotImplementedError()
+
+    def _open(self) -> sqlite3.Connection:
+        os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
+        return sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=256,
+        )
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        raise NotImplementedError()
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def _fire(self, results: list[tuple[Deferred[Any], bool, Any]]) -> None:
+        def fire() -> None:
+            for d, ok, value in results:
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(Failure(value))
+
+        self._reactor.callFromThread(fire)
+
+
+class _Writer(_Worker):
+    """
+    The one thread that writes: each batch of waiting jobs in one
+    ``BEGIN IMMEDIATE`` transaction, each job in a savepoint.
+
+    :ivar commits: how many transactions were committed.
+    :ivar ready: the schema has been made (set once, on the writer thread;
+        until then reads run on the writer too).
+    """
+
+    _role = "writer"
+
+    def __init__(self, path: str, busy_timeout: float, reactor: Any, max_size: int | None) -> None:
+        self.commits = 0
+        self.ready = False
+        self._max_size = max_size
+        super().__init__(path, busy_timeout, reactor)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = self._open()
+        try:
+            deadline = time.monotonic() + self._busy_timeout
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL").fetchall()
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            if self._max_size is not None:
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count={max(1, self._max_size // page_size)}")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise _NewerSchema(
+                        f"{self._path} was written by a newer mailhub (archive schema"
+                        f" {version}; this one knows up to {SCHEMA_VERSION})"
+                    )
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                if version < SCHEMA_VERSION:
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        self.ready = True
+        return conn
+
+    def _run_batch(
+        self, batch: list[tuple[_Job, Deferred[Any]]]
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError) as e:
+            return [(d, False, _unavailable(e)) for _, d in batch]
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        for job, d in batch:
+            conn.execute("SAVEPOINT job")
+            try:
+                value = job(conn)
+            except BaseException as e:
+                error = _unavailable(e) if isinstance(e, sqlite3.Error) else e
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (I/O error, disk
+                    # full): the jobs before this one are lost too.
+                    if not isinstance(error, StoreUnavailable):
+                        error = StoreUnavailable(f"archive database: {error}")
+                    return [(d2, False, error) for _, d2 in batch]
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                results.append((d, False, error))
+            else:
+                conn.execute("RELEASE job")
+                results.append((d, True, value))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._drop_connection()
+            return [(d, False, _unavailable(e)) for _, d in batch]
+        self.commits += 1
+        return results
+
+
+class _Reader(_Worker):
+    """The thread that runs read-only jobs, each in a read transaction of its own."""
+
+    _role = "reader"
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = self._open()
+        try:
+            conn.execute("PRAGMA query_only=ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run_batch(
+        self, batch: list[tuple[_Job, Deferred[Any]]]
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        for job, d in batch:
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN")
+                try:
+                    value = job(conn)
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+            except (sqlite3.Error, OSError) as e:
+                self._drop_connection()
+                results.append((d, False, _unavailable(e)))
+            except BaseException as e:
+                results.append((d, False, e))
+            else:
+                results.append((d, True, value))
+        return results
+
+
+# -- the jobs ------------------------------------------------------------------
+
+_SUMMARY_COLUMNS = (
+    "m.id, m.received_at, m.sender, m.from_text, m.subject, m.size, m.has_attachment, m.message_id"
+)
+
+
+def _summary(row: Sequence[Any], mailboxes: Sequence[Address]) -> ArchiveSummary:
+    archive_id, received_at, sender, from_text, subject, size, has_attachment, message_id = row[:8]
+    return ArchiveSummary(
+        id=archive_id,
+        received_at=received_at,
+        sender=from_text or (sender or ""),
+        subject=subject,
+        mailboxes=_as_tuple(mailboxes),
+        size=size,
+        has_attachment=bool(has_attachment),
+        message_id=message_id,
+    )
+
+
+def _add(message: ArchivedMessage) -> _Job:
+    def job(conn: sqlite3.Connection) -> None:
+        row = conn.execute(
+            "SELECT received_at FROM messages WHERE id = ?", (message.id,)
+        ).fetchone()
+        if row is None:
+            received_at = message.received_at
+            text = message.text
+            body_hash = hashlib.sha256(message.message).digest()
+            if conn.execute("SELECT 1 FROM bodies WHERE hash = ?", (body_hash,)).fetchone() is None:
+                conn.execute(
+                    "INSERT INTO bodies (hash, data) VALUES (?, ?)",
+                    (body_hash, zlib.compress(message.message, 6)),
+                )
+            sender = None if message.sender is None else str(message.sender)
+            seq = conn.execute(
+                "INSERT INTO messages (id, received_at, sender, size, has_attachment,"
+                " message_id, subject, from_text, body_hash, text)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.id,
+                    received_at,
+                    None if sender is None else _clean(sender),
+                    len(message.message),
+                    int(text.has_attachment),
+                    _clean(text.message_id),
+                    _clean(text.subject),
+                    _clean(text.sender),
+                    body_hash,
+                    _text_blob(text),
+                ),
+            ).lastrowid
+            conn.execute(
+                "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (seq, *_index_row(text, sender)),
+            )
+        else:
+            received_at = row[0]
+        conn.executemany(
+            "INSERT OR IGNORE INTO mailboxes (message_id, mailbox, domain, received_at, words)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [
+                (message.id, _clean(str(m)), m.domain, received_at, " ".join(_words(str(m))))
+                for m in message.mailboxes
+            ],
+        )
+
+    return job
+
+
+def _remove_message(conn: sqlite3.Connection, archive_id: str) -> None:
+    """Remove a message that has no mailbox left, its index entry, and its body once unused."""
+    row = conn.execute(
+        "SELECT seq, sender, body_hash, text FROM messages WHERE id = ?", (archive_id,)
+    ).fetchone()
+    if row is None:
+        return
+    seq, sender, body_hash, blob = row
+    conn.execute(
+        "INSERT INTO text_index (text_index, rowid, subject, sender, recipients, body,"
+        " attachments) VALUES ('delete', ?, ?, ?, ?, ?, ?)",
+        (seq, *_index_row(_text(blob), sender)),
+    )
+    conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+    conn.execute(
+        "DELETE FROM bodies WHERE hash = ?"
+        " AND NOT EXISTS (SELECT 1 FROM messages WHERE body_hash = ?)",
+        (body_hash, body_hash),
+    )
+
+
+def _expire(domain: str, before: float, limit: int) -> _Job:
+    def job(conn: sqlite3.Connection) -> int:
+        if conn.execute("SELECT 1 FROM holds WHERE scope = ?", (f"domain {domain}",)).fetchone():
+            return 0
+        pairs = conn.execute(
+            "SELECT mailbox, message_id FROM mailboxes"
+            " WHERE domain = ? AND received_at < ?"
+            " AND mailbox NOT IN (SELECT mailbox FROM holds WHERE mailbox IS NOT NULL)"
+            " ORDER BY received_at, message_id LIMIT ?",
+            (domain, before, limit),
+        ).fetchall()
+        conn.executemany("DELETE FROM mailboxes WHERE mailbox = ? AND message_id = ?", pairs)
+        for archive_id in dict.fromkeys(message_id for _, message_id in pairs):
+            if not conn.execute(
+                "SELECT 1 FROM mailboxes WHERE message_id = ?", (archive_id,)
+            ).fetchone():
+                _remove_message(conn, archive_id)
+        return len(pairs)
+
+    return job
+
+
+@define
+class _Search:
+    """The SQL of one search or count: its conditions and parameters."""
+
+    scope: ArchiveScope
+    query: ArchiveQuery
+    conditions: list[str]
+    params: dict[str, Any]
+    #: The columns of the (received_at, id) order.
+    time: str
+    id: str
+
+    @classmethod
+    def of(cls, scope: ArchiveScope, query: ArchiveQuery) -> _Search:
+        params: dict[str, Any] = {}
+        conditions: list[str] = []
+        if scope.mailbox is not None:
+            conditions.append("b.mailbox = :mailbox")
+            params["mailbox"] = _clean(str(scope.mailbox))
+            time_column, id_column = "b.received_at", "b.message_id"
+        elif scope.domain is not None:
+            conditions.append("b.domain = :domain")
+            params["domain"] = scope.domain
+            time_column, id_column = "b.received_at", "b.message_id"
+        else:
+            time_column, id_column = "m.received_at", "m.id"
+        if query.before is not None:
+            conditions.append(f"{time_column} < :before")
+            params["before"] = query.before
+        if query.after is not None:
+            conditions.append(f"{time_column} >= :after")
+            params["after"] = query.after
+        if query.has_attachment is not None:
+            conditions.append("m.has_attachment = :has_attachment")
+            params["has_attachment"] = int(query.has_attachment)
+
+        match: list[str] = []
+        for word in query.words:
+            if _words(word):
+                match.append(f"({_fts_string(word, True)})")
+        for phrase in query.phrases:
+            if _words(phrase):
+                match.append(f"({_fts_string(phrase, False)})")
+        for column, terms in (("sender", query.sender), ("subject", query.subject)):
+            for term in terms:
+                if _words(term):
+                    match.append(f"{{{column}}} : ({_fts_string(term, True)})")
+        for n, term in enumerate(query.recipient):
+            wanted = _words(term)
+            if not wanted:
+                continue
+            in_text = f"{{recipients}} : ({_fts_string(term, True)})"
+            if scope.mailbox is not None:
+                # The one mailbox in scope either matches, or only the text can.
+                if not _mailbox_matches(wanted, scope.mailbox):
+                    match.append(in_text)
+                continue
+            params[f"r{n}"] = in_text
+            params[f"rw{n}"] = "% " + " ".join(wanted) + "%"
+            in_domain = "" if scope.domain is None else " AND r.domain = :domain"
+            conditions.append(
+                f"(m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :r{n})"
+                f" OR EXISTS (SELECT 1 FROM mailboxes r WHERE r.message_id = m.id{in_domain}"
+                f" AND (' ' || r.words) LIKE :rw{n}))"
+            )
+        if match:
+            conditions.append(
+                "m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :match)"
+            )
+            params["match"] = " AND ".join(match)
+        return cls(scope, query, conditions, params, time_column, id_column)
+
+    def source(self) -> str:
+        if self.scope.mailbox is None and self.scope.domain is None:
+            return "FROM messages m"
+        return "FROM mailboxes b JOIN messages m ON m.id = b.message_id"
+
+    def where(self, extra: Sequence[str] = ()) -> str:
+        conditions = [*self.conditions, *extra]
+        return (" WHERE " + " AND ".join(conditions)) if conditions else ""
+
+    def page(self, conn: sqlite3.Connection, cursor: str | None, limit: int) -> ArchivePage:
+        extra: list[str] = []
+        params = dict(self.params)
+        if cursor is not None:
+            params["cursor_time"], params["cursor_id"] = _decode_cursor(cursor)
+            extra.append(f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)")
+        order = f" ORDER BY {self.time} DESC, {self.id} DESC"
+        found: list[tuple[Sequence[Any], list[Address]]] = []
+        if self.scope.mailbox is not None:
+            params["limit"] = limit + 1
+            sql = (
+                f"SELECT {_SUMMARY_COLUMNS} {self.source()}{self.where(extra)}{order} LIMIT :limit"
+            )
+            found = [(row, [self.scope.mailbox]) for row in conn.execute(sql, params)]
+        elif self.scope.domain is not None:
+            # One row per mailbox of the domain; a message's rows come together.
+            sql = f"SELECT {_SUMMARY_COLUMNS}, b.mailbox {self.source()}{self.where(extra)}{order}"
+            for row in conn.execute(sql, params):
+                if found and found[-1][0][0] == row[0]:
+                    found[-1][1].append(_address(row[8]))
+                    continue
+                if len(found) > limit:
+                    break
+                found.append((row, [_address(row[8])]))
+        else:
+            params["limit"] = limit + 1
+            sql = (
+                f"SELECT {_SUMMARY_COLUMNS} {self.source()}{self.where(extra)}{order} LIMIT :limit"
+            )
+            rows = conn.execute(sql, params).fetchall()
+            found = [
+                (row, _mailboxes_of(conn, row[0]) if i < limit else [])
+                for i, row in enumerate(rows)
+            ]
+        items = [_summary(row, sorted(mailboxes)) for row, mailboxes in found[:limit]]
+        more = len(found) > limit and items
+        next_cursor = _encode_cursor(items[-1].received_at, items[-1].id) if more else None
+        return ArchivePage(_as_tuple(items), next_cursor)
+
+    def count(self, conn: sqlite3.Connection) -> int:
+        what = "count(*)" if self.scope.domain is None else "count(DISTINCT b.message_id)"
+        sql = f"SELECT {what} {self.source()}{self.where()}"
+        return int(conn.execute(sql, self.params).fetchone()[0])
+
+
+def _mailbox_matches(wanted: Sequence[str], mailbox: Address) -> bool:
+    """Whether the words ``wanted`` occur in a row in ``mailbox``, the last as a start."""
+    return (" " + " ".join(_words(str(mailbox)))).find(" " + " ".join(wanted)) >= 0
+
+
+def _mailboxes_of(conn: sqlite3.Connection, archive_id: str) -> list[Address]:
+    return [
+        _address(row[0])
+        for row in conn.execute(
+            "SELECT mailbox FROM mailboxes WHERE message_id = ? ORDER BY mailbox", (archive_id,)
+        )
+    ]
+
+
+def _get(archive_id: str) -> _Job:
+    def job(conn: sqlite3.Connection) -> ArchivedMessage | None:
+        row = conn.execute(
+            "SELECT m.received_at, m.sender, m.text, b.data FROM messages m"
+            " JOIN bodies b ON b.hash = m.body_hash WHERE m.id = ?",
+            (archive_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        received_at, sender, blob, data = row
+        return ArchivedMessage(
+            id=archive_id,
+            received_at=received_at,
+            sender=None if sender is None else _address(sender),
+            mailboxes=_as_tuple(_mailboxes_of(conn, archive_id)),
+            message=zlib.decompress(data),
+            text=_text(blob),
+        )
+
+    return job
+
+
+def _set_hold(scope: ArchiveScope, held: bool, reason: str, at: float) -> _Job:
+    key = str(scope)
+
+    def job(conn: sqlite3.Connection) -> None:
+        if not held:
+            conn.execute("DELETE FROM holds WHERE scope = ?", (key,))
+            return
+        mailbox = None if scope.mailbox is None else _clean(str(scope.mailbox))
+        conn.execute(
+            "INSERT OR IGNORE INTO holds (scope, mailbox, domain, reason, since)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (_clean(key), mailbox, None if mailbox else scope.domain, reason, at),
+        )
+
+    return job
+
+
+def _holds(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    return [
+        {"scope": scope, "mailbox": mailbox, "domain": domain, "reason": reason, "since": since}
+        for scope, mailbox, domain, reason, since in conn.execute(
+            "SELECT scope, mailbox, domain, reason, since FROM holds ORDER BY since, scope"
+        )
+    ]
+
+
+def _audit_log(
+    actor: str | None, action: str | None, since: float | None, until: float | None, limit: int
+) -> _Job:
+    conditions = []
+    params: dict[str, Any] = {"limit": limit}
+    for name, value, condition in (
+        ("actor", actor, "actor = :actor"),
+        ("action", action, "action = :action"),
+        ("since", since, "at >= :since"),
+        ("until", until, "at < :until"),
+    ):
+        if value is not None:
+            conditions.append(condition)
+            params[name] = value
+    where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+    sql = (
+        f"SELECT at, actor, action, scope, detail FROM audit{where}"
+        " ORDER BY at DESC, seq DESC LIMIT :limit"
+    )
+
+    def job(conn: sqlite3.Connection) -> list[AuditEvent]:
+        return [AuditEvent(*row) for row in conn.execute(sql, params)]
+
+    return job
+
+
+@implementer(IArchive)
+@define
+class SqliteArchive:
+    """An ``IArchive`` in one SQLite file.  Build it with ``SqliteArchive.open``."""
+
+    _writer: _Writer
+    _reader: _Reader
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        reactor: Any,
+        max_size: int | None = None,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    ) -> SqliteArchive:
+        """
+        Start the archive's threads for the database at ``path`` (created with
+        its directory if missing; a failure to open shows as
+        ``StoreUnavailable`` from the calls, and is retried on every later one).
+
+        :param reactor: the reactor results are delivered to (``callFromThread``).
+        :param max_size: octets the database may grow to (``StoreFull`` beyond), or ``None``.
+        :param busy_timeout: seconds to wait for a lock another process holds.
+        """
+        writer = _Writer(path, busy_timeout, reactor, max_size)
+        reader = _Reader(path, busy_timeout, reactor)
+        return cls(writer, reader)
+
+    @property
+    def commits(self) -> int:
+        """How many transactions the archive has committed (for tests and metrics)."""
+        return self._writer.commits
+
+    def run(self, job: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
+        """Run ``job(connection)`` on the writer thread in a transaction (tests, maintenance)."""
+        return self._writer.submit(job)
+
+    def _read(self, job: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
+        """Run ``job`` on the reader thread (on the writer until the schema is made)."""
+        if self._writer.ready:
+            return self._reader.submit(job)
+        return self._writer.submit(job)
+
+    # -- IArchive ---------------------------------------------------------
+
+    def add(self, message: ArchivedMessage) -> Deferred[None]:
+        return self._writer.submit(_add(message))
+
+    def search(
+        self,
+        scope: ArchiveScope,
+        query: ArchiveQuery,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Deferred[ArchivePage]:
+        try:
+            search = _Search.of(scope, query)
+            if cursor is not None:
+                _decode_cursor(cursor)
+        except ValueError:
+            return fail()
+        return self._read(lambda conn: search.page(conn, cursor, limit))
+
+    def count(self, scope: ArchiveScope, query: ArchiveQuery) -> Deferred[int]:
+        search = _Search.of(scope, query)
+        return self._read(search.count)
+
+    def get(self, archive_id: str) -> Deferred[ArchivedMessage | None]:
+        return self._read(_get(archive_id))
+
+    def expire(self, domain: str, before: float, limit: int) -> Deferred[int]:
+        return self._writer.submit(_expire(domain.lower(), before, limit))
+
+    def set_hold(self, scope: ArchiveScope, held: bool, reason: str, at: float) -> Deferred[None]:
+        if scope.mailbox is None and scope.domain is None:
+            return fail(ValueError("a hold is on a mailbox or a domain, not the whole archive"))
+        return self._writer.submit(_set_hold(scope, held, reason, at))
+
+    def holds(self) -> Deferred[list[dict[str, Any]]]:
+        return self._read(_holds)
+
+    def record_audit(self, event: AuditEvent) -> Deferred[None]:
+        row = (event.at, event.actor, event.action, event.scope, event.detail)
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO audit (at, actor, action, scope, detail) VALUES (?, ?, ?, ?, ?)",
+                tuple(_clean(v) if isinstance(v, str) else v for v in row),
+            )
+
+        return self._writer.submit(job)
+
+    def audit_log(
+        self,
+        actor: str | None,
+        action: str | None,
+        since: float | None,
+        until: float | None,
+        limit: int,
+    ) -> Deferred[list[AuditEvent]]:
+        return self._read(_audit_log(actor, action, since, until, limit))
+
+    def close(self) -> Deferred[None]:
+        reader = self._reader.stop()
+        return self._writer.stop().addCallback(lambda _: reader)
+
+
+@implementer(IArchivePlugin)
+@frozen
+class SqliteArchivePlugin:
+    """Makes a ``SqliteArchive`` from the ``[archive]`` table."""
+
+    name: str = "sqlite"
+
+    def make(self, config: Mapping[str, Any], reactor: Any) -> SqliteArchive:
+        """
+        :param config: ``path`` (relative to ``config_dir``), optional
+            ``max_size_mb``.
+        :param reactor: the reactor; results come back to its thread.
+        :raises ValueError: naming the key, when ``path`` or ``max_size_mb`` is wrong.
+        """
+        path = config.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("archive.path: the sqlite archive needs a database file path")
+        max_size_mb = config.get("max_size_mb")
+        if max_size_mb is not None and (
+            isinstance(max_size_mb, bool)
+            or not isinstance(max_size_mb, int | float)
+            or max_size_mb <= 0
+        ):
+            raise ValueError("archive.max_size_mb: must be a number of megabytes, more than 0")
+        path = os.path.join(str(config.get("config_dir", ".")), os.path.expanduser(path))
+        max_size = None if max_size_mb is None else int(max_size_mb * 1024 * 1024)
+        return SqliteArchive.open(path, reactor, max_size)
+
+
+plugin = SqliteArchivePlugin()
