@@ -9,6 +9,7 @@
     mailhub queue [--config FILE] flush [--route R]
     mailhub route [--config FILE] list [--json]
     mailhub route [--config FILE] release|confirm ROUTE
+    mailhub archive [--config FILE] search|show|redeliver|import|export|hold|holds|audit ...
     mailhub nodes [--config FILE] [--json]
     mailhub status [--config FILE] [--json]
     mailhub sink --listen ENDPOINT [--maildir DIR]
@@ -597,6 +598,10 @@ def _parser() -> argparse.ArgumentParser:
         "confirm", help="the rejections are real: bounce the held entries (DSNs) and end REJECTING"
     ).add_argument("route")
 
+    from mailhub.archive.cli import add_parser as add_archive_parser
+
+    add_archive_parser(sub, os.environ.get("MAILHUB_CONFIG", "mailhub.toml"))
+
     n = sub.add_parser("nodes", help="the hub's nodes, when each was last seen, and what each holds")
     n.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
                    help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
@@ -648,7 +653,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: list[int] = []
 
     async def run(reactor: Any) -> None:
-        command = {"nodes": _nodes, "route": _route}.get(args.command, _queue)
+        from mailhub.archive.cli import run as _archive
+
+        command = {"nodes": _nodes, "route": _route, "archive": _archive}.get(args.command, _queue)
         result.append(await command(reactor, args, config))
 
     try:

@@ -136,6 +136,22 @@ class HubConfig:
                 return {"max_connections": d.max_connections, **d.options}
         return {"max_connections": 10}
 
+    #: The ``[archive]`` keys the core reads; the rest is the plugin's.
+    ARCHIVE_KEYS = ("plugin", "retention_days", "max_connections", "expire_every_minutes")
+
+    def archive_retention_days(self, domain: str) -> float:
+        """Days the archive keeps ``domain``'s mail: the domain's ``archive_retention_days``, else ``[archive] retention_days`` (30)."""
+        d = self.domains.get(domain.lower())
+        if d is not None and "archive_retention_days" in d.options:
+            return float(d.options["archive_retention_days"])
+        return float((self.archive or {}).get("retention_days", 30))
+
+    def archive_section(self) -> dict[str, Any]:
+        """The ``[archive]`` table as the plugin's ``make`` takes it: its own keys and ``config_dir``."""
+        section = {k: v for k, v in (self.archive or {}).items() if k not in self.ARCHIVE_KEYS}
+        section["config_dir"] = self.config_dir
+        return section
+
     def node_names(self) -> list[str]:
         return list(self.nodes)
 
@@ -260,6 +276,12 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         r.err("store.plugin", "must be a string")
     store = {"plugin": "sqlite", **store}
     archive = r.table(data, "archive") or None
+    if archive is not None:
+        if not isinstance(archive.get("plugin"), str):
+            r.err("archive.plugin", "must name an archive plugin (sqlite, postgresql, ...)")
+        r.get(archive, "archive", "retention_days", num, positive=True)
+        r.get(archive, "archive", "max_connections", int, positive=True)
+        r.get(archive, "archive", "expire_every_minutes", num, positive=True)
     policy = {"plugin": "standard", **r.table(data, "policy")}
     if "retry_minutes" in policy:
         r.get(policy, "policy", "retry_minutes", num, positive=True)
@@ -299,6 +321,8 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
             r.get(d, prefix, "backpressure_pause", (int, float), positive=True)
         if "max_rate" in d:
             r.get(d, prefix, "max_rate", (int, float), positive=True)
+        if "archive_retention_days" in d:
+            r.get(d, prefix, "archive_retention_days", (int, float), positive=True)
         options = {k: v for k, v in d.items() if k not in ("route", "max_connections")}
         options = _recipient_options(r, prefix, route, options, os.path.dirname(os.path.abspath(path)))
         options = _route_tls_options(r, prefix, options, os.path.dirname(os.path.abspath(path)))

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from mailhub import __version__
+from mailhub.archive.route import ARCHIVE_ROUTE, ArchiveTransport, is_archive_route
 from mailhub.config import HubConfig
 from mailhub.delivery.dsn import build_dsn
 from mailhub.delivery.engine import DeliveryEngine
@@ -34,15 +35,25 @@ from mailhub.web.status import StatusResource
 __all__ = ["Node", "routes_for"]
 
 
-def routes_for(config: HubConfig, recipients: Iterable[Address]) -> dict[str, list[Address]]:
+def routes_for(
+    config: HubConfig, recipients: Iterable[Address], archive: bool = False
+) -> dict[str, list[Address]]:
     """
     Group recipients by route: one spool entry per route.  Recipients outside
     the hub's domains (only DSNs have those) take the ``[hub] outbound`` route.
+
+    :param archive: add the archive's route (``mailhub.archive.route``) for
+        the recipients in the hub's domains, last.
     """
     routes: dict[str, list[Address]] = {}
+    mailboxes: list[Address] = []
     for address in recipients:
-        route = config.route_for(address.domain) or config.outbound
-        routes.setdefault(route, []).append(address)
+        route = config.route_for(address.domain)
+        if route is not None:
+            mailboxes.append(address)
+        routes.setdefault(route or config.outbound, []).append(address)
+    if archive and mailboxes:
+        routes[ARCHIVE_ROUTE] = mailboxes
     return routes
 
 
@@ -57,12 +68,15 @@ class Node(MultiService):
         policy: IDeliveryPolicy,
         reactor: Any,
         tls: Any = None,
+        archive: Any = None,
     ) -> None:
         super().__init__()
         self.setName(name)
         self.config = config
         self._store = store
         self._reactor = reactor
+        #: The hub's ``IArchive`` (``None``: no archive configured).
+        self.archive = archive
         self._transports: dict[str, ITransport] = {}
         self.engine = DeliveryEngine(
             name,
@@ -120,7 +134,8 @@ class Node(MultiService):
         :returns: a Deferred firing with the first entry id once the spool has
             the message durably; it fails if the store could not take it.
         """
-        return self.engine.accept(envelope, message, routes_for(self.config, envelope.recipients))
+        routes = routes_for(self.config, envelope.recipients, archive=self.archive is not None)
+        return self.engine.accept(envelope, message, routes)
 
     def heartbeat(self) -> Deferred[None]:
         """
@@ -153,6 +168,16 @@ class Node(MultiService):
         return d.addCallbacks(sent, failed)
 
     def bounce(self, entry: Entry, outcomes: Sequence[Outcome], message: bytes, now: float) -> Deferred[Any]:
+        if is_archive_route(entry.route):
+            # The hub's own copy is nobody else's business: no DSN, but an operator must know.
+            self.log.error(
+                "entry {entry}: message {message} could not be archived for {mailboxes} ({why}); given up",
+                entry=entry.id,
+                message=entry.message_id,
+                mailboxes=", ".join(str(o.recipient) for o in outcomes),
+                why=str(outcomes[0].reply) if outcomes else "",
+            )
+            return succeed(None)
         dsn = build_dsn(self.config.hostname, entry, outcomes, message, now)
         if dsn is None:
             self.log.info("entry {entry}: failed recipients but null sender; no DSN", entry=entry.id)
@@ -161,6 +186,8 @@ class Node(MultiService):
 
     def transport_for(self, route: str) -> ITransport:
         transport = self._transports.get(route)
+        if transport is None and is_archive_route(route) and self.archive is not None:
+            transport = self._transports[route] = ArchiveTransport(self.archive, self._reactor)
         if transport is None:
             parsed = Route.parse(route)
             factory = load_plugin("mailhub.transports", parsed.transport)
@@ -170,6 +197,8 @@ class Node(MultiService):
 
     def pacing_for(self, route: str) -> tuple[int, float, float | None]:
         """A route's ``(max_connections, backpressure_pause, max_rate)``, for the whole hub."""
+        if is_archive_route(route):
+            return int((self.config.archive or {}).get("max_connections", 10)), 30.0, None
         options = self.config.route_options(route)
         rate = options.get("max_rate")
         return (

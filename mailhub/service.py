@@ -16,9 +16,11 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 
+from mailhub.archive.retention import ArchiveRetention
 from mailhub.config import HubConfig
 from mailhub.interfaces import WAKE_SIGNAL
 from mailhub.model import Route
@@ -48,10 +50,26 @@ class HubService(MultiService):
             load_plugin("mailhub.transports", Route.parse(route).transport)
         self.policy = policy_factory.make(config.plugin_section("policy"), reactor)
         self.store = store_factory.make(config.plugin_section("store"), reactor)
+        #: The hub's ``IArchive``, or ``None`` without an ``[archive]`` table.
+        self.archive: Any = None
+        if config.archive is not None:
+            archive_factory = load_plugin("mailhub.archives", config.archive["plugin"])
+            try:
+                self.archive = archive_factory.make(config.archive_section(), reactor)
+            except ValueError as e:
+                raise ValueError(f"{config.path}: {e}") from None
+            retention = ArchiveRetention(self.archive, config, reactor)
+            expire = TimerService(float(config.archive.get("expire_every_minutes", 10)) * 60, retention.run)
+            expire.clock = reactor
+            expire.setName("archive-retention")
+            expire.setServiceParent(self)
         # Before the reactor runs (twistd builds services first): reading, and
         # on first start generating, the STARTTLS certificate blocks briefly.
         tls = server_tls_options(config, reactor.seconds())
-        self.nodes = {name: Node(name, config, self.store, self.policy, reactor, tls=tls) for name in node_names}
+        self.nodes = {
+            name: Node(name, config, self.store, self.policy, reactor, tls=tls, archive=self.archive)
+            for name in node_names
+        }
         for node in self.nodes.values():
             node.setServiceParent(self)
 
@@ -69,6 +87,8 @@ class HubService(MultiService):
     async def _stop(self) -> None:
         await super().stopService()
         await self.store.close()
+        if self.archive is not None:
+            await self.archive.close()
 
 
 def makeHubService(config: HubConfig, reactor: Any = None, nodes: list[str] | None = None) -> HubService:
