@@ -111,6 +111,8 @@ class HubConfig:
     policy: Mapping[str, Any]
     nodes: Mapping[str, NodeConfig]
     domains: Mapping[str, DomainConfig]
+    #: ``[web]``: ``api_tokens_file`` (absolute), for the JSON API.
+    web: Mapping[str, Any] = {}
 
     @property
     def config_dir(self) -> str:
@@ -156,7 +158,7 @@ class HubConfig:
         return list(self.nodes)
 
 
-_TOP = {"hub", "smtp", "delivery", "store", "archive", "policy", "nodes", "domains"}
+_TOP = {"hub", "smtp", "delivery", "store", "archive", "policy", "nodes", "domains", "web"}
 
 
 class _Reader:
@@ -331,11 +333,19 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
     if "domains" in data and not data.get("domains"):
         r.err("domains", "at least one domain is needed")
 
+    web = dict(r.table(data, "web"))
+    for key in web:
+        if key != "api_tokens_file":
+            r.err(f"web.{key}", "unknown key (known: api_tokens_file)")
+    tokens = r.get(web, "web", "api_tokens_file", str)
+    if tokens is not None:
+        web["api_tokens_file"] = os.path.join(os.path.dirname(os.path.abspath(path)), tokens)
+
     if r.errors:
         raise ConfigError(path, r.errors)
     return HubConfig(
         path=path, hostname=hostname, outbound=outbound, smtp=smtp, delivery=delivery,
-        store=store, archive=archive, policy=policy, nodes=nodes, domains=domains,
+        store=store, archive=archive, policy=policy, nodes=nodes, domains=domains, web=web,
     )
 
 

@@ -30,6 +30,7 @@ from mailhub.model import Address, Entry, Envelope, Outcome, Route
 from mailhub.plugin import load_plugin
 from mailhub.smtp.recipients import recipient_validation
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
+from mailhub.web.archive_api import ArchiveAPI, read_tokens
 from mailhub.web.status import StatusResource
 
 __all__ = ["Node", "routes_for"]
@@ -106,8 +107,15 @@ class Node(MultiService):
         listener.setName("smtp")
         listener.setServiceParent(self)
         if node_config.web:
+            api = None
+            if archive is not None and config.web.get("api_tokens_file"):
+                try:
+                    tokens = read_tokens(config.web["api_tokens_file"])
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"{config.path}: web.api_tokens_file: {e}") from None
+                api = ArchiveAPI(archive, tokens, reactor)
             web = StreamServerEndpointService(
-                serverFromString(reactor, node_config.web), Site(StatusResource(self, store))
+                serverFromString(reactor, node_config.web), Site(StatusResource(self, store, api))
             )
             web._raiseSynchronously = True
             web.setName("web")

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -52,7 +53,8 @@ class ArchiveTransport:
     The archive route's transport: decode, then ``IArchive.add``.
 
     :param archive: the hub's ``IArchive``.
-    :param reactor: for its thread pool (decoding is CPU work, off the reactor thread).
+    :param reactor: for its thread pool (decoding is CPU work, off the reactor
+        thread); a reactor without threads (a test's ``Clock``) decodes in line.
     :param decode: ``mailhub.archive.text.extract`` (tests may give another).
     """
 
@@ -75,7 +77,11 @@ class ArchiveTransport:
     async def _deliver(self, entry: Entry, message: bytes) -> dict[Address, Reply]:
         mailboxes = entry.pending
         try:
-            text = await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._decode, message)
+            if IReactorThreads.providedBy(self._reactor):
+                text = await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._decode, message)
+            else:
+                # A reactor without threads (a test's Clock): decode in line.
+                text = self._decode(message)
             await self._archive.add(
                 ArchivedMessage(
                     id=entry.message_id,

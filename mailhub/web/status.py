@@ -66,7 +66,11 @@ class _Status(resource.Resource):
 class StatusResource(resource.Resource):
     """The root of a node's web listener."""
 
-    def __init__(self, node: Any, store: Any) -> None:
+    def __init__(self, node: Any, store: Any, archive_api: resource.Resource | None = None) -> None:
         super().__init__()
         self.putChild(b"status", _Status(node, store, health=False))
         self.putChild(b"health", _Status(node, store, health=True))
+        if archive_api is not None:
+            api = resource.Resource()
+            api.putChild(b"archive", archive_api)
+            self.putChild(b"api", api)
