@@ -60,8 +60,8 @@ class Hub:
         self.nodes[node].receive(env, message).addCallback(ids.append)
         return ids[0]
 
-    def found(self, scope, query=ArchiveQuery()):
-        return [s.id for s in self.archive.search(scope, query, None, 100).result.items]
+    def found(self, scope, query=None):
+        return [s.id for s in self.archive.search(scope, query or ArchiveQuery(), None, 100).result.items]
 
     def spool_routes(self):
         return self.store.counts().result["routes"]
