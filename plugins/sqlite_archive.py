@@ -648,13 +648,13 @@ class _Search:
             params[f"rw{n}"] = "% " + " ".join(wanted) + "%"
             in_domain = "" if scope.domain is None else " AND r.domain = :domain"
             conditions.append(
-                f"(m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :r{n})"
+                f"(+m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :r{n})"
                 f" OR EXISTS (SELECT 1 FROM mailboxes r WHERE r.message_id = m.id{in_domain}"
                 f" AND (' ' || r.words) LIKE :rw{n}))"
             )
         if match:
             conditions.append(
-                "m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :match)"
+                "+m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :match)"
             )
             params["match"] = " AND ".join(match)
         return cls(scope, query, conditions, params, time_column, id_column)
