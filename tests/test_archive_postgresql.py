@@ -1,0 +1,386 @@
+"""
+The ``postgresql`` archive against a real PostgreSQL (``initdb``/``pg_ctl``
+in a temporary directory, as an unprivileged user when the tests run as
+root): the archive contract, then what only a shared server shows: two
+archives (two nodes) on one database, outages, a crash after ``add``,
+configuration errors, and that no statement runs on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg.errors
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.python import threadable
+from zope.interface.verify import verifyObject
+
+from mailhub.interfaces import IArchive, IArchivePlugin
+from mailhub.model import (
+    Address,
+    ArchiveQuery,
+    ArchiveScope,
+    AuditEvent,
+    StoreFull,
+    StoreUnavailable,
+)
+from mailhub.plugin import load_plugin
+from mailhub.plugins import postgresql_archive
+from mailhub.plugins.postgresql_archive import PostgresArchive, plugin
+from mailhub.testing.archive_contract import (
+    ALICE,
+    BOB,
+    DAVE,
+    NOW,
+    ArchiveContract,
+    archived,
+    query,
+)
+from mailhub.testing.postgres_server import PostgresServer
+from mailhub.testing.redis_server import free_port
+
+pytestmark = pytest.mark.integration
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One server for the module; each archive gets a schema of its own."""
+    server = PostgresServer.start(tmp_path_factory.mktemp("pg"))
+    yield server
+    # A throwaway cluster: no shutdown checkpoint (it would fsync every
+    # file of every test's schema).
+    server.stop(mode="immediate")
+
+
+@pytest.fixture
+def own_pg(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A server of the test's own, for tests that stop or restart it."""
+    server = PostgresServer.start(tmp_path / "pg")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def archives(pg: PostgresServer) -> Iterator[Any]:
+    """Makes archives; every one made is closed after the test."""
+    made: list[PostgresArchive] = []
+
+    def make(**config: Any) -> PostgresArchive:
+        config.setdefault("dsn", pg.dsn())
+        config.setdefault("schema", f"test_{next(_names)}_{int(time.time() * 1000) % 100000}")
+        archive = plugin.make(config, reactor)
+        made.append(archive)
+        return archive
+
+    yield make
+    pytest_twisted.blockon(gatherResults([a.close() for a in made]))
+
+
+@pytest.fixture
+def archive(archives: Any) -> PostgresArchive:
+    archive: PostgresArchive = archives()
+    return archive
+
+
+class TestPostgresArchive(ArchiveContract):
+    """The contract, each test in a fresh schema of the module's server."""
+
+
+def rows(pg: PostgresServer, schema: str, query: str) -> str:
+    return pg.psql(f"SET search_path TO {schema}; {query}")
+
+
+# -- the plugin ------------------------------------------------------------------
+
+
+def test_plugin_provides_archive_plugin() -> None:
+    assert verifyObject(IArchivePlugin, plugin)
+    assert plugin.name == "postgresql"
+
+
+def test_plugin_found_by_name() -> None:
+    assert load_plugin("mailhub.archives", "postgresql") is plugin
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({}, "archive.dsn"),
+        ({"dsn": 17}, "archive.dsn"),
+        ({"dsn": ""}, "archive.dsn"),
+        ({"dsn": "host=db secret-password"}, "archive.dsn"),
+        ({"host": "db", "dbname": "mailhub", "port": "5432"}, "archive.port"),
+        ({"host": "db", "dbname": "mailhub", "port": 70000}, "archive.port"),
+        ({"dsn": "host=db", "user": 5}, "archive.user"),
+        ({"dsn": "host=db", "pool_size": 0}, "archive.pool_size"),
+        ({"dsn": "host=db", "pool_size": True}, "archive.pool_size"),
+        ({"dsn": "host=db", "connect_timeout": -1}, "archive.connect_timeout"),
+        ({"dsn": "host=db", "schema": "x" * 64}, "archive.schema"),
+    ],
+)
+def test_configuration_errors_name_the_key(config: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")) as e:
+        plugin.make(config, reactor)
+    assert "secret-password" not in str(e.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_port_dbname_user_instead_of_dsn(pg: PostgresServer, archives: Any) -> None:
+    archive = archives(dsn=None, host="127.0.0.1", port=pg.port, dbname="postgres", user="mailhub")
+    await archive.add(archived("x"))
+    assert (await archive.get("x")).id == "x"
+
+
+def test_archive_provides_interface(archive: PostgresArchive) -> None:
+    assert verifyObject(IArchive, archive)
+
+
+# -- the schema ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_schema_is_created_in_an_empty_database(pg: PostgresServer, archives: Any) -> None:
+    dsn = pg.create_database(f"empty_{next(_names)}")
+    archive = archives(dsn=dsn, schema="mailhub_archive")
+    await archive.add(archived("x"))
+    tables = pg.psql(
+        "SELECT string_agg(tablename, ' ' ORDER BY tablename) FROM pg_tables"
+        " WHERE schemaname = 'mailhub_archive'",
+        dsn.rpartition("=")[2],
+    )
+    assert tables == "audit bodies holds mailboxes messages meta"
+    # A second archive (another node) uses what is there.
+    other = archives(dsn=dsn, schema="mailhub_archive")
+    assert (await other.get("x")).id == "x"
+
+
+@pytest_twisted.ensureDeferred
+async def test_newer_schema_is_refused(pg: PostgresServer, archives: Any) -> None:
+    first = archives()
+    await first.add(archived("x"))
+    pg.psql(f"UPDATE {first._schema}.meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(RuntimeError, match="newer"):
+        await archives(schema=first._schema).get("x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_uses_the_text_index(pg: PostgresServer, archive: PostgresArchive) -> None:
+    """With sequential scans off, a word search is a scan of the GIN index."""
+    await archive.add(archived("x", body="zebra"))
+    vector_query, _ = postgresql_archive.tsquery(query(words=("zeb",)))
+    plan = rows(
+        pg,
+        archive._schema,
+        "SET enable_seqscan = off; EXPLAIN SELECT id FROM messages"
+        f" WHERE tsv @@ $q${vector_query}$q$::tsquery",
+    )
+    assert "messages_tsv" in plan
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_is_stored_once(pg: PostgresServer, archive: PostgresArchive) -> None:
+    same = b"Subject: the same\r\n\r\nbytes\r\n"
+    await archive.add(archived("one", NOW - 2 * 86400, (ALICE,), message=same))
+    await archive.add(archived("two", NOW, (DAVE,), message=same))
+    assert rows(pg, archive._schema, "SELECT count(*) FROM bodies") == "1"
+    assert await archive.expire("a.example", NOW - 86400, 100) == 1
+    assert (await archive.get("two")).message == same
+    assert rows(pg, archive._schema, "SELECT count(*) FROM bodies") == "1"
+    assert await archive.expire("b.example", NOW + 1, 100) == 1
+    assert rows(pg, archive._schema, "SELECT count(*) FROM bodies") == "0"
+
+
+# -- two nodes -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_share_one_archive(archives: Any) -> None:
+    """What one node adds, the other finds at once; adds of one id from both are one message."""
+    dallas = archives()
+    losangeles = archives(schema=dallas._schema)
+    await dallas.add(archived("x", mailboxes=(ALICE,), body="hello"))
+    assert [s.id for s in (await losangeles.search(ArchiveScope(), ArchiveQuery())).items] == ["x"]
+    adds = []
+    for i in range(20):
+        adds.append(dallas.add(archived(f"race{i}", mailboxes=(ALICE,))))
+        adds.append(losangeles.add(archived(f"race{i}", mailboxes=(BOB,))))
+    await gatherResults(adds)
+    for i in range(20):
+        got = await losangeles.get(f"race{i}")
+        assert sorted(got.mailboxes) == [ALICE, BOB]
+    assert await dallas.count(ArchiveScope(), ArchiveQuery()) == 21
+
+
+# -- outages ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_down_is_store_unavailable_and_back_is_seen(own_pg: PostgresServer) -> None:
+    archive = plugin.make({"dsn": own_pg.dsn(), "pool_size": 2}, reactor)
+    try:
+        await archive.add(archived("before"))
+        own_pg.stop(remove=False)
+        with pytest.raises(StoreUnavailable):
+            await archive.add(archived("during"))
+        with pytest.raises(StoreUnavailable):
+            await archive.search(ArchiveScope(), ArchiveQuery())
+        own_pg.restart()
+        # The next call on each thread connects again.
+        for _ in range(4):
+            await archive.add(archived("after"))
+        page = await archive.search(ArchiveScope(), ArchiveQuery())
+        assert [s.id for s in page.items] == ["before", "after"]
+        assert await archive.get("during") is None
+    finally:
+        await archive.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_listening_is_store_unavailable() -> None:
+    archive = plugin.make({"dsn": f"host=127.0.0.1 port={free_port()} user=x dbname=x"}, reactor)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await archive.get("x")
+        assert time.monotonic() - started < 5
+    finally:
+        await archive.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_added_message_survives_a_crash(own_pg: PostgresServer) -> None:
+    """``add`` fires after the commit is on disk: an immediate shutdown (no checkpoint) keeps it."""
+    archive = plugin.make({"dsn": own_pg.dsn()}, reactor)
+    try:
+        await archive.add(archived("durable", body="kept"))
+        own_pg.stop(remove=False, mode="immediate")
+        own_pg.restart()
+        got = await archive.get("durable")
+        assert got is not None and got.text.body == "kept"
+    finally:
+        await archive.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_full_is_store_full(archive: PostgresArchive) -> None:
+    def full(conn: psycopg.Connection[Any]) -> None:
+        raise psycopg.errors.DiskFull("could not extend file: No space left on device")
+
+    with pytest.raises(StoreFull):
+        await archive._call(full)
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_after_close_fail(archives: Any) -> None:
+    archive = archives()
+    pending = archive.add(archived("x"))
+    await archive.close()
+    await pending  # the call under way finished before the close did
+    with pytest.raises(StoreUnavailable):
+        await archive.get("x")
+
+
+# -- threads -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_statement_runs_on_the_reactor_thread(
+    archive: PostgresArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connecting and every statement happen on the archive's pool threads."""
+    on_reactor: list[str] = []
+    statements: list[str] = []
+    execute, connect = psycopg.Connection.execute, psycopg.Connection.connect
+
+    def watched_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        statements.append(str(query)[:40])
+        if threadable.isInIOThread():
+            on_reactor.append(str(query)[:40])
+        return execute(self, query, *args, **kwargs)
+
+    def watched_connect(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        if threadable.isInIOThread():
+            on_reactor.append("connect")
+        return connect.__func__(cls, *args, **kwargs)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(psycopg.Connection, "execute", watched_execute)
+    monkeypatch.setattr(psycopg.Connection, "connect", classmethod(watched_connect))
+    await archive.add(archived("x", NOW, (ALICE, BOB), body="words"))
+    await archive.search(ArchiveScope(domain="a.example"), query(words=("wor",)))
+    await archive.count(ArchiveScope(mailbox=ALICE), ArchiveQuery())
+    await archive.get("x")
+    await archive.set_hold(ArchiveScope(mailbox=BOB), True, "case", NOW)
+    await archive.holds()
+    await archive.expire("a.example", NOW + 1, 10)
+    await archive.record_audit(AuditEvent(NOW, "operator:root", "read", "x"))
+    await archive.audit_log(None, None, None, None, 10)
+    assert len(statements) >= 9
+    assert on_reactor == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_size_bounds_connections(pg: PostgresServer, archives: Any) -> None:
+    archive = archives(pool_size=2)
+    await gatherResults([archive.add(archived(f"m{i}", body="x")) for i in range(30)])
+    assert len(archive._connections) <= 2
+    assert await archive.count(ArchiveScope(), ArchiveQuery()) == 30
+
+
+# -- words ---------------------------------------------------------------------
+
+
+def test_query_text_is_quoted_lexemes_only() -> None:
+    text, recipients = postgresql_archive.tsquery(
+        query(
+            words=("it's", "a|b", "x:*"),
+            phrases=("annual budget",),
+            sender=("zoe@zoo",),
+            subject=("Ré",),
+            recipient=("bob",),
+        )
+    )
+    assert text == (
+        "('it' <-> 's':*) & ('a' <-> 'b':*) & 'x':* & ('annual' <-> 'budget')"
+        " & ('zoe':B <-> 'zoo':*B) & 're':*A"
+    )
+    assert recipients == [("'bob':*C", "'bob':*")]
+
+
+def test_vector_leaves_a_gap_between_fields() -> None:
+    vector = postgresql_archive.tsvector([("A", ["one two"]), ("B", ["three"])])
+    assert vector == "'one':2A 'two':3A 'three':5B"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_phrase_does_not_run_across_fields(archive: PostgresArchive) -> None:
+    await archive.add(archived("x", subject="annual", from_text="budget", body="report"))
+    found = await archive.search(ArchiveScope(), query(phrases=("annual budget",)))
+    assert found.items == ()
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_body_is_indexed_up_to_the_limit(archive: PostgresArchive) -> None:
+    body = " ".join(f"w{i}" for i in range(200_000)) + " lastword"
+    await archive.add(archived("big", body=body))
+    assert (await archive.get("big")).text.body == body
+    assert await archive.count(ArchiveScope(), query(words=("w100",))) == 1
+    assert await archive.count(ArchiveScope(), query(words=("lastword",))) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_mailbox_with_non_ascii_local_part(archive: PostgresArchive) -> None:
+    jose = Address("josé", "a.example")
+    await archive.add(archived("x", NOW, (jose,)))
+    assert (await archive.get("x")).mailboxes == (jose,)
+    page = await archive.search(ArchiveScope(mailbox=jose), query(recipient=("jose",)))
+    assert [s.id for s in page.items] == ["x"]
