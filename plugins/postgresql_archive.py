@@ -387,6 +387,9 @@ class PostgresArchive:
             conn.execute(
                 sql.SQL("SET search_path TO {}, public").format(sql.Identifier(self._schema))
             )
+            # Short queries: compiling one (JIT, when the planner expects many
+            # rows) costs more than running it.
+            conn.execute("SET jit TO off")
             row = conn.execute("SHOW synchronous_commit").fetchone()
             if row is not None and row[0] == "off":
                 # "Fires once durable": never acknowledge a commit that is

@@ -9,9 +9,11 @@ names another directory.  PostgreSQL refuses to run as root, so when the
 tests run as root (CI does) every command runs as an unprivileged user
 (``runuser -u USER --``): ``mailhub-test``, a system user without a home or a
 shell that is created if missing (``nobody`` if it cannot be).  The cluster
-then lives in its own directory under the system's temporary directory
-(pytest's are private to root), owned by that user; ``directory`` gets a
-symbolic link ``pgdata`` to it, and ``stop()`` removes it.
+lives in a directory of its own under the system's temporary directory (a
+unix socket's path must be short, and pytest's directories are private to
+their owner), owned by the server's user; ``directory`` gets a symbolic link
+``pgdata`` to it and, once the server is stopped, a copy of its log;
+``stop()`` removes the cluster.
 
 The server runs with ``fsync`` on, as a real archive must; only ``initdb``'s
 own final sync is skipped (a test cluster is thrown away after a crash).
@@ -105,6 +107,7 @@ class PostgresServer:
     :ivar data: the cluster's directory (``PGDATA``); the socket is in its
         ``socket`` subdirectory.
     :ivar user: the user the server runs as, or ``None`` for ourselves.
+    :ivar bindir: where ``initdb``, ``pg_ctl`` and ``postgres`` are.
     """
 
     port: int
@@ -137,37 +140,39 @@ class PostgresServer:
             )
         directory.mkdir(parents=True, exist_ok=True)
         user: str | None = None
-        private: Path | None = None
+        # The cluster lives in a short path of its own: a unix socket's path
+        # has at most 107 bytes, and pytest's directories are private to
+        # their owner (the server's user could not reach them).
+        private = Path(tempfile.mkdtemp(prefix="mailhub-pg-"))
         if os.geteuid() == 0:
             user = _unprivileged_user()
-            # pytest's temporary directories are private to root: the
-            # server's user could not reach a cluster inside them.
-            private = Path(tempfile.mkdtemp(prefix="mailhub-pg-"))
             entry = pwd.getpwnam(user)
             os.chown(private, entry.pw_uid, entry.pw_gid)
-            data = private / "data"
-            link = directory / "pgdata"
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(data)
-        else:
-            data = directory / "data"
+        data = private / "data"
+        link = directory / "pgdata"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(data)
         server = cls(port or free_port(), directory, data, bindir, user, private)
-        server._run(
-            "initdb",
-            "--pgdata", str(data),
-            "--username", SUPERUSER,
-            "--auth", "trust",
-            "--encoding", "UTF8",
-            "--no-locale",
-            "--no-sync",
-            "--no-instructions",
-        )  # fmt: skip
-        (data / "socket").mkdir(mode=0o700)
-        if user is not None:
-            entry = pwd.getpwnam(user)
-            os.chown(data / "socket", entry.pw_uid, entry.pw_gid)
-        server.restart(timeout)
+        try:
+            server._run(
+                "initdb",
+                "--pgdata", str(data),
+                "--username", SUPERUSER,
+                "--auth", "trust",
+                "--encoding", "UTF8",
+                "--no-locale",
+                "--no-sync",
+                "--no-instructions",
+            )  # fmt: skip
+            (data / "socket").mkdir(mode=0o700)
+            if user is not None:
+                entry = pwd.getpwnam(user)
+                os.chown(data / "socket", entry.pw_uid, entry.pw_gid)
+            server.restart(timeout)
+        except BaseException:
+            server.stop(mode="immediate")
+            raise
         return server
 
     @property
@@ -176,7 +181,7 @@ class PostgresServer:
 
     @property
     def log(self) -> Path:
-        """The server's log: in the private directory when run as another user."""
+        """The server's log (beside the cluster, where the server's user can write)."""
         return (self._private or self.directory) / "postgres.log"
 
     @property
@@ -235,20 +240,22 @@ class PostgresServer:
         """
         Shut the server down and wait for it to exit.
 
-        :param remove: also delete the cluster's private directory (when it
-            runs as another user); ``restart`` is then impossible.
+        :param remove: also delete the cluster (its log is copied to
+            ``directory`` first); ``restart`` is then impossible.
         :param mode: ``pg_ctl``'s shutdown mode: ``fast`` (the default:
             sessions are ended, a clean shutdown) or ``immediate`` (as a crash).
         """
-        if self._running:
-            self._running = False
-            self._run("pg_ctl", "stop", "--pgdata", str(self.data), "--mode", mode, "--wait",
-                      "--silent")  # fmt: skip
-        if remove and self._private is not None:
-            if self.log.exists():
-                shutil.copy(self.log, self.directory / "postgres.log")
-            shutil.rmtree(self._private, ignore_errors=True)
-            self._private = None
+        try:
+            if self._running:
+                self._running = False
+                self._run("pg_ctl", "stop", "--pgdata", str(self.data), "--mode", mode,
+                          "--wait", "--silent")  # fmt: skip
+        finally:
+            if remove and self._private is not None:
+                if self.log.exists():
+                    shutil.copy(self.log, self.directory / "postgres.log")
+                shutil.rmtree(self._private, ignore_errors=True)
+                self._private = None
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run ``sql`` with ``psql`` (as the superuser) and return its output."""
