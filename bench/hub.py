@@ -51,14 +51,16 @@ class HubInstance:
     """
 
     def __init__(
-        self, workdir: str, ports: list[int], sink_port: int, concurrency: int, store: str = "sqlite"
+        self, workdir: str, ports: list[int], sink_port: int, concurrency: int, store: str = "sqlite",
+        archive: bool = True,
     ) -> None:
         self.dir = workdir
         self.ports = ports
         self.sink_port = sink_port
         self.concurrency = concurrency
         self.store = store
-        self.name = f"mailhub-{store}-{len(ports)}node"
+        self.archive = archive
+        self.name = f"mailhub-{store}-{len(ports)}node" + ("" if archive else "-noarchive")
         self.config = os.path.join(workdir, "hub.toml")
         self.proc: subprocess.Popen | None = None
         self.redis = None
@@ -74,7 +76,7 @@ class HubInstance:
         else:
             store = f'plugin = "{self.store}"\npath = "spool.db"\n'
         archive = ""
-        if "sqlite" in archive_plugins():
+        if self.archive and "sqlite" in archive_plugins():
             archive = '[archive]\nplugin = "sqlite"\npath = "archive.db"\n'
         nodes = "".join(
             f'[nodes.{name}]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n\n'

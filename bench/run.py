@@ -97,6 +97,11 @@ def build_systems(args: argparse.Namespace) -> list[System]:
             True,
         ),
         System(
+            "mailhub-sqlite-1node-noarchive",
+            lambda d, s, c: HubInstance(d, [free_port()], s, c, "sqlite", archive=False),
+            True,
+        ),
+        System(
             "mailhub-sqlite-2node",
             lambda d, s, c: HubInstance(d, [free_port(), free_port()], s, c, "sqlite"),
             True,
