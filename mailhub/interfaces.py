@@ -20,6 +20,7 @@ import signal
 from zope.interface import Attribute, Interface
 
 __all__ = [
+    "IAccountStore",
     "IArchive",
     "IArchivePlugin",
     "IDeliveryPolicy",
@@ -397,6 +398,59 @@ class IArchive(Interface):
 
     def close():
         """Release resources; fires when done.  No other method is called after."""
+
+
+class IAccountStore(Interface):
+    """
+    The LiveArchive's accounts and each person's own state (read flags, Sent
+    folder), kept where the archive is so that every node of both sites
+    sees the same: optional, an archive plugin provides it besides
+    ``IArchive`` (the ``memory``, ``sqlite`` and ``postgresql`` archives
+    do).  Every method returns a ``Deferred`` and fails with
+    ``StoreUnavailable`` when the backend is unreachable.
+    """
+
+    def add_account(account):
+        """
+        :param account: a ``mailhub.model.Account``.
+        :returns: a ``Deferred`` firing with ``None`` once durable.
+        :raises: (errback) ``KeyError`` if an account with that address exists.
+        """
+
+    def update_account(account):
+        """
+        Replace the account with that address.
+
+        :raises: (errback) ``KeyError`` if there is none.
+        """
+
+    def account(address):
+        """:returns: a ``Deferred`` firing with the ``Account`` of ``address`` (an ``Address``), or ``None``."""
+
+    def accounts(domain):
+        """:returns: a ``Deferred`` firing with the accounts of ``domain`` (every account for ``None``), by address."""
+
+    def set_read(account, archive_ids, read):
+        """
+        Mark messages read (``read=True``) or unread for ``account`` (an ``Address``).
+
+        :returns: a ``Deferred`` firing with ``None``.
+        """
+
+    def read_ids(account, archive_ids):
+        """:returns: a ``Deferred`` firing with the set of those of ``archive_ids`` that ``account`` has read."""
+
+    def add_sent(sent):
+        """Keep a ``mailhub.model.SentMessage`` in its account's Sent folder; fires with ``None`` once durable."""
+
+    def sent(account, before, limit):
+        """
+        :param before: ``None`` for the newest, else only messages sent before this time.
+        :returns: a ``Deferred`` firing with at most ``limit`` ``SentMessage``, newest first.
+        """
+
+    def sent_message(account, sent_id):
+        """:returns: a ``Deferred`` firing with that ``SentMessage`` of ``account``, or ``None``."""
 
 
 class ITransport(Interface):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from attrs import evolve, field, frozen
 
 __all__ = [
+    "Account",
     "Action",
     "Address",
     "AddressError",
@@ -36,7 +37,9 @@ __all__ = [
     "Recipient",
     "RecipientState",
     "Reply",
+    "Role",
     "Route",
+    "SentMessage",
     "StoreFull",
     "StoreUnavailable",
     "apply_decision",
@@ -688,3 +691,64 @@ class AuditEvent:
     action: str
     scope: str
     detail: str = ""
+
+
+# -- accounts of the LiveArchive -------------------------------------------------
+
+
+class Role(enum.Enum):
+    """What an account may see: its own mailboxes, its domain's, or everything."""
+
+    USER = "user"
+    DOMAIN_ADMIN = "domain-admin"
+    HUB_ADMIN = "hub-admin"
+
+
+@frozen
+class Account:
+    """
+    A person who logs in to the LiveArchive, local to the hub: login never
+    depends on the organisation's own directory, which may be down with its
+    server.
+
+    :ivar address: the login, the person's own mailbox.
+    :ivar password_hash: an argon2 hash (``mailhub.accounts``), or ``""``
+        for an account invited but without a password yet.
+    :ivar role: ``Role``.
+    :ivar mailboxes: more mailboxes the person may read (shared ones).
+    :ivar totp_secret: base32 secret of a second factor, or ``""``.
+    :ivar recovery: an address outside the hub for password resets, or ``""``.
+    :ivar disabled: cannot log in; sessions end.
+    :ivar session_version: sessions carry it; raising it ends every session.
+    :ivar created: POSIX time.
+    """
+
+    address: Address
+    password_hash: str = ""
+    role: Role = Role.USER
+    mailboxes: tuple[Address, ...] = field(default=(), converter=_addresses)
+    totp_secret: str = ""
+    recovery: str = ""
+    disabled: bool = False
+    session_version: int = 0
+    created: float = 0.0
+
+    def can_read(self, mailbox: Address) -> bool:
+        """Whether this account may read ``mailbox``'s mail."""
+        if self.disabled:
+            return False
+        if self.role is Role.HUB_ADMIN:
+            return True
+        if self.role is Role.DOMAIN_ADMIN and mailbox.domain == self.address.domain:
+            return True
+        return mailbox == self.address or mailbox in self.mailboxes
+
+
+@frozen
+class SentMessage:
+    """A message a person sent from the LiveArchive, for their Sent folder."""
+
+    id: str
+    account: Address
+    sent_at: float
+    message: bytes
