@@ -5,7 +5,9 @@ It keeps the same rules as the durable archives (the contract suite in
 ``mailhub.testing.archive_contract`` checks all of them) and fires every
 ``Deferred`` at once.  Words are matched as the suite says: folded case and
 accents, split at every character that is not a letter or a digit, the last
-word of a term matching a word's start.  Nothing survives the process.
+word of a term matching a word's start.  It keeps the LiveArchive's
+accounts too (``IAccountStore``), as the contract in
+``mailhub.testing.account_contract`` says.  Nothing survives the process.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from mailhub.interfaces import IArchive, IArchivePlugin
+from mailhub.interfaces import IAccountStore, IArchive, IArchivePlugin
 from mailhub.model import (
+    Account,
     Address,
     ArchivedMessage,
     ArchivePage,
@@ -31,6 +34,7 @@ from mailhub.model import (
     ArchiveScope,
     ArchiveSummary,
     AuditEvent,
+    SentMessage,
     StoreUnavailable,
 )
 
@@ -168,11 +172,11 @@ def summary(message: ArchivedMessage, mailboxes: Sequence[Address]) -> ArchiveSu
     )
 
 
-@implementer(IArchive)
+@implementer(IArchive, IAccountStore)
 @define
 class MemoryArchive:
     """
-    An ``IArchive`` in memory.
+    An ``IArchive`` and ``IAccountStore`` in memory.
 
     :ivar unavailable: set it to make every method fail with
         ``StoreUnavailable``, to test how callers cope with an archive that is down.
@@ -183,6 +187,9 @@ class MemoryArchive:
     _messages: dict[str, _Stored] = field(factory=dict)
     _holds: dict[str, dict[str, Any]] = field(factory=dict)
     _audit: list[AuditEvent] = field(factory=list)
+    _accounts: dict[Address, Account] = field(factory=dict)
+    _read: dict[Address, set[str]] = field(factory=dict)
+    _sent: dict[Address, dict[str, SentMessage]] = field(factory=dict)
 
     def _call(self, fn: Callable[[], _T]) -> Deferred[_T]:
         if self.unavailable:
@@ -312,6 +319,77 @@ class MemoryArchive:
             return found[:limit]
 
         return self._call(do)
+
+    # -- IAccountStore ---------------------------------------------------
+
+    def add_account(self, account: Account) -> Deferred[None]:
+        def do() -> None:
+            if account.address in self._accounts:
+                raise KeyError(f"an account of {account.address} exists")
+            self._accounts[account.address] = account
+
+        return self._call(do)
+
+    def update_account(self, account: Account) -> Deferred[None]:
+        def do() -> None:
+            if account.address not in self._accounts:
+                raise KeyError(f"no account of {account.address}")
+            self._accounts[account.address] = account
+
+        return self._call(do)
+
+    def account(self, address: Address) -> Deferred[Account | None]:
+        return self._call(lambda: self._accounts.get(address))
+
+    def accounts(self, domain: str | None) -> Deferred[list[Account]]:
+        def do() -> list[Account]:
+            wanted = None if domain is None else domain.lower()
+            return [
+                self._accounts[address]
+                for address in sorted(self._accounts)
+                if wanted is None or address.domain == wanted
+            ]
+
+        return self._call(do)
+
+    def set_read(self, account: Address, archive_ids: Iterable[str], read: bool) -> Deferred[None]:
+        def do() -> None:
+            ids = self._read.setdefault(account, set())
+            if read:
+                ids.update(archive_ids)
+            else:
+                ids.difference_update(archive_ids)
+
+        return self._call(do)
+
+    def read_ids(self, account: Address, archive_ids: Iterable[str]) -> Deferred[set[str]]:
+        return self._call(lambda: self._read.get(account, set()).intersection(archive_ids))
+
+    def add_sent(self, sent: SentMessage) -> Deferred[None]:
+        def do() -> None:
+            self._sent.setdefault(sent.account, {}).setdefault(sent.id, sent)
+
+        return self._call(do)
+
+    def sent(
+        self, account: Address, before: float | None, limit: int
+    ) -> Deferred[list[SentMessage]]:
+        def do() -> list[SentMessage]:
+            found = sorted(
+                (
+                    m
+                    for m in self._sent.get(account, {}).values()
+                    if before is None or m.sent_at < before
+                ),
+                key=lambda m: (m.sent_at, m.id),
+                reverse=True,
+            )
+            return found[: max(0, limit)]
+
+        return self._call(do)
+
+    def sent_message(self, account: Address, sent_id: str) -> Deferred[SentMessage | None]:
+        return self._call(lambda: self._sent.get(account, {}).get(sent_id))
 
     def close(self) -> Deferred[None]:
         return succeed(None)

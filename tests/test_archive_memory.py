@@ -1,4 +1,4 @@
-"""The ``memory`` archive against the archive contract."""
+"""The ``memory`` archive against the archive and account-store contracts."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from mailhub.interfaces import IArchivePlugin
 from mailhub.model import ArchiveQuery, ArchiveScope, StoreUnavailable
 from mailhub.plugin import load_plugin
 from mailhub.plugins.memory_archive import MemoryArchive, plugin, words
-from mailhub.testing.archive_contract import ArchiveContract, archived
+from mailhub.testing.account_contract import AccountStoreContract, account
+from mailhub.testing.archive_contract import ALICE, ArchiveContract, archived
 
 
-class TestMemoryArchive(ArchiveContract):
+class TestMemoryArchive(ArchiveContract, AccountStoreContract):
     @pytest.fixture
     def archive(self) -> MemoryArchive:
         return plugin.make({}, Clock())
@@ -43,4 +44,17 @@ def test_unavailable_archive_fails_every_call() -> None:
     archive.search(ArchiveScope(), ArchiveQuery()).addErrback(failures.append)
     archive.get("x").addErrback(failures.append)
     assert len(failures) == 3
+    assert all(f.check(StoreUnavailable) for f in failures)  # type: ignore[attr-defined]
+
+
+def test_unavailable_archive_fails_account_calls() -> None:
+    """The accounts are as unreachable as the messages when the archive is down."""
+    archive = plugin.make({}, Clock())
+    archive.unavailable = True
+    failures: list[object] = []
+    archive.add_account(account(ALICE)).addErrback(failures.append)
+    archive.account(ALICE).addErrback(failures.append)
+    archive.read_ids(ALICE, ["x"]).addErrback(failures.append)
+    archive.sent(ALICE, None, 10).addErrback(failures.append)
+    assert len(failures) == 4
     assert all(f.check(StoreUnavailable) for f in failures)  # type: ignore[attr-defined]
