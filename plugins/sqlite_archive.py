@@ -23,13 +23,20 @@ Tables:
   (``To:``/``Cc:``), body and attachment names, keyed by the messages' rowid;
   contentless, as the text is kept in ``messages``.
 - ``holds`` and ``audit``.
+- ``accounts`` (``IAccountStore``): one row per LiveArchive account, keyed
+  by its address (UTF-8 of ``str(Address)``, as a BLOB: any character),
+  with the domain for listings and the ``Account`` as JSON.
+- ``read_flags``: one row per (account, archive id) read.
+- ``sent``: each account's Sent folder, the bytes zlib-compressed, indexed
+  for newest-first pages of one account.
 
 Searches page by keyset on ``(received_at, id)``, so a page deep into the
 results costs about what the first does; the cursor is opaque (base64 of
 JSON).  User text reaches FTS5 only inside a quoted string, its quotes
 doubled: it is never query syntax.  ``expire`` removes a batch in one
 transaction.  The schema is in ``PRAGMA user_version`` (``SCHEMA_VERSION``);
-an archive of a newer schema is refused.
+an archive of a newer schema is refused, one of an older schema gains what
+it lacks when opened (version 1 had no accounts, read flags nor Sent folder).
 
 Configuration (the ``[archive]`` table)::
 
@@ -60,8 +67,9 @@ from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.interfaces import IArchive, IArchivePlugin
+from mailhub.interfaces import IAccountStore, IArchive, IArchivePlugin
 from mailhub.model import (
+    Account,
     Address,
     ArchivedMessage,
     ArchivePage,
@@ -70,6 +78,8 @@ from mailhub.model import (
     ArchiveSummary,
     ArchiveText,
     AuditEvent,
+    Role,
+    SentMessage,
     StoreFull,
     StoreUnavailable,
 )
@@ -82,8 +92,9 @@ _Job = Callable[[sqlite3.Connection], Any]
 DEFAULT_BUSY_TIMEOUT = 10.0
 _MAX_BATCH = 500
 
-#: The archive's schema, in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+#: The archive's schema, in ``PRAGMA user_version``: 2 added the accounts'
+#: tables (``_ACCOUNTS_SCHEMA``).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -137,6 +148,31 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor, at);
+"""
+
+# Schema 2.  Every statement is "IF NOT EXISTS": opening an archive of
+# schema 1 creates these tables, and that is the whole migration.
+_ACCOUNTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    address BLOB PRIMARY KEY,
+    domain BLOB NOT NULL,
+    data TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS accounts_domain ON accounts (domain);
+CREATE TABLE IF NOT EXISTS read_flags (
+    account BLOB NOT NULL,
+    archive_id TEXT NOT NULL,
+    PRIMARY KEY (account, archive_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sent (
+    seq INTEGER PRIMARY KEY,
+    account BLOB NOT NULL,
+    id TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    message BLOB NOT NULL,
+    UNIQUE (account, id)
+);
+CREATE INDEX IF NOT EXISTS sent_time ON sent (account, sent_at DESC, id DESC);
 """
 
 _WORD = re.compile(r"[^\W_]+")
@@ -379,7 +415,7 @@ class _Writer(_Worker):
                         f"{self._path} was written by a newer mailhub (archive schema"
                         f" {version}; this one knows up to {SCHEMA_VERSION})"
                     )
-                for statement in _SCHEMA.split(";"):
+                for statement in (_SCHEMA + _ACCOUNTS_SCHEMA).split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 if version < SCHEMA_VERSION:
@@ -801,10 +837,166 @@ def _audit_log(
     return job
 
 
-@implementer(IArchive)
+# -- the accounts' jobs --------------------------------------------------------
+
+#: Ids per statement of ``read_ids`` (SQLite limits a statement's parameters).
+_IDS_PER_STATEMENT = 500
+
+
+def _key(address: Address) -> bytes:
+    """An address as the accounts' tables key it: exact, any character."""
+    return str(address).encode("utf-8", "surrogatepass")
+
+
+def _account_data(account: Account) -> str:
+    return json.dumps(
+        {
+            "address": [account.address.local, account.address.domain],
+            "password_hash": account.password_hash,
+            "role": account.role.value,
+            "mailboxes": [[m.local, m.domain] for m in account.mailboxes],
+            "totp_secret": account.totp_secret,
+            "recovery": account.recovery,
+            "disabled": account.disabled,
+            "session_version": account.session_version,
+            "created": account.created,
+        }
+    )
+
+
+def _account_of(data: str) -> Account:
+    fields = json.loads(data)
+    return Account(
+        address=Address(*fields["address"]),
+        password_hash=fields["password_hash"],
+        role=Role(fields["role"]),
+        mailboxes=_as_tuple(Address(local, domain) for local, domain in fields["mailboxes"]),
+        totp_secret=fields["totp_secret"],
+        recovery=fields["recovery"],
+        disabled=fields["disabled"],
+        session_version=fields["session_version"],
+        created=fields["created"],
+    )
+
+
+def _put_account(account: Account, new: bool) -> _Job:
+    key = _key(account.address)
+    row = (key, account.address.domain.encode("utf-8", "surrogatepass"), _account_data(account))
+
+    def job(conn: sqlite3.Connection) -> None:
+        exists = conn.execute("SELECT 1 FROM accounts WHERE address = ?", (key,)).fetchone()
+        if new and exists:
+            raise KeyError(f"an account of {account.address} exists")
+        if not new and not exists:
+            raise KeyError(f"no account of {account.address}")
+        conn.execute(
+            "INSERT OR REPLACE INTO accounts (address, domain, data) VALUES (?, ?, ?)", row
+        )
+
+    return job
+
+
+def _accounts(domain: str | None) -> _Job:
+    def job(conn: sqlite3.Connection) -> list[Account]:
+        if domain is None:
+            rows = conn.execute("SELECT data FROM accounts")
+        else:
+            rows = conn.execute(
+                "SELECT data FROM accounts WHERE domain = ?",
+                (domain.lower().encode("utf-8", "surrogatepass"),),
+            )
+        return sorted((_account_of(data) for (data,) in rows), key=lambda a: a.address)
+
+    return job
+
+
+def _set_read(account: Address, archive_ids: Iterable[str], read: bool) -> _Job:
+    key = _key(account)
+    rows = [(key, archive_id) for archive_id in dict.fromkeys(archive_ids)]
+
+    def job(conn: sqlite3.Connection) -> None:
+        if read:
+            conn.executemany(
+                "INSERT OR IGNORE INTO read_flags (account, archive_id) VALUES (?, ?)", rows
+            )
+        else:
+            conn.executemany("DELETE FROM read_flags WHERE account = ? AND archive_id = ?", rows)
+
+    return job
+
+
+def _read_ids(account: Address, archive_ids: Iterable[str]) -> _Job:
+    key = _key(account)
+    wanted = list(dict.fromkeys(archive_ids))
+
+    def job(conn: sqlite3.Connection) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(wanted), _IDS_PER_STATEMENT):
+            chunk = wanted[start : start + _IDS_PER_STATEMENT]
+            marks = ", ".join("?" * len(chunk))
+            found.update(
+                archive_id
+                for (archive_id,) in conn.execute(
+                    "SELECT archive_id FROM read_flags"
+                    f" WHERE account = ? AND archive_id IN ({marks})",
+                    (key, *chunk),
+                )
+            )
+        return found
+
+    return job
+
+
+def _add_sent(sent: SentMessage) -> _Job:
+    row = (_key(sent.account), sent.id, sent.sent_at, zlib.compress(sent.message, 6))
+
+    def job(conn: sqlite3.Connection) -> None:
+        # The same id again is a retry: the first stays.
+        conn.execute(
+            "INSERT OR IGNORE INTO sent (account, id, sent_at, message) VALUES (?, ?, ?, ?)", row
+        )
+
+    return job
+
+
+def _sent(account: Address, before: float | None, limit: int) -> _Job:
+    key = _key(account)
+
+    def job(conn: sqlite3.Connection) -> list[SentMessage]:
+        rows = conn.execute(
+            "SELECT id, sent_at, message FROM sent"
+            " WHERE account = ? AND (? IS NULL OR sent_at < ?)"
+            " ORDER BY sent_at DESC, id DESC LIMIT ?",
+            (key, before, before, max(0, limit)),
+        )
+        return [
+            SentMessage(id, account, sent_at, zlib.decompress(data)) for id, sent_at, data in rows
+        ]
+
+    return job
+
+
+def _sent_message(account: Address, sent_id: str) -> _Job:
+    key = _key(account)
+
+    def job(conn: sqlite3.Connection) -> SentMessage | None:
+        row = conn.execute(
+            "SELECT sent_at, message FROM sent WHERE account = ? AND id = ?", (key, sent_id)
+        ).fetchone()
+        if row is None:
+            return None
+        return SentMessage(sent_id, account, row[0], zlib.decompress(row[1]))
+
+    return job
+
+
+@implementer(IArchive, IAccountStore)
 @define
 class SqliteArchive:
-    """An ``IArchive`` in one SQLite file.  Build it with ``SqliteArchive.open``."""
+    """
+    An ``IArchive`` and ``IAccountStore`` in one SQLite file.  Build it with
+    ``SqliteArchive.open``.
+    """
 
     _writer: _Writer
     _reader: _Reader
@@ -903,6 +1095,43 @@ class SqliteArchive:
         limit: int,
     ) -> Deferred[list[AuditEvent]]:
         return self._read(_audit_log(actor, action, since, until, limit))
+
+    # -- IAccountStore ---------------------------------------------------
+
+    def add_account(self, account: Account) -> Deferred[None]:
+        return self._writer.submit(_put_account(account, new=True))
+
+    def update_account(self, account: Account) -> Deferred[None]:
+        return self._writer.submit(_put_account(account, new=False))
+
+    def account(self, address: Address) -> Deferred[Account | None]:
+        key = _key(address)
+
+        def job(conn: sqlite3.Connection) -> Account | None:
+            row = conn.execute("SELECT data FROM accounts WHERE address = ?", (key,)).fetchone()
+            return None if row is None else _account_of(row[0])
+
+        return self._read(job)
+
+    def accounts(self, domain: str | None) -> Deferred[list[Account]]:
+        return self._read(_accounts(domain))
+
+    def set_read(self, account: Address, archive_ids: Iterable[str], read: bool) -> Deferred[None]:
+        return self._writer.submit(_set_read(account, archive_ids, read))
+
+    def read_ids(self, account: Address, archive_ids: Iterable[str]) -> Deferred[set[str]]:
+        return self._read(_read_ids(account, archive_ids))
+
+    def add_sent(self, sent: SentMessage) -> Deferred[None]:
+        return self._writer.submit(_add_sent(sent))
+
+    def sent(
+        self, account: Address, before: float | None, limit: int
+    ) -> Deferred[list[SentMessage]]:
+        return self._read(_sent(account, before, limit))
+
+    def sent_message(self, account: Address, sent_id: str) -> Deferred[SentMessage | None]:
+        return self._read(_sent_message(account, sent_id))
 
     def close(self) -> Deferred[None]:
         reader = self._reader.stop()

@@ -1,4 +1,4 @@
-"""The ``sqlite`` archive: the contract, and what only a database on disk can show."""
+"""The ``sqlite`` archive: the contracts, and what only a database on disk can show."""
 
 from __future__ import annotations
 
@@ -17,10 +17,19 @@ from twisted.internet.defer import gatherResults
 from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IArchive, IArchivePlugin
-from mailhub.model import ArchiveQuery, ArchiveScope, StoreFull, StoreUnavailable
+from mailhub.model import (
+    Address,
+    ArchiveQuery,
+    ArchiveScope,
+    Role,
+    SentMessage,
+    StoreFull,
+    StoreUnavailable,
+)
 from mailhub.plugin import load_plugin
 from mailhub.plugins import sqlite_archive
 from mailhub.plugins.sqlite_archive import SqliteArchive, plugin
+from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import (
     ALICE,
     BOB,
@@ -53,8 +62,8 @@ def archive(db: Path) -> Iterator[SqliteArchive]:
     pytest_twisted.blockon(archive.close())
 
 
-class TestSqliteArchive(ArchiveContract):
-    """The contract, over a fresh database file (the module's ``archive`` fixture)."""
+class TestSqliteArchive(ArchiveContract, AccountStoreContract):
+    """The contracts, over a fresh database file (the module's ``archive`` fixture)."""
 
 
 # -- the plugin ------------------------------------------------------------
@@ -263,3 +272,115 @@ async def test_closed_archive_fails_with_store_unavailable(db: Path) -> None:
     await archive.close()
     with pytest.raises(StoreUnavailable):
         await archive.add(archived("x"))
+
+
+# -- accounts ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_accounts_survive_close_and_reopen(db: Path) -> None:
+    """Accounts, read flags and the Sent folder are in the file, not in memory."""
+    alice = account(ALICE, password_hash="$argon2id$x", role=Role.HUB_ADMIN, mailboxes=[BOB])
+    message = SentMessage("s1", ALICE, NOW, ODD_MESSAGE)
+    archive = open_archive(db)
+    await archive.add_account(alice)
+    await archive.set_read(ALICE, ["m1", "m2"], True)
+    await archive.add_sent(message)
+    await archive.close()
+    archive = open_archive(db)
+    try:
+        assert await archive.account(ALICE) == alice
+        assert await archive.read_ids(ALICE, ["m1", "m2", "m3"]) == {"m1", "m2"}
+        assert await archive.sent(ALICE, None, 10) == [message]
+    finally:
+        await archive.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_account_writes_are_committed_before_they_fire(archive: SqliteArchive) -> None:
+    """Each write of ``IAccountStore`` runs on the writer and fires after its commit."""
+    for write in (
+        lambda: archive.add_account(account(ALICE)),
+        lambda: archive.update_account(account(ALICE, disabled=True)),
+        lambda: archive.set_read(ALICE, ["m1"], True),
+        lambda: archive.add_sent(SentMessage("s1", ALICE, NOW, b"x")),
+    ):
+        before = archive.commits
+        await write()
+        assert archive.commits > before
+    # What fired is what another connection to the file sees.
+    conn = sqlite3.connect(archive._writer._path)
+    try:
+        assert conn.execute("SELECT count(*) FROM read_flags").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM sent").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sent_messages_are_compressed(archive: SqliteArchive) -> None:
+    body = b"Subject: big\r\n\r\n" + b"a very compressible line of text\r\n" * 3000
+    await archive.add_sent(SentMessage("big", ALICE, NOW, body))
+    [(data,)] = await rows(archive, "SELECT message FROM sent")
+    assert len(data) < len(body) // 10
+    assert (await archive.sent_message(ALICE, "big")).message == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_archive_of_schema_1_gains_the_account_tables(db: Path) -> None:
+    """A file written before the accounts opens, keeps its messages and takes accounts."""
+    archive = open_archive(db)
+    await archive.add(archived("old", mailboxes=(ALICE,), message=ODD_MESSAGE, body="budget"))
+    await archive.close()
+    # As schema 1 left it: no accounts' tables, user_version 1.
+    conn = sqlite3.connect(db)
+    for table in ("accounts", "read_flags", "sent"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+    archive = open_archive(db)
+    try:
+        assert (await archive.get("old")).message == ODD_MESSAGE
+        assert await rows(archive, "PRAGMA user_version") == [(sqlite_archive.SCHEMA_VERSION,)]
+        assert sqlite_archive.SCHEMA_VERSION == 2
+        tables = await rows(archive, "SELECT name FROM sqlite_master WHERE type = 'table'")
+        assert {"accounts", "read_flags", "sent"} <= {name for (name,) in tables}
+        await archive.add_account(account(ALICE))
+        await archive.set_read(ALICE, ["old"], True)
+        await archive.add_sent(SentMessage("s1", ALICE, NOW, b"sent\r\n"))
+        assert await archive.account(ALICE) == account(ALICE)
+        assert await archive.read_ids(ALICE, ["old"]) == {"old"}
+        assert [m.id for m in await archive.sent(ALICE, None, 10)] == ["s1"]
+    finally:
+        await archive.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_account_reads_run_on_the_reader_thread(archive: SqliteArchive) -> None:
+    """``account`` and the other reads do not queue behind the writer's work."""
+    await archive.add_account(account(ALICE))
+    seen: list[Any] = []
+    original = archive._reader.submit
+
+    def submit(job: Any) -> Any:
+        seen.append(job)
+        return original(job)
+
+    archive._reader.submit = submit  # type: ignore[method-assign]
+    await archive.account(ALICE)
+    await archive.accounts(None)
+    await archive.read_ids(ALICE, ["x"])
+    await archive.sent(ALICE, None, 1)
+    await archive.sent_message(ALICE, "x")
+    assert len(seen) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_account_key_keeps_any_character(archive: SqliteArchive) -> None:
+    """An address the database's text could not hold (a lone surrogate) is still exact."""
+    odd = Address("odd\udcff", "a.example")
+    await archive.add_account(account(odd))
+    assert await archive.account(odd) == account(odd)
+    assert await archive.account(Address("odd\ufffd", "a.example")) is None
