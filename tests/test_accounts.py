@@ -1,0 +1,632 @@
+"""mailhub.accounts: passwords, policy, TOTP, throttling, sessions, CSRF, roles; ``mailhub user``."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pyotp
+import pytest
+import pytest_twisted
+from argon2 import PasswordHasher
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from mailhub.accounts import (
+    LoginThrottle,
+    PasswordPolicyError,
+    SessionSigner,
+    TotpReplayGuard,
+    can_manage,
+    can_read,
+    check_csrf,
+    check_password_policy,
+    csrf_token,
+    hash_password,
+    hash_password_async,
+    load_or_create_secret,
+    needs_rehash,
+    new_totp_secret,
+    totp_uri,
+    verify_password,
+    verify_password_async,
+    verify_totp,
+)
+from mailhub.model import Account, Address, Role
+
+ALICE = Address("alice", "example.com")
+SECRET = b"k" * 32
+
+
+# -- passwords --------------------------------------------------------------------
+
+
+def test_hash_verifies_its_password_only():
+    h = hash_password("correct horse battery")
+    assert h.startswith("$argon2id$")
+    assert verify_password(h, "correct horse battery")
+    assert not verify_password(h, "correct horse batterY")
+    assert not verify_password(h, "")
+
+
+def test_same_password_hashes_differently_each_time():
+    assert hash_password("correct horse battery") != hash_password("correct horse battery")
+
+
+@pytest.mark.parametrize("bad", ["", "not a hash", "$argon2id$v=19$m=65536,t=3,p=4$xx$yy", "$2b$12$abc"])
+def test_verify_never_raises_on_a_bad_or_empty_hash(bad):
+    assert verify_password(bad, "correct horse battery") is False
+
+
+def test_needs_rehash_for_weaker_parameters_not_for_defaults_or_no_password():
+    assert not needs_rehash(hash_password("correct horse battery"))
+    weak = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash("correct horse battery")
+    assert needs_rehash(weak)
+    assert needs_rehash("garbage")
+    assert not needs_rehash("")
+
+
+@pytest_twisted.ensureDeferred
+async def test_async_helpers_hash_and_verify_in_a_thread():
+    h = await hash_password_async("correct horse battery")
+    assert await verify_password_async(h, "correct horse battery") is True
+    assert await verify_password_async(h, "wrong horse battery") is False
+
+
+# -- the password policy ----------------------------------------------------------
+
+
+def test_policy_accepts_ten_characters():
+    check_password_policy("abcdefghij", ALICE)
+
+
+def test_policy_refuses_short_password_saying_the_minimum():
+    with pytest.raises(PasswordPolicyError, match="at least 10 characters"):
+        check_password_policy("abcdefghi", ALICE)
+
+
+@pytest.mark.parametrize("pw", ["alice@example.com", "Alice@Example.COM", " alice@example.com "])
+def test_policy_refuses_the_address_itself(pw):
+    with pytest.raises(PasswordPolicyError, match="email address"):
+        check_password_policy(pw, ALICE)
+
+
+def test_policy_refuses_the_local_part_of_a_long_address():
+    address = Address("jonathan.longname", "example.com")
+    with pytest.raises(PasswordPolicyError, match="email address"):
+        check_password_policy("Jonathan.Longname", address)
+
+
+def test_policy_refuses_a_huge_password():
+    with pytest.raises(PasswordPolicyError, match="too long"):
+        check_password_policy("x" * 5000, ALICE)
+
+
+# -- TOTP -------------------------------------------------------------------------
+
+NOW = 1_700_000_000.0  # a multiple of 30 plus 20 seconds
+
+
+def _code(secret: str, at: float) -> str:
+    return pyotp.TOTP(secret).at(int(at))
+
+
+def test_new_secret_is_base32_of_160_bits():
+    s = new_totp_secret()
+    assert len(s) == 32 and set(s) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+    assert new_totp_secret() != s
+
+
+def test_totp_uri_names_issuer_and_account():
+    account = Account(ALICE, totp_secret="JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+    uri = totp_uri(account, "mx.hub.example")
+    assert uri.startswith("otpauth://totp/mx.hub.example:alice%40example.com?")
+    assert "secret=JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP" in uri and "issuer=mx.hub.example" in uri
+
+
+def test_totp_uri_without_secret_is_an_error():
+    with pytest.raises(ValueError):
+        totp_uri(Account(ALICE), "hub")
+
+
+def test_totp_current_code_is_accepted():
+    s = new_totp_secret()
+    assert verify_totp(s, _code(s, NOW), NOW, TotpReplayGuard())
+
+
+def test_totp_code_with_spaces_is_accepted():
+    s = new_totp_secret()
+    code = _code(s, NOW)
+    assert verify_totp(s, f"{code[:3]} {code[3:]}", NOW, TotpReplayGuard())
+
+
+@pytest.mark.parametrize("offset", [-30, 30])
+def test_totp_one_step_either_side_is_accepted(offset):
+    s = new_totp_secret()
+    assert verify_totp(s, _code(s, NOW + offset), NOW, TotpReplayGuard())
+
+
+@pytest.mark.parametrize("offset", [-60, 60, -3600])
+def test_totp_two_steps_away_is_refused(offset):
+    s = new_totp_secret()
+    code = _code(s, NOW + offset)
+    if any(code == _code(s, NOW + d) for d in (-30, 0, 30)):
+        pytest.skip("the codes happen to collide")
+    assert not verify_totp(s, code, NOW, TotpReplayGuard())
+
+
+def test_totp_code_reused_within_its_window_is_refused():
+    s, guard = new_totp_secret(), TotpReplayGuard()
+    code = _code(s, NOW)
+    assert verify_totp(s, code, NOW, guard)
+    assert not verify_totp(s, code, NOW + 5, guard)
+    assert not verify_totp(s, code, NOW + 30, guard)
+
+
+def test_totp_older_code_after_a_newer_one_is_refused():
+    s, guard = new_totp_secret(), TotpReplayGuard()
+    assert verify_totp(s, _code(s, NOW), NOW, guard)
+    assert not verify_totp(s, _code(s, NOW - 30), NOW, guard)
+    assert verify_totp(s, _code(s, NOW + 30), NOW + 30, guard)
+
+
+def test_totp_used_step_is_per_secret():
+    s1, s2, guard = new_totp_secret(), new_totp_secret(), TotpReplayGuard()
+    assert verify_totp(s1, _code(s1, NOW), NOW, guard)
+    assert verify_totp(s2, _code(s2, NOW), NOW, guard)
+
+
+@pytest.mark.parametrize("code", ["", "12345", "1234567", "abcdef", "١٢٣٤٥٦"])
+def test_totp_malformed_code_is_refused(code):
+    assert not verify_totp(new_totp_secret(), code, NOW, TotpReplayGuard())
+
+
+def test_totp_wrong_code_is_refused_and_does_not_burn_the_step():
+    s, guard = new_totp_secret(), TotpReplayGuard()
+    right = _code(s, NOW)
+    wrong = f"{(int(right) + 1) % 1_000_000:06d}"
+    assert not verify_totp(s, wrong, NOW, guard)
+    assert verify_totp(s, right, NOW, guard)
+
+
+def test_totp_bad_secret_is_refused_not_raised():
+    assert not verify_totp("not base32!!", "123456", NOW, TotpReplayGuard())
+    assert not verify_totp("", "123456", NOW, TotpReplayGuard())
+
+
+def test_totp_default_guard_is_the_nodes():
+    s = new_totp_secret()
+    code = _code(s, NOW)
+    assert verify_totp(s, code, NOW)
+    assert not verify_totp(s, code, NOW)
+
+
+# -- login throttling -------------------------------------------------------------
+
+
+@pytest.fixture
+def clock():
+    c = Clock()
+    c.advance(1_000_000)
+    return c
+
+
+def test_throttle_lets_four_failures_through_locks_at_the_fifth(clock):
+    t = LoginThrottle(clock)
+    for _ in range(4):
+        assert t.check(ALICE, "192.0.2.1") == 0
+        t.failed(ALICE, "192.0.2.1")
+    assert t.check(ALICE, "192.0.2.1") == 0
+    t.failed(ALICE, "192.0.2.1")
+    assert t.check(ALICE, "192.0.2.1") == 60
+
+
+def test_throttle_locks_the_account_from_every_address(clock):
+    t = LoginThrottle(clock)
+    for i in range(5):
+        t.failed(ALICE, f"192.0.2.{i}")
+    assert t.check(ALICE, "198.51.100.7") == 60
+    assert t.check("bob@example.com", "192.0.2.1") == 0
+
+
+def test_throttle_account_key_ignores_case(clock):
+    t = LoginThrottle(clock)
+    for _ in range(5):
+        t.failed("Alice@Example.com", "192.0.2.1")
+    assert t.check(ALICE, "198.51.100.7") == 60
+
+
+def test_throttle_failures_leave_the_sliding_window(clock):
+    t = LoginThrottle(clock)
+    for _ in range(4):
+        t.failed(ALICE, "192.0.2.1")
+        clock.advance(60)
+    clock.advance(15 * 60 - 4 * 60 + 1)  # the first failure is now older than 15 minutes
+    t.failed(ALICE, "192.0.2.1")
+    assert t.check(ALICE, "192.0.2.1") == 0
+
+
+def test_throttle_locks_an_address_guessing_many_accounts(clock):
+    t = LoginThrottle(clock)
+    for i in range(19):
+        t.failed(f"user{i}@example.com", "203.0.113.9")
+    assert t.check("another@example.com", "203.0.113.9") == 0
+    t.failed("user19@example.com", "203.0.113.9")
+    assert t.check("another@example.com", "203.0.113.9") == 60
+    assert t.check("another@example.com", "192.0.2.1") == 0
+
+
+def test_throttle_counts_ipv6_per_64(clock):
+    t = LoginThrottle(clock)
+    for i in range(20):
+        t.failed(f"user{i}@example.com", f"2001:db8:1:2::{i + 1:x}")
+    assert t.check("another@example.com", "2001:db8:1:2:ffff::1") == 60
+    assert t.check("another@example.com", "2001:db8:1:3::1") == 0
+
+
+def test_throttle_lockout_doubles_while_failures_go_on(clock):
+    t = LoginThrottle(clock, max_lockout=300)
+    for _ in range(5):
+        t.failed(ALICE, "192.0.2.1")
+    waits = []
+    for _ in range(5):
+        wait = t.check(ALICE, "192.0.2.1")
+        waits.append(wait)
+        clock.advance(wait)
+        assert t.check(ALICE, "192.0.2.1") == 0
+        t.failed(ALICE, "192.0.2.1")
+    assert waits == [60, 120, 240, 300, 300]
+
+
+def test_throttle_forgets_a_lockout_after_a_quiet_window(clock):
+    t = LoginThrottle(clock)
+    for _ in range(5):
+        t.failed(ALICE, "192.0.2.1")
+    clock.advance(60 + 15 * 60)
+    t.failed(ALICE, "192.0.2.1")
+    assert t.check(ALICE, "192.0.2.1") == 0
+
+
+def test_throttle_success_resets_the_account(clock):
+    t = LoginThrottle(clock)
+    for _ in range(4):
+        t.failed(ALICE, "192.0.2.1")
+    t.succeeded(ALICE, "192.0.2.1")
+    for _ in range(4):
+        t.failed(ALICE, "192.0.2.1")
+    assert t.check(ALICE, "192.0.2.1") == 0
+
+
+def test_throttle_success_on_one_account_does_not_reset_the_address_for_others(clock):
+    t = LoginThrottle(clock)
+    for i in range(19):
+        t.failed(f"user{i}@example.com", "203.0.113.9")
+    t.succeeded("mallory@example.com", "203.0.113.9")
+    t.failed("user19@example.com", "203.0.113.9")
+    assert t.check("another@example.com", "203.0.113.9") == 60
+
+
+def test_throttle_success_forgets_the_owners_own_typos_at_the_address(clock):
+    t = LoginThrottle(clock, per_ip=6)
+    for _ in range(4):
+        t.failed(ALICE, "203.0.113.9")
+    t.succeeded(ALICE, "203.0.113.9")
+    for i in range(5):
+        t.failed(f"user{i}@example.com", "203.0.113.9")
+    assert t.check("bob@example.com", "203.0.113.9") == 0
+
+
+def test_throttle_forgets_expired_counters_when_full(clock):
+    t = LoginThrottle(clock, max_keys=50)
+    for i in range(40):
+        t.failed(f"user{i}@example.com", "192.0.2.1")
+    clock.advance(3 * 3600)
+    for i in range(20):
+        t.failed(f"other{i}@example.com", "198.51.100.1")
+    assert len(t._counters) == 21
+
+
+# -- sessions ---------------------------------------------------------------------
+
+
+def _lookup(*accounts):
+    table = {a.address: a for a in accounts}
+    return lambda address: succeed(table.get(address))
+
+
+@pytest.fixture
+def signer(clock):
+    return SessionSigner(SECRET, clock)
+
+
+def _verify(signer, value, lookup):
+    # The lookups answer at once, so the Deferred has fired on return.
+    results = []
+    signer.verify(value, lookup).addBoth(results.append)
+    (result,) = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def test_session_round_trip(signer, clock):
+    account = Account(ALICE, session_version=3)
+    value = signer.issue(account)
+    session = _verify(signer, value, _lookup(account))
+    assert session is not None
+    assert session.address == ALICE and session.session_version == 3
+    assert session.issued == clock.seconds() and session.account == account
+    assert value.isascii() and not set(value) & set(' ;,"\\')
+
+
+def test_session_ids_and_csrf_secrets_differ_per_login(signer):
+    account = Account(ALICE)
+    a, b = signer.decode(signer.issue(account)), signer.decode(signer.issue(account))
+    assert a.id != b.id and a.csrf_secret != b.csrf_secret
+
+
+def test_session_lookup_may_answer_directly(signer):
+    account = Account(ALICE)
+    assert _verify(signer, signer.issue(account), lambda a: account) is not None
+
+
+def test_session_accepted_by_another_signer_with_the_same_secret(signer, clock):
+    account = Account(ALICE)
+    other_node = SessionSigner(SECRET, clock)
+    assert _verify(other_node, signer.issue(account), _lookup(account)) is not None
+
+
+def test_session_refused_with_another_secret(signer, clock):
+    account = Account(ALICE)
+    other = SessionSigner(b"x" * 32, clock)
+    assert _verify(other, signer.issue(account), _lookup(account)) is None
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda v: v[:-2] + ("AA" if not v.endswith("AA") else "BB"),
+        lambda v: v.replace(".", ".x", 1),
+        lambda v: "",
+        lambda v: "garbage",
+        lambda v: v.split(".")[0],
+        lambda v: v + ".extra",
+    ],
+)
+def test_tampered_session_is_refused(signer, tamper):
+    account = Account(ALICE)
+    assert _verify(signer, tamper(signer.issue(account)), _lookup(account)) is None
+
+
+def test_session_with_a_forged_payload_is_refused(signer):
+    import base64
+    import json
+
+    account = Account(ALICE)
+    payload, mac = signer.issue(account).split(".")
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    data["a"] = "boss@example.com"
+    forged = base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    boss = Account(Address("boss", "example.com"))
+    assert _verify(signer, f"{forged}.{mac}", _lookup(account, boss)) is None
+
+
+def test_session_expires_by_max_age_even_when_refreshed(signer, clock):
+    account = Account(ALICE)
+    value = signer.issue(account)
+    for _ in range(12):
+        clock.advance(3600 - 1)
+        session = _verify(signer, value, _lookup(account))
+        assert session is not None
+        value = signer.refresh(session)
+    clock.advance(13)
+    assert _verify(signer, value, _lookup(account)) is None
+
+
+def test_session_expires_when_idle(signer, clock):
+    account = Account(ALICE)
+    value = signer.issue(account)
+    clock.advance(2 * 3600 - 1)
+    assert _verify(signer, value, _lookup(account)) is not None
+    clock.advance(2)
+    assert _verify(signer, value, _lookup(account)) is None
+
+
+def test_refresh_resets_the_idle_timer(signer, clock):
+    account = Account(ALICE)
+    value = signer.issue(account)
+    clock.advance(2 * 3600 - 10)
+    value = signer.refresh(_verify(signer, value, _lookup(account)))
+    clock.advance(2 * 3600 - 10)
+    session = _verify(signer, value, _lookup(account))
+    assert session is not None and session.issued == clock.seconds() - 2 * (2 * 3600 - 10)
+
+
+def test_session_issued_in_the_future_is_refused(clock):
+    early = Clock()
+    early.advance(clock.seconds() + 3600)
+    account = Account(ALICE)
+    value = SessionSigner(SECRET, early).issue(account)
+    assert _verify(SessionSigner(SECRET, clock), value, _lookup(account)) is None
+
+
+def test_session_ends_when_session_version_is_raised(signer):
+    account = Account(ALICE, session_version=1)
+    value = signer.issue(account)
+    assert _verify(signer, value, _lookup(Account(ALICE, session_version=2))) is None
+
+
+def test_session_ends_when_account_is_disabled_or_gone(signer):
+    account = Account(ALICE)
+    value = signer.issue(account)
+    assert _verify(signer, value, _lookup(Account(ALICE, disabled=True))) is None
+    assert _verify(signer, value, _lookup()) is None
+
+
+def test_revoked_session_is_refused_others_are_not(signer):
+    account = Account(ALICE)
+    one, two = signer.issue(account), signer.issue(account)
+    signer.revoke(signer.decode(one))
+    assert _verify(signer, one, _lookup(account)) is None
+    assert _verify(signer, two, _lookup(account)) is not None
+
+
+def test_signer_refuses_a_short_secret(clock):
+    with pytest.raises(ValueError):
+        SessionSigner(b"short", clock)
+
+
+# -- the secret file --------------------------------------------------------------
+
+
+def test_secret_file_is_created_once_with_mode_0600(tmp_path):
+    path = tmp_path / "var" / "web-secret"
+    key = load_or_create_secret(str(path))
+    assert len(key) == 32
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert load_or_create_secret(str(path)) == key
+
+
+def test_secret_file_readable_by_others_is_refused(tmp_path):
+    path = tmp_path / "web-secret"
+    load_or_create_secret(str(path))
+    os.chmod(path, 0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        load_or_create_secret(str(path))
+
+
+def test_short_secret_file_is_refused(tmp_path):
+    path = tmp_path / "web-secret"
+    path.write_bytes(b"short")
+    os.chmod(path, 0o600)
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        load_or_create_secret(str(path))
+
+
+def test_secret_file_defaults_beside_the_spool(tmp_path):
+    from mailhub.accounts import secret_file
+    from mailhub.config import load
+
+    config_path = tmp_path / "hub.toml"
+    config_path.write_text(CONFIG)
+    assert secret_file(load(str(config_path))) == str(tmp_path / "var" / "web-secret")
+
+
+# -- CSRF -------------------------------------------------------------------------
+
+
+def test_csrf_token_passes_for_its_session_and_form(signer):
+    session = signer.decode(signer.issue(Account(ALICE)))
+    token = csrf_token(session, "compose")
+    assert check_csrf(session, token)
+    assert check_csrf(session, token, "compose")
+
+
+def test_csrf_token_of_another_form_is_refused_when_named(signer):
+    session = signer.decode(signer.issue(Account(ALICE)))
+    assert not check_csrf(session, csrf_token(session, "logout"), "compose")
+
+
+def test_csrf_token_of_another_session_is_refused(signer):
+    account = Account(ALICE)
+    one, two = signer.decode(signer.issue(account)), signer.decode(signer.issue(account))
+    assert not check_csrf(two, csrf_token(one, "compose"))
+
+
+@pytest.mark.parametrize("token", ["", "compose", "compose.", "compose.AAAA", ".", "x" * 500])
+def test_csrf_garbage_is_refused(signer, token):
+    session = signer.decode(signer.issue(Account(ALICE)))
+    assert not check_csrf(session, token)
+
+
+# -- who may do what --------------------------------------------------------------
+
+EXAMPLE, OTHER = "example.com", "other.example"
+
+
+def _acct(local, domain, role, **kw):
+    return Account(Address(local, domain), role=role, **kw)
+
+
+def test_can_read_own_and_shared_mailboxes_only_as_user():
+    user = _acct("alice", EXAMPLE, Role.USER, mailboxes=[Address("sales", EXAMPLE)])
+    assert can_read(user, Address("alice", EXAMPLE))
+    assert can_read(user, Address("sales", EXAMPLE))
+    assert not can_read(user, Address("bob", EXAMPLE))
+    assert not can_read(user, Address("alice", OTHER))
+
+
+def test_can_read_domain_as_domain_admin():
+    admin = _acct("boss", EXAMPLE, Role.DOMAIN_ADMIN)
+    assert can_read(admin, Address("bob", EXAMPLE))
+    assert not can_read(admin, Address("bob", OTHER))
+
+
+def test_can_read_everything_as_hub_admin_nothing_when_disabled():
+    admin = _acct("root", EXAMPLE, Role.HUB_ADMIN)
+    assert can_read(admin, Address("bob", OTHER))
+    assert not can_read(_acct("root", EXAMPLE, Role.HUB_ADMIN, disabled=True), Address("root", EXAMPLE))
+    assert not can_read(_acct("alice", EXAMPLE, Role.USER, disabled=True), Address("alice", EXAMPLE))
+
+
+# Every role pair, in the manager's domain and in another: (manager, other's role, same domain) -> allowed.
+MANAGE = {
+    (Role.HUB_ADMIN, Role.USER, True): True,
+    (Role.HUB_ADMIN, Role.DOMAIN_ADMIN, True): True,
+    (Role.HUB_ADMIN, Role.HUB_ADMIN, True): True,
+    (Role.HUB_ADMIN, Role.USER, False): True,
+    (Role.HUB_ADMIN, Role.DOMAIN_ADMIN, False): True,
+    (Role.HUB_ADMIN, Role.HUB_ADMIN, False): True,
+    (Role.DOMAIN_ADMIN, Role.USER, True): True,
+    (Role.DOMAIN_ADMIN, Role.DOMAIN_ADMIN, True): True,
+    (Role.DOMAIN_ADMIN, Role.HUB_ADMIN, True): False,
+    (Role.DOMAIN_ADMIN, Role.USER, False): False,
+    (Role.DOMAIN_ADMIN, Role.DOMAIN_ADMIN, False): False,
+    (Role.DOMAIN_ADMIN, Role.HUB_ADMIN, False): False,
+    (Role.USER, Role.USER, True): False,
+    (Role.USER, Role.DOMAIN_ADMIN, True): False,
+    (Role.USER, Role.HUB_ADMIN, True): False,
+    (Role.USER, Role.USER, False): False,
+    (Role.USER, Role.DOMAIN_ADMIN, False): False,
+    (Role.USER, Role.HUB_ADMIN, False): False,
+}
+
+
+@pytest.mark.parametrize(("manager", "role", "same"), list(MANAGE))
+def test_can_manage_every_role_pair(manager, role, same):
+    me = _acct("me", EXAMPLE, manager)
+    other = _acct("them", EXAMPLE if same else OTHER, role)
+    assert can_manage(me, other) is MANAGE[(manager, role, same)]
+
+
+def test_user_cannot_manage_even_themselves():
+    me = _acct("me", EXAMPLE, Role.USER)
+    assert not can_manage(me, me)
+
+
+def test_domain_admin_cannot_grant_another_domains_mailbox():
+    admin = _acct("boss", EXAMPLE, Role.DOMAIN_ADMIN)
+    assert can_manage(admin, _acct("bob", EXAMPLE, Role.USER, mailboxes=[Address("sales", EXAMPLE)]))
+    assert not can_manage(admin, _acct("bob", EXAMPLE, Role.USER, mailboxes=[Address("ceo", OTHER)]))
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_disabled_account_manages_nobody(role):
+    me = _acct("me", EXAMPLE, role, disabled=True)
+    assert not can_manage(me, _acct("them", EXAMPLE, Role.USER))
+
+
+# -- mailhub user -----------------------------------------------------------------
+
+CONFIG = """
+[hub]
+hostname = "mx.hub.example"
+[store]
+plugin = "sqlite"
+path = "var/spool.db"
+[nodes.dallas]
+smtp = "tcp:0"
+[domains."example.com"]
+route = "smtp:mail.example.com:25"
+"""
