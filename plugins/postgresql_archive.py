@@ -30,7 +30,14 @@ advisory lock so that nodes starting together do not race):
     copied, indexed for keyset paging per mailbox and per domain, and the
     mailbox's words as a ``tsvector`` of its own;
 ``holds``, ``audit``, ``meta``
-    legal holds, the audit log, and the schema's version.
+    legal holds, the audit log, and the schema's version;
+``accounts``, ``read_flags``, ``sent``
+    the LiveArchive's accounts (``IAccountStore``): each keyed by its
+    address as UTF-8 ``bytea`` (any character), the ``Account`` as JSON;
+    one row per (account, archive id) read; each account's Sent folder,
+    indexed for newest-first pages (TOAST compresses the bytes).  Schema 1
+    had none of them: an archive of schema 1 gains them (under the same
+    lock) when a node of this version first uses it.
 
 Words are what ``mailhub.testing.archive_contract`` says: case and accents
 folded, split at every character that is not a letter or a digit
@@ -92,8 +99,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailhub.interfaces import IArchive, IArchivePlugin
+from mailhub.interfaces import IAccountStore, IArchive, IArchivePlugin
 from mailhub.model import (
+    Account,
     Address,
     ArchivedMessage,
     ArchivePage,
@@ -102,6 +110,8 @@ from mailhub.model import (
     ArchiveSummary,
     ArchiveText,
     AuditEvent,
+    Role,
+    SentMessage,
     StoreFull,
     StoreUnavailable,
 )
@@ -110,7 +120,8 @@ __all__ = ["SCHEMA_VERSION", "PostgresArchive", "PostgresArchivePlugin", "plugin
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+#: 2 added the accounts' tables (``_MIGRATIONS``).
+SCHEMA_VERSION = 2
 DEFAULT_POOL_SIZE = 4
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_SCHEMA = "mailhub_archive"
@@ -327,17 +338,91 @@ CREATE TABLE audit (
 CREATE INDEX audit_at ON audit (at DESC, n DESC);
 """
 
+#: What makes each version of the schema from the one before; a new archive
+#: runs them all after ``_TABLES``.
+_MIGRATIONS = {
+    2: """
+CREATE TABLE accounts (
+    address bytea PRIMARY KEY,
+    domain bytea NOT NULL,
+    data text NOT NULL
+);
+CREATE INDEX accounts_domain ON accounts (domain);
+CREATE TABLE read_flags (
+    account bytea NOT NULL,
+    archive_id text COLLATE "C" NOT NULL,
+    PRIMARY KEY (account, archive_id)
+);
+CREATE TABLE sent (
+    account bytea NOT NULL,
+    id text COLLATE "C" NOT NULL,
+    sent_at double precision NOT NULL,
+    message bytea NOT NULL,
+    PRIMARY KEY (account, id)
+);
+CREATE INDEX sent_page ON sent (account, sent_at DESC, id DESC);
+""",
+}
+
 _LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtext('mailhub archive schema ' || %s))"
 _LOCK_HOLDS = "SELECT pg_advisory_xact_lock{shared}(hashtext('mailhub archive holds ' || %s))"
+
+
+def _migrate(conn: psycopg.Connection[Any], version: int) -> None:
+    """Bring the schema from ``version`` to ``SCHEMA_VERSION`` (in the caller's transaction)."""
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute(_MIGRATIONS[step])  # type: ignore[arg-type]
+    conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+
+# -- accounts ---------------------------------------------------------------------
+
+
+def _key(address: Address) -> bytes:
+    """An address as the accounts' tables key it: exact, any character."""
+    return _utf8(str(address))
+
+
+def _account_data(account: Account) -> str:
+    # ASCII JSON: NUL and lone surrogates become escapes a ``text`` column takes.
+    return json.dumps(
+        {
+            "address": [account.address.local, account.address.domain],
+            "password_hash": account.password_hash,
+            "role": account.role.value,
+            "mailboxes": [[m.local, m.domain] for m in account.mailboxes],
+            "totp_secret": account.totp_secret,
+            "recovery": account.recovery,
+            "disabled": account.disabled,
+            "session_version": account.session_version,
+            "created": account.created,
+        }
+    )
+
+
+def _account_of(data: str) -> Account:
+    fields = json.loads(data)
+    return Account(
+        address=Address(*fields["address"]),
+        password_hash=fields["password_hash"],
+        role=Role(fields["role"]),
+        mailboxes=_as_tuple(Address(local, domain) for local, domain in fields["mailboxes"]),
+        totp_secret=fields["totp_secret"],
+        recovery=fields["recovery"],
+        disabled=fields["disabled"],
+        session_version=fields["session_version"],
+        created=fields["created"],
+    )
 
 
 # -- the archive ------------------------------------------------------------------
 
 
-@implementer(IArchive)
+@implementer(IArchive, IAccountStore)
 class PostgresArchive:
     """
-    An ``IArchive`` over one PostgreSQL database (see the module docstring).
+    An ``IArchive`` and ``IAccountStore`` over one PostgreSQL database (see
+    the module docstring).
 
     :param reactor: the reactor the ``Deferred`` fire in.
     :param conninfo: a libpq connection string.
@@ -456,6 +541,9 @@ class PostgresArchive:
             if exists is None:
                 self._create(conn)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is not None and int(row[0]) < SCHEMA_VERSION:
+                _migrate(conn, int(row[0]))
+                row = (str(SCHEMA_VERSION),)
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
             raise RuntimeError(
@@ -476,9 +564,8 @@ class PostgresArchive:
             # pglz, TOAST's default.
             compression = ""
         conn.execute(_TABLES.replace("{compression}", compression))  # type: ignore[arg-type]
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),)
-        )
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+        _migrate(conn, 1)
 
     # -- IArchive: add and get
 
@@ -856,6 +943,125 @@ class PostgresArchive:
                 [*params, max(0, int(limit))],
             ).fetchall()
             return [AuditEvent(at, who, what, scope, _text(d)) for at, who, what, scope, d in rows]
+
+        return self._call(work)
+
+    # -- IAccountStore
+
+    def add_account(self, account: Account) -> Deferred[None]:
+        row = (_key(account.address), _utf8(account.address.domain), _account_data(account))
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            added = conn.execute(
+                "INSERT INTO accounts (address, domain, data) VALUES (%s, %s, %s)"
+                " ON CONFLICT (address) DO NOTHING RETURNING 1",
+                row,
+            ).fetchone()
+            if added is None:
+                raise KeyError(f"an account of {account.address} exists")
+
+        return self._call(work)
+
+    def update_account(self, account: Account) -> Deferred[None]:
+        row = (_utf8(account.address.domain), _account_data(account), _key(account.address))
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            updated = conn.execute(
+                "UPDATE accounts SET domain = %s, data = %s WHERE address = %s RETURNING 1", row
+            ).fetchone()
+            if updated is None:
+                raise KeyError(f"no account of {account.address}")
+
+        return self._call(work)
+
+    def account(self, address: Address) -> Deferred[Account | None]:
+        def work(conn: psycopg.Connection[Any]) -> Account | None:
+            row = conn.execute(
+                "SELECT data FROM accounts WHERE address = %s", (_key(address),)
+            ).fetchone()
+            return None if row is None else _account_of(row[0])
+
+        return self._call(work)
+
+    def accounts(self, domain: str | None) -> Deferred[list[Account]]:
+        def work(conn: psycopg.Connection[Any]) -> list[Account]:
+            if domain is None:
+                rows = conn.execute("SELECT data FROM accounts").fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT data FROM accounts WHERE domain = %s", (_utf8(domain.lower()),)
+                ).fetchall()
+            # In ``Address`` order, which no collation of the server gives.
+            return sorted((_account_of(r[0]) for r in rows), key=lambda a: a.address)
+
+        return self._call(work)
+
+    def set_read(self, account: Address, archive_ids: Iterable[str], read: bool) -> Deferred[None]:
+        # Sorted: two nodes marking overlapping ids lock them in one order.
+        ids = sorted(set(archive_ids))
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            if read:
+                conn.execute(
+                    "INSERT INTO read_flags (account, archive_id)"
+                    " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING",
+                    (_key(account), ids),
+                )
+            else:
+                conn.execute(
+                    "DELETE FROM read_flags WHERE account = %s AND archive_id = ANY(%s::text[])",
+                    (_key(account), ids),
+                )
+
+        return self._call(work)
+
+    def read_ids(self, account: Address, archive_ids: Iterable[str]) -> Deferred[set[str]]:
+        ids = list(set(archive_ids))
+
+        def work(conn: psycopg.Connection[Any]) -> set[str]:
+            rows = conn.execute(
+                "SELECT archive_id FROM read_flags"
+                " WHERE account = %s AND archive_id = ANY(%s::text[])",
+                (_key(account), ids),
+            ).fetchall()
+            return {r[0] for r in rows}
+
+        return self._call(work)
+
+    def add_sent(self, sent: SentMessage) -> Deferred[None]:
+        row = (_key(sent.account), sent.id, sent.sent_at, bytes(sent.message))
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            # The same id again is a retry: the first stays.
+            conn.execute(
+                "INSERT INTO sent (account, id, sent_at, message) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (account, id) DO NOTHING",
+                row,
+            )
+
+        return self._call(work)
+
+    def sent(
+        self, account: Address, before: float | None, limit: int
+    ) -> Deferred[list[SentMessage]]:
+        def work(conn: psycopg.Connection[Any]) -> list[SentMessage]:
+            rows = conn.execute(
+                "SELECT id, sent_at, message FROM sent"
+                " WHERE account = %s AND (%s::double precision IS NULL OR sent_at < %s)"
+                " ORDER BY sent_at DESC, id DESC LIMIT %s",
+                (_key(account), before, before, max(0, int(limit))),
+            ).fetchall()
+            return [SentMessage(i, account, at, bytes(data)) for i, at, data in rows]
+
+        return self._call(work)
+
+    def sent_message(self, account: Address, sent_id: str) -> Deferred[SentMessage | None]:
+        def work(conn: psycopg.Connection[Any]) -> SentMessage | None:
+            row = conn.execute(
+                "SELECT sent_at, message FROM sent WHERE account = %s AND id = %s",
+                (_key(account), sent_id),
+            ).fetchone()
+            return None if row is None else SentMessage(sent_id, account, row[0], bytes(row[1]))
 
         return self._call(work)
 

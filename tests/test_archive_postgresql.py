@@ -1,9 +1,10 @@
 """
 The ``postgresql`` archive against a real PostgreSQL (``initdb``/``pg_ctl``
 in a temporary directory, as an unprivileged user when the tests run as
-root): the archive contract, then what only a shared server shows: two
-archives (two nodes) on one database, outages, a crash after ``add``,
-configuration errors, and that no statement runs on the reactor thread.
+root): the archive and account-store contracts, then what only a shared
+server shows: two archives (two nodes) on one database, outages, a crash
+after ``add``, configuration errors, the schema's migration, and that no
+statement runs on the reactor thread.
 """
 
 from __future__ import annotations
@@ -29,17 +30,21 @@ from mailhub.model import (
     ArchiveQuery,
     ArchiveScope,
     AuditEvent,
+    Role,
+    SentMessage,
     StoreFull,
     StoreUnavailable,
 )
 from mailhub.plugin import load_plugin
 from mailhub.plugins import postgresql_archive
 from mailhub.plugins.postgresql_archive import PostgresArchive, plugin
+from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import (
     ALICE,
     BOB,
     DAVE,
     NOW,
+    ODD_MESSAGE,
     ArchiveContract,
     archived,
     query,
@@ -92,8 +97,8 @@ def archive(archives: Any) -> PostgresArchive:
     return archive
 
 
-class TestPostgresArchive(ArchiveContract):
-    """The contract, each test in a fresh schema of the module's server."""
+class TestPostgresArchive(ArchiveContract, AccountStoreContract):
+    """The contracts, each test in a fresh schema of the module's server."""
 
 
 def rows(pg: PostgresServer, schema: str, query: str) -> str:
@@ -158,7 +163,7 @@ async def test_schema_is_created_in_an_empty_database(pg: PostgresServer, archiv
         " WHERE schemaname = 'mailhub_archive'",
         dsn.rpartition("=")[2],
     )
-    assert tables == "audit bodies holds mailboxes messages meta"
+    assert tables == "accounts audit bodies holds mailboxes messages meta read_flags sent"
     # A second archive (another node) uses what is there.
     other = archives(dsn=dsn, schema="mailhub_archive")
     assert (await other.get("x")).id == "x"
@@ -384,3 +389,107 @@ async def test_mailbox_with_non_ascii_local_part(archive: PostgresArchive) -> No
     assert (await archive.get("x")).mailboxes == (jose,)
     page = await archive.search(ArchiveScope(mailbox=jose), query(recipient=("jose",)))
     assert [s.id for s in page.items] == ["x"]
+
+
+# -- accounts ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_accounts_survive_close_and_reopen(archives: Any) -> None:
+    """Accounts, read flags and the Sent folder are in the database, not in memory."""
+    alice = account(ALICE, password_hash="$argon2id$x", role=Role.HUB_ADMIN, mailboxes=[BOB])
+    message = SentMessage("s1", ALICE, NOW, ODD_MESSAGE)
+    first = archives()
+    await first.add_account(alice)
+    await first.set_read(ALICE, ["m1", "m2"], True)
+    await first.add_sent(message)
+    await first.close()
+    again = archives(schema=first._schema)
+    assert await again.account(ALICE) == alice
+    assert await again.read_ids(ALICE, ["m1", "m2", "m3"]) == {"m1", "m2"}
+    assert await again.sent(ALICE, None, 10) == [message]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_share_the_accounts(archives: Any) -> None:
+    """What one node writes the other reads at once; one address added on both is one account."""
+    dallas = archives()
+    losangeles = archives(schema=dallas._schema)
+    await dallas.add_account(account(ALICE))
+    await dallas.set_read(ALICE, ["m1"], True)
+    assert await losangeles.account(ALICE) == account(ALICE)
+    assert await losangeles.read_ids(ALICE, ["m1"]) == {"m1"}
+    adds = [
+        node.add_account(account(Address(f"u{i}", "a.example"), session_version=n))
+        for i in range(10)
+        for n, node in enumerate((dallas, losangeles))
+    ]
+    results = await gatherResults([d.addErrback(lambda f: f.trap(KeyError)) for d in adds])
+    assert len([r for r in results if r is KeyError]) == 10
+    assert len(await dallas.accounts("a.example")) == 11
+    marks = [
+        node.set_read(BOB, [f"m{j}" for j in range(50)], True)
+        for _ in range(5)
+        for node in (dallas, losangeles)
+    ]
+    await gatherResults(marks)
+    assert len(await losangeles.read_ids(BOB, [f"m{j}" for j in range(50)])) == 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_schema_1_gains_the_account_tables(pg: PostgresServer, archives: Any) -> None:
+    """An archive made before the accounts keeps its messages and takes accounts."""
+    old = archives()
+    await old.add(archived("old", message=ODD_MESSAGE, body="budget"))
+    await old.close()
+    schema = old._schema
+    # As schema 1 left it.
+    pg.psql(
+        f"DROP TABLE {schema}.accounts, {schema}.read_flags, {schema}.sent;"
+        f" UPDATE {schema}.meta SET value = '1' WHERE key = 'schema_version'"
+    )
+    archive = archives(schema=schema)
+    assert (await archive.get("old")).message == ODD_MESSAGE
+    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "2"
+    assert postgresql_archive.SCHEMA_VERSION == 2
+    await archive.add_account(account(ALICE))
+    await archive.set_read(ALICE, ["old"], True)
+    await archive.add_sent(SentMessage("s1", ALICE, NOW, b"sent\r\n"))
+    assert await archive.account(ALICE) == account(ALICE)
+    assert await archive.read_ids(ALICE, ["old"]) == {"old"}
+    assert [m.id for m in await archive.sent(ALICE, None, 10)] == ["s1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_account_text_with_nul_round_trips(archive: PostgresArchive) -> None:
+    """Text a ``text`` column refuses (NUL, a lone surrogate) is kept exactly."""
+    odd = Address("odd\udcff", "a.example")
+    added = account(odd, recovery="nul\x00inside", password_hash="\udcfe")
+    await archive.add_account(added)
+    assert await archive.account(odd) == added
+    assert await archive.account(Address("odd\ufffd", "a.example")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_account_calls_run_off_the_reactor_thread(
+    archive: PostgresArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_reactor: list[str] = []
+    execute = psycopg.Connection.execute
+
+    def watched_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if threadable.isInIOThread():
+            on_reactor.append(str(query)[:40])
+        return execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", watched_execute)
+    await archive.add_account(account(ALICE))
+    await archive.update_account(account(ALICE, disabled=True))
+    await archive.account(ALICE)
+    await archive.accounts(None)
+    await archive.set_read(ALICE, ["x"], True)
+    await archive.read_ids(ALICE, ["x"])
+    await archive.add_sent(SentMessage("s", ALICE, NOW, b"x"))
+    await archive.sent(ALICE, None, 10)
+    await archive.sent_message(ALICE, "s")
+    assert on_reactor == []
