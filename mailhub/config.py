@@ -111,7 +111,8 @@ class HubConfig:
     policy: Mapping[str, Any]
     nodes: Mapping[str, NodeConfig]
     domains: Mapping[str, DomainConfig]
-    #: ``[web]``: ``api_tokens_file`` (absolute), for the JSON API.
+    #: ``[web]``: ``api_tokens_file`` (absolute), for the JSON API;
+    #: ``secret_file``, the LiveArchive's session key.
     web: Mapping[str, Any] = {}
 
     @property
@@ -335,8 +336,9 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
 
     web = dict(r.table(data, "web"))
     for key in web:
-        if key != "api_tokens_file":
-            r.err(f"web.{key}", "unknown key (known: api_tokens_file)")
+        if key not in ("api_tokens_file", "secret_file"):
+            r.err(f"web.{key}", "unknown key (known: api_tokens_file, secret_file)")
+    r.get(web, "web", "secret_file", str)
     tokens = r.get(web, "web", "api_tokens_file", str)
     if tokens is not None:
         web["api_tokens_file"] = os.path.join(os.path.dirname(os.path.abspath(path)), tokens)

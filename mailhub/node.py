@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from mailhub import __version__
+from mailhub.accounts import LoginThrottle
 from mailhub.archive.route import ARCHIVE_ROUTE, ArchiveTransport, is_archive_route
 from mailhub.config import HubConfig
 from mailhub.delivery.dsn import build_dsn
@@ -31,6 +32,7 @@ from mailhub.plugin import load_plugin
 from mailhub.smtp.recipients import recipient_validation
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
 from mailhub.web.archive_api import ArchiveAPI, read_tokens
+from mailhub.web.livearchive import LiveArchive
 from mailhub.web.status import StatusResource
 
 __all__ = ["Node", "routes_for"]
@@ -70,6 +72,7 @@ class Node(MultiService):
         reactor: Any,
         tls: Any = None,
         archive: Any = None,
+        web_auth: Any = None,
     ) -> None:
         super().__init__()
         self.setName(name)
@@ -114,8 +117,12 @@ class Node(MultiService):
                 except (OSError, ValueError) as e:
                     raise ValueError(f"{config.path}: web.api_tokens_file: {e}") from None
                 api = ArchiveAPI(archive, tokens, reactor)
+            secure = node_config.web.startswith("ssl:")
+            live = None
+            if web_auth is not None:
+                live = LiveArchive(self, archive, web_auth, LoginThrottle(reactor), reactor, tls=secure)
             web = StreamServerEndpointService(
-                serverFromString(reactor, node_config.web), Site(StatusResource(self, store, api))
+                _web_endpoint(reactor, node_config.web, tls), Site(StatusResource(self, store, api, live))
             )
             web._raiseSynchronously = True
             web.setName("web")
@@ -222,3 +229,19 @@ class Node(MultiService):
     async def _stop(self) -> None:
         await super().stopService()
         await DeferredList([t.close() for t in self._transports.values()], consumeErrors=True)
+
+
+def _web_endpoint(reactor: Any, description: str, tls: Any) -> Any:
+    """
+    A node's web endpoint.  ``ssl:PORT[:interface=...]`` without a
+    ``privateKey`` uses the node's own certificate (the one STARTTLS uses);
+    any other Twisted endpoint string is taken as it is.
+    """
+    if description.startswith("ssl:") and "privatekey=" not in description.lower() and tls is not None:
+        from twisted.internet.endpoints import SSL4ServerEndpoint
+
+        parts = description.split(":")[1:]
+        port = int(parts[0])
+        options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        return SSL4ServerEndpoint(reactor, port, tls, interface=options.get("interface", ""))
+    return serverFromString(reactor, description)

@@ -20,9 +20,10 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 
+from mailhub.accounts import SessionSigner, load_or_create_secret, secret_file
 from mailhub.archive.retention import ArchiveRetention
 from mailhub.config import HubConfig
-from mailhub.interfaces import WAKE_SIGNAL
+from mailhub.interfaces import WAKE_SIGNAL, IAccountStore
 from mailhub.model import Route
 from mailhub.node import Node
 from mailhub.plugin import load_plugin
@@ -66,8 +67,20 @@ class HubService(MultiService):
         # Before the reactor runs (twistd builds services first): reading, and
         # on first start generating, the STARTTLS certificate blocks briefly.
         tls = server_tls_options(config, reactor.seconds())
+        # The LiveArchive's sessions: one key for every node (a file, read
+        # now, before the reactor runs), and each node's login throttle.
+        web_auth = None
+        if IAccountStore.providedBy(self.archive) and any(config.nodes[n].web for n in node_names):
+            try:
+                secret = load_or_create_secret(secret_file(config))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{config.path}: web.secret_file: {e}") from None
+            web_auth = SessionSigner(secret, reactor)
         self.nodes = {
-            name: Node(name, config, self.store, self.policy, reactor, tls=tls, archive=self.archive)
+            name: Node(
+                name, config, self.store, self.policy, reactor, tls=tls, archive=self.archive,
+                web_auth=web_auth,
+            )
             for name in node_names
         }
         for node in self.nodes.values():

@@ -66,11 +66,23 @@ class _Status(resource.Resource):
 class StatusResource(resource.Resource):
     """The root of a node's web listener."""
 
-    def __init__(self, node: Any, store: Any, archive_api: resource.Resource | None = None) -> None:
+    def __init__(
+        self, node: Any, store: Any, archive_api: resource.Resource | None = None,
+        livearchive: resource.Resource | None = None,
+    ) -> None:
         super().__init__()
+        self._live = livearchive
         self.putChild(b"status", _Status(node, store, health=False))
         self.putChild(b"health", _Status(node, store, health=True))
         if archive_api is not None:
             api = resource.Resource()
             api.putChild(b"archive", archive_api)
             self.putChild(b"api", api)
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        """Every other path is the LiveArchive's (its pages), when it is served."""
+        if self._live is not None:
+            request.postpath.insert(0, path)
+            request.prepath.pop()
+            return self._live
+        return resource.NoResource()

@@ -1,0 +1,572 @@
+"""
+The LiveArchive pages: people read, search and answer their mail while
+their own server is down.
+
+Served by every node's web listener (``/login``, ``/mail``, ``/compose``,
+``/sent``), server-rendered with Jinja2 templates that escape everything
+by default (``autoescape``: a value is text unless a template says
+otherwise, which none does), no script at all, usable by keyboard and on a
+phone.  Jinja2 rather than ``twisted.web.template``: the pages are mostly
+markup with a few values in it, which Jinja2 templates say plainly, with
+escaping on by default either way.
+
+Security, for an MX on the public internet:
+
+- a session is a signed cookie (``mailhub.accounts.SessionSigner``:
+  ``HttpOnly``, ``SameSite=Strict``, ``Secure`` and the ``__Host-`` prefix over
+  TLS), expiring, ended for every device when the password changes or the
+  account is disabled;
+- every request that changes anything carries a CSRF token bound to the
+  session (the login form: a double-submit token);
+- logins are throttled per account and per client address
+  (``mailhub.accounts.LoginThrottle``);
+- every route checks that the account may read the mailbox and that the
+  message is that mailbox's: any other id gives ``404``;
+- every answer has a strict Content-Security-Policy (no script, nothing from
+  elsewhere, no framing), ``Referrer-Policy: no-referrer``, ``nosniff``, and
+  HSTS over TLS; a message's HTML is sanitised (``mailhub.web.mime``) and
+  shown in a sandboxed frame of its own with an even stricter policy;
+  attachments are always downloads, never rendered.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jinja2
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from mailhub import accounts as acc
+from mailhub.archive.query import QueryError, parse_query
+from mailhub.model import (
+    Account,
+    Address,
+    AddressError,
+    ArchiveQuery,
+    ArchiveScope,
+    AuditEvent,
+    Envelope,
+    SentMessage,
+)
+from mailhub.web import mime
+
+__all__ = ["LiveArchive"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+#: Largest form accepted (a message with attachments).
+MAX_POST = 25 * 1024 * 1024
+PAGE = 50
+
+_PAGE_CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; frame-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+#: For a message's HTML, inside its sandboxed frame: inline styles only,
+#: images from the message itself unless the reader asked for remote ones.
+_BODY_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data: cid:{remote}; frame-ancestors 'self'; base-uri 'none'; form-action 'none'"
+
+
+class _Answer(Exception):
+    """Stop handling a request with this status (and page)."""
+
+    def __init__(self, code: int, title: str = "", text: str = "") -> None:
+        super().__init__(title)
+        self.code, self.title, self.text = code, title, text
+
+
+class _Redirect(Exception):
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+_NOT_FOUND = _Answer(404, "Not found", "There is no such message or mailbox, or it is not yours.")
+
+
+class LiveArchive(resource.Resource):
+    """
+    :param node: the ``mailhub.node.Node`` serving it (its engine's route
+        states for the banner, ``receive`` to send).
+    :param archive: an ``IArchive`` that also provides ``IAccountStore``.
+    :param signer: ``mailhub.accounts.SessionSigner``.
+    :param throttle: ``mailhub.accounts.LoginThrottle``.
+    :param clock: ``IReactorTime``.
+    :param tls: whether the listener is ``ssl:`` (``Secure`` cookies, HSTS).
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self, node: Any, archive: Any, signer: Any, throttle: Any, clock: Any, tls: bool = False
+    ) -> None:
+        super().__init__()
+        self._node = node
+        self._archive = archive
+        self._signer = signer
+        self._throttle = throttle
+        self._clock = clock
+        self._tls = tls
+        self._cookie = b"__Host-session" if tls else b"session"
+        self._totp_guard = acc.TotpReplayGuard()
+        self._env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(os.path.join(_HERE, "templates")),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        with open(os.path.join(_HERE, "static", "style.css"), "rb") as f:
+            self._css = f.read()
+        self._routes: dict[tuple[bytes, str], Callable[..., Any]] = {
+            (b"GET", ""): self._root,
+            (b"GET", "login"): self._login_form,
+            (b"POST", "login"): self._login,
+            (b"POST", "logout"): self._logout,
+            (b"GET", "mail"): self._mailbox,
+            (b"GET", "compose"): self._compose_form,
+            (b"POST", "compose"): self._send,
+            (b"GET", "sent"): self._sent,
+        }
+
+    # -- plumbing ----------------------------------------------------------
+
+    def render(self, request: Any) -> Any:
+        ensureDeferred(self._handle(request))
+        return server.NOT_DONE_YET
+
+    def _headers(self, request: Any, csp: str = _PAGE_CSP, frame: bytes = b"DENY") -> None:
+        request.setHeader(b"content-security-policy", csp.encode())
+        request.setHeader(b"x-frame-options", frame)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"cross-origin-opener-policy", b"same-origin")
+        request.setHeader(b"permissions-policy", b"camera=(), microphone=(), geolocation=()")
+        request.setHeader(b"cache-control", b"no-store")
+        if self._tls:
+            request.setHeader(b"strict-transport-security", b"max-age=31536000")
+
+    async def _handle(self, request: Any) -> None:
+        self._headers(request)
+        path = [p.decode("utf-8", "replace") for p in request.postpath]
+        while path and path[-1] == "":
+            path.pop()
+        try:
+            if request.method == b"GET" and path == ["static", "style.css"]:
+                request.setHeader(b"content-type", b"text/css; charset=utf-8")
+                request.setHeader(b"cache-control", b"public, max-age=3600")
+                return self._finish(request, self._css)
+            if path[:2] == ["mail", "msg"] and request.method == b"GET":
+                handler = self._message
+            elif path[:1] == ["sent"] and len(path) == 2 and request.method == b"GET":
+                handler = self._sent_message
+            elif len(path) <= 1:
+                handler = self._routes.get((request.method, "/".join(path)))
+            else:
+                handler = None
+            if handler is None:
+                raise _NOT_FOUND
+            await handler(request, path)
+        except _Redirect as r:
+            request.setResponseCode(303)
+            request.setHeader(b"location", r.location.encode())
+            self._finish(request, b"")
+        except _Answer as a:
+            request.setResponseCode(a.code)
+            self._page(request, "error.html", title=a.title or "Error", text=a.text, account=None)
+        except Exception:
+            self.log.failure("LiveArchive request {path} failed", path="/".join(path))
+            request.setResponseCode(500)
+            self._page(
+                request, "error.html", title="Something went wrong",
+                text="The hub could not answer this page. Your mail is safe; try again in a moment.", account=None,
+            )
+
+    def _finish(self, request: Any, body: bytes) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.write(body)
+        request.finish()
+
+    def _page(self, request: Any, template: str, **values: Any) -> None:
+        session = values.pop("session", None)
+        account: Account | None = values.get("account")
+        values.setdefault("hostname", self._node.config.hostname)
+        values.setdefault("banner", None)
+        values.setdefault("section", "")
+        values.setdefault("query", "")
+        values.setdefault("mailbox", "")
+        values["account_address"] = str(account.address) if account else ""
+        values["csrf"] = (lambda form: acc.csrf_token(session, form)) if session else (lambda form: "")
+        body = self._env.get_template(template).render(**values)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        self._finish(request, body.encode("utf-8"))
+
+    @staticmethod
+    def _arg(request: Any, name: str, default: str = "") -> str:
+        values = request.args.get(name.encode())
+        if not values:
+            return default
+        return values[-1].decode("utf-8", "replace")
+
+    def _client(self, request: Any) -> str:
+        peer = request.getClientAddress()
+        return getattr(peer, "host", "") or "unknown"
+
+    async def _session(self, request: Any) -> tuple[Any, Account]:
+        """The request's session and account; a page without one sends the browser to log in."""
+        value = request.getCookie(self._cookie)
+        if value:
+            session = await self._signer.verify(value.decode("latin-1"), self._archive.account)
+            if session is not None and session.account is not None:
+                # Seen now: the idle timer starts again (max_age does not).
+                self._set_cookie(request, self._cookie, self._signer.refresh(session), max_age=int(self._signer.max_age))
+                return session, session.account
+        raise _Redirect("/login")
+
+    def _check_csrf(self, request: Any, session: Any, form: str) -> None:
+        if not acc.check_csrf(session, self._arg(request, "csrf"), form):
+            raise _Answer(403, "Expired form", "This form has expired. Go back, reload the page and try again.")
+
+    async def _audit(self, account: Account, action: str, scope: str, detail: str = "") -> None:
+        await self._archive.record_audit(
+            AuditEvent(self._clock.seconds(), f"user:{account.address}", action, scope, detail)
+        )
+
+    def _mailbox_arg(self, request: Any, account: Account) -> Address:
+        """The mailbox a request is about (the account's own by default), if the account may read it; else 404."""
+        text = self._arg(request, "mailbox")
+        try:
+            mailbox = Address.parse(text) if text else account.address
+        except AddressError:
+            raise _NOT_FOUND from None
+        if not account.can_read(mailbox):
+            raise _NOT_FOUND
+        return mailbox
+
+    def _mailboxes(self, account: Account) -> list[str]:
+        return [str(account.address), *(str(m) for m in account.mailboxes if m != account.address)]
+
+    async def _banner(self, mailbox: Address) -> dict[str, str] | None:
+        """The state of the mailbox's own server, from the hub's route state."""
+        route = self._node.config.route_for(mailbox.domain)
+        if route is None:
+            return None
+        engine = self._node.engine
+        state = engine.route_states.get(route) or {}
+        throttle = engine._throttles.get(route)
+        try:
+            backlog = int((await self._node._store.counts()).get("routes", {}).get(route, 0))
+        except Exception:
+            backlog = 0
+        waiting = f"; {backlog} message{'s' if backlog != 1 else ''} waiting for it" if backlog else ""
+        if state.get("state") == "rejecting":
+            return {"kind": "rejecting", "text": f"Your mail server is refusing mail since {_when(state.get('since'))}. "
+                    f"The hub is holding it for you{waiting}; nothing is lost."}
+        down_since = state.get("since") if state.get("state") == "down" else None
+        if down_since is None and throttle is not None and throttle.down:
+            down_since = throttle.down_since
+        if down_since is not None:
+            return {"kind": "down", "text": f"Your mail server is down since {_when(down_since)}. "
+                    f"Your mail is here and will be delivered when it is back{waiting}."}
+        if backlog:
+            return {"kind": "up", "text": f"Your mail server is back: {backlog} messages are on their way to it."}
+        return None
+
+    # -- login and out -----------------------------------------------------
+
+    async def _root(self, request: Any, path: list[str]) -> None:
+        try:
+            await self._session(request)
+        except _Redirect:
+            raise
+        raise _Redirect("/mail")
+
+    async def _login_form(self, request: Any, path: list[str], error: str = "", address: str = "") -> None:
+        token = request.getCookie(b"login_csrf")
+        token_text = token.decode("latin-1") if token else secrets.token_urlsafe(24)
+        if not token:
+            self._set_cookie(request, b"login_csrf", token_text, max_age=3600)
+        if error:
+            request.setResponseCode(401 if "password" in error else 429)
+        self._page(request, "login.html", account=None, error=error, address=address, login_csrf=token_text, totp=True)
+
+    def _set_cookie(self, request: Any, name: bytes, value: str, max_age: int | None = None) -> None:
+        request.addCookie(
+            name, value.encode("latin-1"), path=b"/", httpOnly=True, secure=self._tls, sameSite="strict",
+            max_age=None if max_age is None else str(max_age).encode(),
+        )
+
+    async def _login(self, request: Any, path: list[str]) -> None:
+        cookie = request.getCookie(b"login_csrf") or b""
+        given = self._arg(request, "csrf").encode("latin-1", "replace")
+        if not cookie or not hmac.compare_digest(cookie, given):
+            return await self._login_form(request, path, "This form has expired: please try again.")
+        text = self._arg(request, "address").strip()
+        password = self._arg(request, "password")
+        code = self._arg(request, "code").strip()
+        ip = self._client(request)
+        wait = self._throttle.check(text.lower(), ip)
+        if wait:
+            return await self._login_form(
+                request, path, f"Too many failed logins: try again in {int(wait) + 1} seconds.", text
+            )
+        account = None
+        try:
+            account = await self._archive.account(Address.parse(text))
+        except AddressError:
+            account = None
+        ok = await acc.verify_password_async(account.password_hash if account else "", password)
+        if ok and account is not None and account.totp_secret:
+            ok = acc.verify_totp(account.totp_secret, code, self._clock.seconds(), self._totp_guard)
+        if not ok or account is None or account.disabled:
+            self._throttle.failed(text.lower(), ip)
+            self.log.info("LiveArchive: failed login for {address} from {ip}", address=text, ip=ip)
+            return await self._login_form(
+                request, path, "That address, hub password or code is not right.", text
+            )
+        self._throttle.succeeded(text.lower(), ip)
+        value = self._signer.issue(account)
+        self._set_cookie(request, self._cookie, value, max_age=int(self._signer.max_age))
+        request.addCookie(b"login_csrf", b"", path=b"/", max_age=b"0", httpOnly=True, secure=self._tls, sameSite="strict")
+        await self._audit(account, "login", f"mailbox {account.address}", ip)
+        raise _Redirect("/mail")
+
+    async def _logout(self, request: Any, path: list[str]) -> None:
+        session, account = await self._session(request)
+        self._check_csrf(request, session, "logout")
+        self._signer.revoke(session)
+        request.addCookie(self._cookie, b"", path=b"/", max_age=b"0", httpOnly=True, secure=self._tls, sameSite="strict")
+        raise _Redirect("/login")
+
+    # -- reading -----------------------------------------------------------
+
+    async def _mailbox(self, request: Any, path: list[str]) -> None:
+        session, account = await self._session(request)
+        mailbox = self._mailbox_arg(request, account)
+        text = self._arg(request, "q")
+        error = ""
+        try:
+            query = parse_query(text)
+        except QueryError as e:
+            query, error = ArchiveQuery(), str(e)
+        scope = ArchiveScope(mailbox=mailbox)
+        cursor = self._arg(request, "cursor") or None
+        try:
+            page = await self._archive.search(scope, query, cursor, PAGE)
+        except ValueError:
+            raise _NOT_FOUND from None
+        total = await self._archive.count(scope, query)
+        read = await self._archive.read_ids(account.address, [s.id for s in page.items])
+        if text:
+            await self._audit(account, "search", str(scope), repr(text))
+        items = [
+            {
+                "id": s.id,
+                "sender": s.sender,
+                "subject": s.subject,
+                "when": _when(s.received_at),
+                "has_attachment": s.has_attachment,
+                "unread": s.id not in read,
+            }
+            for s in page.items
+        ]
+        self._page(
+            request, "mailbox.html", session=session, account=account, mailbox=str(mailbox),
+            mailboxes=self._mailboxes(account), items=items, total=total, next=page.next, query=text,
+            error=error, section="inbox", banner=await self._banner(mailbox),
+        )
+
+    async def _archived(self, request: Any, account: Account, archive_id: str) -> tuple[Address, Any]:
+        """The archived message ``archive_id`` of the requested mailbox, which the account may read; else 404."""
+        mailbox = self._mailbox_arg(request, account)
+        message = await self._archive.get(archive_id)
+        if message is None or mailbox not in message.mailboxes:
+            raise _NOT_FOUND
+        return mailbox, message
+
+    async def _message(self, request: Any, path: list[str]) -> None:
+        # /mail/msg/ID, /mail/msg/ID/body, /mail/msg/ID/raw, /mail/msg/ID/part/N
+        if len(path) < 3:
+            raise _NOT_FOUND
+        session, account = await self._session(request)
+        archive_id = path[2]
+        mailbox, message = await self._archived(request, account, archive_id)
+        images = self._arg(request, "images") == "1"
+        base = f"/mail/msg/{urllib.parse.quote(archive_id, safe='')}"
+        mq = f"mailbox={urllib.parse.quote(str(mailbox))}"
+        rest = path[3:]
+        if rest == ["raw"]:
+            await self._audit(account, "read", archive_id, "raw")
+            return self._download(request, message.message, f"{archive_id}.eml", "message/rfc822")
+        if len(rest) == 2 and rest[0] == "part" and rest[1].isdigit():
+            found = await deferToThread(mime.attachment, message.message, int(rest[1]))
+            if found is None:
+                raise _NOT_FOUND
+            filename, _, data = found
+            await self._audit(account, "read", archive_id, f"attachment {filename!r}")
+            # Always a download, never shown inline: an attachment is the sender's content.
+            return self._download(request, data, filename, "application/octet-stream")
+        shown = await deferToThread(mime.show, message.message, images)
+        if rest == ["body"]:
+            self._headers(request, _BODY_CSP.format(remote=" https: http:" if images else ""), frame=b"SAMEORIGIN")
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            doc = (
+                '<!doctype html><html><head><meta charset="utf-8"><base target="_blank">'
+                "<style>body{font:15px/1.45 system-ui,sans-serif;margin:8px;overflow-wrap:anywhere}"
+                "img[data-blocked-src]{display:none}</style></head><body>" + shown.html + "</body></html>"
+            )
+            return self._finish(request, doc.encode("utf-8"))
+        if rest:
+            raise _NOT_FOUND
+        await self._archive.set_read(account.address, [archive_id], True)
+        await self._audit(account, "read", archive_id, str(mailbox))
+        reply_base = f"reply={urllib.parse.quote(archive_id, safe='')}&{mq}"
+        self._page(
+            request, "message.html", session=session, account=account, mailbox=str(mailbox),
+            shown=shown, when=_when(message.received_at), images=images,
+            headers=self._arg(request, "headers") == "1",
+            self_url=f"{base}?{mq}", raw_url=f"{base}/raw?{mq}", part_url=f"{base}/part/",
+            body_url=f"{base}/body?{mq}" + ("&images=1" if images else ""), reply_base=reply_base,
+            section="inbox", banner=None,
+        )
+
+    def _download(self, request: Any, data: bytes, filename: str, ctype: str) -> None:
+        safe = "".join(c if c.isalnum() or c in "._- " else "_" for c in filename)[:120] or "download"
+        request.setHeader(b"content-type", ctype.encode())
+        request.setHeader(
+            b"content-disposition",
+            f"attachment; filename=\"{safe}\"; filename*=UTF-8''{urllib.parse.quote(filename[:200])}".encode(),
+        )
+        self._finish(request, data)
+
+    # -- writing -----------------------------------------------------------
+
+    async def _compose_form(self, request: Any, path: list[str], error: str = "", draft: Mapping[str, str] | None = None) -> None:
+        session, account = await self._session(request)
+        values = {"to": "", "cc": "", "subject": "", "body": "", "in_reply_to": "", "references": ""}
+        original = self._arg(request, "reply")
+        if draft is not None:
+            values.update(draft)
+        elif original:
+            mailbox, message = await self._archived(request, account, original)
+            shown = await deferToThread(mime.show, message.message, False)
+            mode = self._arg(request, "mode", "reply")
+            subject = shown.subject
+            quoted = "\n".join("> " + line for line in shown.text.splitlines())
+            if mode == "forward":
+                values["subject"] = subject if subject.lower().startswith("fwd:") else f"Fwd: {subject}"
+                values["body"] = (
+                    f"\n\n---------- Forwarded message ----------\nFrom: {shown.sender}\nDate: {shown.date}\n"
+                    f"Subject: {subject}\nTo: {shown.to}\n\n{shown.text}"
+                )
+            else:
+                values["subject"] = subject if subject.lower().startswith("re:") else f"Re: {subject}"
+                values["to"] = shown.reply_to or shown.sender
+                if mode == "all":
+                    others = [a for a in mime.addresses(f"{shown.to}, {shown.cc}") if a.lower() != str(account.address)]
+                    values["cc"] = ", ".join(others)
+                values["body"] = f"\n\nOn {shown.date}, {shown.sender} wrote:\n{quoted}"
+                values["in_reply_to"] = shown.message_id
+                values["references"] = shown.references
+        self._page(request, "compose.html", session=session, account=account, draft=values, error=error, section="compose")
+
+    async def _send(self, request: Any, path: list[str]) -> None:
+        session, account = await self._session(request)
+        length = int(request.getHeader(b"content-length") or 0)
+        if length > MAX_POST:
+            raise _Answer(413, "Too large", f"A message may be at most {MAX_POST // (1024 * 1024)} MB with its attachments.")
+        fields, files = await deferToThread(_form, request)
+        request.args[b"csrf"] = [fields.get("csrf", "").encode()]
+        self._check_csrf(request, session, "compose")
+        draft = {k: fields.get(k, "") for k in ("to", "cc", "subject", "body", "in_reply_to", "references")}
+        to, cc = mime.addresses(draft["to"]), mime.addresses(draft["cc"])
+        recipients: list[Address] = []
+        try:
+            for text in to + cc:
+                recipients.append(Address.parse(text))
+        except AddressError as e:
+            return await self._compose_form(request, path, f"{text}: {e}", draft)
+        if not recipients:
+            return await self._compose_form(request, path, "Give at least one recipient.", draft)
+        now = self._clock.seconds()
+        data, message_id = await deferToThread(
+            mime.build_message, str(account.address), to, cc, draft["subject"], draft["body"],
+            self._node.config.hostname, draft["in_reply_to"], draft["references"], files, now,
+        )
+        envelope = Envelope(
+            account.address, tuple(recipients), received_at=now, client=self._client(request), helo="livearchive"
+        )
+        # The hub's own path: its spool, its routes (the outbound one for the
+        # rest of the world), its archive for mail to the hub's own mailboxes.
+        await self._node.receive(envelope, data.replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n"))
+        await self._archive.add_sent(SentMessage(message_id, account.address, now, data))
+        await self._audit(account, "send", f"mailbox {account.address}", f"to {len(recipients)} recipients")
+        raise _Redirect("/sent?notice=sent")
+
+    async def _sent(self, request: Any, path: list[str]) -> None:
+        session, account = await self._session(request)
+        before_text = self._arg(request, "before")
+        before = float(before_text) if before_text.replace(".", "", 1).isdigit() else None
+        sent = await self._archive.sent(account.address, before, PAGE)
+        items = []
+        for s in sent:
+            shown = await deferToThread(mime.show, s.message, False)
+            items.append({"id": s.id, "to": shown.to, "subject": shown.subject, "when": _when(s.sent_at)})
+        notice = "Sent. It is on its way." if self._arg(request, "notice") == "sent" else ""
+        nxt = repr(sent[-1].sent_at) if len(sent) == PAGE else None
+        self._page(request, "sent.html", session=session, account=account, items=items, next=nxt, notice=notice, section="sent")
+
+    async def _sent_message(self, request: Any, path: list[str]) -> None:
+        session, account = await self._session(request)
+        sent = await self._archive.sent_message(account.address, path[1])
+        if sent is None:
+            raise _NOT_FOUND
+        shown = await deferToThread(mime.show, sent.message, False)
+        self._page(
+            request, "message.html", session=session, account=account, shown=shown, when=_when(sent.sent_at),
+            images=False, headers=False, self_url=f"/sent/{urllib.parse.quote(sent.id, safe='')}?",
+            raw_url=f"/sent/{urllib.parse.quote(sent.id, safe='')}", part_url="#", body_url="about:blank",
+            reply_base="", section="sent",
+        )
+
+
+def _form(request: Any) -> tuple[dict[str, str], list[tuple[str, str, bytes]]]:
+    """A multipart/form-data (or urlencoded) body: its fields and its files (in a thread)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    ctype = request.getHeader(b"content-type") or b""
+    request.content.seek(0)
+    body = request.content.read()
+    fields: dict[str, str] = {}
+    files: list[tuple[str, str, bytes]] = []
+    if not ctype.lower().startswith(b"multipart/form-data"):
+        for key, values in request.args.items():
+            fields[key.decode()] = values[-1].decode("utf-8", "replace")
+        return fields, files
+    parsed = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype + b"\r\n\r\n" + body)
+    for part in parsed.iter_parts():  # type: ignore[attr-defined]
+        name = part.get_param("name", header="content-disposition") or ""
+        filename = part.get_filename()
+        raw = part.get_payload(decode=True)
+        payload = raw if isinstance(raw, bytes) else b""
+        if filename is not None:
+            if filename and payload:
+                files.append((os.path.basename(filename), part.get_content_type(), payload))
+        else:
+            fields[str(name)] = payload.decode("utf-8", "replace").replace("\r\n", "\n")
+    return fields, files
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))

@@ -1,0 +1,336 @@
+"""
+The LiveArchive pages over real HTTP on 127.0.0.1: a node over the memory
+store and the memory archive (which keeps the accounts), a scripted
+transport for the organisation's server.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import pyotp
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.web.server import Site
+
+from mailhub import accounts as acc
+from mailhub.config import parse
+from mailhub.model import Account, Address, ArchivedMessage, ArchiveText, Role
+from mailhub.node import Node
+from mailhub.plugin import load_plugin
+from mailhub.plugins.memory_store import MemorySpoolStore
+from mailhub.plugins.standard_policy import StandardPolicy
+from mailhub.testing.fakes import ScriptedTransport
+from mailhub.web.livearchive import LiveArchive
+from mailhub.web.status import StatusResource
+
+ALICE = Address("alice", "example.com")
+BOB = Address("bob", "example.com")
+CAROL = Address("carol", "example.org")
+PASSWORD = "correct horse battery"
+ROUTE = "smtp:mail.example.com:25"
+
+CONFIG = (
+    b'[hub]\nhostname="mx.hub.example"\noutbound="smtp:smarthost:25"\n'
+    b'[archive]\nplugin="memory"\n'
+    b'[nodes.dallas]\nsmtp="tcp:0"\n'
+    b'[domains."example.com"]\nroute="smtp:mail.example.com:25"\n'
+    b'[domains."example.org"]\nroute="smtp:mail.example.com:25"\n'
+)
+
+HOSTILE_HTML = (
+    b"From: Mallory <m@evil.example>\r\nTo: alice@example.com\r\n"
+    b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe_<script>alert(1)</script>?=\r\n"
+    b'Content-Type: text/html; charset=utf-8\r\n\r\n'
+    b'<p onclick="alert(2)">Hello <b>Alice</b></p><script>alert(3)</script>'
+    b'<a href="javascript:alert(4)">click</a><img src="https://tracker.evil.example/p.gif">'
+    b'<svg><script>alert(5)</script></svg><iframe src="https://evil.example"></iframe>'
+    b'<style>body{background:url(https://evil.example/x)}</style>\r\n'
+)
+
+
+class Web:
+    """A node serving the LiveArchive on a real port, and a browser-like client with cookies."""
+
+    def __init__(self) -> None:
+        self.config = parse(CONFIG)
+        self.store = MemorySpoolStore(reactor)
+        self.archive = load_plugin("mailhub.archives", "memory").make({}, reactor)
+        self.transport = ScriptedTransport()
+        self.node = Node("dallas", self.config, self.store, StandardPolicy(nodes=("dallas",), jitter=0.0), reactor,
+                         archive=self.archive)
+        self.node._transports[ROUTE] = self.transport
+        self.node._transports["smtp:smarthost:25"] = self.transport
+        self.node.engine.startService()
+        self.signer = acc.SessionSigner(b"k" * 32, reactor)
+        self.live = LiveArchive(self.node, self.archive, self.signer, acc.LoginThrottle(reactor), reactor)
+        self.cookies: dict[str, str] = {}
+        self.port: Any = None
+
+    async def start(self) -> None:
+        site = Site(StatusResource(self.node, self.store, None, self.live))
+        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        for account in (
+            Account(ALICE, acc.hash_password(PASSWORD)),
+            Account(BOB, acc.hash_password(PASSWORD)),
+            Account(CAROL, acc.hash_password(PASSWORD), role=Role.DOMAIN_ADMIN),
+        ):
+            await self.archive.add_account(account)
+
+    async def stop(self) -> None:
+        await self.node.engine.stopService()
+        await self.port.stopListening()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}{path}"
+
+    async def request(self, method: str, path: str, data: Any = None, files: Any = None) -> tuple[int, dict, str]:
+        response = await treq.request(
+            method, self.url(path), data=data, files=files, cookies=dict(self.cookies), allow_redirects=False
+        )
+        for cookie in response.cookies():
+            if cookie.value:
+                self.cookies[cookie.name] = cookie.value
+            else:
+                self.cookies.pop(cookie.name, None)
+        body = await response.text("utf-8")
+        headers = {k.decode().lower(): v[-1].decode() for k, v in response.headers.getAllRawHeaders()}
+        return response.code, headers, body
+
+    async def login(self, address: str = str(ALICE), password: str = PASSWORD, code: str = "") -> tuple[int, dict, str]:
+        _, _, page = await self.request("GET", "/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        return await self.request("POST", "/login", data={"csrf": token, "address": address, "password": password, "code": code})
+
+    async def archive_message(self, archive_id: str, mailbox: Address, message: bytes, subject: str = "") -> None:
+        await self.archive.add(ArchivedMessage(archive_id, reactor.seconds(), Address("m", "evil.example"),
+                                               (mailbox,), message, ArchiveText(subject=subject)))
+
+
+@pytest.fixture
+def web() -> Iterator[Web]:
+    w = Web()
+    pytest_twisted.blockon(ensureDeferred(w.start()))
+    yield w
+    pytest_twisted.blockon(ensureDeferred(w.stop()))
+
+
+def csrf(page: str, form: str = "") -> str:
+    """The CSRF token of ``form`` in a page (the first one without a name)."""
+    return re.search(rf'name="csrf" value="({form}[^"]*)"', page).group(1)  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pages_need_a_login_and_carry_strict_headers(web: Web) -> None:
+    code, headers, _ = await web.request("GET", "/mail")
+    assert code == 303 and headers["location"] == "/login"
+    code, headers, page = await web.request("GET", "/login")
+    assert code == 200 and "hub password" in page
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src" not in csp
+    assert headers["x-frame-options"] == "DENY" and headers["referrer-policy"] == "no-referrer"
+    assert headers["x-content-type-options"] == "nosniff" and headers["cache-control"] == "no-store"
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_with_a_wrong_password_fails_and_is_throttled(web: Web) -> None:
+    for _ in range(5):
+        code, _, page = await web.login(password="wrong password!!")
+        assert code == 401 and "not right" in page
+    code, _, page = await web.login()  # even the right password waits now
+    assert code == 429 and "Too many failed logins" in page
+    assert "session" not in web.cookies
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_without_the_form_token_is_refused(web: Web) -> None:
+    code, _, page = await web.request("POST", "/login", data={"address": str(ALICE), "password": PASSWORD})
+    assert "expired" in page and "session" not in web.cookies
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_reads_their_mailbox_and_nobody_elses(web: Web) -> None:
+    await web.archive_message("a1", ALICE, b"Subject: for alice\r\n\r\nhello alice\r\n", "for alice")
+    await web.archive_message("b1", BOB, b"Subject: for bob\r\n\r\nhello bob\r\n", "for bob")
+    code, headers, _ = await web.login()
+    assert code == 303 and headers["location"] == "/mail"
+    code, _, page = await web.request("GET", "/mail")
+    assert code == 200 and "for alice" in page and "for bob" not in page
+    assert 'class="unread"' in page
+    code, _, page = await web.request("GET", "/mail/msg/a1?mailbox=alice%40example.com")
+    assert code == 200 and "hello alice" in page
+    _, _, page = await web.request("GET", "/mail")
+    assert 'class="unread"' not in page  # read now
+    # Every way to reach bob's mail with another id or mailbox is a 404.
+    for path in (
+        "/mail?mailbox=bob%40example.com",
+        "/mail/msg/b1?mailbox=bob%40example.com",
+        "/mail/msg/b1?mailbox=alice%40example.com",
+        "/mail/msg/b1",
+        "/mail/msg/b1/raw?mailbox=bob%40example.com",
+        "/mail/msg/b1/body?mailbox=bob%40example.com",
+        "/mail/msg/b1/part/0?mailbox=bob%40example.com",
+        "/compose?reply=b1&mailbox=bob%40example.com",
+        "/sent/somebody-elses",
+    ):
+        code, _, page = await web.request("GET", path)
+        assert code == 404, path
+        assert "hello bob" not in page
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_domain_administrator_reads_every_mailbox_of_the_domain_only(web: Web) -> None:
+    await web.archive_message("b1", BOB, b"Subject: for bob\r\n\r\nhello bob\r\n", "for bob")
+    await web.archive_message("c1", Address("dave", "example.org"), b"Subject: for dave\r\n\r\nhi\r\n", "for dave")
+    await web.login(str(CAROL))
+    code, _, page = await web.request("GET", "/mail?mailbox=dave%40example.org")
+    assert code == 200 and "for dave" in page
+    code, _, _ = await web.request("GET", "/mail?mailbox=bob%40example.com")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_html_renders_inert(web: Web) -> None:
+    await web.archive_message("h1", ALICE, HOSTILE_HTML, "hostile")
+    await web.login()
+    code, headers, page = await web.request("GET", "/mail/msg/h1?mailbox=alice%40example.com")
+    assert code == 200
+    assert "<script>" not in page and "&lt;script&gt;" in page  # the subject, escaped
+    assert '<iframe class="body" title="Message" sandbox ' in page
+    assert "Show remote images" in page
+    code, headers, body = await web.request("GET", "/mail/msg/h1/body?mailbox=alice%40example.com")
+    assert code == 200
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "https:" not in csp
+    lowered = body.lower()
+    for bad in ("<script", "onclick", "javascript:", "<svg", "<iframe", "<style>body{background"):
+        assert bad not in lowered, bad
+    assert "tracker.evil.example" in body and ' src="https://tracker' not in body  # kept aside, not loaded
+    assert "<b>Alice</b>" in body
+    _, headers, body = await web.request("GET", "/mail/msg/h1/body?mailbox=alice%40example.com&images=1")
+    assert "img-src data: cid: https: http:" in headers["content-security-policy"]
+    assert ' src="https://tracker.evil.example/p.gif"' in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_attachments_are_downloads_and_raw_is_the_message(web: Web) -> None:
+    message = (
+        b"Subject: with file\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        b'--b\r\nContent-Type: text/html\r\nContent-Disposition: attachment; filename="x.html"\r\n\r\n'
+        b"<script>alert(1)</script>\r\n--b--\r\n"
+    )
+    await web.archive_message("f1", ALICE, message, "with file")
+    await web.login()
+    _, _, page = await web.request("GET", "/mail/msg/f1?mailbox=alice%40example.com")
+    part = re.search(r'href="(/mail/msg/f1/part/\d+)"', page).group(1)  # type: ignore[union-attr]
+    code, headers, body = await web.request("GET", part + "?mailbox=alice%40example.com")
+    assert code == 200 and headers["content-type"] == "application/octet-stream"
+    assert headers["content-disposition"].startswith('attachment; filename="x.html"')
+    code, headers, body = await web.request("GET", "/mail/msg/f1/raw?mailbox=alice%40example.com")
+    assert code == 200 and headers["content-type"] == "message/rfc822" and body.startswith("Subject: with file")
+
+
+@pytest_twisted.ensureDeferred
+async def test_reply_is_sent_through_the_hub_and_kept_in_sent(web: Web) -> None:
+    original = (
+        b"From: Bob <bob@example.com>\r\nTo: alice@example.com\r\nSubject: lunch?\r\n"
+        b"Message-ID: <l1@example.com>\r\n\r\nLunch at noon?\r\n"
+    )
+    await web.archive_message("l1", ALICE, original, "lunch?")
+    await web.login()
+    code, _, page = await web.request("GET", "/compose?reply=l1&mailbox=alice%40example.com&mode=reply")
+    assert code == 200 and "Re: lunch?" in page and "bob@example.com" in page
+    fields = {"csrf": "nope", "to": "Bob <bob@example.com>", "cc": "", "subject": "Re: lunch?",
+              "body": "Yes!", "in_reply_to": "<l1@example.com>", "references": ""}
+    code, _, page = await web.request("POST", "/compose", data=fields)
+    assert code == 403  # no valid CSRF token: nothing sent
+    assert web.transport.deliveries == []
+    _, _, compose = await web.request("GET", "/compose")
+    fields["csrf"] = csrf(compose, "logout")  # a token of another form does not pass either
+    code, _, _ = await web.request("POST", "/compose", data=fields)
+    assert code == 403 and web.transport.deliveries == []
+    fields["csrf"] = csrf(compose, "compose")
+    code, headers, _ = await web.request("POST", "/compose", data=fields, files={"files": ("notes.txt", b"attached notes")})
+    assert code == 303 and headers["location"].startswith("/sent")
+    # Bob's server is down too: the reply reaches his archive mailbox at once.
+    [(entry, data)] = web.transport.deliveries
+    assert entry.sender == ALICE and entry.pending == (BOB,)
+    assert b"In-Reply-To: <l1@example.com>" in data and b"notes.txt" in data
+    found = await web.archive.search(*_bob_scope())
+    assert [s.subject for s in found.items] == ["Re: lunch?"]
+    code, _, page = await web.request("GET", "/sent")
+    assert code == 200 and "Re: lunch?" in page and "bob@example.com" in page
+
+
+def _bob_scope() -> Any:
+    from mailhub.model import ArchiveQuery, ArchiveScope
+
+    return ArchiveScope(mailbox=BOB), ArchiveQuery(), None, 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_totp_is_needed_once_enrolled(web: Web) -> None:
+    secret = acc.new_totp_secret()
+    account = await web.archive.account(ALICE)
+    await web.archive.update_account(type(account)(**{**account.__dict__, "totp_secret": secret})
+                                     if hasattr(account, "__dict__") else _with_totp(account, secret))
+    code, _, _ = await web.login()
+    assert code == 401
+    code, headers, _ = await web.login(code=pyotp.TOTP(secret).at(reactor.seconds()))
+    assert code == 303 and headers["location"] == "/mail"
+
+
+def _with_totp(account: Account, secret: str) -> Account:
+    from attrs import evolve
+
+    return evolve(account, totp_secret=secret)
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_needs_its_token_and_ends_the_session(web: Web) -> None:
+    await web.login()
+    _, _, page = await web.request("GET", "/mail")
+    session_cookie = dict(web.cookies)
+    code, _, _ = await web.request("POST", "/logout", data={"csrf": "forged"})
+    assert code == 403
+    code, headers, _ = await web.request("POST", "/logout", data={"csrf": csrf(page, "logout")})
+    assert code == 303 and headers["location"] == "/login"
+    web.cookies = session_cookie  # a copied cookie no longer works either
+    code, headers, _ = await web.request("GET", "/mail")
+    assert code == 303 and headers["location"] == "/login"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_password_ends_every_session(web: Web) -> None:
+    await web.login()
+    account = await web.archive.account(ALICE)
+    await web.archive.update_account(_with_version(account))
+    code, headers, _ = await web.request("GET", "/mail")
+    assert code == 303 and headers["location"] == "/login"
+
+
+def _with_version(account: Account) -> Account:
+    from attrs import evolve
+
+    return evolve(account, session_version=account.session_version + 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_box_uses_the_archive_language(web: Web) -> None:
+    await web.archive.add(ArchivedMessage("s1", reactor.seconds(), None, (ALICE,), b"Subject: invoice 7\r\n\r\nx\r\n",
+                                          ArchiveText(subject="invoice 7")))
+    await web.archive.add(ArchivedMessage("s2", reactor.seconds(), None, (ALICE,), b"Subject: lunch\r\n\r\nx\r\n",
+                                          ArchiveText(subject="lunch")))
+    await web.login()
+    _, _, page = await web.request("GET", "/mail?q=" + urllib.parse.quote("subject:invoice"))
+    assert "invoice 7" in page and "lunch" not in page
+    _, _, page = await web.request("GET", "/mail?q=" + urllib.parse.quote("before:someday"))
+    assert "is not a date" in page
