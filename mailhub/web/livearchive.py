@@ -163,6 +163,7 @@ class LiveArchive(resource.Resource):
                 request.setHeader(b"content-type", b"text/css; charset=utf-8")
                 request.setHeader(b"cache-control", b"public, max-age=3600")
                 return self._finish(request, self._css)
+            handler: Callable[..., Any] | None
             if path[:2] == ["mail", "msg"] and request.method == b"GET":
                 handler = self._message
             elif path[:1] == ["sent"] and len(path) == 2 and request.method == b"GET":
