@@ -334,3 +334,43 @@ async def test_search_box_uses_the_archive_language(web: Web) -> None:
     assert "invoice 7" in page and "lunch" not in page
     _, _, page = await web.request("GET", "/mail?q=" + urllib.parse.quote("before:someday"))
     assert "is not a date" in page
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_have_no_administration_page(web: Web) -> None:
+    await web.login()
+    code, _, _ = await web.request("GET", "/admin/users")
+    assert code == 404
+    code, _, _ = await web.request("POST", "/admin/users/bob%40example.com/disable", data={"csrf": "x"})
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_domain_administrator_manages_the_accounts_of_the_domain(web: Web) -> None:
+    await web.archive.add_account(Account(Address("dave", "example.org"), acc.hash_password(PASSWORD)))
+    await web.login(str(CAROL))
+    code, _, page = await web.request("GET", "/admin/users")
+    assert code == 200 and "dave@example.org" in page and "alice@example.com" not in page
+    token = csrf(page, "admin")
+    # Another domain's account, or a hub administrator: not for a domain administrator.
+    code, _, page = await web.request(
+        "POST", "/admin/users", data={"csrf": token, "address": "eve@example.com", "role": "user", "password": PASSWORD}
+    )
+    assert code == 400 and "may not create" in page
+    code, _, _ = await web.request("POST", "/admin/users/alice%40example.com/disable", data={"csrf": token})
+    assert code == 404
+    code, _, page = await web.request(
+        "POST", "/admin/users", data={"csrf": token, "address": "erin@example.org", "role": "user", "password": "short"}
+    )
+    assert code == 400 and "too short" in page
+    code, _, page = await web.request(
+        "POST", "/admin/users", data={"csrf": token, "address": "erin@example.org", "role": "user", "password": PASSWORD}
+    )
+    assert code == 200 and "erin@example.org can log in now" in page
+    assert (await web.archive.account(Address("erin", "example.org"))) is not None
+    code, _, page = await web.request("POST", "/admin/users/dave%40example.org/disable", data={"csrf": token})
+    assert code == 200 and (await web.archive.account(Address("dave", "example.org"))).disabled
+    code, _, _ = await web.request("POST", "/admin/users/dave%40example.org/enable", data={"csrf": "forged"})
+    assert code == 403
+    audit = await web.archive.audit_log(f"user:{CAROL}", None, None, None, 10)
+    assert {e.action for e in audit} >= {"account-add", "account-disable"}

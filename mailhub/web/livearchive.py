@@ -55,6 +55,7 @@ from mailhub.model import (
     ArchiveScope,
     AuditEvent,
     Envelope,
+    Role,
     SentMessage,
 )
 from mailhub.web import mime
@@ -168,6 +169,8 @@ class LiveArchive(resource.Resource):
                 handler = self._message
             elif path[:1] == ["sent"] and len(path) == 2 and request.method == b"GET":
                 handler = self._sent_message
+            elif path[:2] == ["admin", "users"]:
+                handler = {b"GET": self._admin, b"POST": self._admin_change}.get(request.method)
             elif len(path) <= 1:
                 handler = self._routes.get((request.method, "/".join(path)))
             else:
@@ -525,6 +528,92 @@ class LiveArchive(resource.Resource):
         nxt = repr(sent[-1].sent_at) if len(sent) == PAGE else None
         self._page(request, "sent.html", session=session, account=account, items=items, next=nxt, notice=notice, section="sent")
 
+    # -- administration of accounts ----------------------------------------
+
+    async def _admin(self, request: Any, path: list[str], notice: str = "", error: str = "") -> None:
+        session, account = await self._session(request)
+        if len(path) != 2:
+            raise _NOT_FOUND
+        listed = await _manageable(self, account)
+        rows = [
+            {
+                "address": str(a.address),
+                "role": a.role.value,
+                "disabled": a.disabled,
+                "has_password": bool(a.password_hash),
+                "totp": bool(a.totp_secret),
+                "manageable": acc.can_manage(account, a) and a.address != account.address,
+            }
+            for a in listed
+        ]
+        if error:
+            request.setResponseCode(400)
+        self._page(
+            request, "admin.html", session=session, account=account, accounts=rows, notice=notice, error=error,
+            domain="" if account.role is Role.HUB_ADMIN else account.address.domain,
+            hub_admin=account.role is Role.HUB_ADMIN, section="admin",
+        )
+
+    async def _admin_change(self, request: Any, path: list[str]) -> None:
+        from attrs import evolve
+
+        session, account = await self._session(request)
+        await _manageable(self, account)  # a user: 404
+        self._check_csrf(request, session, "admin")
+        password = self._arg(request, "password")
+        if len(path) == 2:
+            # Add an account.
+            try:
+                address = Address.parse(self._arg(request, "address").strip())
+                role = Role(self._arg(request, "role", "user"))
+            except (AddressError, ValueError) as e:
+                return await self._admin(request, path[:2], error=str(e))
+            new = Account(address, role=role, created=self._clock.seconds())
+            if self._node.config.route_for(address.domain) is None:
+                return await self._admin(request, path[:2], error=f"{address.domain} is not a domain of this hub")
+            if not acc.can_manage(account, new):
+                return await self._admin(request, path[:2], error=f"you may not create {address} as {role.value}")
+            try:
+                acc.check_password_policy(password, address)
+            except acc.PasswordPolicyError as e:
+                return await self._admin(request, path[:2], error=str(e))
+            new = evolve(new, password_hash=await acc.hash_password_async(password))
+            try:
+                await self._archive.add_account(new)
+            except KeyError:
+                return await self._admin(request, path[:2], error=f"{address} has an account already")
+            await self._audit(account, "account-add", f"mailbox {address}", role.value)
+            return await self._admin(request, path[:2], notice=f"{address} can log in now.")
+        if len(path) != 4:
+            raise _NOT_FOUND
+        try:
+            target_address = Address.parse(path[2])
+        except AddressError:
+            raise _NOT_FOUND from None
+        target = await self._archive.account(target_address)
+        if target is None or not acc.can_manage(account, target) or target.address == account.address:
+            raise _NOT_FOUND
+        action = path[3]
+        if action == "disable":
+            changed = evolve(target, disabled=True, session_version=target.session_version + 1)
+        elif action == "enable":
+            changed = evolve(target, disabled=False)
+        elif action == "totp-remove":
+            changed = evolve(target, totp_secret="")
+        elif action == "password":
+            try:
+                acc.check_password_policy(password, target.address)
+            except acc.PasswordPolicyError as e:
+                return await self._admin(request, path[:2], error=str(e))
+            changed = evolve(
+                target, password_hash=await acc.hash_password_async(password), session_version=target.session_version + 1
+            )
+        else:
+            raise _NOT_FOUND
+        await self._archive.update_account(changed)
+        await self._audit(account, f"account-{action}", f"mailbox {target.address}")
+        return await self._admin(request, path[:2], notice=f"{target.address}: {action.replace('-', ' ')} done.")
+
     async def _sent_message(self, request: Any, path: list[str]) -> None:
         session, account = await self._session(request)
         sent = await self._archive.sent_message(account.address, path[1])
@@ -537,6 +626,15 @@ class LiveArchive(resource.Resource):
             raw_url=f"/sent/{urllib.parse.quote(sent.id, safe='')}", part_url="#", body_url="about:blank",
             reply_base="", section="sent",
         )
+
+
+async def _manageable(live: LiveArchive, account: Account) -> list[Account]:
+    """The accounts ``account`` may see on the administration page."""
+    if account.role is Role.HUB_ADMIN:
+        return list(await live._archive.accounts(None))
+    if account.role is Role.DOMAIN_ADMIN:
+        return list(await live._archive.accounts(account.address.domain))
+    raise _NOT_FOUND
 
 
 def _form(request: Any) -> tuple[dict[str, str], list[tuple[str, str, bytes]]]:
