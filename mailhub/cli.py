@@ -602,6 +602,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_archive_parser(sub, os.environ.get("MAILHUB_CONFIG", "mailhub.toml"))
 
+    from mailhub.accounts_cli import add_parser as add_user_parser
+
+    add_user_parser(sub, os.environ.get("MAILHUB_CONFIG", "mailhub.toml"))
+
     n = sub.add_parser("nodes", help="the hub's nodes, when each was last seen, and what each holds")
     n.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
                    help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
@@ -653,9 +657,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: list[int] = []
 
     async def run(reactor: Any) -> None:
+        from mailhub.accounts_cli import run as _user
         from mailhub.archive.cli import run as _archive
 
-        command = {"nodes": _nodes, "route": _route, "archive": _archive}.get(args.command, _queue)
+        command = {"nodes": _nodes, "route": _route, "archive": _archive, "user": _user}.get(args.command, _queue)
         result.append(await command(reactor, args, config))
 
     try:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 
 import pyotp
 import pytest
 import pytest_twisted
 from argon2 import PasswordHasher
+from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from mailhub.accounts import (
@@ -630,3 +635,279 @@ smtp = "tcp:0"
 [domains."example.com"]
 route = "smtp:mail.example.com:25"
 """
+
+HUB_CONFIG = CONFIG + """
+recipients = ["alice@example.com", "Bob@example.com"]
+recipients_file = "recipients.txt"
+[archive]
+plugin = "sqlite"
+path = "var/archive.db"
+[domains."other.example"]
+route = "smtp:mail.other.example:25"
+"""
+
+STRONG = "correct horse battery"
+
+
+@pytest.fixture
+def hub(tmp_path):
+    path = tmp_path / "hub.toml"
+    path.write_text(HUB_CONFIG)
+    (tmp_path / "recipients.txt").write_text("# from the directory\ncarol@example.com\ndan@example.com\n")
+    return path
+
+
+def mailhub(*args, stdin=""):
+    return subprocess.run(
+        [sys.executable, "-m", "mailhub.cli", *args], input=stdin, capture_output=True, text=True, timeout=60
+    )
+
+
+def user(hub, *args, stdin=""):
+    return mailhub("user", "-c", str(hub), *args, stdin=stdin)
+
+
+async def stored(hub, address):
+    """The account as the sqlite archive has it, read in this process."""
+    from mailhub.config import load
+    from mailhub.plugin import load_plugin
+
+    config = load(str(hub))
+    archive = load_plugin("mailhub.archives", "sqlite").make(config.archive_section(), reactor)
+    try:
+        return await archive.account(Address.parse(address))
+    finally:
+        await archive.close()
+
+
+def run_user(hub, *args, stdin=""):
+    """``user`` in a thread, so the reactor keeps running while the subprocess works."""
+    return deferToThread(user, hub, *args, stdin=stdin)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_add_with_password_from_stdin(hub):
+    r = await run_user(
+        hub, "add", "alice@example.com", "--role", "domain-admin", "--mailbox", "sales@example.com",
+        "--recovery", "alice@private.example", "--password-stdin", stdin=STRONG + "\n",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "added alice@example.com (domain-admin)" in r.stdout
+    a = await stored(hub, "alice@example.com")
+    assert a.role is Role.DOMAIN_ADMIN and a.mailboxes == (Address("sales", "example.com"),)
+    assert a.recovery == "alice@private.example" and not a.disabled and a.created > 0
+    assert a.password_hash.startswith("$argon2id$") and verify_password(a.password_hash, STRONG)
+    audit = await deferToThread(mailhub, "archive", "-c", str(hub), "audit")
+    assert "user-add account alice@example.com" in audit.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_add_without_password_makes_an_invited_account(hub):
+    r = await run_user(hub, "add", "bob@example.com")
+    assert r.returncode == 0, r.stderr
+    assert "bob@example.com has no password yet" in r.stdout
+    a = await stored(hub, "bob@example.com")
+    assert a.password_hash == "" and a.role is Role.USER
+
+
+def test_cli_add_twice_is_an_error(hub):
+    assert user(hub, "add", "bob@example.com").returncode == 0
+    r = user(hub, "add", "bob@example.com")
+    assert r.returncode == 1 and "has an account already" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["add", "x@elsewhere.org"], "elsewhere.org is not a domain of this hub (its domains: example.com, other.example)"),
+        (["add", "not-an-address"], "address 'not-an-address'"),
+        (["add", "bob@example.com", "--mailbox", "ceo@elsewhere.org"], "--mailbox ceo@elsewhere.org"),
+        (["passwd", "x@elsewhere.org"], "not a domain of this hub"),
+        (["totp", "x@elsewhere.org"], "not a domain of this hub"),
+    ],
+)
+def test_cli_address_outside_the_hub_is_refused_with_exit_2(hub, args, message):
+    r = user(hub, *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_cli_unknown_role_is_refused(hub):
+    r = user(hub, "add", "bob@example.com", "--role", "god")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_cli_password_against_the_policy_adds_nothing(hub):
+    r = user(hub, "add", "bob@example.com", "--password-stdin", stdin="short\n")
+    assert r.returncode == 2 and "at least 10 characters" in r.stderr
+    r = user(hub, "list", "--json")
+    assert json.loads(r.stdout) == []
+
+
+def test_cli_empty_password_on_stdin_is_refused(hub):
+    r = user(hub, "add", "bob@example.com", "--password-stdin", stdin="")
+    assert r.returncode == 2 and "stdin gave no password" in r.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_passwd_sets_password_and_ends_sessions(hub):
+    await run_user(hub, "add", "bob@example.com")
+    r = await run_user(hub, "passwd", "bob@example.com", "--password-stdin", stdin=STRONG + "\n")
+    assert r.returncode == 0, r.stderr
+    assert "every session of it has ended" in r.stdout
+    a = await stored(hub, "bob@example.com")
+    assert verify_password(a.password_hash, STRONG) and a.session_version == 1
+
+
+def test_cli_passwd_asks_twice_on_a_terminal(hub):
+    import pty
+
+    user(hub, "add", "bob@example.com")
+    for answers, code in (([STRONG, STRONG], 0), ([STRONG, STRONG + "x"], 2)):
+        master, slave = pty.openpty()
+        # A new session without a controlling terminal: getpass asks on stdin, the pty.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailhub.cli", "user", "-c", str(hub), "passwd", "bob@example.com"],
+            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        os.close(slave)
+        try:
+            err = b""
+            for prompt, answer in zip((b"New password for bob@example.com", b"The same again: "), answers, strict=True):
+                # getpass flushes what was typed before its prompt: answer each prompt once shown.
+                while prompt not in err:
+                    chunk = os.read(proc.stderr.fileno(), 1024)
+                    assert chunk, err
+                    err += chunk
+                os.write(master, (answer + "\n").encode())
+            out, rest = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            os.close(master)
+        assert proc.returncode == code, err + rest
+        assert (b"every session of it has ended" in out) if code == 0 else (b"differ" in rest)
+
+
+def test_cli_passwd_needs_a_terminal_or_stdin(hub):
+    user(hub, "add", "bob@example.com")
+    r = user(hub, "passwd", "bob@example.com")
+    assert r.returncode == 2 and "--password-stdin" in r.stderr
+
+
+def test_cli_passwd_of_unknown_account(hub):
+    r = user(hub, "passwd", "nobody@example.com", "--password-stdin", stdin=STRONG + "\n")
+    assert r.returncode == 1 and "no account nobody@example.com" in r.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_disable_ends_sessions_and_enable_does_not_revive_them(hub):
+    await run_user(hub, "add", "bob@example.com")
+    r = await run_user(hub, "disable", "bob@example.com")
+    assert r.returncode == 0, r.stderr
+    a = await stored(hub, "bob@example.com")
+    assert a.disabled and a.session_version == 1
+    await run_user(hub, "enable", "bob@example.com")
+    a = await stored(hub, "bob@example.com")
+    assert not a.disabled and a.session_version == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_import_csv(hub, tmp_path):
+    await run_user(hub, "add", "alice@example.com")
+    csv_path = tmp_path / "people.csv"
+    csv_path.write_text(
+        "address,role,recovery,password\n"
+        f"alice@example.com,hub-admin,,{STRONG}\n"
+        f"boss@example.com,domain-admin,boss@private.example,{STRONG}\n"
+        "\n"
+        "eve@other.example,,,\n"
+    )
+    r = await run_user(hub, "import", str(csv_path))
+    assert r.returncode == 0, r.stderr
+    assert "2 accounts added" in r.stdout and "1 existed already" in r.stdout
+    boss = await stored(hub, "boss@example.com")
+    assert boss.role is Role.DOMAIN_ADMIN and boss.recovery == "boss@private.example"
+    assert verify_password(boss.password_hash, STRONG)
+    eve = await stored(hub, "eve@other.example")
+    assert eve.role is Role.USER and eve.password_hash == ""
+    alice = await stored(hub, "alice@example.com")
+    assert alice.role is Role.USER and alice.password_hash == ""  # left as it was
+
+
+def test_cli_import_csv_with_errors_adds_nothing_and_names_the_lines(hub, tmp_path):
+    csv_path = tmp_path / "people.csv"
+    csv_path.write_text(
+        "ok@example.com,user,,\n"
+        "x@elsewhere.org,user,,\n"
+        "bad@example.com,emperor,,\n"
+        "weak@example.com,user,,short\n"
+        "ok@example.com,user,,\n"
+    )
+    r = user(hub, "import", str(csv_path))
+    assert r.returncode == 2
+    errors = r.stderr.splitlines()
+    for line, text in ((2, "elsewhere.org is not a domain"), (3, "'emperor'"), (4, "at least 10")):
+        assert any(f"people.csv:{line}:" in e and text in e for e in errors), r.stderr
+    assert "ok@example.com is listed twice" in r.stderr
+    assert "4 errors in" in r.stderr and "no account was added" in r.stderr
+    assert json.loads(user(hub, "list", "--json").stdout) == []
+
+
+def test_cli_import_from_recipients(hub):
+    r = user(hub, "import", "--from-recipients", "example.com")
+    assert r.returncode == 0, r.stderr
+    assert "4 accounts added" in r.stdout and "4 invited" in r.stdout
+    listed = json.loads(user(hub, "list", "--json").stdout)
+    assert sorted(a["address"] for a in listed) == [
+        "Bob@example.com", "alice@example.com", "carol@example.com", "dan@example.com",
+    ]
+    assert not any(a["password"] for a in listed)
+    again = user(hub, "import", "--from-recipients", "example.com")
+    assert "0 accounts added" in again.stdout and "4 existed already" in again.stdout
+
+
+def test_cli_import_from_a_domain_without_recipients(hub):
+    r = user(hub, "import", "--from-recipients", "other.example")
+    assert r.returncode == 2 and "neither recipients nor recipients_file" in r.stderr
+
+
+def test_cli_import_needs_a_file_or_a_domain(hub):
+    assert user(hub, "import").returncode == 2
+
+
+def test_cli_list_by_domain_never_shows_hashes_or_secrets(hub):
+    user(hub, "add", "alice@example.com", "--password-stdin", stdin=STRONG + "\n")
+    user(hub, "add", "eve@other.example")
+    user(hub, "totp", "alice@example.com")
+    r = user(hub, "list", "--domain", "example.com")
+    assert "alice@example.com" in r.stdout and "eve@" not in r.stdout
+    assert "password,totp" in r.stdout and "1 accounts in example.com" in r.stdout
+    listed = json.loads(user(hub, "list", "--json").stdout)
+    assert [a["address"] for a in listed] == ["alice@example.com", "eve@other.example"]
+    text = json.dumps(listed) + r.stdout
+    assert "argon2" not in text and "secret" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_totp_enrols_prints_once_and_removes(hub):
+    await run_user(hub, "add", "alice@example.com")
+    r = await run_user(hub, "totp", "alice@example.com")
+    assert r.returncode == 0, r.stderr
+    a = await stored(hub, "alice@example.com")
+    assert len(a.totp_secret) == 32
+    assert f"otpauth://totp/mx.hub.example:alice%40example.com?secret={a.totp_secret}" in r.stdout
+    assert a.totp_secret in r.stdout.splitlines()[-1]
+    now = reactor.seconds()
+    assert verify_totp(a.totp_secret, pyotp.TOTP(a.totp_secret).at(int(now)), now, TotpReplayGuard())
+    again = await run_user(hub, "totp", "alice@example.com")
+    assert "previous second factor" in again.stdout
+    assert (await stored(hub, "alice@example.com")).totp_secret != a.totp_secret
+    r = await run_user(hub, "totp", "alice@example.com", "--remove")
+    assert r.returncode == 0 and "removed" in r.stdout
+    assert (await stored(hub, "alice@example.com")).totp_secret == ""
+
+
+def test_cli_without_an_archive_says_where_accounts_live(tmp_path):
+    path = tmp_path / "hub.toml"
+    path.write_text(CONFIG)
+    r = mailhub("user", "-c", str(path), "list")
+    assert r.returncode == 2 and "has no [archive] table: accounts are kept in the archive" in r.stderr
