@@ -59,7 +59,10 @@ indexed.
 
 Paging is by keyset on (``received_at`` DESC, id DESC): a cursor is that
 pair, base64-encoded, so a page deep into the results costs what the first
-does.  ``expire`` removes at most ``limit`` (mailbox, message) pairs per
+does.  When the planner's statistics say a search's words are in most
+messages, a page of a mailbox or a domain walks its index newest first and
+tests each message's vector (at most ``WALK`` rows), instead of listing
+every match through the GIN index first.  ``expire`` removes at most ``limit`` (mailbox, message) pairs per
 call, oldest first, then the messages and bodies nothing refers to any
 more; it checks holds under an advisory lock per domain that ``set_hold``
 takes too, so a hold set while a batch runs is never overtaken by it.
@@ -135,6 +138,9 @@ MAX_POSITIONS = 255
 #: How often a transaction that lost a race (serialization failure,
 #: deadlock, a row deleted or added under it) is tried.
 TRIES = 5
+#: A search for words in most messages walks its mailbox or domain newest
+#: first, looking at this many rows at most before it asks the GIN index.
+WALK = 1000
 _RETRY_STATES = {"40001", "40P01", "23503", "23505"}
 _WORD = re.compile(r"[^\W_]+")
 
@@ -678,10 +684,15 @@ class PostgresArchive:
         scope: ArchiveScope,
         query: ArchiveQuery,
         after: tuple[float, str] | None = None,
+        walk: int | None = None,
     ) -> tuple[str, sql.Composable, list[Any]] | None:
         """
         What finds the messages of ``scope`` that match ``query``.
 
+        :param walk: for a mailbox or a domain: look only at this many of the
+            scope's rows, newest first (after ``after``), and test each
+            message's vector instead of asking the GIN index; the rows then
+            have ``b.walked``, how many rows were looked at.
         :returns: the alias whose ``received_at`` and ``id`` page (``b``, the
             mailboxes, for a mailbox or a domain; ``m``, the messages, for
             the whole archive), the ``FROM ... WHERE ...`` clause and its
@@ -692,35 +703,41 @@ class PostgresArchive:
             vector_query, recipients = tsquery(query)
         except _Nothing:
             return None
+        # Which rows of the scope (on the alias that pages), then what their
+        # messages must hold.
+        in_scope_conditions: list[str] = []
+        in_scope_params: list[Any] = []
         conditions: list[str] = []
         params: list[Any] = []
         in_scope, scope_param = "", ""
         if scope.mailbox is not None:
             key = "b"
-            source = "FROM mailboxes b JOIN messages m ON m.id = b.id"
-            conditions.append("b.mailbox = %s")
-            params.append(str(scope.mailbox))
+            in_scope_conditions.append("b.mailbox = %s")
+            in_scope_params.append(str(scope.mailbox))
             in_scope, scope_param = " AND x.mailbox = %s", str(scope.mailbox)
         elif scope.domain is not None:
             key = "b"
-            source = "FROM mailboxes b JOIN messages m ON m.id = b.id"
-            conditions.append("b.domain = %s")
-            params.append(scope.domain)
+            in_scope_conditions.append("b.domain = %s")
+            in_scope_params.append(scope.domain)
             in_scope, scope_param = " AND x.domain = %s", scope.domain
         else:
             key = "m"
-            source = "FROM messages m"
+            walk = None
         if query.after is not None:
-            conditions.append(f"{key}.received_at >= %s")
-            params.append(query.after)
+            in_scope_conditions.append(f"{key}.received_at >= %s")
+            in_scope_params.append(query.after)
         if query.before is not None:
-            conditions.append(f"{key}.received_at < %s")
-            params.append(query.before)
+            in_scope_conditions.append(f"{key}.received_at < %s")
+            in_scope_params.append(query.before)
+        if after is not None:
+            in_scope_conditions.append(f"({key}.received_at, {key}.id) < (%s, %s)")
+            in_scope_params += [after[0], after[1]]
         if query.has_attachment is not None:
             conditions.append("m.has_attachment = %s")
             params.append(query.has_attachment)
         if vector_query is not None:
-            conditions.append("m.tsv @@ %s::tsquery")
+            # The function, not the operator: the GIN index cannot serve it.
+            conditions.append("ts_match_vq(m.tsv, %s::tsquery)" if walk else "m.tsv @@ %s::tsquery")
             params.append(vector_query)
         for to_cc, plain in recipients:
             # The To:/Cc: text, or a mailbox of the message within the scope
@@ -730,11 +747,48 @@ class PostgresArchive:
                 f" WHERE x.id = m.id{in_scope} AND x.tsv @@ %s::tsquery))"
             )
             params += [to_cc, scope_param, plain] if in_scope else [to_cc, plain]
-        if after is not None:
-            conditions.append(f"({key}.received_at, {key}.id) < (%s, %s)")
-            params += [after[0], after[1]]
+        if key == "m":
+            source = "FROM messages m"
+        elif walk:
+            where = " AND ".join(in_scope_conditions)
+            source = (
+                "FROM (SELECT w.*, count(*) OVER () AS walked FROM"
+                " (SELECT b.mailbox, b.domain, b.received_at, b.id FROM mailboxes b"
+                f" WHERE {where} ORDER BY b.received_at DESC, b.id DESC LIMIT %s) w) b"
+                " JOIN messages m ON m.id = b.id"
+            )
+            in_scope_params.append(walk)
+            in_scope_conditions = []
+        else:
+            source = "FROM mailboxes b JOIN messages m ON m.id = b.id"
+        conditions = in_scope_conditions + conditions
         where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
-        return key, sql.SQL(source + where), params  # type: ignore[arg-type]
+        return key, sql.SQL(source + where), in_scope_params + params  # type: ignore[arg-type]
+
+    def _broad(self, conn: psycopg.Connection[Any], query: ArchiveQuery, limit: int) -> bool:
+        """
+        Whether the planner expects ``query``'s words in so many messages
+        that walking a scope newest first finds a page within ``WALK``
+        rows (the estimate comes from the vectors' statistics, without
+        running the query).
+        """
+        try:
+            vector_query, _ = tsquery(query)
+        except _Nothing:
+            return False
+        if vector_query is None:
+            return False
+        plan = conn.execute(
+            "EXPLAIN (FORMAT JSON) SELECT 1 FROM messages WHERE tsv @@ %s::tsquery",
+            (vector_query,),
+        ).fetchone()
+        total = conn.execute(
+            "SELECT reltuples FROM pg_class WHERE oid = 'messages'::regclass"
+        ).fetchone()
+        if plan is None or total is None or total[0] <= 0:
+            return False
+        expected = float(plan[0][0]["Plan"]["Plan Rows"])
+        return (limit + 1) * float(total[0]) <= expected * WALK / 4
 
     def search(
         self,
@@ -750,55 +804,84 @@ class PostgresArchive:
         limit = max(0, int(limit))
 
         def work(conn: psycopg.Connection[Any]) -> ArchivePage:
-            matching = self._matching(scope, query, after)
-            if matching is None:
-                return ArchivePage(())
-            key, clause, params = matching
-            # A message for two mailboxes of a domain is two rows: DISTINCT.
-            distinct = "DISTINCT " if scope.mailbox is None and scope.domain is not None else ""
-            page = sql.SQL(
-                "SELECT {distinct}{k}.received_at, {k}.id {clause}"
-                " ORDER BY {k}.received_at DESC, {k}.id DESC LIMIT %s"
-            ).format(distinct=sql.SQL(distinct), k=sql.SQL(key), clause=clause)
-            params.append(limit + 1)
-            own: list[Any] = []
-            within = ""
-            if scope.mailbox is not None:
-                within = " AND x.mailbox = %s"
-                own.append(str(scope.mailbox))
-            elif scope.domain is not None:
-                within = " AND x.domain = %s"
-                own.append(scope.domain)
-            rows = conn.execute(
-                sql.SQL(
-                    "SELECT p.id, p.received_at, mm.from_text, mm.envelope_sender,"
-                    " mm.subject, mm.size, mm.has_attachment, mm.message_id,"
-                    " ARRAY(SELECT x.mailbox FROM mailboxes x WHERE x.id = p.id" + within + ""
-                    " ORDER BY x.mailbox)"
-                    " FROM ({page}) p JOIN messages mm ON mm.id = p.id"
-                    " ORDER BY p.received_at DESC, p.id DESC"
-                ).format(page=page),
-                own + params,
-            ).fetchall()
-            more = len(rows) > limit
-            rows = rows[:limit]
-            items = [
-                ArchiveSummary(
-                    id=r[0],
-                    received_at=r[1],
-                    sender=_text(r[2]) or r[3] or "",
-                    subject=_text(r[4]),
-                    mailboxes=_as_tuple(_address(m) for m in r[8]),
-                    size=r[5],
-                    has_attachment=r[6],
-                    message_id=_text(r[7]),
-                )
-                for r in rows
-            ]
-            following = encode_cursor(rows[-1][1], rows[-1][0]) if more and rows else None
-            return ArchivePage(_as_tuple(items), following)
+            scoped = scope.mailbox is not None or scope.domain is not None
+            if scoped and self._broad(conn, query, limit):
+                # Words in most messages: walk the scope newest first,
+                # testing each message, which costs what the page does;
+                # the GIN index would list every match first.  If WALK
+                # rows do not fill the page, the index after all.
+                rows = self._page(conn, scope, query, after, limit, WALK)
+                if len(rows) > limit or (rows and rows[0][9] < WALK):
+                    return self._summaries(rows, limit)
+            return self._summaries(self._page(conn, scope, query, after, limit, None), limit)
 
         return self._call(work)
+
+    def _page(
+        self,
+        conn: psycopg.Connection[Any],
+        scope: ArchiveScope,
+        query: ArchiveQuery,
+        after: tuple[float, str] | None,
+        limit: int,
+        walk: int | None,
+    ) -> list[Any]:
+        """The rows of a page and one more, each with the number of rows walked last."""
+        matching = self._matching(scope, query, after, walk)
+        if matching is None:
+            return []
+        key, clause, params = matching
+        # A message for two mailboxes of a domain is two rows: DISTINCT.
+        distinct = "DISTINCT " if scope.mailbox is None and scope.domain is not None else ""
+        page = sql.SQL(
+            "SELECT {distinct}{k}.received_at, {k}.id, {walked} {clause}"
+            " ORDER BY {k}.received_at DESC, {k}.id DESC LIMIT %s"
+        ).format(
+            distinct=sql.SQL(distinct),
+            k=sql.SQL(key),
+            walked=sql.SQL("b.walked" if walk else "0 AS walked"),
+            clause=clause,
+        )
+        params.append(limit + 1)
+        own: list[Any] = []
+        within = ""
+        if scope.mailbox is not None:
+            within = " AND x.mailbox = %s"
+            own.append(str(scope.mailbox))
+        elif scope.domain is not None:
+            within = " AND x.domain = %s"
+            own.append(scope.domain)
+        return conn.execute(
+            sql.SQL(
+                "SELECT p.id, p.received_at, mm.from_text, mm.envelope_sender,"
+                " mm.subject, mm.size, mm.has_attachment, mm.message_id,"
+                " ARRAY(SELECT x.mailbox FROM mailboxes x WHERE x.id = p.id" + within + ""
+                " ORDER BY x.mailbox), p.walked"
+                " FROM ({page}) p JOIN messages mm ON mm.id = p.id"
+                " ORDER BY p.received_at DESC, p.id DESC"
+            ).format(page=page),
+            own + params,
+        ).fetchall()
+
+    @staticmethod
+    def _summaries(rows: list[Any], limit: int) -> ArchivePage:
+        more = len(rows) > limit
+        rows = rows[:limit]
+        items = [
+            ArchiveSummary(
+                id=r[0],
+                received_at=r[1],
+                sender=_text(r[2]) or r[3] or "",
+                subject=_text(r[4]),
+                mailboxes=_as_tuple(_address(m) for m in r[8]),
+                size=r[5],
+                has_attachment=r[6],
+                message_id=_text(r[7]),
+            )
+            for r in rows
+        ]
+        following = encode_cursor(rows[-1][1], rows[-1][0]) if more and rows else None
+        return ArchivePage(_as_tuple(items), following)
 
     def count(self, scope: ArchiveScope, query: ArchiveQuery) -> Deferred[int]:
         def work(conn: psycopg.Connection[Any]) -> int:

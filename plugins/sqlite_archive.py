@@ -32,7 +32,12 @@ Tables:
 
 Searches page by keyset on ``(received_at, id)``, so a page deep into the
 results costs about what the first does; the cursor is opaque (base64 of
-JSON).  User text reaches FTS5 only inside a quoted string, its quotes
+JSON).  A full-text search walks its scope newest first a chunk of rows at
+a time and asks the text index only about each chunk's range of rowids, so
+that a word in most messages costs what the page does, not what the list
+of its matches does; when the matches turn out rare, it reads their whole
+list instead (``_Search._walk``).  ``count`` does the same in larger
+chunks and stays exact.  User text reaches FTS5 only inside a quoted string, its quotes
 doubled: it is never query syntax.  ``expire`` removes a batch in one
 transaction.  The schema is in ``PRAGMA user_version`` (``SCHEMA_VERSION``);
 an archive of a newer schema is refused, one of an older schema gains what
@@ -91,6 +96,15 @@ _Job = Callable[[sqlite3.Connection], Any]
 
 DEFAULT_BUSY_TIMEOUT = 10.0
 _MAX_BATCH = 500
+#: A full-text search walks its scope a chunk of rows at a time, this many
+#: first (4 times more each time), while the walk is expected to end within
+#: ``_WALK_LIMIT`` rows; beyond, it reads the index's whole list of matches.
+_FIRST_CHUNK = 128
+_WALK_LIMIT = 20_000
+#: A count walks in chunks of this many rows while at least this share of
+#: them match.
+_COUNT_CHUNK = 8192
+_COUNT_WALK_SHARE = 0.2
 
 #: The archive's schema, in ``PRAGMA user_version``: 2 added the accounts'
 #: tables (``_ACCOUNTS_SCHEMA``).
@@ -634,6 +648,11 @@ class _Search:
     #: The columns of the (received_at, id) order.
     time: str
     id: str
+    #: How many of ``conditions`` say which rows are in scope (the scope
+    #: and the time range): a walk of the scope's index checks only these.
+    walked: int = 0
+    #: Whether ``params["match"]`` is a full-text condition every result must meet.
+    matches: bool = False
 
     @classmethod
     def of(cls, scope: ArchiveScope, query: ArchiveQuery) -> _Search:
@@ -655,6 +674,7 @@ class _Search:
         if query.after is not None:
             conditions.append(f"{time_column} >= :after")
             params["after"] = query.after
+        walked = len(conditions)
         if query.has_attachment is not None:
             conditions.append("m.has_attachment = :has_attachment")
             params["has_attachment"] = int(query.has_attachment)
@@ -689,38 +709,63 @@ class _Search:
                 f" AND (' ' || r.words) LIKE :rw{n}))"
             )
         if match:
-            conditions.append(
-                "+m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :match)"
-            )
             params["match"] = " AND ".join(match)
-        return cls(scope, query, conditions, params, time_column, id_column)
+        return cls(scope, query, conditions, params, time_column, id_column, walked, bool(match))
 
     def source(self) -> str:
         if self.scope.mailbox is None and self.scope.domain is None:
             return "FROM messages m"
         return "FROM mailboxes b JOIN messages m ON m.id = b.message_id"
 
-    def where(self, extra: Sequence[str] = ()) -> str:
+    def where(self, extra: Sequence[str] = (), rowids: str = "") -> str:
+        """
+        The ``WHERE`` clause: every condition, ``extra``, and the full-text
+        one (its rowids limited by ``rowids``, a condition on ``rowid``).
+        """
         conditions = [*self.conditions, *extra]
+        if self.matches:
+            conditions.append(
+                "+m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :match"
+                + (f" AND {rowids}" if rowids else "")
+                + ")"
+            )
         return (" WHERE " + " AND ".join(conditions)) if conditions else ""
 
     def page(self, conn: sqlite3.Connection, cursor: str | None, limit: int) -> ArchivePage:
-        extra: list[str] = []
         params = dict(self.params)
+        extra: list[str] = []
         if cursor is not None:
             params["cursor_time"], params["cursor_id"] = _decode_cursor(cursor)
             extra.append(f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)")
-        order = f" ORDER BY {self.time} DESC, {self.id} DESC"
         found: list[tuple[Sequence[Any], list[Address]]] = []
+        if self.matches:
+            self._walk(conn, params, extra, found, limit)
+        else:
+            self._collect(conn, params, extra, "", found, limit)
+        items = [_summary(row, sorted(mailboxes)) for row, mailboxes in found[:limit]]
+        more = len(found) > limit and items
+        next_cursor = _encode_cursor(items[-1].received_at, items[-1].id) if more else None
+        return ArchivePage(_as_tuple(items), next_cursor)
+
+    def _collect(
+        self,
+        conn: sqlite3.Connection,
+        params: dict[str, Any],
+        extra: Sequence[str],
+        rowids: str,
+        found: list[tuple[Sequence[Any], list[Address]]],
+        limit: int,
+    ) -> None:
+        """Add to ``found`` the next results (newest first) until it holds ``limit + 1``."""
+        order = f" ORDER BY {self.time} DESC, {self.id} DESC"
+        params = {**params, "limit": limit + 1 - len(found)}
+        where = self.where(extra, rowids)
         if self.scope.mailbox is not None:
-            params["limit"] = limit + 1
-            sql = (
-                f"SELECT {_SUMMARY_COLUMNS} {self.source()}{self.where(extra)}{order} LIMIT :limit"
-            )
-            found = [(row, [self.scope.mailbox]) for row in conn.execute(sql, params)]
+            sql = f"SELECT {_SUMMARY_COLUMNS} {self.source()}{where}{order} LIMIT :limit"
+            found += [(row, [self.scope.mailbox]) for row in conn.execute(sql, params)]
         elif self.scope.domain is not None:
             # One row per mailbox of the domain; a message's rows come together.
-            sql = f"SELECT {_SUMMARY_COLUMNS}, b.mailbox {self.source()}{self.where(extra)}{order}"
+            sql = f"SELECT {_SUMMARY_COLUMNS}, b.mailbox {self.source()}{where}{order}"
             for row in conn.execute(sql, params):
                 if found and found[-1][0][0] == row[0]:
                     found[-1][1].append(_address(row[8]))
@@ -729,24 +774,107 @@ class _Search:
                     break
                 found.append((row, [_address(row[8])]))
         else:
-            params["limit"] = limit + 1
-            sql = (
-                f"SELECT {_SUMMARY_COLUMNS} {self.source()}{self.where(extra)}{order} LIMIT :limit"
-            )
-            rows = conn.execute(sql, params).fetchall()
-            found = [
-                (row, _mailboxes_of(conn, row[0]) if i < limit else [])
-                for i, row in enumerate(rows)
+            sql = f"SELECT {_SUMMARY_COLUMNS} {self.source()}{where}{order} LIMIT :limit"
+            found += [
+                (row, _mailboxes_of(conn, row[0]) if len(found) + i < limit else [])
+                for i, row in enumerate(conn.execute(sql, params).fetchall())
             ]
-        items = [_summary(row, sorted(mailboxes)) for row, mailboxes in found[:limit]]
-        more = len(found) > limit and items
-        next_cursor = _encode_cursor(items[-1].received_at, items[-1].id) if more else None
-        return ArchivePage(_as_tuple(items), next_cursor)
+
+    def _chunk(
+        self, conn: sqlite3.Connection, params: dict[str, Any], extra: Sequence[str], size: int
+    ) -> tuple[int, float, str, int, int] | None:
+        """
+        The next ``size`` rows of the scope in the search's order, whatever
+        the text: how many, the last one's (received_at, id), and the least
+        and greatest rowid of their messages; ``None`` at the scope's end.
+        """
+        conditions = [*self.conditions[: self.walked], *extra]
+        where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+        sql = (
+            f"WITH c AS MATERIALIZED (SELECT {self.time} AS t, {self.id} AS i, m.seq AS seq"
+            f" {self.source()}{where} ORDER BY {self.time} DESC, {self.id} DESC LIMIT :chunk)"
+            " SELECT (SELECT count(*) FROM c), t, i, (SELECT min(seq) FROM c),"
+            " (SELECT max(seq) FROM c) FROM c ORDER BY t, i LIMIT 1"
+        )
+        row = conn.execute(sql, {**params, "chunk": size}).fetchone()
+        return None if row is None else tuple(row)
+
+    def _walk(
+        self,
+        conn: sqlite3.Connection,
+        params: dict[str, Any],
+        extra: list[str],
+        found: list[tuple[Sequence[Any], list[Address]]],
+        limit: int,
+    ) -> None:
+        """
+        Find a page of a full-text search by walking the scope newest first,
+        a chunk of rows at a time, asking the text index only about the
+        rowids of each chunk's messages (the index reads its lists from the
+        chunk's least rowid to its greatest, and archive rowids grow with
+        time): the cost follows the page, not how many messages match, for
+        a word in most messages.  Once the matches look rare (the walk would
+        take more than ``_WALK_LIMIT`` rows), the rest comes from the whole
+        list of matches at once, which is then short.
+        """
+        walked = 0
+        size = max(_FIRST_CHUNK, 2 * (limit + 1))
+        while len(found) <= limit:
+            chunk = self._chunk(conn, params, extra, size)
+            if chunk is None:
+                return
+            n, last_time, last_id, low, high = chunk
+            within = [
+                *extra,
+                f"({self.time}, {self.id}) >= (:chunk_time, :chunk_id)",
+            ]
+            chunk_params = {**params, "chunk_time": last_time, "chunk_id": last_id}
+            chunk_params.update(low=low, high=high)
+            self._collect(conn, chunk_params, within, "rowid BETWEEN :low AND :high", found, limit)
+            if len(found) > limit or n < size:
+                return
+            walked += n
+            # From here on, only what comes after this chunk.
+            params = {**params, "cursor_time": last_time, "cursor_id": last_id}
+            if not any(":cursor_time" in e for e in extra):
+                extra = [*extra, f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)"]
+            density = max(len(found), 1) / walked
+            if (limit + 1 - len(found)) / density > _WALK_LIMIT:
+                self._collect(conn, params, extra, "", found, limit)
+                return
+            size *= 4
 
     def count(self, conn: sqlite3.Connection) -> int:
         what = "count(*)" if self.scope.domain is None else "count(DISTINCT b.message_id)"
-        sql = f"SELECT {what} {self.source()}{self.where()}"
-        return int(conn.execute(sql, self.params).fetchone()[0])
+        if not self.matches:
+            sql = f"SELECT {what} {self.source()}{self.where()}"
+            return int(conn.execute(sql, self.params).fetchone()[0])
+        # Walk the scope a chunk at a time, as ``_walk`` does, while the
+        # matches are many; the list of every match at once when they are few.
+        params = dict(self.params)
+        extra: list[str] = []
+        total = walked = 0
+        size = _COUNT_CHUNK
+        while True:
+            chunk = self._chunk(conn, params, extra, size)
+            if chunk is None:
+                return total
+            n, last_time, last_id, low, high = chunk
+            within = [*extra, f"({self.time}, {self.id}) >= (:chunk_time, :chunk_id)"]
+            sql = (
+                f"SELECT {what} {self.source()}{self.where(within, 'rowid BETWEEN :low AND :high')}"
+            )
+            chunk_params = {**params, "chunk_time": last_time, "chunk_id": last_id}
+            chunk_params.update(low=low, high=high)
+            total += int(conn.execute(sql, chunk_params).fetchone()[0])
+            walked += n
+            if n < size:
+                return total
+            params = {**params, "cursor_time": last_time, "cursor_id": last_id}
+            extra = [f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)"]
+            if total < walked * _COUNT_WALK_SHARE:
+                sql = f"SELECT {what} {self.source()}{self.where(extra)}"
+                return total + int(conn.execute(sql, params).fetchone()[0])
 
 
 def _mailbox_matches(wanted: Sequence[str], mailbox: Address) -> bool:

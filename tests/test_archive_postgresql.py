@@ -493,3 +493,63 @@ async def test_account_calls_run_off_the_reactor_thread(
     await archive.sent(ALICE, None, 10)
     await archive.sent_message(ALICE, "s")
     assert on_reactor == []
+
+
+# -- searches for words in most messages: the walk of the scope ----------------
+
+
+@pytest.mark.parametrize("walk", [1000, 30], ids=["page-within-walk", "index-after-walk"])
+@pytest_twisted.ensureDeferred
+async def test_broad_word_search_walks_the_scope(
+    archive: PostgresArchive, monkeypatch: pytest.MonkeyPatch, walk: int
+) -> None:
+    """
+    A search the planner expects to match most messages walks the mailbox or
+    domain newest first (and, when the walk does not fill the page, asks the
+    GIN index after all): it pages through exactly the matching messages,
+    newest first.
+    """
+    monkeypatch.setattr(postgresql_archive, "WALK", walk)
+    monkeypatch.setattr(PostgresArchive, "_broad", lambda self, conn, query, limit: True)
+    messages = []
+    for i in range(300):
+        words = (["broad"] if i % 10 else []) + (["rare"] if i % 50 == 7 else [])
+        boxes = (ALICE, BOB) if i % 5 == 0 else (ALICE,)
+        messages.append(
+            archived(
+                f"m{i:04d}",
+                NOW + i * 60,
+                boxes,
+                body=" ".join(words) or "none",
+                attachments=["a.pdf"] if i % 3 else [],
+            )
+        )
+    await gatherResults([archive.add(m) for m in messages])
+    newest_first = sorted(messages, key=lambda m: (m.received_at, m.id), reverse=True)
+    for scope in (
+        ArchiveScope(mailbox=ALICE),
+        ArchiveScope(mailbox=BOB),
+        ArchiveScope(domain="a.example"),
+    ):
+        for search in (
+            ArchiveQuery(words=("broad",)),
+            ArchiveQuery(words=("rare",)),
+            ArchiveQuery(words=("broad",), has_attachment=False, after=NOW + 3000),
+        ):
+            wanted = [
+                m.id
+                for m in newest_first
+                if all(w in m.text.body.split() for w in search.words)
+                and (scope.mailbox is None or scope.mailbox in m.mailboxes)
+                and (search.has_attachment in (None, m.text.has_attachment))
+                and (search.after is None or m.received_at >= search.after)
+            ]
+            got: list[str] = []
+            cursor = None
+            while True:
+                page = await archive.search(scope, search, cursor, limit=23)
+                got += [item.id for item in page.items]
+                cursor = page.next
+                if cursor is None:
+                    break
+            assert got == wanted, (scope, search)

@@ -384,3 +384,70 @@ async def test_account_key_keeps_any_character(archive: SqliteArchive) -> None:
     await archive.add_account(account(odd))
     assert await archive.account(odd) == account(odd)
     assert await archive.account(Address("odd\ufffd", "a.example")) is None
+
+
+# -- full-text searches that walk their scope ----------------------------------
+
+
+def _walk_corpus(shuffled: bool) -> list[Any]:
+    """
+    700 messages for ALICE (a fifth also for BOB): ``broad`` in 9 of 10,
+    ``half`` in every other, ``rare`` in 1 of 100; added in time order, or
+    shuffled (then rowids do not grow with time).
+    """
+    import random
+
+    messages = []
+    for i in range(700):
+        words = ["broad"] if i % 10 else []
+        words += ["half"] if i % 2 else []
+        words += ["rare"] if i % 100 == 7 else []
+        boxes = (ALICE, BOB) if i % 5 == 0 else (ALICE,)
+        messages.append(
+            archived(f"m{i:04d}", NOW + i * 60 + (i % 3), boxes, body=" ".join(words) or "none")
+        )
+    if shuffled:
+        random.Random(7).shuffle(messages)
+    return messages
+
+
+@pytest.mark.parametrize("shuffled", [False, True], ids=["in-time-order", "shuffled"])
+@pytest.mark.parametrize("walk_limit", [20_000, 30], ids=["walk", "early-switch"])
+@pytest_twisted.ensureDeferred
+async def test_word_search_pages_match_whole_list(
+    archive: SqliteArchive, monkeypatch: pytest.MonkeyPatch, shuffled: bool, walk_limit: int
+) -> None:
+    """
+    A word search that walks its scope in chunks (broad words), or switches
+    to the index's whole list of matches (rare ones), pages through exactly
+    the matching messages, newest first, and counts them exactly.
+    """
+    monkeypatch.setattr(sqlite_archive, "_WALK_LIMIT", walk_limit)
+    monkeypatch.setattr(sqlite_archive, "_COUNT_CHUNK", 64)
+    messages = _walk_corpus(shuffled)
+    await gatherResults([archive.add(m) for m in messages])
+    newest_first = sorted(messages, key=lambda m: (m.received_at, m.id), reverse=True)
+    for scope in (
+        ArchiveScope(mailbox=ALICE),
+        ArchiveScope(mailbox=BOB),
+        ArchiveScope(domain="a.example"),
+        ArchiveScope(),
+    ):
+        for word in ("broad", "half", "rare", "broad half"):
+            wanted = [
+                m.id
+                for m in newest_first
+                if all(w in m.text.body.split() for w in word.split())
+                and (scope.mailbox is None or scope.mailbox in m.mailboxes)
+            ]
+            query = ArchiveQuery(words=tuple(word.split()))
+            got: list[str] = []
+            cursor = None
+            while True:
+                page = await archive.search(scope, query, cursor, limit=37)
+                got += [item.id for item in page.items]
+                cursor = page.next
+                if cursor is None:
+                    break
+            assert got == wanted, (scope, word)
+            assert await archive.count(scope, query) == len(wanted), (scope, word)
