@@ -57,3 +57,42 @@ def test_dsn_lines_end_in_crlf_only():
     _, data = build_dsn("h.example", entry(), [Outcome(A, Action.FAILED, Reply(550, "5.0.0", "a\nb"))], ORIGINAL, 0.0)
     assert data.count(b"\n") == data.count(b"\r\n")
     assert data.count(b"\r") == data.count(b"\r\n")
+
+
+# -- found by scripts/mutate ---------------------------------------------------
+
+
+def test_rejection_without_enhanced_code_reports_status_5_0_0():
+    """A server that does not send enhanced codes (``550 no such user``): the DSN's status is 5.0.0."""
+    _, data = build_dsn("mx.hub.example", entry(), [Outcome(A, Action.FAILED, Reply(550, "", "no such user"))],
+                        ORIGINAL, 1_700_000_100.0)
+    text = data.decode()
+    assert "Status: 5.0.0" in text
+    assert "Diagnostic-Code: smtp; 550 no such user" in text
+
+
+def test_dsn_tells_the_sender_in_plain_words_which_recipient_failed_and_why():
+    """The text part, for people: that delivery failed, then one line per recipient with its last error."""
+    _, data = build_dsn("mx.hub.example", entry(), [Outcome(A, Action.FAILED, Reply(550, "5.1.1", "no such user"))],
+                        ORIGINAL, 1_700_000_100.0)
+    assert (
+        b"Your message could not be delivered to the recipients below.\r\n"
+        b"\r\n"
+        b"<alice@example.com>: 550 5.1.1 no such user\r\n"
+    ) in data
+
+
+def test_remote_mta_names_the_route_host_only_when_it_is_one():
+    """``Remote-MTA`` names the server of an smtp/lmtp route; not for ``smtp:mx`` (looked up) or http."""
+
+    def dsn_for(route: str) -> str:
+        e = Entry(id="e1", message_id="m1", route=route, sender=SENDER, recipients=(Recipient(A),),
+                  created=1_700_000_000.0)
+        _, data = build_dsn("mx.hub.example", e, [Outcome(A, Action.FAILED, Reply(550, "5.1.1", "no"))],
+                            ORIGINAL, 1_700_000_100.0)
+        return data.decode()
+
+    assert "Remote-MTA: dns; mail.example.com\r\n" in dsn_for("smtp:mail.example.com:25")
+    assert "Remote-MTA: dns; dovecot.example.com\r\n" in dsn_for("lmtp:dovecot.example.com:24")
+    assert "Remote-MTA" not in dsn_for("smtp:mx")
+    assert "Remote-MTA" not in dsn_for("http:https://mail.example.com/in")

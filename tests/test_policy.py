@@ -124,3 +124,33 @@ def test_plugin_rejects_bad_numbers_naming_the_key():
 
     with pytest.raises(ValueError, match="policy.retry_minutes"):
         plugin.make({"nodes": ["a"], "retry_minutes": "often"}, None)
+
+
+# -- found by scripts/mutate ---------------------------------------------------
+
+
+def test_reject_after_a_single_deferral_holds():
+    """One deferral before is enough: an entry deferred once, then rejected for everyone, is held."""
+    d = policy().decide(entry(attempts=1, recipients=(A, B)), {A: PERM, B: PERM}, 0.0, "dallas")
+    assert {o.action for o in d.outcomes} == {Action.HOLD}
+
+
+def test_deferral_by_a_node_not_in_the_list_goes_to_the_first_node():
+    """A node the policy does not know (a removed site) passes a deferred entry to the first node."""
+    d = policy().decide(entry(), {A: TEMP}, 0.0, "paris")
+    assert d.next_node == "dallas"
+
+
+def test_deferral_without_nodes_is_for_any_node():
+    """A policy with no node list gives the next attempt to no particular node."""
+    p = policy(nodes=())
+    d = p.decide(entry(), {A: TEMP}, 0.0, "dallas")
+    assert (d.next_node, d.next_attempt) == (None, 20 * 60.0)
+
+
+def test_recipient_the_transport_gave_no_reply_for_is_retried():
+    """A recipient missing from the transport's replies is a temporary failure (451 4.3.0), never a bounce."""
+    d = policy().decide(entry(recipients=(A, B)), {A: OK}, 0.0, "dallas")
+    outcomes = {o.recipient: o for o in d.outcomes}
+    assert outcomes[A].action is Action.DELIVERED
+    assert (outcomes[B].action, outcomes[B].reply.code) == (Action.RETRY, 451)

@@ -2204,3 +2204,99 @@ async def test_a_closed_connection_keeps_its_slot_while_its_store_is_pending() -
     finally:
         await port.stopListening()
     assert len(store.received) == 1
+
+
+# -- found by scripts/mutate ---------------------------------------------------
+
+
+def test_colon_in_a_sender_local_part_is_not_a_source_route() -> None:
+    """Only a reverse path starting with ``@`` is a source route to strip; ``a:b@...`` is malformed."""
+    assert mail(connect(), b"MAIL FROM:<a:b@sender.example>") == ["553 5.1.7"]
+
+
+@pytest.mark.parametrize(
+    "address",
+    [b'"bob@elsewhere.example@example.com', b"bob%elsewhere.example", b"bob!elsewhere.example"],
+)
+def test_malformed_recipient_with_routing_characters_is_refused_as_relaying(address: bytes) -> None:
+    """A recipient that is malformed *and* hides a second destination gets ``550 5.7.1``, not ``501``."""
+    assert rcpt(connect(), b"RCPT TO:<" + address + b">") == ["550 5.7.1"]
+
+
+def test_repeated_recipient_is_checked_once_and_accepted_at_the_recipient_limit() -> None:
+    """A recipient given again is ``250`` without asking the check again, even at ``max_recipients``."""
+    asked: list[Address] = []
+
+    def check(address: Address) -> Deferred[Any]:
+        asked.append(address)
+        return succeed(None)
+
+    s = connect(check=check, max_recipients=1)
+    codes = rcpt(s, b"RCPT TO:<bob@example.com>", b"RCPT TO:<bob@example.com>")
+    assert codes == ["250 2.1.5", "250 2.1.5"]
+    assert asked == [Address("bob", "example.com")]
+
+
+def test_temporary_refusal_from_a_recipient_check_reaches_the_client_as_it_is() -> None:
+    """A check's own 4xx (``450 4.2.0``, say) is what the client gets, not a generic ``451 4.3.0``."""
+    s = connect(check=lambda a: succeed(Reply(450, "4.2.0", "Mailbox busy")))
+    assert rcpt(s, b"RCPT TO:<bob@example.com>") == ["450 4.2.0"]
+
+
+def test_recipient_check_answering_with_a_2xx_reply_is_a_check_failure() -> None:
+    """A check must fire ``None`` to accept: a ``Reply(250)`` is not an acceptance but a ``451 4.3.0``."""
+    s = connect(check=lambda a: succeed(Reply(250, "2.1.5", "fine")))
+    assert rcpt(s, b"RCPT TO:<bob@example.com>", b"DATA") == ["451 4.3.0", "554 5.5.1"]
+
+
+def test_message_at_size_limit_is_accepted_when_the_end_marker_is_split() -> None:
+    """A message of exactly ``max_message_size`` octets is accepted however its end marker is cut."""
+    s = connect(max_message_size=10)
+    s.begin()
+    s.send(b"12345678\r\n.\r", b"\n")
+    assert s.codes() == ["250 2.0.0"]
+
+
+@pytest.mark.parametrize(
+    ("limits", "message", "code"),
+    [
+        ({}, b"bare\nLF\r\n", "554 5.6.0"),
+        ({"max_data_line_length": 10}, b"a line far too long\r\n", "554 5.6.0"),
+        ({"max_header_size": 10}, b"Subject: a long header\r\n\r\nhi\r\n", "552 5.3.4"),
+    ],
+)
+def test_refused_message_ends_its_transaction(limits: dict[str, Any], message: bytes, code: str) -> None:
+    """After a message refused at the end of DATA, neither RCPT nor DATA goes on without a new MAIL."""
+    s = connect(**limits)
+    s.begin()
+    s.send(message + b".\r\n")
+    assert s.codes() == [code]
+    s.send(b"RCPT TO:<bob@example.com>\r\nDATA\r\n")
+    assert s.codes() == ["503 5.5.1", "503 5.5.1"]
+    assert s.store.received == []
+
+
+def test_command_after_a_refused_message_has_the_idle_timeout_not_the_data_timeout() -> None:
+    """Once DATA is over, refused or not, the next command has ``idle_timeout`` from there."""
+    s = connect(idle_timeout=300, data_timeout=10)
+    s.begin()
+    s.send(b"bare\nLF\r\n.\r\n")
+    assert s.codes() == ["554 5.6.0"]
+    s.clock.advance(299)
+    assert s.lines() == []
+    assert not s.transport.disconnecting
+    s.clock.advance(1)
+    assert s.codes() == ["421 4.4.2"]
+
+
+def test_address_of_254_octets_parses_and_of_255_is_too_long() -> None:
+    """RFC 5321's path limit: 254 octets between the brackets parse, 255 are ``501 5.1.3``."""
+    def address(length: int) -> str:
+        # A 64-octet local part and a valid domain: only the length is wrong.
+        return "l" * 64 + "@" + ".".join(["a" * 63, "b" * 63, "c" * (length - 65 - 128 - 12)]) + ".example.com"
+
+    assert len(address(254)) == 254
+    assert str(Address.parse(address(254))) == address(254)
+    with pytest.raises(model.AddressError) as e:
+        Address.parse(address(255))
+    assert (e.value.code, e.value.enhanced, str(e.value)) == (501, "5.1.3", "address too long")
