@@ -411,19 +411,25 @@ def _walk_corpus(shuffled: bool) -> list[Any]:
     return messages
 
 
+@pytest.mark.parametrize("few", [0, 5000], ids=["walk-only", "few-from-the-index"])
 @pytest.mark.parametrize("shuffled", [False, True], ids=["in-time-order", "shuffled"])
 @pytest.mark.parametrize("walk_limit", [20_000, 30], ids=["walk", "early-switch"])
 @pytest_twisted.ensureDeferred
 async def test_word_search_pages_match_whole_list(
-    archive: SqliteArchive, monkeypatch: pytest.MonkeyPatch, shuffled: bool, walk_limit: int
+    archive: SqliteArchive,
+    monkeypatch: pytest.MonkeyPatch,
+    shuffled: bool,
+    walk_limit: int,
+    few: int,
 ) -> None:
     """
     A word search that walks its scope in chunks (broad words), or switches
-    to the index's whole list of matches (rare ones), pages through exactly
+    to the index's whole list of matches or starts from them (rare ones),
+    pages through exactly
     the matching messages, newest first, and counts them exactly.
     """
     monkeypatch.setattr(sqlite_archive, "_WALK_LIMIT", walk_limit)
-    monkeypatch.setattr(sqlite_archive, "_COUNT_CHUNK", 64)
+    monkeypatch.setattr(sqlite_archive, "_FEW", few)
     messages = _walk_corpus(shuffled)
     await gatherResults([archive.add(m) for m in messages])
     newest_first = sorted(messages, key=lambda m: (m.received_at, m.id), reverse=True)
