@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jinja2
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.web import resource, server
@@ -66,6 +66,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 #: Largest form accepted (a message with attachments).
 MAX_POST = 25 * 1024 * 1024
 PAGE = 50
+#: How long a mailbox's count of messages is shown again without counting:
+#: counting a large mailbox reads all of it (half a second for 100,000
+#: messages in the sqlite archive), too long to wait for on every page.
+COUNT_SECONDS = 300.0
+#: Mailboxes whose count is kept at most (the oldest go first).
+COUNTS_KEPT = 10_000
 
 _PAGE_CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; frame-src 'self'; form-action 'self'; "
@@ -119,6 +125,9 @@ class LiveArchive(resource.Resource):
         self._tls = tls
         self._cookie = b"__Host-session" if tls else b"session"
         self._totp_guard = acc.TotpReplayGuard()
+        #: mailbox -> (when counted, how many messages), and the counts under way.
+        self._counts: dict[str, tuple[float, int]] = {}
+        self._counting: set[str] = set()
         self._env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(os.path.join(_HERE, "templates")),
             autoescape=True,
@@ -363,14 +372,19 @@ class LiveArchive(resource.Resource):
             query, error = ArchiveQuery(), str(e)
         scope = ArchiveScope(mailbox=mailbox)
         cursor = self._arg(request, "cursor") or None
+        # The audit's commit (an fsync) runs beside the search, not after it;
+        # the page is still shown only once the search is recorded.
+        audited = ensureDeferred(self._audit(account, "search", str(scope), repr(text))) if text else None
         try:
             page = await self._archive.search(scope, query, cursor, PAGE)
         except ValueError:
             raise _NOT_FOUND from None
-        total = await self._archive.count(scope, query)
+        finally:
+            if audited is not None:
+                await audited
+        total = self._total(mailbox, query, cursor, page)
+        banner = ensureDeferred(self._banner(mailbox))
         read = await self._archive.read_ids(account.address, [s.id for s in page.items])
-        if text:
-            await self._audit(account, "search", str(scope), repr(text))
         items = [
             {
                 "id": s.id,
@@ -385,8 +399,37 @@ class LiveArchive(resource.Resource):
         self._page(
             request, "mailbox.html", session=session, account=account, mailbox=str(mailbox),
             mailboxes=self._mailboxes(account), items=items, total=total, next=page.next, query=text,
-            error=error, section="inbox", banner=await self._banner(mailbox),
+            error=error, section="inbox", banner=await banner,
         )
+
+    def _total(self, mailbox: Address, query: ArchiveQuery, cursor: str | None, page: Any) -> int | str:
+        """
+        What a page of the mailbox says of how many messages there are,
+        without counting a large result on every page: exact when the whole
+        result is on the first page; for the mailbox without a search, its
+        count of at most ``COUNT_SECONDS`` ago (made in the background,
+        shown from the next page on); otherwise only that there are more.
+        """
+        if cursor is None and page.next is None:
+            return len(page.items)
+        if query != ArchiveQuery():
+            return f"more than {PAGE}"
+        key = str(mailbox)
+        known = self._counts.get(key)
+        if (known is None or self._clock.seconds() - known[0] > COUNT_SECONDS) and key not in self._counting:
+            self._counting.add(key)
+
+            def counted(n: int) -> None:
+                self._counts.pop(key, None)
+                if len(self._counts) >= COUNTS_KEPT:
+                    del self._counts[next(iter(self._counts))]
+                self._counts[key] = (self._clock.seconds(), n)
+
+            d = self._archive.count(ArchiveScope(mailbox=mailbox), ArchiveQuery())
+            d.addCallback(counted)
+            d.addErrback(lambda f: self.log.failure("LiveArchive: counting {mailbox} failed", f, mailbox=key))
+            d.addBoth(lambda _: self._counting.discard(key))
+        return f"about {known[1]:,}" if known else f"more than {PAGE}"
 
     async def _archived(self, request: Any, account: Account, archive_id: str) -> tuple[Address, Any]:
         """The archived message ``archive_id`` of the requested mailbox, which the account may read; else 404."""
@@ -418,6 +461,16 @@ class LiveArchive(resource.Resource):
             await self._audit(account, "read", archive_id, f"attachment {filename!r}")
             # Always a download, never shown inline: an attachment is the sender's content.
             return self._download(request, data, filename, "application/octet-stream")
+        marked = None
+        if not rest:
+            # Both commits in one batch of the archive's writer, while the message is parsed.
+            marked = gatherResults(
+                [
+                    self._archive.set_read(account.address, [archive_id], True),
+                    ensureDeferred(self._audit(account, "read", archive_id, str(mailbox))),
+                ],
+                consumeErrors=True,
+            )
         shown = await deferToThread(mime.show, message.message, images)
         if rest == ["body"]:
             self._headers(request, _BODY_CSP.format(remote=" https: http:" if images else ""), frame=b"SAMEORIGIN")
@@ -428,10 +481,9 @@ class LiveArchive(resource.Resource):
                 "img[data-blocked-src]{display:none}</style></head><body>" + shown.html + "</body></html>"
             )
             return self._finish(request, doc.encode("utf-8"))
-        if rest:
+        if rest or marked is None:
             raise _NOT_FOUND
-        await self._archive.set_read(account.address, [archive_id], True)
-        await self._audit(account, "read", archive_id, str(mailbox))
+        await marked
         reply_base = f"reply={urllib.parse.quote(archive_id, safe='')}&{mq}"
         self._page(
             request, "message.html", session=session, account=account, mailbox=str(mailbox),
