@@ -141,6 +141,9 @@ TRIES = 5
 #: A search for words in most messages walks its mailbox or domain newest
 #: first, looking at this many rows at most before it asks the GIN index.
 WALK = 1000
+#: A search whose words the planner expects in at most this many messages
+#: starts from them (``PostgresArchive._from_matches``).
+FEW = 5000
 _RETRY_STATES = {"40001", "40P01", "23503", "23505"}
 _WORD = re.compile(r"[^\W_]+")
 
@@ -765,19 +768,21 @@ class PostgresArchive:
         where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
         return key, sql.SQL(source + where), in_scope_params + params  # type: ignore[arg-type]
 
-    def _broad(self, conn: psycopg.Connection[Any], query: ArchiveQuery, limit: int) -> bool:
+    def _plan(self, conn: psycopg.Connection[Any], query: ArchiveQuery, limit: int) -> str:
         """
-        Whether the planner expects ``query``'s words in so many messages
-        that walking a scope newest first finds a page within ``WALK``
-        rows (the estimate comes from the vectors' statistics, without
-        running the query).
+        How to find a page of ``query`` in a mailbox or a domain, from the
+        number of messages the planner expects its words in (the vectors'
+        statistics, without running the query): ``"walk"`` when so many
+        that walking the scope newest first finds a page within ``WALK``
+        rows; ``"few"`` when at most ``FEW``, to start from them; else
+        ``""``, the planner's choice.
         """
         try:
             vector_query, _ = tsquery(query)
         except _Nothing:
-            return False
+            return ""
         if vector_query is None:
-            return False
+            return ""
         plan = conn.execute(
             "EXPLAIN (FORMAT JSON) SELECT 1 FROM messages WHERE tsv @@ %s::tsquery",
             (vector_query,),
@@ -785,10 +790,24 @@ class PostgresArchive:
         total = conn.execute(
             "SELECT reltuples FROM pg_class WHERE oid = 'messages'::regclass"
         ).fetchone()
-        if plan is None or total is None or total[0] <= 0:
-            return False
+        if plan is None or total is None:
+            return ""
         expected = float(plan[0][0]["Plan"]["Plan Rows"])
-        return (limit + 1) * float(total[0]) <= expected * WALK / 4
+        if expected <= FEW:
+            return "few"
+        if total[0] > 0 and (limit + 1) * float(total[0]) <= expected * WALK / 4:
+            return "walk"
+        return ""
+
+    @staticmethod
+    def _from_matches(conn: psycopg.Connection[Any]) -> None:
+        """
+        For this transaction, start from the GIN index's matches and look
+        their mailboxes up by id: with a ``LIMIT``, the planner would walk a
+        large mailbox testing every message for a word that is in few.
+        """
+        for setting in ("enable_seqscan", "enable_hashjoin", "enable_mergejoin"):
+            conn.execute(sql.SQL("SET LOCAL {} = off").format(sql.Identifier(setting)))
 
     def search(
         self,
@@ -805,7 +824,8 @@ class PostgresArchive:
 
         def work(conn: psycopg.Connection[Any]) -> ArchivePage:
             scoped = scope.mailbox is not None or scope.domain is not None
-            if scoped and self._broad(conn, query, limit):
+            plan = self._plan(conn, query, limit) if scoped else ""
+            if plan == "walk":
                 # Words in most messages: walk the scope newest first,
                 # testing each message, which costs what the page does;
                 # the GIN index would list every match first.  If WALK
@@ -813,7 +833,10 @@ class PostgresArchive:
                 rows = self._page(conn, scope, query, after, limit, WALK)
                 if len(rows) > limit or (rows and rows[0][9] < WALK):
                     return self._summaries(rows, limit)
-            return self._summaries(self._page(conn, scope, query, after, limit, None), limit)
+            elif plan == "few":
+                self._from_matches(conn)
+            rows = self._page(conn, scope, query, after, limit, None, fenced=plan == "few")
+            return self._summaries(rows, limit)
 
         return self._call(work)
 
@@ -825,18 +848,27 @@ class PostgresArchive:
         after: tuple[float, str] | None,
         limit: int,
         walk: int | None,
+        fenced: bool = False,
     ) -> list[Any]:
-        """The rows of a page and one more, each with the number of rows walked last."""
+        """
+        The rows of a page and one more, each with the number of rows walked
+        last.  ``fenced``: every match found before the page is sorted (the
+        planner then plans for all of them, not for the first ``limit``).
+        """
         matching = self._matching(scope, query, after, walk)
         if matching is None:
             return []
         key, clause, params = matching
         # A message for two mailboxes of a domain is two rows: DISTINCT.
         distinct = "DISTINCT " if scope.mailbox is None and scope.domain is not None else ""
-        page = sql.SQL(
-            "SELECT {distinct}{k}.received_at, {k}.id, {walked} {clause}"
+        template = (
+            "SELECT * FROM (SELECT {distinct}{k}.received_at, {k}.id, {walked} {clause}"
+            " OFFSET 0) f ORDER BY f.received_at DESC, f.id DESC LIMIT %s"
+            if fenced
+            else "SELECT {distinct}{k}.received_at, {k}.id, {walked} {clause}"
             " ORDER BY {k}.received_at DESC, {k}.id DESC LIMIT %s"
-        ).format(
+        )
+        page = sql.SQL(template).format(
             distinct=sql.SQL(distinct),
             k=sql.SQL(key),
             walked=sql.SQL("b.walked" if walk else "0 AS walked"),
@@ -888,6 +920,10 @@ class PostgresArchive:
             matching = self._matching(scope, query)
             if matching is None:
                 return 0
+            if (scope.mailbox is not None or scope.domain is not None) and self._plan(
+                conn, query, 0
+            ) == "few":
+                self._from_matches(conn)
             key, clause, params = matching
             what = "count(DISTINCT b.id)" if key == "b" and scope.mailbox is None else "count(*)"
             row = conn.execute(

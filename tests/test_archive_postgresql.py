@@ -498,19 +498,24 @@ async def test_account_calls_run_off_the_reactor_thread(
 # -- searches for words in most messages: the walk of the scope ----------------
 
 
-@pytest.mark.parametrize("walk", [1000, 30], ids=["page-within-walk", "index-after-walk"])
+@pytest.mark.parametrize(
+    "plan,walk",
+    [("walk", 1000), ("walk", 30), ("few", 1000)],
+    ids=["page-within-walk", "index-after-walk", "from-few-matches"],
+)
 @pytest_twisted.ensureDeferred
 async def test_broad_word_search_walks_the_scope(
-    archive: PostgresArchive, monkeypatch: pytest.MonkeyPatch, walk: int
+    archive: PostgresArchive, monkeypatch: pytest.MonkeyPatch, plan: str, walk: int
 ) -> None:
     """
     A search the planner expects to match most messages walks the mailbox or
     domain newest first (and, when the walk does not fill the page, asks the
-    GIN index after all): it pages through exactly the matching messages,
-    newest first.
+    GIN index after all); one it expects in few starts from them: either
+    pages through exactly the matching messages, newest first, and counts
+    them.
     """
     monkeypatch.setattr(postgresql_archive, "WALK", walk)
-    monkeypatch.setattr(PostgresArchive, "_broad", lambda self, conn, query, limit: True)
+    monkeypatch.setattr(PostgresArchive, "_plan", lambda self, conn, query, limit: plan)
     messages = []
     for i in range(300):
         words = (["broad"] if i % 10 else []) + (["rare"] if i % 50 == 7 else [])
@@ -553,3 +558,4 @@ async def test_broad_word_search_walks_the_scope(
                 if cursor is None:
                     break
             assert got == wanted, (scope, search)
+            assert await archive.count(scope, search) == len(wanted), (scope, search)
