@@ -893,6 +893,9 @@ class PostgresArchive:
                 " ORDER BY p.received_at DESC, p.id DESC"
             ).format(page=page),
             own + params,
+            # Planned for these values each time: a prepared statement's
+            # generic plan cannot tell a rare word from a common one.
+            prepare=False,
         ).fetchall()
 
     @staticmethod
@@ -927,7 +930,7 @@ class PostgresArchive:
             key, clause, params = matching
             what = "count(DISTINCT b.id)" if key == "b" and scope.mailbox is None else "count(*)"
             row = conn.execute(
-                sql.SQL("SELECT {} {}").format(sql.SQL(what), clause), params
+                sql.SQL("SELECT {} {}").format(sql.SQL(what), clause), params, prepare=False
             ).fetchone()
             return int(row[0]) if row else 0
 
