@@ -98,13 +98,15 @@ _Job = Callable[[sqlite3.Connection], Any]
 DEFAULT_BUSY_TIMEOUT = 10.0
 _MAX_BATCH = 500
 #: A full-text search walks its scope a chunk of rows at a time, this many
-#: first (4 times more each time), while the walk is expected to end within
+#: first, then one chunk more if it is expected to fill the page within
 #: ``_WALK_LIMIT`` rows; beyond, it reads the index's whole list of matches.
 _FIRST_CHUNK = 128
 _WALK_LIMIT = 20_000
 #: Up to this many matches in the whole index, a search starts from them
 #: (``_DRIVEN``): their messages, then those in scope, sorted.
 _FEW = 5000
+#: ... asked only when the first chunk found fewer matches than this.
+_FEW_SEEN = 4
 _DRIVEN = "driven"
 
 #: The archive's schema, in ``PRAGMA user_version``: 2 added the accounts'
@@ -654,6 +656,9 @@ class _Search:
     walked: int = 0
     #: Whether ``params["match"]`` is a full-text condition every result must meet.
     matches: bool = False
+    #: Whether that condition is on every column (a field's own words are
+    #: fewer: their whole list, once, costs less than walking chunks).
+    everywhere: bool = False
 
     @classmethod
     def of(cls, scope: ArchiveScope, query: ArchiveQuery) -> _Search:
@@ -709,9 +714,20 @@ class _Search:
                 f" OR EXISTS (SELECT 1 FROM mailboxes r WHERE r.message_id = m.id{in_domain}"
                 f" AND (' ' || r.words) LIKE :rw{n}))"
             )
+        everywhere = not any(m.startswith("{") for m in match)
         if match:
             params["match"] = " AND ".join(match)
-        return cls(scope, query, conditions, params, time_column, id_column, walked, bool(match))
+        return cls(
+            scope,
+            query,
+            conditions,
+            params,
+            time_column,
+            id_column,
+            walked,
+            bool(match),
+            everywhere,
+        )
 
     def source(self, rowids: str = "") -> str:
         """
@@ -764,7 +780,7 @@ class _Search:
             params["cursor_time"], params["cursor_id"] = _decode_cursor(cursor)
             extra.append(f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)")
         found: list[tuple[Sequence[Any], list[Address]]] = []
-        if self.matches:
+        if self.matches and self.everywhere:
             self._walk(conn, params, extra, found, limit)
         else:
             self._collect(conn, params, extra, "", found, limit)
@@ -842,9 +858,8 @@ class _Search:
         time): the cost follows the page, not how many messages match, for
         a word in most messages.  If the first chunk does not fill the page
         and the index lists at most ``_FEW`` matches in all, the rest starts
-        from them; once the matches look rare otherwise (the walk would take
-        more than ``_WALK_LIMIT`` rows), the rest comes from the whole list
-        of matches at once.
+        from them; else one more chunk, sized for the density seen (at most
+        ``_WALK_LIMIT`` rows), then the whole list of matches at once.
 
         Every word is a prefix query for FTS5 (``"rep" *`` finds
         ``report``), which merges the doclists of the prefix's terms over
@@ -872,14 +887,19 @@ class _Search:
             params = {**params, "cursor_time": last_time, "cursor_id": last_id}
             if not any(":cursor_time" in e for e in extra):
                 extra = [*extra, f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)"]
-            if walked == n and self.few(conn):
+            # Each chunk costs FTS5 a merge of the prefix's whole lists: one
+            # more chunk at most, sized to fill the page at the density seen.
+            if walked > n:
+                self._collect(conn, params, extra, "", found, limit)
+                return
+            if len(found) < _FEW_SEEN and self.few(conn):
                 self._collect(conn, params, extra, _DRIVEN, found, limit)
                 return
             density = max(len(found), 1) / walked
-            if (limit + 1 - len(found)) / density > _WALK_LIMIT:
+            size = int((limit + 1 - len(found)) / density * 1.5) + _FIRST_CHUNK
+            if size > _WALK_LIMIT:
                 self._collect(conn, params, extra, "", found, limit)
                 return
-            size *= 4
 
     def count(self, conn: sqlite3.Connection) -> int:
         what = "count(*)" if self.scope.domain is None else "count(DISTINCT b.message_id)"
