@@ -1,8 +1,17 @@
 """
 Test helpers for mailhub and for third-party plugin authors.
 
-- ``mailhub.testing.store_contract``: the spool-store contract suite; a store
-  plugin's tests subclass it and provide a ``store`` fixture.
+- ``mailhub.testing.store_contract``: the spool-store contract suites
+  (``SpoolStoreContract``, ``NodeRegistryContract``,
+  ``RouteCoordinationContract``); a store plugin's tests subclass them and
+  provide a ``store`` fixture.
+- ``mailhub.testing.archive_contract`` and ``mailhub.testing.account_contract``:
+  the archive's and the accounts' contract suites (``ArchiveContract``,
+  ``AccountStoreContract``); an archive plugin's tests subclass them and
+  provide an ``archive`` fixture.
 - ``mailhub.testing.downstream``: a real SMTP server to deliver to, that a test
-  switches between accepting, deferring, rejecting, dropping and being down.
+  switches between accepting, deferring, rejecting, dropping and being down,
+  with a connection limit (``452 4.3.1`` above it) like Exchange's.
+- ``mailhub.testing.redis_server`` and ``mailhub.testing.postgres_server``: a
+  private ``redis-server`` or PostgreSQL cluster in a temporary directory.
 """
