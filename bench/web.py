@@ -63,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import archive as corpus_bench  # noqa: E402  (bench/archive.py: the corpus and the fill)
 from common import free_port, stop_process, wait_for  # noqa: E402
 
-from mailhub.accounts import hash_password  # noqa: E402
+from mailhub.archive.accounts import hash_password  # noqa: E402
 from mailhub.model import Account, ArchivedMessage  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)

@@ -602,7 +602,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_archive_parser(sub, os.environ.get("MAILHUB_CONFIG", "mailhub.toml"))
 
-    from mailhub.accounts_cli import add_parser as add_user_parser
+    from mailhub.archive.accounts_cli import add_parser as add_user_parser
 
     add_user_parser(sub, os.environ.get("MAILHUB_CONFIG", "mailhub.toml"))
 
@@ -657,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: list[int] = []
 
     async def run(reactor: Any) -> None:
-        from mailhub.accounts_cli import run as _user
+        from mailhub.archive.accounts_cli import run as _user
         from mailhub.archive.cli import run as _archive
 
         command = {"nodes": _nodes, "route": _route, "archive": _archive, "user": _user}.get(args.command, _queue)

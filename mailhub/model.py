@@ -8,8 +8,12 @@ mutable state by accident.  This module does no I/O.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import json
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from attrs import evolve, field, frozen
@@ -43,6 +47,9 @@ __all__ = [
     "StoreFull",
     "StoreUnavailable",
     "apply_decision",
+    "archive_words",
+    "decode_archive_cursor",
+    "encode_archive_cursor",
     "fair_share",
     "has_bare_lf",
     "has_bare_line_end",
@@ -617,6 +624,14 @@ class ArchiveScope:
             return f"domain {self.domain}"
         return "the whole archive"
 
+    def contains(self, mailbox: Address) -> bool:
+        """Whether ``mailbox`` is within this scope."""
+        if self.mailbox is not None:
+            return mailbox == self.mailbox
+        if self.domain is not None:
+            return mailbox.domain == self.domain
+        return True
+
 
 @frozen
 class ArchiveQuery:
@@ -693,6 +708,42 @@ class AuditEvent:
     detail: str = ""
 
 
+#: A word, for the archive: a run of letters and digits.
+_ARCHIVE_WORD = re.compile(r"[^\W_]+")
+
+
+def archive_words(text: str) -> list[str]:
+    """
+    The words of ``text`` as every archive compares them (the contract in
+    ``mailhub.testing.archive_contract``): case and accents folded, runs of
+    letters and digits.  For archive plugins.
+    """
+    folded = text.casefold()
+    if not folded.isascii():
+        plain = "".join(c for c in unicodedata.normalize("NFKD", folded) if not unicodedata.combining(c))
+        folded = unicodedata.normalize("NFC", plain)
+    return _ARCHIVE_WORD.findall(folded)
+
+
+def encode_archive_cursor(received_at: float, archive_id: str) -> str:
+    """The opaque ``ArchivePage.next`` after the summary ``(received_at, archive_id)``.  For archive plugins."""
+    return base64.urlsafe_b64encode(json.dumps([received_at, archive_id]).encode()).decode()
+
+
+def decode_archive_cursor(cursor: str) -> tuple[float, str]:
+    """
+    :returns: the ``(received_at, archive_id)`` of a cursor ``encode_archive_cursor`` made.
+    :raises ValueError: for anything else.
+    """
+    try:
+        received_at, archive_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (binascii.Error, ValueError, TypeError) as e:
+        raise ValueError(f"not an archive cursor: {cursor!r}") from e
+    if not isinstance(received_at, int | float) or not isinstance(archive_id, str):
+        raise ValueError(f"not an archive cursor: {cursor!r}")
+    return float(received_at), archive_id
+
+
 # -- accounts of the LiveArchive -------------------------------------------------
 
 
@@ -712,7 +763,7 @@ class Account:
     server.
 
     :ivar address: the login, the person's own mailbox.
-    :ivar password_hash: an argon2 hash (``mailhub.accounts``), or ``""``
+    :ivar password_hash: an argon2 hash (``mailhub.archive.accounts``), or ``""``
         for an account invited but without a password yet.
     :ivar role: ``Role``.
     :ivar mailboxes: more mailboxes the person may read (shared ones).
@@ -742,6 +793,37 @@ class Account:
         if self.role is Role.DOMAIN_ADMIN and mailbox.domain == self.address.domain:
             return True
         return mailbox == self.address or mailbox in self.mailboxes
+
+    def to_json(self) -> str:
+        """The account as ASCII JSON (``from_json`` gives it back exactly), for stores."""
+        return json.dumps(
+            {
+                "address": [self.address.local, self.address.domain],
+                "password_hash": self.password_hash,
+                "role": self.role.value,
+                "mailboxes": [[m.local, m.domain] for m in self.mailboxes],
+                "totp_secret": self.totp_secret,
+                "recovery": self.recovery,
+                "disabled": self.disabled,
+                "session_version": self.session_version,
+                "created": self.created,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: str) -> Account:
+        fields = json.loads(data)
+        return cls(
+            address=Address(*fields["address"]),
+            password_hash=fields["password_hash"],
+            role=Role(fields["role"]),
+            mailboxes=tuple(Address(local, domain) for local, domain in fields["mailboxes"]),
+            totp_secret=fields["totp_secret"],
+            recovery=fields["recovery"],
+            disabled=fields["disabled"],
+            session_version=fields["session_version"],
+            created=fields["created"],
+        )
 
 
 @frozen

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from mailhub import __version__
-from mailhub.accounts import LoginThrottle
+from mailhub.archive.accounts import LoginThrottle
 from mailhub.archive.route import ARCHIVE_ROUTE, ArchiveTransport, is_archive_route
 from mailhub.config import HubConfig
 from mailhub.delivery.dsn import build_dsn
@@ -140,6 +140,11 @@ class Node(MultiService):
         #: The signal that wakes this node's engine, if its process handles
         #: one (``mailhub.service.install_wake_signal``); heartbeats tell.
         self.wake_signal: int | None = None
+
+    @property
+    def store(self) -> ISpoolStore:
+        """The hub's spool store, which this node shares."""
+        return self._store
 
     def receive(self, envelope: Envelope, message: bytes) -> Deferred[str]:
         """

@@ -20,7 +20,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from mailhub.accounts import SessionSigner, load_or_create_secret, secret_file
+from mailhub.archive.accounts import SessionSigner, load_or_create_secret, secret_file
 from mailhub.archive.retention import ArchiveRetention
 from mailhub.config import HubConfig
 from mailhub.interfaces import WAKE_SIGNAL, IAccountStore

@@ -12,11 +12,6 @@ accounts too (``IAccountStore``), as the contract in
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import re
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -36,12 +31,14 @@ from mailhub.model import (
     AuditEvent,
     SentMessage,
     StoreUnavailable,
+    archive_words,
+    decode_archive_cursor,
+    encode_archive_cursor,
 )
 
-__all__ = ["MemoryArchive", "plugin", "words"]
+__all__ = ["MemoryArchive", "plugin"]
 
 _T = TypeVar("_T")
-_WORD = re.compile(r"[^\W_]+")
 
 
 def _as_tuple(items: Iterable[Any]) -> Any:
@@ -49,11 +46,6 @@ def _as_tuple(items: Iterable[Any]) -> Any:
     return tuple(items)
 
 
-def words(text: str) -> list[str]:
-    """The words of ``text`` as the memory archive compares them: case and accents folded."""
-    folded = unicodedata.normalize("NFKD", text.casefold())
-    plain = "".join(c for c in folded if not unicodedata.combining(c))
-    return _WORD.findall(unicodedata.normalize("NFC", plain))
 
 
 def _occurs(term: Sequence[str], field: Sequence[str], prefix: bool) -> bool:
@@ -71,24 +63,12 @@ def _occurs(term: Sequence[str], field: Sequence[str], prefix: bool) -> bool:
 
 
 def _in_any(term: str, fields: Iterable[Sequence[str]], prefix: bool = True) -> bool:
-    wanted = words(term)
+    wanted = archive_words(term)
     return any(_occurs(wanted, f, prefix) for f in fields)
 
 
-def encode_cursor(received_at: float, archive_id: str) -> str:
-    """The opaque cursor after the summary ``(received_at, archive_id)``."""
-    return base64.urlsafe_b64encode(json.dumps([received_at, archive_id]).encode()).decode()
 
 
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """:raises ValueError: for anything ``encode_cursor`` did not make."""
-    try:
-        received_at, archive_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (binascii.Error, ValueError, TypeError) as e:
-        raise ValueError(f"not an archive cursor: {cursor!r}") from e
-    if not isinstance(received_at, int | float) or not isinstance(archive_id, str):
-        raise ValueError(f"not an archive cursor: {cursor!r}")
-    return float(received_at), archive_id
 
 
 @define
@@ -110,12 +90,12 @@ class _Stored:
         return cls(
             message=message,
             mailboxes=set(message.mailboxes),
-            subject=words(text.subject),
-            sender=words(text.sender),
-            envelope_sender=words(str(message.sender or "")),
-            recipients=words(text.recipients),
-            body=words(text.body),
-            attachments=[words(a) for a in text.attachments],
+            subject=archive_words(text.subject),
+            sender=archive_words(text.sender),
+            envelope_sender=archive_words(str(message.sender or "")),
+            recipients=archive_words(text.recipients),
+            body=archive_words(text.body),
+            attachments=[archive_words(a) for a in text.attachments],
         )
 
     def everywhere(self) -> list[Sequence[str]]:
@@ -147,7 +127,7 @@ def _matches(stored: _Stored, query: ArchiveQuery, in_scope: Sequence[Address]) 
         if stored.message.text.has_attachment != query.has_attachment:
             return False
     everywhere = stored.everywhere()
-    mailbox_words = [words(str(m)) for m in in_scope]
+    mailbox_words = [archive_words(str(m)) for m in in_scope]
     return (
         all(_in_any(w, everywhere) for w in query.words)
         and all(_in_any(p, everywhere, prefix=False) for p in query.phrases)
@@ -230,13 +210,13 @@ class MemoryArchive:
         def do() -> ArchivePage:
             found = self._found(scope, query)
             if cursor is not None:
-                after = decode_cursor(cursor)
+                after = decode_archive_cursor(cursor)
                 found = [f for f in found if (f[0].message.received_at, f[0].message.id) < after]
             items = [summary(s.message, m) for s, m in found[:limit]]
             more = len(found) > limit and items
             return ArchivePage(
                 _as_tuple(items),
-                encode_cursor(items[-1].received_at, items[-1].id) if more else None,
+                encode_archive_cursor(items[-1].received_at, items[-1].id) if more else None,
             )
 
         return self._call(do)

@@ -81,13 +81,8 @@ Configuration (the ``[archive]`` table)::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
-import re
 import threading
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -113,13 +108,15 @@ from mailhub.model import (
     ArchiveSummary,
     ArchiveText,
     AuditEvent,
-    Role,
     SentMessage,
     StoreFull,
     StoreUnavailable,
+    archive_words,
+    decode_archive_cursor,
+    encode_archive_cursor,
 )
 
-__all__ = ["SCHEMA_VERSION", "PostgresArchive", "PostgresArchivePlugin", "plugin", "words"]
+__all__ = ["SCHEMA_VERSION", "PostgresArchive", "PostgresArchivePlugin", "plugin"]
 
 T = TypeVar("T")
 
@@ -145,7 +142,6 @@ WALK = 1000
 #: starts from them (``PostgresArchive._from_matches``).
 FEW = 5000
 _RETRY_STATES = {"40001", "40P01", "23503", "23505"}
-_WORD = re.compile(r"[^\W_]+")
 
 
 def _as_tuple(items: Iterable[Any]) -> Any:
@@ -156,18 +152,6 @@ def _as_tuple(items: Iterable[Any]) -> Any:
 # -- words, vectors and queries --------------------------------------------------
 
 
-def words(text: str) -> list[str]:
-    """
-    The words the archive indexes and searches for in ``text``: case and
-    accents folded, runs of letters and digits.
-    """
-    folded = text.casefold()
-    if not folded.isascii():
-        folded = "".join(
-            c for c in unicodedata.normalize("NFKD", folded) if not unicodedata.combining(c)
-        )
-        folded = unicodedata.normalize("NFC", folded)
-    return _WORD.findall(folded)
 
 
 def _lexeme(word: str) -> str:
@@ -185,7 +169,7 @@ def tsvector(fields: Iterable[tuple[str, Iterable[str]]]) -> str:
     for weight, texts in fields:
         for text in texts:
             position += 1  # the gap between two fields
-            for word in words(text):
+            for word in archive_words(text):
                 position += 1
                 if len(word.encode()) > MAX_LEXEME:
                     continue
@@ -218,7 +202,7 @@ def _tokens(text: str) -> list[str]:
 
     :raises _Nothing: if a word is longer than PostgreSQL indexes.
     """
-    tokens = words(text)
+    tokens = archive_words(text)
     if any(len(t.encode()) > MAX_LEXEME for t in tokens):
         raise _Nothing(text)
     return tokens
@@ -253,20 +237,8 @@ def tsquery(query: ArchiveQuery) -> tuple[str | None, list[tuple[str, str]]]:
     return (" & ".join(terms) if terms else None), recipients
 
 
-def encode_cursor(received_at: float, archive_id: str) -> str:
-    """The opaque cursor after the summary ``(received_at, archive_id)``."""
-    return base64.urlsafe_b64encode(json.dumps([received_at, archive_id]).encode()).decode()
 
 
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """:raises ValueError: for anything ``encode_cursor`` did not make."""
-    try:
-        received_at, archive_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (binascii.Error, ValueError, TypeError) as e:
-        raise ValueError(f"not an archive cursor: {cursor!r}") from e
-    if not isinstance(received_at, int | float) or not isinstance(archive_id, str):
-        raise ValueError(f"not an archive cursor: {cursor!r}")
-    return float(received_at), archive_id
 
 
 def _address(text: str) -> Address:
@@ -392,36 +364,8 @@ def _key(address: Address) -> bytes:
     return _utf8(str(address))
 
 
-def _account_data(account: Account) -> str:
-    # ASCII JSON: NUL and lone surrogates become escapes a ``text`` column takes.
-    return json.dumps(
-        {
-            "address": [account.address.local, account.address.domain],
-            "password_hash": account.password_hash,
-            "role": account.role.value,
-            "mailboxes": [[m.local, m.domain] for m in account.mailboxes],
-            "totp_secret": account.totp_secret,
-            "recovery": account.recovery,
-            "disabled": account.disabled,
-            "session_version": account.session_version,
-            "created": account.created,
-        }
-    )
 
 
-def _account_of(data: str) -> Account:
-    fields = json.loads(data)
-    return Account(
-        address=Address(*fields["address"]),
-        password_hash=fields["password_hash"],
-        role=Role(fields["role"]),
-        mailboxes=_as_tuple(Address(local, domain) for local, domain in fields["mailboxes"]),
-        totp_secret=fields["totp_secret"],
-        recovery=fields["recovery"],
-        disabled=fields["disabled"],
-        session_version=fields["session_version"],
-        created=fields["created"],
-    )
 
 
 # -- the archive ------------------------------------------------------------------
@@ -817,7 +761,7 @@ class PostgresArchive:
         limit: int = 50,
     ) -> Deferred[ArchivePage]:
         try:
-            after = decode_cursor(cursor) if cursor is not None else None
+            after = decode_archive_cursor(cursor) if cursor is not None else None
         except ValueError:
             return fail(Failure())
         limit = max(0, int(limit))
@@ -915,7 +859,7 @@ class PostgresArchive:
             )
             for r in rows
         ]
-        following = encode_cursor(rows[-1][1], rows[-1][0]) if more and rows else None
+        following = encode_archive_cursor(rows[-1][1], rows[-1][0]) if more and rows else None
         return ArchivePage(_as_tuple(items), following)
 
     def count(self, scope: ArchiveScope, query: ArchiveQuery) -> Deferred[int]:
@@ -1071,7 +1015,7 @@ class PostgresArchive:
     # -- IAccountStore
 
     def add_account(self, account: Account) -> Deferred[None]:
-        row = (_key(account.address), _utf8(account.address.domain), _account_data(account))
+        row = (_key(account.address), _utf8(account.address.domain), account.to_json())
 
         def work(conn: psycopg.Connection[Any]) -> None:
             added = conn.execute(
@@ -1085,7 +1029,7 @@ class PostgresArchive:
         return self._call(work)
 
     def update_account(self, account: Account) -> Deferred[None]:
-        row = (_utf8(account.address.domain), _account_data(account), _key(account.address))
+        row = (_utf8(account.address.domain), account.to_json(), _key(account.address))
 
         def work(conn: psycopg.Connection[Any]) -> None:
             updated = conn.execute(
@@ -1101,7 +1045,7 @@ class PostgresArchive:
             row = conn.execute(
                 "SELECT data FROM accounts WHERE address = %s", (_key(address),)
             ).fetchone()
-            return None if row is None else _account_of(row[0])
+            return None if row is None else Account.from_json(row[0])
 
         return self._call(work)
 
@@ -1114,7 +1058,7 @@ class PostgresArchive:
                     "SELECT data FROM accounts WHERE domain = %s", (_utf8(domain.lower()),)
                 ).fetchall()
             # In ``Address`` order, which no collation of the server gives.
-            return sorted((_account_of(r[0]) for r in rows), key=lambda a: a.address)
+            return sorted((Account.from_json(r[0]) for r in rows), key=lambda a: a.address)
 
         return self._call(work)
 

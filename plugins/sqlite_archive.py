@@ -53,17 +53,13 @@ Configuration (the ``[archive]`` table)::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
-import unicodedata
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -84,10 +80,12 @@ from mailhub.model import (
     ArchiveSummary,
     ArchiveText,
     AuditEvent,
-    Role,
     SentMessage,
     StoreFull,
     StoreUnavailable,
+    archive_words,
+    decode_archive_cursor,
+    encode_archive_cursor,
 )
 
 __all__ = ["SCHEMA_VERSION", "SqliteArchive", "plugin"]
@@ -192,14 +190,8 @@ CREATE TABLE IF NOT EXISTS sent (
 CREATE INDEX IF NOT EXISTS sent_time ON sent (account, sent_at DESC, id DESC);
 """
 
-_WORD = re.compile(r"[^\W_]+")
 
 
-def _words(text: str) -> list[str]:
-    """Words as the archive compares mailboxes: case and accents folded."""
-    folded = unicodedata.normalize("NFKD", text.casefold())
-    plain = "".join(c for c in folded if not unicodedata.combining(c))
-    return _WORD.findall(unicodedata.normalize("NFC", plain))
 
 
 def _clean(text: str) -> str:
@@ -222,18 +214,8 @@ def _as_tuple(items: Iterable[Any]) -> Any:
     return tuple(items)
 
 
-def _encode_cursor(received_at: float, archive_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([received_at, archive_id]).encode()).decode()
 
 
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        received_at, archive_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (binascii.Error, ValueError, TypeError) as e:
-        raise ValueError(f"not an archive cursor: {cursor!r}") from e
-    if not isinstance(received_at, int | float) or not isinstance(archive_id, str):
-        raise ValueError(f"not an archive cursor: {cursor!r}")
-    return float(received_at), archive_id
 
 
 def _text_blob(text: ArchiveText) -> bytes:
@@ -589,7 +571,7 @@ def _add(message: ArchivedMessage) -> _Job:
             "INSERT OR IGNORE INTO mailboxes (message_id, mailbox, domain, received_at, words)"
             " VALUES (?, ?, ?, ?, ?)",
             [
-                (message.id, _clean(str(m)), m.domain, received_at, " ".join(_words(str(m))))
+                (message.id, _clean(str(m)), m.domain, received_at, " ".join(archive_words(str(m))))
                 for m in message.mailboxes
             ],
         )
@@ -687,17 +669,17 @@ class _Search:
 
         match: list[str] = []
         for word in query.words:
-            if _words(word):
+            if archive_words(word):
                 match.append(f"({_fts_string(word, True)})")
         for phrase in query.phrases:
-            if _words(phrase):
+            if archive_words(phrase):
                 match.append(f"({_fts_string(phrase, False)})")
         for column, terms in (("sender", query.sender), ("subject", query.subject)):
             for term in terms:
-                if _words(term):
+                if archive_words(term):
                     match.append(f"{{{column}}} : ({_fts_string(term, True)})")
         for n, term in enumerate(query.recipient):
-            wanted = _words(term)
+            wanted = archive_words(term)
             if not wanted:
                 continue
             in_text = f"{{recipients}} : ({_fts_string(term, True)})"
@@ -777,7 +759,7 @@ class _Search:
         params = dict(self.params)
         extra: list[str] = []
         if cursor is not None:
-            params["cursor_time"], params["cursor_id"] = _decode_cursor(cursor)
+            params["cursor_time"], params["cursor_id"] = decode_archive_cursor(cursor)
             extra.append(f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)")
         found: list[tuple[Sequence[Any], list[Address]]] = []
         if self.matches and self.everywhere:
@@ -786,7 +768,7 @@ class _Search:
             self._collect(conn, params, extra, "", found, limit)
         items = [_summary(row, sorted(mailboxes)) for row, mailboxes in found[:limit]]
         more = len(found) > limit and items
-        next_cursor = _encode_cursor(items[-1].received_at, items[-1].id) if more else None
+        next_cursor = encode_archive_cursor(items[-1].received_at, items[-1].id) if more else None
         return ArchivePage(_as_tuple(items), next_cursor)
 
     def _collect(
@@ -917,7 +899,7 @@ class _Search:
 
 def _mailbox_matches(wanted: Sequence[str], mailbox: Address) -> bool:
     """Whether the words ``wanted`` occur in a row in ``mailbox``, the last as a start."""
-    return (" " + " ".join(_words(str(mailbox)))).find(" " + " ".join(wanted)) >= 0
+    return (" " + " ".join(archive_words(str(mailbox)))).find(" " + " ".join(wanted)) >= 0
 
 
 def _mailboxes_of(conn: sqlite3.Connection, archive_id: str) -> list[Address]:
@@ -1014,40 +996,13 @@ def _key(address: Address) -> bytes:
     return str(address).encode("utf-8", "surrogatepass")
 
 
-def _account_data(account: Account) -> str:
-    return json.dumps(
-        {
-            "address": [account.address.local, account.address.domain],
-            "password_hash": account.password_hash,
-            "role": account.role.value,
-            "mailboxes": [[m.local, m.domain] for m in account.mailboxes],
-            "totp_secret": account.totp_secret,
-            "recovery": account.recovery,
-            "disabled": account.disabled,
-            "session_version": account.session_version,
-            "created": account.created,
-        }
-    )
 
 
-def _account_of(data: str) -> Account:
-    fields = json.loads(data)
-    return Account(
-        address=Address(*fields["address"]),
-        password_hash=fields["password_hash"],
-        role=Role(fields["role"]),
-        mailboxes=_as_tuple(Address(local, domain) for local, domain in fields["mailboxes"]),
-        totp_secret=fields["totp_secret"],
-        recovery=fields["recovery"],
-        disabled=fields["disabled"],
-        session_version=fields["session_version"],
-        created=fields["created"],
-    )
 
 
 def _put_account(account: Account, new: bool) -> _Job:
     key = _key(account.address)
-    row = (key, account.address.domain.encode("utf-8", "surrogatepass"), _account_data(account))
+    row = (key, account.address.domain.encode("utf-8", "surrogatepass"), account.to_json())
 
     def job(conn: sqlite3.Connection) -> None:
         exists = conn.execute("SELECT 1 FROM accounts WHERE address = ?", (key,)).fetchone()
@@ -1071,7 +1026,7 @@ def _accounts(domain: str | None) -> _Job:
                 "SELECT data FROM accounts WHERE domain = ?",
                 (domain.lower().encode("utf-8", "surrogatepass"),),
             )
-        return sorted((_account_of(data) for (data,) in rows), key=lambda a: a.address)
+        return sorted((Account.from_json(data) for (data,) in rows), key=lambda a: a.address)
 
     return job
 
@@ -1218,7 +1173,7 @@ class SqliteArchive:
         try:
             search = _Search.of(scope, query)
             if cursor is not None:
-                _decode_cursor(cursor)
+                decode_archive_cursor(cursor)
         except ValueError:
             return fail()
         return self._read(lambda conn: search.page(conn, cursor, limit))
@@ -1275,7 +1230,7 @@ class SqliteArchive:
 
         def job(conn: sqlite3.Connection) -> Account | None:
             row = conn.execute("SELECT data FROM accounts WHERE address = ?", (key,)).fetchone()
-            return None if row is None else _account_of(row[0])
+            return None if row is None else Account.from_json(row[0])
 
         return self._read(job)
 

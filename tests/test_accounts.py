@@ -1,4 +1,4 @@
-"""mailhub.accounts: passwords, policy, TOTP, throttling, sessions, CSRF, roles; ``mailhub user``."""
+"""mailhub.archive.accounts: passwords, policy, TOTP, throttling, sessions, CSRF, roles; ``mailhub user``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
-from mailhub.accounts import (
+from mailhub.archive.accounts import (
     LoginThrottle,
     PasswordPolicyError,
     SessionSigner,
@@ -510,7 +510,7 @@ def test_short_secret_file_is_refused(tmp_path):
 
 
 def test_secret_file_defaults_beside_the_spool(tmp_path):
-    from mailhub.accounts import secret_file
+    from mailhub.archive.accounts import secret_file
     from mailhub.config import load
 
     config_path = tmp_path / "hub.toml"

@@ -8,8 +8,9 @@ from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IArchivePlugin
 from mailhub.model import ArchiveQuery, ArchiveScope, StoreUnavailable
+from mailhub.model import archive_words as words
 from mailhub.plugin import load_plugin
-from mailhub.plugins.memory_archive import MemoryArchive, plugin, words
+from mailhub.plugins.memory_archive import MemoryArchive, plugin
 from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import ALICE, ArchiveContract, archived
 

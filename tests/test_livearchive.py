@@ -20,7 +20,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.server import Site
 
-from mailhub import accounts as acc
+from mailhub.archive import accounts as acc
 from mailhub.config import parse
 from mailhub.model import Account, Address, ArchivedMessage, ArchiveText, Role
 from mailhub.node import Node

@@ -444,7 +444,9 @@ async def _redeliver(reactor: Any, args: argparse.Namespace, config: HubConfig, 
     if args.dry_run:
         out.write(f"{total} messages of {scope} would be re-delivered\n")
         return 0
-    store = load_plugin("mailhub.stores", config.store["plugin"]).make(config.plugin_section("store"), reactor)
+    from mailhub.cli import _open_store, _wake_local_nodes
+
+    store = _open_store(config, reactor)
     node = next(iter(config.nodes))
     progress = _Progress("re-delivered", total)
     entries = 0
@@ -453,7 +455,7 @@ async def _redeliver(reactor: Any, args: argparse.Namespace, config: HubConfig, 
             message = await archive.get(s.id)
             if message is None:
                 continue
-            mailboxes = [m for m in message.mailboxes if _in_scope(m, scope) and config.route_for(m.domain)]
+            mailboxes = [m for m in message.mailboxes if scope.contains(m) and config.route_for(m.domain)]
             if not mailboxes:
                 continue
             envelope = Envelope(
@@ -469,17 +471,8 @@ async def _redeliver(reactor: Any, args: argparse.Namespace, config: HubConfig, 
             f"{progress.done} messages of {scope} re-delivered: {entries} spool entries, delivered at the"
             f" route's pace (watch with: mailhub status, mailhub queue list)\n"
         )
-        from mailhub.cli import _wake_local_nodes
-
         await _wake_local_nodes(store, reactor.seconds(), config.delivery.heartbeat_seconds, out)
     finally:
         await store.close()
     return 0
 
-
-def _in_scope(mailbox: Address, scope: ArchiveScope) -> bool:
-    if scope.mailbox is not None:
-        return mailbox == scope.mailbox
-    if scope.domain is not None:
-        return mailbox.domain == scope.domain
-    return True

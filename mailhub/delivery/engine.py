@@ -619,6 +619,14 @@ class DeliveryEngine(Service):
             lambda f: self.log.debug("route state not cleared: {why}", why=f.getErrorMessage())
         )
 
+    def route_down_since(self, route: str) -> float | None:
+        """Since when ``route`` is down, as this node saw it or another node said; ``None`` if it is not."""
+        state = self.route_states.get(route) or {}
+        if state.get("state") == "down" and isinstance(state.get("since"), int | float):
+            return float(state["since"])
+        throttle = self._throttles.get(route)
+        return throttle.down_since if throttle is not None and throttle.down else None
+
     def _rejecting(self, route: str) -> dict[str, Any] | None:
         state = self.route_states.get(route)
         return state if state is not None and state.get("state") == "rejecting" else None
@@ -640,26 +648,29 @@ class DeliveryEngine(Service):
         threshold = self._settings.reject_storm_recipients
         if threshold <= 0:
             return decision
-        watch = self._watches.setdefault(route, _RejectWatch(self._settings.reject_storm_window))
+        watch = self._watches.get(route)
         if delivered:
-            held = watch.clear()
+            held = watch.clear() if watch is not None else []
             if held:
                 ensureDeferred(self._release_entries(route, held))
             return decision
-        throttle = self.throttle(route)
+        if not (rejected and replies and all(r.permanent for r in replies.values())):
+            return decision
+        if watch is None:
+            watch = self._watches[route] = _RejectWatch(self._settings.reject_storm_window)
         last = entry.last_reply
         suspect = (
-            throttle.troubled
+            self.throttle(route).troubled
             or watch.recent(now)
             or (last is not None and last.temporary)
             or self.route_states.get(route, {}).get("state") == "down"
         )
-        if rejected and replies and all(r.permanent for r in replies.values()) and suspect:
-            count = watch.add(now, [o.recipient for o in rejected], entry.id)
-            if count >= threshold:
-                ensureDeferred(self._start_storm(route, rejected[0].reply, now, count))
-            return _held(decision)
-        return decision
+        if not suspect:
+            return decision
+        count = watch.add(now, [o.recipient for o in rejected], entry.id)
+        if count >= threshold:
+            ensureDeferred(self._start_storm(route, rejected[0].reply, now, count))
+        return _held(decision)
 
     async def _start_storm(self, route: str, reply: Reply, now: float, count: int) -> None:
         if self._rejecting(route) is not None:

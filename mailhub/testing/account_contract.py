@@ -51,7 +51,7 @@ from mailhub.testing.archive_contract import ALICE, BOB, DAVE, NOW, ODD_MESSAGE
 
 __all__ = ["AccountStoreContract", "account", "sent"]
 
-#: An argon2 hash as ``mailhub.accounts`` makes them (of nothing secret).
+#: An argon2 hash as ``mailhub.archive.accounts`` makes them (of nothing secret).
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2g"
 ZOE = Address("zoë.ünïcode", "b.example")
 SHARED = Address("shared", "a.example")

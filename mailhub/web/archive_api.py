@@ -142,7 +142,7 @@ class ArchiveAPI(resource.Resource):
                 scope = _scope(args)
             except (AddressError, ValueError) as e:
                 return 400, {"error": str(e)}, None
-            if message is None or not any(_within(m, scope) for m in message.mailboxes):
+            if message is None or not any(scope.contains(m) for m in message.mailboxes):
                 return 404, {"error": f"no message {path[1]}"}, None
             await self._archive.record_audit(AuditEvent(now, actor, "read", path[1], "raw" if args.get("raw") else ""))
             if args.get("raw"):
@@ -152,7 +152,7 @@ class ArchiveAPI(resource.Resource):
                 "id": message.id,
                 "received_at": message.received_at,
                 "envelope_sender": str(message.sender) if message.sender else "",
-                "mailboxes": [str(m) for m in message.mailboxes if _within(m, scope)],
+                "mailboxes": [str(m) for m in message.mailboxes if scope.contains(m)],
                 "size": len(message.message),
                 "from": t.sender,
                 "to": t.recipients,
@@ -180,10 +180,3 @@ def _scope(args: Mapping[str, str]) -> ArchiveScope:
         return ArchiveScope(domain=args["domain"])
     return ArchiveScope()
 
-
-def _within(mailbox: Address, scope: ArchiveScope) -> bool:
-    if scope.mailbox is not None:
-        return mailbox == scope.mailbox
-    if scope.domain is not None:
-        return mailbox.domain == scope.domain
-    return True

@@ -12,14 +12,14 @@ escaping on by default either way.
 
 Security, for an MX on the public internet:
 
-- a session is a signed cookie (``mailhub.accounts.SessionSigner``:
+- a session is a signed cookie (``mailhub.archive.accounts.SessionSigner``:
   ``HttpOnly``, ``SameSite=Strict``, ``Secure`` and the ``__Host-`` prefix over
   TLS), expiring, ended for every device when the password changes or the
   account is disabled;
 - every request that changes anything carries a CSRF token bound to the
   session (the login form: a double-submit token);
 - logins are throttled per account and per client address
-  (``mailhub.accounts.LoginThrottle``);
+  (``mailhub.archive.accounts.LoginThrottle``);
 - every route checks that the account may read the mailbox and that the
   message is that mailbox's: any other id gives ``404``;
 - every answer has a strict Content-Security-Policy (no script, nothing from
@@ -45,7 +45,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from mailhub import accounts as acc
+from mailhub.archive import accounts as acc
 from mailhub.archive.query import QueryError, parse_query
 from mailhub.model import (
     Account,
@@ -104,8 +104,8 @@ class LiveArchive(resource.Resource):
     :param node: the ``mailhub.node.Node`` serving it (its engine's route
         states for the banner, ``receive`` to send).
     :param archive: an ``IArchive`` that also provides ``IAccountStore``.
-    :param signer: ``mailhub.accounts.SessionSigner``.
-    :param throttle: ``mailhub.accounts.LoginThrottle``.
+    :param signer: ``mailhub.archive.accounts.SessionSigner``.
+    :param throttle: ``mailhub.archive.accounts.LoginThrottle``.
     :param clock: ``IReactorTime``.
     :param tls: whether the listener is ``ssl:`` (``Secure`` cookies, HSTS).
     """
@@ -274,18 +274,15 @@ class LiveArchive(resource.Resource):
             return None
         engine = self._node.engine
         state = engine.route_states.get(route) or {}
-        throttle = engine._throttles.get(route)
         try:
-            backlog = int((await self._node._store.counts()).get("routes", {}).get(route, 0))
+            backlog = int((await self._node.store.counts()).get("routes", {}).get(route, 0))
         except Exception:
             backlog = 0
         waiting = f"; {backlog} message{'s' if backlog != 1 else ''} waiting for it" if backlog else ""
         if state.get("state") == "rejecting":
             return {"kind": "rejecting", "text": f"Your mail server is refusing mail since {_when(state.get('since'))}. "
                     f"The hub is holding it for you{waiting}; nothing is lost."}
-        down_since = state.get("since") if state.get("state") == "down" else None
-        if down_since is None and throttle is not None and throttle.down:
-            down_since = throttle.down_since
+        down_since = engine.route_down_since(route)
         if down_since is not None:
             return {"kind": "down", "text": f"Your mail server is down since {_when(down_since)}. "
                     f"Your mail is here and will be delivered when it is back{waiting}."}
@@ -296,10 +293,7 @@ class LiveArchive(resource.Resource):
     # -- login and out -----------------------------------------------------
 
     async def _root(self, request: Any, path: list[str]) -> None:
-        try:
-            await self._session(request)
-        except _Redirect:
-            raise
+        await self._session(request)  # to /login without one
         raise _Redirect("/mail")
 
     async def _login_form(self, request: Any, path: list[str], error: str = "", address: str = "") -> None:

@@ -154,15 +154,14 @@ def show(data: bytes, images: bool = False) -> Shown:
         ctype = part.get_content_type()
         filename = part.get_filename() or ""
         disposition = part.get_content_disposition()
-        if filename or disposition == "attachment" or not ctype.startswith("text/"):
-            if part is msg and not filename and ctype.startswith("text/"):
-                pass
-            else:
-                payload = part.get_payload(decode=True)
-                attachments.append(
-                    Attachment(index, filename or f"part-{index}", ctype, len(payload) if isinstance(payload, bytes) else 0)
-                )
-                continue
+        # Text without a file name is the message's text (a lone part even
+        # when it says "attachment"); anything else is an attachment.
+        is_text = ctype.startswith("text/") and not filename and (disposition != "attachment" or part is msg)
+        if not is_text:
+            payload = part.get_payload(decode=True)
+            size = len(payload) if isinstance(payload, bytes) else 0
+            attachments.append(Attachment(index, filename or f"part-{index}", ctype, size))
+            continue
         if ctype == "text/html":
             html_parts.append(_decoded(part))
         else:

@@ -28,7 +28,7 @@ from typing import Any
 from attrs import evolve
 from twisted.internet.threads import deferToThread
 
-from mailhub.accounts import (
+from mailhub.archive.accounts import (
     PasswordPolicyError,
     check_password_policy,
     hash_password,
