@@ -53,6 +53,8 @@ class HubInstance:
     def __init__(
         self, workdir: str, ports: list[int], sink_port: int, concurrency: int, store: str = "sqlite",
         archive: bool = True,
+        archive_options: str = "",
+        suffix: str = "",
     ) -> None:
         self.dir = workdir
         self.ports = ports
@@ -60,7 +62,8 @@ class HubInstance:
         self.concurrency = concurrency
         self.store = store
         self.archive = archive
-        self.name = f"mailhub-{store}-{len(ports)}node" + ("" if archive else "-noarchive")
+        self.archive_options = archive_options
+        self.name = f"mailhub-{store}-{len(ports)}node" + ("" if archive else "-noarchive") + suffix
         self.config = os.path.join(workdir, "hub.toml")
         self.proc: subprocess.Popen | None = None
         self.redis = None
@@ -74,10 +77,11 @@ class HubInstance:
             self.redis = RedisServer.start(Path(self.dir) / "redis")
             store = f'plugin = "redis"\nhost = "127.0.0.1"\nport = {self.redis.port}\n'
         else:
-            store = f'plugin = "{self.store}"\npath = "spool.db"\n'
+            # Each store plugin refuses keys it does not read: only sqlite has a path.
+            store = f'plugin = "{self.store}"\n' + ('path = "spool.db"\n' if self.store == "sqlite" else "")
         archive = ""
         if self.archive and "sqlite" in archive_plugins():
-            archive = '[archive]\nplugin = "sqlite"\npath = "archive.db"\n'
+            archive = '[archive]\nplugin = "sqlite"\npath = "archive.db"\n' + self.archive_options
         nodes = "".join(
             f'[nodes.{name}]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n\n'
             for name, port in zip(NODE_NAMES, self.ports, strict=False)
@@ -202,6 +206,10 @@ max_connections = {self.concurrency}
             return c["entries"] >= n and c["leased"] == 0
 
         wait_for(settled, timeout, f"{n} entries deferred by {self.name}", interval=0.5)
+
+    def wait_archived(self, timeout: float) -> None:
+        """Wait until the archive has every message: no ``archive:local`` entry left in the spool."""
+        wait_for(lambda: self.counts()["archive"] == 0, timeout, f"{self.name}'s archive to catch up", interval=0.25)
 
     def destroy(self) -> None:
         self.stop()

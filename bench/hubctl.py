@@ -46,7 +46,9 @@ async def counts(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     _config, store = open_store(args.config, reactor)
     try:
         c = await store.counts()
-        return {k: c[k] for k in ("entries", "held", "leased")}
+        out = {k: c[k] for k in ("entries", "held", "leased")}
+        out["archive"] = (c.get("routes") or {}).get("archive:local", 0)
+        return out
     finally:
         await store.close()
 

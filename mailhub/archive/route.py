@@ -56,12 +56,19 @@ class ArchiveTransport:
     :param reactor: for its thread pool (decoding is CPU work, off the reactor
         thread); a reactor without threads (a test's ``Clock``) decodes in line.
     :param decode: ``mailhub.archive.text.extract`` (tests may give another).
+    :param writer: where ``add`` goes instead of ``archive`` (decoding
+        included): the archive's worker process (``mailhub.archive.worker``),
+        or ``None`` to decode and add in this process.
     """
 
     log = Logger()
 
     def __init__(
-        self, archive: IArchive, reactor: Any, decode: Callable[[bytes], Any] | None = None
+        self,
+        archive: IArchive,
+        reactor: Any,
+        decode: Callable[[bytes], Any] | None = None,
+        writer: Any = None,
     ) -> None:
         if decode is None:
             from mailhub.archive.text import extract
@@ -70,6 +77,7 @@ class ArchiveTransport:
         self._archive = archive
         self._reactor = reactor
         self._decode: Callable[[bytes], Any] = decode
+        self._writer = writer
 
     def deliver(self, entry: Entry, message: bytes) -> Deferred[dict[Address, Reply]]:
         return ensureDeferred(self._deliver(entry, message))
@@ -77,6 +85,18 @@ class ArchiveTransport:
     async def _deliver(self, entry: Entry, message: bytes) -> dict[Address, Reply]:
         mailboxes = entry.pending
         try:
+            if self._writer is not None:
+                # The worker process decodes it too: only the envelope and the bytes go.
+                await self._writer.add(
+                    ArchivedMessage(
+                        id=entry.message_id,
+                        received_at=entry.created,
+                        sender=entry.sender,
+                        mailboxes=mailboxes,
+                        message=message,
+                    )
+                )
+                return dict.fromkeys(mailboxes, Reply(250, "2.0.0", "archived"))
             if IReactorThreads.providedBy(self._reactor):
                 text = await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._decode, message)
             else:
