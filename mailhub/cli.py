@@ -1,7 +1,7 @@
 """
 ``mailhub``: the operator's command.
 
-    mailhub check-config FILE
+    mailhub check-config [-c] FILE
     mailhub queue [--config FILE] list [--json] [--route R] [--held]
     mailhub queue [--config FILE] show ID [--json]
     mailhub queue [--config FILE] hold|release|delete ID
@@ -12,6 +12,7 @@
     mailhub archive [--config FILE] search|show|redeliver|import|export|hold|holds|audit ...
     mailhub nodes [--config FILE] [--json]
     mailhub status [--config FILE] [--json]
+    mailhub --version
     mailhub sink --listen ENDPOINT [--maildir DIR]
 
 The queue commands open the configured spool store themselves (the hub may be
@@ -440,11 +441,14 @@ async def _nodes(reactor: Any, args: argparse.Namespace, config: HubConfig) -> i
         age = None if seen is None else max(0.0, now - seen)
         if seen is None:
             state = "never seen"
+        elif n["info"].get("stopped"):
+            state = "stopped"  # its last heartbeat said so: a clean stop, not an outage
         elif age is not None and age > limit:
             state = "DOWN"
         else:
             state = "up"
-        rows.append({**n, "age": age, "state": state, "down": state != "up",
+        rows.append({**n, "age": age, "state": state, "down": state not in ("up", "stopped"),
+                     "stopped_at": seen if state == "stopped" else None,
                      "configured": name in config.nodes})
     out = sys.stdout
     if args.json:
@@ -459,7 +463,8 @@ async def _nodes(reactor: Any, args: argparse.Namespace, config: HubConfig) -> i
         out.write(f"{r['name']:14} {r['state']:10} {last:36} {r['leased']:>6} {r['reserved']:>8}  {where}\n")
     out.write(
         f"(DOWN: no heartbeat for {DOWN_AFTER_HEARTBEATS} x [delivery] heartbeat_seconds = {limit:g} s;"
-        " its leases expire and the other nodes take its entries)\n"
+        " its leases expire and the other nodes take its entries.  stopped: stopped cleanly at LAST SEEN,"
+        " its leases given back)\n"
     )
     return 0
 
@@ -492,6 +497,11 @@ def _status(config: HubConfig, as_json: bool) -> int:
                 results[node.name] = json.loads(response.read())
         except (OSError, ValueError, urllib.error.URLError) as e:
             results[node.name] = {"error": f"{url}: {e}"}
+    if any("error" in r for r in results.values()):
+        # A node that does not answer may have stopped cleanly: its last heartbeat says when.
+        for name, at in _stopped_nodes(config).items():
+            if "error" in results.get(name, {}):
+                results[name].update(state="stopped", stopped_at=at)
     if as_json:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -505,7 +515,10 @@ def _status(config: HubConfig, as_json: bool) -> int:
     for name, r in results.items():
         if "error" in r:
             failed = True
-            sys.stdout.write(f"{name}: UNREACHABLE ({r['error']})\n")
+            if r.get("state") == "stopped":
+                sys.stdout.write(f"{name}: stopped at {_when(r['stopped_at'], time.time())}\n")
+            else:
+                sys.stdout.write(f"{name}: UNREACHABLE ({r['error']})\n")
             continue
         spool = r.get("spool", {})
         sys.stdout.write(
@@ -516,6 +529,41 @@ def _status(config: HubConfig, as_json: bool) -> int:
         for route, t in r["engine"]["routes"].items():
             sys.stdout.write(f"  {route}: {_route_line(t, backlog.get(route, 0), pace.get(route, 0))}\n")
     return 1 if failed else 0
+
+
+def _stopped_nodes(config: HubConfig) -> dict[str, float]:
+    """
+    The nodes whose last heartbeat says that they stopped cleanly, with the
+    time; empty when the store keeps no heartbeats or cannot be read.
+    """
+    from twisted.internet import task
+    from twisted.internet.defer import ensureDeferred
+
+    from mailhub.interfaces import INodeRegistry
+
+    stopped: dict[str, float] = {}
+
+    async def read(reactor: Any) -> None:
+        try:
+            store = _open_store(config, reactor)
+        except Exception:
+            return  # status still says the node does not answer
+        try:
+            registry = INodeRegistry(store, None)
+            if registry is not None:
+                for n in await registry.nodes(reactor.seconds()):
+                    if n["info"].get("stopped") and n["last_seen"] is not None:
+                        stopped[n["name"]] = n["last_seen"]
+        except Exception:
+            pass  # the store does not answer: the same
+        finally:
+            await store.close()
+
+    try:
+        task.react(lambda reactor: ensureDeferred(read(reactor)))
+    except SystemExit:
+        pass
+    return stopped
 
 
 def _route_line(t: dict[str, Any], backlog: int, per_minute: int) -> str:
@@ -551,11 +599,20 @@ def _route_line(t: dict[str, Any], backlog: int, per_minute: int) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from mailhub import __version__
+
     p = argparse.ArgumentParser(prog="mailhub", description="Operate a mailhub hub.")
+    p.add_argument("--version", action="version", version=f"mailhub {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    cc = sub.add_parser("check-config", help="check a configuration file and print it resolved")
-    cc.add_argument("file")
+    cc = sub.add_parser(
+        "check-config",
+        help="check a configuration file (the core's tables, the plugins' tables, the routes' targets)"
+        " and print it resolved",
+    )
+    cc.add_argument("file", nargs="?", help="the configuration, or -c FILE")
+    cc.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
+                    help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
 
     q = sub.add_parser("queue", help="look at and act on the spool")
     q.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
@@ -630,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
-            config = load(args.file)
+            config = load(args.file or args.config)
         except ConfigError as e:
             sys.stderr.write(f"{e}\n")
             return 2

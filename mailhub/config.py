@@ -3,20 +3,30 @@ The hub's configuration: a TOML file read into attrs objects.
 
 Every error names the file, the key and what is wrong with it, and all errors
 of a file are reported together, so an operator fixes a config in one pass.
+The core's tables are checked strictly: a key the core does not know is an
+error, with the closest known key suggested.  The tables of plugins
+(``[store]``, ``[archive]``, ``[policy]``) and a route's target and options
+are checked by the plugins themselves (``mailhub.plugin``: ``config_keys``,
+``check_config``), with errors in the same form.
 This module reads one file and does no other I/O.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import json
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from attrs import asdict, evolve, field, frozen
+from attrs import asdict, evolve, field, fields, frozen
 
 from mailhub.model import Route
+from mailhub.plugin import PluginNotFound, check_plugin_config, declared_keys, load_plugin
 
 __all__ = ["ConfigError", "DomainConfig", "HubConfig", "NodeConfig", "SmtpConfig", "load", "parse"]
 
@@ -42,6 +52,12 @@ class NodeConfig:
 
 @frozen
 class DomainConfig:
+    """
+    A ``[domains."..."]`` table.  Its defaults are the route's, for the whole
+    hub: ``route_options`` passes them on, so that the node and the transport
+    need none of their own.
+    """
+
     name: str
     route: str
     max_connections: int = 10
@@ -59,6 +75,7 @@ class SmtpConfig:
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
     bare_line_endings: str = "reject"
+    nul_bytes: str = "reject"
     banner: str = ""
     # STARTTLS: absolute paths of PEM files; both empty means the node uses a
     # self-signed pair it generates on first start (mailhub.smtp.tls).
@@ -112,7 +129,9 @@ class HubConfig:
     nodes: Mapping[str, NodeConfig]
     domains: Mapping[str, DomainConfig]
     #: ``[web]``: ``api_tokens_file`` (absolute), for the JSON API;
-    #: ``secret_file``, the LiveArchive's session key.
+    #: ``secret_file``, the LiveArchive's session key; ``public_url`` (no
+    #: trailing ``/``), where the links in the LiveArchive's mail point;
+    #: ``metrics_allow``, the networks (``"127.0.0.0/8"``) served ``/metrics``.
     web: Mapping[str, Any] = {}
 
     @property
@@ -137,10 +156,10 @@ class HubConfig:
         for d in self.domains.values():
             if d.route == route:
                 return {"max_connections": d.max_connections, **d.options}
-        return {"max_connections": 10}
+        return {"max_connections": fields(DomainConfig).max_connections.default}
 
     #: The ``[archive]`` keys the core reads; the rest is the plugin's.
-    ARCHIVE_KEYS = ("plugin", "retention_days", "max_connections", "expire_every_minutes")
+    ARCHIVE_KEYS = ("plugin", "retention_days", "max_connections", "expire_every_minutes", "processes", "nice")
 
     def archive_retention_days(self, domain: str) -> float:
         """Days the archive keeps ``domain``'s mail: the domain's ``archive_retention_days``, else ``[archive] retention_days`` (30)."""
@@ -169,6 +188,15 @@ class _Reader:
 
     def err(self, key: str, msg: str) -> None:
         self.errors.append((key, msg))
+
+    def unknown(self, table: Mapping[str, Any], prefix: str, known: Iterable[str], what: str = "key") -> None:
+        """An error for each key of ``table`` not in ``known``, with the closest known key suggested."""
+        names = sorted(set(known))
+        for key in table:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f'did you mean "{close[0]}"?' if close else f"known: {', '.join(names)}"
+                self.err(_key(prefix, key), f"unknown {what} ({hint})")
 
     def table(self, data: Mapping[str, Any], key: str, required: bool = False) -> dict[str, Any]:
         value = data.get(key.rsplit(".", 1)[-1])
@@ -203,6 +231,17 @@ class _Reader:
         return value
 
 
+def _key(prefix: str, key: str) -> str:
+    """``key`` of the table ``prefix`` as TOML writes it: ``smtp.banner``, ``domains."example.com"``."""
+    name = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    """The keys of a table read into the attrs class ``cls``: its field names."""
+    return tuple(f.name for f in fields(cls))
+
+
 def _kind_name(kinds: tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
@@ -212,9 +251,12 @@ def load(path: str, endpoints: bool = True) -> HubConfig:
     """
     Read and check a configuration file.
 
-    :param endpoints: check the nodes' endpoint strings too (Twisted's parser:
-        importing it costs a command-line tool that listens on nothing, like
-        ``mailhub queue``, a third of its run).
+    :param endpoints: check where the hub listens and connects too: the
+        nodes' endpoint strings, and each route's target and domain table, by
+        the route's transport (Twisted's parser and the transports: importing
+        them costs a command-line tool that listens on nothing, like
+        ``mailhub queue``, a third of its run).  The plugins' own tables
+        (``[store]``, ``[archive]``, ``[policy]``) are checked either way.
     :raises ConfigError: listing every problem, each with the file and key.
     """
     try:
@@ -233,16 +275,16 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [("(file)", f"not valid TOML: {e}")])
     r = _Reader(path)
-    for key in data:
-        if key not in _TOP:
-            r.err(key, f"unknown table (known: {', '.join(sorted(_TOP))})")
+    r.unknown(data, "", _TOP, "table")
 
     hub = r.table(data, "hub", required=True)
+    r.unknown(hub, "hub", ("hostname", "outbound"))
     hostname = r.get(hub, "hub", "hostname", str, required=True) or "localhost"
     outbound = r.get(hub, "hub", "outbound", str, default="smtp:mx")
     _check_route(r, "hub.outbound", outbound)
 
     s = r.table(data, "smtp")
+    r.unknown(s, "smtp", _fields(SmtpConfig))
     num = (int, float)
     smtp = SmtpConfig(
         max_message_size=r.get(s, "smtp", "max_message_size", int, SmtpConfig().max_message_size, positive=True),
@@ -252,24 +294,31 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         idle_timeout=float(r.get(s, "smtp", "idle_timeout", num, 300.0, positive=True)),
         data_timeout=float(r.get(s, "smtp", "data_timeout", num, 600.0, positive=True)),
         bare_line_endings=r.get(s, "smtp", "bare_line_endings", str, "reject"),
+        nul_bytes=r.get(s, "smtp", "nul_bytes", str, "reject"),
         banner=r.get(s, "smtp", "banner", str, ""),
     )
     if smtp.bare_line_endings not in ("reject", "normalise"):
         r.err("smtp.bare_line_endings", f"must be 'reject' or 'normalise', not {smtp.bare_line_endings!r}")
+    if smtp.nul_bytes not in ("reject", "remove"):
+        r.err("smtp.nul_bytes", f"must be 'reject' or 'remove', not {smtp.nul_bytes!r}")
     smtp = _smtp_security(r, s, smtp, os.path.dirname(os.path.abspath(path)))
 
     dv = r.table(data, "delivery")
+    r.unknown(dv, "delivery", _fields(DeliveryConfig))
+    dd = DeliveryConfig()
     delivery = DeliveryConfig(
-        lease_seconds=float(r.get(dv, "delivery", "lease_seconds", num, 600.0, positive=True)),
-        takeover_seconds=float(r.get(dv, "delivery", "takeover_seconds", num, 300.0, positive=True)),
-        batch=r.get(dv, "delivery", "batch", int, 100, positive=True),
-        max_scan_interval=float(r.get(dv, "delivery", "max_scan_interval", num, 60.0, positive=True)),
-        flush_on_recovery=r.get(dv, "delivery", "flush_on_recovery", bool, True),
-        probe_seconds=float(r.get(dv, "delivery", "probe_seconds", num, 30.0, positive=True)),
-        heartbeat_seconds=float(r.get(dv, "delivery", "heartbeat_seconds", num, 10.0, positive=True)),
-        share_seconds=float(r.get(dv, "delivery", "share_seconds", num, 1.0, positive=True)),
-        reject_storm_recipients=r.get(dv, "delivery", "reject_storm_recipients", int, 3),
-        reject_storm_window=float(r.get(dv, "delivery", "reject_storm_window", num, 600.0, positive=True)),
+        lease_seconds=float(r.get(dv, "delivery", "lease_seconds", num, dd.lease_seconds, positive=True)),
+        takeover_seconds=float(r.get(dv, "delivery", "takeover_seconds", num, dd.takeover_seconds, positive=True)),
+        batch=r.get(dv, "delivery", "batch", int, dd.batch, positive=True),
+        max_scan_interval=float(r.get(dv, "delivery", "max_scan_interval", num, dd.max_scan_interval, positive=True)),
+        flush_on_recovery=r.get(dv, "delivery", "flush_on_recovery", bool, dd.flush_on_recovery),
+        probe_seconds=float(r.get(dv, "delivery", "probe_seconds", num, dd.probe_seconds, positive=True)),
+        heartbeat_seconds=float(r.get(dv, "delivery", "heartbeat_seconds", num, dd.heartbeat_seconds, positive=True)),
+        share_seconds=float(r.get(dv, "delivery", "share_seconds", num, dd.share_seconds, positive=True)),
+        reject_storm_recipients=r.get(dv, "delivery", "reject_storm_recipients", int, dd.reject_storm_recipients),
+        reject_storm_window=float(
+            r.get(dv, "delivery", "reject_storm_window", num, dd.reject_storm_window, positive=True)
+        ),
     )
     if delivery.reject_storm_recipients < 0:
         r.err("delivery.reject_storm_recipients", "must be 0 (off) or more")
@@ -285,11 +334,16 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         r.get(archive, "archive", "retention_days", num, positive=True)
         r.get(archive, "archive", "max_connections", int, positive=True)
         r.get(archive, "archive", "expire_every_minutes", num, positive=True)
+        r.get(archive, "archive", "processes", int)
+        if archive.get("processes", 0) not in (0, 1) and isinstance(archive.get("processes"), int):
+            r.err("archive.processes", "must be 1 (archive in a worker process) or 0 (in the hub's own)")
+        r.get(archive, "archive", "nice", int)
+        if isinstance(archive.get("nice"), int) and not 0 <= archive["nice"] <= 19:
+            r.err("archive.nice", "must be between 0 and 19")
+    # The rest of these three tables is their plugins' to check (_check_plugins).
     policy = {"plugin": "standard", **r.table(data, "policy")}
-    if "retry_minutes" in policy:
-        r.get(policy, "policy", "retry_minutes", num, positive=True)
-    if "lifetime_days" in policy:
-        r.get(policy, "policy", "lifetime_days", num, positive=True)
+    if not isinstance(policy["plugin"], str):
+        r.err("policy.plugin", "must be a string")
 
     nodes: dict[str, NodeConfig] = {}
     for name, n in r.table(data, "nodes", required=True).items():
@@ -297,9 +351,7 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         if not isinstance(n, dict):
             r.err(prefix, "must be a table")
             continue
-        for key in n:
-            if key not in ("smtp", "web"):
-                r.err(f"{prefix}.{key}", "unknown key (known: smtp, web)")
+        r.unknown(n, prefix, ("smtp", "web"))
         smtp_ep = r.get(n, prefix, "smtp", str, required=True)
         web_ep = r.get(n, prefix, "web", str)
         for key, ep in (("smtp", smtp_ep), ("web", web_ep)):
@@ -312,14 +364,14 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
 
     domains: dict[str, DomainConfig] = {}
     for name, d in r.table(data, "domains", required=True).items():
-        prefix = f'domains."{name}"' if "." in name else f"domains.{name}"
+        prefix = _domain_prefix(name)
         if not isinstance(d, dict):
             r.err(prefix, "must be a table")
             continue
         route = r.get(d, prefix, "route", str, required=True)
         if route is not None:
             _check_route(r, f"{prefix}.route", route)
-        maxc = r.get(d, prefix, "max_connections", int, 10, positive=True)
+        maxc = r.get(d, prefix, "max_connections", int, fields(DomainConfig).max_connections.default, positive=True)
         if "backpressure_pause" in d:
             r.get(d, prefix, "backpressure_pause", (int, float), positive=True)
         if "max_rate" in d:
@@ -335,19 +387,58 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         r.err("domains", "at least one domain is needed")
 
     web = dict(r.table(data, "web"))
-    for key in web:
-        if key not in ("api_tokens_file", "secret_file"):
-            r.err(f"web.{key}", "unknown key (known: api_tokens_file, secret_file)")
+    r.unknown(web, "web", ("api_tokens_file", "metrics_allow", "public_url", "secret_file"))
     r.get(web, "web", "secret_file", str)
+    public_url = r.get(web, "web", "public_url", str)
+    if public_url is not None:
+        if _public_url_ok(public_url):
+            web["public_url"] = public_url.rstrip("/")
+        else:
+            r.err(
+                "web.public_url",
+                "must be the LiveArchive's address as people reach it, like https://mail.example.com"
+                f" (http or https, a host in ASCII, perhaps a port and a path; no query, fragment, user or spaces), not {public_url!r}",
+            )
     tokens = r.get(web, "web", "api_tokens_file", str)
     if tokens is not None:
         web["api_tokens_file"] = os.path.join(os.path.dirname(os.path.abspath(path)), tokens)
+    allow = r.get(web, "web", "metrics_allow", list)
+    if allow is not None:
+        web["metrics_allow"] = _networks(r, "web.metrics_allow", allow)
 
-    if r.errors:
-        raise ConfigError(path, r.errors)
-    return HubConfig(
+    config = HubConfig(
         path=path, hostname=hostname, outbound=outbound, smtp=smtp, delivery=delivery,
         store=store, archive=archive, policy=policy, nodes=nodes, domains=domains, web=web,
+    )
+    _check_plugins(r, data, config, routes=endpoints)
+    if r.errors:
+        raise ConfigError(path, r.errors)
+    return config
+
+
+def _networks(r: _Reader, key: str, values: list[Any]) -> tuple[str, ...]:
+    """Addresses or networks in CIDR form, each as ``ipaddress`` writes it; an error for each that is not one."""
+    found = []
+    for value in values:
+        try:
+            if not isinstance(value, str):
+                raise ValueError("not a string")
+            found.append(str(ipaddress.ip_network(value.strip())))
+        except ValueError as e:
+            r.err(key, f"{value!r} is not an address or a network like \"192.0.2.0/24\" or \"2001:db8::/32\" ({e})")
+    return tuple(found)
+
+
+def _public_url_ok(text: str) -> bool:
+    """Whether ``[web] public_url`` is a base the links in mail can start with."""
+    try:
+        parsed = urllib.parse.urlsplit(text)
+        parsed.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return False
+    return (
+        parsed.scheme in ("http", "https") and bool(parsed.hostname) and not parsed.query
+        and not parsed.fragment and parsed.username is None and all(32 < ord(c) < 127 for c in text)
     )
 
 
@@ -423,29 +514,114 @@ def _recipient_options(
     return options
 
 
-ROUTE_TLS = ("opportunistic", "required", "none")
-
-
 def _route_tls_options(r: _Reader, prefix: str, options: dict[str, Any], base: str) -> dict[str, Any]:
     """
-    Check a domain's outbound STARTTLS keys (``tls``, ``tls_verify``,
-    ``tls_ca_file``), which the route's transport reads; ``tls_ca_file`` is
-    made absolute (relative to the config file's directory).
+    Make a domain's ``tls_ca_file`` absolute (relative to the config file's
+    directory) and check that it exists.  The transport checks its TLS keys
+    (``check_config``): the modes and their defaults are its own.
     """
-    tls = r.get(options, prefix, "tls", str, "opportunistic")
-    if tls not in ROUTE_TLS:
-        r.err(f"{prefix}.tls", f"must be 'opportunistic', 'required' or 'none', not {tls!r}")
-    verify = r.get(options, prefix, "tls_verify", bool, False)
-    ca_file = r.get(options, prefix, "tls_ca_file", str)
-    if tls == "none" and verify:
-        r.err(f"{prefix}.tls_verify", "means nothing with tls = 'none'")
-    if ca_file is not None:
-        if not verify:
-            r.err(f"{prefix}.tls_ca_file", "is used only with tls_verify = true")
+    ca_file = options.get("tls_ca_file")
+    if isinstance(ca_file, str) and ca_file:
         options["tls_ca_file"] = os.path.join(base, ca_file)
         if not os.path.isfile(options["tls_ca_file"]):
             r.err(f"{prefix}.tls_ca_file", f"no such file: {options['tls_ca_file']}")
     return options
+
+
+#: The keys of a ``[domains."..."]`` table that the core reads; the others
+#: are the route's transport's (its ``config_keys``).
+DOMAIN_KEYS = (
+    "route", "max_connections", "max_rate", "backpressure_pause", "archive_retention_days",
+    "recipients", "recipients_file", "verify", "verify_positive_seconds", "verify_negative_seconds",
+    "verify_unreachable", "verify_timeout",
+)
+
+
+def _domain_prefix(name: str) -> str:
+    return f'domains."{name}"' if "." in name else f"domains.{name}"
+
+
+def _check_plugins(r: _Reader, data: Mapping[str, Any], config: HubConfig, routes: bool) -> None:
+    """
+    Have each plugin check its own table (``mailhub.plugin``): unknown keys
+    against the core's and the plugin's ``config_keys``, values with its
+    ``check_config``, given what its ``make`` would get.  With ``routes``,
+    each route's transport checks the route's target and the rest of its
+    domain's table too.
+    """
+    found: dict[tuple[str, str], Any] = {}
+
+    def plugin(group: str, name: str, key: str) -> Any:
+        if (group, name) not in found:
+            try:
+                found[group, name] = load_plugin(group, name)
+            except PluginNotFound as e:
+                found[group, name] = e
+        if isinstance(found[group, name], PluginNotFound):
+            r.err(key, str(found[group, name]))
+            return None
+        return found[group, name]
+
+    def check(
+        factory: Any, prefix: str, table: Mapping[str, Any] | None, core: Iterable[str],
+        section: Mapping[str, Any], rename: Mapping[str, str],
+    ) -> None:
+        keys = declared_keys(factory)
+        if table is not None and keys is not None:
+            r.unknown(table, prefix, (*core, *keys))
+        problem = check_plugin_config(factory, section, prefix)
+        if problem is not None:
+            key, what = problem
+            error = ((rename.get(key) or _key(prefix, key)) if key else prefix, what)
+            if error not in r.errors:
+                r.err(*error)
+
+    for table, group, core in (
+        ("store", "mailhub.stores", ("plugin",)),
+        ("archive", "mailhub.archives", HubConfig.ARCHIVE_KEYS),
+        ("policy", "mailhub.policies", ("plugin",)),
+    ):
+        given: Mapping[str, Any] | None = getattr(config, table)
+        if given is None or not isinstance(given.get("plugin"), str):
+            continue
+        factory = plugin(group, given["plugin"], f"{table}.plugin")
+        if factory is not None:
+            section = config.archive_section() if table == "archive" else config.plugin_section(table)
+            check(factory, table, given, core, section, {})
+    if not routes:
+        return
+    # The target is the transport's to parse; the hub's name is the core's.
+    to_hub = {"hostname": "hub.hostname"}
+    try:
+        outbound = Route.parse(config.outbound)
+    except ValueError:
+        pass  # already said
+    else:
+        factory = plugin("mailhub.transports", outbound.transport, "hub.outbound")
+        if factory is not None:
+            # Only the target: a domain's options are checked with its domain.
+            section = {
+                "max_connections": fields(DomainConfig).max_connections.default,
+                "target": outbound.target, "hostname": config.hostname,
+            }
+            check(factory, "hub.outbound", None, (), section, {**to_hub, "target": "hub.outbound"})
+    tables = data.get("domains")
+    for name, table in (tables if isinstance(tables, dict) else {}).items():
+        domain = config.domains.get(name.lower())
+        if domain is None or not isinstance(table, dict):
+            continue
+        try:
+            route = Route.parse(domain.route)
+        except ValueError:
+            continue  # already said
+        prefix = _domain_prefix(name)
+        factory = plugin("mailhub.transports", route.transport, f"{prefix}.route")
+        if factory is not None:
+            section = {
+                "max_connections": domain.max_connections, **domain.options,
+                "target": route.target, "hostname": config.hostname,
+            }
+            check(factory, prefix, table, DOMAIN_KEYS, section, {**to_hub, "target": f"{prefix}.route"})
 
 
 def _check_route(r: _Reader, key: str, route: str) -> None:

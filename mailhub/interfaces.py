@@ -24,9 +24,11 @@ __all__ = [
     "IArchive",
     "IArchivePlugin",
     "IDeliveryPolicy",
+    "ILeaseReclaim",
     "INodeRegistry",
     "IPolicyPlugin",
     "IPooledTransport",
+    "IRecipientProbe",
     "IRouteCoordination",
     "ISpoolStore",
     "IStorePlugin",
@@ -190,6 +192,52 @@ class ISpoolStore(Interface):
 
     def close():
         """Release resources; fires when done.  No other method is called after."""
+
+
+class ILeaseReclaim(Interface):
+    """
+    A restarted node takes back at once what it held when its process died:
+    optional, a store may provide it besides ``ISpoolStore`` (the ``memory``,
+    ``sqlite`` and ``redis`` stores do).  Without it, the entries leased to
+    a node that died wait for their leases to expire (``[delivery]
+    lease_seconds``), which is what lets another node take them over.
+
+    Each start of a node is an incarnation: a string the node makes anew
+    each time it starts, which no other start of any node ever uses.  A
+    store that provides this interface remembers, per node name, the
+    incarnation last given to ``reclaim`` on that store object, and every
+    lease it then gives to that node (``claim``, ``enqueue_leased``) is
+    held under that incarnation.  Like every store method these return
+    ``Deferred``s, fail with ``StoreUnavailable`` when the backend is
+    unreachable and never block.
+    """
+
+    def reclaim(node, incarnation, now):
+        """
+        Begin ``incarnation`` of ``node``, and make due at once the entries
+        it leased in earlier incarnations.
+
+        Before this returns, the store notes ``incarnation`` for ``node``:
+        every lease given to ``node`` after the call is held under it.  Then,
+        atomically across every process sharing the store, each entry under
+        a lease that has not expired (at ``now``), held by ``node`` under
+        another incarnation (or under none: a lease taken before this
+        store object knew one), loses its lease and is due at ``now``,
+        reserved for ``node`` (``Entry.node``), so that this node tries it
+        first and another node only after ``takeover_seconds``.  A held
+        entry stays held.  ``record`` under a lease taken back fails with
+        ``LeaseLost``, ``release`` does nothing.  Leases held by other
+        nodes, and by ``node`` under ``incarnation``, are untouched: the
+        call may be repeated (after a ``StoreUnavailable``, say).
+
+        A node name runs in one process at a time: the leases of another
+        incarnation are a dead process's.
+
+        :param node: the starting node's name.
+        :param incarnation: this start's incarnation (a short, non-empty string).
+        :param now: the node's clock.
+        :returns: a ``Deferred`` firing with the number of entries taken back.
+        """
 
 
 #: The signal a hub process run by ``twistd mailhub`` answers by scanning its
@@ -359,6 +407,45 @@ class IArchive(Interface):
             that one call stays short.
         :returns: a ``Deferred`` firing with how many pairs were removed
             (fewer than ``limit``: nothing more to expire now).
+
+        The delivery records (``record_delivered``) of the domain's mailboxes
+        made before ``before`` go too, at most ``limit`` of them a call, with
+        the same exceptions for holds; the count is then the larger of the
+        pairs and the records removed.
+        """
+
+    def record_delivered(records):
+        """
+        Remember what the hub delivered, for ``delivered`` (``mailhub archive
+        redeliver --skip-delivered``).
+
+        :param records: a sequence of ``(archive_id, mailbox, route, at)``
+            tuples: the archive id of the message (for mail the hub accepted,
+            its spool message id, ``Entry.message_id``: the archive may not
+            have the copy yet, or ever), the ``Address`` of a mailbox of the
+            hub's domains whose server accepted it (a 2xx), the route (text)
+            and when.  One record per (archive id, mailbox) is kept, with the
+            latest time and its route; a batch may name a pair twice.
+        :returns: a ``Deferred`` firing with ``None`` once written.  The hub
+            writes these best-effort, in batches, beside delivery and never
+            in its way: a lost record means at worst that a re-delivery
+            which skips delivered messages sends that one again.
+        """
+
+    def delivered(pairs):
+        """
+        Which of some messages the hub delivered to which mailboxes, by
+        Message-ID.
+
+        :param pairs: an iterable of ``(archive_id, mailbox)`` (an
+            ``Address``).
+        :returns: a ``Deferred`` firing with the set of those pairs (as
+            tuples) for which a record (``record_delivered``) says that the
+            hub delivered to that mailbox either that archive id or another
+            whose archived copy has the same non-empty Message-ID
+            (``ArchiveText.message_id``, compared exactly).  A record whose
+            message has no archived copy matches its own archive id only, and
+            so does a message without a Message-ID.
         """
 
     def set_hold(scope, held, reason, at):
@@ -496,6 +583,43 @@ class IPooledTransport(Interface):
         """
 
 
+class IRecipientProbe(Interface):
+    """
+    A transport that can ask its route's server whether a recipient exists,
+    without sending a message (optional, besides ``ITransport``).  This is
+    what ``verify = "route"`` in a ``[domains."..."]`` table uses: the hub
+    refuses an unknown recipient at ``RCPT`` rather than bouncing its mail
+    later.  The hub bounds each probe's time (``verify_timeout``), caches the
+    answers and limits how many probes run at once: the transport only asks.
+
+    A transport plugin whose transports provide this says so on its factory
+    (``ITransportPlugin``) with the attribute ``recipient_probe = True`` (not
+    declared there, so that ``verifyObject`` does not require it), so that
+    the configuration can be checked before any transport is made:
+    ``verify = "route"`` on a route whose plugin does not say so is an error
+    at ``mailhub check-config`` and at start.  The factory's ``make`` (and
+    ``check_config``) may still refuse ``verify = "route"`` for a target it
+    cannot probe, with ``ValueError("verify: ...")`` (``smtp:mx`` does).
+    ``mailhub.smtp.client.probe_rcpt`` asks an SMTP or LMTP server.
+    """
+
+    def probe(recipient):
+        """
+        Ask the route's server whether it takes mail for ``recipient``.  No
+        message is sent (with SMTP: ``MAIL FROM:<>`` and ``RCPT``, never
+        ``DATA``).
+
+        :param recipient: the ``Address``, of one of the hub's domains.
+        :returns: a ``Deferred`` firing with a ``Reply``: 2xx, the recipient
+            exists; 5xx, it does not (``553 5.6.7``: the address needs
+            SMTPUTF8, which the server lacks); 4xx, the probe cannot say now
+            (refused, timed out, dropped, a 4xx from the server, or a refusal
+            before RCPT, which says nothing of the recipient).  Never an
+            errback, as with ``deliver``.  Cancelling it ends the probe and
+            closes whatever connection it opened for it.
+        """
+
+
 class IDeliveryPolicy(Interface):
     """
     Decides from replies what happens next.  A pure object: it never touches
@@ -516,7 +640,12 @@ class IDeliveryPolicy(Interface):
 
 
 class IStorePlugin(Interface):
-    """Entry-point object of the ``mailhub.stores`` group."""
+    """
+    Entry-point object of the ``mailhub.stores`` group.
+
+    Optional members ``config_keys`` and ``check_config``: the plugin checks
+    its own settings (``mailhub.plugin``).
+    """
 
     name = Attribute("The name the configuration uses: ``[store] plugin = NAME``.")
 
@@ -531,7 +660,17 @@ class IStorePlugin(Interface):
 
 
 class IArchivePlugin(Interface):
-    """Entry-point object of the ``mailhub.archives`` group."""
+    """
+    Entry-point object of the ``mailhub.archives`` group.
+
+    An optional attribute ``shareable`` (``False`` when absent; not declared
+    here, so that ``verifyObject`` does not require it): ``True`` when
+    several processes may open the same archive from the same table, so
+    that the hub may archive in a worker process of its own
+    (``mailhub.archive.worker``, ``[archive] processes``).  Optional members
+    ``config_keys`` and ``check_config``: the plugin checks its own settings
+    (``mailhub.plugin``).
+    """
 
     name = Attribute("The name the configuration uses: ``[archive] plugin = NAME``.")
 
@@ -540,7 +679,12 @@ class IArchivePlugin(Interface):
 
 
 class ITransportPlugin(Interface):
-    """Entry-point object of the ``mailhub.transports`` group."""
+    """
+    Entry-point object of the ``mailhub.transports`` group.
+
+    Optional members ``config_keys`` and ``check_config``: the plugin checks
+    its own settings (``mailhub.plugin``).
+    """
 
     name = Attribute("The transport part of a route: ``route = 'NAME:target'``.")
 
@@ -554,7 +698,12 @@ class ITransportPlugin(Interface):
 
 
 class IPolicyPlugin(Interface):
-    """Entry-point object of the ``mailhub.policies`` group."""
+    """
+    Entry-point object of the ``mailhub.policies`` group.
+
+    Optional members ``config_keys`` and ``check_config``: the plugin checks
+    its own settings (``mailhub.plugin``).
+    """
 
     name = Attribute("The name the configuration uses: ``[policy] plugin = NAME``.")
 

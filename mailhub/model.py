@@ -770,7 +770,9 @@ class Account:
     :ivar totp_secret: base32 secret of a second factor, or ``""``.
     :ivar recovery: an address outside the hub for password resets, or ``""``.
     :ivar disabled: cannot log in; sessions end.
-    :ivar session_version: sessions carry it; raising it ends every session.
+    :ivar session_version: the session generation: every session carries the
+        value it was issued under and is refused, on every node, once it is
+        raised (a new password, a reset, disabling, "log out everywhere").
     :ivar created: POSIX time.
     """
 
@@ -812,17 +814,22 @@ class Account:
 
     @classmethod
     def from_json(cls, data: str) -> Account:
+        """
+        The account ``to_json`` gave.  A field missing from the JSON (an
+        account stored by an older mailhub) takes its default: only the
+        address is required.
+        """
         fields = json.loads(data)
         return cls(
             address=Address(*fields["address"]),
-            password_hash=fields["password_hash"],
-            role=Role(fields["role"]),
-            mailboxes=tuple(Address(local, domain) for local, domain in fields["mailboxes"]),
-            totp_secret=fields["totp_secret"],
-            recovery=fields["recovery"],
-            disabled=fields["disabled"],
-            session_version=fields["session_version"],
-            created=fields["created"],
+            password_hash=fields.get("password_hash", ""),
+            role=Role(fields.get("role", Role.USER.value)),
+            mailboxes=tuple(Address(local, domain) for local, domain in fields.get("mailboxes", ())),
+            totp_secret=fields.get("totp_secret", ""),
+            recovery=fields.get("recovery", ""),
+            disabled=fields.get("disabled", False),
+            session_version=fields.get("session_version", 0),
+            created=fields.get("created", 0.0),
         )
 
 

@@ -9,33 +9,90 @@ is the SMTP server's business, when to retry the policy's.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from mailhub import __version__
 from mailhub.archive.accounts import LoginThrottle
+from mailhub.archive.delivered import DeliveryRecorder
 from mailhub.archive.route import ARCHIVE_ROUTE, ArchiveTransport, is_archive_route
 from mailhub.config import HubConfig
 from mailhub.delivery.dsn import build_dsn
 from mailhub.delivery.engine import DeliveryEngine
-from mailhub.interfaces import IDeliveryPolicy, INodeRegistry, ISpoolStore, ITransport
+from mailhub.interfaces import (
+    IDeliveryPolicy,
+    ILeaseReclaim,
+    INodeRegistry,
+    ISpoolStore,
+    ITransport,
+)
 from mailhub.model import Address, Entry, Envelope, Outcome, Route
 from mailhub.plugin import load_plugin
 from mailhub.smtp.recipients import recipient_validation
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
 from mailhub.web.archive_api import ArchiveAPI, read_tokens
 from mailhub.web.livearchive import LiveArchive
+from mailhub.web.metrics import metrics_resource
 from mailhub.web.status import StatusResource
 
-__all__ = ["Node", "routes_for"]
+__all__ = ["Node", "StartupError", "routes_for", "where"]
+
+#: Seconds a stopping node waits for the store to record that it stopped.
+STOP_HEARTBEAT_TIMEOUT = 10.0
+
+
+class StartupError(Exception):
+    """
+    A node cannot start: ``str()`` is one line naming the node, the
+    configuration file and key, and what is wrong.
+
+    :ivar node: the node's name.
+    :ivar key: the configuration key at fault (``nodes.dallas.smtp``).
+    """
+
+    def __init__(self, node: str, path: str, key: str, message: str) -> None:
+        self.node = node
+        self.key = key
+        super().__init__(f"node {node}: {path}: {key}: {message}")
+
+
+class _Listener(StreamServerEndpointService):
+    """
+    A node's SMTP or web listener.  A port it cannot bind stops the start
+    with a ``StartupError`` (twistd: at once, with the error), rather than
+    leaving a node running that accepts nothing.
+    """
+
+    def __init__(self, config: HubConfig, node: str, kind: str, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.setName(kind)
+        self._config = config
+        self._node = node
+        self._kind = kind
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            description = getattr(self._config.nodes[self._node], self._kind)
+            why = e.socketError.strerror if isinstance(e.socketError, OSError) else str(e.socketError)
+            raise StartupError(
+                self._node, self._config.path, f"nodes.{self._node}.{self._kind}", f"cannot listen on {description}: {why}"
+            ) from None
 
 
 def routes_for(
@@ -73,6 +130,7 @@ class Node(MultiService):
         tls: Any = None,
         archive: Any = None,
         web_auth: Any = None,
+        archive_writer: Any = None,
     ) -> None:
         super().__init__()
         self.setName(name)
@@ -81,7 +139,11 @@ class Node(MultiService):
         self._reactor = reactor
         #: The hub's ``IArchive`` (``None``: no archive configured).
         self.archive = archive
+        #: Where the archive route's adds go (``mailhub.archive.worker``), or ``None``: ``archive``.
+        self._archive_writer = archive_writer
         self._transports: dict[str, ITransport] = {}
+        #: What this node delivered, for ``redeliver --skip-delivered`` (with an archive).
+        self.delivered = None if archive is None else DeliveryRecorder(archive, config, reactor)
         self.engine = DeliveryEngine(
             name,
             store,
@@ -91,6 +153,7 @@ class Node(MultiService):
             self.bounce,
             reactor,
             config.delivery,
+            delivered=self.delivered,
         )
         self.engine.setServiceParent(self)
         node_config = config.nodes[name]
@@ -103,11 +166,8 @@ class Node(MultiService):
             reactor,
             tls=tls,
         )
-        listener = StreamServerEndpointService(serverFromString(reactor, node_config.smtp), self.smtp_factory)
-        # A port we cannot bind must stop twistd with the error, not leave a
-        # node running that accepts nothing.
-        listener._raiseSynchronously = True
-        listener.setName("smtp")
+        self.smtp_factory.noisy = False  # the start line says where the node listens
+        listener = _Listener(config, name, "smtp", serverFromString(reactor, node_config.smtp), self.smtp_factory)
         listener.setServiceParent(self)
         if node_config.web:
             api = None
@@ -121,11 +181,11 @@ class Node(MultiService):
             live = None
             if web_auth is not None:
                 live = LiveArchive(self, archive, web_auth, LoginThrottle(reactor), reactor, tls=secure)
-            web = StreamServerEndpointService(
-                _web_endpoint(reactor, node_config.web, tls), Site(StatusResource(self, store, api, live))
-            )
-            web._raiseSynchronously = True
-            web.setName("web")
+            root = StatusResource(self, store, api, live)
+            root.putChild(b"metrics", metrics_resource(self, config, reactor))
+            site = Site(root)
+            site.noisy = False
+            web = _Listener(config, name, "web", _web_endpoint(reactor, node_config.web, tls), site)
             web.setServiceParent(self)
         if INodeRegistry.providedBy(store):
             # At start, then every heartbeat_seconds; a failed heartbeat is
@@ -137,6 +197,10 @@ class Node(MultiService):
             heartbeat.setServiceParent(self)
         self._host = socket.gethostname()
         self._heartbeat_failing = False
+        #: This start of the node (``ILeaseReclaim``), unique to the process
+        #: and the start: made by each ``startService``, ``""`` when stopped.
+        self.incarnation = ""
+        self._reclaim_retry: Any = None
         #: The signal that wakes this node's engine, if its process handles
         #: one (``mailhub.service.install_wake_signal``); heartbeats tell.
         self.wake_signal: int | None = None
@@ -157,10 +221,13 @@ class Node(MultiService):
         routes = routes_for(self.config, envelope.recipients, archive=self.archive is not None)
         return self.engine.accept(envelope, message, routes)
 
-    def heartbeat(self) -> Deferred[None]:
+    def heartbeat(self, stopped: bool = False) -> Deferred[None]:
         """
         Tell the store's ``INodeRegistry`` that this node is alive.
 
+        :param stopped: say instead that the node stopped cleanly (its last
+            heartbeat, ``"stopped": true`` in its info): ``mailhub nodes``
+            then shows it ``stopped``, not ``DOWN``.
         :returns: a Deferred that fires when done and never fails.
         """
         info = {
@@ -170,8 +237,12 @@ class Node(MultiService):
             "in_flight": self.engine.in_flight,
             "attempts": self.engine.attempts_made,
         }
-        if self.wake_signal is not None:
+        if stopped:
+            info["stopped"] = True
+        elif self.wake_signal is not None:
             info["wake_signal"] = self.wake_signal
+        if self.incarnation:
+            info["incarnation"] = self.incarnation
         d: Deferred[None] = INodeRegistry(self._store).heartbeat(self.name, self._reactor.seconds(), info)
 
         def sent(_: object) -> None:
@@ -207,7 +278,9 @@ class Node(MultiService):
     def transport_for(self, route: str) -> ITransport:
         transport = self._transports.get(route)
         if transport is None and is_archive_route(route) and self.archive is not None:
-            transport = self._transports[route] = ArchiveTransport(self.archive, self._reactor)
+            transport = self._transports[route] = ArchiveTransport(
+                self.archive, self._reactor, writer=self._archive_writer
+            )
         if transport is None:
             parsed = Route.parse(route)
             factory = load_plugin("mailhub.transports", parsed.transport)
@@ -227,13 +300,134 @@ class Node(MultiService):
             float(rate) if rate else None,
         )
 
+    def startService(self) -> None:
+        # First, before the engine and the listener take any lease: every
+        # lease this start takes is held under its incarnation, which
+        # reclaim never takes back.
+        self.incarnation = f"{os.getpid()}-{secrets.token_hex(6)}"
+        if ILeaseReclaim.providedBy(self._store):
+            self._take_back()
+        super().startService()
+        self.log.info("{line}", line=self.start_line())
+
+    def start_line(self) -> str:
+        """
+        The line a node logs when it starts: its endpoints (with TLS or
+        not), the spool, the archive and the domains it serves.
+        """
+        from mailhub.smtp.tls import tls_files
+
+        node = self.config.nodes[str(self.name)]
+        cert, _, configured = tls_files(self.config)
+        certificate = f"certificate {cert}" + ("" if configured else ", self-signed")
+        smtp = f"{node.smtp} ({'TLS' if node.smtp.startswith('ssl:') else 'STARTTLS'}, {certificate})"
+        if not node.web:
+            web = "none"
+        elif not node.web.startswith("ssl:"):
+            web = f"{node.web} (no TLS)"
+        elif "privatekey=" in node.web.lower():
+            web = f"{node.web} (TLS)"
+        else:
+            web = f"{node.web} (TLS, {certificate})"
+        return (
+            f"node {self.name} started: SMTP {smtp}; web {web};"
+            f" spool {where(self.config, 'store')[1]}; archive {where(self.config, 'archive')[1]};"
+            f" domains {', '.join(self.config.domains) or 'none'}"
+        )
+
+    def _take_back(self) -> None:
+        """
+        Make due at once, reserved for this node, the entries that its
+        earlier incarnations (a process that died: ``kill -9``, a crash, a
+        power cut) held under leases that have not expired, instead of
+        leaving them to wait up to ``lease_seconds``.  Retried every 5 s
+        while the store cannot be reached.
+        """
+        self._reclaim_retry = None
+        incarnation = self.incarnation
+        d = ILeaseReclaim(self._store).reclaim(self.name, incarnation, self._reactor.seconds())
+
+        def done(count: int) -> None:
+            self.log.info(
+                "node {node} started (incarnation {incarnation}): took back {count} entries"
+                " leased by its earlier run",
+                node=self.name,
+                incarnation=incarnation,
+                count=count,
+            )
+            if count:
+                self.engine.wake()
+
+        def failed(f: Failure) -> None:
+            if incarnation != self.incarnation:
+                return  # stopped since
+            self.log.warn(
+                "node {node}: could not take back its earlier run's leases: {why}; trying again in 5 s",
+                node=self.name,
+                why=f.getErrorMessage(),
+            )
+            self._reclaim_retry = self._reactor.callLater(5.0, self._take_back)
+
+        d.addCallbacks(done, failed)
+
     def stopService(self) -> Deferred[Any]:
-        d = ensureDeferred(self._stop())
+        started, self.incarnation = bool(self.incarnation), ""
+        if self._reclaim_retry is not None and self._reclaim_retry.active():
+            self._reclaim_retry.cancel()
+        self._reclaim_retry = None
+        d = ensureDeferred(self._stop(started))
         return d
 
-    async def _stop(self) -> None:
+    async def _stop(self, started: bool = True) -> None:
         await super().stopService()
+        if self.delivered is not None:
+            await self.delivered.flush()
         await DeferredList([t.close() for t in self._transports.values()], consumeErrors=True)
+        if started and INodeRegistry.providedBy(self._store):
+            # Last: a clean stop shows as "stopped", not as DOWN once the
+            # heartbeats are missed.  Bounded: a store that does not answer
+            # must not hold up the stop.
+            await self.heartbeat(stopped=True).addTimeout(STOP_HEARTBEAT_TIMEOUT, self._reactor)
+        self.log.info("node {node} stopped", node=self.name)
+
+
+def where(config: HubConfig, table: str) -> tuple[str, str]:
+    """
+    Where the ``[store]`` or ``[archive]`` plugin keeps its data, for log
+    lines and errors, without passwords: ``(key, text)``, the key naming the
+    setting (``store.path``, ``store.host``, ...).
+    """
+    section: Mapping[str, Any] | None = getattr(config, table)
+    if not section:
+        return table, "none"
+    plugin = section.get("plugin", "?")
+    path = section.get("path")
+    if isinstance(path, str) and path:
+        return f"{table}.path", f"{plugin} {os.path.join(config.config_dir, os.path.expanduser(path))}"
+    sentinels = section.get("sentinels")
+    if sentinels:
+        hosts = ", ".join(str(s) if isinstance(s, str) else ":".join(map(str, s)) for s in sentinels)
+        return f"{table}.sentinels", f"{plugin} master {section.get('master', '?')} via Sentinels {hosts}"
+    for key in ("url", "dsn"):
+        value = section.get(key)
+        if isinstance(value, str) and value:
+            return f"{table}.{key}", f"{plugin} {_without_password(value)}"
+    host = section.get("host")
+    if host:
+        port = section.get("port")
+        return f"{table}.host", f"{plugin} {host}" + (f":{port}" if port else "")
+    return table, str(plugin)
+
+
+def _without_password(address: str) -> str:
+    """A URL (``redis://:pw@host``) or libpq ``key=value`` string with its password left out."""
+    if "://" in address:
+        parts = urlsplit(address)
+        if parts.password is not None:
+            netloc = (parts.username or "") + ":***@" + (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+            address = urlunsplit(parts._replace(netloc=netloc))
+        return address
+    return re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", address)
 
 
 def _web_endpoint(reactor: Any, description: str, tls: Any) -> Any:

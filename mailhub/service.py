@@ -19,9 +19,11 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorProcess
 
 from mailhub.archive.accounts import SessionSigner, load_or_create_secret, secret_file
 from mailhub.archive.retention import ArchiveRetention
+from mailhub.archive.worker import ArchiveProcess
 from mailhub.config import HubConfig
 from mailhub.interfaces import WAKE_SIGNAL, IAccountStore
 from mailhub.model import Route
@@ -53,12 +55,20 @@ class HubService(MultiService):
         self.store = store_factory.make(config.plugin_section("store"), reactor)
         #: The hub's ``IArchive``, or ``None`` without an ``[archive]`` table.
         self.archive: Any = None
+        #: The archive's worker process (``mailhub.archive.worker``), or ``None``.
+        self.archive_writer: ArchiveProcess | None = None
         if config.archive is not None:
             archive_factory = load_plugin("mailhub.archives", config.archive["plugin"])
             try:
                 self.archive = archive_factory.make(config.archive_section(), reactor)
             except ValueError as e:
                 raise ValueError(f"{config.path}: {e}") from None
+            processes = int(config.archive.get("processes", 1))
+            if processes and getattr(archive_factory, "shareable", False) and IReactorProcess.providedBy(reactor):
+                self.archive_writer = ArchiveProcess(
+                    config.archive["plugin"], config.archive_section(), reactor,
+                    nice=int(config.archive.get("nice", 10)),
+                )
             retention = ArchiveRetention(self.archive, config, reactor)
             expire = TimerService(float(config.archive.get("expire_every_minutes", 10)) * 60, retention.run)
             expire.clock = reactor
@@ -66,7 +76,15 @@ class HubService(MultiService):
             expire.setServiceParent(self)
         # Before the reactor runs (twistd builds services first): reading, and
         # on first start generating, the STARTTLS certificate blocks briefly.
-        tls = server_tls_options(config, reactor.seconds())
+        try:
+            tls = server_tls_options(config, reactor.seconds())
+        except OSError as e:
+            # Generating the self-signed pair where it cannot be written
+            # (the configuration's directory, read-only under systemd).
+            raise ValueError(
+                f"{config.path}: smtp.tls_certificate: not set, and a self-signed certificate cannot be"
+                f" generated: {e}"
+            ) from None
         # The LiveArchive's sessions: one key for every node (a file, read
         # now, before the reactor runs), and each node's login throttle.
         web_auth = None
@@ -79,7 +97,7 @@ class HubService(MultiService):
         self.nodes = {
             name: Node(
                 name, config, self.store, self.policy, reactor, tls=tls, archive=self.archive,
-                web_auth=web_auth,
+                web_auth=web_auth, archive_writer=self.archive_writer,
             )
             for name in node_names
         }
@@ -100,6 +118,8 @@ class HubService(MultiService):
     async def _stop(self) -> None:
         await super().stopService()
         await self.store.close()
+        if self.archive_writer is not None:
+            await self.archive_writer.close()
         if self.archive is not None:
             await self.archive.close()
 
@@ -128,10 +148,13 @@ def makeHubService(config: HubConfig, reactor: Any = None, nodes: list[str] | No
     return HubService(config, reactor, names)
 
 
-def install_wake_signal(hub: HubService, reactor: Any) -> None:
+def install_wake_signal(hub: Any, reactor: Any) -> None:
     """
     Make ``WAKE_SIGNAL`` wake ``hub``'s engines (``twistd mailhub`` does this;
     an application embedding the hub owns its process's signals and decides).
+
+    :param hub: a ``HubService``, or what runs one (``mailhub.tap.TwistdHub``):
+        its ``nodes`` and ``wake``.
     """
 
     def woken(signum: int, frame: object) -> None:

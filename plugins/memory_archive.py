@@ -170,6 +170,8 @@ class MemoryArchive:
     _accounts: dict[Address, Account] = field(factory=dict)
     _read: dict[Address, set[str]] = field(factory=dict)
     _sent: dict[Address, dict[str, SentMessage]] = field(factory=dict)
+    #: (mailbox, archive id) -> (route, at): what the hub delivered.
+    _deliveries: dict[tuple[Address, str], tuple[str, float]] = field(factory=dict)
 
     def _call(self, fn: Callable[[], _T]) -> Deferred[_T]:
         if self.unavailable:
@@ -250,7 +252,43 @@ class MemoryArchive:
                 stored.mailboxes.discard(mailbox)
                 if not stored.mailboxes:
                     del self._messages[archive_id]
-            return len(pairs)
+            records = sorted(
+                (at, key)
+                for key, (_, at) in self._deliveries.items()
+                if at < before and key[0].domain == domain_ and f"mailbox {key[0]}" not in self._holds
+            )[:limit]
+            for _, key in records:
+                del self._deliveries[key]
+            return max(len(pairs), len(records))
+
+        return self._call(do)
+
+    def record_delivered(self, records: Iterable[tuple[str, Address, str, float]]) -> Deferred[None]:
+        def do() -> None:
+            for archive_id, mailbox, route, at in records:
+                key = (mailbox, archive_id)
+                if key not in self._deliveries or self._deliveries[key][1] <= at:
+                    self._deliveries[key] = (route, at)
+
+        return self._call(do)
+
+    def delivered(self, pairs: Iterable[tuple[str, Address]]) -> Deferred[set[tuple[str, Address]]]:
+        def header_id(archive_id: str) -> str:
+            stored = self._messages.get(archive_id)
+            return "" if stored is None else stored.message.text.message_id
+
+        def do() -> set[tuple[str, Address]]:
+            found: set[tuple[str, Address]] = set()
+            for archive_id, mailbox in pairs:
+                wanted = header_id(archive_id)
+                if (mailbox, archive_id) in self._deliveries or (
+                    wanted
+                    and any(
+                        m == mailbox and header_id(other) == wanted for m, other in self._deliveries
+                    )
+                ):
+                    found.add((archive_id, mailbox))
+            return found
 
         return self._call(do)
 
@@ -381,6 +419,8 @@ class MemoryArchivePlugin:
     """Makes a ``MemoryArchive``; the ``[archive]`` table needs no keys."""
 
     name: str = "memory"
+    #: ``[archive]`` has no key of the plugin's, only the core's (``mailhub.plugin``).
+    config_keys: frozenset[str] = frozenset()
 
     def make(self, config: Mapping[str, Any], reactor: Any) -> MemoryArchive:
         """

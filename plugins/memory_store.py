@@ -17,7 +17,13 @@ from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from mailhub.interfaces import INodeRegistry, IRouteCoordination, ISpoolStore, IStorePlugin
+from mailhub.interfaces import (
+    ILeaseReclaim,
+    INodeRegistry,
+    IRouteCoordination,
+    ISpoolStore,
+    IStorePlugin,
+)
 from mailhub.model import (
     Address,
     Attempt,
@@ -52,9 +58,10 @@ class _Slot:
     entry: Entry
     lease_token: str | None = None
     lease_node: str | None = None
+    lease_incarnation: str | None = None
 
 
-@implementer(ISpoolStore, INodeRegistry, IRouteCoordination)
+@implementer(ISpoolStore, INodeRegistry, IRouteCoordination, ILeaseReclaim)
 @define
 class MemorySpoolStore:
     """
@@ -73,6 +80,8 @@ class MemorySpoolStore:
     #: route -> node -> (share, want, expires)
     _shares: dict[str, dict[str, tuple[int, int, float]]] = field(factory=dict)
     _route_states: dict[str, dict[str, Any]] = field(factory=dict)
+    #: node -> the incarnation its leases are held under (``ILeaseReclaim``)
+    _incarnations: dict[str, str] = field(factory=dict)
 
     def _call(self, fn: Callable[[], _T]) -> Deferred[_T]:
         if self.unavailable:
@@ -122,6 +131,7 @@ class MemorySpoolStore:
     ) -> Deferred[list[Lease | Entry]]:
         expires = envelope.received_at + lease_seconds
         decided = decided or {}
+        incarnation = self._incarnations.get(node)
 
         def do() -> list[Lease | Entry]:
             message_id = uuid.uuid4().hex
@@ -138,6 +148,7 @@ class MemorySpoolStore:
                 slot = _Slot(evolve(entry, next_attempt=expires, node=None))
                 slot.lease_token = token
                 slot.lease_node = node
+                slot.lease_incarnation = incarnation
                 self._slots[entry.id] = slot
                 results.append(Lease(entry, node, token, expires))
             if results:
@@ -155,6 +166,8 @@ class MemorySpoolStore:
         takeover_seconds: float,
         ids: Iterable[str] | None = None,
     ) -> Deferred[list[Lease]]:
+        incarnation = self._incarnations.get(node)
+
         def do() -> list[Lease]:
             wanted = None if ids is None else set(ids)
             due = []
@@ -179,6 +192,7 @@ class MemorySpoolStore:
                 slot.entry = evolve(slot.entry, next_attempt=now + lease_seconds, node=None)
                 slot.lease_token = token
                 slot.lease_node = node
+                slot.lease_incarnation = incarnation
             return leases
 
         return self._call(do)
@@ -320,6 +334,26 @@ class MemorySpoolStore:
 
         return self._call(do)
 
+    # -- ILeaseReclaim -----------------------------------------------------
+
+    def reclaim(self, node: str, incarnation: str, now: float) -> Deferred[int]:
+        self._incarnations[node] = incarnation
+
+        def do() -> int:
+            n = 0
+            for slot in self._slots.values():
+                if (
+                    self._leased(slot, now)
+                    and slot.lease_node == node
+                    and slot.lease_incarnation != incarnation
+                ):
+                    slot.entry = evolve(slot.entry, next_attempt=now, node=node)
+                    slot.lease_token = None
+                    n += 1
+            return n
+
+        return self._call(do)
+
     # -- INodeRegistry -----------------------------------------------------
 
     def heartbeat(self, node: str, now: float, info: Mapping[str, Any]) -> Deferred[None]:
@@ -390,6 +424,8 @@ class MemoryStorePlugin:
     """Makes a ``MemorySpoolStore``; the ``[store]`` table needs no keys."""
 
     name: str = "memory"
+    #: ``[store]`` has no key of the plugin's (``mailhub.plugin``).
+    config_keys: frozenset[str] = frozenset()
 
     def make(self, config: Mapping[str, Any], reactor: Any) -> MemorySpoolStore:
         """

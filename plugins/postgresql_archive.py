@@ -38,6 +38,12 @@ advisory lock so that nodes starting together do not race):
     indexed for newest-first pages (TOAST compresses the bytes).  Schema 1
     had none of them: an archive of schema 1 gains them (under the same
     lock) when a node of this version first uses it.
+``delivered``
+    what the hub delivered (``record_delivered``): one row per (mailbox,
+    archive id), the latest delivery's route and time, indexed by domain
+    and time for expiry; with a partial index of ``messages`` by
+    Message-ID, ``delivered`` finds a delivery of the same message under
+    another archive id.  Added by schema 3 (the same way).
 
 Words are what ``mailhub.testing.archive_contract`` says: case and accents
 folded, split at every character that is not a letter or a digit
@@ -59,11 +65,10 @@ indexed.
 
 Paging is by keyset on (``received_at`` DESC, id DESC): a cursor is that
 pair, base64-encoded, so a page deep into the results costs what the first
-does.  When the planner's statistics say a search's words are in most
-messages, a page of a mailbox or a domain walks its index newest first and
-tests each message's vector (at most ``WALK`` rows), instead of listing
-every match through the GIN index first.  ``expire`` removes at most ``limit`` (mailbox, message) pairs per
-call, oldest first, then the messages and bodies nothing refers to any
+does.  When the planner's statistics say a search's words are in few
+messages (at most ``FEW``), a page of a mailbox or a domain starts from the
+GIN index's matches; every search is planned for its own values.
+``expire`` removes at most ``limit`` (mailbox, message) pairs per call, oldest first, then the messages and bodies nothing refers to any
 more; it checks holds under an advisory lock per domain that ``set_hold``
 takes too, so a hold set while a batch runs is never overtaken by it.
 
@@ -120,8 +125,8 @@ __all__ = ["SCHEMA_VERSION", "PostgresArchive", "PostgresArchivePlugin", "plugin
 
 T = TypeVar("T")
 
-#: 2 added the accounts' tables (``_MIGRATIONS``).
-SCHEMA_VERSION = 2
+#: 2 added the accounts' tables, 3 the delivery records (``_MIGRATIONS``).
+SCHEMA_VERSION = 3
 DEFAULT_POOL_SIZE = 4
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_SCHEMA = "mailhub_archive"
@@ -135,9 +140,6 @@ MAX_POSITIONS = 255
 #: How often a transaction that lost a race (serialization failure,
 #: deadlock, a row deleted or added under it) is tried.
 TRIES = 5
-#: A search for words in most messages walks its mailbox or domain newest
-#: first, looking at this many rows at most before it asks the GIN index.
-WALK = 1000
 #: A search whose words the planner expects in at most this many messages
 #: starts from them (``PostgresArchive._from_matches``).
 FEW = 5000
@@ -342,6 +344,18 @@ CREATE TABLE sent (
     PRIMARY KEY (account, id)
 );
 CREATE INDEX sent_page ON sent (account, sent_at DESC, id DESC);
+""",
+    3: """
+CREATE TABLE delivered (
+    mailbox text COLLATE "C" NOT NULL,
+    archive_id text COLLATE "C" NOT NULL,
+    domain text COLLATE "C" NOT NULL,
+    route text NOT NULL,
+    at double precision NOT NULL,
+    PRIMARY KEY (mailbox, archive_id)
+);
+CREATE INDEX delivered_expiry ON delivered (domain, at);
+CREATE INDEX messages_header_id ON messages (message_id) WHERE message_id <> ''::bytea;
 """,
 }
 
@@ -631,15 +645,10 @@ class PostgresArchive:
         scope: ArchiveScope,
         query: ArchiveQuery,
         after: tuple[float, str] | None = None,
-        walk: int | None = None,
     ) -> tuple[str, sql.Composable, list[Any]] | None:
         """
         What finds the messages of ``scope`` that match ``query``.
 
-        :param walk: for a mailbox or a domain: look only at this many of the
-            scope's rows, newest first (after ``after``), and test each
-            message's vector instead of asking the GIN index; the rows then
-            have ``b.walked``, how many rows were looked at.
         :returns: the alias whose ``received_at`` and ``id`` page (``b``, the
             mailboxes, for a mailbox or a domain; ``m``, the messages, for
             the whole archive), the ``FROM ... WHERE ...`` clause and its
@@ -669,7 +678,6 @@ class PostgresArchive:
             in_scope, scope_param = " AND x.domain = %s", scope.domain
         else:
             key = "m"
-            walk = None
         if query.after is not None:
             in_scope_conditions.append(f"{key}.received_at >= %s")
             in_scope_params.append(query.after)
@@ -683,8 +691,7 @@ class PostgresArchive:
             conditions.append("m.has_attachment = %s")
             params.append(query.has_attachment)
         if vector_query is not None:
-            # The function, not the operator: the GIN index cannot serve it.
-            conditions.append("ts_match_vq(m.tsv, %s::tsquery)" if walk else "m.tsv @@ %s::tsquery")
+            conditions.append("m.tsv @@ %s::tsquery")
             params.append(vector_query)
         for to_cc, plain in recipients:
             # The To:/Cc: text, or a mailbox of the message within the scope
@@ -696,30 +703,20 @@ class PostgresArchive:
             params += [to_cc, scope_param, plain] if in_scope else [to_cc, plain]
         if key == "m":
             source = "FROM messages m"
-        elif walk:
-            where = " AND ".join(in_scope_conditions)
-            source = (
-                "FROM (SELECT w.*, count(*) OVER () AS walked FROM"
-                " (SELECT b.mailbox, b.domain, b.received_at, b.id FROM mailboxes b"
-                f" WHERE {where} ORDER BY b.received_at DESC, b.id DESC LIMIT %s) w) b"
-                " JOIN messages m ON m.id = b.id"
-            )
-            in_scope_params.append(walk)
-            in_scope_conditions = []
         else:
             source = "FROM mailboxes b JOIN messages m ON m.id = b.id"
         conditions = in_scope_conditions + conditions
         where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
         return key, sql.SQL(source + where), in_scope_params + params  # type: ignore[arg-type]
 
-    def _plan(self, conn: psycopg.Connection[Any], query: ArchiveQuery, limit: int) -> str:
+    def _plan(self, conn: psycopg.Connection[Any], query: ArchiveQuery) -> str:
         """
-        How to find a page of ``query`` in a mailbox or a domain, from the
-        number of messages the planner expects its words in (the vectors'
-        statistics, without running the query): ``"walk"`` when so many
-        that walking the scope newest first finds a page within ``WALK``
-        rows; ``"few"`` when at most ``FEW``, to start from them; else
-        ``""``, the planner's choice.
+        How to find ``query`` in a mailbox or a domain, from the number of
+        messages the planner expects its words in (the vectors' statistics,
+        without running the query): ``"few"`` when at most ``FEW``, to start
+        from them; else ``""``, the planner's choice.  (Walking the scope
+        newest first for words in most messages was tried, 7036850, and was
+        slower than the planner's own plan: see bench/README.md.)
         """
         try:
             vector_query, _ = tsquery(query)
@@ -731,17 +728,9 @@ class PostgresArchive:
             "EXPLAIN (FORMAT JSON) SELECT 1 FROM messages WHERE tsv @@ %s::tsquery",
             (vector_query,),
         ).fetchone()
-        total = conn.execute(
-            "SELECT reltuples FROM pg_class WHERE oid = 'messages'::regclass"
-        ).fetchone()
-        if plan is None or total is None:
+        if plan is None:
             return ""
-        expected = float(plan[0][0]["Plan"]["Plan Rows"])
-        if expected <= FEW:
-            return "few"
-        if total[0] > 0 and (limit + 1) * float(total[0]) <= expected * WALK / 4:
-            return "walk"
-        return ""
+        return "few" if float(plan[0][0]["Plan"]["Plan Rows"]) <= FEW else ""
 
     @staticmethod
     def _from_matches(conn: psycopg.Connection[Any]) -> None:
@@ -768,18 +757,10 @@ class PostgresArchive:
 
         def work(conn: psycopg.Connection[Any]) -> ArchivePage:
             scoped = scope.mailbox is not None or scope.domain is not None
-            plan = self._plan(conn, query, limit) if scoped else ""
-            if plan == "walk":
-                # Words in most messages: walk the scope newest first,
-                # testing each message, which costs what the page does;
-                # the GIN index would list every match first.  If WALK
-                # rows do not fill the page, the index after all.
-                rows = self._page(conn, scope, query, after, limit, WALK)
-                if len(rows) > limit or (rows and rows[0][9] < WALK):
-                    return self._summaries(rows, limit)
-            elif plan == "few":
+            plan = self._plan(conn, query) if scoped else ""
+            if plan == "few":
                 self._from_matches(conn)
-            rows = self._page(conn, scope, query, after, limit, None, fenced=plan == "few")
+            rows = self._page(conn, scope, query, after, limit, fenced=plan == "few")
             return self._summaries(rows, limit)
 
         return self._call(work)
@@ -791,31 +772,29 @@ class PostgresArchive:
         query: ArchiveQuery,
         after: tuple[float, str] | None,
         limit: int,
-        walk: int | None,
         fenced: bool = False,
     ) -> list[Any]:
         """
-        The rows of a page and one more, each with the number of rows walked
-        last.  ``fenced``: every match found before the page is sorted (the
-        planner then plans for all of them, not for the first ``limit``).
+        The rows of a page and one more.  ``fenced``: every match found
+        before the page is sorted (the planner then plans for all of them,
+        not for the first ``limit``).
         """
-        matching = self._matching(scope, query, after, walk)
+        matching = self._matching(scope, query, after)
         if matching is None:
             return []
         key, clause, params = matching
         # A message for two mailboxes of a domain is two rows: DISTINCT.
         distinct = "DISTINCT " if scope.mailbox is None and scope.domain is not None else ""
         template = (
-            "SELECT * FROM (SELECT {distinct}{k}.received_at, {k}.id, {walked} {clause}"
+            "SELECT * FROM (SELECT {distinct}{k}.received_at, {k}.id {clause}"
             " OFFSET 0) f ORDER BY f.received_at DESC, f.id DESC LIMIT %s"
             if fenced
-            else "SELECT {distinct}{k}.received_at, {k}.id, {walked} {clause}"
+            else "SELECT {distinct}{k}.received_at, {k}.id {clause}"
             " ORDER BY {k}.received_at DESC, {k}.id DESC LIMIT %s"
         )
         page = sql.SQL(template).format(
             distinct=sql.SQL(distinct),
             k=sql.SQL(key),
-            walked=sql.SQL("b.walked" if walk else "0 AS walked"),
             clause=clause,
         )
         params.append(limit + 1)
@@ -832,7 +811,7 @@ class PostgresArchive:
                 "SELECT p.id, p.received_at, mm.from_text, mm.envelope_sender,"
                 " mm.subject, mm.size, mm.has_attachment, mm.message_id,"
                 " ARRAY(SELECT x.mailbox FROM mailboxes x WHERE x.id = p.id" + within + ""
-                " ORDER BY x.mailbox), p.walked"
+                " ORDER BY x.mailbox)"
                 " FROM ({page}) p JOIN messages mm ON mm.id = p.id"
                 " ORDER BY p.received_at DESC, p.id DESC"
             ).format(page=page),
@@ -868,7 +847,7 @@ class PostgresArchive:
             if matching is None:
                 return 0
             if (scope.mailbox is not None or scope.domain is not None) and self._plan(
-                conn, query, 0
+                conn, query
             ) == "few":
                 self._from_matches(conn)
             key, clause, params = matching
@@ -918,7 +897,71 @@ class PostgresArchive:
                         "  WHERE m.body_sha256 = b.sha256)",
                         ([r[0] for r in bodies],),
                     )
-            return len(removed)
+            records = conn.execute(
+                "WITH doomed AS ("
+                " SELECT d.mailbox, d.archive_id FROM delivered d"
+                " WHERE d.domain = %s AND d.at < %s"
+                " AND NOT EXISTS (SELECT 1 FROM holds h"
+                "  WHERE h.kind = 'mailbox' AND h.name = d.mailbox)"
+                " ORDER BY d.at LIMIT %s FOR UPDATE OF d SKIP LOCKED)"
+                " DELETE FROM delivered d USING doomed x"
+                " WHERE d.mailbox = x.mailbox AND d.archive_id = x.archive_id RETURNING 1",
+                (domain, before, limit),
+            ).fetchall()
+            return max(len(removed), len(records))
+
+        return self._call(work)
+
+    # -- IArchive: what the hub delivered
+
+    def record_delivered(self, records: Iterable[tuple[str, Address, str, float]]) -> Deferred[None]:
+        # One row per pair (an upsert cannot touch a row twice), sorted: two
+        # nodes writing overlapping batches lock the rows in one order.
+        latest: dict[tuple[str, str], tuple[str, str, float]] = {}
+        for archive_id, mailbox, route, at in records:
+            key = (str(mailbox), archive_id)
+            if key not in latest or latest[key][2] <= at:
+                latest[key] = (mailbox.domain, _clean(route), at)
+        rows = sorted(latest.items())
+        if not rows:
+            return succeed(None)
+        columns = (
+            [k[0] for k, _ in rows],
+            [k[1] for k, _ in rows],
+            [v[0] for _, v in rows],
+            [v[1] for _, v in rows],
+            [v[2] for _, v in rows],
+        )
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                "INSERT INTO delivered (mailbox, archive_id, domain, route, at)"
+                " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
+                " %s::double precision[])"
+                " ON CONFLICT (mailbox, archive_id) DO UPDATE"
+                " SET route = EXCLUDED.route, at = EXCLUDED.at WHERE EXCLUDED.at >= delivered.at",
+                columns,
+            )
+
+        return self._call(work)
+
+    def delivered(self, pairs: Iterable[tuple[str, Address]]) -> Deferred[set[tuple[str, Address]]]:
+        wanted = list(dict.fromkeys(pairs))
+        if not wanted:
+            return succeed(set())
+
+        def work(conn: psycopg.Connection[Any]) -> set[tuple[str, Address]]:
+            rows = conn.execute(
+                "SELECT q.n FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS q(archive_id, mailbox, n)"
+                " WHERE EXISTS (SELECT 1 FROM delivered d"
+                "  WHERE d.mailbox = q.mailbox AND d.archive_id = q.archive_id)"
+                " OR EXISTS (SELECT 1 FROM messages m"
+                "  JOIN messages o ON o.message_id = m.message_id AND o.message_id <> ''::bytea"
+                "  JOIN delivered d ON d.archive_id = o.id AND d.mailbox = q.mailbox"
+                "  WHERE m.id = q.archive_id AND m.message_id <> ''::bytea)",
+                ([a for a, _ in wanted], [str(m) for _, m in wanted]),
+            ).fetchall()
+            return {wanted[n - 1] for (n,) in rows}
 
         return self._call(work)
 
@@ -1260,6 +1303,20 @@ class PostgresArchivePlugin:
     """Makes a ``PostgresArchive`` from the ``[archive]`` table (see the module docstring)."""
 
     name: str = "postgresql"
+    #: Several processes may open the same archive: the hub archives in a worker process.
+    shareable: bool = True
+    #: The keys of ``[archive]`` besides the core's (``mailhub.plugin``).
+    config_keys: frozenset[str] = frozenset(
+        {"dsn", "host", "port", "dbname", "user", "password", "connect_timeout", "pool_size", "schema"}
+    )
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """
+        Check the ``[archive]`` table as ``make`` does, without connecting.
+
+        :raises ValueError: naming the key at fault.
+        """
+        _settings(config)
 
     def make(self, config: Mapping[str, Any], reactor: Any) -> PostgresArchive:
         """

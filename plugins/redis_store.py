@@ -52,7 +52,8 @@ Configuration (the ``[store]`` table)::
 Keys (all under ``key_prefix``; one spool per prefix)::
 
     e:<entry>   hash: data (JSON), next, node, held, token, lnode (the node
-                      that took the last lease), route, mid, pending
+                      that took the last lease), linc (its incarnation,
+                      ``ILeaseReclaim``), route, mid, pending
     a:<entry>   list: the attempts log, JSON, oldest first
     m:<msg>     hash: body, refs (entries using it), size
     due         zset: unreserved, unheld entries by next attempt (leased ones
@@ -91,7 +92,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.interfaces import INodeRegistry, IRouteCoordination, ISpoolStore, IStorePlugin
+from mailhub.interfaces import (
+    ILeaseReclaim,
+    INodeRegistry,
+    IRouteCoordination,
+    ISpoolStore,
+    IStorePlugin,
+)
 from mailhub.model import (
     Address,
     Attempt,
@@ -182,22 +189,22 @@ def _script(body: str) -> str:
     return _PRELUDE + body
 
 
-# ARGV: prefix, max_bytes, message_id, body, size, lease node, n, then per
-#       entry: id, route, data, pending, next, node, lease token ('' for
-#       none), attempt ('' for none).
+# ARGV: prefix, max_bytes, message_id, body, size, lease node, lease
+#       incarnation, n, then per entry: id, route, data, pending, next, node,
+#       lease token ('' for none), attempt ('' for none).
 # A leased entry is stored as _CLAIM leaves one; one with an attempt as
 # _RECORD leaves one after it.  Returns the number of entries, or -1 (and
 # writes nothing) when full.
 _ENQUEUE = _script("""
 local max, mid, size = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[5])
-local lnode, n = ARGV[6], tonumber(ARGV[7])
+local lnode, linc, n = ARGV[6], ARGV[7], tonumber(ARGV[8])
 if max > 0 and tonumber(redis.call('GET', P .. 'bytes') or '0') + size > max then
   return -1
 end
 redis.call('HSET', P .. 'm:' .. mid, 'body', ARGV[4], 'refs', n, 'size', size)
 counter('bytes', size)
 for i = 0, n - 1 do
-  local b = 8 + i * 8
+  local b = 9 + i * 8
   local id, route, data, pending = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
   local nxt, node, token, attempt = ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
   if token == '' then
@@ -207,8 +214,8 @@ for i = 0, n - 1 do
     if attempt ~= '' then redis.call('RPUSH', P .. 'a:' .. id, attempt) end
   else
     redis.call('HSET', ekey(id), 'data', data, 'next', nxt, 'node', '',
-               'held', '0', 'token', token, 'lnode', lnode, 'route', route, 'mid', mid,
-               'pending', pending)
+               'held', '0', 'token', token, 'lnode', lnode, 'linc', linc, 'route', route,
+               'mid', mid, 'pending', pending)
     redis.call('SADD', P .. 'leased', id)
     schedule(id, '', nxt, '0')
   end
@@ -218,11 +225,12 @@ end
 return n
 """)
 
-# ARGV: prefix, node, now, limit, expires, takeover, token base, 'ids' | 'due',
-#       then the ids.  Returns {id, token, data, next, node, held} per lease.
+# ARGV: prefix, node, now, limit, expires, takeover, token base, the node's
+#       incarnation, 'ids' | 'due', then the ids.  Returns {id, token, data,
+#       next, node, held} per lease.
 _CLAIM = _script("""
 local node, now, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local expires, takeover, base = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local expires, takeover, base, linc = ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
 local found = {}
 local function consider(id, nxt, owner)
   local t = tonumber(nxt)
@@ -231,8 +239,8 @@ local function consider(id, nxt, owner)
   elseif t > now then return end
   table.insert(found, {id, t})
 end
-if ARGV[8] == 'ids' then
-  for i = 9, #ARGV do
+if ARGV[9] == 'ids' then
+  for i = 10, #ARGV do
     local f = redis.call('HMGET', ekey(ARGV[i]), 'next', 'node', 'held')
     if f[1] and f[3] == '0' then consider(ARGV[i], f[1], f[2]) end
   end
@@ -257,7 +265,8 @@ for i = 1, math.min(limit, #found) do
   local f = redis.call('HMGET', ekey(id), 'data', 'next', 'node', 'held')
   local token = base .. '.' .. i
   unschedule(id, f[3])
-  redis.call('HSET', ekey(id), 'next', expires, 'node', '', 'token', token, 'lnode', node)
+  redis.call('HSET', ekey(id), 'next', expires, 'node', '', 'token', token, 'lnode', node,
+             'linc', linc)
   redis.call('SADD', P .. 'leased', id)
   schedule(id, '', expires, '0')
   table.insert(out, {id, token, f[1], f[2], f[3], f[4]})
@@ -322,6 +331,26 @@ redis.call('HSET', k, 'next', ARGV[4], 'node', '', 'token', '')
 redis.call('SREM', P .. 'leased', id)
 schedule(id, '', ARGV[4], f[3])
 return 1
+""")
+
+# ARGV: prefix, node, incarnation, now.  Entries leased to the node under
+# another incarnation (or none: '') are due now, reserved for it.  Returns
+# how many.
+_RECLAIM = _script("""
+local node, linc, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'leased')) do
+  local k = ekey(id)
+  local f = redis.call('HMGET', k, 'token', 'lnode', 'linc', 'next', 'held')
+  if f[1] and f[1] ~= '' and f[2] == node and f[3] ~= linc and tonumber(f[4]) > now then
+    unschedule(id, '')
+    redis.call('HSET', k, 'next', ARGV[4], 'node', node, 'token', '', 'linc', '')
+    redis.call('SREM', P .. 'leased', id)
+    schedule(id, node, ARGV[4], f[5])
+    n = n + 1
+  end
+end
+return n
 """)
 
 # ARGV: prefix, node.  Returns {score, 1 if reserved for another node} or nil.
@@ -676,7 +705,7 @@ class _OneTurn:
         self._send([item for item, _ in pending]).addCallbacks(answered, failed)
 
 
-@implementer(ISpoolStore, INodeRegistry, IRouteCoordination)
+@implementer(ISpoolStore, INodeRegistry, IRouteCoordination, ILeaseReclaim)
 @define
 class RedisSpoolStore:
     """
@@ -702,6 +731,8 @@ class RedisSpoolStore:
     _disconnect: Callable[[], Deferred[Any]] = field(default=lambda: succeed(None))
     _records: _OneTurn = field(init=False)
     _bodies: _OneTurn = field(init=False)
+    #: node -> the incarnation its leases are held under (``ILeaseReclaim``)
+    _incarnations: dict[str, str] = field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._records = _OneTurn(self._reactor, self._send_records)
@@ -824,6 +855,7 @@ class RedisSpoolStore:
             message,
             len(message),
             node,
+            self._incarnations.get(node, ""),
             len(routes),
         ]
         results: list[Lease | Entry] = []
@@ -886,6 +918,7 @@ class RedisSpoolStore:
             _num(expires),
             _num(takeover_seconds),
             uuid.uuid4().hex,
+            self._incarnations.get(node, ""),
         ]
         if ids is None:
             args.append("due")
@@ -1025,6 +1058,13 @@ class RedisSpoolStore:
 
     def delete(self, entry_id: str) -> Deferred[bool]:
         return self._eval(_DELETE, "delete", entry_id).addCallback(bool)
+
+    # -- ILeaseReclaim -----------------------------------------------------
+
+    def reclaim(self, node: str, incarnation: str, now: float) -> Deferred[int]:
+        self._incarnations[node] = incarnation
+        d = self._eval_replicated(_RECLAIM, "reclaim", node, incarnation, _num(now))
+        return d.addCallback(int)
 
     # -- INodeRegistry -----------------------------------------------------
 
@@ -1311,6 +1351,19 @@ class RedisStorePlugin:
     """Makes a ``RedisSpoolStore`` from the ``[store]`` table (see the module docstring)."""
 
     name: str = "redis"
+    #: The keys of ``[store]`` besides ``plugin`` (``mailhub.plugin``).
+    config_keys: frozenset[str] = frozenset({
+        "host", "port", "db", "url", "password", "username", "key_prefix", "command_timeout",
+        "wait_replicas", "max_spool_bytes", "sentinels", "master", "pool_size", "reconnect_max_delay",
+    })
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """
+        Check the ``[store]`` table as ``make`` does, without connecting.
+
+        :raises ValueError: naming the key at fault.
+        """
+        _settings(config)
 
     def make(self, config: Mapping[str, Any], reactor: Any) -> RedisSpoolStore:
         """

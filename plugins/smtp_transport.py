@@ -56,58 +56,39 @@ after ``idle_timeout`` unused.  A reused connection that turns out dead, or
 whose ``RSET`` or ``MAIL`` gets a temporary failure (Exchange's per-connection
 message limit), is discarded and the delivery retried once on a new one.
 
-This is our own client protocol rather than ``twisted.mail.smtp.ESMTPClient``:
-that client is built for one factory per message batch, pulls each message
-from its factory through callbacks (``getMailFrom``/``getMailTo``/
-``getMailData``), closes the connection when the factory has nothing more to
-send, and has no notion of an idle connection waiting for the next delivery
-from elsewhere.  Reusing a connection across ``deliver()`` calls, pipelining
-MAIL/RCPT/DATA and keeping one ``Reply`` per recipient would mean fighting
-every one of those choices.  Here a connection is a small line protocol that
-matches replies to commands in order (which is all PIPELINING needs), and the
-transaction is plain ``async`` code over it.
+The SMTP client protocol, reply parsing, dot-stuffing and target parsing
+are the core's (``mailhub.smtp.client``, public for transport authors);
+this module is the transport's own part: the connection pool, the TLS
+policy, MX lookups and the delivery logic.  No blocking call is made: DNS
+goes through ``twisted.names``, time comes from the injected reactor.
 
-The message body is never handled line by line in Python: line ends are
-normalised and dots stuffed with ``bytes.replace``.  No blocking call is made:
-DNS goes through ``twisted.names``, time comes from the injected reactor.
+The transport also verifies recipients (``IRecipientProbe``, for
+``verify = "route"``): ``probe`` opens a connection of its own (EHLO and
+STARTTLS as for a delivery), says ``MAIL FROM:<>`` and ``RCPT``, then
+``RSET`` and ``QUIT``, and never sends DATA.  Probes take no slot of the
+pool, and with ``smtp:mx`` there is nothing to probe (the domain's MX is
+the hub itself): ``make`` refuses ``verify = "route"`` there.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import random
-import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from attrs import define, field, frozen
-from OpenSSL.SSL import Error as SSLError
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredList,
     gatherResults,
-    succeed,
 )
-from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import (
-    ConnectError,
-    ConnectionDone,
-    ConnectionRefusedError,
-    DNSLookupError,
-)
-from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IStreamClientEndpoint,
-    ITCPTransport,
-    ITLSTransport,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -117,311 +98,17 @@ from twisted.internet.ssl import (
 )
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.interfaces import IPooledTransport, ITransport, ITransportPlugin
-from mailhub.model import Address, CheckedMessage, Entry, Reply, has_bare_line_end, is_back_pressure
-from mailhub.netio import write_now
+from mailhub.interfaces import IPooledTransport, IRecipientProbe, ITransport, ITransportPlugin
+from mailhub.model import Address, Entry, Reply, is_back_pressure
+from mailhub.smtp import client
+from mailhub.smtp.client import SMTPClientProtocol, mail_command, wire_data
 
-__all__ = ["SMTPClientProtocol", "SMTPTransport", "SMTPTransportPlugin", "plugin", "wire_data"]
-
-_MAX_REPLY = 64 * 1024
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|\Z)(.*)\Z", re.DOTALL)
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
+__all__ = ["SMTPTransport", "SMTPTransportPlugin", "parse_target", "plugin"]
 
 Key = tuple[str, int]
 """A destination: host name (or address) and port."""
-
-
-def wire_data(message: bytes) -> bytes:
-    """
-    The DATA payload for ``message``: CRLF line ends, dots stuffed, ending with
-    CRLF and the terminating ``. CRLF``.
-
-    The message should already have CRLF line ends; any bare CR or LF is made a
-    CRLF all the same, since a bare one confuses servers at best and, with a
-    dot next to it, smuggles a second message at worst.  A ``CheckedMessage``
-    (the accepting node's first attempt) carries what the SMTP server's
-    checks found, and is not scanned again for it.
-    """
-    if isinstance(message, CheckedMessage):
-        dot_lines = message.dot_lines
-    else:
-        dot_lines = True
-        if has_bare_line_end(message):
-            message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if message and not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    if dot_lines:
-        if message.startswith(b"."):
-            message = b"." + message
-        message = message.replace(b"\r\n.", b"\r\n..")
-    return message + b".\r\n"
-
-
-def parse_reply(code: int, lines: Sequence[bytes]) -> Reply:
-    """
-    A ``Reply`` from the lines of one (possibly multi-line) SMTP reply, without
-    their codes: the enhanced status code (RFC 3463) is taken from the first
-    line if its class matches the code, and removed from every line that
-    repeats it; the texts are joined with spaces.
-    """
-    texts = [line.decode("utf-8", "replace").strip() for line in lines]
-    enhanced = ""
-    first = _ENHANCED.match(texts[0]) if texts else None
-    if first is not None and first.group(1) == str(code)[0]:
-        enhanced = first.group(0).strip()
-        texts = [t[len(enhanced) :].strip() if t.startswith(enhanced) else t for t in texts]
-    return Reply(code, enhanced, " ".join(t for t in texts if t))
-
-
-@define
-class _Waiter:
-    deferred: Deferred[Reply]
-    command: str
-    timeout: float
-    lines: list[bytes] = field(factory=list)
-
-
-@implementer(IHandshakeListener)
-class SMTPClientProtocol(Protocol):
-    """
-    One connection to an SMTP server: sends commands and matches each reply to
-    its command, in order.
-
-    ``send`` never fails: every Deferred it returns fires with a ``Reply``.
-    When the connection is lost or a reply does not come in time, every
-    outstanding command gets a synthetic ``421 4.4.2`` reply saying so, and the
-    connection is closed; a ``421`` from the server does the same for the
-    commands after it.  After that ``broken`` is true.
-
-    :ivar banner: a ``Deferred`` firing with the server's greeting.
-    :ivar extensions: the EHLO keywords (upper case) and their parameters, once
-        the transport has read them.
-    :ivar last_lines: the text lines of the last reply received (EHLO's keywords).
-    """
-
-    def __init__(self, clock: Any, peer: str, banner_timeout: float) -> None:
-        self._clock = clock
-        self.peer = peer
-        self._buffer = b""
-        self._waiting: deque[_Waiter] = deque()
-        self._timer: IDelayedCall | None = None
-        self.broken = False
-        self.extensions: dict[str, str] = {}
-        self.on_lost: Callable[[SMTPClientProtocol], None] | None = None
-        self.lost: Deferred[None] = Deferred()
-        self._connected = False
-        self._aborted = False
-        self.last_lines: list[bytes] = []
-        self.tls = False
-        self._handshake: Deferred[str | None] | None = None
-        self._handshake_timer: IDelayedCall | None = None
-        self.banner = self._expect("greeting", banner_timeout)
-
-    # sending
-
-    def send(self, commands: Sequence[bytes], timeout: float) -> list[Deferred[Reply]]:
-        """
-        Send ``commands`` in one write (the caller knows the server pipelines
-        when there are several).
-
-        :returns: one ``Deferred`` per command, firing with its ``Reply``.
-        """
-        if self.broken:
-            return [succeed(self._lost_reply(c.split(b" ", 1)[0].decode(), "")) for c in commands]
-        assert self.transport is not None
-        write_now(self.transport, b"".join(c + b"\r\n" for c in commands))
-        return [
-            self._expect(c.split(b" ", 1)[0].decode("ascii", "replace").upper(), timeout)
-            for c in commands
-        ]
-
-    def command(self, command: bytes, timeout: float) -> Deferred[Reply]:
-        """Send one command; :returns: a ``Deferred`` firing with its ``Reply``."""
-        return self.send([command], timeout)[0]
-
-    def data(self, payload: bytes, timeout: float) -> Deferred[Reply]:
-        """
-        Send a message's payload (``wire_data``) after a 354.
-
-        :returns: a ``Deferred`` firing with the reply to the end of data.
-        """
-        if self.broken:
-            return succeed(self._lost_reply("end of data", ""))
-        assert self.transport is not None
-        write_now(self.transport, payload)
-        return self._expect("end of data", timeout)
-
-    def quit(self) -> None:
-        """Say QUIT and close, without waiting for the answer."""
-        if not self.broken and self.transport is not None:
-            self.broken = True
-            self.transport.write(b"QUIT\r\n")
-            self.transport.loseConnection()
-
-    def abort(self) -> None:
-        """Close at once (the session is out of step with the server)."""
-        self.broken = True
-        if self.transport is not None and self._connected and not self._aborted:
-            self._aborted = True
-            cast(ITCPTransport, self.transport).abortConnection()
-
-    def start_tls(self, options: IOpenSSLClientConnectionCreator | CertificateOptions,
-                  timeout: float) -> Deferred[str | None]:
-        """
-        Begin the TLS handshake, after the server's ``220`` to STARTTLS.
-
-        Anything the server sent after its ``220`` came before the handshake,
-        in clear, from whoever sits on the path: it is thrown away, never read
-        as a reply.
-
-        :returns: a ``Deferred`` firing with ``None`` once the handshake is
-            done (``tls`` is then true), or with why it failed (the
-            connection is then closed).
-        """
-        assert self.transport is not None and self._handshake is None
-        self._buffer = b""
-        self._handshake = Deferred()
-        self._handshake_timer = self._clock.callLater(timeout, self._handshake_timed_out, timeout)
-        cast(ITLSTransport, self.transport).startTLS(options)
-        return self._handshake
-
-    def handshakeCompleted(self) -> None:
-        """``IHandshakeListener``: TLS is up."""
-        self.tls = True
-        self._handshake_done(None)
-
-    def _handshake_timed_out(self, timeout: float) -> None:
-        self._handshake_timer = None
-        self._handshake_done(f"no TLS handshake within {timeout:g}s")
-        self.abort()
-
-    def _handshake_done(self, failure: str | None) -> None:
-        d, self._handshake = self._handshake, None
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
-        if d is not None:
-            d.callback(failure)
-
-    def _expect(self, command: str, timeout: float) -> Deferred[Reply]:
-        waiter = _Waiter(Deferred(), command, timeout)
-        self._waiting.append(waiter)
-        if self._timer is None and self._connected:
-            self._arm()
-        return waiter.deferred
-
-    def _arm(self) -> None:
-        """Time the reply awaited first (moving the running timer: cheaper than a new one)."""
-        timer = self._timer
-        if timer is not None and timer.active():
-            if self._waiting:
-                timer.reset(self._waiting[0].timeout)
-                return
-            timer.cancel()
-        self._timer = self._clock.callLater(self._waiting[0].timeout, self._timed_out) if self._waiting else None
-
-    # receiving
-
-    def connectionMade(self) -> None:
-        self._connected = True
-        self._arm()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while not self.broken:
-            line, sep, rest = self._buffer.partition(b"\r\n")
-            if not sep:
-                if len(self._buffer) > _MAX_REPLY:
-                    self._protocol_error("a reply line too long")
-                return
-            self._buffer = rest
-            self._line(line)
-
-    def _line(self, line: bytes) -> None:
-        match = _REPLY_LINE.match(line)
-        if match is None:
-            self._protocol_error(f"a malformed reply {line[:80]!r}")
-            return
-        if not self._waiting:
-            # Unsolicited (a 421 on idle timeout, say): the session is over.
-            self.broken = True
-            assert self.transport is not None
-            self.transport.loseConnection()
-            return
-        head = self._waiting[0]
-        head.lines.append(match.group(3))
-        if match.group(2) == b"-":
-            if sum(len(x) for x in head.lines) > _MAX_REPLY:
-                self._protocol_error("a reply too long")
-            return
-        self._waiting.popleft()
-        code = int(match.group(1))
-        self.last_lines = head.lines
-        reply = parse_reply(code, head.lines)
-        if code == 421:
-            # The server is closing the channel: nothing after this gets an answer.
-            self._finish(lambda w: reply)
-            self.abort()
-            head.deferred.callback(reply)
-            return
-        self._arm()
-        head.deferred.callback(reply)
-
-    def _protocol_error(self, what: str) -> None:
-        command = self._waiting[0].command if self._waiting else "nothing"
-        reply = Reply(421, "4.4.2", f"{self.peer} sent {what} in reply to {command}")
-        self._finish(lambda w: reply)
-        self.abort()
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        head = self._waiting[0]
-        reply = Reply(
-            421,
-            "4.4.2",
-            f"timeout after {head.timeout:g}s waiting for {self.peer} to answer {head.command}",
-        )
-        self._finish(lambda w: reply)
-        self.abort()
-
-    def _lost_reply(self, command: str, why: str) -> Reply:
-        return Reply(
-            421, "4.4.2", f"connection to {self.peer} lost{why} before the reply to {command}"
-        )
-
-    def _finish(self, reply_for: Callable[[_Waiter], Reply]) -> None:
-        """Answer every outstanding command with ``reply_for(waiter)``."""
-        self.broken = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        waiting, self._waiting = self._waiting, deque()
-        for waiter in waiting:
-            waiter.deferred.callback(reply_for(waiter))
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._connected = False
-        why = "" if reason.check(ConnectionDone) else f" ({reason.getErrorMessage()})"
-        if self._handshake is not None:
-            self._handshake_done(
-                "the connection closed during the TLS handshake"
-                + (f": {_tls_error(reason)}" if not reason.check(ConnectionDone) else "")
-            )
-        self._finish(lambda w: self._lost_reply(w.command, why))
-        if self.on_lost is not None:
-            self.on_lost(self)
-        self.lost.callback(None)
-
-
-class _ClientFactory(Factory):
-    def __init__(self, make: Callable[[], SMTPClientProtocol]) -> None:
-        self._make = make
-
-    def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
-        return self._make()
 
 
 @define(eq=False)
@@ -469,37 +156,11 @@ def _read_ca_file(path: str) -> list[Certificate]:
     return found
 
 
-def _tls_error(reason: Failure) -> str:
-    """What OpenSSL (or certificate verification) said, shortly."""
-    error = reason.value
-    errors = error.args[0] if reason.check(SSLError) and error is not None and error.args else None
-    if isinstance(errors, list):
-        texts = [e[-1] for e in errors if isinstance(e, tuple) and e and e[-1]]
-        if texts:
-            return ", ".join(str(t) for t in texts)
-    return reason.getErrorMessage()
-
-
 Endpoints = Callable[[str, int], IStreamClientEndpoint]
 """Gives the endpoint to connect to a host (an address, if names are resolved) and port."""
 
 
-def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
-    """
-    A client endpoint for ``host``.  An address literal needs no name
-    resolution: ``HostnameEndpoint`` would still send it through the
-    resolver's thread pool on every connection.
-    """
-    try:
-        version = ipaddress.ip_address(host).version
-    except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if version == 4:
-        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-
-
-@implementer(ITransport, IPooledTransport)
+@implementer(ITransport, IPooledTransport, IRecipientProbe)
 @define(eq=False)
 class SMTPTransport:
     """
@@ -575,6 +236,38 @@ class SMTPTransport:
                 if self._open <= self._max_connections:
                     return
                 self._drop(conn, quit=True)
+
+    # IRecipientProbe
+
+    def probe(self, recipient: Address) -> Deferred[Reply]:
+        """
+        Ask the route's server whether ``recipient`` exists, over a new
+        connection of the probe's own (greeted, with STARTTLS as ``tls``
+        says, outside the pool's slots): ``MAIL FROM:<>`` and ``RCPT``;
+        ``RSET`` and ``QUIT`` follow once the answer is given.
+        """
+        return Deferred.fromCoroutine(self._probe(recipient))
+
+    async def _probe(self, recipient: Address) -> Reply:
+        try:
+            if self._destination is None:
+                return Reply(451, "4.3.5", "a route smtp:mx cannot verify recipients")
+            got = await self._open_session(self._destination)
+            if isinstance(got, Reply):
+                # A refusal before RCPT says nothing of the recipient.
+                return got if got.temporary else Reply(451, "4.3.0", f"cannot verify recipients: {got}")
+            try:
+                reply = await client.probe_rcpt(got, recipient, self._command_timeout)
+            except BaseException:
+                got.abort()
+                raise
+            got.command(b"RSET", self._command_timeout).addCallback(lambda _: got.quit())
+            return reply
+        except CancelledError:
+            raise
+        except Exception as e:
+            self._log.failure("smtp probe of {recipient} failed", recipient=str(recipient))
+            return Reply(451, "4.3.0", f"transport error: {_describe(e)}")
 
     # delivery
 
@@ -737,7 +430,7 @@ class SMTPTransport:
         reused = conn.deliveries > 0
         timeout = self._command_timeout
         pipelining = "PIPELINING" in p.extensions
-        mail = _mail_command(sender, recipients, payload, message, smtputf8, p.extensions)
+        mail = mail_command(sender, recipients, payload, message, smtputf8, p.extensions)
         # RSET checks that a kept connection still works.  With PIPELINING it
         # leads the transaction's group (RFC 2920 allows it anywhere in one)
         # instead of costing a round trip of its own; if it fails, the
@@ -841,29 +534,12 @@ class SMTPTransport:
 
     async def _connect(self, key: Key) -> _Connection | Reply:
         """
-        Open, greet, EHLO and (as ``tls`` says) STARTTLS a new connection, for
-        which a slot is reserved; if that fails, the reply says why and the
-        slot is free again.
-
-        When the TLS handshake fails and TLS is only opportunistic (and
-        certificates are not verified), the message goes over a new
-        connection without TLS, and the log says so: a broken TLS setup on
-        the organisation's own server must not stop its mail.
+        Open a new connection (``_open_session``), for which a slot is reserved; if
+        that fails, the reply says why and the slot is free again.
         """
         ready = False
         try:
-            got = await self._session(key, starttls=self._tls != "none")
-            if isinstance(got, _TLSFailed):
-                if self._tls == "required" or self._tls_verify:
-                    return Reply(421, "4.7.5", f"TLS with {got.peer} failed: {got.why}")
-                self._log.warn(
-                    "STARTTLS with {peer} failed ({why}): delivering over a new connection "
-                    "without TLS, as tls = \"opportunistic\" allows",
-                    peer=got.peer,
-                    why=got.why,
-                )
-                got = await self._session(key, starttls=False)
-                assert not isinstance(got, _TLSFailed)
+            got = await self._open_session(key)
             if isinstance(got, Reply):
                 return got
             conn = _Connection(got, key)
@@ -874,6 +550,30 @@ class SMTPTransport:
             if not ready:
                 self._free_slot()
 
+    async def _open_session(self, key: Key) -> SMTPClientProtocol | Reply:
+        """
+        Open, greet, EHLO and (as ``tls`` says) STARTTLS a new connection, or
+        say why there is none.
+
+        When the TLS handshake fails and TLS is only opportunistic (and
+        certificates are not verified), the message goes over a new
+        connection without TLS, and the log says so: a broken TLS setup on
+        the organisation's own server must not stop its mail.
+        """
+        got = await self._session(key, starttls=self._tls != "none")
+        if isinstance(got, _TLSFailed):
+            if self._tls == "required" or self._tls_verify:
+                return Reply(421, "4.7.5", f"TLS with {got.peer} failed: {got.why}")
+            self._log.warn(
+                "STARTTLS with {peer} failed ({why}): delivering over a new connection "
+                "without TLS, as tls = \"opportunistic\" allows",
+                peer=got.peer,
+                why=got.why,
+            )
+            got = await self._session(key, starttls=False)
+            assert not isinstance(got, _TLSFailed)
+        return got
+
     async def _session(self, key: Key, starttls: bool) -> SMTPClientProtocol | Reply | _TLSFailed:
         """
         A connection to ``key`` ready for MAIL, or why there is none; closes
@@ -883,7 +583,7 @@ class SMTPTransport:
             it if ``tls`` is ``"required"``).
         """
         host, port = key
-        peer = _peer(host, port)
+        peer = client.peer_name(host, port)
         protocol: SMTPClientProtocol | None = None
         ready = False
         try:
@@ -898,19 +598,16 @@ class SMTPTransport:
             endpoint = (
                 self._endpoint_for(address, port)
                 if self._endpoint_for is not None
-                else _endpoint(self._reactor, address, port, self._connect_timeout)
+                else client.client_endpoint(self._reactor, address, port, self._connect_timeout)
             )
-            factory = _ClientFactory(
-                lambda: SMTPClientProtocol(self._reactor, peer, self._command_timeout)
+            protocol = await client.connect(
+                self._reactor, endpoint, peer, self._connect_timeout, self._command_timeout
             )
-            d = endpoint.connect(factory)
-            d.addTimeout(self._connect_timeout, self._reactor)
-            protocol = cast(SMTPClientProtocol, await d)
             self.connections_made += 1
             banner = await protocol.banner
             if not banner.ok:
                 return banner
-            reply = await self._ehlo(protocol, helo_too=True)
+            reply = await protocol.hello(self._hostname, self._command_timeout)
             if not reply.ok:
                 return reply
             if starttls:
@@ -919,31 +616,14 @@ class SMTPTransport:
                     return refused
             ready = True
             return protocol
-        except ConnectionRefusedError:
-            return Reply(421, "4.4.1", f"Connection refused by {peer}")
-        except (DeferredTimeout, ConnectTimeout):
-            return Reply(
-                421, "4.4.2", f"Connection to {peer} timed out after {self._connect_timeout:g}s"
-            )
-        except DNSLookupError as e:
-            return Reply(421, "4.4.3", f"cannot resolve {host}: {_describe(e)}")
-        except ConnectError as e:
-            return Reply(421, "4.4.1", f"cannot connect to {peer}: {_describe(e)}")
+        except Exception as e:
+            failed = client.connect_error_reply(e, host, peer, self._connect_timeout)
+            if failed is None:
+                raise
+            return failed
         finally:
             if not ready and protocol is not None:
                 protocol.quit()
-
-    async def _ehlo(self, protocol: SMTPClientProtocol, helo_too: bool) -> Reply:
-        """EHLO (then HELO, if EHLO gets a 5xx and ``helo_too``); sets ``extensions``."""
-        protocol.extensions = {}
-        reply = await protocol.command(b"EHLO " + self._hostname.encode(), self._command_timeout)
-        if reply.ok:
-            protocol.extensions = _extensions(protocol.last_lines[1:])
-        elif reply.permanent and helo_too:
-            reply = await protocol.command(
-                b"HELO " + self._hostname.encode(), self._command_timeout
-            )
-        return reply
 
     async def _starttls(
         self, protocol: SMTPClientProtocol, host: str, peer: str
@@ -983,7 +663,7 @@ class SMTPTransport:
         if failed is not None:
             return _TLSFailed(peer, failed)
         # RFC 3207: forget everything learnt before TLS, and ask again.
-        reply = await self._ehlo(protocol, helo_too=False)
+        reply = await protocol.hello(self._hostname, self._command_timeout, helo_too=False)
         if not reply.ok:
             return reply
         return None
@@ -1089,50 +769,6 @@ class SMTPTransport:
                 return
 
 
-def _mail_command(
-    sender: Address | None,
-    recipients: Iterable[Address],
-    payload: bytes,
-    message: bytes,
-    smtputf8: bool,
-    extensions: Mapping[str, str],
-) -> bytes | Reply:
-    """
-    The MAIL command for a transaction, or the reply if it cannot be sent.
-
-    SMTPUTF8 is needed when the entry came with it (its headers may hold
-    UTF-8 even if its addresses do not) or when an address is not ASCII.
-    """
-    command = b"MAIL FROM:<" + (str(sender).encode() if sender is not None else b"") + b">"
-    if not message.isascii() and "8BITMIME" in extensions:
-        command += b" BODY=8BITMIME"
-    if "SIZE" in extensions:
-        command += b" SIZE=%d" % len(payload)
-    addresses = [str(sender or "")] + [str(a) for a in recipients]
-    if smtputf8 or not all(a.isascii() for a in addresses):
-        if "SMTPUTF8" not in extensions:
-            return Reply(
-                553,
-                "5.6.7",
-                "the route's server does not support SMTPUTF8 (RFC 6531), which this message needs",
-            )
-        command += b" SMTPUTF8"
-    return command
-
-
-def _extensions(lines: Iterable[bytes]) -> dict[str, str]:
-    found = {}
-    for line in lines:
-        keyword, _, parameters = line.decode("ascii", "replace").strip().partition(" ")
-        if keyword:
-            found[keyword.upper()] = parameters.strip()
-    return found
-
-
-def _peer(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _is_address(host: str) -> bool:
     from twisted.internet.abstract import isIPAddress, isIPv6Address
 
@@ -1145,25 +781,13 @@ def _describe(e: BaseException) -> str:
 
 def parse_target(target: str) -> Key | None:
     """
-    ``"host:port"``, ``"host"`` (port 25), ``"[v6]:port"`` or ``"mx"`` (``None``).
+    A route's target: ``"mx"`` (``None``: each recipient domain's MX hosts),
+    or as ``mailhub.smtp.client.parse_target`` reads it (``"host:port"``,
+    ``"host"``, port 25, ``"[v6]:port"``).
 
     :raises ValueError: naming ``target``.
     """
-    if target == "mx":
-        return None
-    if target.startswith("["):
-        host, sep, rest = target[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ("25" if not rest else "")
-        if not sep or not host or not port_text:
-            raise ValueError(f"target: {target!r} is not '[address]:port'")
-    else:
-        host, _, port_text = target.partition(":")
-        port_text = port_text or "25"
-        if not host or ":" in port_text:
-            raise ValueError(f"target: {target!r} is not 'host:port', 'host' or 'mx'")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"target: bad port in {target!r}")
-    return host, int(port_text)
+    return None if target == "mx" else client.parse_target(target)
 
 
 def _tls_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -1195,11 +819,30 @@ class SMTPTransportPlugin:
     """Makes an ``SMTPTransport`` for a route ``smtp:TARGET``."""
 
     name: str = "smtp"
+    #: Its transports provide ``IRecipientProbe`` (``verify = "route"``).
+    recipient_probe: bool = True
+    #: The keys of a route's ``[domains."..."]`` table that are the transport's (``mailhub.plugin``).
+    config_keys: frozenset[str] = frozenset({
+        "connect_timeout", "command_timeout", "data_timeout", "idle_timeout", "tls", "tls_verify", "tls_ca_file",
+    })
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """
+        Check the route's target and options as ``make`` does: making a
+        transport opens nothing, so this makes one and drops it.
+
+        :raises ValueError: naming the key at fault (``target``: the route's target).
+        """
+        target = config.get("target")
+        if isinstance(target, str):
+            parse_target(target)  # first: the route's own error before the hub's name
+        self.make(config, None)
 
     def make(self, config: Mapping[str, Any], reactor: Any) -> SMTPTransport:
         """
         :param config: ``target``, ``hostname`` and the optional keys of the
-            module docstring (``mx_port`` too, for tests).
+            module docstring (``mx_port`` too, for tests); ``verify``, the
+            domain's, to refuse ``"route"`` with ``smtp:mx``.
         :param reactor: an ``IReactorTime`` and ``IReactorTCP``.
         :raises ValueError: naming the key at fault.
         """
@@ -1209,6 +852,10 @@ class SMTPTransportPlugin:
         hostname = config.get("hostname")
         if not isinstance(hostname, str) or not hostname or any(c.isspace() for c in hostname):
             raise ValueError(f"hostname: must be our host name, not {hostname!r}")
+        destination = parse_target(target)
+        if destination is None and config.get("verify") == "route":
+            # The MX of one of the hub's domains is the hub itself.
+            raise ValueError("verify: 'route' needs a route to the domain's server, 'smtp:host:port', not smtp:mx")
 
         def number(key: str, default: float) -> float:
             value = config.get(key, default)
@@ -1225,7 +872,7 @@ class SMTPTransportPlugin:
         return SMTPTransport(
             reactor,
             hostname,
-            parse_target(target),
+            destination,
             connect_timeout=number("connect_timeout", 30),
             command_timeout=number("command_timeout", 300),
             data_timeout=number("data_timeout", 600),

@@ -29,6 +29,10 @@ Tables:
 - ``read_flags``: one row per (account, archive id) read.
 - ``sent``: each account's Sent folder, the bytes zlib-compressed, indexed
   for newest-first pages of one account.
+- ``delivered``: what the hub delivered, one row per (mailbox, archive id)
+  (``record_delivered``, one writer job per batch), indexed by domain and
+  time for expiry; with an index of ``messages`` by Message-ID, ``delivered``
+  finds a delivery of the same message under another archive id.
 
 Searches page by keyset on ``(received_at, id)``, so a page deep into the
 results costs about what the first does; the cursor is opaque (base64 of
@@ -42,7 +46,8 @@ the whole list of them.  User text reaches FTS5 only inside a quoted
 string, its quotes doubled: it is never query syntax.  ``expire`` removes a batch in one
 transaction.  The schema is in ``PRAGMA user_version`` (``SCHEMA_VERSION``);
 an archive of a newer schema is refused, one of an older schema gains what
-it lacks when opened (version 1 had no accounts, read flags nor Sent folder).
+it lacks when opened (version 1 had no accounts, read flags nor Sent folder;
+version 2 no delivery records).
 
 Configuration (the ``[archive]`` table)::
 
@@ -108,8 +113,9 @@ _FEW_SEEN = 4
 _DRIVEN = "driven"
 
 #: The archive's schema, in ``PRAGMA user_version``: 2 added the accounts'
-#: tables (``_ACCOUNTS_SCHEMA``).
-SCHEMA_VERSION = 2
+#: tables (``_ACCOUNTS_SCHEMA``), 3 the delivery records
+#: (``_DELIVERED_SCHEMA``).
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -188,6 +194,23 @@ CREATE TABLE IF NOT EXISTS sent (
     UNIQUE (account, id)
 );
 CREATE INDEX IF NOT EXISTS sent_time ON sent (account, sent_at DESC, id DESC);
+"""
+
+# Schema 3, made the same way: what the hub delivered to which mailbox
+# (``record_delivered``), and the messages by their Message-ID, to find a
+# delivery of the same message under another archive id (``delivered``).
+# Opening an archive of schema 2 builds the index over its messages once.
+_DELIVERED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS delivered (
+    mailbox TEXT NOT NULL,
+    archive_id TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    route TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (mailbox, archive_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS delivered_expiry ON delivered (domain, at);
+CREATE INDEX IF NOT EXISTS messages_header_id ON messages (message_id) WHERE message_id <> '';
 """
 
 
@@ -414,7 +437,7 @@ class _Writer(_Worker):
                         f"{self._path} was written by a newer mailhub (archive schema"
                         f" {version}; this one knows up to {SCHEMA_VERSION})"
                     )
-                for statement in (_SCHEMA + _ACCOUNTS_SCHEMA).split(";"):
+                for statement in (_SCHEMA + _ACCOUNTS_SCHEMA + _DELIVERED_SCHEMA).split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 if version < SCHEMA_VERSION:
@@ -617,7 +640,58 @@ def _expire(domain: str, before: float, limit: int) -> _Job:
                 "SELECT 1 FROM mailboxes WHERE message_id = ?", (archive_id,)
             ).fetchone():
                 _remove_message(conn, archive_id)
-        return len(pairs)
+        records = conn.execute(
+            "SELECT mailbox, archive_id FROM delivered"
+            " WHERE domain = ? AND at < ?"
+            " AND mailbox NOT IN (SELECT mailbox FROM holds WHERE mailbox IS NOT NULL)"
+            " ORDER BY at LIMIT ?",
+            (domain, before, limit),
+        ).fetchall()
+        conn.executemany("DELETE FROM delivered WHERE mailbox = ? AND archive_id = ?", records)
+        return max(len(pairs), len(records))
+
+    return job
+
+
+def _record_delivered(records: Iterable[tuple[str, Address, str, float]]) -> _Job:
+    rows = [
+        (_clean(str(mailbox)), archive_id, mailbox.domain, _clean(route), at)
+        for archive_id, mailbox, route, at in records
+    ]
+
+    def job(conn: sqlite3.Connection) -> None:
+        # One row per pair: the latest delivery (and its route) wins.
+        conn.executemany(
+            "INSERT INTO delivered (mailbox, archive_id, domain, route, at)"
+            " VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (mailbox, archive_id) DO UPDATE SET route = excluded.route, at = excluded.at"
+            " WHERE excluded.at >= delivered.at",
+            rows,
+        )
+
+    return job
+
+
+def _delivered(pairs: Iterable[tuple[str, Address]]) -> _Job:
+    wanted = list(dict.fromkeys(pairs))
+
+    def job(conn: sqlite3.Connection) -> set[tuple[str, Address]]:
+        found: set[tuple[str, Address]] = set()
+        for archive_id, mailbox in wanted:
+            box = _clean(str(mailbox))
+            # This archive id, or another with the same Message-ID (the
+            # partial index of messages by Message-ID finds those).
+            row = conn.execute(
+                "SELECT 1 FROM delivered WHERE mailbox = ? AND archive_id = ?"
+                " UNION ALL SELECT 1 FROM messages m"
+                " JOIN messages o ON o.message_id = m.message_id AND o.message_id <> ''"
+                " JOIN delivered d ON d.mailbox = ? AND d.archive_id = o.id"
+                " WHERE m.id = ? AND m.message_id <> '' LIMIT 1",
+                (box, archive_id, box, archive_id),
+            ).fetchone()
+            if row is not None:
+                found.add((archive_id, mailbox))
+        return found
 
     return job
 
@@ -1188,6 +1262,13 @@ class SqliteArchive:
     def expire(self, domain: str, before: float, limit: int) -> Deferred[int]:
         return self._writer.submit(_expire(domain.lower(), before, limit))
 
+    def record_delivered(self, records: Iterable[tuple[str, Address, str, float]]) -> Deferred[None]:
+        # One job, so one savepoint in the writer's next group commit, whatever its size.
+        return self._writer.submit(_record_delivered(records))
+
+    def delivered(self, pairs: Iterable[tuple[str, Address]]) -> Deferred[set[tuple[str, Address]]]:
+        return self._read(_delivered(pairs))
+
     def set_hold(self, scope: ArchiveScope, held: bool, reason: str, at: float) -> Deferred[None]:
         if scope.mailbox is None and scope.domain is None:
             return fail(ValueError("a hold is on a mailbox or a domain, not the whole archive"))
@@ -1265,6 +1346,23 @@ class SqliteArchivePlugin:
     """Makes a ``SqliteArchive`` from the ``[archive]`` table."""
 
     name: str = "sqlite"
+    #: Several processes may open the same archive: the hub archives in a worker process.
+    shareable: bool = True
+    #: The keys of ``[archive]`` besides the core's (``mailhub.plugin``).
+    config_keys: frozenset[str] = frozenset({"path", "max_size_mb"})
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """
+        Check the ``[archive]`` table as ``make`` does, without opening the database.
+
+        :raises ValueError: naming the key at fault.
+        """
+        path = config.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("archive.path: the sqlite archive needs a database file path")
+        size = config.get("max_size_mb")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int | float) or size <= 0):
+            raise ValueError("archive.max_size_mb: must be a number of megabytes, more than 0")
 
     def make(self, config: Mapping[str, Any], reactor: Any) -> SqliteArchive:
         """

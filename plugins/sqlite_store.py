@@ -20,8 +20,11 @@ Leasing is atomic across stores and processes because a claim runs inside
 ``BEGIN IMMEDIATE``, which takes SQLite's write lock before reading.  Claiming
 sets ``next_attempt`` to the lease's expiry, so an abandoned lease needs no
 sweep: its entry is simply due again.  ``record`` and ``release`` act only
-while the row still carries their lease's token.  A route's ``share`` is one
-writer job, so it too is atomic across stores and processes.
+while the row still carries their lease's token.  A leased row also names
+the incarnation of the node that took it (``lease_incarnation``), so that a
+restarted node takes back at once what its dead process held
+(``reclaim``).  A route's ``share`` and ``reclaim`` are one writer job each,
+so they too are atomic across stores and processes.
 
 Bodies over ``LOG_THRESHOLD`` octets (16 KB) are not stored in the database
 but appended to segment files in ``<path>.bodies/`` (``_BodyLog``), each
@@ -60,12 +63,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
-from attrs import define, evolve, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.interfaces import INodeRegistry, IRouteCoordination, ISpoolStore, IStorePlugin
+from mailhub.interfaces import (
+    ILeaseReclaim,
+    INodeRegistry,
+    IRouteCoordination,
+    ISpoolStore,
+    IStorePlugin,
+)
 from mailhub.model import (
     Address,
     Attempt,
@@ -118,6 +127,7 @@ CREATE TABLE IF NOT EXISTS entries (
     node TEXT,
     lease_node TEXT,
     lease_token TEXT,
+    lease_incarnation TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0,
     size INTEGER NOT NULL,
@@ -186,8 +196,8 @@ CLAIM_IDS_SQL = (
 #: between.  (Not ``UPDATE ... RETURNING``: that returns the rows as updated,
 #: and the lease must carry the entry as it stood, due time and node included.)
 CLAIM_UPDATE_SQL = (
-    "UPDATE entries SET lease_node = ?, lease_token = ?, next_attempt = ?, node = NULL"
-    " WHERE id IN ({ids})"
+    "UPDATE entries SET lease_node = ?, lease_token = ?, lease_incarnation = ?,"
+    " next_attempt = ?, node = NULL WHERE id IN ({ids})"
 )
 _CLAIM_UPDATE_CHUNK = 500
 
@@ -1101,7 +1111,7 @@ class _Reader(_Worker):
         return results
 
 
-@implementer(ISpoolStore, INodeRegistry, IRouteCoordination)
+@implementer(ISpoolStore, INodeRegistry, IRouteCoordination, ILeaseReclaim)
 @define
 class SqliteSpoolStore:
     """
@@ -1113,6 +1123,8 @@ class SqliteSpoolStore:
     _clock: Any
     _reader: _Reader
     _new_id: Callable[[], str]
+    #: node -> the incarnation its leases are held under (``ILeaseReclaim``)
+    _incarnations: dict[str, str] = field(factory=dict)
 
     @classmethod
     def open(
@@ -1215,6 +1227,7 @@ class SqliteSpoolStore:
         stored: list[Lease | Entry] = []
         rows: list[tuple[Any, ...]] = []
         attempts = []
+        incarnation = None if expires is None else self._incarnations.get(node)
         for e in entries:
             head = (e.id, message_id, e.route, sender)
             if decided and e.route in decided:
@@ -1226,20 +1239,26 @@ class SqliteSpoolStore:
                     head
                     + (_recipients_json(after.recipients),)
                     + common
-                    + (after.next_attempt, after.node, None, None, after.attempts, int(after.held))
+                    + (after.next_attempt, after.node, None, None, after.attempts, int(after.held), None)
                 )
                 attempts.append(_attempt_row(evolve(attempt, entry_id=e.id)))
             elif expires is None:
                 stored.append(e)
                 rows.append(
-                    head + (_pending_json(routes[e.route]),) + common + (e.next_attempt, e.node, None, None, 0, 0)
+                    head
+                    + (_pending_json(routes[e.route]),)
+                    + common
+                    + (e.next_attempt, e.node, None, None, 0, 0, None)
                 )
             else:
                 # In the row, the lease's expiry stands in for the due time,
                 # as after claim; the lease carries the entry as enqueued.
                 stored.append(Lease(e, node, token, expires))
                 rows.append(
-                    head + (_pending_json(routes[e.route]),) + common + (expires, None, node, token, 0, 0)
+                    head
+                    + (_pending_json(routes[e.route]),)
+                    + common
+                    + (expires, None, node, token, 0, 0, incarnation)
                 )
         return _Inserts([(message_id, body)], rows, attempts, stored, self._writer.bodies)
 
@@ -1254,6 +1273,7 @@ class SqliteSpoolStore:
     ) -> Deferred[list[Lease]]:
         wanted = None if ids is None else list(ids)
         new_id = self._new_id
+        incarnation = self._incarnations.get(node)
 
         def job(conn: sqlite3.Connection) -> list[Lease]:
             if wanted is not None and not wanted:
@@ -1280,7 +1300,7 @@ class SqliteSpoolStore:
                 chunk = [row[0] for row in rows[i : i + _CLAIM_UPDATE_CHUNK]]
                 conn.execute(
                     CLAIM_UPDATE_SQL.format(ids=", ".join("?" * len(chunk))),
-                    (node, token, expires, *chunk),
+                    (node, token, incarnation, expires, *chunk),
                 )
             return [Lease(_entry(row), node, token, expires) for row in rows]
 
@@ -1518,6 +1538,25 @@ class SqliteSpoolStore:
 
         return self._writer.submit(job)
 
+    # -- ILeaseReclaim -----------------------------------------------------
+
+    def reclaim(self, node: str, incarnation: str, now: float) -> Deferred[int]:
+        self._incarnations[node] = incarnation
+
+        def job(conn: sqlite3.Connection) -> int:
+            # One writer job: its BEGIN IMMEDIATE orders it with every claim
+            # of every process on the file.
+            cursor = conn.execute(
+                "UPDATE entries SET next_attempt = ?, node = ?, lease_node = NULL,"
+                " lease_token = NULL, lease_incarnation = NULL"
+                " WHERE lease_node = ? AND lease_token IS NOT NULL AND next_attempt > ?"
+                " AND (lease_incarnation IS NULL OR lease_incarnation != ?)",
+                (now, node, node, now, incarnation),
+            )
+            return int(cursor.rowcount)
+
+        return self._writer.submit(job)
+
     # -- INodeRegistry -----------------------------------------------------
 
     def heartbeat(self, node: str, now: float, info: Mapping[str, Any]) -> Deferred[None]:
@@ -1628,7 +1667,7 @@ class SqliteSpoolStore:
 
 #: Columns added to ``entries`` after its first release: a spool file written
 #: before them gets them (with their default) when it is opened.
-_ADDED_COLUMNS = {"smtputf8": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS = {"smtputf8": "INTEGER NOT NULL DEFAULT 0", "lease_incarnation": "TEXT"}
 
 
 #: Columns added to ``messages`` since: where a body kept in the body log is.
@@ -1812,7 +1851,7 @@ _INSERT_COLUMNS = {
     "entries": (
         "id", "message_id", "route", "sender", "recipients", "created", "size", "helo",
         "client", "smtputf8", "next_attempt", "node", "lease_node", "lease_token", "attempts",
-        "held",
+        "held", "lease_incarnation",
     ),
     "attempts": ("entry_id", "node", "started", "finished", "replies"),
 }
@@ -1887,6 +1926,21 @@ class SqliteStorePlugin:
     """Makes a ``SqliteSpoolStore`` from the ``[store]`` table."""
 
     name: str = "sqlite"
+    #: The keys of ``[store]`` besides ``plugin`` (``mailhub.plugin``).
+    config_keys: frozenset[str] = frozenset({"path", "busy_timeout"})
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """
+        Check the ``[store]`` table as ``make`` does, without opening the database.
+
+        :raises ValueError: naming the key at fault.
+        """
+        path = config.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("store.path: the sqlite store needs a database file path")
+        busy_timeout = config.get("busy_timeout", DEFAULT_BUSY_TIMEOUT)
+        if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float) or busy_timeout < 0:
+            raise ValueError("store.busy_timeout: must be a number of seconds, 0 or more")
 
     def make(self, config: Mapping[str, Any], reactor: Any) -> SqliteSpoolStore:
         """

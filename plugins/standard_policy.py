@@ -101,6 +101,21 @@ class plugin:  # noqa: N801 - the entry point names this object
     """The ``standard`` policy plugin."""
 
     name = "standard"
+    #: The keys of ``[policy]`` besides ``plugin`` (``mailhub.plugin``).
+    config_keys = frozenset({"retry_minutes", "lifetime_days", "jitter", "hold_on_reject_after_deferral"})
+
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """
+        Check the ``[policy]`` table as ``make`` would take it: a policy is a
+        pure object, so this makes one and drops it.
+
+        :raises ValueError: naming the key at fault.
+        """
+        hold = config.get("hold_on_reject_after_deferral", True)
+        if not isinstance(hold, bool):
+            raise ValueError(f"policy.hold_on_reject_after_deferral: must be true or false, not {hold!r}")
+        plugin.make(config, None)
 
     @staticmethod
     def make(config: Mapping[str, Any], reactor: Any) -> StandardPolicy:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import email
+import email.policy
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -12,6 +16,7 @@ import pyotp
 import pytest
 import pytest_twisted
 from argon2 import PasswordHasher
+from attrs import evolve
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
@@ -19,6 +24,9 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from mailhub.archive.accounts import (
+    INVITE,
+    RESET,
+    AccountLinks,
     LoginThrottle,
     PasswordPolicyError,
     SessionSigner,
@@ -30,9 +38,13 @@ from mailhub.archive.accounts import (
     csrf_token,
     hash_password,
     hash_password_async,
+    link_mail,
+    link_recipients,
     load_or_create_secret,
     needs_rehash,
     new_totp_secret,
+    public_url,
+    reset_throttle,
     totp_uri,
     verify_password,
     verify_password_async,
@@ -518,6 +530,148 @@ def test_secret_file_defaults_beside_the_spool(tmp_path):
     assert secret_file(load(str(config_path))) == str(tmp_path / "var" / "web-secret")
 
 
+# -- the links that set a password -----------------------------------------------
+
+INVITED = Account(ALICE, "", recovery="alice@private.example", session_version=2)
+WITH_PASSWORD = Account(ALICE, "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA", recovery="alice@private.example")
+
+
+@pytest.fixture
+def links(clock):
+    return AccountLinks(SECRET, clock)
+
+
+def test_link_works_for_its_purpose_and_account_as_issued(links):
+    token = links.issue(INVITE, INVITED)
+    assert links.address(token, INVITE) == ALICE
+    assert links.check(token, INVITE, INVITED)
+    assert not links.check(token, RESET, INVITED)  # not a reset link
+    assert links.address(token, RESET) is None
+    assert AccountLinks(SECRET, links._clock).check(token, INVITE, INVITED)  # another node, the same secret
+    assert not AccountLinks(b"x" * 32, links._clock).check(token, INVITE, INVITED)
+
+
+def test_link_is_used_once_the_password_is_set(links):
+    token = links.issue(INVITE, INVITED)
+    assert not links.check(token, INVITE, evolve(INVITED, password_hash=hash_password("correct horse battery")))
+    reset = links.issue(RESET, WITH_PASSWORD)
+    # The same password set again is a new hash (a new salt): still used.
+    assert not links.check(reset, RESET, evolve(WITH_PASSWORD, password_hash=hash_password("x" * 12)))
+
+
+def test_link_dies_with_a_new_session_generation_or_when_disabled(links):
+    token = links.issue(RESET, WITH_PASSWORD)
+    assert not links.check(token, RESET, evolve(WITH_PASSWORD, session_version=WITH_PASSWORD.session_version + 1))
+    assert not links.check(token, RESET, evolve(WITH_PASSWORD, disabled=True))
+    assert not links.check(token, RESET, None)
+
+
+@pytest.mark.parametrize(("purpose", "lifetime"), [(INVITE, 72 * 3600), (RESET, 3600)])
+def test_link_expires(links, clock, purpose, lifetime):
+    token = links.issue(purpose, INVITED)
+    assert links.expires(token) == clock.seconds() + lifetime
+    clock.advance(lifetime - 1)
+    assert links.check(token, purpose, INVITED)
+    clock.advance(1)
+    assert not links.check(token, purpose, INVITED)
+    assert links.address(token, purpose) is None
+
+
+def test_link_for_another_account_is_refused(links):
+    token = links.issue(RESET, WITH_PASSWORD)
+    bob = evolve(WITH_PASSWORD, address=Address("bob", "example.com"))
+    assert not links.check(token, RESET, bob)
+    # The address in the token changed to bob's: the MAC no longer matches.
+    payload, mac = token.split(".")
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    data["a"] = ["bob", "example.com"]
+    forged = base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode() + "." + mac
+    assert links.address(forged, RESET) == bob.address
+    assert not links.check(forged, RESET, bob)
+    # A later expiry, likewise.
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    data["e"] += 3600
+    later = base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode() + "." + mac
+    assert not links.check(later, RESET, WITH_PASSWORD)
+
+
+@pytest.mark.parametrize("token", ["", ".", "x", "a.b", "!!!.???", "e30.AAAA", "W10.AAAA", "bnVsbA.AAAA"])
+def test_link_garbage_is_refused_not_raised(links, token):
+    assert links.address(token, INVITE) is None
+    assert not links.check(token, INVITE, INVITED)
+
+
+def test_session_signer_carries_the_links_of_the_same_secret(clock):
+    token = SessionSigner(SECRET, clock).links.issue(INVITE, INVITED)
+    assert AccountLinks(SECRET, clock).check(token, INVITE, INVITED)
+    assert not SessionSigner(b"x" * 32, clock).links.check(token, INVITE, INVITED)
+
+
+def test_invitation_goes_to_the_address_and_the_recovery_address_reset_only_to_the_recovery():
+    assert link_recipients(INVITE, INVITED) == (ALICE, Address("alice", "private.example"))
+    assert link_recipients(INVITE, evolve(INVITED, recovery="")) == (ALICE,)
+    assert link_recipients(RESET, INVITED) == (Address("alice", "private.example"),)
+    assert link_recipients(RESET, evolve(INVITED, recovery="")) == ()
+
+
+def test_link_mail_is_a_notification_with_the_link():
+    url = "https://mail.hub.example/reset/TOKEN"
+    envelope, data = link_mail(RESET, WITH_PASSWORD, url, "mx.hub.example", 1_000_000.0, 1_003_600.0, "192.0.2.7")
+    assert envelope.sender is None and envelope.recipients == (Address("alice", "private.example"),)
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert message["To"] == "alice@private.example" and message["From"] == "LiveArchive <no-reply@mx.hub.example>"
+    assert message["Auto-Submitted"] == "auto-generated"
+    text = message.get_content()
+    assert url in text and "192.0.2.7" in text and "alice@example.com" in text
+    assert b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
+    with pytest.raises(ValueError, match="no recovery address"):
+        link_mail(RESET, evolve(WITH_PASSWORD, recovery=""), url, "mx.hub.example", 0.0, 0.0)
+
+
+def test_link_mail_to_a_non_ascii_address_asks_for_smtputf8():
+    zoe = Account(Address("zoë", "example.com"))
+    envelope, data = link_mail(INVITE, zoe, "https://h/invite/T", "mx.hub.example", 0.0, 0.0)
+    assert envelope.smtputf8 and "zoë@example.com".encode() in data
+
+
+def test_reset_throttle_allows_three_requests_per_address_then_waits(clock):
+    t = reset_throttle(clock)
+    for _ in range(3):
+        assert t.check("alice@example.com", "192.0.2.1") == 0
+        t.failed("alice@example.com", "192.0.2.1")
+    assert t.check("alice@example.com", "198.51.100.9") > 0  # from anywhere
+    assert t.check("bob@example.com", "192.0.2.1") == 0
+
+
+def test_account_stored_by_an_older_hub_loads_with_defaults():
+    old = json.dumps({"address": ["alice", "example.com"], "password_hash": "h", "role": "user"})
+    account = Account.from_json(old)
+    assert account == Account(ALICE, "h")
+    assert Account.from_json(WITH_PASSWORD.to_json()) == WITH_PASSWORD
+
+
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [("https://mail.hub.example/", "https://mail.hub.example"), ("http://10.0.0.1:8025/live", "http://10.0.0.1:8025/live")],
+)
+def test_public_url_is_kept_without_its_slash(url, kept):
+    from mailhub.config import parse
+
+    assert public_url(parse((CONFIG + f'[web]\npublic_url = "{url}"\n').encode(), endpoints=False)) == kept
+    assert public_url(parse(CONFIG.encode(), endpoints=False)) is None
+
+
+@pytest.mark.parametrize(
+    "url", ["mail.hub.example", "ftp://mail.hub.example", "https://", "https://h/?q=1", "https://u:p@h", "https://h:x",
+            "https://h/#top", "https://h/a b"],
+)
+def test_public_url_that_is_no_base_is_refused_by_name(url):
+    from mailhub.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match="web.public_url: must be the LiveArchive's address"):
+        parse((CONFIG + f'[web]\npublic_url = "{url}"\n').encode(), endpoints=False)
+
+
 # -- CSRF -------------------------------------------------------------------------
 
 
@@ -911,3 +1065,113 @@ def test_cli_without_an_archive_says_where_accounts_live(tmp_path):
     path.write_text(CONFIG)
     r = mailhub("user", "-c", str(path), "list")
     assert r.returncode == 2 and "has no [archive] table: accounts are kept in the archive" in r.stderr
+
+
+# -- mailhub user: invitations, logout ----------------------------------------------
+
+
+from mailhub.archive.route import ARCHIVE_ROUTE  # noqa: E402
+
+
+async def spooled(hub):
+    """Every spool entry with its message, as the sqlite spool has them, read in this process."""
+    from mailhub.config import load
+    from mailhub.model import EntryFilter
+    from mailhub.plugin import load_plugin
+
+    config = load(str(hub))
+    store = load_plugin("mailhub.stores", "sqlite").make(config.plugin_section("store"), reactor)
+    try:
+        entries = await store.entries(EntryFilter(), 0, 100)
+        return [(e, await store.body(e.message_id)) for e in entries]
+    finally:
+        await store.close()
+
+
+def _links_of(hub):
+    from mailhub.archive.accounts import secret_file
+    from mailhub.config import load
+
+    return AccountLinks(load_or_create_secret(secret_file(load(str(hub)))), reactor)
+
+
+@pytest.fixture
+def public_hub(hub):
+    hub.write_text(hub.read_text() + '[web]\npublic_url = "https://mail.hub.example/"\n')
+    return hub
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_add_invite_mails_the_link_to_the_address_and_the_recovery_address(public_hub):
+    r = await run_user(public_hub, "add", "bob@example.com", "--invite", "--recovery", "bob@private.example")
+    assert r.returncode == 0, r.stderr
+    assert "invitation mailed to bob@example.com and bob@private.example" in r.stdout
+    bob = await stored(public_hub, "bob@example.com")
+    assert bob.password_hash == ""
+    entries = await spooled(public_hub)
+    # One message: bob's route, the archive's copy, and the outbound route for the recovery address.
+    routes = {e.route: [r.address for r in e.recipients] for e, _ in entries}
+    assert routes == {
+        "smtp:mail.example.com:25": [Address("bob", "example.com")],
+        ARCHIVE_ROUTE: [Address("bob", "example.com")],
+        "smtp:mx": [Address("bob", "private.example")],
+    }
+    assert all(e.sender is None for e, _ in entries)
+    text = email.message_from_bytes(entries[0][1], policy=email.policy.default).get_content()
+    token = re.search(r"https://mail\.hub\.example/invite/([A-Za-z0-9_.-]+)", text).group(1)
+    assert _links_of(public_hub).check(token, INVITE, bob)
+    audit = await deferToThread(mailhub, "archive", "-c", str(public_hub), "audit")
+    assert "user-invite account bob@example.com" in audit.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_invite_without_public_url_prints_the_link_and_says_it_is_not_mailed(hub):
+    r = await run_user(hub, "add", "bob@example.com", "--invite")
+    assert r.returncode == 0, r.stderr
+    assert "has no [web] public_url: the invitations are NOT mailed" in r.stdout
+    token = re.search(r"bob@example\.com  /invite/(\S+)", r.stdout).group(1)
+    assert _links_of(hub).check(token, INVITE, await stored(hub, "bob@example.com"))
+    assert await spooled(hub) == []
+
+
+def test_cli_invite_and_a_password_exclude_each_other(hub):
+    r = user(hub, "add", "bob@example.com", "--invite", "--password-stdin", stdin=STRONG + "\n")
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_import_invite_mails_only_the_accounts_without_a_password(public_hub, tmp_path):
+    csv_path = tmp_path / "people.csv"
+    csv_path.write_text(f"boss@example.com,domain-admin,,{STRONG}\neve@other.example,,eve@home.example,\n")
+    r = await run_user(public_hub, "import", str(csv_path), "--invite")
+    assert r.returncode == 0, r.stderr
+    assert "invitation mailed to eve@other.example and eve@home.example" in r.stdout
+    assert "boss@" not in r.stdout.split("accounts added")[1]
+    recipients = {str(r.address) for e, _ in await spooled(public_hub) for r in e.recipients}
+    assert recipients == {"eve@other.example", "eve@home.example"}
+
+
+def test_cli_invite_again_only_for_an_account_without_a_password(public_hub):
+    user(public_hub, "add", "alice@example.com", "--password-stdin", stdin=STRONG + "\n")
+    r = user(public_hub, "invite", "alice@example.com")
+    assert r.returncode == 2 and "has a password already" in r.stderr
+    user(public_hub, "add", "bob@example.com")
+    r = user(public_hub, "invite", "bob@example.com")
+    assert r.returncode == 0 and "invitation mailed to bob@example.com" in r.stdout, r.stderr
+    r = user(public_hub, "invite", "nobody@example.com")
+    assert r.returncode == 1 and "no account nobody@example.com" in r.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_logout_raises_the_session_generation(hub):
+    await run_user(hub, "add", "bob@example.com", "--password-stdin", stdin=STRONG + "\n")
+    before = await stored(hub, "bob@example.com")
+    r = await run_user(hub, "logout", "bob@example.com")
+    assert r.returncode == 0 and "every session of bob@example.com has ended, on every node" in r.stdout
+    after = await stored(hub, "bob@example.com")
+    assert after.session_version == before.session_version + 1 and after.password_hash == before.password_hash
+    # A session of before is refused (by any node: the generation is in the archive).
+    clock = Clock()
+    clock.advance(reactor.seconds())
+    value = SessionSigner(SECRET, clock).issue(before)
+    assert _verify(SessionSigner(SECRET, clock), value, _lookup(after)) is None

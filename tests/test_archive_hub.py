@@ -128,3 +128,23 @@ def test_retention_per_domain_and_legal_hold():
     hub.archive.set_hold(ArchiveScope(domain="example.com"), False, "", hub.clock.seconds())
     retention.run()
     assert hub.found(ArchiveScope(mailbox=ALICE)) == []
+
+
+def test_the_hub_records_each_mailbox_it_delivered_to():
+    """A 2xx from the route's server is recorded per mailbox; a deferral is not, nor the archive's own entry."""
+    hub = Hub(script=lambda entry, message: {a: OK if a == ALICE else Reply(451, "4.2.0", "later") for a in entry.pending})
+    hub.receive(ALICE, BOB)
+    [archived] = hub.found(ArchiveScope(mailbox=ALICE))
+    assert hub.archive.delivered([(archived, ALICE), (archived, BOB)]).result == {(archived, ALICE)}
+    assert hub.nodes["dallas"].delivered.written == 1
+
+
+def test_a_copy_with_the_same_message_id_counts_as_delivered():
+    """An imported copy of a message the hub delivered (same Message-ID, another archive id) is known as delivered."""
+    from mailhub.archive.text import extract
+    from mailhub.model import ArchivedMessage
+
+    hub = Hub()
+    hub.receive(ALICE)
+    hub.archive.add(ArchivedMessage("import-1", 0.0, None, (ALICE, BOB), MESSAGE, extract(MESSAGE)))
+    assert hub.archive.delivered([("import-1", ALICE), ("import-1", BOB)]).result == {("import-1", ALICE)}

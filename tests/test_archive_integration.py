@@ -166,3 +166,76 @@ async def test_no_acknowledged_message_misses_the_archive_after_kill_9(tmp_path,
             assert found["total"] == 1, tag  # type: ignore[index]
     finally:
         await hub.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redeliver_skip_delivered_sends_only_what_the_hub_did_not_deliver(tmp_path, downstream):
+    """
+    Two messages delivered, two archived while the server was down and then
+    deleted from the queue: ``redeliver --skip-delivered`` re-spools the two
+    the hub did not deliver, and once those are delivered, a second run
+    would skip all four.
+    """
+    hub, port, _ = archive_hub(tmp_path, downstream)
+    hub.start()
+    try:
+        await hub.started(port)
+        for tag in ("delivered-1", "delivered-2"):
+            code, _ = await send(port, message(tag), recipients=["alice@example.com"])
+            assert code == 250
+        await eventually(lambda: len(downstream.messages) == 2, timeout=30, what="first two delivered")
+
+        await downstream.stop()
+        for tag in ("lost-1", "lost-2"):
+            code, _ = await send(port, message(tag), recipients=["alice@example.com"])
+            assert code == 250
+
+        async def archived() -> bool:
+            found = await cli_json(hub, "archive", "search", "--mailbox", "alice@example.com", "--json")
+            return found["total"] == 4  # type: ignore[index]
+
+        await eventually(archived, timeout=30, what="all four archived")
+        # The operator gives up on the queued copies (the server was rebuilt, say).
+        queued = [e for e in await hub.queue() if not e["route"].startswith("archive:")]
+        assert len(queued) == 2
+        for e in queued:
+            out = await deferToThread(hub.cli, "queue", "delete", e["id"])
+            assert out.returncode == 0, out.stderr
+
+        async def preview() -> dict:
+            return await cli_json(  # type: ignore[return-value]
+                hub, "archive", "redeliver", "--mailbox", "alice@example.com", "--skip-delivered", "--dry-run", "--json"
+            )
+
+        # The hub writes its delivery records in the background: wait for them.
+        await eventually(lambda: ensureDeferred(_skips(preview, 2)), timeout=30, what="delivery records written")
+        assert await preview() == {
+            "scope": "mailbox alice@example.com", "selected": 4, "redelivered": 2, "skipped": 2, "dry_run": True,
+        }
+        text = await deferToThread(
+            hub.cli, "archive", "redeliver", "--mailbox", "alice@example.com", "--skip-delivered", "--dry-run"
+        )
+        assert "4 messages of mailbox alice@example.com selected: 2 would be re-delivered, 2 skipped" in text.stdout
+
+        await downstream.start(port=downstream.port)
+        before = len(downstream.messages)
+        done = await cli_json(hub, "archive", "redeliver", "--mailbox", "alice@example.com", "--skip-delivered", "--json")
+        assert done == {
+            "scope": "mailbox alice@example.com", "selected": 4, "redelivered": 2, "skipped": 2, "entries": 2,
+            "dry_run": False,
+        }
+        await eventually(lambda: len(downstream.messages) == before + 2, timeout=30, what="re-delivered")
+        subjects = sorted(m.message.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0] for m in downstream.messages[before:])
+        assert subjects == [b"lost-1", b"lost-2"]
+        assert all(m.recipients == ["alice@example.com"] for m in downstream.messages[before:])
+
+        # What the re-delivery delivered is recorded too: a second run skips everything.
+        await eventually(lambda: ensureDeferred(_skips(preview, 4)), timeout=30, what="re-deliveries recorded")
+        audit = await cli_json(hub, "archive", "audit", "--action", "redeliver", "--json")
+        assert "2 skipped as delivered" in audit[0]["detail"]  # type: ignore[index]
+    finally:
+        await hub.stop()
+
+
+async def _skips(preview, count: int) -> bool:
+    return (await preview())["skipped"] == count

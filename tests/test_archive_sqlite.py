@@ -332,10 +332,11 @@ async def test_archive_of_schema_1_gains_the_account_tables(db: Path) -> None:
     archive = open_archive(db)
     await archive.add(archived("old", mailboxes=(ALICE,), message=ODD_MESSAGE, body="budget"))
     await archive.close()
-    # As schema 1 left it: no accounts' tables, user_version 1.
+    # As schema 1 left it: no accounts' tables, no delivery records, user_version 1.
     conn = sqlite3.connect(db)
-    for table in ("accounts", "read_flags", "sent"):
+    for table in ("accounts", "read_flags", "sent", "delivered"):
         conn.execute(f"DROP TABLE {table}")
+    conn.execute("DROP INDEX messages_header_id")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -344,7 +345,7 @@ async def test_archive_of_schema_1_gains_the_account_tables(db: Path) -> None:
     try:
         assert (await archive.get("old")).message == ODD_MESSAGE
         assert await rows(archive, "PRAGMA user_version") == [(sqlite_archive.SCHEMA_VERSION,)]
-        assert sqlite_archive.SCHEMA_VERSION == 2
+        assert sqlite_archive.SCHEMA_VERSION == 3
         tables = await rows(archive, "SELECT name FROM sqlite_master WHERE type = 'table'")
         assert {"accounts", "read_flags", "sent"} <= {name for (name,) in tables}
         await archive.add_account(account(ALICE))
@@ -355,6 +356,58 @@ async def test_archive_of_schema_1_gains_the_account_tables(db: Path) -> None:
         assert [m.id for m in await archive.sent(ALICE, None, 10)] == ["s1"]
     finally:
         await archive.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_archive_of_schema_2_gains_the_delivery_records(db: Path) -> None:
+    """A file written before the delivery records opens, indexes its messages' Message-IDs and takes records."""
+    archive = open_archive(db)
+    await archive.add(archived("old", mailboxes=(ALICE,), message_id="q1@outside.example"))
+    await archive.add_account(account(ALICE))
+    await archive.close()
+    # As schema 2 left it.
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE delivered")
+    conn.execute("DROP INDEX messages_header_id")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+
+    archive = open_archive(db)
+    try:
+        await archive.record_delivered([("m1", ALICE, "smtp:mail.a.example:25", NOW)])
+        assert await rows(archive, "PRAGMA user_version") == [(3,)]
+        assert await archive.account(ALICE) == account(ALICE)
+        await archive.add(archived("m1", mailboxes=(ALICE,), message_id="q1@outside.example"))
+        assert await archive.delivered([("old", ALICE)]) == {("old", ALICE)}
+    finally:
+        await archive.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivered_looks_message_ids_up_in_the_index(archive: SqliteArchive) -> None:
+    """The other copies of a Message-ID are found through the partial index, not by a scan of messages."""
+    plan = await rows(
+        archive,
+        "EXPLAIN QUERY PLAN SELECT 1 FROM messages m"
+        " JOIN messages o ON o.message_id = m.message_id AND o.message_id <> ''"
+        " JOIN delivered d ON d.mailbox = 'a' AND d.archive_id = o.id"
+        " WHERE m.id = 'x' AND m.message_id <> ''",
+    )
+    steps = " | ".join(str(row[-1]) for row in plan)
+    assert "messages_header_id" in steps, steps
+    assert "SCAN" not in steps, steps
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_of_delivery_records_is_one_job(archive: SqliteArchive) -> None:
+    """However many records a batch holds, it costs the writer one savepoint in one commit."""
+    await archive.add(archived("first"))
+    before = archive.commits
+    records = [(f"m{i}", Address(f"user{i}", "a.example"), "smtp:mail.a.example:25", NOW) for i in range(500)]
+    await archive.record_delivered(records)
+    assert archive.commits - before == 1
+    assert await rows(archive, "SELECT count(*) FROM delivered") == [(500,)]
 
 
 @pytest_twisted.ensureDeferred

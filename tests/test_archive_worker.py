@@ -145,3 +145,50 @@ async def test_a_child_that_cannot_open_the_archive_fails_adds(tmp_path: Path) -
             await worker.add(message(1))
     finally:
         await worker.close()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(p) for p in text]
+    return found
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_hub_archives_through_its_worker_and_survives_its_death(tmp_path: Path, downstream) -> None:  # type: ignore[no-untyped-def]
+    """A real ``twistd mailhub``: the worker is its child; killed, what it had is archived anyway."""
+    from test_archive_integration import archive_hub, cli_json
+    from twisted.internet.threads import deferToThread
+
+    from hubprocess import eventually, message, send
+
+    hub, port, _web = archive_hub(tmp_path, downstream)
+    hub.start()
+    try:
+        await hub.started(port)
+        for i in range(5):
+            code, _ = await send(port, message(f"before-{i}"), recipients=["alice@example.com"])
+            assert code == 250
+
+        async def archived(n: int) -> bool:
+            found = await cli_json(hub, "archive", "search", "--mailbox", "alice@example.com", "--json")
+            return found["total"] == n  # type: ignore[index]
+
+        await eventually(lambda: archived(5), timeout=30, what="5 archived")
+        assert hub.process is not None
+        [worker] = children_of(hub.process.pid)
+        assert b"mailhub.archive.worker" in Path(f"/proc/{worker}/cmdline").read_bytes()
+        os.kill(worker, signal.SIGKILL)
+        for i in range(5):
+            code, _ = await send(port, message(f"after-{i}"), recipients=["alice@example.com"])
+            assert code == 250
+        await eventually(lambda: archived(10), timeout=60, what="10 archived after the worker died")
+        assert "archive worker ended (signal 9)" in hub.log()
+        [again] = await deferToThread(children_of, hub.process.pid)
+        assert again != worker
+    finally:
+        await hub.stop()
+    # The worker stops with the hub.
+    await eventually(lambda: not Path(f"/proc/{again}").exists(), timeout=10, what="the worker gone")

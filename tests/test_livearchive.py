@@ -43,7 +43,9 @@ CONFIG = (
     b'[nodes.dallas]\nsmtp="tcp:0"\n'
     b'[domains."example.com"]\nroute="smtp:mail.example.com:25"\n'
     b'[domains."example.org"]\nroute="smtp:mail.example.com:25"\n'
+    b'[web]\npublic_url="https://mail.hub.example"\n'
 )
+ALICE_RECOVERY = Address("alice", "private.example")
 
 HOSTILE_HTML = (
     b"From: Mallory <m@evil.example>\r\nTo: alice@example.com\r\n"
@@ -59,8 +61,8 @@ HOSTILE_HTML = (
 class Web:
     """A node serving the LiveArchive on a real port, and a browser-like client with cookies."""
 
-    def __init__(self) -> None:
-        self.config = parse(CONFIG)
+    def __init__(self, config: bytes = CONFIG) -> None:
+        self.config = parse(config)
         self.store = MemorySpoolStore(reactor)
         self.archive = load_plugin("mailhub.archives", "memory").make({}, reactor)
         self.transport = ScriptedTransport()
@@ -78,7 +80,7 @@ class Web:
         site = Site(StatusResource(self.node, self.store, None, self.live))
         self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         for account in (
-            Account(ALICE, acc.hash_password(PASSWORD)),
+            Account(ALICE, acc.hash_password(PASSWORD), recovery=str(ALICE_RECOVERY)),
             Account(BOB, acc.hash_password(PASSWORD)),
             Account(CAROL, acc.hash_password(PASSWORD), role=Role.DOMAIN_ADMIN),
         ):
@@ -88,12 +90,16 @@ class Web:
         await self.node.engine.stopService()
         await self.port.stopListening()
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port.getHost().port}{path}"
+    def url(self, path: str, port: Any = None) -> str:
+        return f"http://127.0.0.1:{(port or self.port).getHost().port}{path}"
 
-    async def request(self, method: str, path: str, data: Any = None, files: Any = None) -> tuple[int, dict, str]:
+    async def request(
+        self, method: str, path: str, data: Any = None, files: Any = None, port: Any = None, headers: Any = None
+    ) -> tuple[int, dict, str]:
+        """A request to this node (or to the listener ``port``), with the client's cookies."""
         response = await treq.request(
-            method, self.url(path), data=data, files=files, cookies=dict(self.cookies), allow_redirects=False
+            method, self.url(path, port), data=data, files=files, cookies=dict(self.cookies), allow_redirects=False,
+            headers=headers,
         )
         for cookie in response.cookies():
             if cookie.value:
@@ -382,3 +388,299 @@ async def test_a_domain_administrator_manages_the_accounts_of_the_domain(web: We
     assert code == 403
     audit = await web.archive.audit_log(f"user:{CAROL}", None, None, None, 10)
     assert {e.action for e in audit} >= {"account-add", "account-disable"}
+
+
+# -- invitations, password resets, log out everywhere ------------------------------
+
+ERIN = Address("erin", "example.org")
+NEW_PASSWORD = "a brand new passphrase"
+
+
+async def mails_to(web: Web, address: Address, count: int = 1) -> list[bytes]:
+    """The messages the hub delivered to ``address`` (waiting for ``count`` of them): the outbound test double."""
+    from twisted.internet.task import deferLater
+
+    await web.live.mailing()
+    for _ in range(100):
+        found = [data for entry, data in web.transport.deliveries if address in entry.pending]
+        if len(found) >= count:
+            return found
+        await deferLater(reactor, 0.05, lambda: None)
+    return found
+
+
+def link_in(data: bytes, purpose: str) -> str:
+    """The path of the link in a mail (``/invite/TOKEN``), which must start with the configured public_url."""
+    import email
+    import email.policy
+
+    text = email.message_from_bytes(data, policy=email.policy.default).get_content()  # type: ignore[attr-defined]
+    return re.search(rf"https://mail\.hub\.example(/{purpose}/[A-Za-z0-9_.-]+)\s", text).group(1)  # type: ignore[union-attr]
+
+
+async def form_token(web: Web, path: str) -> tuple[int, str, str]:
+    """GET a form shown without a session: its status, page and double-submit token."""
+    code, _, page = await web.request("GET", path)
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
+    return code, page, match.group(1) if match else ""
+
+
+async def invite_erin(web: Web) -> str:
+    """Carol, domain administrator of example.org, invites erin; the link's path, from the mail."""
+    await web.login(str(CAROL))
+    _, _, page = await web.request("GET", "/admin/users")
+    code, _, page = await web.request("POST", "/admin/users", data={
+        "csrf": csrf(page, "admin"), "address": str(ERIN), "role": "user", "recovery": "erin@home.example", "password": "",
+    })
+    assert code == 200 and "erin@example.org is invited" in page and "mailed to erin@example.org and erin@home.example" in page
+    [to_erin] = await mails_to(web, ERIN)
+    [to_home] = await mails_to(web, Address("erin", "home.example"))
+    assert link_in(to_erin, "invite") == link_in(to_home, "invite")
+    web.cookies.clear()  # erin's browser, not carol's
+    return link_in(to_erin, "invite")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_invitation_sets_the_password_once(web: Web) -> None:
+    link = await invite_erin(web)
+    assert (await web.archive.account(ERIN)).password_hash == ""
+    code, page, token = await form_token(web, link)
+    assert code == 200 and "erin@example.org" in page and "choose your hub password" in page
+    fields = {"csrf": token, "password": PASSWORD, "again": PASSWORD}
+    code, _, _ = await web.request("POST", link, data={**fields, "csrf": "forged"})
+    assert code == 403
+    code, _, page = await web.request("POST", link, data={**fields, "again": PASSWORD + "!"})
+    assert code == 400 and "differ" in page
+    code, _, page = await web.request("POST", link, data={**fields, "password": "short", "again": "short"})
+    assert code == 400 and "too short" in page
+    assert (await web.archive.account(ERIN)).password_hash == ""
+    code, headers, _ = await web.request("POST", link, data=fields)
+    assert code == 303 and headers["location"] == "/login?notice=invite"
+    _, _, page = await web.request("GET", "/login?notice=invite")
+    assert "Your hub password is set" in page
+    code, headers, _ = await web.login(str(ERIN))
+    assert code == 303 and headers["location"] == "/mail"
+    # Used: refused, to show and to set.
+    web.cookies.clear()
+    code, page, _ = await form_token(web, link)
+    assert code == 404 and "This link does not work" in page
+    _, _, token = await form_token(web, "/login")
+    code, _, _ = await web.request("POST", link, data={"csrf": token, "password": NEW_PASSWORD, "again": NEW_PASSWORD})
+    assert code == 404
+    assert acc.verify_password((await web.archive.account(ERIN)).password_hash, PASSWORD)
+    audit = await web.archive.audit_log(None, None, None, None, 50)
+    assert {"account-invite", "password-invite"} <= {e.action for e in audit}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_invitation_link_expires_after_72_hours(web: Web) -> None:
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(reactor.seconds())
+    web.signer.links = acc.AccountLinks(b"k" * 32, clock)
+    link = await invite_erin(web)
+    clock.advance(72 * 3600 - 1)
+    code, _, token = await form_token(web, link)
+    assert code == 200
+    clock.advance(1)
+    code, page, _ = await form_token(web, link)
+    assert code == 404 and "expired" in page
+    _, _, token = await form_token(web, "/login")
+    code, _, _ = await web.request("POST", link, data={"csrf": token, "password": PASSWORD, "again": PASSWORD})
+    assert code == 404 and (await web.archive.account(ERIN)).password_hash == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_changed_in_the_url_is_refused(web: Web) -> None:
+    import base64
+    import json
+
+    link = await invite_erin(web)
+    token = link.rsplit("/", 1)[1]
+    payload, mac = token.split(".")
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    data["a"] = ["alice", "example.com"]
+    for_alice = base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    for changed in (
+        f"/invite/{for_alice}.{mac}",  # another account
+        f"/invite/{payload}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BB'}",  # another MAC
+        f"/invite/{payload}",  # cut short
+        f"/reset/{token}",  # the right token, for something else
+    ):
+        code, _, _ = await web.request("GET", changed)
+        assert code == 404, changed
+        _, _, form = await form_token(web, "/login")
+        code, _, _ = await web.request("POST", changed, data={"csrf": form, "password": PASSWORD, "again": PASSWORD})
+        assert code == 404, changed
+    assert (await web.archive.account(ERIN)).password_hash == ""
+    assert acc.verify_password((await web.archive.account(ALICE)).password_hash, PASSWORD)
+
+
+async def ask_reset(web: Web, address: str, headers: Any = None) -> tuple[int, str]:
+    _, _, token = await form_token(web, "/reset")
+    code, _, page = await web.request("POST", "/reset", data={"csrf": token, "address": address}, headers=headers)
+    return code, page
+
+
+@pytest_twisted.ensureDeferred
+async def test_reset_answers_the_same_whatever_the_account_and_mails_only_the_recovery_address(web: Web) -> None:
+    _, _, page = await web.request("GET", "/login")
+    assert 'href="/reset"' in page and "Forgot your hub password?" in page
+    # Alice has a recovery address, Bob none, nobody no account at all, Carol is an administrator.
+    answers = {a: await ask_reset(web, a, {"Host": ["evil.example"]})
+               for a in (str(ALICE), str(BOB), "nobody@example.com", str(CAROL))}
+    assert len(set(answers.values())) == 1, answers
+    code, page = answers[str(ALICE)]
+    assert code == 200 and "If an account with a recovery address exists" in page
+    [mail] = await mails_to(web, ALICE_RECOVERY)
+    # Only the recovery address: not alice's own, not bob's, nobody's.
+    assert [(e.sender, e.pending) for e, _ in web.transport.deliveries] == [(None, (ALICE_RECOVERY,))]
+    # The link's base is [web] public_url, never the Host the request named.
+    assert link_in(mail, "reset").startswith("/reset/") and b"evil.example" not in mail
+    audit = await web.archive.audit_log(None, None, None, None, 50)
+    assert [e.scope for e in audit if e.action == "password-reset-mail"] == [f"mailbox {ALICE}"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reset_link_sets_a_new_password_once_ends_sessions_and_totp_still_counts(web: Web) -> None:
+    await web.login()
+    old_session = dict(web.cookies)
+    secret = acc.new_totp_secret()
+    await web.archive.update_account(_with_totp(await web.archive.account(ALICE), secret))
+    web.cookies.clear()
+    await ask_reset(web, str(ALICE))
+    [mail] = await mails_to(web, ALICE_RECOVERY)
+    link = link_in(mail, "reset")
+    code, page, token = await form_token(web, link)
+    assert code == 200 and "alice@example.com" in page
+    code, _, _ = await web.request("POST", link, data={"password": NEW_PASSWORD, "again": NEW_PASSWORD})
+    assert code == 403  # no form token
+    code, headers, _ = await web.request("POST", link, data={"csrf": token, "password": NEW_PASSWORD, "again": NEW_PASSWORD})
+    assert code == 303 and headers["location"] == "/login?notice=reset"
+    # The session from before the reset is over.
+    web.cookies = old_session
+    code, headers, _ = await web.request("GET", "/mail")
+    assert code == 303 and headers["location"] == "/login"
+    web.cookies.clear()
+    code, _, _ = await web.login(password=PASSWORD)
+    assert code == 401
+    code, _, _ = await web.login(password=NEW_PASSWORD)
+    assert code == 401  # the second factor is still needed
+    code, headers, _ = await web.login(password=NEW_PASSWORD, code=pyotp.TOTP(secret).at(reactor.seconds()))
+    assert code == 303 and headers["location"] == "/mail"
+    web.cookies.clear()
+    code, _, _ = await web.request("GET", link)
+    assert code == 404  # used
+
+
+@pytest_twisted.ensureDeferred
+async def test_reset_requests_are_throttled_per_address_and_per_client_whatever_the_account(web: Web) -> None:
+    for address in (str(ALICE), "nobody@example.com"):
+        for _ in range(3):
+            code, _ = await ask_reset(web, address)
+            assert code == 200
+        code, page = await ask_reset(web, address)
+        assert code == 429 and "Too many requests" in page
+    assert len(await mails_to(web, ALICE_RECOVERY, 3)) == 3
+    # Ten requests from one client address, over any addresses, then it waits too.
+    for n in range(4):
+        assert (await ask_reset(web, f"someone{n}@example.com"))[0] == 200
+    code, _ = await ask_reset(web, "someone-else@example.com")
+    assert code == 429
+    await web.live.mailing()
+    assert len([e for e, _ in web.transport.deliveries]) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_reset_needs_its_form_token_and_an_address(web: Web) -> None:
+    code, _, _ = await web.request("POST", "/reset", data={"address": str(ALICE)})
+    assert code == 403
+    code, page = await ask_reset(web, "not an address")
+    assert code == 400 and "not an email address" in page
+    await web.live.mailing()
+    assert web.transport.deliveries == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_out_everywhere_ends_the_session_on_another_node_too(web: Web) -> None:
+    # A second node sharing the archive and the secret, with signer and throttle of its own.
+    other = LiveArchive(web.node, web.archive, acc.SessionSigner(b"k" * 32, reactor), acc.LoginThrottle(reactor), reactor)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(StatusResource(web.node, web.store, None, other)))
+    try:
+        await web.login()
+        copied = dict(web.cookies)
+        code, _, _ = await web.request("GET", "/mail", port=port)
+        assert code == 200  # the other node accepts the session
+        code, _, page = await web.request("GET", "/account")
+        assert code == 200 and "Log out everywhere" in page and str(ALICE_RECOVERY) in page
+        code, _, _ = await web.request("POST", "/account/logout-everywhere", data={"csrf": csrf(page, "logout")})
+        assert code == 403  # another form's token
+        code, headers, _ = await web.request("POST", "/account/logout-everywhere", data={"csrf": csrf(page, "everywhere")})
+        assert code == 303 and headers["location"] == "/login?notice=everywhere"
+        web.cookies = dict(copied)
+        for on in (port, None):
+            code, headers, _ = await web.request("GET", "/mail", port=on)
+            assert code == 303 and headers["location"] == "/login", on
+        web.cookies.clear()
+        code, _, _ = await web.login()
+        assert code == 303  # logging in again works
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_administrator_logs_a_user_out_everywhere_and_invites_again(web: Web) -> None:
+    dave = Address("dave", "example.org")
+    await web.archive.add_account(Account(dave, acc.hash_password(PASSWORD)))
+    await web.archive.add_account(Account(ERIN))  # invited, no password
+    await web.login(str(dave))
+    daves = dict(web.cookies)
+    web.cookies.clear()
+    await web.login(str(CAROL))
+    _, _, page = await web.request("GET", "/admin/users")
+    token = csrf(page, "admin")
+    for action in ("logout", "invite"):
+        code, _, _ = await web.request("POST", f"/admin/users/{dave}/{action}", data={"csrf": "forged"})
+        assert code == 403
+        code, _, _ = await web.request("POST", f"/admin/users/{ALICE}/{action}", data={"csrf": token})
+        assert code == 404  # another domain's account
+    code, _, page = await web.request("POST", f"/admin/users/{dave}/invite", data={"csrf": token})
+    assert code == 400 and "has a password already" in page
+    code, _, page = await web.request("POST", f"/admin/users/{ERIN}/invite", data={"csrf": token})
+    assert code == 200 and "mailed to erin@example.org" in page
+    assert len(await mails_to(web, ERIN)) == 1
+    code, _, _ = await web.request("POST", f"/admin/users/{dave}/logout", data={"csrf": token})
+    assert code == 200
+    web.cookies = daves
+    code, headers, _ = await web.request("GET", "/mail")
+    assert code == 303 and headers["location"] == "/login"
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_public_url_nothing_is_mailed_and_the_administrator_gets_the_link() -> None:
+    w = Web(CONFIG.replace(b'[web]\npublic_url="https://mail.hub.example"\n', b""))
+    await w.start()
+    try:
+        _, _, page = await w.request("GET", "/login")
+        assert 'href="/reset"' not in page and "Ask your administrator" in page
+        code, _, page = await w.request("GET", "/reset")
+        assert code == 200 and "cannot mail a link" in page
+        code, _, _ = await w.request("POST", "/reset", data={"address": str(ALICE)})
+        assert code == 404
+        await w.login(str(CAROL))
+        _, _, page = await w.request("GET", "/admin/users")
+        code, _, page = await w.request("POST", "/admin/users", data={
+            "csrf": csrf(page, "admin"), "address": str(ERIN), "role": "user", "password": "",
+        })
+        assert code == 200 and "no [web] public_url" in page
+        link = re.search(r'<a class="link" href="(/invite/[^"]+)"', page).group(1)  # type: ignore[union-attr]
+        await w.live.mailing()
+        assert w.transport.deliveries == []
+        w.cookies.clear()
+        code, _, token = await form_token(w, link)
+        assert code == 200
+        code, _, _ = await w.request("POST", link, data={"csrf": token, "password": PASSWORD, "again": PASSWORD})
+        assert code == 303
+    finally:
+        await w.stop()

@@ -4,7 +4,8 @@ by Playwright (``executable_path``: nothing is downloaded), against a real
 ``twistd mailhub`` over SQLite (spool and archive) whose domain's server is
 the real ``DownstreamServer``.
 
-Alice logs in with her hub password and a TOTP code, searches, reads a
+Alice chooses her hub password from the link of her invitation, logs in
+with it and a TOTP code, searches, reads a
 hostile HTML message (nothing in it runs or loads), reads another, replies
 (the reply arrives at the downstream server), finds it in Sent and logs
 out.  Screenshots of the main views at desktop (1280x800) and phone
@@ -213,6 +214,21 @@ def _inert(page: Page) -> None:
 # -- the steps, each run on the browser's thread -----------------------------
 
 
+def accept_invitation(b: Browser, link: str) -> None:
+    """Alice opens the link of her invitation and chooses her hub password."""
+    context = b.context(DESKTOP)
+    page = context.new_page()
+    page.goto(b.base + link)
+    expect(page.get_by_role("heading", level=1)).to_contain_text("choose your hub password")
+    b.shot(page, "invite", "desktop")
+    page.get_by_label("New hub password").fill(PASSWORD)
+    page.get_by_label("The same again").fill(PASSWORD)
+    page.get_by_role("button", name="Set the password").click()
+    page.wait_for_url(b.base + "/login?notice=invite")
+    expect(page.get_by_role("status")).to_contain_text("Your hub password is set")
+    context.close()
+
+
 def log_in_search_read_and_reply(b: Browser, secret: str) -> dict[str, Any]:
     desktop = b.context(DESKTOP)
     page = desktop.new_page()
@@ -304,9 +320,11 @@ def sent_phone_and_log_out(b: Browser, state: dict[str, Any]) -> None:
         expect(p.locator("main h1")).to_be_visible()
         assert "/login" not in p.url, name
         b.shot(p, name, "phone")
-    # Nothing is wider than the phone's screen.
+    # Nothing is wider than the phone's screen, and the header takes two short rows.
     p.goto(b.base + "/mail")
     assert p.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    header = p.locator("header.top").bounding_box()
+    assert header is not None and header["height"] <= 90, header
 
     # Log out: the login page; the session is over for every copy of the cookie.
     page.get_by_role("button", name="Log out").click()
@@ -324,8 +342,10 @@ def sent_phone_and_log_out(b: Browser, state: dict[str, Any]) -> None:
 @pytest_twisted.ensureDeferred
 async def test_log_in_search_read_reply_sent_and_log_out_in_chromium(tmp_path, downstream):
     hub, port, web = browser_hub(tmp_path, downstream)
-    # The account, as an administrator makes it before an outage.
-    await deferToThread(user_cli, hub, "add", ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    # The account, as an administrator makes it before an outage: invited
+    # (without [web] public_url the command prints the link instead of mailing it).
+    invited = await deferToThread(user_cli, hub, "add", ALICE, "--invite")
+    link = re.search(r"alice@example\.com  (/invite/\S+)", invited).group(1)  # type: ignore[union-attr]
     enrolled = await deferToThread(user_cli, hub, "totp", ALICE)
     secret = re.search(r"secret, to type in by hand: (\S+)", enrolled).group(1)  # type: ignore[union-attr]
 
@@ -348,6 +368,7 @@ async def test_log_in_search_read_reply_sent_and_log_out_in_chromium(tmp_path, d
         await eventually(archived, timeout=30, what="both archived")
 
         await browser.start()
+        await browser.run(accept_invitation, browser, link)
         state = await browser.run(log_in_search_read_and_reply, browser, secret)
 
         def replies() -> list[Any]:
@@ -377,4 +398,4 @@ async def test_log_in_search_read_reply_sent_and_log_out_in_chromium(tmp_path, d
     assert not [c for c in browser.console if TRACKER in c], browser.console
     # Every page and its style sheet loaded (Chromium asks for a favicon there is none of).
     assert [f for f in browser.failed if not f.endswith("/favicon.ico")] == [], browser.failed
-    assert len(browser.saved) == 12
+    assert len(browser.saved) == 13

@@ -32,7 +32,7 @@ from mailhub.smtp.recipients import (
     recipient_validation,
 )
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
-from mailhub.smtp.verify import ProbeFailed, probe_recipient
+from mailhub.smtp.verify import ProbeFailed, route_probe
 
 HOST = "mx.hub.example"
 ALICE = Address("alice", "example.com")
@@ -393,6 +393,11 @@ def scripted() -> Any:
     pytest_twisted.blockon(port.stopListening())
 
 
+def probe_recipient(clock: Any, target: str, address: Address, hostname: str, timeout: float) -> Any:
+    """Ask the ``smtp`` transport of route ``smtp:TARGET``, as ``verify = "route"`` does."""
+    return route_probe(f"smtp:{target}", {}, hostname, clock, timeout)(address)
+
+
 @pytest_twisted.ensureDeferred
 async def test_probe_reports_known_and_unknown_without_data(scripted: dict[str, Any]) -> None:
     known = await probe_recipient(reactor, scripted["target"], ALICE, HOST, 5.0)
@@ -424,7 +429,7 @@ async def test_probe_to_closed_port_is_probe_failed() -> None:
     port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
     target = f"127.0.0.1:{port.getHost().port}"
     await port.stopListening()
-    with pytest.raises(ProbeFailed, match="cannot connect"):
+    with pytest.raises(ProbeFailed, match="Connection refused"):
         await probe_recipient(reactor, target, ALICE, HOST, 5.0)
 
 

@@ -27,9 +27,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
 
 from mailhub import model
-from mailhub.config import SmtpConfig
+from mailhub.config import ConfigError, SmtpConfig, parse
 from mailhub.model import Address, CheckedMessage, Envelope, Reply, StoreFull, StoreUnavailable
 from mailhub.netio import send_now as _send_now
+from mailhub.plugins.smtp_transport import wire_data
 from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, domain_check
 
 HOST = "mx.hub.example"
@@ -372,6 +373,69 @@ def test_sender_source_route_is_ignored() -> None:
     s.begin(mail=b"MAIL FROM:<@relay.example:alice@b.example>")
     s.send(b"hi\r\n.\r\n")
     assert s.store.received[0][0].sender == Address("alice", "b.example")
+
+
+@pytest.mark.parametrize(
+    ("path", "sender"),
+    [
+        (b"user@[192.0.2.1]", Address("user", "[192.0.2.1]")),
+        (b"user@[IPv6:2001:db8::1]", Address("user", "[IPv6:2001:db8::1]")),
+        (b"user@[ipv6:::ffff:192.0.2.1]", Address("user", "[IPv6:::ffff:192.0.2.1]")),
+        # Leading zeros, which some parsers read as octal, are not relayed.
+        (b"user@[192.000.002.010]", Address("user", "[192.0.2.10]")),
+        (b'"a b"@[192.0.2.1]', Address('"a b"', "[192.0.2.1]")),
+        (b"@relay.example:user@[192.0.2.1]", Address("user", "[192.0.2.1]")),
+    ],
+)
+def test_address_literal_sender_is_accepted(path: bytes, sender: Address) -> None:
+    """RFC 5321 4.1.2: a mailbox's domain may be an address literal."""
+    s = connect()
+    s.begin(mail=b"MAIL FROM:<" + path + b">")
+    s.send(b"hi\r\n.\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    assert s.store.received[0][0].sender == sender
+
+
+@pytest.mark.parametrize(
+    ("path", "words"),
+    [
+        (b"user@[192.0.2.256]", "malformed IPv4 address literal [192.0.2.256]: four numbers 0-255"),
+        (b"user@[192.0.2]", "malformed IPv4 address literal [192.0.2]"),
+        (b"user@[192.0.2.1.5]", "malformed IPv4 address literal"),
+        (b"user@[192.0.2.-1]", "malformed IPv4 address literal"),
+        (b"user@[IPv6:2001:db8::g]", "malformed IPv6 address literal [IPv6:2001:db8::g]"),
+        (b"user@[IPv6:1::2::3]", "malformed IPv6 address literal"),
+        (b"user@[IPv6:fe80::1%eth0]", "malformed IPv6 address literal"),
+        (b"user@[IPv6:192.0.2.1]", "malformed IPv6 address literal"),
+        (b"user@[2001:db8::1]", "address literal [2001:db8::1]: only IPv4 and IPv6"),
+        (b"user@[x400:c=de]", "address literal [x400:c=de]: only IPv4 and IPv6"),
+        (b"user@[]", "malformed address literal []"),
+        (b"user@[192.0.2.1", "malformed address literal [192.0.2.1"),
+        (b"user@[192.0.2.1].example", "malformed address literal"),
+        (b"bad local@[192.0.2.1]", "malformed local part"),
+        (b"a%b@[192.0.2.1]", "routing characters in local part"),
+        (b"@[192.0.2.1]", "address must be local@domain"),
+    ],
+)
+def test_malformed_address_literal_sender_is_553_saying_what_is_wrong(path: bytes, words: str) -> None:
+    s = connect()
+    s.send(b"EHLO c.example\r\n")
+    s.lines()
+    s.send(b"MAIL FROM:<" + path + b">\r\n")
+    [reply] = s.replies()
+    assert reply.startswith("553 5.1.7 Bad sender address: ")
+    assert words in reply
+
+
+def test_address_literal_recipient_stays_refused_for_a_literal_sender() -> None:
+    """The hub relays only for its domains: a literal is never one of them."""
+    s = connect()
+    s.send(b"EHLO c.example\r\nMAIL FROM:<user@[192.0.2.1]>\r\n")
+    s.lines()
+    s.send(b"RCPT TO:<bob@[192.0.2.1]>\r\nRCPT TO:<bob@[IPv6:2001:db8::1]>\r\n")
+    assert s.replies() == ["550 5.7.1 address literals are not accepted"] * 2
+    s.send(b"RCPT TO:<bob@example.com>\r\n")
+    assert s.codes() == ["250 2.1.5"]
 
 
 def test_mail_size_over_limit_is_552() -> None:
@@ -730,7 +794,8 @@ def test_first_line_dot_split_from_crlf_ends_message() -> None:
     ],
 )
 def test_only_crlf_dot_crlf_ends_the_message(fake_end: bytes) -> None:
-    s = connect(bare_line_endings="normalise")
+    """Whatever the message's content is then made into, only CRLF "." CRLF ended it."""
+    s = connect(bare_line_endings="normalise", nul_bytes="remove")
     s.begin()
     s.send(b"Subject: x\r\n\r\nline" + fake_end + b"MAIL FROM:<evil@elsewhere.example>\r\n")
     assert s.lines() == []
@@ -738,6 +803,7 @@ def test_only_crlf_dot_crlf_ends_the_message(fake_end: bytes) -> None:
     assert s.codes() == ["250 2.0.0"]
     assert len(s.store.received) == 1
     assert b"MAIL FROM:<evil@elsewhere.example>" in s.store.received[0][1]
+    assert b"\x00" not in s.store.received[0][1]
 
 
 def test_data_is_dot_unstuffed() -> None:
@@ -862,6 +928,96 @@ def test_bare_line_endings_are_normalised(content: bytes, normalised: bytes) -> 
     s.send(content + b".\r\n")
     assert s.codes() == ["250 2.0.0"]
     assert body_of(s.store.received[0][1]) == normalised
+
+
+# NUL octets: a downstream server that drops them would read CRLF NUL "." CRLF
+# as the end of DATA, and what follows as commands (SMTP smuggling).
+_SMUGGLED = (
+    b"Subject: x\r\n\r\nline\r\n\x00.\r\n"
+    b"MAIL FROM:<evil@elsewhere.example>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\nsmuggled\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "content", [b"a\x00b\r\n", b"\x00\r\n", b"a\r\n\x00", b"Subject: \x00\r\n\r\nb\r\n", _SMUGGLED]
+)
+def test_nul_octets_are_rejected_554_by_default(content: bytes) -> None:
+    s = connect()
+    s.begin()
+    s.send(content + b"\r\n.\r\n" if not content.endswith(b"\r\n") else content + b".\r\n")
+    assert s.replies() == ["554 5.6.0 Message contains NUL octets"]
+    assert s.store.received == []
+
+
+def test_nul_before_the_dot_ends_nothing_and_the_session_goes_on() -> None:
+    """Refused whole: the "second message" after CRLF NUL "." CRLF was never a command."""
+    s = connect()
+    s.begin()
+    s.send(_SMUGGLED + b".\r\n")
+    assert s.codes() == ["554 5.6.0"]
+    s.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\nok\r\n.\r\n")
+    assert s.codes() == ["250 2.1.0", "250 2.1.5", "354 End", "250 2.0.0"]
+    assert [body_of(m) for _, m in s.store.received] == [b"ok\r\n"]
+
+
+def test_removed_nul_before_a_dot_is_relayed_as_a_dot_line() -> None:
+    """
+    With ``nul_bytes = "remove"`` the line "NUL ." is the line "." of one
+    message, and goes to the downstream server dot-stuffed: it ends nothing
+    there either.
+    """
+    s = connect(nul_bytes="remove")
+    s.begin()
+    s.send(_SMUGGLED + b".\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    [(_, message)] = s.store.received
+    assert body_of(message) == _SMUGGLED.replace(b"\x00", b"")
+    assert isinstance(message, CheckedMessage) and message.dot_lines
+    wire = wire_data(message)
+    assert b"\x00" not in wire
+    assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"smuggled\r\n.\r\n")
+    assert b"\r\nline\r\n..\r\nMAIL FROM:" in wire
+
+
+@pytest.mark.parametrize(
+    ("content", "stored"),
+    [
+        (b"a\x00b\r\n", b"ab\r\n"),
+        (b"\x00\x00\r\n", b"\r\n"),
+        (b"\x00.x\r\n", b".x\r\n"),
+        # Without its NUL the CR has its LF: no bare line end is left.
+        (b"a\r\x00\nb\r\n", b"a\r\nb\r\n"),
+    ],
+)
+def test_nul_octets_are_removed(content: bytes, stored: bytes) -> None:
+    s = connect(nul_bytes="remove")
+    s.begin()
+    s.send(content + b".\r\n")
+    assert s.codes() == ["250 2.0.0"]
+    message = s.store.received[0][1]
+    assert body_of(message) == stored
+    assert isinstance(message, CheckedMessage) and message.dot_lines
+
+
+@pytest.mark.parametrize(("mode", "reply"), [("reject", "554 5.6.0"), ("normalise", "250 2.0.0")])
+def test_bare_line_end_left_by_a_removed_nul_follows_its_own_setting(mode: str, reply: str) -> None:
+    s = connect(nul_bytes="remove", bare_line_endings=mode)
+    s.begin()
+    s.send(b"a\x00\rb\r\n.\r\n")
+    assert s.codes() == [reply]
+    if mode == "normalise":
+        assert body_of(s.store.received[0][1]) == b"a\r\nb\r\n"
+
+
+def test_nul_bytes_setting_is_reject_or_remove() -> None:
+    base = (
+        b'[hub]\nhostname = "mx.hub.example"\n[nodes.dallas]\nsmtp = "tcp:2525"\n'
+        b'[domains."example.com"]\nroute = "smtp:mail.example.com:25"\n'
+    )
+    assert parse(base, "hub.toml").smtp.nul_bytes == "reject"
+    assert parse(base + b'[smtp]\nnul_bytes = "remove"\n', "hub.toml").smtp.nul_bytes == "remove"
+    with pytest.raises(ConfigError, match="hub.toml: smtp.nul_bytes: must be 'reject' or 'remove'"):
+        parse(base + b'[smtp]\nnul_bytes = "strip"\n', "hub.toml")
 
 
 def test_oversize_data_is_552_after_end_of_data() -> None:
@@ -1682,12 +1838,22 @@ def _normalised(body: bytes) -> bytes:
     ),
     cuts=st.lists(st.integers(0, 2000), max_size=6),
     normalise=st.booleans(),
+    remove_nul=st.booleans(),
 )
 def test_stored_message_is_exactly_what_was_sent_or_refused_as_documented(
-    body: bytes, cuts: list[int], normalise: bool
+    body: bytes, cuts: list[int], normalise: bool, remove_nul: bool
 ) -> None:
+    """
+    Refused with the first reply that applies, in order: size, NUL octets
+    (unless removed), bare line ends (unless normalised), line length,
+    header size.  Else stored as sent, less its NULs, then normalised.
+    """
     limits = {"max_message_size": 250, "max_data_line_length": 60, "max_header_size": 80}
-    s = connect(bare_line_endings="normalise" if normalise else "reject", **limits)
+    s = connect(
+        bare_line_endings="normalise" if normalise else "reject",
+        nul_bytes="remove" if remove_nul else "reject",
+        **limits,
+    )
     s.begin()
     wire = _stuff(body)
     bounds = [0, *sorted({c for c in cuts if c < len(wire)}), len(wire)]
@@ -1695,6 +1861,9 @@ def test_stored_message_is_exactly_what_was_sent_or_refused_as_documented(
         s.send(wire[start:end])
     codes = s.codes()
     sent = body if not body or body.endswith(b"\r\n") else body + b"\r\n"
+    has_nul = b"\x00" in sent
+    if remove_nul:
+        sent = sent.replace(b"\x00", b"")
     clean = _normalised(sent)
     lines = clean.split(b"\r\n")
     header = (
@@ -1704,6 +1873,8 @@ def test_stored_message_is_exactly_what_was_sent_or_refused_as_documented(
     )
     if len(wire) - 3 > 250:
         expected = "552 5.3.4"
+    elif has_nul and not remove_nul:
+        expected = "554 5.6.0"
     elif clean != sent and not normalise:
         expected = "554 5.6.0"
     elif any(len(line) > 60 for line in lines):
@@ -1718,6 +1889,7 @@ def test_stored_message_is_exactly_what_was_sent_or_refused_as_documented(
         [(_, message)] = s.store.received
         assert body_of(message) == clean
         assert message.count(b"\r") == message.count(b"\n") == message.count(b"\r\n")
+        assert b"\x00" not in message
     else:
         assert s.store.received == []
 

@@ -11,6 +11,7 @@ from mailhub.model import Address, StoreUnavailable
 from mailhub.plugin import load_plugin
 from mailhub.plugins.memory_store import MemorySpoolStore, plugin
 from mailhub.testing.store_contract import (
+    LeaseReclaimContract,
     NodeRegistryContract,
     RouteCoordinationContract,
     SpoolStoreContract,
@@ -18,7 +19,9 @@ from mailhub.testing.store_contract import (
 )
 
 
-class TestMemorySpoolStore(SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract):
+class TestMemorySpoolStore(
+    SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract, LeaseReclaimContract
+):
     @pytest.fixture
     def store(self) -> MemorySpoolStore:
         return plugin.make({}, Clock())

@@ -43,6 +43,7 @@ from mailhub.plugins.redis_store import RedisSpoolStore, plugin
 from mailhub.testing.redis_server import RedisServer
 from mailhub.testing.store_contract import (
     NOW,
+    LeaseReclaimContract,
     NodeRegistryContract,
     RouteCoordinationContract,
     SpoolStoreContract,
@@ -91,7 +92,9 @@ def stores() -> Iterator[Callable[..., RedisSpoolStore]]:
     pytest_twisted.blockon(gatherResults([s.close() for s in made]))
 
 
-class TestRedisSpoolStore(SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract):
+class TestRedisSpoolStore(
+    SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract, LeaseReclaimContract
+):
     """The contract, each test under a fresh key prefix."""
 
     @pytest.fixture
@@ -246,6 +249,41 @@ async def test_deferral_alternates_nodes_across_connections(
     assert await dallas.claim("dallas", again.expires, 10, LEASE, TAKEOVER) != []
     attempts = await losangeles.attempts(entry_id)
     assert [a.node for a in attempts] == ["dallas"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarted_node_takes_back_the_dead_process_leases(
+    redis_server: RedisServer, stores: Callable[..., RedisSpoolStore]
+) -> None:
+    """
+    Dallas's process dies holding leases (the first store, never used
+    again); its next process (a second store on its own connection) takes
+    them back at once, Los Angeles's lease included in neither count nor
+    change, and the taken-back entries are due in Dallas's own schedule.
+    """
+    dead = stores(redis_server)
+    losangeles = stores(redis_server, key_prefix=dead._prefix)
+    await dead.reclaim("dallas", "1-dead", NOW)
+    await losangeles.reclaim("losangeles", "2-la", NOW)
+    for node in ("dallas", "dallas", "losangeles"):
+        await dead.enqueue(ENVELOPE, MESSAGE, {ROUTE: [ALICE]}, node)
+    held = await dead.claim("dallas", NOW, 10, LEASE, TAKEOVER)
+    [theirs] = await losangeles.claim("losangeles", NOW, 10, LEASE, TAKEOVER)
+    [accepted] = await dead.enqueue_leased(ENVELOPE, MESSAGE, {ROUTE: [BOB]}, "dallas", LEASE)
+    assert len(held) == 2
+    restarted = stores(redis_server, key_prefix=dead._prefix)
+    assert await restarted.reclaim("dallas", "3-restarted", NOW + 5) == 3
+    assert await restarted.next_due("dallas", NOW + 5, TAKEOVER) == NOW + 5
+    again = await restarted.claim("dallas", NOW + 5, 10, LEASE, TAKEOVER)
+    assert {a.entry.id for a in again} == {a.entry.id for a in [*held, accepted]}
+    # Its own new leases stay when it asks again; the dead process's records fail.
+    assert await restarted.reclaim("dallas", "3-restarted", NOW + 6) == 0
+    with pytest.raises(LeaseLost):
+        await dead.record(held[0], *deliver(held[0]))
+    assert await losangeles.record(theirs, *deliver(theirs)) is None
+    for lease in again:
+        assert await restarted.record(lease, *deliver(lease)) is None
+    assert redis_server.keys(dead._prefix) == []
 
 
 # -- limits and memory ------------------------------------------------------

@@ -31,6 +31,7 @@ from mailhub.testing.store_contract import (
     NOW,
     ODD_MESSAGE,
     RETRY_AT,
+    LeaseReclaimContract,
     NodeRegistryContract,
     RouteCoordinationContract,
     SpoolStoreContract,
@@ -48,7 +49,9 @@ ALICE = Address("alice", "a.example")
 ENVELOPE = envelope(NOW)
 
 
-class TestSqliteSpoolStore(SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract):
+class TestSqliteSpoolStore(
+    SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract, LeaseReclaimContract
+):
     """The contract, over a fresh database file (the module's ``store`` fixture)."""
 
 
@@ -211,6 +214,31 @@ async def test_spool_file_without_smtputf8_column_still_opens(db: Path) -> None:
         entry = await store.get(large_id)
         assert entry is not None and await store.body(entry.message_id) == large
         assert (await body_row(store, entry.message_id))[0] == b""
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_in_a_spool_from_before_incarnations_is_taken_back(db: Path) -> None:
+    """
+    A spool written before ``entries.lease_incarnation`` gets the column when
+    opened; a lease its hub held when it died has no incarnation, so the
+    node's next start takes it back.
+    """
+    old = sqlite3.connect(db)
+    old.executescript(_OLD_ENTRIES)
+    old.execute(
+        "UPDATE entries SET lease_node = 'dallas', lease_token = 't1', next_attempt = ?",
+        (NOW + 600,),
+    )
+    old.commit()
+    old.close()
+    store = open_store(db)
+    try:
+        assert await store.reclaim("losangeles", "1-la", NOW) == 0
+        assert await store.reclaim("dallas", "2-dallas", NOW) == 1
+        [lease] = await store.claim("dallas", NOW, 10, 60, 60)
+        assert lease.entry.id == "e1" and lease.entry.next_attempt == NOW
     finally:
         await store.close()
 
@@ -1028,6 +1056,40 @@ async def test_two_stores_on_one_file_never_lease_the_same_entry(db: Path) -> No
     assert not set(got_a) & set(got_b)
     assert set(got_a) | set(got_b) == ids
     assert got_a and got_b
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarted_node_takes_back_the_dead_process_leases(db: Path) -> None:
+    """
+    Dallas's process dies holding leases (the first store, never used
+    again); its next process (a second store on the file) takes them back
+    at once and only them: Los Angeles, in a third, keeps its lease.
+    """
+    dead, losangeles = open_store(db), open_store(db)
+    restarted = None
+    try:
+        await dead.reclaim("dallas", "1-dead", NOW)
+        await losangeles.reclaim("losangeles", "2-la", NOW)
+        for node in ("dallas", "dallas", "losangeles"):
+            await enqueue(dead, node=node)
+        held = await dead.claim("dallas", NOW, 10, 60, 60)
+        [theirs] = await losangeles.claim("losangeles", NOW, 10, 60, 60)
+        [accepted] = await dead.enqueue_leased(ENVELOPE, b"x\r\n", {ROUTE: [ALICE]}, "dallas", 60)
+        restarted = open_store(db)
+        assert await restarted.reclaim("dallas", "3-restarted", NOW + 5) == 3
+        again = await restarted.claim("dallas", NOW + 5, 10, 60, 60)
+        assert {a.entry.id for a in again} == {a.entry.id for a in [*held, accepted]}
+        assert await restarted.reclaim("dallas", "3-restarted", NOW + 6) == 0
+        with pytest.raises(LeaseLost):
+            await finish(dead, held[0])()
+        assert await finish(losangeles, theirs)() is None
+        for lease in again:
+            assert await finish(restarted, lease)() is None
+        assert await table_sizes(restarted) == (0, 0, 0)
+    finally:
+        for store in (dead, losangeles, restarted):
+            if store is not None:
+                await store.close()
 
 
 @pytest_twisted.ensureDeferred

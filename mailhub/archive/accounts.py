@@ -1,6 +1,7 @@
 """
 The LiveArchive's accounts: passwords, the password policy, TOTP, login
-throttling, signed sessions, CSRF tokens and who may read or manage what.
+throttling, signed sessions, CSRF tokens, the signed links that set a
+password (invitation, reset) and their mail, and who may read or manage what.
 
 Login never depends on the organisation's own directory or server: they may
 be down with the outage the hub is there for.  Accounts live in the archive
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.policy
+import email.utils
 import hashlib
 import hmac
 import inspect
@@ -25,8 +28,10 @@ import ipaddress
 import json
 import os
 import secrets
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from email.message import EmailMessage
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -38,15 +43,20 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 
-from mailhub.model import Account, Address, Role
+from mailhub.model import Account, Address, AddressError, Envelope, Role
 
 if TYPE_CHECKING:
     from mailhub.config import HubConfig
 
 __all__ = [
+    "INVITE",
+    "INVITE_SECONDS",
     "MAX_PASSWORD_LENGTH",
     "MIN_PASSWORD_LENGTH",
+    "RESET",
+    "RESET_SECONDS",
     "SECRET_BYTES",
+    "AccountLinks",
     "LoginThrottle",
     "PasswordPolicyError",
     "Session",
@@ -59,9 +69,14 @@ __all__ = [
     "csrf_token",
     "hash_password",
     "hash_password_async",
+    "link_mail",
+    "link_recipients",
+    "link_url",
     "load_or_create_secret",
     "needs_rehash",
     "new_totp_secret",
+    "public_url",
+    "reset_throttle",
     "secret_file",
     "totp_uri",
     "verify_password",
@@ -515,8 +530,9 @@ class SessionSigner:
     without a ``refresh``, when the account is disabled or removed, and when
     its ``session_version`` changes (a new password: every session ends).
     ``revoke`` (logout) ends one session on this node only; the cookie is
-    cleared in the browser as well, and "log out everywhere" raises the
-    account's ``session_version``.
+    cleared in the browser as well.  "Log out everywhere" raises the
+    account's ``session_version``, which every node reads from the archive
+    at every request: the sessions issued before end on every node and site.
 
     :param secret: the key from ``load_or_create_secret``, the same on every node.
     :param clock: the time source.
@@ -537,6 +553,8 @@ class SessionSigner:
         self.max_age = max_age
         self.idle = idle
         self._revoked: dict[str, float] = {}
+        #: The password links of the same hub secret (a key of their own).
+        self.links = AccountLinks(secret, clock)
 
     def _sign(self, payload: bytes) -> str:
         mac = hmac.new(self._key, payload, hashlib.sha256).digest()
@@ -633,6 +651,227 @@ class SessionSigner:
         now = self._clock.seconds()
         self._revoked = {k: t for k, t in self._revoked.items() if t > now}
         self._revoked[session.id] = session.issued + self.max_age
+
+
+# -- links that set a password: invitation and reset -----------------------------
+
+#: An invitation: the account has no password yet.
+INVITE = "invite"
+#: A password reset, mailed to the recovery address.
+RESET = "reset"
+#: How long an invitation link works: three days, over a weekend.
+INVITE_SECONDS = 72 * 3600.0
+#: How long a reset link works.
+RESET_SECONDS = 3600.0
+
+
+class AccountLinks:
+    """
+    The tokens of the links that set an account's password (``/invite/TOKEN``,
+    ``/reset/TOKEN``): ``base64url(JSON).base64url(HMAC)``, the JSON naming
+    the purpose, the account and the expiry, the HMAC-SHA256 under a key
+    derived from the hub's secret (apart from the session key's) over the
+    JSON *and the account's current password hash and session_version*,
+    which the token does not carry.
+
+    Nothing is kept on the server, and a token still works only once: the
+    password it sets is a new hash (a new salt), after which the MAC no
+    longer matches; raising the ``session_version`` ("log out everywhere",
+    disabling, ``mailhub user passwd``) voids the links not used yet as
+    well.  Every node with the same secret accepts the same links.
+
+    :param secret: the hub's secret (``load_or_create_secret``).
+    :param clock: the time source.
+    """
+
+    def __init__(self, secret: bytes, clock: IReactorTime) -> None:
+        if len(secret) < SECRET_BYTES:
+            raise ValueError(f"the secret must have at least {SECRET_BYTES} bytes")
+        self._key = hmac.new(secret, b"mailhub account link v1", hashlib.sha256).digest()
+        self._clock = clock
+        self.lifetimes = {INVITE: INVITE_SECONDS, RESET: RESET_SECONDS}
+
+    def _mac(self, payload: bytes, account: Account) -> bytes:
+        bound = b"\0".join((payload, account.password_hash.encode(), str(account.session_version).encode()))
+        return hmac.new(self._key, bound, hashlib.sha256).digest()
+
+    def issue(self, purpose: str, account: Account) -> str:
+        """
+        A token for ``purpose`` (``INVITE`` or ``RESET``) of ``account`` as it
+        is now, expiring after ``lifetimes[purpose]`` seconds.
+
+        :returns: the token, URL-safe (base64url and one ``.``).
+        """
+        expires = int(self._clock.seconds() + self.lifetimes[purpose])
+        data = {"p": purpose, "a": [account.address.local, account.address.domain], "e": expires}
+        payload = json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode()
+        return f"{_b64(payload)}.{_b64(self._mac(payload, account))}"
+
+    @staticmethod
+    def _payload(token: str) -> tuple[bytes, bytes, dict[str, Any]] | None:
+        try:
+            encoded, dot, mac = token.partition(".")
+            if not dot:
+                return None
+            payload = _unb64(encoded)
+            data = json.loads(payload)
+            if not isinstance(data, dict):
+                return None
+            local, domain = data["a"]
+            data["a"] = Address(str(local), str(domain))
+            data["e"] = float(data["e"])
+            return payload, _unb64(mac), data
+        except (ValueError, TypeError, KeyError, binascii.Error):
+            return None
+
+    def address(self, token: str, purpose: str) -> Address | None:
+        """
+        The account a token of ``purpose`` names, if it has not expired, to
+        look the account up: not yet a proof of anything (``check`` is).
+        """
+        parsed = self._payload(token)
+        if parsed is None:
+            return None
+        _, _, data = parsed
+        if data.get("p") != purpose or data["e"] <= self._clock.seconds():
+            return None
+        return data["a"] if isinstance(data["a"], Address) else None
+
+    def expires(self, token: str) -> float | None:
+        """When a token (checked or not) says it expires, or ``None``."""
+        parsed = self._payload(token)
+        return None if parsed is None else parsed[2]["e"]
+
+    def check(self, token: str, purpose: str, account: Account | None) -> bool:
+        """
+        Whether ``token`` is a link of ``purpose`` for ``account`` as it is
+        now: signed by this hub, not expired, not used (the same password
+        hash and ``session_version`` as when issued), the account not
+        disabled.  Constant-time compare.
+        """
+        parsed = self._payload(token)
+        if parsed is None or account is None or account.disabled:
+            return False
+        payload, mac, data = parsed
+        if data.get("p") != purpose or data["a"] != account.address or data["e"] <= self._clock.seconds():
+            return False
+        return hmac.compare_digest(mac, self._mac(payload, account))
+
+
+def reset_throttle(clock: IReactorTime) -> LoginThrottle:
+    """
+    A ``LoginThrottle`` for requests of a password reset (each request is
+    recorded with ``failed``, whether the account exists or not): 3 a
+    quarter-hour for one address, 10 from one client address, then waits
+    from 15 minutes, doubling up to a day while the requests go on.  Per
+    node, in memory.
+    """
+    return LoginThrottle(clock, per_account=3, per_ip=10, window=15 * 60.0, lockout=15 * 60.0,
+                         max_lockout=24 * 3600.0)
+
+
+def public_url(config: HubConfig) -> str | None:
+    """``[web] public_url`` (without its trailing ``/``), or ``None``: the links' base."""
+    web: Any = config.web or {}
+    url = web.get("public_url")
+    return str(url).rstrip("/") if url else None
+
+
+def link_url(base: str | None, purpose: str, token: str) -> str:
+    """The link itself: ``BASE/invite/TOKEN``, or only its path without a base."""
+    return f"{base or ''}/{purpose}/{token}"
+
+
+def _recovery_address(account: Account) -> Address | None:
+    if not account.recovery:
+        return None
+    try:
+        return Address.parse(account.recovery)
+    except AddressError:
+        return None
+
+
+def link_recipients(purpose: str, account: Account) -> tuple[Address, ...]:
+    """
+    Who gets a link's mail.  An invitation: the account's own address (read
+    before an outage, when accounts are made) and its recovery address if it
+    has one (read during one, when the own address's mail only reaches the
+    archive, which the person cannot log in to yet).  A reset: the recovery
+    address only, never the account's own address (its server may be the
+    one that is down, and a link there would land in the archive it opens),
+    nor anything the requester typed; none without a recovery address.
+    """
+    recovery = _recovery_address(account)
+    if purpose == RESET:
+        return (recovery,) if recovery is not None else ()
+    if recovery is None or recovery == account.address:
+        return (account.address,)
+    return (account.address, recovery)
+
+
+def link_mail(
+    purpose: str, account: Account, url: str, hostname: str, now: float, expires: float, client: str = ""
+) -> tuple[Envelope, bytes]:
+    """
+    The mail of an invitation or a reset link: the null sender (a
+    notification: a bounce of it must not start a loop), from
+    ``no-reply@HOSTNAME``, to ``link_recipients``, plain text.
+
+    :param url: the full link (``link_url``).
+    :param hostname: the hub's name (``[hub] hostname``).
+    :param expires: when the link stops working (POSIX time).
+    :param client: who asked (the client address of a reset request), said
+        in a reset mail and kept in the envelope.
+    :returns: the envelope and the message (CRLF line ends), for the hub's
+        own outbound path (``Node.receive`` or the spool).
+    :raises ValueError: when there is nobody to send it to (a reset of an
+        account without a recovery address).
+    """
+    recipients = link_recipients(purpose, account)
+    if not recipients:
+        raise ValueError(f"{account.address} has no recovery address")
+    until = _utc(expires)
+    base = url.rsplit(f"/{purpose}/", 1)[0]
+    login = f"{base}/login" if base else "the LiveArchive's login page"
+    if purpose == INVITE:
+        subject = f"Your LiveArchive account on {hostname}"
+        body = (
+            f"Hello,\n\nan account was made for you, {account.address}, on the LiveArchive of {hostname}:"
+            f" there you read, search and answer your mail while your own mail server is down.\n\n"
+            f"Choose your hub password here (the link works once, until {until}):\n\n  {url}\n\n"
+            f"The hub password is not your usual mail password.  Keep it for the day your mail server is"
+            f" down, and then log in at {login} with {account.address} and that password.\n\n"
+            f"If you did not expect this mail, ignore it: nothing happens without the link.\n"
+        )
+    elif purpose == RESET:
+        subject = f"Reset your LiveArchive password on {hostname}"
+        asked = f" from {client}" if client else ""
+        body = (
+            f"Hello,\n\nsomebody{asked} asked to reset the hub password of {account.address} on the"
+            f" LiveArchive of {hostname}.  This address is its recovery address.\n\n"
+            f"Choose a new hub password here (the link works once, until {until}):\n\n  {url}\n\n"
+            f"Every session of the account ends; if you enrolled a second factor, its code is still"
+            f" needed to log in.\n\n"
+            f"If you did not ask for this, ignore this mail: the password stays as it is.\n"
+        )
+    else:
+        raise ValueError(f"no link mail for {purpose!r}")
+    utf8 = not all(str(r).isascii() for r in recipients)
+    msg = EmailMessage(policy=email.policy.SMTPUTF8 if utf8 else email.policy.SMTP)
+    msg["From"] = f"LiveArchive <no-reply@{hostname}>"
+    msg["To"] = ", ".join(str(r) for r in recipients)
+    msg["Subject"] = subject
+    msg["Date"] = email.utils.formatdate(now, localtime=False)
+    msg["Message-ID"] = email.utils.make_msgid(domain=hostname)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(body)
+    envelope = Envelope(None, recipients, received_at=now, client=client or "livearchive", helo=hostname,
+                        smtputf8=utf8)
+    return envelope, msg.as_bytes()
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
 # -- CSRF -------------------------------------------------------------------------

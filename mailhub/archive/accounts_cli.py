@@ -1,10 +1,11 @@
 """
 ``mailhub user``: the LiveArchive's accounts from the shell.
 
-    mailhub user [-c FILE] add ADDRESS [--role user|domain-admin|hub-admin] [--mailbox M ...] [--recovery ADDR] [--password-stdin]
-    mailhub user [-c FILE] import FILE.csv | --from-recipients DOMAIN
+    mailhub user [-c FILE] add ADDRESS [--role user|domain-admin|hub-admin] [--mailbox M ...] [--recovery ADDR] [--password-stdin | --invite]
+    mailhub user [-c FILE] import FILE.csv | --from-recipients DOMAIN [--invite]
+    mailhub user [-c FILE] invite ADDRESS
     mailhub user [-c FILE] passwd ADDRESS [--password-stdin]
-    mailhub user [-c FILE] disable|enable ADDRESS
+    mailhub user [-c FILE] disable|enable|logout ADDRESS
     mailhub user [-c FILE] list [--domain D] [--json]
     mailhub user [-c FILE] totp ADDRESS [--remove]
 
@@ -13,6 +14,11 @@ the command opens the configured archive itself, like ``mailhub archive``,
 and the hub may be running.  Every change is written to the archive's
 audit log with the operator's name.  Passwords are hashed, files and the
 terminal read, in threads.
+
+An invitation is mailed through the hub's own outbound path: it goes into
+the spool (and the archive's route, as any mail to the hub's mailboxes),
+and the running hub delivers it.  Without ``[web] public_url`` there is no
+address to put in a mail: the command prints each link instead.
 """
 
 from __future__ import annotations
@@ -23,16 +29,24 @@ import getpass
 import json
 import shutil
 import sys
+import time
 from typing import Any
 
 from attrs import evolve
 from twisted.internet.threads import deferToThread
 
 from mailhub.archive.accounts import (
+    INVITE,
+    AccountLinks,
     PasswordPolicyError,
     check_password_policy,
     hash_password,
+    link_mail,
+    link_url,
+    load_or_create_secret,
     new_totp_secret,
+    public_url,
+    secret_file,
     totp_uri,
 )
 from mailhub.archive.cli import _actor
@@ -60,18 +74,30 @@ def add_parser(sub: Any, config_default: str) -> None:
                    help="another mailbox the person may read (a shared one); repeat for more")
     p.add_argument("--recovery", default="", metavar="ADDR",
                    help="an address outside the hub for password resets")
-    p.add_argument("--password-stdin", action="store_true", help="read the password as one line from stdin")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--password-stdin", action="store_true", help="read the password as one line from stdin")
+    how.add_argument("--invite", action="store_true",
+                     help="no password: mail the person a link to choose one (to the address and --recovery)")
 
     p = s.add_parser("import", help="many accounts, from a CSV file or from a domain's recipient list")
     p.add_argument("file", nargs="?", help="CSV: address,role,recovery[,password]; a header line is optional")
     p.add_argument("--from-recipients", metavar="DOMAIN",
                    help="an invited account for every address of the domain's recipients/recipients_file")
+    p.add_argument("--invite", action="store_true",
+                   help="mail every account added without a password a link to choose one")
+
+    p = s.add_parser("invite", help="mail an account without a password its invitation (again)")
+    p.add_argument("address")
 
     p = s.add_parser("passwd", help="set a password; every session of the account ends")
     p.add_argument("address")
     p.add_argument("--password-stdin", action="store_true", help="read the password as one line from stdin")
 
-    for name, text in (("disable", "no more logins; every session ends"), ("enable", "allow logins again")):
+    for name, text in (
+        ("disable", "no more logins; every session ends"),
+        ("enable", "allow logins again"),
+        ("logout", "end every session of the account, on every node"),
+    ):
         s.add_parser(name, help=text).add_argument("address")
 
     p = s.add_parser("list", help="the accounts (never their hashes or secrets)")
@@ -214,7 +240,7 @@ async def _run(reactor: Any, args: argparse.Namespace, config: HubConfig, archiv
         recovery = _recovery(config, args.recovery)
         if await archive.account(address) is not None:
             raise NotFound(f"{address} has an account already (mailhub user passwd|enable|totp change it)")
-        password = await _new_password(args, address, optional=True)
+        password = "" if args.invite else await _new_password(args, address, optional=True)
         account = Account(
             address,
             await deferToThread(hash_password, password) if password else "",
@@ -229,6 +255,8 @@ async def _run(reactor: Any, args: argparse.Namespace, config: HubConfig, archiv
             raise NotFound(f"{address} has an account already") from None
         await _audit(archive, reactor, "user-add", address, f"role {account.role.value}")
         out.write(f"added {address} ({account.role.value})\n")
+        if args.invite:
+            return await _invite(reactor, config, archive, [account], out)
         if not password:
             out.write(
                 f"{address} has no password yet: it cannot log in until one is set"
@@ -237,6 +265,24 @@ async def _run(reactor: Any, args: argparse.Namespace, config: HubConfig, archiv
         return 0
     if action == "import":
         return await _import(reactor, args, config, archive, out)
+    if action == "invite":
+        address = _address(config, args.address, "address")
+        account = await _existing(archive, address)
+        if account.password_hash:
+            raise UsageError(
+                f"{address} has a password already: it resets it through its recovery address on the"
+                f" login page, or set one with: mailhub user passwd {address}"
+            )
+        if account.disabled:
+            raise UsageError(f"{address} is disabled: enable it first (mailhub user enable {address})")
+        return await _invite(reactor, config, archive, [account], out)
+    if action == "logout":
+        address = _address(config, args.address, "address")
+        account = await _existing(archive, address)
+        await archive.update_account(evolve(account, session_version=account.session_version + 1))
+        await _audit(archive, reactor, "user-logout", address, "every session")
+        out.write(f"every session of {address} has ended, on every node\n")
+        return 0
     if action == "passwd":
         address = _address(config, args.address, "address")
         account = await _existing(archive, address)
@@ -428,26 +474,95 @@ async def _import(reactor: Any, args: argparse.Namespace, config: HubConfig, arc
         raise UsageError(f"{len(errors)} errors in {source}; no account was added")
     added = invited = existing = 0
     now = reactor.seconds()
+    to_invite: list[Account] = []
     for address, role, recovery, password in wanted:
         if await archive.account(address) is not None:
             existing += 1
             continue
         password_hash = await deferToThread(hash_password, password) if password else ""
+        account = Account(address, password_hash, role, recovery=recovery, created=now)
         try:
-            await archive.add_account(
-                Account(address, password_hash, role, recovery=recovery, created=now)
-            )
+            await archive.add_account(account)
         except KeyError:
             existing += 1
             continue
         added += 1
-        invited += 0 if password else 1
+        if not password:
+            invited += 1
+            to_invite.append(account)
     await _audit(archive, reactor, "user-import", source, f"{added} added, {invited} invited, {existing} existed")
     out.write(
         f"{added} accounts added from {source} ({added - invited} with a password, {invited} invited"
         f" without one); {existing} existed already and were left as they are\n"
     )
+    if args.invite and to_invite:
+        return await _invite(reactor, config, archive, to_invite, out)
     if invited:
-        out.write("an invited account cannot log in until a password is set (mailhub user passwd ADDRESS)\n")
+        out.write(
+            "an invited account cannot log in until a password is set (mailhub user invite ADDRESS mails it"
+            " a link to choose one; mailhub user passwd ADDRESS sets one)\n"
+        )
     return 0
+
+
+async def _invite(reactor: Any, config: HubConfig, archive: Any, accounts: list[Account], out: Any) -> int:
+    """
+    Mail each account (none has a password) a link to choose one, through
+    the spool; without ``[web] public_url``, print the links instead.
+    """
+    from mailhub.cli import _open_store, _wake_local_nodes
+    from mailhub.node import routes_for
+
+    path = secret_file(config)
+    try:
+        secret = await deferToThread(load_or_create_secret, path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"web.secret_file: {e}") from None
+    links = AccountLinks(secret, reactor)
+    base = public_url(config)
+    if base is None:
+        out.write(
+            f"{config.path} has no [web] public_url: the invitations are NOT mailed.  Give each person"
+            f" their link yourself, after the address of the hub's web pages (https://HOST/invite/...);"
+            f" each works once, for {int(links.lifetimes[INVITE] // 3600)} hours:\n"
+        )
+        for account in accounts:
+            out.write(f"  {account.address}  {link_url(None, INVITE, links.issue(INVITE, account))}\n")
+            await _audit(archive, reactor, "user-invite", account.address, "link printed")
+        return 0
+    store = _open_store(config, reactor)
+    first_node = next(iter(config.nodes))
+    failed: list[str] = []
+    try:
+        for account in accounts:
+            token = links.issue(INVITE, account)
+            expires = links.expires(token) or 0.0
+            envelope, data = link_mail(
+                INVITE, account, link_url(base, INVITE, token), config.hostname, reactor.seconds(), expires,
+                client="mailhub user",
+            )
+            routes = routes_for(config, envelope.recipients, archive=config.archive is not None)
+            to = " and ".join(str(r) for r in envelope.recipients)
+            try:
+                await store.enqueue(envelope, data, routes, first_node)
+            except Exception as e:
+                failed.append(str(account.address))
+                sys.stderr.write(f"the invitation of {account.address} could not be spooled: {e}\n")
+                continue
+            await _audit(archive, reactor, "user-invite", account.address, f"mailed to {to}")
+            out.write(f"invitation mailed to {to}; the link works once, until {_utc(expires)}\n")
+        await _wake_local_nodes(store, reactor.seconds(), config.delivery.heartbeat_seconds, out)
+    finally:
+        await store.close()
+    if failed:
+        sys.stderr.write(
+            f"{len(failed)} invitations were not sent; send them again with: mailhub user invite ADDRESS"
+            f" ({', '.join(failed)})\n"
+        )
+        return 1
+    return 0
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 

@@ -3,7 +3,7 @@
 
     mailhub archive [-c FILE] search [--mailbox M | --domain D] [--limit N] [--cursor C] [--json] [QUERY...]
     mailhub archive [-c FILE] show ID [--raw | --json]
-    mailhub archive [-c FILE] redeliver (--mailbox M | --domain D) [--dry-run] [QUERY...]
+    mailhub archive [-c FILE] redeliver (--mailbox M | --domain D) [--skip-delivered] [--dry-run] [--json] [QUERY...]
     mailhub archive [-c FILE] import (--mbox FILE | --maildir DIR) --mailbox M
     mailhub archive [-c FILE] export (--mailbox M | --domain D | --all) --output FILE [--format mbox|eml-zip] [QUERY...]
     mailhub archive [-c FILE] hold (--mailbox M | --domain D) [--reason TEXT] [--release]
@@ -80,6 +80,12 @@ def add_parser(sub: Any, config_default: str) -> None:
     p = s.add_parser("redeliver", help="put archived messages back into the spool, for their route")
     scope_args(p)
     p.add_argument("--dry-run", action="store_true", help="only count what would be re-delivered")
+    p.add_argument(
+        "--skip-delivered",
+        action="store_true",
+        help="not to a mailbox the hub itself delivered the message to (by Message-ID)",
+    )
+    p.add_argument("--json", action="store_true", help="the counts as JSON")
     p.add_argument("query", nargs="*")
 
     p = s.add_parser("import", help="load a mailbox's history from an mbox file or a Maildir")
@@ -437,42 +443,115 @@ async def _import(reactor: Any, args: argparse.Namespace, config: HubConfig, arc
 
 
 async def _redeliver(reactor: Any, args: argparse.Namespace, config: HubConfig, archive: Any, out: Any) -> int:
+    """
+    Re-spool a selection for its routes.  With ``--skip-delivered``, a
+    message goes only to its mailboxes the hub has not delivered it to
+    (``IArchive.delivered``: the same Message-ID delivered to that mailbox
+    counts), and a message left with none is skipped.
+    """
+    from mailhub.archive.delivered import respooled_client
     from mailhub.node import routes_for
 
     scope, query = _scope(args), _query(args)
     total = await archive.count(scope, query)
-    if args.dry_run:
-        out.write(f"{total} messages of {scope} would be re-delivered\n")
+    words = " ".join(args.query)
+    if args.dry_run and not args.skip_delivered:
+        if args.json:
+            _dump({"scope": str(scope), "selected": total, "redelivered": total, "skipped": 0, "dry_run": True}, out)
+        else:
+            out.write(f"{total} messages of {scope} would be re-delivered\n")
         return 0
+
+    def eligible(s: ArchiveSummary) -> list[Address]:
+        # The summary lists the message's mailboxes within the scope.
+        return [m for m in s.mailboxes if scope.contains(m) and config.route_for(m.domain)]
+
+    async def pages() -> AsyncIterator[list[tuple[ArchiveSummary, list[Address]]]]:
+        """The selection a page at a time, each message with the mailboxes to re-deliver it to."""
+        cursor = None
+        while True:
+            page = await archive.search(scope, query, cursor, 200)
+            chosen = [(s, eligible(s)) for s in page.items]
+            if args.skip_delivered:
+                done = await archive.delivered([(s.id, m) for s, boxes in chosen for m in boxes])
+                chosen = [(s, [m for m in boxes if (s.id, m) not in done]) for s, boxes in chosen]
+            yield chosen
+            if page.next is None or not page.items:
+                return
+            cursor = page.next
+
+    skipped = redelivered = entries = 0
+    if args.dry_run:
+        async for chosen in pages():
+            for s, boxes in chosen:
+                if boxes:
+                    redelivered += 1
+                elif eligible(s):
+                    skipped += 1
+        if args.json:
+            _dump({"scope": str(scope), "selected": total, "redelivered": redelivered, "skipped": skipped,
+                   "dry_run": True}, out)
+        else:
+            out.write(
+                f"{total} messages of {scope} selected: {redelivered} would be re-delivered, {skipped} skipped"
+                " (the hub delivered them to those mailboxes already)\n"
+            )
+        return 0
+
     from mailhub.cli import _open_store, _wake_local_nodes
 
     store = _open_store(config, reactor)
     node = next(iter(config.nodes))
-    progress = _Progress("re-delivered", total)
-    entries = 0
+    progress = _Progress("re-delivered or skipped" if args.skip_delivered else "re-delivered", total)
     try:
-        async for s in _matches(archive, scope, query):
-            message = await archive.get(s.id)
-            if message is None:
-                continue
-            mailboxes = [m for m in message.mailboxes if scope.contains(m) and config.route_for(m.domain)]
-            if not mailboxes:
-                continue
-            envelope = Envelope(
-                message.sender, tuple(mailboxes), received_at=reactor.seconds(), client="archive", helo=config.hostname
+        async for chosen in pages():
+            for s, boxes in chosen:
+                if not boxes:
+                    if eligible(s):
+                        skipped += 1
+                        progress.step()
+                    continue
+                message = await archive.get(s.id)
+                if message is None:
+                    continue  # expired meanwhile
+                mailboxes = [m for m in message.mailboxes if m in boxes]
+                if not mailboxes:
+                    continue
+                envelope = Envelope(
+                    message.sender,
+                    tuple(mailboxes),
+                    received_at=reactor.seconds(),
+                    # Its delivery is then recorded for this archive copy.
+                    client=respooled_client(message.id),
+                    helo=config.hostname,
+                )
+                # No archive route: the archive has it already.
+                routes = routes_for(config, mailboxes)
+                ids = await store.enqueue(envelope, message.message, routes, node)
+                entries += len(ids)
+                redelivered += 1
+                progress.step()
+        detail = f"{words!r}: {redelivered} messages" + (f", {skipped} skipped as delivered" if args.skip_delivered else "")
+        await _audit(archive, reactor, "redeliver", str(scope), detail)
+        if args.json:
+            _dump({"scope": str(scope), "selected": total, "redelivered": redelivered, "skipped": skipped,
+                   "entries": entries, "dry_run": False}, out)
+        else:
+            out.write(
+                f"{redelivered} messages of {scope} re-delivered: {entries} spool entries, delivered at the"
+                " route's pace (watch with: mailhub status, mailhub queue list)"
+                + (f"; {skipped} skipped (the hub delivered them to those mailboxes already)" if args.skip_delivered else "")
+                + "\n"
             )
-            # No archive route: the archive has it already.
-            routes = routes_for(config, mailboxes)
-            ids = await store.enqueue(envelope, message.message, routes, node)
-            entries += len(ids)
-            progress.step()
-        await _audit(archive, reactor, "redeliver", str(scope), f"{' '.join(args.query)!r}: {progress.done} messages")
-        out.write(
-            f"{progress.done} messages of {scope} re-delivered: {entries} spool entries, delivered at the"
-            f" route's pace (watch with: mailhub status, mailhub queue list)\n"
+        # With --json, stdout is the JSON alone.
+        await _wake_local_nodes(
+            store, reactor.seconds(), config.delivery.heartbeat_seconds, sys.stderr if args.json else out
         )
-        await _wake_local_nodes(store, reactor.seconds(), config.delivery.heartbeat_seconds, out)
     finally:
         await store.close()
     return 0
 
+
+def _dump(data: Any, out: Any) -> None:
+    json.dump(data, out, indent=2)
+    out.write("\n")

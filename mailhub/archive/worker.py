@@ -279,7 +279,11 @@ class _Worker(Protocol):
                 header, self._header = self._header, None
                 d = ensureDeferred(self._add(header, payload))
                 self._inflight.add(d)
-                d.addBoth(lambda _, d=d: self._inflight.discard(d))
+                d.addBoth(self._landed, d)
+
+    def _landed(self, result: object, d: Deferred[None]) -> object:
+        self._inflight.discard(d)
+        return result
 
     def _open(self, setup: dict[str, Any]) -> None:
         from mailhub.plugin import load_plugin

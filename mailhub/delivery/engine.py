@@ -65,10 +65,12 @@ from mailhub.model import (
     is_back_pressure,
     new_entries,
 )
+from mailhub.stats import DeliveryStats
 
 __all__ = ["DeliveryEngine"]
 
 Bounce = Callable[[Entry, Sequence[Outcome], bytes, float], Deferred]
+Delivered = Callable[[Entry, Sequence[Address], float], None]
 
 
 class DeliveryEngine(Service):
@@ -80,6 +82,9 @@ class DeliveryEngine(Service):
     :param bounce: enqueues the DSN for failed outcomes; the engine waits for
         it before recording the attempt, so a crash can repeat a DSN but never
         lose one.
+    :param delivered: told of the recipients of an entry that its route's
+        server accepted, and when (``mailhub.archive.delivered``); it must
+        return at once, the engine does not wait for it.
     """
 
     log = Logger()
@@ -94,8 +99,10 @@ class DeliveryEngine(Service):
         bounce: Bounce,
         clock: IReactorTime,
         settings: DeliveryConfig,
+        delivered: Delivered | None = None,
     ) -> None:
         self.node = node
+        self._delivered = delivered
         self._store = store
         self._policy = policy
         self._transport_for = transport_for
@@ -114,6 +121,8 @@ class DeliveryEngine(Service):
         self._recording = 0
         self._arriving: set[Deferred[None]] = set()
         self.attempts_made = 0
+        #: Plain counts for the metrics (``mailhub.web.metrics``).
+        self.stats = DeliveryStats(clock)
         self._coordination = IRouteCoordination(store, None)
         self._asking: set[str] = set()
         self._ask_again: set[str] = set()
@@ -216,7 +225,8 @@ class DeliveryEngine(Service):
         """
         count = len(routes)
         if not count or not self.running or self._room() < count:
-            return self._store.enqueue(envelope, message, routes, self.node).addCallback(self._spooled, message)
+            enqueued = self.stats.timed("enqueue", self._store.enqueue(envelope, message, routes, self.node))
+            return enqueued.addCallback(self._spooled, message)
         # The room is kept until the leases come back: other claims must not take it.
         self._reserved += count
         try:
@@ -226,9 +236,9 @@ class DeliveryEngine(Service):
                 settled = self.decide_while_down(entry)
                 if settled is not None:
                     decided[entry.route] = settled
-            d = self._store.enqueue_leased(
+            d = self.stats.timed("enqueue_leased", self._store.enqueue_leased(
                 envelope, message, routes, self.node, self._settings.lease_seconds, decided or None
-            )
+            ))
         except BaseException:
             # A policy or store that raises here must not keep the room.
             self._reserved -= count
@@ -245,6 +255,7 @@ class DeliveryEngine(Service):
                 if isinstance(r, Entry):
                     self.attempts_made += 1
                     self._suspended_count[r.route] = self._suspended_count.get(r.route, 0) + 1
+                    self.stats.count(r.route, "suspended")
             first = results[0]
             return first.entry.id if isinstance(first, Lease) else first.id
 
@@ -380,7 +391,7 @@ class DeliveryEngine(Service):
                 if not self._more and not self._rescan:
                     break
             now = self._clock.seconds()
-            due = await self._store.next_due(self.node, now, self._settings.takeover_seconds)
+            due = await self.stats.timed("next_due", self._store.next_due(self.node, now, self._settings.takeover_seconds))
             if due is not None:
                 # An entry due now that we could not claim is racing another
                 # node's claim, or waits for room: look again shortly, never
@@ -400,14 +411,14 @@ class DeliveryEngine(Service):
 
     async def _claim(self, ids: list[str] | None, limit: int | None = None, message: bytes | None = None) -> int:
         s = self._settings
-        leases = await self._store.claim(
+        leases = await self.stats.timed("claim", self._store.claim(
             self.node,
             self._clock.seconds(),
             limit if limit is not None else len(ids or ()),
             s.lease_seconds,
             s.takeover_seconds,
             ids,
-        )
+        ))
         for lease in leases:
             self._dispatch(lease, message)
         return len(leases)
@@ -843,7 +854,7 @@ class DeliveryEngine(Service):
         def read_ahead() -> None:
             # Read the body while the attempt waits for its turn on the route.
             nonlocal body
-            body = self._store.body(entry.message_id)
+            body = self.stats.timed("body", self._store.body(entry.message_id))
 
         tries = 0
         while True:
@@ -898,7 +909,7 @@ class DeliveryEngine(Service):
                 else:
                     if message is None:
                         try:
-                            message = await (body or self._store.body(entry.message_id))
+                            message = await (body or self.stats.timed("body", self._store.body(entry.message_id)))
                         except KeyError:
                             self.log.error(
                                 "entry {entry}: message body {message} is missing",
@@ -1008,16 +1019,25 @@ class DeliveryEngine(Service):
             decision = self._policy.decide(entry, replies, finished, self.node)
             decision = self._storm_decision(entry, replies, decision, finished)
         attempt = Attempt(entry.id, self.node, started, finished, tuple((a, replies[a]) for a in entry.pending))
+        if self._delivered is not None:
+            accepted = [o.recipient for o in decision.outcomes if o.action is Action.DELIVERED]
+            if accepted:
+                try:
+                    self._delivered(entry, accepted, finished)
+                except Exception:
+                    self.log.failure("entry {entry}: the delivery observer failed", entry=entry.id)
         bounced = [o for o in decision.outcomes if o.action in (Action.FAILED, Action.EXPIRED)]
         if bounced:
             if message is None:
                 message = await self._store.body(entry.message_id)
             await self._bounce(entry, bounced, message, finished)
         try:
-            await self._store.record(lease, attempt, decision)
+            await self.stats.timed("record", self._store.record(lease, attempt, decision))
         except LeaseLost:
             self.log.warn("entry {entry}: lease lost during the attempt; another node owns it now", entry=entry.id)
+            self.stats.count(entry.route, "lease_lost")
             return
+        self.stats.attempt(entry, decision, suspended, finished)
         if suspended:
             self._suspended_count[entry.route] = self._suspended_count.get(entry.route, 0) + 1
             return

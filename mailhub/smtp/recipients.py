@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from mailhub.config import ConfigError, DomainConfig, HubConfig
 from mailhub.model import Address, Reply
 from mailhub.smtp.server import RecipientCheck
-from mailhub.smtp.verify import ProbeFailed, probe_recipient
+from mailhub.smtp.verify import ProbeFailed, route_probe
 
 __all__ = [
     "UNKNOWN_USER",
@@ -284,12 +284,8 @@ def _domain_check(
         lists.append(FileRecipients(path, reactor, threads))
     verifier: RecipientCheck | None = None
     if options.get("verify", "none") == "route":
-        target = domain.route.partition(":")[2]
         timeout = float(options.get("verify_timeout", 10.0))
-
-        def probe(address: Address) -> Deferred[Reply]:
-            return probe_recipient(reactor, target, address, config.hostname, timeout)
-
+        probe = route_probe(domain.route, config.route_options(domain.route), config.hostname, reactor, timeout)
         verifier = RouteVerifier(
             probe,
             reactor,

@@ -20,9 +20,12 @@ The message body is never handled line by line in Python: DATA mode scans the
 received chunks with ``bytes.find`` for ``CRLF . CRLF`` (and only that: no
 bare-LF, bare-CR or NUL variant ends a message, which is what SMTP smuggling
 relies on), and unstuffs, checks and normalises with bytes methods and compiled
-regular expressions.  The checks run in place on the DATA buffer, and the
-stored message is its one copy (with the ``Received:`` header in front); only
-dot-stuffed or normalised messages are copied once more.
+regular expressions.  NUL octets are refused, or removed with ``[smtp]
+nul_bytes = "remove"``: a downstream server that drops them would read
+``CRLF NUL . CRLF`` as the end of DATA.  The checks run in place on the DATA
+buffer, and the stored message is its one copy (with the ``Received:`` header
+in front); only dot-stuffed, normalised or NUL-cleaned messages are copied
+once more.
 
 This module must not do I/O other than through its transport, nor read the
 wall clock: time comes from the injected ``IReactorTime``.
@@ -30,6 +33,7 @@ wall clock: time comes from the injected ``IReactorTime``.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
 import secrets
@@ -63,6 +67,7 @@ from mailhub.model import (
     has_bare_lf,
 )
 from mailhub.netio import write_now
+from mailhub.stats import SmtpStats
 
 __all__ = [
     "ClientLimiter",
@@ -70,8 +75,10 @@ __all__ = [
     "RecipientCheck",
     "SMTPFactory",
     "SMTPServerProtocol",
+    "address_literal",
     "chain_checks",
     "domain_check",
+    "sender_address",
 ]
 
 RecipientCheck = Callable[[Address], "Deferred[Any]"]
@@ -112,6 +119,7 @@ _HELO_NAME = re.compile(r"[!-~]+\Z")
 # What may appear of the client's HELO name inside the Received comment syntax.
 _HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _QUEUE_ID = re.compile(r"[!-~]{1,128}\Z")
 # The local id of a message (its Received: id, in the logs): a random prefix
 # per process and a counter, unique without a system call per message.  The
@@ -121,8 +129,73 @@ _ID_COUNTER = itertools.count()
 # A recipient whose text hides a second destination is a relay attempt even
 # when Address.parse calls it merely malformed (the percent hack, for one).
 _ROUTED = re.compile(r"[%!\[]|\A@|@.*@")
+# RFC 5321 4.1.3: an IPv4 address literal is four decimal numbers; an IPv6
+# one is "IPv6:" and hex digits, colons and (for an embedded IPv4 address)
+# dots, which excludes a zone ("%eth0") that Python's ipaddress would take.
+_IPV4_LITERAL = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\Z")
+_IPV6_LITERAL = re.compile(r"[0-9A-Fa-f:.]+\Z")
+_LITERAL_TAG = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")
 
 _HELP = "Supported commands: EHLO HELO STARTTLS MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+
+
+def address_literal(text: str) -> str:
+    """
+    Check an address literal (RFC 5321 section 4.1.3), the domain of a
+    mailbox ``user@[192.0.2.1]`` or ``user@[IPv6:2001:db8::1]``.
+
+    :param text: the literal, brackets included.
+    :returns: the literal as it is relayed: an IPv4 address without leading
+        zeros (which some parsers read as octal), an IPv6 one as given.
+    :raises AddressError: for a malformed literal, or one of a kind other
+        than IPv4 and IPv6 (RFC 5321's general literals have no other
+        registered tag), with a text saying which.
+    """
+    if len(text) < 3 or not text.startswith("[") or not text.endswith("]"):
+        raise AddressError(f"malformed address literal {text}")
+    inner = text[1:-1]
+    tag, colon, value = inner.partition(":")
+    if not colon:
+        m = _IPV4_LITERAL.match(inner)
+        if m is None or any(int(n) > 255 for n in m.groups()):
+            raise AddressError(f"malformed IPv4 address literal {text}: four numbers 0-255 expected")
+        return "[" + ".".join(str(int(n)) for n in m.groups()) + "]"
+    if tag.upper() == "IPV6":
+        try:
+            if not _IPV6_LITERAL.match(value):
+                raise ValueError("only hex digits, ':' and '.' are allowed")
+            ipaddress.IPv6Address(value)
+        except ValueError as e:
+            raise AddressError(f"malformed IPv6 address literal {text}: {e}") from None
+        return text
+    if _LITERAL_TAG.match(tag):
+        raise AddressError(f"address literal {text}: only IPv4 and IPv6 literals are accepted")
+    raise AddressError(f"malformed address literal {text}")
+
+
+def sender_address(path: str) -> Address:
+    """
+    The mailbox of a reverse path (``MAIL FROM:<path>``, without a source
+    route): ``Address.parse``'s rules, except that the domain may be an
+    address literal, as RFC 5321 allows (section 4.1.2).  Recipients keep
+    ``Address.parse``'s rule, which refuses literals: the hub relays only
+    for its own domains.
+
+    :raises AddressError: for anything ``Address.parse`` refuses in the
+        local part, and for a malformed literal (``address_literal``).
+    """
+    local, at, domain = path.rpartition("@")
+    if not (at and domain.startswith("[")):
+        return Address.parse(path)
+    if not local:
+        raise AddressError("address must be local@domain")
+    if len(path) > 254:
+        raise AddressError("address too long")
+    literal = address_literal(domain)
+    # The local part by the very rules of every other address: parsed with
+    # a domain that passes them.
+    Address.parse(f"{local}@literal.invalid")
+    return Address(local, literal)
 
 
 def domain_check(domains: Collection[str], hostname: str) -> RecipientCheck:
@@ -191,6 +264,8 @@ class ClientLimiter:
         self.per_ip: dict[str, int] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self._last_sweep = 0.0
+        #: Plain counts for the metrics (``mailhub.web.metrics``).
+        self.stats = SmtpStats()
 
     def admit(self, ip: str) -> bool:
         """Count a new connection from ``ip``, unless that would go over a limit."""
@@ -317,6 +392,7 @@ class SMTPServerProtocol(Protocol):
         # methods (no ``self``), so calls on IReactorTime/IDelayedCall fail to check.
         self._clock: Any = clock
         self._normalise = limits.bare_line_endings == "normalise"
+        self._remove_nul = limits.nul_bytes == "remove"
         self._tls_options = tls
         self._limiter = limiter or ClientLimiter(limits, clock)
         self._admitted = False
@@ -377,6 +453,7 @@ class SMTPServerProtocol(Protocol):
             self._transport.loseConnection()
             return
         self._admitted = True
+        self._limiter.stats.sessions += 1
         # A listener on an "ssl:" endpoint is TLS from the first byte.
         self._secure = ISSLTransport.providedBy(self.transport)
         banner = self._limits.banner or "ESMTP mailhub"
@@ -684,7 +761,7 @@ class SMTPServerProtocol(Protocol):
                 # RFC 5321 4.1.1.3: a source route in the reverse path is ignored.
                 path = path.split(":", 1)[1]
             try:
-                sender = Address.parse(path)
+                sender = sender_address(path)
             except AddressError as e:
                 self._reply(Reply(553, "5.1.7", f"Bad sender address: {e}"))
                 return
@@ -857,10 +934,24 @@ class SMTPServerProtocol(Protocol):
         # The regex _BARE_LINE_END is ten times slower than these two checks,
         # so it only runs to normalise.  (Bare CRs were sought by the DATA scan;
         # undoing dot-stuffing neither makes nor removes one.)
-        # A line starts with a dot only if the client stuffed one, or a bare
-        # line end made CRLF below put one at a line's start.
+        # A line starts with a dot only if the client stuffed one, or a NUL
+        # removed or a bare line end made CRLF below put one at a line's start.
         dot_lines = self._stuffed
-        if self._bare_cr or has_bare_lf(data, lo, hi):
+        bare_cr = self._bare_cr
+        if data.find(b"\x00", lo, hi) >= 0:
+            # A downstream that drops NULs would read "CRLF NUL . CRLF" as the
+            # end of DATA (SMTP smuggling): what the hub relays has none.
+            if not self._remove_nul:
+                self._reset_transaction()
+                self._reply(Reply(554, "5.6.0", "Message contains NUL octets"))
+                return
+            with memoryview(data) as view:
+                data = bytes(view[lo:hi]).replace(b"\x00", b"")
+            lo, hi = 0, len(data)
+            # Removing a NUL can put a dot at a line's start, or a CR before an LF.
+            dot_lines = True
+            bare_cr = _BARE_CR.search(data) is not None
+        if bare_cr or has_bare_lf(data, lo, hi):
             if not self._normalise:
                 self._reset_transaction()
                 self._reply(Reply(554, "5.6.0", "Message contains bare CR or LF"))
@@ -930,6 +1021,7 @@ class SMTPServerProtocol(Protocol):
                 self._reply(Reply(451, "4.3.0", "Temporary failure storing message, try later"))
             return
         self._messages += 1
+        self._limiter.stats.accepted += 1
         queue_id = result if isinstance(result, str) and _QUEUE_ID.match(result) else local_id
         # The one line per message.  Its text is made here in one f-string and
         # logged as "{line}": twisted.logger's formatting of a format with
@@ -985,6 +1077,7 @@ class SMTPServerProtocol(Protocol):
 
     def _reply(self, reply: Reply, what: str = "") -> None:
         if reply.code >= 400:
+            self._limiter.stats.refused(reply, what)
             _log.info(
                 "refused {what}from {client}: {reply}",
                 what=f"{what} " if what else "",
@@ -1022,6 +1115,7 @@ class SMTPServerProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        self._limiter.stats.timeouts += 1
         _log.info(
             "timeout {where} from {client}",
             where="in DATA" if self._in_data else "waiting for a command",

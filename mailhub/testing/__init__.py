@@ -3,8 +3,8 @@ Test helpers for mailhub and for third-party plugin authors.
 
 - ``mailhub.testing.store_contract``: the spool-store contract suites
   (``SpoolStoreContract``, ``NodeRegistryContract``,
-  ``RouteCoordinationContract``); a store plugin's tests subclass them and
-  provide a ``store`` fixture.
+  ``RouteCoordinationContract``, ``LeaseReclaimContract``); a store plugin's
+  tests subclass them and provide a ``store`` fixture.
 - ``mailhub.testing.archive_contract`` and ``mailhub.testing.account_contract``:
   the archive's and the accounts' contract suites (``ArchiveContract``,
   ``AccountStoreContract``); an archive plugin's tests subclass them and

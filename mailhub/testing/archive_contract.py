@@ -81,6 +81,8 @@ BOB = Address("bob", "a.example")
 CAROL = Address("carol", "a.example")
 DAVE = Address("dave", "b.example")
 SENDER = Address("sender", "outside.example")
+#: The route of the suite's delivery records.
+ROUTE = "smtp:mail.a.example:25"
 
 #: A message that is not 7-bit text: every byte value, UTF-8, NUL, lone CR and LF.
 ODD_MESSAGE = (
@@ -764,6 +766,107 @@ class ArchiveContract:
         await archive.set_hold(domain("b.example"), True, "case 17", NOW)
         assert await archive.expire("a.example", NOW, 100) == 1
         assert list((await archive.get("alice")).mailboxes) == [DAVE]
+
+    # -- what the hub delivered ----------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_delivered_says_which_pairs_were_recorded(self, archive: Any) -> None:
+        """A record is for one mailbox and one archive id, whether or not the archive has the copy yet."""
+        odd = Address("o'brien \"x\"", "a.example")
+        await archive.add(archived("m1", mailboxes=(ALICE, BOB, odd)))
+        await archive.record_delivered(
+            [("m1", ALICE, ROUTE, NOW), ("m1", odd, ROUTE, NOW), ("early", BOB, ROUTE, NOW)]
+        )
+        asked = [("m1", ALICE), ("m1", BOB), ("m1", odd), ("early", BOB), ("early", ALICE), ("m2", ALICE)]
+        assert await archive.delivered(asked) == {("m1", ALICE), ("m1", odd), ("early", BOB)}
+        assert await archive.delivered([]) == set()
+
+    @pytest_twisted.ensureDeferred
+    async def test_delivered_matches_another_copy_by_message_id(self, archive: Any) -> None:
+        """An imported copy (another archive id) of a message the hub delivered counts as delivered."""
+        await self.add(
+            archive,
+            archived("m1", mailboxes=(ALICE, BOB), message_id="q1@outside.example"),
+            archived("import-1", mailboxes=(ALICE, BOB), message_id="q1@outside.example"),
+            archived("other", mailboxes=(ALICE,), message_id="q2@outside.example"),
+        )
+        await archive.record_delivered([("m1", ALICE, ROUTE, NOW)])
+        asked = [("import-1", ALICE), ("import-1", BOB), ("other", ALICE)]
+        assert await archive.delivered(asked) == {("import-1", ALICE)}
+
+    @pytest_twisted.ensureDeferred
+    async def test_record_made_before_the_copy_matches_once_archived(self, archive: Any) -> None:
+        """Delivery may come before the archive's copy: the Message-ID is the copy's, when it is there."""
+        await archive.add(archived("import-1", message_id="q1@outside.example"))
+        await archive.record_delivered([("m1", ALICE, ROUTE, NOW)])
+        assert await archive.delivered([("import-1", ALICE)]) == set()
+        await archive.add(archived("m1", message_id="q1@outside.example"))
+        assert await archive.delivered([("import-1", ALICE)]) == {("import-1", ALICE)}
+
+    @pytest_twisted.ensureDeferred
+    async def test_message_without_message_id_matches_its_own_id_only(self, archive: Any) -> None:
+        await self.add(archive, archived("m1"), archived("m2"))
+        await archive.record_delivered([("m1", ALICE, ROUTE, NOW)])
+        assert await archive.delivered([("m1", ALICE), ("m2", ALICE)]) == {("m1", ALICE)}
+
+    @pytest_twisted.ensureDeferred
+    async def test_message_ids_are_compared_exactly(self, archive: Any) -> None:
+        await self.add(
+            archive,
+            archived("m1", message_id="Q1@outside.example"),
+            archived("m2", message_id="q1@outside.example"),
+            archived("m3", message_id="q1@outside.example "),
+        )
+        await archive.record_delivered([("m1", ALICE, ROUTE, NOW)])
+        assert await archive.delivered([("m2", ALICE), ("m3", ALICE)]) == set()
+
+    @pytest_twisted.ensureDeferred
+    async def test_recording_again_keeps_one_record_with_the_latest_time(self, archive: Any) -> None:
+        """The same pair twice, in one batch or two, in any order: one record, as old as the latest."""
+        await archive.record_delivered(
+            [("m1", ALICE, ROUTE, NOW), ("m1", ALICE, "smtp:other:25", NOW - 2 * DAY)]
+        )
+        await archive.record_delivered([("m1", ALICE, ROUTE, NOW - 3 * DAY)])
+        assert await archive.expire("a.example", NOW - DAY, 100) == 0
+        assert await archive.delivered([("m1", ALICE)]) == {("m1", ALICE)}
+        assert await archive.expire("a.example", NOW + 1, 100) == 1
+        assert await archive.delivered([("m1", ALICE)]) == set()
+
+    @pytest_twisted.ensureDeferred
+    async def test_expire_removes_the_domains_old_delivery_records(self, archive: Any) -> None:
+        await archive.record_delivered(
+            [
+                ("old", ALICE, ROUTE, NOW - 2 * DAY),
+                ("old", DAVE, ROUTE, NOW - 2 * DAY),
+                ("new", ALICE, ROUTE, NOW),
+            ]
+        )
+        assert await archive.expire("a.example", NOW - DAY, 100) == 1
+        asked = [("old", ALICE), ("old", DAVE), ("new", ALICE)]
+        assert await archive.delivered(asked) == {("old", DAVE), ("new", ALICE)}
+
+    @pytest_twisted.ensureDeferred
+    async def test_expire_removes_delivery_records_in_batches(self, archive: Any) -> None:
+        """At most ``limit`` records a call; the count is the larger of records and pairs."""
+        await archive.record_delivered([(f"m{i}", ALICE, ROUTE, NOW - DAY + i) for i in range(5)])
+        await archive.add(archived("a", NOW - DAY, (ALICE,)))
+        assert await archive.expire("a.example", NOW, 2) == 2
+        assert await archive.delivered([("m0", ALICE), ("m1", ALICE), ("m2", ALICE)]) == {("m2", ALICE)}
+        assert await archive.expire("a.example", NOW, 2) == 2
+        assert await archive.expire("a.example", NOW, 2) == 1
+        assert await archive.expire("a.example", NOW, 2) == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_held_mailbox_and_domain_keep_their_delivery_records(self, archive: Any) -> None:
+        await archive.record_delivered(
+            [("m", ALICE, ROUTE, NOW - DAY), ("m", BOB, ROUTE, NOW - DAY), ("m", DAVE, ROUTE, NOW - DAY)]
+        )
+        await archive.set_hold(mailbox(ALICE), True, "case 17", NOW)
+        await archive.set_hold(domain("b.example"), True, "case 18", NOW)
+        assert await archive.expire("a.example", NOW, 100) == 1
+        assert await archive.expire("b.example", NOW, 100) == 0
+        asked = [("m", ALICE), ("m", BOB), ("m", DAVE)]
+        assert await archive.delivered(asked) == {("m", ALICE), ("m", DAVE)}
 
     # -- holds --------------------------------------------------------------
 

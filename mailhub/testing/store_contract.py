@@ -32,7 +32,7 @@ from attrs import evolve
 from twisted.internet.defer import DeferredList
 from zope.interface.verify import verifyObject
 
-from mailhub.interfaces import INodeRegistry, IRouteCoordination, ISpoolStore
+from mailhub.interfaces import ILeaseReclaim, INodeRegistry, IRouteCoordination, ISpoolStore
 from mailhub.model import (
     Action,
     Address,
@@ -48,7 +48,13 @@ from mailhub.model import (
     Reply,
 )
 
-__all__ = ["NOW", "NodeRegistryContract", "RouteCoordinationContract", "SpoolStoreContract"]
+__all__ = [
+    "NOW",
+    "LeaseReclaimContract",
+    "NodeRegistryContract",
+    "RouteCoordinationContract",
+    "SpoolStoreContract",
+]
 
 #: The time the suite's messages arrive at.
 NOW = 1_700_000_000.0
@@ -1367,3 +1373,141 @@ class RouteCoordinationContract:
         await store.set_route_state(ROUTE_A, None)
         assert await store.route_states() == {ROUTE_B: {"state": "rejecting", "since": NOW + 1}}
         await store.set_route_state(ROUTE_A, None)  # clearing twice is fine
+
+
+class LeaseReclaimContract:
+    """
+    Tests of ``ILeaseReclaim``, for a store that provides it: a node that
+    starts again takes back at once the entries its earlier incarnation
+    (a process that died) held under leases, and nothing else.  One store
+    object plays both processes: what its earlier incarnation leased, it
+    leased before the node's new ``reclaim``.
+    """
+
+    async def leased(self, store: Any, node: str = "dallas", count: int = 2) -> list[Lease]:
+        """``count`` entries enqueued for ``node`` and claimed by it at ``NOW``."""
+        routes = {f"smtp:mail{i}.a.example:25": [ALICE] for i in range(count)}
+        await store.enqueue(envelope(), b"x\r\n", routes, node)
+        leases: list[Lease] = await store.claim(node, NOW, 100, LEASE, TAKEOVER)
+        assert len(leases) == count
+        return leases
+
+    def test_provides_lease_reclaim(self, store: Any) -> None:
+        """The store provides every method of ``ILeaseReclaim``."""
+        assert verifyObject(ILeaseReclaim, store)
+
+    @pytest_twisted.ensureDeferred
+    async def test_restarted_node_takes_back_its_leases_at_once(self, store: Any) -> None:
+        """
+        The leases of the node's earlier incarnation end: the entries are due
+        at once, as they were before the lease, with no attempt counted.
+        """
+        assert await store.reclaim("dallas", "first", NOW) == 0
+        leases = await self.leased(store)
+        assert await store.reclaim("dallas", "second", NOW + 10) == 2
+        again = await store.claim("dallas", NOW + 10, 100, LEASE, TAKEOVER)
+        assert sorted(a.entry.id for a in again) == sorted(a.entry.id for a in leases)
+        assert all(a.entry.attempts == 0 and a.entry.node == "dallas" for a in again)
+        for a in again:
+            assert await store.attempts(a.entry.id) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_taken_back_entries_are_reserved_for_the_node(self, store: Any) -> None:
+        """Another node gets them only after ``takeover_seconds``, as any reserved entry."""
+        await store.reclaim("dallas", "first", NOW)
+        await self.leased(store)
+        await store.reclaim("dallas", "second", NOW + 10)
+        assert await store.next_due("dallas", NOW + 10, TAKEOVER) == NOW + 10
+        assert await store.claim("losangeles", NOW + 10, 100, LEASE, TAKEOVER) == []
+        taken = await store.claim("losangeles", NOW + 10 + TAKEOVER, 100, LEASE, TAKEOVER)
+        assert len(taken) == 2
+
+    @pytest_twisted.ensureDeferred
+    async def test_the_lost_lease_can_record_nothing(self, store: Any) -> None:
+        """
+        The dead process's lease is lost: a record under it fails and changes
+        nothing, a release under it does nothing.
+        """
+        await store.reclaim("dallas", "first", NOW)
+        [old, _] = await self.leased(store)
+        await store.reclaim("dallas", "second", NOW + 10)
+        with pytest.raises(LeaseLost):
+            await _deliver(store, old)
+        await store.release(old, NOW + 20)
+        entry = await store.get(old.entry.id)
+        assert entry is not None and entry.pending == (ALICE,)
+        assert entry.next_attempt == NOW + 10 and entry.node == "dallas"
+
+    @pytest_twisted.ensureDeferred
+    async def test_leases_taken_without_an_incarnation_are_taken_back(self, store: Any) -> None:
+        """A lease taken before the store knew an incarnation of the node is an earlier run's."""
+        await self.leased(store, count=1)
+        assert await store.reclaim("dallas", "first", NOW + 10) == 1
+
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_leased_leases_are_taken_back(self, store: Any) -> None:
+        """The accepting node's first-attempt leases are held under its incarnation too."""
+        await store.reclaim("dallas", "first", NOW)
+        routes = {ROUTE_A: [ALICE], ROUTE_B: [DAVE]}
+        leases = await store.enqueue_leased(envelope(), b"x\r\n", routes, "dallas", LEASE)
+        assert await store.reclaim("dallas", "first", NOW + 1) == 0
+        assert await store.reclaim("dallas", "second", NOW + 1) == 2
+        again = await store.claim("dallas", NOW + 1, 100, LEASE, TAKEOVER)
+        assert sorted(a.entry.id for a in again) == sorted(a.entry.id for a in leases)
+        assert await store.body(again[0].entry.message_id) == b"x\r\n"
+
+    @pytest_twisted.ensureDeferred
+    async def test_leases_of_this_incarnation_are_untouched(self, store: Any) -> None:
+        """
+        ``reclaim`` may be repeated: the leases taken since the call, under
+        the new incarnation, stay held and can be recorded.
+        """
+        await store.reclaim("dallas", "first", NOW)
+        await self.leased(store, count=1)
+        await store.reclaim("dallas", "second", NOW + 10)
+        [lease] = await store.claim("dallas", NOW + 10, 100, LEASE, TAKEOVER)
+        assert await store.reclaim("dallas", "second", NOW + 11) == 0
+        assert await _deliver(store, lease) is None
+        assert await store.get(lease.entry.id) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_other_nodes_leases_are_untouched(self, store: Any) -> None:
+        """Only the restarted node's leases end; the other node's stay held, and record."""
+        await store.reclaim("losangeles", "la-first", NOW)
+        [theirs] = await self.leased(store, node="losangeles", count=1)
+        await self.leased(store, node="dallas", count=1)
+        assert await store.reclaim("dallas", "second", NOW + 10) == 1
+        assert await _deliver(store, theirs) is None
+        assert await store.get(theirs.entry.id) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_expired_leases_are_not_counted(self, store: Any) -> None:
+        """An entry whose lease has run out is due already: nothing to take back."""
+        await store.reclaim("dallas", "first", NOW)
+        [lease] = await self.leased(store, count=1)
+        assert await store.reclaim("dallas", "second", NOW + LEASE + 1) == 0
+        [again] = await store.claim("losangeles", NOW + LEASE + 1, 100, LEASE, TAKEOVER)
+        assert again.entry.id == lease.entry.id
+
+    @pytest_twisted.ensureDeferred
+    async def test_held_entry_stays_held(self, store: Any) -> None:
+        """An entry an operator held during the lease loses the lease but stays held."""
+        await store.reclaim("dallas", "first", NOW)
+        [lease] = await self.leased(store, count=1)
+        assert await store.hold(lease.entry.id)
+        assert await store.reclaim("dallas", "second", NOW + 10) == 1
+        assert await store.claim("dallas", NOW + 10, 100, LEASE, TAKEOVER) == []
+        assert await store.release_held(lease.entry.id, NOW + 20)
+        [again] = await store.claim("dallas", NOW + 20, 100, LEASE, TAKEOVER)
+        assert again.entry.id == lease.entry.id
+
+
+async def _deliver(store: Any, lease: Lease) -> Entry | None:
+    """Record ``lease``'s attempt: every pending recipient delivered."""
+    replies = {a: OK for a in lease.entry.pending}
+    result: Entry | None = await store.record(
+        lease,
+        attempt_for(lease, replies, NOW + 20),
+        decision({a: (Action.DELIVERED, OK) for a in lease.entry.pending}),
+    )
+    return result

@@ -3,10 +3,11 @@ The LiveArchive pages: people read, search and answer their mail while
 their own server is down.
 
 Served by every node's web listener (``/login``, ``/mail``, ``/compose``,
-``/sent``), server-rendered with Jinja2 templates that escape everything
-by default (``autoescape``: a value is text unless a template says
-otherwise, which none does), no script at all, usable by keyboard and on a
-phone.  Jinja2 rather than ``twisted.web.template``: the pages are mostly
+``/sent``, ``/account``, ``/admin/users``; ``/reset`` asks for a reset
+link, ``/invite/TOKEN`` and ``/reset/TOKEN`` set a password from a mailed
+link), server-rendered with Jinja2 templates that escape everything by
+default (``autoescape``: a value is text unless a template says otherwise,
+which none does), no script at all, usable by keyboard and on a phone.  Jinja2 rather than ``twisted.web.template``: the pages are mostly
 markup with a few values in it, which Jinja2 templates say plainly, with
 escaping on by default either way.
 
@@ -14,12 +15,18 @@ Security, for an MX on the public internet:
 
 - a session is a signed cookie (``mailhub.archive.accounts.SessionSigner``:
   ``HttpOnly``, ``SameSite=Strict``, ``Secure`` and the ``__Host-`` prefix over
-  TLS), expiring, ended for every device when the password changes or the
-  account is disabled;
+  TLS), expiring, ended on every node and device when the password changes
+  or is reset, the account is disabled, or its owner logs out everywhere;
 - every request that changes anything carries a CSRF token bound to the
-  session (the login form: a double-submit token);
+  session (the forms used without one: a double-submit token);
 - logins are throttled per account and per client address
-  (``mailhub.archive.accounts.LoginThrottle``);
+  (``mailhub.archive.accounts.LoginThrottle``), and so are requests of a
+  password reset (``reset_throttle``), whose answer never says whether the
+  account exists: the mail, to the recovery address only, is looked up and
+  sent after the answer;
+- the links that set a password are signed, expire and work once
+  (``mailhub.archive.accounts.AccountLinks``); their base is ``[web]
+  public_url``, never the request's ``Host``;
 - every route checks that the account may read the mailbox and that the
   message is that mailbox's: any other id gives ``404``;
 - every answer has a strict Content-Security-Policy (no script, nothing from
@@ -40,7 +47,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jinja2
-from twisted.internet.defer import ensureDeferred, gatherResults
+from attrs import evolve
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.web import resource, server
@@ -97,6 +105,18 @@ class _Redirect(Exception):
 
 
 _NOT_FOUND = _Answer(404, "Not found", "There is no such message or mailbox, or it is not yours.")
+_BAD_LINK = _Answer(
+    404, "This link does not work",
+    "It was used already, it has expired, or it is incomplete (copy the whole link from the mail). "
+    "For a new one, ask your administrator, or use \u201cForgot your hub password?\u201d on the login page.",
+)
+#: What the login page says after a redirect to it (``/login?notice=KEY``).
+_LOGIN_NOTICES = {
+    acc.INVITE: "Your hub password is set: log in with it.",
+    acc.RESET: "Your new hub password is set and every session of the account has ended. "
+    "Log in with it (and the code of your authenticator app, if you enrolled one).",
+    "everywhere": "You are logged out on every device.",
+}
 
 
 class LiveArchive(resource.Resource):
@@ -125,6 +145,11 @@ class LiveArchive(resource.Resource):
         self._tls = tls
         self._cookie = b"__Host-session" if tls else b"session"
         self._totp_guard = acc.TotpReplayGuard()
+        self._reset_throttle = acc.reset_throttle(clock)
+        #: Reset mails being looked up and spooled after their answer.
+        self._mailing: set[Deferred[None]] = set()
+        #: Accounts whose password a link is setting now, on this node.
+        self._setting: set[str] = set()
         #: mailbox -> (when counted, how many messages), and the counts under way.
         self._counts: dict[str, tuple[float, int]] = {}
         self._counting: set[str] = set()
@@ -144,6 +169,9 @@ class LiveArchive(resource.Resource):
             (b"GET", "compose"): self._compose_form,
             (b"POST", "compose"): self._send,
             (b"GET", "sent"): self._sent,
+            (b"GET", "account"): self._account_page,
+            (b"GET", "reset"): self._reset_form,
+            (b"POST", "reset"): self._reset_request,
         }
 
     # -- plumbing ----------------------------------------------------------
@@ -180,6 +208,10 @@ class LiveArchive(resource.Resource):
                 handler = self._sent_message
             elif path[:2] == ["admin", "users"]:
                 handler = {b"GET": self._admin, b"POST": self._admin_change}.get(request.method)
+            elif path[:1] in (["invite"], ["reset"]) and len(path) == 2:
+                handler = {b"GET": self._link_form, b"POST": self._link_set}.get(request.method)
+            elif path == ["account", "logout-everywhere"] and request.method == b"POST":
+                handler = self._logout_everywhere
             elif len(path) <= 1:
                 handler = self._routes.get((request.method, "/".join(path)))
             else:
@@ -296,14 +328,31 @@ class LiveArchive(resource.Resource):
         await self._session(request)  # to /login without one
         raise _Redirect("/mail")
 
-    async def _login_form(self, request: Any, path: list[str], error: str = "", address: str = "") -> None:
+    def _form_token(self, request: Any) -> str:
+        """The double-submit token of a form shown without a session (login, reset), set as a cookie too."""
         token = request.getCookie(b"login_csrf")
         token_text = token.decode("latin-1") if token else secrets.token_urlsafe(24)
         if not token:
             self._set_cookie(request, b"login_csrf", token_text, max_age=3600)
+        return token_text
+
+    def _form_token_ok(self, request: Any) -> bool:
+        cookie = request.getCookie(b"login_csrf") or b""
+        given = self._arg(request, "csrf").encode("latin-1", "replace")
+        return bool(cookie) and hmac.compare_digest(cookie, given)
+
+    async def _login_form(self, request: Any, path: list[str], error: str = "", address: str = "") -> None:
+        token_text = self._form_token(request)
         if error:
             request.setResponseCode(401 if "password" in error else 429)
-        self._page(request, "login.html", account=None, error=error, address=address, login_csrf=token_text, totp=True)
+        self._page(
+            request, "login.html", account=None, error=error, address=address, login_csrf=token_text, totp=True,
+            notice="" if error else _LOGIN_NOTICES.get(self._arg(request, "notice"), ""),
+            reset=self._public_url() is not None,
+        )
+
+    def _public_url(self) -> str | None:
+        return acc.public_url(self._node.config)
 
     def _set_cookie(self, request: Any, name: bytes, value: str, max_age: int | None = None) -> None:
         request.addCookie(
@@ -312,9 +361,7 @@ class LiveArchive(resource.Resource):
         )
 
     async def _login(self, request: Any, path: list[str]) -> None:
-        cookie = request.getCookie(b"login_csrf") or b""
-        given = self._arg(request, "csrf").encode("latin-1", "replace")
-        if not cookie or not hmac.compare_digest(cookie, given):
+        if not self._form_token_ok(request):
             return await self._login_form(request, path, "This form has expired: please try again.")
         text = self._arg(request, "address").strip()
         password = self._arg(request, "password")
@@ -350,8 +397,156 @@ class LiveArchive(resource.Resource):
         session, account = await self._session(request)
         self._check_csrf(request, session, "logout")
         self._signer.revoke(session)
-        request.addCookie(self._cookie, b"", path=b"/", max_age=b"0", httpOnly=True, secure=self._tls, sameSite="strict")
+        self._clear_session_cookie(request)
         raise _Redirect("/login")
+
+    def _clear_session_cookie(self, request: Any) -> None:
+        request.addCookie(self._cookie, b"", path=b"/", max_age=b"0", httpOnly=True, secure=self._tls, sameSite="strict")
+
+    # -- the account's own page; log out everywhere --------------------------
+
+    async def _account_page(self, request: Any, path: list[str]) -> None:
+        session, account = await self._session(request)
+        self._page(
+            request, "account.html", session=session, account=account, section="account",
+            mailboxes=self._mailboxes(account), role=account.role.value, totp=bool(account.totp_secret),
+            recovery=account.recovery, since=_when(session.issued),
+        )
+
+    async def _logout_everywhere(self, request: Any, path: list[str]) -> None:
+        session, account = await self._session(request)
+        self._check_csrf(request, session, "everywhere")
+        # A new session generation: every node refuses the sessions issued
+        # before it at their next request (they read it from the archive).
+        await self._archive.update_account(evolve(account, session_version=account.session_version + 1))
+        self._signer.revoke(session)
+        self._clear_session_cookie(request)
+        await self._audit(account, "logout-everywhere", f"mailbox {account.address}", self._client(request))
+        raise _Redirect("/login?notice=everywhere")
+
+    # -- forgotten passwords, invitations: the links that set a password ----
+
+    async def _reset_form(self, request: Any, path: list[str], answer: str = "", error: str = "", code: int = 200) -> None:
+        request.setResponseCode(code)
+        self._page(
+            request, "reset.html", account=None, login_csrf=self._form_token(request),
+            enabled=self._public_url() is not None, answer=answer, error=error,
+        )
+
+    async def _reset_request(self, request: Any, path: list[str]) -> None:
+        """
+        Mail a reset link to the account's recovery address.  The answer is
+        the same whether the account exists, has a recovery address or is
+        disabled, and is given before the account is even looked up: its
+        time says nothing either.
+        """
+        if self._public_url() is None:
+            return await self._reset_form(request, path, code=404)
+        if not self._form_token_ok(request):
+            return await self._reset_form(request, path, error="This form has expired: please try again.", code=403)
+        try:
+            address = Address.parse(self._arg(request, "address").strip())
+        except AddressError:
+            return await self._reset_form(
+                request, path, error="That is not an email address: give the one you log in with.", code=400
+            )
+        ip = self._client(request)
+        key = str(address).casefold()
+        wait = self._reset_throttle.check(key, ip)
+        if wait:
+            return await self._reset_form(
+                request, path, code=429,
+                error=f"Too many requests for a new password: try again in {int(wait) // 60 + 1} minutes.",
+            )
+        self._reset_throttle.failed(key, ip)
+        d = ensureDeferred(self._mail_reset(address, ip))
+        self._mailing.add(d)
+        d.addErrback(lambda f: self.log.failure("LiveArchive: the reset mail of {address} failed", f, address=address))
+        d.addBoth(lambda _: self._mailing.discard(d))
+        await self._reset_form(
+            request, path,
+            answer="If an account with a recovery address exists for that address, a mail with a link to choose "
+            "a new password is on its way to its recovery address (never to the address itself). The link "
+            "works once, for one hour. No mail after a few minutes? Ask your administrator.",
+        )
+
+    async def _mail_reset(self, address: Address, ip: str) -> None:
+        account = await self._archive.account(address)
+        base = self._public_url()
+        if account is None or account.disabled or not acc.link_recipients(acc.RESET, account) or base is None:
+            return
+        links = self._signer.links
+        token = links.issue(acc.RESET, account)
+        now = self._clock.seconds()
+        envelope, data = acc.link_mail(
+            acc.RESET, account, acc.link_url(base, acc.RESET, token), self._node.config.hostname, now,
+            links.expires(token) or now, client=ip,
+        )
+        await self._node.receive(envelope, data)
+        await self._archive.record_audit(
+            AuditEvent(now, f"web:{ip}", "password-reset-mail", f"mailbox {account.address}",
+                       f"to {', '.join(str(r) for r in envelope.recipients)}")
+        )
+
+    def mailing(self) -> Deferred[None]:
+        """Fires once every reset mail under way is spooled (or has failed, which is logged)."""
+        d = gatherResults(list(self._mailing), consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+    async def _link_account(self, purpose: str, token: str) -> Account:
+        """The account a link of ``purpose`` sets the password of, if the link works; else 404."""
+        links = self._signer.links
+        address = links.address(token, purpose)
+        account = await self._archive.account(address) if address is not None else None
+        if account is None or not links.check(token, purpose, account):
+            raise _BAD_LINK
+        return account
+
+    async def _link_form(self, request: Any, path: list[str], error: str = "", code: int = 200) -> None:
+        purpose, token = path
+        account = await self._link_account(purpose, token)
+        request.setResponseCode(code)
+        self._page(
+            request, "password.html", account=None, purpose=purpose, address=str(account.address),
+            login_csrf=self._form_token(request), error=error, action=f"/{purpose}/{token}",
+            until=_when(self._signer.links.expires(token)), totp=bool(account.totp_secret),
+        )
+
+    async def _link_set(self, request: Any, path: list[str]) -> None:
+        purpose, token = path
+        account = await self._link_account(purpose, token)
+        if not self._form_token_ok(request):
+            return await self._link_form(request, path, "This form has expired: please try again.", 403)
+        password = self._arg(request, "password")
+        if password != self._arg(request, "again"):
+            return await self._link_form(request, path, "The two passwords differ: type the same one twice.", 400)
+        try:
+            acc.check_password_policy(password, account.address)
+        except acc.PasswordPolicyError as e:
+            return await self._link_form(request, path, f"Not this one: {e}.", 400)
+        key = str(account.address)
+        if key in self._setting:
+            raise _BAD_LINK
+        self._setting.add(key)
+        try:
+            new_hash = await acc.hash_password_async(password)
+            # Once more after hashing (tens of milliseconds): the link may
+            # have been used meanwhile, here or on another node.
+            account = await self._link_account(purpose, token)
+            # A new password and a new session generation: the link is used,
+            # and every session of the account ends on every node.
+            await self._archive.update_account(
+                evolve(account, password_hash=new_hash, session_version=account.session_version + 1)
+            )
+        finally:
+            self._setting.discard(key)
+        ip = self._client(request)
+        # Failed logins before (somebody else's guesses, perhaps) no longer lock its owner out.
+        self._throttle.succeeded(key.lower(), ip)
+        await self._archive.record_audit(
+            AuditEvent(self._clock.seconds(), f"web:{ip}", f"password-{purpose}", f"mailbox {account.address}", "")
+        )
+        raise _Redirect(f"/login?notice={purpose}")
 
     # -- reading -----------------------------------------------------------
 
@@ -576,7 +771,9 @@ class LiveArchive(resource.Resource):
 
     # -- administration of accounts ----------------------------------------
 
-    async def _admin(self, request: Any, path: list[str], notice: str = "", error: str = "") -> None:
+    async def _admin(
+        self, request: Any, path: list[str], notice: str = "", error: str = "", link: str = ""
+    ) -> None:
         session, account = await self._session(request)
         if len(path) != 2:
             raise _NOT_FOUND
@@ -596,13 +793,11 @@ class LiveArchive(resource.Resource):
             request.setResponseCode(400)
         self._page(
             request, "admin.html", session=session, account=account, accounts=rows, notice=notice, error=error,
-            domain="" if account.role is Role.HUB_ADMIN else account.address.domain,
+            link=link, domain="" if account.role is Role.HUB_ADMIN else account.address.domain,
             hub_admin=account.role is Role.HUB_ADMIN, section="admin",
         )
 
     async def _admin_change(self, request: Any, path: list[str]) -> None:
-        from attrs import evolve
-
         session, account = await self._session(request)
         await _manageable(self, account)  # a user: 404
         self._check_csrf(request, session, "admin")
@@ -619,17 +814,26 @@ class LiveArchive(resource.Resource):
                 return await self._admin(request, path[:2], error=f"{address.domain} is not a domain of this hub")
             if not acc.can_manage(account, new):
                 return await self._admin(request, path[:2], error=f"you may not create {address} as {role.value}")
-            try:
-                acc.check_password_policy(password, address)
-            except acc.PasswordPolicyError as e:
-                return await self._admin(request, path[:2], error=str(e))
-            new = evolve(new, password_hash=await acc.hash_password_async(password))
+            recovery = self._arg(request, "recovery").strip()
+            if recovery:
+                try:
+                    new = evolve(new, recovery=str(Address.parse(recovery)))
+                except AddressError as e:
+                    return await self._admin(request, path[:2], error=f"recovery address {recovery}: {e}")
+            if password:
+                try:
+                    acc.check_password_policy(password, address)
+                except acc.PasswordPolicyError as e:
+                    return await self._admin(request, path[:2], error=str(e))
+                new = evolve(new, password_hash=await acc.hash_password_async(password))
             try:
                 await self._archive.add_account(new)
             except KeyError:
                 return await self._admin(request, path[:2], error=f"{address} has an account already")
             await self._audit(account, "account-add", f"mailbox {address}", role.value)
-            return await self._admin(request, path[:2], notice=f"{address} can log in now.")
+            if password:
+                return await self._admin(request, path[:2], notice=f"{address} can log in now.")
+            return await self._invite(request, path[:2], account, new)
         if len(path) != 4:
             raise _NOT_FOUND
         try:
@@ -646,6 +850,14 @@ class LiveArchive(resource.Resource):
             changed = evolve(target, disabled=False)
         elif action == "totp-remove":
             changed = evolve(target, totp_secret="")
+        elif action == "logout":
+            changed = evolve(target, session_version=target.session_version + 1)
+        elif action == "invite":
+            if target.password_hash or target.disabled:
+                return await self._admin(
+                    request, path[:2], error=f"{target.address} has a password already, or is disabled: no invitation"
+                )
+            return await self._invite(request, path[:2], account, target)
         elif action == "password":
             try:
                 acc.check_password_policy(password, target.address)
@@ -659,6 +871,43 @@ class LiveArchive(resource.Resource):
         await self._archive.update_account(changed)
         await self._audit(account, f"account-{action}", f"mailbox {target.address}")
         return await self._admin(request, path[:2], notice=f"{target.address}: {action.replace('-', ' ')} done.")
+
+    async def _invite(self, request: Any, path: list[str], admin: Account, invited: Account) -> None:
+        """
+        Mail ``invited`` (without a password) the link to choose one, through
+        the hub's own path; without ``[web] public_url``, show the link to
+        the administrator instead, to hand over.
+        """
+        links = self._signer.links
+        token = links.issue(acc.INVITE, invited)
+        until = _when(links.expires(token))
+        base = self._public_url()
+        if base is None:
+            await self._audit(admin, "account-invite", f"mailbox {invited.address}", "link shown")
+            return await self._admin(
+                request, path, link=acc.link_url(None, acc.INVITE, token),
+                notice=f"{invited.address} is invited, but this hub has no [web] public_url to mail the link with: "
+                f"give {invited.address} this link yourself (it works once, until {until}):",
+            )
+        now = self._clock.seconds()
+        envelope, data = acc.link_mail(
+            acc.INVITE, invited, acc.link_url(base, acc.INVITE, token), self._node.config.hostname, now,
+            links.expires(token) or now, client=self._client(request),
+        )
+        to = " and ".join(str(r) for r in envelope.recipients)
+        try:
+            await self._node.receive(envelope, data)
+        except Exception as e:
+            self.log.failure("LiveArchive: the invitation of {address} was not spooled", address=invited.address)
+            return await self._admin(
+                request, path, error=f"{invited.address} has an account, but its invitation could not be sent now"
+                f" ({e or type(e).__name__}): send it again from this page in a moment.",
+            )
+        await self._audit(admin, "account-invite", f"mailbox {invited.address}", f"mailed to {to}")
+        return await self._admin(
+            request, path, notice=f"{invited.address} is invited: a link to choose a password was mailed to {to}"
+            f" (it works once, until {until})."
+        )
 
     async def _sent_message(self, request: Any, path: list[str]) -> None:
         session, account = await self._session(request)
