@@ -2,21 +2,27 @@
 ``mailhub``: the operator's command.
 
     mailhub check-config [-c] FILE
-    mailhub queue [--config FILE] list [--json] [--route R] [--held]
-    mailhub queue [--config FILE] show ID [--json]
-    mailhub queue [--config FILE] hold|release|delete ID
-    mailhub queue [--config FILE] hold|release (--route R | --domain D | --all) [--first N]
-    mailhub queue [--config FILE] flush [--route R]
+    mailhub queue [--config FILE | --url URL --token-file F] list|count [SELECTION] [--json]
+    mailhub queue [...] show ID [--json | --raw]
+    mailhub queue [...] hold|release|flush|redirect|bounce|delete [ID ...] [SELECTION] [--json]
+        SELECTION: --route R --domain D --sender S --recipient R --state deferred|held|leased
+                   --older-than AGE --reply TEXT, or --all; release --first N; redirect --to ROUTE;
+                   bounce --reason TEXT; delete --dsn; bounce and delete --yes
+    mailhub token [--config FILE] create NAME [--role read-only|operator]
     mailhub route [--config FILE] list [--json]
     mailhub route [--config FILE] release|confirm ROUTE
     mailhub archive [--config FILE] search|show|redeliver|import|export|hold|holds|audit ...
     mailhub nodes [--config FILE] [--json]
     mailhub status [--config FILE] [--json]
+    mailhub reload [--config FILE] [--node NAME | --url URL --token-file F] [--json]
+    mailhub drill DOMAIN [--node NAME | --url URL --token-file F] [--to ADDRESS] [--timeout S]
+                  [--smtp HOST:PORT] [--json]
     mailhub --version
     mailhub sink --listen ENDPOINT [--maildir DIR]
 
 The queue commands open the configured spool store themselves (the hub may be
-running: every store is safe to share), so they work for every store plugin.
+running: every store is safe to share), so they work for every store plugin;
+with ``--url`` they go through a node's admin API instead (``mailhub.queue_cli``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mailhub.config import ConfigError, HubConfig, describe, load
-from mailhub.model import Attempt, Entry, EntryFilter
+from mailhub.model import EntryFilter
 
 __all__ = ["main"]
 
@@ -65,38 +71,6 @@ def _span(seconds: float) -> str:
     return f"{secs}s"
 
 
-def entry_json(entry: Entry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "message_id": entry.message_id,
-        "route": entry.route,
-        "sender": str(entry.sender) if entry.sender else "",
-        "created": entry.created,
-        "next_attempt": entry.next_attempt,
-        "node": entry.node,
-        "attempts": entry.attempts,
-        "held": entry.held,
-        "size": entry.size,
-        "recipients": [
-            {
-                "address": str(r.address),
-                "state": r.state.value,
-                "reply": str(r.reply) if r.reply else None,
-            }
-            for r in entry.recipients
-        ],
-    }
-
-
-def attempt_json(a: Attempt) -> dict[str, Any]:
-    return {
-        "node": a.node,
-        "started": a.started,
-        "finished": a.finished,
-        "replies": [{"recipient": str(r), "reply": str(reply)} for r, reply in a.replies],
-    }
-
-
 def _open_store(config: HubConfig, reactor: Any) -> Any:
     from mailhub.plugin import load_plugin
 
@@ -104,98 +78,11 @@ def _open_store(config: HubConfig, reactor: Any) -> Any:
     return factory.make(config.plugin_section("store"), reactor)
 
 
-async def _queue(reactor: Any, args: argparse.Namespace, config: HubConfig) -> int:
-    store = _open_store(config, reactor)
-    out = sys.stdout
-    now = reactor.seconds()
-    try:
-        if args.action == "list":
-            flt = EntryFilter(route=args.route, held=True if args.held else None)
-            entries = await store.entries(flt, 0, args.limit)
-            if args.json:
-                json.dump([entry_json(e) for e in entries], out, indent=2)
-                out.write("\n")
-                return 0
-            counts = await store.counts()
-            out.write(
-                f"{counts.get('entries', 0)} entries, {counts.get('recipients', 0)} recipients, "
-                f"{counts.get('held', 0)} held, {counts.get('leased', 0)} being delivered\n"
-            )
-            log = counts.get("body_log")
-            if log:
-                out.write(
-                    f"body log: {log['segments']} segments, {_megabytes(log['octets'])} on disk, "
-                    f"{_megabytes(log['in_use'])} of bodies in use\n"
-                )
-            if entries:
-                out.write(f"{'ID':32}  {'ROUTE':28} {'TRIES':>5}  {'NEXT ATTEMPT':32} {'NODE':12} RECIPIENTS / LAST REPLY\n")
-            for e in entries:
-                nxt = "held" if e.held else _when(e.next_attempt, now)
-                last = e.last_reply
-                rcpts = ", ".join(str(a) for a in e.pending)
-                out.write(
-                    f"{e.id:32}  {e.route:28} {e.attempts:>5}  {nxt:32} {e.node or 'any':12} {rcpts}"
-                    + (f"  [{last}]" if last else "")
-                    + "\n"
-                )
-            return 0
-        if args.action == "show":
-            entry = await store.get(args.id)
-            if entry is None:
-                sys.stderr.write(f"mailhub: no entry {args.id} in the spool\n")
-                return 1
-            attempts = await store.attempts(args.id)
-            if args.json:
-                data = entry_json(entry)
-                data["attempt_log"] = [attempt_json(a) for a in attempts]
-                json.dump(data, out, indent=2)
-                out.write("\n")
-                return 0
-            out.write(f"entry        {entry.id}\n")
-            out.write(f"message      {entry.message_id} ({entry.size} bytes)\n")
-            out.write(f"route        {entry.route}\n")
-            out.write(f"sender       <{entry.sender or ''}>\n")
-            out.write(f"accepted     {_when(entry.created, now)}\n")
-            if entry.held:
-                out.write("next attempt held (release with: mailhub queue release ID)\n")
-            else:
-                out.write(f"next attempt {_when(entry.next_attempt, now)} by {entry.node or 'any node'}\n")
-            out.write("recipients\n")
-            for r in entry.recipients:
-                out.write(f"  <{r.address}> {r.state.value}" + (f": {r.reply}" if r.reply else "") + "\n")
-            out.write(f"attempts     {len(attempts)}\n")
-            for a in attempts:
-                out.write(f"  {_when(a.finished, now)} by {a.node} ({a.finished - a.started:.2f} s)\n")
-                for rcpt, reply in a.replies:
-                    out.write(f"    <{rcpt}>: {reply}\n")
-            return 0
-        if args.action in ("hold", "release") and args.id is None:
-            return await _bulk(store, args, config, now, out)
-        if args.action in ("hold", "release", "delete"):
-            if args.id is None:
-                sys.stderr.write("mailhub: delete needs an entry id\n")
-                return 2
-            if args.action == "hold":
-                found = await store.hold(args.id)
-            elif args.action == "release":
-                found = await store.release_held(args.id, now)
-            else:
-                found = await store.delete(args.id)
-            if not found:
-                sys.stderr.write(f"mailhub: no entry {args.id} in the spool\n")
-                return 1
-            out.write(f"{args.action}: {args.id}\n")
-            if args.action == "release":
-                await _wake_local_nodes(store, now, config.delivery.heartbeat_seconds, out)
-            return 0
-        if args.action == "flush":
-            n = await store.flush(args.route, now)
-            out.write(f"{n} entries due now\n")
-            await _wake_local_nodes(store, now, config.delivery.heartbeat_seconds, out)
-            return 0
-        raise AssertionError(args.action)
-    finally:
-        await store.close()
+async def _queue(reactor: Any, args: argparse.Namespace, config: HubConfig | None) -> int:
+    """``mailhub queue ...`` (``mailhub.queue_cli``)."""
+    from mailhub.queue_cli import run
+
+    return await run(reactor, args, config)
 
 
 async def _wake_local_nodes(store: Any, now: float, heartbeat_seconds: float, out: Any) -> None:
@@ -236,57 +123,6 @@ async def _wake_local_nodes(store: Any, now: float, heartbeat_seconds: float, ou
         woken += 1
     if woken:
         out.write(f"woke {woken} hub process{'es' if woken > 1 else ''} on this host\n")
-
-
-def _selected_route(args: argparse.Namespace, config: HubConfig) -> tuple[str | None, str | None]:
-    """The route a bulk command acts on (``None``: every route), or an error text."""
-    chosen = [k for k in ("route", "domain", "all") if getattr(args, k, None)]
-    if len(chosen) != 1:
-        return None, "give an entry id, or exactly one of --route, --domain, --all"
-    if args.domain:
-        route = config.route_for(args.domain)
-        if route is None:
-            return None, f"no domain {args.domain} in {config.path}"
-        return route, None
-    return args.route, None
-
-
-async def _bulk(store: Any, args: argparse.Namespace, config: HubConfig, now: float, out: Any) -> int:
-    """``queue hold|release --route R | --domain D | --all [--first N]``: many entries at once."""
-    from mailhub.delivery.engine import hold_route, release_route
-
-    route, error = _selected_route(args, config)
-    if error:
-        sys.stderr.write(f"mailhub: {error}\n")
-        return 2
-    where = f"route {route}" if route else "every route"
-    if args.action == "hold":
-        if route is None:
-            count = 0
-            for r in sorted(set(d.route for d in config.domains.values()) | set((await store.counts())["routes"])):
-                count += await hold_route(store, r)
-        else:
-            count = await hold_route(store, route)
-        out.write(f"held {count} entries of {where}\n")
-        return 0
-    started = time.monotonic()
-    count = await release_route(store, route, now, args.first)
-    left = (await store.entries(EntryFilter(route=route, held=True), 0, 1_000_000)) if args.first else []
-    out.write(
-        f"released {count} held entries of {where} in {time.monotonic() - started:.1f} s"
-        + (f"; {len(left)} still held (release them with --{_flag(args)} once these are delivered)" if left else "")
-        + "\n"
-    )
-    await _wake_local_nodes(store, now, config.delivery.heartbeat_seconds, out)
-    return 0
-
-
-def _flag(args: argparse.Namespace) -> str:
-    if args.route:
-        return f"route {args.route}"
-    if args.domain:
-        return f"domain {args.domain}"
-    return "all"
 
 
 async def _route(reactor: Any, args: argparse.Namespace, config: HubConfig) -> int:
@@ -598,6 +434,55 @@ def _route_line(t: dict[str, Any], backlog: int, per_minute: int) -> str:
 
 
 
+def _token(config: HubConfig, args: argparse.Namespace) -> int:
+    """
+    ``mailhub token create NAME [--role R]``: append ``NAME TOKEN ROLE`` to
+    ``[web] api_tokens_file`` (made, readable by its owner only, if
+    missing) and print the token: it is shown this once.
+    """
+    import secrets
+
+    from mailhub.web.archive_api import read_token_roles
+
+    path = config.web.get("api_tokens_file")
+    if not path:
+        sys.stderr.write(f"mailhub: {config.path}: set [web] api_tokens_file (the file the nodes read tokens from)\n")
+        return 2
+    name = args.name
+    if not name or any(c.isspace() for c in name) or "#" in name:
+        sys.stderr.write(f"mailhub: token name {name!r}: one word, without '#'\n")
+        return 2
+    try:
+        known = read_token_roles(path) if os.path.exists(path) else {}
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"mailhub: {config.path}: web.api_tokens_file: {e}\n")
+        return 1
+    if any(n == name for n, _ in known.values()):
+        sys.stderr.write(f"mailhub: {path} has a token named {name} already: choose another name\n")
+        return 2
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "ab") as f:
+            if f.tell() > 0:
+                with open(path, "rb") as current:
+                    current.seek(-1, os.SEEK_END)
+                    if current.read(1) != b"\n":
+                        f.write(b"\n")
+            f.write(f"{name} {token} {args.role}\n".encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        sys.stderr.write(f"mailhub: {path}: {e.strerror or e}\n")
+        return 1
+    sys.stdout.write(token + "\n")
+    sys.stderr.write(
+        f"mailhub: token {name} ({args.role}) added to {path}; it is not shown again."
+        " Nodes read the file when they start: restart them to use it.\n"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from mailhub import __version__
 
@@ -614,33 +499,22 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
                     help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
 
-    q = sub.add_parser("queue", help="look at and act on the spool")
-    q.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
-                   help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
-    qs = q.add_subparsers(dest="action", required=True)
-    ql = qs.add_parser("list", help="list the entries in the spool")
-    ql.add_argument("--json", action="store_true")
-    ql.add_argument("--route")
-    ql.add_argument("--held", action="store_true", help="only held entries")
-    ql.add_argument("--limit", type=int, default=1000)
-    qsh = qs.add_parser("show", help="one entry, its recipients and its attempts")
-    qsh.add_argument("id")
-    qsh.add_argument("--json", action="store_true")
-    for name, text in (
-        ("hold", "hold an entry, or many (--route, --domain, --all)"),
-        ("release", "release a held entry, or many (--route, --domain, --all; --first N for a test batch)"),
-        ("delete", "delete an entry"),
-    ):
-        qa = qs.add_parser(name, help=text)
-        qa.add_argument("id", nargs="?")
-        if name != "delete":
-            qa.add_argument("--route", help="every entry of this route (its text, as in queue list)")
-            qa.add_argument("--domain", help="every entry of this domain's route")
-            qa.add_argument("--all", action="store_true", help="every entry")
-        if name == "release":
-            qa.add_argument("--first", type=int, metavar="N", help="only the N oldest: a test batch")
-    qf = qs.add_parser("flush", help="make entries due now")
-    qf.add_argument("--route")
+    from mailhub.queue_cli import add_parser as add_queue_parser
+
+    add_queue_parser(sub, os.environ.get("MAILHUB_CONFIG", "mailhub.toml"))
+
+    from mailhub.node_cli import add_parsers as add_node_parsers
+
+    add_node_parsers(sub, os.environ.get("MAILHUB_CONFIG", "mailhub.toml"))
+
+    tk = sub.add_parser("token", help="API tokens of the nodes' admin API ([web] api_tokens_file)")
+    tk.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
+                    help="the hub's configuration (default: $MAILHUB_CONFIG or mailhub.toml)")
+    tks = tk.add_subparsers(dest="action", required=True)
+    tc = tks.add_parser("create", help="add a new random token to [web] api_tokens_file and print it, once")
+    tc.add_argument("name", help="who or what uses it (a word: ops-alice, prometheus)")
+    tc.add_argument("--role", choices=("read-only", "operator"), default="read-only",
+                    help="read-only (the default) reads; operator may act on the spool too")
 
     r = sub.add_parser("route", help="routes' hub-wide states: a server rejecting everything")
     r.add_argument("-c", "--config", default=os.environ.get("MAILHUB_CONFIG", "mailhub.toml"),
@@ -687,11 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
-            config = load(args.file or args.config)
+            checked = load(args.file or args.config)
         except ConfigError as e:
             sys.stderr.write(f"{e}\n")
             return 2
-        print(describe(config))
+        print(describe(checked))
         return 0
     if args.command == "sink":
         from mailhub.testing.downstream import main as sink_main
@@ -700,14 +574,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_connections:
             sink_args += ["--max-connections", str(args.max_connections)]
         return sink_main(sink_args) or 0
-    try:
-        # status reads the nodes' web endpoints; the others listen on nothing.
-        config = load(args.config, endpoints=args.command == "status")
-    except ConfigError as e:
-        sys.stderr.write(f"{e}\n")
-        return 2
+    config: Any = None
+    # Through a node's API the queue commands need no configuration.
+    if not (args.command in ("queue", "reload", "drill") and args.url and not getattr(args, "node", None)):
+        try:
+            # status reads the nodes' web endpoints; the others listen on nothing.
+            config = load(args.config, endpoints=args.command == "status")
+        except ConfigError as e:
+            sys.stderr.write(f"{e}\n")
+            return 2
     if args.command == "status":
         return _status(config, args.json)
+    if args.command == "token":
+        return _token(config, args)
     from twisted.internet import task
     from twisted.internet.defer import ensureDeferred
 
@@ -716,8 +595,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def run(reactor: Any) -> None:
         from mailhub.archive.accounts_cli import run as _user
         from mailhub.archive.cli import run as _archive
+        from mailhub.node_cli import run as _node
 
-        command = {"nodes": _nodes, "route": _route, "archive": _archive, "user": _user}.get(args.command, _queue)
+        command = {"nodes": _nodes, "route": _route, "archive": _archive, "user": _user,
+                   "reload": _node, "drill": _node}.get(args.command, _queue)
         result.append(await command(reactor, args, config))
 
     try:

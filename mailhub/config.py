@@ -25,10 +25,10 @@ from typing import Any
 
 from attrs import asdict, evolve, field, fields, frozen
 
-from mailhub.model import Route
+from mailhub.model import Address, AddressError, Route
 from mailhub.plugin import PluginNotFound, check_plugin_config, declared_keys, load_plugin
 
-__all__ = ["ConfigError", "DomainConfig", "HubConfig", "NodeConfig", "SmtpConfig", "load", "parse"]
+__all__ = ["AlertsConfig", "ConfigError", "DomainConfig", "DrillsConfig", "HubConfig", "NodeConfig", "SmtpConfig", "load", "parse"]
 
 
 class ConfigError(Exception):
@@ -114,6 +114,53 @@ class DeliveryConfig:
     # REJECTING: its entries are held, no DSN is sent.  0 turns it off.
     reject_storm_recipients: int = 3
     reject_storm_window: float = 600.0
+    # Seconds after acceptance before the sender of an entry still not
+    # delivered gets one "delayed" DSN (mailhub.delivery.delay); 0: none.
+    # A domain's own ``warn_after`` overrides it.
+    warn_after: float = 4 * 3600.0
+
+
+@frozen
+class AlertsConfig:
+    """
+    Alerts to operators (``[alerts]``, ``mailhub.alerts``): where they go and
+    when a condition is worth one.  Times in seconds; a threshold of 0 is off.
+    """
+
+    webhooks: tuple[str, ...] = ()
+    mail_to: tuple[str, ...] = ()
+    mail_from: str = ""
+    check_every: float = 30.0
+    min_interval: float = 900.0
+    spool_entries_max: int = 0
+    oldest_entry_age_max: float = 0.0
+    expiry_warn_before: float = 86400.0
+    node_unseen_after: float = 60.0
+    webhook_attempts: int = 5
+    webhook_timeout: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether alerts go anywhere."""
+        return bool(self.webhooks or self.mail_to)
+
+
+@frozen
+class DrillsConfig:
+    """
+    Scheduled drills (``[drills]``, ``mailhub.drill``): each node sends a
+    probe through itself to each domain every ``every`` seconds (0: never).
+
+    :ivar domains: the domains drilled (empty: every domain of the hub).
+    :ivar to: the local part of the probe's recipient in each drilled
+        domain (``"postmaster"``: ``postmaster@DOMAIN``).
+    :ivar timeout: seconds a drill waits for each probe to be delivered.
+    """
+
+    every: float = 0.0
+    domains: tuple[str, ...] = ()
+    to: str = "postmaster"
+    timeout: float = 120.0
 
 
 @frozen
@@ -133,6 +180,8 @@ class HubConfig:
     #: trailing ``/``), where the links in the LiveArchive's mail point;
     #: ``metrics_allow``, the networks (``"127.0.0.0/8"``) served ``/metrics``.
     web: Mapping[str, Any] = {}
+    alerts: AlertsConfig = AlertsConfig()
+    drills: DrillsConfig = DrillsConfig()
 
     @property
     def config_dir(self) -> str:
@@ -178,7 +227,7 @@ class HubConfig:
         return list(self.nodes)
 
 
-_TOP = {"hub", "smtp", "delivery", "store", "archive", "policy", "nodes", "domains", "web"}
+_TOP = {"hub", "smtp", "delivery", "store", "archive", "policy", "nodes", "domains", "web", "alerts", "drills"}
 
 
 class _Reader:
@@ -320,6 +369,8 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
             r.get(dv, "delivery", "reject_storm_window", num, dd.reject_storm_window, positive=True)
         ),
     )
+    if "warn_after" in dv:
+        delivery = evolve(delivery, warn_after=_warn_after(r, "delivery.warn_after", dv["warn_after"]))
     if delivery.reject_storm_recipients < 0:
         r.err("delivery.reject_storm_recipients", "must be 0 (off) or more")
 
@@ -376,6 +427,8 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
             r.get(d, prefix, "backpressure_pause", (int, float), positive=True)
         if "max_rate" in d:
             r.get(d, prefix, "max_rate", (int, float), positive=True)
+        if "warn_after" in d:
+            _warn_after(r, f"{prefix}.warn_after", d["warn_after"])
         if "archive_retention_days" in d:
             r.get(d, prefix, "archive_retention_days", (int, float), positive=True)
         options = {k: v for k, v in d.items() if k not in ("route", "max_connections")}
@@ -409,6 +462,8 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
     config = HubConfig(
         path=path, hostname=hostname, outbound=outbound, smtp=smtp, delivery=delivery,
         store=store, archive=archive, policy=policy, nodes=nodes, domains=domains, web=web,
+        alerts=_alerts(r, r.table(data, "alerts")),
+        drills=_drills(r, r.table(data, "drills"), domains),
     )
     _check_plugins(r, data, config, routes=endpoints)
     if r.errors:
@@ -427,6 +482,114 @@ def _networks(r: _Reader, key: str, values: list[Any]) -> tuple[str, ...]:
         except ValueError as e:
             r.err(key, f"{value!r} is not an address or a network like \"192.0.2.0/24\" or \"2001:db8::/32\" ({e})")
     return tuple(found)
+
+
+def _alerts(r: _Reader, a: Mapping[str, Any]) -> AlertsConfig:
+    """The ``[alerts]`` table, checked strictly."""
+    r.unknown(a, "alerts", _fields(AlertsConfig))
+    num = (int, float)
+    d = AlertsConfig()
+    webhooks = []
+    for i, url in enumerate(r.get(a, "alerts", "webhooks", list, [])):
+        if isinstance(url, str) and _webhook_ok(url):
+            webhooks.append(url)
+        else:
+            r.err(f"alerts.webhooks[{i}]", f"must be an http or https URL (\"https://hooks.example/mailhub\"), not {url!r}")
+    mail_to = []
+    for i, address in enumerate(r.get(a, "alerts", "mail_to", list, [])):
+        try:
+            if not isinstance(address, str):
+                raise AddressError("not a string")
+            mail_to.append(str(Address.parse(address.strip())))
+        except AddressError as e:
+            r.err(f"alerts.mail_to[{i}]", f"must be an address local@domain, not {address!r} ({e})")
+    mail_from = r.get(a, "alerts", "mail_from", str, "")
+    if mail_from:
+        try:
+            mail_from = str(Address.parse(mail_from.strip()))
+        except AddressError as e:
+            r.err("alerts.mail_from", f"must be an address local@domain, not {mail_from!r} ({e})")
+
+    def at_least_zero(key: str, default: float) -> float:
+        value = r.get(a, "alerts", key, num, default)
+        if value < 0:
+            r.err(f"alerts.{key}", f"must be 0 (off) or more, not {value!r}")
+            return default
+        return float(value)
+
+    return AlertsConfig(
+        webhooks=tuple(webhooks),
+        mail_to=tuple(mail_to),
+        mail_from=mail_from,
+        check_every=float(r.get(a, "alerts", "check_every", num, d.check_every, positive=True)),
+        min_interval=at_least_zero("min_interval", d.min_interval),
+        spool_entries_max=int(at_least_zero("spool_entries_max", d.spool_entries_max)),
+        oldest_entry_age_max=at_least_zero("oldest_entry_age_max", d.oldest_entry_age_max),
+        expiry_warn_before=at_least_zero("expiry_warn_before", d.expiry_warn_before),
+        node_unseen_after=at_least_zero("node_unseen_after", d.node_unseen_after),
+        webhook_attempts=r.get(a, "alerts", "webhook_attempts", int, d.webhook_attempts, positive=True),
+        webhook_timeout=float(r.get(a, "alerts", "webhook_timeout", num, d.webhook_timeout, positive=True)),
+    )
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(r: _Reader, key: str, value: Any, default: float) -> float:
+    """Seconds, as a number or as text with a unit (``"90s"``, ``"30m"``, ``"1h"``, ``"1d"``)."""
+    if value is None:
+        return default
+    m = _DURATION.match(value) if isinstance(value, str) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if m is not None:
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    r.err(key, f"must be seconds, or a number with s, m, h or d (\"1h\", \"30m\"), not {value!r}")
+    return default
+
+
+def _drills(r: _Reader, t: Mapping[str, Any], domains: Mapping[str, DomainConfig]) -> DrillsConfig:
+    """The ``[drills]`` table, checked strictly: its domains must be the hub's."""
+    r.unknown(t, "drills", _fields(DrillsConfig))
+    d = DrillsConfig()
+    every = _duration(r, "drills.every", t.get("every"), d.every)
+    timeout = _duration(r, "drills.timeout", t.get("timeout"), d.timeout)
+    if "timeout" in t and timeout <= 0:
+        r.err("drills.timeout", f"must be greater than 0, not {t['timeout']!r}")
+        timeout = d.timeout
+    names = []
+    for i, name in enumerate(r.get(t, "drills", "domains", list, [])):
+        if not isinstance(name, str) or name.lower() not in domains:
+            r.err(f"drills.domains[{i}]", f"must be a domain of [domains] ({', '.join(domains) or 'none'}), not {name!r}")
+        else:
+            names.append(name.lower())
+    to = r.get(t, "drills", "to", str, d.to).strip()
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+", to):
+        # A local part: each domain's own mailbox gets its domain's probe.
+        r.err("drills.to", f"must be a local part, like \"postmaster\" (each drilled domain's), not {to!r}")
+        to = d.to
+    return DrillsConfig(every=every, domains=tuple(names), to=to, timeout=timeout)
+
+
+def _webhook_ok(text: str) -> bool:
+    """Whether an ``[alerts] webhooks`` item is a URL to POST to: http or https, a host, no spaces."""
+    try:
+        parsed = urllib.parse.urlsplit(text)
+        parsed.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.hostname) and all(32 < ord(c) < 127 for c in text)
+
+
+def _warn_after(r: _Reader, key: str, value: Any) -> float:
+    """A ``warn_after``: seconds (``0`` or ``false``: no delay notice)."""
+    if value is False:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        r.err(key, f"must be a number of seconds (14400 for 4 hours), or 0 or false for no delay notice, not {value!r}")
+        return 0.0
+    return float(value)
 
 
 def _public_url_ok(text: str) -> bool:
@@ -533,7 +696,7 @@ def _route_tls_options(r: _Reader, prefix: str, options: dict[str, Any], base: s
 DOMAIN_KEYS = (
     "route", "max_connections", "max_rate", "backpressure_pause", "archive_retention_days",
     "recipients", "recipients_file", "verify", "verify_positive_seconds", "verify_negative_seconds",
-    "verify_unreachable", "verify_timeout",
+    "verify_unreachable", "verify_timeout", "warn_after",
 )
 
 
@@ -634,6 +797,11 @@ def _check_route(r: _Reader, key: str, route: str) -> None:
 def _check_endpoint(r: _Reader, key: str, description: str) -> None:
     from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
 
+    if key.endswith(".web") and description.startswith("ssl:") and "privatekey=" not in description.lower():
+        # The node's own certificate (mailhub.node._web_endpoint), made at
+        # start: Twisted's parser would look for server.pem.  Port and
+        # interface are checked as for tcp.
+        description = "tcp:" + description[4:]
     try:
         _parseServer(description, None)
     except Exception as e:  # noqa: BLE001 - any parse error is the operator's to see
@@ -648,13 +816,32 @@ def _toml(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_shown(k, v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
+
+
+#: Words in a key whose value ``describe`` does not print (passwords, tokens,
+#: an ``Authorization`` header of the ``http`` transport).
+_SECRET_WORDS = ("password", "secret", "token", "authorization", "cookie", "api_key", "apikey")
+
+
+def _shown(key: Any, value: Any) -> str:
+    """``value`` as TOML, or ``"(hidden)"`` when ``key`` names a secret."""
+    if isinstance(key, str) and any(w in key.lower() for w in _SECRET_WORDS) and not key.endswith("_file"):
+        return '"(hidden)"'
+    return _toml(value)
 
 
 def describe(config: HubConfig) -> str:
     """The resolved configuration, as ``mailhub check-config`` prints it."""
     lines = [f"# {config.path}: OK", "[hub]", f'hostname = "{config.hostname}"', f'outbound = "{config.outbound}"']
-    for title, obj in (("smtp", config.smtp), ("delivery", config.delivery)):
+    tables: list[tuple[str, Any]] = [("smtp", config.smtp), ("delivery", config.delivery)]
+    if config.alerts.enabled:
+        tables.append(("alerts", config.alerts))
+    if config.drills.every:
+        tables.append(("drills", config.drills))
+    for title, obj in tables:
         lines.append(f"[{title}]")
         for k, v in asdict(obj).items():
             lines.append(f"{k} = {_toml(v)}")
@@ -662,7 +849,7 @@ def describe(config: HubConfig) -> str:
         section = getattr(config, title)
         if section:
             lines.append(f"[{title}]")
-            lines.extend(f"{k} = {_toml(v)}" for k, v in section.items())
+            lines.extend(f"{k} = {_shown(k, v)}" for k, v in section.items())
     for n in config.nodes.values():
         lines.append(f"[nodes.{n.name}]")
         lines.append(f'smtp = "{n.smtp}"')
@@ -672,5 +859,5 @@ def describe(config: HubConfig) -> str:
         lines.append(f'[domains."{d.name}"]')
         lines.append(f'route = "{d.route}"')
         lines.append(f"max_connections = {d.max_connections}")
-        lines.extend(f"{k} = {_toml(v)}" for k, v in d.options.items())
+        lines.extend(f"{k} = {_shown(k, v)}" for k, v in d.options.items())
     return "\n".join(lines)

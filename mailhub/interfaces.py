@@ -30,6 +30,7 @@ __all__ = [
     "IPooledTransport",
     "IRecipientProbe",
     "IRouteCoordination",
+    "ISpoolControl",
     "ISpoolStore",
     "IStorePlugin",
     "ITransport",
@@ -192,6 +193,41 @@ class ISpoolStore(Interface):
 
     def close():
         """Release resources; fires when done.  No other method is called after."""
+
+
+class ISpoolControl(Interface):
+    """
+    What an operator's bulk queue commands need beyond ``ISpoolStore``
+    (``mailhub queue``, the admin API's ``/api/queue``): optional, a store
+    may provide it besides ``ISpoolStore`` (the ``memory``, ``sqlite`` and
+    ``redis`` stores do).  Without it the ``leased`` state cannot be told
+    apart and ``redirect`` is refused.  Like every store method these
+    return ``Deferred``s, fail with ``StoreUnavailable`` when the backend
+    is unreachable and never block.
+    """
+
+    def requeue(entry_id, now, route=None):
+        """
+        Make an entry due at ``now`` for any node, and with ``route`` move
+        it to that route (the route's text, ``"smtp:backup.example:25"``):
+        its next attempt goes there.  Its recipients, their last replies,
+        its attempt log and its held flag stay as they are (a held entry
+        stays held, on its new route).  Atomic across every process sharing
+        the store.
+
+        An entry under a lease that has not expired at ``now`` is being
+        delivered: it is left unchanged.
+
+        :returns: a ``Deferred`` firing with ``"requeued"``, ``"leased"``
+            (unchanged) or ``"missing"`` (no such entry).
+        """
+
+    def leased_entries(now):
+        """
+        :returns: a ``Deferred`` firing with the set of the ids of the
+            entries under a lease that has not expired at ``now`` (being
+            delivered: as many as the hub's attempts in flight).
+        """
 
 
 class ILeaseReclaim(Interface):

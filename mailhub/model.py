@@ -305,7 +305,7 @@ class CheckedMessage(bytes):
 
     It travels with the message to the accepting node's first attempt, so
     the transport does not scan 100 KB again for what the server already
-    knows (``plugins.smtp_transport.wire_data``).  A message read back from
+    knows (``mailhub.smtp.client.wire_data``).  A message read back from
     the spool is plain ``bytes`` and is checked afresh.
     """
 
@@ -377,6 +377,9 @@ class Entry:
         addresses or headers may hold UTF-8, so a transport may relay it only
         to a server that offers SMTPUTF8.  Stores set it from
         ``Envelope.smtputf8`` at ``enqueue`` and keep it.
+    :ivar delay_notified: the sender was sent a "delayed" DSN for this entry
+        (``Decision.delay_notified``): no attempt sends another.  Stores keep
+        it as ``record`` sets it (``apply_decision``).
     """
 
     id: str
@@ -393,6 +396,7 @@ class Entry:
     envelope_helo: str = ""
     envelope_client: str = ""
     smtputf8: bool = False
+    delay_notified: bool = False
 
     @property
     def pending(self) -> tuple[Address, ...]:
@@ -464,11 +468,14 @@ class Decision:
     :ivar next_attempt: when the entry is due again, if any recipient is to be
         retried (``Action.RETRY``); ``None`` otherwise.
     :ivar next_node: the node that should make that attempt, or ``None`` for any.
+    :ivar delay_notified: the attempt sent the sender a "delayed" DSN: the
+        entry records it (``Entry.delay_notified``), once and for good.
     """
 
     outcomes: tuple[Outcome, ...] = field(converter=_outcomes)
     next_attempt: float | None = None
     next_node: str | None = None
+    delay_notified: bool = False
 
     @property
     def hold(self) -> bool:
@@ -548,6 +555,7 @@ def apply_decision(entry: Entry, decision: Decision) -> Entry:
         next_attempt=decision.next_attempt if decision.next_attempt is not None else entry.next_attempt,
         node=decision.next_node,
         held=entry.held or decision.hold,
+        delay_notified=entry.delay_notified or decision.delay_notified,
     )
 
 

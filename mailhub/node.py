@@ -30,8 +30,10 @@ from mailhub.archive.accounts import LoginThrottle
 from mailhub.archive.delivered import DeliveryRecorder
 from mailhub.archive.route import ARCHIVE_ROUTE, ArchiveTransport, is_archive_route
 from mailhub.config import HubConfig
+from mailhub.delivery.delay import DelayNotices, warn_after_for
 from mailhub.delivery.dsn import build_dsn
 from mailhub.delivery.engine import DeliveryEngine
+from mailhub.drill import Drills
 from mailhub.interfaces import (
     IDeliveryPolicy,
     ILeaseReclaim,
@@ -41,9 +43,11 @@ from mailhub.interfaces import (
 )
 from mailhub.model import Address, Entry, Envelope, Outcome, Route
 from mailhub.plugin import load_plugin
+from mailhub.queue_select import QueueControl
 from mailhub.smtp.recipients import recipient_validation
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
-from mailhub.web.archive_api import ArchiveAPI, read_tokens
+from mailhub.web.admin_api import AdminAPI
+from mailhub.web.archive_api import ArchiveAPI, read_token_roles
 from mailhub.web.livearchive import LiveArchive
 from mailhub.web.metrics import metrics_resource
 from mailhub.web.status import StatusResource
@@ -144,6 +148,8 @@ class Node(MultiService):
         self._transports: dict[str, ITransport] = {}
         #: What this node delivered, for ``redeliver --skip-delivered`` (with an archive).
         self.delivered = None if archive is None else DeliveryRecorder(archive, config, reactor)
+        #: This node's drills (``mailhub.drill``): run, scheduled, and their last results.
+        self.drills = Drills(self, reactor)
         self.engine = DeliveryEngine(
             name,
             store,
@@ -153,15 +159,22 @@ class Node(MultiService):
             self.bounce,
             reactor,
             config.delivery,
-            delivered=self.delivered,
+            delivered=self._note_delivered,
+            # self.config at each call: a reload's warn_after applies at once.
+            delay_notices=DelayNotices(
+                config.hostname,
+                lambda domain: warn_after_for(self.config, domain),
+                getattr(policy, "lifetime", None),
+                self.receive,
+            ),
         )
         self.engine.setServiceParent(self)
         node_config = config.nodes[name]
+        self._recipient_check = _recipient_check(config, reactor)
         self.smtp_factory = SMTPFactory(
             config.hostname,
             config.smtp,
-            # The relay rule first: recipient validation only sees our domains.
-            chain_checks(domain_check(config.domains, config.hostname), recipient_validation(config, reactor)),
+            self.check_recipient,
             self.receive,
             reactor,
             tls=tls,
@@ -171,22 +184,34 @@ class Node(MultiService):
         listener.setServiceParent(self)
         if node_config.web:
             api = None
-            if archive is not None and config.web.get("api_tokens_file"):
+            roles = None
+            if config.web.get("api_tokens_file"):
                 try:
-                    tokens = read_tokens(config.web["api_tokens_file"])
+                    roles = read_token_roles(config.web["api_tokens_file"])
                 except (OSError, ValueError) as e:
                     raise ValueError(f"{config.path}: web.api_tokens_file: {e}") from None
-                api = ArchiveAPI(archive, tokens, reactor)
+                if archive is not None:
+                    api = ArchiveAPI(archive, {t: name for t, (name, _) in roles.items()}, reactor)
             secure = node_config.web.startswith("ssl:")
             live = None
             if web_auth is not None:
                 live = LiveArchive(self, archive, web_auth, LoginThrottle(reactor), reactor, tls=secure)
-            root = StatusResource(self, store, api, live)
+            root = StatusResource(self, store, None, live)
+            if roles is not None:
+                # /api: the admin API, which hands /api/archive to the archive's.
+                queue = QueueControl(store, lambda: self.config, reactor, self.receive, self.engine.wake)
+                root.putChild(b"api", AdminAPI(queue, roles, api, reload=self.reload_hub, drills=self.drills))
             root.putChild(b"metrics", metrics_resource(self, config, reactor))
             site = Site(root)
             site.noisy = False
             web = _Listener(config, name, "web", _web_endpoint(reactor, node_config.web, tls), site)
             web.setServiceParent(self)
+        if config.drills.every:
+            # After the listeners: the first round runs at start, through them.
+            drills = TimerService(config.drills.every, self.drills.run_scheduled)
+            drills.clock = reactor
+            drills.setName("drills")
+            drills.setServiceParent(self)
         if INodeRegistry.providedBy(store):
             # At start, then every heartbeat_seconds; a failed heartbeat is
             # logged and the next one comes on time (a LoopingCall stops at
@@ -204,6 +229,40 @@ class Node(MultiService):
         #: The signal that wakes this node's engine, if its process handles
         #: one (``mailhub.service.install_wake_signal``); heartbeats tell.
         self.wake_signal: int | None = None
+
+    def check_recipient(self, address: Address) -> Deferred[Any]:
+        """The relay rule and the domains' recipient validation (``RecipientCheck``), as configured now."""
+        return self._recipient_check(address)
+
+    def reconfigure(self, config: HubConfig) -> list[str]:
+        """
+        Serve ``config`` from now on (``HubService.reload``): its domains,
+        routes, their limits and pacing, recipient lists and the ``[smtp]``
+        limits.  The caller keeps what needs a restart (endpoints, store,
+        archive, node names, ...) as it was in ``config``.
+
+        :raises mailhub.config.ConfigError: when a domain's recipient list
+            cannot be used; nothing has changed then.
+        :returns: the routes whose transport was closed (their options
+            changed): the next attempt makes a new one.
+        """
+        check = _recipient_check(config, self._reactor)
+        old, self.config = self.config, config
+        self._recipient_check = check
+        # New connections get the new limits; the limiter keeps its counts.
+        self.smtp_factory.limits = config.smtp
+        self.smtp_factory.limiter._limits = config.smtp
+        closed = []
+        for route, transport in list(self._transports.items()):
+            if not is_archive_route(route) and old.route_options(route) != config.route_options(route):
+                # Busy connections finish their delivery first (ITransport.close).
+                del self._transports[route]
+                transport.close().addErrback(
+                    lambda f, route: self.log.failure("closing the transport of {route} failed", f, route=route), route
+                )
+                closed.append(route)
+        self.engine.repace()
+        return closed
 
     @property
     def store(self) -> ISpoolStore:
@@ -258,7 +317,22 @@ class Node(MultiService):
 
         return d.addCallbacks(sent, failed)
 
+    def _note_delivered(self, entry: Entry, recipients: Sequence[Address], at: float) -> None:
+        """The engine's ``delivered`` observer: the drills, then the archive's delivery records."""
+        self.drills.delivered(entry, recipients, at)
+        if self.delivered is not None:
+            self.delivered(entry, recipients, at)
+
+    def reload_hub(self) -> Deferred[Any] | None:
+        """
+        ``HubService.reload`` of the hub that runs this node (``POST
+        /api/reload``), or ``None`` for a node run outside a ``HubService``.
+        """
+        reload = getattr(self.parent, "reload", None)
+        return None if reload is None else reload()  # type: ignore[no-any-return]
+
     def bounce(self, entry: Entry, outcomes: Sequence[Outcome], message: bytes, now: float) -> Deferred[Any]:
+        self.drills.bounced(entry, outcomes)
         if is_archive_route(entry.route):
             # The hub's own copy is nobody else's business: no DSN, but an operator must know.
             self.log.error(
@@ -291,7 +365,7 @@ class Node(MultiService):
     def pacing_for(self, route: str) -> tuple[int, float, float | None]:
         """A route's ``(max_connections, backpressure_pause, max_rate)``, for the whole hub."""
         if is_archive_route(route):
-            return int((self.config.archive or {}).get("max_connections", 10)), 30.0, None
+            return int((self.config.archive or {}).get("max_connections", 64)), 30.0, None
         options = self.config.route_options(route)
         rate = options.get("max_rate")
         return (
@@ -389,6 +463,11 @@ class Node(MultiService):
             # must not hold up the stop.
             await self.heartbeat(stopped=True).addTimeout(STOP_HEARTBEAT_TIMEOUT, self._reactor)
         self.log.info("node {node} stopped", node=self.name)
+
+
+def _recipient_check(config: HubConfig, reactor: Any) -> Any:
+    """The relay rule first, then recipient validation: it only sees the hub's domains."""
+    return chain_checks(domain_check(config.domains, config.hostname), recipient_validation(config, reactor))
 
 
 def where(config: HubConfig, table: str) -> tuple[str, str]:

@@ -4,6 +4,15 @@ The hub as a Twisted service, for ``twistd mailhub`` and for embedding.
 ``makeHubService(config)`` returns an ``IService``: add it to an existing
 application (see ``examples/embed.tac``) and the hub starts and stops with it.
 
+``SIGHUP`` (``RELOAD_SIGNAL``, under ``twistd mailhub``) and
+``HubService.reload`` read the configuration file again: its domains,
+routes, their limits and pacing, recipient lists, ``[hub] outbound`` and the
+``[smtp]`` limits apply at once; a file with errors is refused whole (each
+error logged on one line) and the running configuration stays; what cannot
+change without a restart (endpoints, store, archive, policy, node names,
+``[delivery]``, ``[web]``, the certificate) is logged as needing one and
+left as it is.
+
 Under ``twistd mailhub`` the hub also answers ``SIGUSR2`` (``WAKE_SIGNAL``)
 by trying its due entries at once, those of routes it saw down included
 (``HubService.wake``): ``mailhub queue flush`` and ``release`` send it to the
@@ -14,24 +23,72 @@ manager, instead of leaving the change to the next periodic scan.
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
 from typing import Any
 
+from attrs import evolve, fields, frozen
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
 from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
+from mailhub.alerts import alert_monitor
 from mailhub.archive.accounts import SessionSigner, load_or_create_secret, secret_file
 from mailhub.archive.retention import ArchiveRetention
 from mailhub.archive.worker import ArchiveProcess
-from mailhub.config import HubConfig
+from mailhub.config import ConfigError, HubConfig, load
 from mailhub.interfaces import WAKE_SIGNAL, IAccountStore
 from mailhub.model import Route
 from mailhub.node import Node
 from mailhub.plugin import load_plugin
 from mailhub.smtp.tls import server_tls_options
 
-__all__ = ["WAKE_SIGNAL", "HubService", "install_wake_signal", "makeHubService"]
+__all__ = [
+    "RELOAD_SIGNAL",
+    "WAKE_SIGNAL",
+    "HubService",
+    "ReloadResult",
+    "install_reload_signal",
+    "install_wake_signal",
+    "makeHubService",
+]
+
+#: The signal that makes ``twistd mailhub`` read its configuration again.
+RELOAD_SIGNAL = signal.SIGHUP
+
+#: ``HubConfig`` fields a reload changes in a running hub; every other field
+#: (and ``[smtp]``'s certificate) needs a restart.
+RELOADABLE = ("outbound", "domains", "smtp")
+_SMTP_RESTART = ("tls_certificate", "tls_key")
+#: ``HubConfig`` fields whose TOML key is not their name.
+_TOML_KEYS = {"hostname": "hub.hostname"}
+
+
+@frozen
+class ReloadResult:
+    """
+    What ``HubService.reload`` did.
+
+    :ivar errors: the file's errors, one line each (``file: key: what``);
+        if there are any, nothing changed.
+    :ivar changes: what changed, one line each (``domain example.org added: route ...``).
+    :ivar needs_restart: the keys that changed in the file but keep their
+        running value until the node restarts (``nodes.dallas.smtp``).
+    """
+
+    errors: tuple[str, ...] = ()
+    changes: tuple[str, ...] = ()
+    needs_restart: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "errors": list(self.errors), "changes": list(self.changes),
+                "needs_restart": list(self.needs_restart)}
 
 
 class HubService(MultiService):
@@ -40,11 +97,16 @@ class HubService(MultiService):
 
     :ivar store: the ``ISpoolStore`` the nodes share.
     :ivar nodes: the ``Node`` services, by name.
+    :ivar config: the configuration running now (``reload`` replaces it).
     """
+
+    log = Logger()
 
     def __init__(self, config: HubConfig, reactor: Any, node_names: list[str]) -> None:
         super().__init__()
         self.config = config
+        self._reactor = reactor
+        self._reloading = DeferredLock()
         store_factory = load_plugin("mailhub.stores", config.store["plugin"])
         policy_factory = load_plugin("mailhub.policies", config.policy["plugin"])
         # Fail at start, not at the first delivery, on a route naming a
@@ -103,6 +165,10 @@ class HubService(MultiService):
         }
         for node in self.nodes.values():
             node.setServiceParent(self)
+        #: The ``[alerts]`` monitor of this process (``mailhub.alerts``), or ``None``.
+        self.alerts = alert_monitor(config, list(self.nodes.values()), self.store, self.policy, reactor)
+        if self.alerts is not None:
+            self.alerts.setServiceParent(self)
 
     def wake(self) -> None:
         """
@@ -111,6 +177,68 @@ class HubService(MultiService):
         """
         for node in self.nodes.values():
             node.engine.retry_now()
+
+    def reload(self) -> Deferred[ReloadResult]:
+        """
+        Read the configuration file (``config.path``) again and apply what a
+        running hub can change; one reload at a time.  Each error, change and
+        key that needs a restart is logged on a line of its own.
+
+        :returns: a Deferred firing with the ``ReloadResult``; it never fails.
+        """
+        return self._reloading.run(lambda: ensureDeferred(self._reload()))
+
+    async def _reload(self) -> ReloadResult:
+        path = self.config.path
+        try:
+            # Reading and checking the file (plugins' checks, files they
+            # name) is blocking I/O: in a thread.
+            new = await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), load, path)
+            result = self._apply(new)
+        except ConfigError as e:
+            result = ReloadResult(errors=tuple(str(e).splitlines()))
+        except Exception as e:  # a plugin's check that raised: still the operator's to read
+            self.log.failure("reading {path} failed", path=path)
+            result = ReloadResult(errors=(f"{path}: {' '.join(str(e).split()) or type(e).__name__}",))
+        for line in result.errors:
+            self.log.error("{line}", line=f"configuration not reloaded: {line}")
+        if result.errors:
+            self.log.error("{line}", line=f"configuration not reloaded: {path} has {len(result.errors)}"
+                           " error(s); the running configuration stays")
+            return result
+        for line in result.changes:
+            self.log.info("{line}", line=f"configuration reloaded: {line}")
+        for key in result.needs_restart:
+            self.log.warn("{line}", line=f"configuration reloaded: {path}: {key} changed: needs a restart"
+                          " (the running value stays until then)")
+        if not result.changes and not result.needs_restart:
+            self.log.info("{line}", line=f"configuration reloaded: {path}: no changes")
+        return result
+
+    def _apply(self, new: HubConfig) -> ReloadResult:
+        """Serve ``new``'s reloadable parts; the rest stays as it runs."""
+        old = self.config
+        kept: dict[str, Any] = {}
+        restart: list[str] = []
+        for f in fields(HubConfig):
+            if f.name in RELOADABLE or f.name == "path":
+                continue
+            before, after = getattr(old, f.name), getattr(new, f.name)
+            if before != after:
+                restart.extend(_changed_keys(_TOML_KEYS.get(f.name, f.name), before, after))
+                kept[f.name] = before
+        smtp_kept = {k: getattr(old.smtp, k) for k in _SMTP_RESTART}
+        restart.extend(f"smtp.{k}" for k, v in smtp_kept.items() if getattr(new.smtp, k) != v)
+        config = evolve(new, smtp=evolve(new.smtp, **smtp_kept), **kept)
+        changes = _changes(old, config)
+        if changes:
+            # A recipient list that cannot be used (a recipients_file gone)
+            # refuses the file with a ConfigError at the first node, before
+            # any change: every node builds its checks from the same file.
+            for node in self.nodes.values():
+                node.reconfigure(config)
+            self.config = config
+        return ReloadResult(changes=tuple(changes), needs_restart=tuple(restart))
 
     def stopService(self) -> Deferred[Any]:
         return ensureDeferred(self._stop())
@@ -146,6 +274,69 @@ def makeHubService(config: HubConfig, reactor: Any = None, nodes: list[str] | No
             f"{config.path}: nodes: no node {', '.join(unknown)} (configured: {', '.join(config.nodes)})"
         )
     return HubService(config, reactor, names)
+
+
+def _changed_keys(table: str, before: Any, after: Any) -> list[str]:
+    """The keys of a table (or attrs object) that differ: ``nodes.dallas.smtp``, ``delivery.lease_seconds``."""
+    if hasattr(before, "__attrs_attrs__") and hasattr(after, "__attrs_attrs__"):
+        before = {f.name: getattr(before, f.name) for f in fields(type(before))}
+        after = {f.name: getattr(after, f.name) for f in fields(type(after))}
+    if isinstance(before, Mapping) and isinstance(after, Mapping):
+        keys = [*before, *(k for k in after if k not in before)]
+        found: list[str] = []
+        for k in keys:
+            if before.get(k) != after.get(k):
+                found.extend(_changed_keys(f"{table}.{k}", before.get(k), after.get(k)))
+        return found
+    return [table]
+
+
+def _changes(old: HubConfig, new: HubConfig) -> list[str]:
+    """What a reload changes, one line each."""
+    lines = []
+    if old.outbound != new.outbound:
+        lines.append(f"hub.outbound: {old.outbound} -> {new.outbound}")
+    for f in fields(type(old.smtp)):
+        before, after = getattr(old.smtp, f.name), getattr(new.smtp, f.name)
+        if before != after:
+            lines.append(f"smtp.{f.name}: {before!r} -> {after!r}")
+    for name, domain in new.domains.items():
+        was = old.domains.get(name)
+        settings = {"route": domain.route, "max_connections": domain.max_connections, **domain.options}
+        if was is None:
+            lines.append(f"domain {name} added: " + ", ".join(f"{k} {v!r}" for k, v in settings.items()))
+            continue
+        before = {"route": was.route, "max_connections": was.max_connections, **was.options}
+        differ = [
+            f"{k} {_shown(before, k)} -> {_shown(settings, k)}"
+            for k in [*before, *(k for k in settings if k not in before)]
+            if before.get(k) != settings.get(k)
+        ]
+        if differ:
+            lines.append(f"domain {name}: " + ", ".join(differ))
+    for name in old.domains:
+        if name not in new.domains:
+            lines.append(f"domain {name} removed: mail for it is refused from now on (entries already spooled are still delivered)")
+    return lines
+
+
+def _shown(settings: Mapping[str, Any], key: str) -> str:
+    return repr(settings[key]) if key in settings else "(unset)"
+
+
+def install_reload_signal(hub: Any, reactor: Any) -> None:
+    """
+    Make ``RELOAD_SIGNAL`` (``SIGHUP``) reload ``hub``'s configuration
+    (``twistd mailhub`` does this once its reactor runs; an application
+    embedding the hub owns its process's signals and decides).
+
+    :param hub: a ``HubService``, or what runs one: its ``reload``.
+    """
+
+    def reload(signum: int, frame: object) -> None:
+        reactor.callFromThread(hub.reload)
+
+    signal.signal(RELOAD_SIGNAL, reload)
 
 
 def install_wake_signal(hub: Any, reactor: Any) -> None:

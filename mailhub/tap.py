@@ -11,6 +11,12 @@ status 1, without a traceback: a configuration or certificate error (in
 twistd drops privileges), a spool store that does not answer (asked once the
 reactor runs, before any node starts).  An application that embeds the hub
 (``mailhub.service.makeHubService``) gets the exceptions instead.
+
+``SIGHUP`` reloads the configuration (``HubService.reload``): the handler
+is installed once the reactor runs, after twistd's own.  ``--log-format
+json`` makes twistd's log one JSON object a line (``twisted.logger``'s
+``eventAsJSON`` fields, plus ``text``, the line as the text log has it, and
+``level``), written where ``--logfile`` says.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from typing import Any
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
+from zope.interface import provider
 
-__all__ = ["STORE_CHECK_TIMEOUT", "Options", "TwistdHub", "makeService"]
+__all__ = ["STORE_CHECK_TIMEOUT", "Options", "TwistdHub", "json_log_observer", "makeService"]
 
 #: Seconds the spool store has to answer at start (stores time out sooner
 #: by themselves: Redis after its ``command_timeout``).
@@ -40,6 +48,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", "mailhub.toml", "The hub's TOML configuration file."],
+        ["log-format", None, "text", "text (twistd's) or json: one JSON object a line, where --logfile says."],
     ]
 
     def __init__(self) -> None:
@@ -56,6 +65,13 @@ class Options(usage.Options):
 
         print(f"mailhub {__version__}")
         sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
+        twistd = self.parent
+        if self["log-format"] == "json" and twistd is not None and twistd.get("syslog"):
+            raise usage.UsageError("--log-format json writes where --logfile says, not to syslog")
 
 
 def _who(names: list[str]) -> str:
@@ -83,9 +99,39 @@ def makeService(options: Options) -> IService:
     from mailhub.service import install_wake_signal
 
     service = TwistdHub(hub, reactor, names)
+    if options["log-format"] == "json":
+        service.log_observer = json_log_observer(options.parent)
     install_wake_signal(service, reactor)
     keep_freed_memory()
     return service
+
+
+def json_log_observer(twistd: Any) -> Any:
+    """
+    An ``ILogObserver`` writing one JSON object a line (``eventAsJSON``,
+    plus ``text``: the line as the text log would say it, and ``level``)
+    where twistd's options say its log goes: ``--logfile`` (``-``: standard
+    output), or ``twistd.log`` when it daemonizes without one.
+
+    :param twistd: twistd's ``ServerOptions`` (``Options.parent``), or ``None``.
+    """
+    from twisted.logger import formatEvent, jsonFileLogObserver
+    from twisted.python.logfile import LogFile
+
+    name = (twistd or {}).get("logfile") or ""
+    if name == "-" or (not name and (twistd is None or twistd.get("nodaemon"))):
+        out: Any = sys.stdout
+    else:
+        out = LogFile.fromFullPath(name or "twistd.log")
+    # No record separator: one JSON object a line, for jq and the journal.
+    write = jsonFileLogObserver(out, recordSeparator="")
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        write({**event, "text": formatEvent(event), "level": getattr(level, "name", None)})
+
+    return observe
 
 
 class TwistdHub(Service):
@@ -105,6 +151,15 @@ class TwistdHub(Service):
         self._who = _who(names)
         self._first = names[0]
         self._starting: Deferred[None] | None = None
+        #: Set as the application's ``ILogObserver`` (``--log-format json``), or ``None``.
+        self.log_observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd hands its Application here before it starts logging, and
+        # logs to the application's ILogObserver when it has one.
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     @property
     def nodes(self) -> Any:
@@ -113,6 +168,10 @@ class TwistdHub(Service):
 
     def wake(self) -> None:
         self.hub.wake()
+
+    def reload(self) -> Deferred[Any]:
+        """``HubService.reload``: ``SIGHUP``."""
+        return self.hub.reload()  # type: ignore[no-any-return]
 
     def privilegedStartService(self) -> None:
         # The listeners bind here, before twistd drops privileges (port 25).
@@ -130,6 +189,10 @@ class TwistdHub(Service):
         self._reactor.callWhenRunning(self._start)
 
     def _start(self) -> None:
+        from mailhub.service import install_reload_signal
+
+        # Now, not in makeService: the reactor has installed its handlers.
+        install_reload_signal(self, self._reactor)
         self._starting = ensureDeferred(self._check_then_start())
 
     async def _check_then_start(self) -> None:

@@ -21,6 +21,7 @@ from mailhub.interfaces import (
     ILeaseReclaim,
     INodeRegistry,
     IRouteCoordination,
+    ISpoolControl,
     ISpoolStore,
     IStorePlugin,
 )
@@ -61,7 +62,7 @@ class _Slot:
     lease_incarnation: str | None = None
 
 
-@implementer(ISpoolStore, INodeRegistry, IRouteCoordination, ILeaseReclaim)
+@implementer(ISpoolStore, INodeRegistry, IRouteCoordination, ILeaseReclaim, ISpoolControl)
 @define
 class MemorySpoolStore:
     """
@@ -333,6 +334,24 @@ class MemorySpoolStore:
             return True
 
         return self._call(do)
+
+    # -- ISpoolControl -----------------------------------------------------
+
+    def requeue(self, entry_id: str, now: float, route: str | None = None) -> Deferred[str]:
+        def do() -> str:
+            slot = self._slots.get(entry_id)
+            if slot is None:
+                return "missing"
+            if self._leased(slot, now):
+                return "leased"
+            slot.entry = evolve(slot.entry, next_attempt=now, node=None, route=route or slot.entry.route)
+            slot.lease_token = None
+            return "requeued"
+
+        return self._call(do)
+
+    def leased_entries(self, now: float) -> Deferred[set[str]]:
+        return self._call(lambda: {i for i, s in self._slots.items() if self._leased(s, now)})
 
     # -- ILeaseReclaim -----------------------------------------------------
 

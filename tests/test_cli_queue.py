@@ -199,3 +199,120 @@ def test_route_release_of_a_route_in_no_state_says_so(spool):
     path, _ = spool
     out = mailhub("route", "--config", str(path), "release", ROUTE)
     assert out.returncode == 1 and "in no special state" in out.stderr
+
+
+# -- bulk control: one selection model, every operation ---------------------------
+
+
+def test_count_and_list_by_state_reply_sender_and_age(spool, held):
+    path, first = spool
+    out = mailhub("queue", "--config", str(path), "count", "--json")
+    counts = json.loads(out.stdout)
+    assert counts["entries"] == 7 and counts["by_state"] == {"deferred": 1, "held": 6, "leased": 0}
+    assert counts["by_route"] == {ROUTE: 7}
+    out = mailhub("queue", "--config", str(path), "count", "--state", "held")
+    assert out.stdout.startswith("6 entries (6 recipients) of state held: 0 deferred, 6 held, 0 leased")
+    listed = json.loads(mailhub("queue", "--config", str(path), "list", "--reply", "try LATER", "--json").stdout)
+    assert [e["id"] for e in listed] == [first] and listed[0]["state"] == "deferred"
+    out = mailhub("queue", "--config", str(path), "list", "--recipient", "user3@example.com")
+    assert "1 selected: recipient user3@example.com" in out.stdout and "user3@example.com" in out.stdout
+    assert json.loads(mailhub("queue", "--config", str(path), "list", "--sender", "@outside.example",
+                              "--older-than", "1h", "--json").stdout) == []
+    assert len(json.loads(mailhub("queue", "--config", str(path), "list", "--sender", "s@OUTSIDE.example",
+                                  "--json").stdout)) == 7
+
+
+def test_show_prints_the_message_and_raw_gives_its_bytes(spool):
+    path, entry_id = spool
+    out = mailhub("queue", "--config", str(path), "show", entry_id)
+    assert "*** MESSAGE (20 bytes) ***\nSubject: x\n\nbody\n*** END OF MESSAGE ***" in out.stdout
+    raw = subprocess.run([sys.executable, "-m", "mailhub.cli", "queue", "--config", str(path), "show", entry_id,
+                          "--raw"], capture_output=True, timeout=60)
+    assert raw.returncode == 0 and raw.stdout == b"Subject: x\r\n\r\nbody\r\n"
+    data = json.loads(mailhub("queue", "--config", str(path), "show", entry_id, "--json").stdout)
+    assert data["message"] == "Subject: x\n\nbody\n" and data["state"] == "deferred"
+
+
+def test_redirect_moves_spooled_entries_to_another_route(spool, held):
+    path, first = spool
+    out = mailhub("queue", "--config", str(path), "redirect", "--state", "held", "--to", "smtp:backup.example.com:25")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("redirected 6 entries of state held to route smtp:backup.example.com:25")
+    moved = json.loads(mailhub("queue", "--config", str(path), "list", "--route", "smtp:backup.example.com:25",
+                               "--json").stdout)
+    assert {e["id"] for e in moved} == set(held) and all(e["held"] for e in moved)
+    assert [e["id"] for e in json.loads(mailhub("queue", "--config", str(path), "list", "--route", ROUTE,
+                                                "--json").stdout)] == [first]
+    out = mailhub("queue", "--config", str(path), "redirect", "--all", "--to", "nosuch:backup")
+    assert out.returncode == 2 and out.stderr.startswith("mailhub: route nosuch:backup: no plugin 'nosuch'")
+
+
+def test_bounce_and_delete_of_many_need_yes_and_bounce_sends_dsns(spool, held):
+    path, first = spool
+    out = mailhub("queue", "--config", str(path), "bounce", "--state", "held")
+    assert out.returncode == 2 and out.stderr == "mailhub: bounce of 6 entries of state held: add --yes to go ahead\n"
+    out = mailhub("queue", "--config", str(path), "delete", "--all")
+    assert out.returncode == 2 and "add --yes" in out.stderr
+    assert len(json.loads(mailhub("queue", "--config", str(path), "list", "--json").stdout)) == 7
+    out = mailhub("queue", "--config", str(path), "bounce", "--state", "held", "--yes", "--reason", "server rebuilt")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("bounced 6 entries of state held: 6 DSNs to their senders, 0 without a DSN")
+    entries = json.loads(mailhub("queue", "--config", str(path), "list", "--json").stdout)
+    dsns = [e for e in entries if e["id"] != first]
+    assert len(dsns) == 6 and not set(held) & {e["id"] for e in entries}
+    assert all(e["sender"] == "" and e["route"] == "smtp:mx" for e in dsns)
+    shown = mailhub("queue", "--config", str(path), "show", dsns[0]["id"]).stdout
+    assert "returned to the sender by the hub's operator: server rebuilt (last reply: 550 5.1.1 no such user)" in shown
+    out = mailhub("queue", "--config", str(path), "delete", "--sender", "<>", "--yes", "--json")
+    assert json.loads(out.stdout)["done"] == 6
+    assert [e["id"] for e in json.loads(mailhub("queue", "--config", str(path), "list", "--json").stdout)] == [first]
+
+
+def test_bulk_work_shows_progress_and_a_summary(spool, held):
+    path, _ = spool
+    out = mailhub("queue", "--config", str(path), "release", "--all", "--batch", "4")
+    assert out.returncode == 0, out.stderr
+    assert "release: 4/6 entries (66%)" in out.stderr and "release: 6/6 entries (100%)" in out.stderr
+    assert out.stdout.startswith("released 6 held entries of every route")
+
+
+def test_an_unreachable_store_is_one_line_and_exit_1(tmp_path):
+    from hubprocess import free_port
+
+    path = tmp_path / "hub.toml"
+    path.write_text(CONFIG.replace('plugin = "sqlite"\npath = "spool.db"',
+                                   f'plugin = "redis"\nport = {free_port()}\ncommand_timeout = 1.0'))
+    out = mailhub("queue", "--config", str(path), "count")
+    assert out.returncode == 1
+    assert out.stderr.startswith("mailhub: spool store unavailable: redis") and out.stderr.count("\n") == 1
+
+
+@pytest.fixture
+def busy(spool):
+    """The id of an entry leased to dallas for 10 minutes: being delivered."""
+    path, _ = spool
+    config = load(str(path))
+    store = load_plugin("mailhub.stores", "sqlite").make(config.plugin_section("store"), reactor)
+
+    async def lease():
+        now = reactor.seconds()
+        env = Envelope(Address("s", "outside.example"), (Address("bob", "example.com"),), received_at=now)
+        (leased,) = await store.enqueue_leased(env, b"Subject: y\r\n\r\nbody\r\n", {ROUTE: list(env.recipients)},
+                                               "dallas", 600.0)
+        await store.close()
+        return leased.entry.id
+
+    return pytest_twisted.blockon(ensureDeferred(lease()))
+
+
+def test_an_entry_being_delivered_is_left_alone_and_the_command_says_so(spool, busy):
+    """``leased``: a node is delivering it now; delete, bounce and redirect leave it, with a non-zero exit."""
+    path, first = spool
+    listed = json.loads(mailhub("queue", "--config", str(path), "list", "--state", "leased", "--json").stdout)
+    assert [e["id"] for e in listed] == [busy]
+    for args in (("delete", busy), ("bounce", busy), ("redirect", busy, "--to", "smtp:backup.example.com:25")):
+        out = mailhub("queue", "--config", str(path), *args)
+        assert out.returncode == 1 and out.stderr == f"mailhub: {args[0]} {busy}: not done: being delivered\n"
+    out = mailhub("queue", "--config", str(path), "delete", "--all", "--yes")
+    assert out.stdout.startswith("deleted 1 entries of every route; skipped 1 being delivered")
+    assert [e["id"] for e in json.loads(mailhub("queue", "--config", str(path), "list", "--json").stdout)] == [busy]

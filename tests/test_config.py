@@ -265,8 +265,8 @@ def test_a_route_target_is_parsed_by_its_transport_when_the_config_is_read():
     [
         (GOOD.replace(b'hostname = "mx.hub.example"', b'hostname = "mx.hub.example"\noutbound = "smtp:[::1"'),
          "hub.outbound", "'[::1'"),
-        (GOOD.replace(b"smtp:mail.example.com:25", b"lmtp:127.0.0.1:24"),
-         'domains."Example.COM".route', "no plugin 'lmtp' in mailhub.transports (installed: "),
+        (GOOD.replace(b"smtp:mail.example.com:25", b"uucp:127.0.0.1:540"),
+         'domains."Example.COM".route', "no plugin 'uucp' in mailhub.transports (installed: "),
         (GOOD.replace(b'hostname = "mx.hub.example"', b'hostname = "mx hub"'), "hub.hostname", "'mx hub'"),
     ],
 )
@@ -430,3 +430,23 @@ def test_check_config_takes_the_file_with_c_as_the_other_commands_do(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mailhub.cli", "check-config", "-c", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr == f'{bad}: smtp.max_recipents: unknown key (did you mean "max_recipients"?)\n'
+
+
+def test_check_config_prints_tables_as_toml_and_hides_secrets(tmp_path):
+    from mailhub.config import describe
+
+    path = tmp_path / "hub.toml"
+    path.write_text(
+        '[hub]\nhostname = "mx.example.com"\n'
+        '[nodes.dallas]\nsmtp = "tcp:2525"\n'
+        '[domains."example.com"]\nroute = "http:https://hooks.example.com/mail"\n'
+        'headers = { Authorization = "Bearer s3cr3t-value", X-Tenant = "acme" }\n'
+    )
+    out = describe(load(str(path)))
+    assert "s3cr3t-value" not in out
+    line = next(x for x in out.splitlines() if x.startswith("headers = "))
+    assert line == 'headers = {"Authorization" = "(hidden)", "X-Tenant" = "acme"}'
+    # What it prints reads back as TOML.
+    import tomllib
+
+    assert tomllib.loads(line)["headers"]["X-Tenant"] == "acme"

@@ -3,6 +3,8 @@
 import email
 import email.policy
 
+from attrs import evolve as attrs_evolve
+
 from mailhub.delivery.dsn import build_dsn
 from mailhub.model import Action, Address, Entry, Outcome, Recipient, Reply
 
@@ -96,3 +98,13 @@ def test_remote_mta_names_the_route_host_only_when_it_is_one():
     assert "Remote-MTA: dns; dovecot.example.com\r\n" in dsn_for("lmtp:dovecot.example.com:24")
     assert "Remote-MTA" not in dsn_for("smtp:mx")
     assert "Remote-MTA" not in dsn_for("http:https://mail.example.com/in")
+
+
+def test_remote_mta_names_the_server_host_and_never_a_unix_socket():
+    outcome = [Outcome(A, Action.FAILED, Reply(550, "5.1.1", "no such user"))]
+    _, data = build_dsn("mx.hub.example", entry(), outcome, ORIGINAL, 1_700_000_100.0)
+    assert b"Remote-MTA: dns; mail.example.com\r\n" in data
+    local = attrs_evolve(entry(), route="lmtp:unix:/run/dovecot/lmtp")
+    _, data = build_dsn("mx.hub.example", local, outcome, ORIGINAL, 1_700_000_100.0)
+    assert b"Remote-MTA" not in data
+    assert b"Final-Recipient: rfc822; alice@example.com" in data

@@ -286,6 +286,41 @@ async def test_the_metrics_follow_mail_accepted_refused_deferred_and_delivered(r
     assert _value(s, "mailhub_spool_oldest_entry_age_seconds", route=route) is None
 
 
+@pytest_twisted.ensureDeferred
+async def test_entries_by_route_and_state_follow_a_hold_and_a_release(running: Any, downstream: Any) -> None:
+    hub = running()
+    route = hub.route
+    downstream.mode = "tempfail"
+    for tag in ("one", "two"):
+        code, _ = await send(hub.smtp_port, message(tag))
+        assert code == 250
+
+    def states(s: Any) -> dict[str, float | None]:
+        return {st: _value(s, "mailhub_spool_route_entries_by_state", route=route, state=st) for st in ("held", "leased", "deferred")}
+
+    async def both_waiting() -> Any:
+        s = await hub.scrape()
+        found = states(s)
+        return found if found["held"] == 0 and (found["deferred"] or 0) + (found["leased"] or 0) == 2 else None
+
+    await eventually(both_waiting, timeout=10, interval=0.05, what="two entries deferred")
+    [first, _] = await hub.store.entries(None, 0, 10)
+    assert await hub.store.hold(first.id)
+
+    async def one_held() -> Any:
+        found = states(await hub.scrape())
+        return found if found["held"] == 1 and (found["deferred"] or 0) + (found["leased"] or 0) == 1 else None
+
+    await eventually(one_held, timeout=10, interval=0.05, what="one entry held")
+    # A lease taken now shows as leased.
+    [lease] = await hub.store.claim("elsewhere", reactor.seconds() + 3600, 10, 600.0, 0.0)
+    found = states(await hub.scrape())
+    assert found == {"held": 1.0, "leased": 1.0, "deferred": 0.0}
+    await hub.store.release(lease, reactor.seconds())
+    downstream.mode = "accept"
+    assert await hub.store.release_held(first.id, reactor.seconds())
+
+
 async def _archived(hub: RunningNode) -> Any:
     s = await hub.scrape()
     return s if _value(s, "mailhub_archive_backlog_entries") == 0 and _value(s, "mailhub_spool_entries", route=hub.route) is None else None
@@ -309,3 +344,57 @@ async def test_loopback_may_read_the_metrics_by_default(running: Any) -> None:
     assert code == 200
     families = {f.name for f in text_string_to_metric_families(text)}
     assert {"mailhub_smtp_refusals", "mailhub_delivery_attempts", "mailhub_spool_store_up"} <= families
+
+
+# -- the Grafana dashboard --------------------------------------------------------
+
+DASHBOARD = Path(__file__).parent.parent / "examples" / "grafana-mailhub.json"
+
+
+def _dashboard_exprs() -> list[str]:
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    for variable in dashboard["templating"]["list"]:
+        query = variable.get("query")
+        if isinstance(query, dict):
+            exprs.append(query["query"])
+    return exprs
+
+
+def test_the_grafana_dashboard_is_a_dashboard_grafana_can_import() -> None:
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["title"] and dashboard["uid"] and isinstance(dashboard["schemaVersion"], int)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    for p in dashboard["panels"]:
+        assert set(p["gridPos"]) == {"x", "y", "w", "h"} and p["targets"], p["title"]
+        assert p["datasource"]["uid"] == "${datasource}" and "datasource" in variables
+        for t in p["targets"]:
+            assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_metric_the_dashboard_asks_for_is_in_the_exposition(running: Any) -> None:
+    import re
+
+    hub = running()
+    code, text = await hub.get(TOKEN)
+    assert code == 200
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+
+    def exposed(name: str) -> bool:
+        if types.get(name) == "gauge":
+            return True
+        return any(
+            name == family + suffix for family, kind in types.items() for suffix in suffixes.get(kind, ())
+        )
+
+    asked = {name for expr in _dashboard_exprs() for name in re.findall(r"\bmailhub_[a-z_]+", expr)}
+    assert len(asked) >= 15
+    assert sorted(n for n in asked if not exposed(n)) == []

@@ -25,7 +25,7 @@ from mailhub.interfaces import ISpoolStore
 from mailhub.model import Address, Envelope, Reply
 from mailhub.node import Node
 from mailhub.plugins.memory_store import MemorySpoolStore
-from mailhub.plugins.sqlite_store import plugin as sqlite_plugin
+from mailhub.plugins.sqlite import plugin as sqlite_plugin
 from mailhub.plugins.standard_policy import StandardPolicy
 from mailhub.testing.fakes import ScriptedTransport
 

@@ -38,8 +38,9 @@ from mailhub.model import (
     StoreUnavailable,
 )
 from mailhub.plugins.memory_store import MemorySpoolStore
-from mailhub.plugins.sqlite_store import WAL_AUTOCHECKPOINT, SqliteSpoolStore
-from mailhub.plugins.sqlite_store import plugin as sqlite_plugin
+from mailhub.plugins.sqlite import SqliteSpoolStore
+from mailhub.plugins.sqlite import plugin as sqlite_plugin
+from mailhub.plugins.sqlite.workers import WAL_AUTOCHECKPOINT
 from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, domain_check
 from mailhub.smtp.tls import generate_self_signed, server_tls_options, tls_files
 

@@ -30,7 +30,7 @@ from mailhub import model
 from mailhub.config import ConfigError, SmtpConfig, parse
 from mailhub.model import Address, CheckedMessage, Envelope, Reply, StoreFull, StoreUnavailable
 from mailhub.netio import send_now as _send_now
-from mailhub.plugins.smtp_transport import wire_data
+from mailhub.smtp.client import wire_data
 from mailhub.smtp.server import SMTPFactory, SMTPServerProtocol, domain_check
 
 HOST = "mx.hub.example"

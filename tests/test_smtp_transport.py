@@ -25,7 +25,7 @@ from zope.interface.verify import verifyObject
 from mailhub.config import parse
 from mailhub.interfaces import ITransport, ITransportPlugin
 from mailhub.model import Address, CheckedMessage, Entry, Recipient, RecipientState, Reply
-from mailhub.plugins.smtp_transport import SMTPTransport, parse_target, plugin
+from mailhub.plugins.smtp import SMTPTransport, parse_target, plugin
 from mailhub.smtp.client import parse_reply, wire_data
 from mailhub.smtp.tls import generate_self_signed
 from mailhub.testing.downstream import DownstreamServer

@@ -14,13 +14,15 @@ from mailhub.testing.store_contract import (
     LeaseReclaimContract,
     NodeRegistryContract,
     RouteCoordinationContract,
+    SpoolControlContract,
     SpoolStoreContract,
     envelope,
 )
 
 
 class TestMemorySpoolStore(
-    SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract, LeaseReclaimContract
+    SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract, LeaseReclaimContract,
+    SpoolControlContract,
 ):
     @pytest.fixture
     def store(self) -> MemorySpoolStore:

@@ -39,13 +39,14 @@ from mailhub.model import (
 )
 from mailhub.plugin import load_plugin
 from mailhub.plugins import memory_store
-from mailhub.plugins.redis_store import RedisSpoolStore, plugin
+from mailhub.plugins.redis import RedisSpoolStore, plugin
 from mailhub.testing.redis_server import RedisServer
 from mailhub.testing.store_contract import (
     NOW,
     LeaseReclaimContract,
     NodeRegistryContract,
     RouteCoordinationContract,
+    SpoolControlContract,
     SpoolStoreContract,
 )
 
@@ -93,7 +94,8 @@ def stores() -> Iterator[Callable[..., RedisSpoolStore]]:
 
 
 class TestRedisSpoolStore(
-    SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract, LeaseReclaimContract
+    SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract, LeaseReclaimContract,
+    SpoolControlContract,
 ):
     """The contract, each test under a fresh key prefix."""
 
@@ -140,7 +142,7 @@ def test_plugin_found_by_name() -> None:
 def test_module_import_installs_no_reactor() -> None:
     """Importing the plugin does not import txredisapi (which installs a reactor)."""
     code = (
-        "import sys, mailhub.plugins.redis_store;"
+        "import sys, mailhub.plugins.redis;"
         "assert 'txredisapi' not in sys.modules;"
         "assert 'twisted.internet.reactor' not in sys.modules"
     )

@@ -25,8 +25,9 @@ from zope.interface.verify import verifyObject
 from mailhub.interfaces import IStorePlugin
 from mailhub.model import Action, Address, Lease, LeaseLost, Reply, StoreFull, StoreUnavailable
 from mailhub.plugin import load_plugin
-from mailhub.plugins import sqlite_store
-from mailhub.plugins.sqlite_store import CLAIM_IDS_SQL, CLAIM_SQL, SqliteSpoolStore, plugin
+from mailhub.plugins.sqlite import bodylog, schema
+from mailhub.plugins.sqlite import store as sqlite_store
+from mailhub.plugins.sqlite.store import CLAIM_IDS_SQL, CLAIM_SQL, SqliteSpoolStore, plugin
 from mailhub.testing.store_contract import (
     NOW,
     ODD_MESSAGE,
@@ -34,6 +35,7 @@ from mailhub.testing.store_contract import (
     LeaseReclaimContract,
     NodeRegistryContract,
     RouteCoordinationContract,
+    SpoolControlContract,
     SpoolStoreContract,
     attempt_for,
     decision,
@@ -50,7 +52,8 @@ ENVELOPE = envelope(NOW)
 
 
 class TestSqliteSpoolStore(
-    SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract, LeaseReclaimContract
+    SpoolStoreContract, NodeRegistryContract, RouteCoordinationContract, LeaseReclaimContract,
+    SpoolControlContract,
 ):
     """The contract, over a fresh database file (the module's ``store`` fixture)."""
 
@@ -209,7 +212,7 @@ async def test_spool_file_without_smtputf8_column_still_opens(db: Path) -> None:
         # Its messages table gets the body log's columns: old bodies read as
         # before, new large ones go to the log.
         assert await store.body("m1") == b"hi"
-        large = b"y" * (sqlite_store.LOG_THRESHOLD + 1)
+        large = b"y" * (bodylog.LOG_THRESHOLD + 1)
         [large_id] = await store.enqueue(ENVELOPE, large, {ROUTE: [ALICE]}, "dallas")
         entry = await store.get(large_id)
         assert entry is not None and await store.body(entry.message_id) == large
@@ -265,7 +268,7 @@ async def test_spool_file_without_route_tables_gets_them(db: Path) -> None:
         await store.set_route_state(ROUTE, {"state": "rejecting", "since": NOW})
         assert await store.route_states() == {ROUTE: {"state": "rejecting", "since": NOW}}
         version = await store.run(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
-        assert version == sqlite_store.SCHEMA_VERSION
+        assert version == schema.SCHEMA_VERSION
     finally:
         await store.close()
 
@@ -971,7 +974,7 @@ def _page_size(conn: sqlite3.Connection) -> int:
 async def test_new_spool_file_gets_the_page_size(store: SqliteSpoolStore) -> None:
     """A new spool file is made with ``PAGE_SIZE`` pages, still in WAL mode."""
     await enqueue(store)
-    assert await store.run(_page_size) == sqlite_store.PAGE_SIZE
+    assert await store.run(_page_size) == schema.PAGE_SIZE
 
 
 @pytest_twisted.ensureDeferred
@@ -1120,7 +1123,7 @@ async def test_two_stores_on_one_file_never_share_out_more_than_the_limit(db: Pa
 CHILD = """
 import json, os, sys
 from twisted.internet import defer, task
-from mailhub.plugins.sqlite_store import plugin
+from mailhub.plugins.sqlite import plugin
 
 
 async def main(reactor, path, ready, go, now):
@@ -1255,7 +1258,7 @@ async def test_full_disk_fails_with_store_full(store: SqliteSpoolStore) -> None:
     await store.run(cap(0))
     with pytest.raises(StoreFull):
         # The largest body kept in the database itself: a page and more.
-        await enqueue(store, b"x" * sqlite_store.LOG_THRESHOLD)
+        await enqueue(store, b"x" * bodylog.LOG_THRESHOLD)
     assert await table_sizes(store) == (1, 1, 0)
     # Given room again, the store goes on working.
     await store.run(cap(2))
@@ -1313,8 +1316,8 @@ async def deliver_all(store: SqliteSpoolStore) -> None:
 async def test_large_bodies_go_to_the_body_log_small_ones_stay_in_the_database(
     store: SqliteSpoolStore, db: Path
 ) -> None:
-    at_threshold = b"t" * sqlite_store.LOG_THRESHOLD
-    above = b"a" * (sqlite_store.LOG_THRESHOLD + 1)
+    at_threshold = b"t" * bodylog.LOG_THRESHOLD
+    above = b"a" * (bodylog.LOG_THRESHOLD + 1)
     ids = [await message_of(store, await enqueue(store, m)) for m in (at_threshold, above, LARGE)]
     rows = [await body_row(store, i) for i in ids]
     assert rows[0] == (at_threshold, None, None, None)
@@ -1390,7 +1393,7 @@ async def test_every_segment_a_commit_refers_to_is_fdatasyncd_before_it(
     store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Also when the batch's bodies span two segments (one closed in its middle)."""
-    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+    monkeypatch.setattr(bodylog, "SEGMENT_SIZE", len(LARGE) + 100)
     async with writes_and_statements(store, monkeypatch) as events:
         results = await in_one_batch(store, [LARGE, LARGE + b"2\r\n"])
     assert [ok for ok, _ in results] == [True, True]
@@ -1410,7 +1413,7 @@ async def test_a_failed_fdatasync_of_a_segment_closed_mid_batch_fails_the_whole_
     fdatasync fails.  The batch's commit would make the first body's row
     point at octets that may be lost: every job of the batch fails.
     """
-    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+    monkeypatch.setattr(bodylog, "SEGMENT_SIZE", len(LARGE) + 100)
     real = os.fdatasync
     calls = []
 
@@ -1499,7 +1502,7 @@ async def test_bodies_in_the_log_survive_close_and_reopen(db: Path) -> None:
 async def test_segments_rotate_and_the_sweep_deletes_only_unused_ones(
     store: SqliteSpoolStore, db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 2 * len(LARGE) + 100)
+    monkeypatch.setattr(bodylog, "SEGMENT_SIZE", 2 * len(LARGE) + 100)
     ids = [await enqueue(store, LARGE + b"%d\r\n" % i) for i in range(5)]
     messages = [await message_of(store, i) for i in ids]
     names = [(await body_row(store, m))[1] for m in messages]
@@ -1573,7 +1576,7 @@ async def test_short_writes_and_reads_are_continued(
 async def test_a_segment_number_past_six_digits_is_still_a_segment(
     store: SqliteSpoolStore, db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+    monkeypatch.setattr(bodylog, "SEGMENT_SIZE", len(LARGE) + 100)
     await enqueue(store, b"small\r\n")  # the writer (and its body log) is up
     store._writer.bodies._sequence = 999_999
     message_id = await message_of(store, await enqueue(store, LARGE))
@@ -1596,7 +1599,7 @@ async def test_a_batch_that_ends_without_a_commit_leaves_nothing_for_the_next(
     after a segment's fdatasync failed: the next batch neither inherits the
     failure nor keeps the closed segment locked.
     """
-    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", len(LARGE) + 100)
+    monkeypatch.setattr(bodylog, "SEGMENT_SIZE", len(LARGE) + 100)
     real = os.fdatasync
     calls: list[int] = []
 
@@ -1626,7 +1629,7 @@ async def test_a_batch_that_ends_without_a_commit_leaves_nothing_for_the_next(
 @pytest_twisted.ensureDeferred
 async def test_a_spool_of_a_newer_schema_is_refused(db: Path) -> None:
     conn = sqlite3.connect(db)
-    conn.execute(f"PRAGMA user_version = {sqlite_store.SCHEMA_VERSION + 1}")
+    conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
     conn.close()
     store = open_store(db)
     try:
@@ -1678,9 +1681,9 @@ async def four_in_a_segment_one_left(
     first three are delivered.  Returns the closed segment, the message left
     in it and the open segment.
     """
-    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 4 * len(LARGE) + 100)
-    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 0)
-    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_AGE", 0.0)
+    monkeypatch.setattr(bodylog, "SEGMENT_SIZE", 4 * len(LARGE) + 100)
+    monkeypatch.setattr(bodylog, "COMPACT_MIN_DEAD", 0)
+    monkeypatch.setattr(bodylog, "COMPACT_MIN_AGE", 0.0)
     ids = [await enqueue(store, LARGE + b"%d\r\n" % i) for i in range(5)]
     rows = [await body_row(store, await message_of(store, i)) for i in ids]
     assert len({r[1] for r in rows[:4]}) == 1 and rows[4][1] != rows[0][1]
@@ -1749,8 +1752,8 @@ async def test_a_failed_compaction_leaves_every_row_where_it_was(
 async def test_compaction_leaves_well_used_segments_and_ones_a_writer_holds(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 0)
-    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_AGE", 0.0)
+    monkeypatch.setattr(bodylog, "COMPACT_MIN_DEAD", 0)
+    monkeypatch.setattr(bodylog, "COMPACT_MIN_AGE", 0.0)
     a, b = open_store(db), open_store(db)
     try:
         ids = [await enqueue(a, LARGE + b"%d\r\n" % i) for i in range(4)]
@@ -1774,7 +1777,7 @@ async def test_the_writer_compacts_between_batches_in_a_transaction_of_its_own(
     """As the hub runs it: sweeps and compaction after a batch, every ``SWEEP_INTERVAL``."""
     _, left, open_segment = await four_in_a_segment_one_left(store, monkeypatch)
     async with writes_and_statements(store, monkeypatch) as events:
-        monkeypatch.setattr(sqlite_store, "SWEEP_INTERVAL", 0.0)
+        monkeypatch.setattr(bodylog, "SWEEP_INTERVAL", 0.0)
         store._writer.bodies._next_sweep = 0.0
         await enqueue(store, b"small\r\n")  # a batch; after it, the writer's own work
         await store.run(lambda conn: None)  # and one more batch, to wait for it
@@ -1792,9 +1795,9 @@ async def test_the_writer_compacts_between_batches_in_a_transaction_of_its_own(
 async def test_a_closed_segment_still_half_in_use_is_left_alone(
     store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 4 * len(LARGE) + 100)
-    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 0)
-    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_AGE", 0.0)
+    monkeypatch.setattr(bodylog, "SEGMENT_SIZE", 4 * len(LARGE) + 100)
+    monkeypatch.setattr(bodylog, "COMPACT_MIN_DEAD", 0)
+    monkeypatch.setattr(bodylog, "COMPACT_MIN_AGE", 0.0)
     ids = [await enqueue(store, LARGE + b"%d\r\n" % i) for i in range(5)]
     closed = (await body_row(store, await message_of(store, ids[0])))[1]
     for lease in await store.claim("dallas", NOW + 3600, 2, 60, 60, ids=ids[:2]):
@@ -1804,9 +1807,9 @@ async def test_a_closed_segment_still_half_in_use_is_left_alone(
     # Unused space below COMPACT_MIN_DEAD is not worth a copy either.
     for lease in await store.claim("dallas", NOW + 3600, 1, 60, 60, ids=ids[2:3]):
         await finish(store, lease)()
-    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 3 * len(LARGE) + 100)
+    monkeypatch.setattr(bodylog, "COMPACT_MIN_DEAD", 3 * len(LARGE) + 100)
     assert await store.run(store._writer.bodies.compact) is False
-    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_DEAD", 3 * len(LARGE))
+    monkeypatch.setattr(bodylog, "COMPACT_MIN_DEAD", 3 * len(LARGE))
     assert await store.run(store._writer.bodies.compact) is True
 
 
@@ -1817,7 +1820,7 @@ async def test_a_segment_written_lately_is_not_compacted(
 ) -> None:
     """What is still in use in a young segment is mail about to be delivered: no copy."""
     closed, left, _ = await four_in_a_segment_one_left(store, monkeypatch)
-    monkeypatch.setattr(sqlite_store, "COMPACT_MIN_AGE", 600.0)
+    monkeypatch.setattr(bodylog, "COMPACT_MIN_AGE", 600.0)
     written = (Path(str(db) + ".bodies") / closed).stat().st_mtime
     bodies = store._writer.bodies
     assert await store.run(lambda conn: bodies.compact(conn, now=written + 599)) is False
@@ -1830,7 +1833,7 @@ async def test_counts_say_what_the_body_log_holds_on_disk_and_in_use(
     store: SqliteSpoolStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert (await store.counts())["body_log"] == {"segments": 0, "octets": 0, "in_use": 0}
-    monkeypatch.setattr(sqlite_store, "SEGMENT_SIZE", 2 * len(LARGE) + 100)
+    monkeypatch.setattr(bodylog, "SEGMENT_SIZE", 2 * len(LARGE) + 100)
     ids = [await enqueue(store, m) for m in (LARGE, LARGE + b"1\r\n", LARGE + b"22\r\n", b"small\r\n")]
     on_disk = 3 * len(LARGE) + 3 + 4
     assert (await store.counts())["body_log"] == {"segments": 2, "octets": on_disk, "in_use": on_disk}

@@ -1,6 +1,8 @@
 """
 Delivery status notifications (RFC 3464): the bounce a sender gets when the
-hub fails or gives up on some recipients of an entry.
+hub fails or gives up on some recipients of an entry (``build_dsn``), and the
+delay notice (``Action: delayed``) it gets once when an entry is still not
+delivered after ``warn_after`` (``build_delay_dsn``).
 
 Building a DSN is pure: this module returns bytes and an envelope; the engine
 enqueues them through the hub like any other message.  A DSN is never sent to
@@ -10,13 +12,13 @@ the null sender ``<>`` (RFC 5321 6.1: that is how bounce loops start).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from mailhub.model import Action, Entry, Envelope, Outcome, Route
 
-__all__ = ["build_dsn"]
+__all__ = ["build_delay_dsn", "build_dsn"]
 
 
 def _date(ts: float) -> str:
@@ -59,14 +61,80 @@ def build_dsn(
     """
     if entry.sender is None or not outcomes:
         return None
+    if all(o.action is Action.EXPIRED for o in outcomes):
+        days = max(1, round((now - entry.created) / 86400))
+        text = [
+            f"Your message could not be delivered to the recipients below for {days} day(s) "
+            "and the hub has stopped trying."
+        ]
+    else:
+        text = ["Your message could not be delivered to the recipients below."]
+    return _report(hostname, entry, outcomes, message, now, "Failure", text, "failed", _status, [])
+
+
+def build_delay_dsn(
+    hostname: str,
+    entry: Entry,
+    outcomes: Sequence[Outcome],
+    message: bytes,
+    now: float,
+    retry_until: float | None,
+) -> tuple[Envelope, bytes] | None:
+    """
+    Build the "delayed" DSN (RFC 3464 ``Action: delayed``) for the recipients
+    of ``entry`` that are still being retried: the sender learns that the
+    message is not lost and need not be sent again.
+
+    :param outcomes: the recipients still deferred (``Action.RETRY``), with
+        their last reply.
+    :param message: the original message; its header block goes back as
+        ``text/rfc822-headers``.
+    :param retry_until: when the hub gives up (``Will-Retry-Until``), or
+        ``None`` if unknown.
+    :returns: ``(envelope, bytes)`` to enqueue (from the null sender), or
+        ``None`` for a null sender or no recipient.
+    """
+    if entry.sender is None or not outcomes:
+        return None
+    hours = max(1, round((now - entry.created) / 3600))
+    text = [
+        f"Your message has not yet been delivered to the recipients below after {hours} hour(s).",
+        "The hub keeps it and keeps trying"
+        + (f" until {_date(retry_until)}" if retry_until is not None else "")
+        + ": you need not send it again.",
+        "This is a warning only; you will hear again only if the hub gives up.",
+    ]
+    until = [] if retry_until is None else [f"Will-Retry-Until: {_date(retry_until)}"]
+    return _report(hostname, entry, outcomes, message, now, "Delay", text, "delayed", _temporary_status, until)
+
+
+def _temporary_status(outcome: Outcome) -> str:
+    reply = outcome.reply
+    if reply.enhanced and reply.enhanced[0] == "4":
+        return reply.enhanced
+    return "4.0.0"
+
+
+def _report(
+    hostname: str,
+    entry: Entry,
+    outcomes: Sequence[Outcome],
+    message: bytes,
+    now: float,
+    kind: str,
+    text: Sequence[str],
+    action: str,
+    status: Callable[[Outcome], str],
+    extra: Sequence[str],
+) -> tuple[Envelope, bytes]:
+    """The ``multipart/report`` both kinds of DSN are, to the entry's sender, from the null sender."""
+    assert entry.sender is not None
     boundary = f"mailhub-{uuid.uuid4().hex}"
     route = Route.parse(entry.route)
-    expired = all(o.action is Action.EXPIRED for o in outcomes)
-    subject = "Delivery Status Notification (Failure)"
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{entry.sender}>",
-        f"Subject: {subject}",
+        f"Subject: Delivery Status Notification ({kind})",
         f"Date: {_date(now)}",
         f"Message-ID: <{uuid.uuid4().hex}@{hostname}>",
         "Auto-Submitted: auto-replied",
@@ -80,16 +148,9 @@ def build_dsn(
         "",
         f"This is the mail system at {hostname}.",
         "",
+        *text,
+        "",
     ]
-    if expired:
-        days = max(1, round((now - entry.created) / 86400))
-        lines.append(
-            f"Your message could not be delivered to the recipients below for {days} day(s) "
-            "and the hub has stopped trying."
-        )
-    else:
-        lines.append("Your message could not be delivered to the recipients below.")
-    lines.append("")
     for o in outcomes:
         lines.append(f"<{o.recipient}>: {_clean(str(o.reply))}")
     lines += [
@@ -105,14 +166,15 @@ def build_dsn(
     for o in outcomes:
         lines += [
             f"Final-Recipient: rfc822; {o.recipient}",
-            "Action: failed",
-            f"Status: {_status(o)}",
+            f"Action: {action}",
+            f"Status: {status(o)}",
         ]
-        if route.transport in ("smtp", "lmtp") and route.target != "mx":
+        if route.transport in ("smtp", "lmtp") and route.target != "mx" and not route.target.startswith("unix:"):
             lines.append(f"Remote-MTA: dns; {route.target.rsplit(':', 1)[0]}")
         lines += [
             f"Diagnostic-Code: smtp; {_clean(str(o.reply))}",
             f"Last-Attempt-Date: {_date(now)}",
+            *extra,
             "",
         ]
     lines += [
@@ -125,4 +187,3 @@ def build_dsn(
     body = head + _header_block(message).rstrip(b"\r\n") + b"\r\n" + tail
     envelope = Envelope(sender=None, recipients=(entry.sender,), received_at=now, helo=hostname)
     return envelope, body
-

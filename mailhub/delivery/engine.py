@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -41,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailhub.config import DeliveryConfig
-from mailhub.delivery.throttle import RouteThrottle, is_route_failure
+from mailhub.delivery.throttle import FIRST_PAUSE, RouteThrottle, is_route_failure
 from mailhub.interfaces import (
     IDeliveryPolicy,
     IPooledTransport,
@@ -85,6 +86,8 @@ class DeliveryEngine(Service):
     :param delivered: told of the recipients of an entry that its route's
         server accepted, and when (``mailhub.archive.delivered``); it must
         return at once, the engine does not wait for it.
+    :param delay_notices: a ``mailhub.delivery.delay.DelayNotices``, or
+        ``None`` for no delay notices.
     """
 
     log = Logger()
@@ -100,9 +103,11 @@ class DeliveryEngine(Service):
         clock: IReactorTime,
         settings: DeliveryConfig,
         delivered: Delivered | None = None,
+        delay_notices: Any = None,
     ) -> None:
         self.node = node
         self._delivered = delivered
+        self._delay_notices = delay_notices
         self._store = store
         self._policy = policy
         self._transport_for = transport_for
@@ -467,6 +472,24 @@ class DeliveryEngine(Service):
                 throttle.share = 0
                 self._ask_share(route, 1)
         return throttle
+
+    def repace(self) -> None:
+        """
+        Read every route's pacing again (``pacing_for``: after a reload of
+        the configuration).  A route's window, state and counts stay; the
+        new ``max_connections`` applies from the next attempt.
+        """
+        for route, throttle in self._throttles.items():
+            pacing = tuple(self._pacing_for(route))
+            maximum, pause = max(1, int(pacing[0])), max(float(pacing[1]), FIRST_PAUSE)
+            rate = float(pacing[2]) if len(pacing) > 2 and pacing[2] else None
+            if (maximum, pause, rate) == (throttle.maximum, throttle._max_pause, throttle.rate):
+                continue
+            if self._coordination is None:
+                throttle.share = maximum  # with shares, the next ask says the new maximum
+            throttle.maximum, throttle.rate, throttle._max_pause = maximum, rate, pause
+            throttle.window = min(throttle.window, float(maximum))
+            throttle.set_share(min(throttle.share, maximum))
 
     def status(self) -> dict[str, Any]:
         """What this node's engine is doing, per route: for operators watching a backlog drain."""
@@ -983,7 +1006,7 @@ class DeliveryEngine(Service):
         try:
             replies = dict(await self._transport_for(entry.route).deliver(entry, message))
         except Exception as e:
-            self.log.failure("transport for {route} raised", route=entry.route)
+            self.log.failure("transport for {route} raised", route=entry.route, entry=entry.id)
             replies = {}
             failure_reply = Reply(451, "4.3.0", f"transport error: {e}")
         else:
@@ -1031,6 +1054,8 @@ class DeliveryEngine(Service):
             if message is None:
                 message = await self._store.body(entry.message_id)
             await self._bounce(entry, bounced, message, finished)
+        if self._delay_notices is not None and not held:
+            decision, message = await self._notify_delay(entry, decision, message, finished)
         try:
             await self.stats.timed("record", self._store.record(lease, attempt, decision))
         except LeaseLost:
@@ -1042,6 +1067,33 @@ class DeliveryEngine(Service):
             self._suspended_count[entry.route] = self._suspended_count.get(entry.route, 0) + 1
             return
         self._log_attempt(entry, decision, finished)
+
+    async def _notify_delay(
+        self, entry: Entry, decision: Decision, message: bytes | None, now: float
+    ) -> tuple[Decision, bytes | None]:
+        """
+        Send the sender its delay notice if the attempt owes one
+        (``mailhub.delivery.delay``), and mark the decision so the entry
+        records it.  A notice that cannot be spooled is logged and left to
+        a later attempt.
+        """
+        late = self._delay_notices.due(entry, decision, now)
+        if not late:
+            return decision, message
+        try:
+            if message is None:
+                message = await self._store.body(entry.message_id)
+            await self._delay_notices.send(entry, late, message, now)
+        except Exception as e:
+            self.log.warn("entry {entry}: delay notice not sent: {why}", entry=entry.id, why=str(e) or repr(e))
+            return decision, message
+        self.log.info(
+            "entry {entry}: delay notice sent to <{sender}> for {recipients}",
+            entry=entry.id,
+            sender=str(entry.sender),
+            recipients=", ".join(f"<{o.recipient}>" for o in late),
+        )
+        return evolve(decision, delay_notified=True), message
 
     def _log_attempt(self, entry: Entry, decision: Decision, finished: float) -> None:
         """

@@ -3,7 +3,7 @@ The one SMTP and LMTP client of mailhub, public for transport authors.
 
 A transport that speaks SMTP (RFC 5321) or LMTP (RFC 2033) to its route's
 server builds on this module rather than on a client of its own: the
-``smtp`` transport does (``mailhub.plugins.smtp_transport``: its connection
+``smtp`` transport does (``mailhub.plugins.smtp``: its connection
 pool, TLS policy and delivery logic are its own, the protocol is this), and
 so does recipient verification (``verify = "route"``, through the smtp
 transport's ``IRecipientProbe``).  What is here:
@@ -278,6 +278,10 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStre
 
 
 class _ClientFactory(Factory):
+    # One per connection: "Starting factory <...>" twice per attempt says
+    # nothing the attempt's own log line does not.
+    noisy = False
+
     def __init__(self, make: Callable[[], SMTPClientProtocol]) -> None:
         self._make = make
 

@@ -67,6 +67,9 @@ MODES = frozenset(
         "reject-data",  # accept RCPT, 554 5.6.0 at the end of DATA
         "drop",  # banner, then close; an open session is closed at its next command
         "drop-data",  # close without a reply at the end of DATA
+        "store-drop",  # store the message, then close without a reply to DATA
+        "data-twice",  # store the message and answer its end of DATA with 250 twice
+        "shutdown",  # 421 4.3.2 to MAIL (mid-session), then close
         "busy",  # 421 4.3.2 banner, then close
         "down",  # not listening: connection refused (see ``DownstreamServer.mode``)
     }
@@ -125,6 +128,9 @@ class _Session(Protocol):
         self._data: bytearray | None = None
         self._paused = False
         self._closed = False
+        self._drip = bytearray()
+        self._dripping: IDelayedCall | None = None
+        self.opened_at = server._reactor.seconds()
         self.lost: Deferred[None] = Deferred()
 
     # connection
@@ -146,8 +152,11 @@ class _Session(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
+        if self._dripping is not None and self._dripping.active():
+            self._dripping.cancel()
         self.server._sessions.discard(self)
         self.server.active_connections -= 1
+        self.server.durations.append(self.server._reactor.seconds() - self.opened_at)
         self.lost.callback(None)
 
     def _close(self) -> None:
@@ -160,12 +169,26 @@ class _Session(Protocol):
             return
         assert self.transport is not None
         last = len(lines) - 1
-        self.transport.write(
-            b"".join(
-                f"{code}{' ' if i == last else '-'}{text}\r\n".encode()
-                for i, text in enumerate(lines)
-            )
+        data = b"".join(
+            f"{code}{' ' if i == last else '-'}{text}\r\n".encode() for i, text in enumerate(lines)
         )
+        if self.server.drip > 0:
+            self._drip += data
+            if self._dripping is None:
+                self._dripping = self.server._reactor.callLater(self.server.drip, self._drip_one)
+            return
+        self.transport.write(data)
+
+    def _drip_one(self) -> None:
+        """Write the next byte of the replies waiting; ``drip`` seconds later, the next."""
+        self._dripping = None
+        if self._closed or not self._drip:
+            return
+        assert self.transport is not None
+        self.transport.write(bytes(self._drip[:1]))
+        del self._drip[:1]
+        if self._drip:
+            self._dripping = self.server._reactor.callLater(self.server.drip, self._drip_one)
 
     # input
 
@@ -253,6 +276,10 @@ class _Session(Protocol):
         if server.starttls_broken:
             self._close()
             return
+        if server.starttls_stall:
+            # Neither a handshake nor another reply: whatever comes is never read.
+            self._paused = True
+            return
         assert self.transport is not None
         self.transport.startTLS(server._tls_options())  # type: ignore[attr-defined]
         self.tls = True
@@ -271,6 +298,10 @@ class _Session(Protocol):
             return
         if self.sender is not None:
             self._reply(503, "5.5.1 Nested MAIL command")
+            return
+        if server.mode == "shutdown":
+            self._reply(421, "4.3.2 Shutting down, closing transmission channel")
+            self._close()
             return
         match = _MAIL.match(arg)
         if match is None:
@@ -403,16 +434,29 @@ class _Session(Protocol):
                 tls=self.tls,
             )
             server._store(received)
+            if mode == "store-drop":
+                self._close()
+                return
             reply = (250, f"2.0.0 OK queued as {len(server.messages)}")
+        # "data-twice": one reply too many, in the same write as the first.
+        replies = [reply, reply] if mode == "data-twice" else [reply]
         if server.delay > 0:
             self._paused = True
-            server._reactor.callLater(server.delay, self._late_reply, reply)
+            server._reactor.callLater(server.delay, self._late_reply, replies)
         else:
-            self._reply(*reply)
+            self._reply_all(replies)
 
-    def _late_reply(self, reply: tuple[int, str]) -> None:
+    def _reply_all(self, replies: list[tuple[int, str]]) -> None:
+        if len(replies) == 1 or self.server.drip > 0 or self._closed:
+            for reply in replies:
+                self._reply(*reply)
+            return
+        assert self.transport is not None
+        self.transport.write(b"".join(f"{code} {text}\r\n".encode() for code, text in replies))
+
+    def _late_reply(self, replies: list[tuple[int, str]]) -> None:
         self._paused = False
-        self._reply(*reply)
+        self._reply_all(replies)
         self._process()
 
 
@@ -448,6 +492,12 @@ class DownstreamServer:
     :ivar starttls_broken: answer STARTTLS with 220, then close the
         connection instead of the TLS handshake (a server whose TLS is
         misconfigured).
+    :ivar starttls_stall: answer STARTTLS with 220, then neither start the
+        handshake nor read anything more: the connection stays open until
+        the client gives up.
+    :ivar drip: if more than 0, every reply is written one byte at a time,
+        this many seconds apart (a server that answers one byte a second);
+        closing a connection drops what is not yet written.
 
     Records:
 
@@ -458,6 +508,7 @@ class DownstreamServer:
     :ivar peak_connections: the most open at once.
     :ivar rejections: how many 5xx replies were given to RCPT or DATA.
     :ivar deferrals: how many 4xx replies were given to MAIL, RCPT or DATA.
+    :ivar durations: how long each closed connection was open, in order of closing.
     :ivar port: the port listened on (kept while down, for ``start(port=...)``).
     :ivar on_message: called with each ``ReceivedMessage``, if set.
     """
@@ -487,6 +538,8 @@ class DownstreamServer:
         self.tls_certificate: str | None = None
         self.tls_key: str | None = None
         self.starttls_broken = False
+        self.starttls_stall = False
+        self.drip = 0.0
         self._tls_loaded: tuple[tuple[str, str | None], CertificateOptions] | None = None
         self.on_message: Callable[[ReceivedMessage], Any] | None = None
         self.port: int | None = None
@@ -504,6 +557,7 @@ class DownstreamServer:
         self.peak_connections = self.active_connections
         self.rejections = 0
         self.deferrals = 0
+        self.durations: list[float] = []
 
     def _tls_options(self) -> CertificateOptions:
         """The server's TLS context, from ``tls_certificate`` and ``tls_key``."""

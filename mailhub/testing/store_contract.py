@@ -32,7 +32,13 @@ from attrs import evolve
 from twisted.internet.defer import DeferredList
 from zope.interface.verify import verifyObject
 
-from mailhub.interfaces import ILeaseReclaim, INodeRegistry, IRouteCoordination, ISpoolStore
+from mailhub.interfaces import (
+    ILeaseReclaim,
+    INodeRegistry,
+    IRouteCoordination,
+    ISpoolControl,
+    ISpoolStore,
+)
 from mailhub.model import (
     Action,
     Address,
@@ -53,6 +59,7 @@ __all__ = [
     "LeaseReclaimContract",
     "NodeRegistryContract",
     "RouteCoordinationContract",
+    "SpoolControlContract",
     "SpoolStoreContract",
 ]
 
@@ -961,6 +968,36 @@ class SpoolStoreContract:
         assert again.entry.id == entry_id and again.entry.node is None
 
     @pytest_twisted.ensureDeferred
+    async def test_delay_notice_is_recorded_once_and_for_good(self, store: Any) -> None:
+        """
+        ``Decision.delay_notified`` marks the entry (``Entry.delay_notified``)
+        for every later claim, get and listing, and a later record without
+        it does not clear it: no node sends the sender a second delay notice.
+        """
+        [entry_id] = await self.enqueue(store, {ROUTE_A: [ALICE, BOB]})
+        [lease] = await self.claim(store)
+        assert not lease.entry.delay_notified
+        later = {ALICE: (Action.RETRY, LATER), BOB: (Action.RETRY, LATER)}
+        notified = evolve(decision(later, next_attempt=NOW + 60), delay_notified=True)
+        updated = await store.record(lease, attempt_for(lease, {ALICE: LATER, BOB: LATER}), notified)
+        assert updated.delay_notified
+        assert (await store.get(entry_id)).delay_notified
+        [listed] = await store.entries(None, 0, 10)
+        assert listed.delay_notified
+        [again] = await self.claim(store, node="losangeles", now=NOW + 60)
+        assert again.entry.delay_notified
+        partly = decision({ALICE: (Action.DELIVERED, OK), BOB: (Action.RETRY, LATER)}, next_attempt=NOW + 120)
+        updated = await store.record(again, attempt_for(again, {ALICE: OK, BOB: LATER}, NOW + 60), partly)
+        assert updated.delay_notified and updated.pending == (BOB,)
+        [third] = await self.claim(store, now=NOW + 120)
+        assert third.entry.delay_notified
+        # An entry never notified stays so through records without it.
+        [other] = await self.enqueue(store)
+        [lease] = await self.claim(store, ids=[other], now=NOW + 120)
+        await store.record(lease, attempt_for(lease, {ALICE: LATER}), decision({ALICE: (Action.RETRY, LATER)}, NOW + 180))
+        assert not (await store.get(other)).delay_notified
+
+    @pytest_twisted.ensureDeferred
     async def test_hold_decision_holds_entry(self, store: Any) -> None:
         """A decision to hold keeps the entry, unclaimable until an operator releases it."""
         [entry_id] = await self.enqueue(store)
@@ -1500,6 +1537,110 @@ class LeaseReclaimContract:
         assert await store.release_held(lease.entry.id, NOW + 20)
         [again] = await store.claim("dallas", NOW + 20, 100, LEASE, TAKEOVER)
         assert again.entry.id == lease.entry.id
+
+
+class SpoolControlContract:
+    """
+    Tests of ``ISpoolControl``, for a store that provides it: an operator
+    makes entries due now, moves them to another route (``mailhub queue
+    flush|redirect``), and tells the entries being delivered apart.
+    """
+
+    async def deferred(self, store: Any, node: str = "losangeles") -> Entry:
+        """An entry of ``ROUTE_A`` for ALICE, tried once at ``NOW`` and due again at ``NOW + 600`` for ``node``."""
+        await store.enqueue(envelope(), b"Subject: hi\r\n\r\nhello\r\n", {ROUTE_A: [ALICE]}, "dallas")
+        [lease] = await store.claim("dallas", NOW, 10, LEASE, TAKEOVER)
+        entry: Entry = await store.record(
+            lease, attempt_for(lease, {ALICE: LATER}), decision({ALICE: (Action.RETRY, LATER)}, NOW + 600, node)
+        )
+        return entry
+
+    def test_provides_spool_control(self, store: Any) -> None:
+        """The store provides every method of ``ISpoolControl``."""
+        assert verifyObject(ISpoolControl, store)
+
+    @pytest_twisted.ensureDeferred
+    async def test_requeue_makes_an_entry_due_now_for_any_node(self, store: Any) -> None:
+        """A deferred entry reserved for another node is claimable at once, by any node, as it was."""
+        entry = await self.deferred(store)
+        assert await store.claim("dallas", NOW + 10, 10, LEASE, TAKEOVER) == []
+        assert await store.requeue(entry.id, NOW + 10) == "requeued"
+        [lease] = await store.claim("dallas", NOW + 10, 10, LEASE, TAKEOVER)
+        assert lease.entry.id == entry.id and lease.entry.route == ROUTE_A
+        assert lease.entry.attempts == 1 and lease.entry.recipients == entry.recipients
+        assert lease.entry.next_attempt == NOW + 10 and lease.entry.node is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_requeue_to_a_route_moves_a_spooled_entry(self, store: Any) -> None:
+        """
+        The entry goes to the new route from its next attempt on: listings,
+        counts and claims say so, its body, log and replies stay, and the
+        route it leaves is no longer counted.
+        """
+        entry = await self.deferred(store)
+        assert await store.requeue(entry.id, NOW + 10, ROUTE_B) == "requeued"
+        moved = await store.get(entry.id)
+        assert moved.route == ROUTE_B and moved.next_attempt == NOW + 10 and moved.node is None
+        assert moved.recipients == entry.recipients and moved.attempts == 1
+        assert (await core_counts(store))["routes"] == {ROUTE_B: 1}
+        assert [e.id for e in await store.entries(EntryFilter(route=ROUTE_B), 0, 10)] == [entry.id]
+        assert await store.entries(EntryFilter(route=ROUTE_A), 0, 10) == []
+        assert len(await store.attempts(entry.id)) == 1
+        [lease] = await store.claim("losangeles", NOW + 10, 10, LEASE, TAKEOVER)
+        assert lease.entry.route == ROUTE_B
+        assert await store.body(lease.entry.message_id) == b"Subject: hi\r\n\r\nhello\r\n"
+        after = await store.record(
+            lease,
+            attempt_for(lease, {ALICE: LATER}, NOW + 10),
+            decision({ALICE: (Action.RETRY, LATER)}, NOW + 900, None),
+        )
+        assert after.route == ROUTE_B and after.attempts == 2
+
+    @pytest_twisted.ensureDeferred
+    async def test_requeue_leaves_an_entry_being_delivered_alone(self, store: Any) -> None:
+        """Under a live lease: ``"leased"``, nothing changed, and the lease still records."""
+        await self.enqueue_two(store)
+        [lease] = await store.claim("dallas", NOW, 1, LEASE, TAKEOVER)
+        assert await store.requeue(lease.entry.id, NOW + 1, ROUTE_B) == "leased"
+        assert (await store.get(lease.entry.id)).route == ROUTE_A
+        assert await store.leased_entries(NOW + 1) == {lease.entry.id}
+        await store.record(lease, attempt_for(lease, {ALICE: OK}), decision({ALICE: (Action.DELIVERED, OK)}))
+        assert await store.leased_entries(NOW + 1) == set()
+
+    async def enqueue_two(self, store: Any) -> list[str]:
+        ids: list[str] = await store.enqueue(envelope(), b"x\r\n", {ROUTE_A: [ALICE]}, "dallas")
+        ids += await store.enqueue(envelope(), b"y\r\n", {ROUTE_A: [BOB]}, "dallas")
+        return ids
+
+    @pytest_twisted.ensureDeferred
+    async def test_requeue_after_a_lease_expired_ends_that_lease(self, store: Any) -> None:
+        """The node whose lease ran out cannot record its attempt any more."""
+        await self.enqueue_two(store)
+        [lease] = await store.claim("dallas", NOW, 1, LEASE, TAKEOVER)
+        assert await store.leased_entries(NOW + LEASE + 1) == set()
+        assert await store.requeue(lease.entry.id, NOW + LEASE + 1, ROUTE_B) == "requeued"
+        with pytest.raises(LeaseLost):
+            await store.record(lease, attempt_for(lease, {ALICE: OK}), decision({ALICE: (Action.DELIVERED, OK)}))
+        assert (await store.get(lease.entry.id)).route == ROUTE_B
+
+    @pytest_twisted.ensureDeferred
+    async def test_requeue_keeps_a_held_entry_held(self, store: Any) -> None:
+        """A held entry moves to its new route and stays held until released."""
+        entry = await self.deferred(store)
+        assert await store.hold(entry.id)
+        assert await store.requeue(entry.id, NOW + 10, ROUTE_B) == "requeued"
+        moved = await store.get(entry.id)
+        assert moved.held and moved.route == ROUTE_B
+        assert await store.claim("dallas", NOW + 20, 10, LEASE, TAKEOVER) == []
+        assert (await core_counts(store))["held"] == 1
+        assert await store.release_held(entry.id, NOW + 20)
+        [lease] = await store.claim("dallas", NOW + 20, 10, LEASE, TAKEOVER)
+        assert lease.entry.route == ROUTE_B
+
+    @pytest_twisted.ensureDeferred
+    async def test_requeue_of_an_unknown_entry_says_missing(self, store: Any) -> None:
+        assert await store.requeue("no-such-entry", NOW, ROUTE_B) == "missing"
+        assert await store.requeue("no-such-entry", NOW) == "missing"
 
 
 async def _deliver(store: Any, lease: Lease) -> Entry | None:

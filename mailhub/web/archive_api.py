@@ -3,7 +3,9 @@ The archive as JSON, on each node's web listener, for operators' tools and
 the LiveArchive pages: ``/api/archive/...``.
 
 Every request needs ``Authorization: Bearer TOKEN`` with a token from
-``[web] api_tokens_file`` (one ``NAME TOKEN`` a line; ``#`` comments).  Without
+``[web] api_tokens_file`` (one ``NAME TOKEN [ROLE]`` a line, ``ROLE``
+``read-only`` when left out, or ``operator``; ``#`` comments): any role reads
+the archive.  Without
 that file the API answers ``404``: it is off.  Every search and read is
 written to the archive's audit log as ``api:NAME``.
 
@@ -32,32 +34,52 @@ from twisted.web import resource, server
 from mailhub.archive.query import QueryError, parse_query
 from mailhub.model import Address, AddressError, ArchiveScope, AuditEvent, StoreUnavailable
 
-__all__ = ["ArchiveAPI", "read_tokens"]
+__all__ = ["ROLES", "ArchiveAPI", "read_token_roles", "read_tokens"]
 
 MAX_LIMIT = 200
 
 
-def read_tokens(path: str) -> dict[str, str]:
-    """
-    The API tokens, ``{token: name}``, from a file of ``NAME TOKEN`` lines.
+#: The roles a token can have (``[web] api_tokens_file``): ``read-only``
+#: reads (the archive, the spool, the OpenAPI document); ``operator`` may act
+#: too (hold, release, flush, redirect, bounce, delete).
+ROLES = ("read-only", "operator")
 
-    :raises ValueError: naming the file and line of a malformed one, or a
-        token shorter than 20 characters.
+
+def read_token_roles(path: str) -> dict[str, tuple[str, str]]:
     """
-    tokens: dict[str, str] = {}
+    The API tokens, ``{token: (name, role)}``, from a file of ``NAME TOKEN
+    [ROLE]`` lines; a line without a role (the file's first format) is
+    ``read-only``.
+
+    :raises ValueError: naming the file and line of a malformed one, a
+        token shorter than 20 characters, or an unknown role.
+    """
+    tokens: dict[str, tuple[str, str]] = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
             parts = line.split()
-            if len(parts) != 2:
-                raise ValueError(f"{path}, line {number}: expected 'NAME TOKEN'")
-            name, token = parts
+            if len(parts) not in (2, 3):
+                raise ValueError(f"{path}, line {number}: expected 'NAME TOKEN [ROLE]'")
+            name, token = parts[:2]
+            role = parts[2] if len(parts) == 3 else "read-only"
             if len(token) < 20:
                 raise ValueError(f"{path}, line {number}: the token of {name} is shorter than 20 characters")
-            tokens[token] = name
+            if role not in ROLES:
+                raise ValueError(f"{path}, line {number}: role {role!r} of {name}: give {' or '.join(ROLES)}")
+            tokens[token] = (name, role)
     return tokens
+
+
+def read_tokens(path: str) -> dict[str, str]:
+    """
+    The API tokens, ``{token: name}`` (``read_token_roles`` without the roles).
+
+    :raises ValueError: as ``read_token_roles``.
+    """
+    return {token: name for token, (name, _) in read_token_roles(path).items()}
 
 
 class ArchiveAPI(resource.Resource):

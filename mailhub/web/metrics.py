@@ -26,8 +26,11 @@ The metrics (spool figures are hub-wide and the same on every node: use
 - ``mailhub_spool_entries{route}``: entries per route.
 - ``mailhub_spool_entries_by_state{state}``: ``held``, ``leased`` (being
   delivered) and ``deferred`` (waiting for an attempt: the rest).
-- ``mailhub_spool_held_entries{route}`` and
-  ``mailhub_spool_oldest_entry_age_seconds{route}``: from the scan.
+- ``mailhub_spool_held_entries{route}``,
+  ``mailhub_spool_route_entries_by_state{route,state}`` (``held``,
+  ``leased``, ``deferred``; ``leased`` only from a store providing
+  ``ISpoolControl``) and ``mailhub_spool_oldest_entry_age_seconds{route}``:
+  from the scan.
 - ``mailhub_spool_recipients``: recipients still to deliver.
 - ``mailhub_archive_backlog_entries``: entries of the archive's route.
 - ``mailhub_delivery_attempts_total{node,route,result}``: ``mailhub.stats.DeliveryStats``.
@@ -45,6 +48,11 @@ The metrics (spool figures are hub-wide and the same on every node: use
   ``mailhub_smtp_refusals_total{node,reason}`` (``mailhub.stats.refusal_reason``),
   ``mailhub_smtp_timeouts_total{node}``.
 - ``mailhub_store_call_seconds{node,call}``: the engine's store calls.
+- ``mailhub_drill_last_ok{node,domain}`` (1 or 0),
+  ``mailhub_drill_last_success_timestamp{node,domain}`` (when the last
+  successful drill started, Unix time) and
+  ``mailhub_drill_last_duration_seconds{node,domain,step}`` (seconds from
+  the start of the last drill to each step it reached): ``mailhub.drill``.
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from mailhub.archive.route import ARCHIVE_ROUTE
+from mailhub.interfaces import ISpoolControl
 from mailhub.stats import Buckets
 from mailhub.web.archive_api import read_tokens
 
@@ -114,6 +123,12 @@ class SpoolSnapshot:
         #: Per route, the acceptance time of its oldest entry, and its held entries: the last scan's.
         self.oldest: dict[str, float] = {}
         self.held: dict[str, int] = {}
+        #: Entries at least this old (seconds since accepted) are counted per
+        #: route in ``aged`` by each scan (``mailhub.alerts``: close to expiry).
+        self.aged_after: float | None = None
+        self.aged: dict[str, int] = {}
+        #: Per route, its entries by state (``held``, ``leased``, ``deferred``): the last scan's.
+        self.states: dict[str, dict[str, int]] = {}
         self._reading: Deferred[None] | None = None
         self._scanning: Deferred[None] | None = None
         self._read_started = float("-inf")
@@ -182,10 +197,15 @@ class SpoolSnapshot:
     async def _scan(self, started: float) -> None:
         oldest: dict[str, float] = {}
         held: dict[str, int] = {}
+        aged: dict[str, int] = {}
+        aged_before = float("-inf") if self.aged_after is None else started - self.aged_after
+        states: dict[str, dict[str, int]] = {}
         seen: set[str] = set()
         offset = 0
         complete = False
         try:
+            control = ISpoolControl(self._store, None)
+            leased: set[str] = set() if control is None else await control.leased_entries(started)
             while True:
                 page = await self._store.entries(None, offset, self.PAGE)
                 for e in page:
@@ -198,6 +218,11 @@ class SpoolSnapshot:
                         oldest[e.route] = e.created
                     if e.held:
                         held[e.route] = held.get(e.route, 0) + 1
+                    if e.created <= aged_before:
+                        aged[e.route] = aged.get(e.route, 0) + 1
+                    state = "held" if e.held else "leased" if e.id in leased else "deferred"
+                    counts = states.setdefault(e.route, {"held": 0, "leased": 0, "deferred": 0})
+                    counts[state] += 1
                 if len(page) < self.PAGE:
                     break
                 offset += len(page)
@@ -208,7 +233,7 @@ class SpoolSnapshot:
             took = self._clock.seconds() - started
             self._scan_next = started + max(self.scan_every, 10 * took)
         if complete:
-            self.oldest, self.held = oldest, held
+            self.oldest, self.held, self.aged, self.states = oldest, held, aged, states
 
 
 class NodeCollector:
@@ -231,6 +256,7 @@ class NodeCollector:
         yield from self._delivery_metrics()
         yield from self._route_metrics()
         yield from self._smtp_metrics()
+        yield from self._drill_metrics()
 
     def _spool_metrics(self) -> Iterator[Metric]:
         spool = self._spool
@@ -274,13 +300,21 @@ class NodeCollector:
         held_by_route = GaugeMetricFamily(
             "mailhub_spool_held_entries", "Held spool entries per route (hub-wide).", labels=["route"]
         )
+        by_state = GaugeMetricFamily(
+            "mailhub_spool_route_entries_by_state",
+            "Spool entries per route held, leased (being delivered) and deferred (hub-wide).",
+            labels=["route", "state"],
+        )
         for route, created in sorted(spool.oldest.items()):
             # The scan is older than the counts: a route emptied since has no oldest entry.
             if routes.get(route):
                 oldest.add_metric([route], max(0.0, now - created))
                 held_by_route.add_metric([route], spool.held.get(route, 0))
+                for name, n in sorted(spool.states.get(route, {}).items()):
+                    by_state.add_metric([route, name], n)
         yield oldest
         yield held_by_route
+        yield by_state
 
     def _delivery_metrics(self) -> Iterator[Metric]:
         node = self._node.name
@@ -365,6 +399,31 @@ class NodeCollector:
         for reason, n in sorted(stats.refusals.items()):
             refusals.add_metric([node, reason], n)
         yield refusals
+
+
+    def _drill_metrics(self) -> Iterator[Metric]:
+        drills = getattr(self._node, "drills", None)
+        if drills is None or not drills.last:
+            return
+        node = self._node.name
+        ok = GaugeMetricFamily("mailhub_drill_last_ok", "Whether the last drill of the domain succeeded (1) or not (0).",
+                               labels=["node", "domain"])
+        success = GaugeMetricFamily("mailhub_drill_last_success_timestamp",
+                                    "When the last successful drill of the domain started (Unix time).",
+                                    labels=["node", "domain"])
+        duration = GaugeMetricFamily("mailhub_drill_last_duration_seconds",
+                                     "Seconds from the start of the domain's last drill to each step it reached.",
+                                     labels=["node", "domain", "step"])
+        for domain, result in sorted(drills.last.items()):
+            ok.add_metric([node, domain], 1 if result.ok else 0)
+            if domain in drills.last_success:
+                success.add_metric([node, domain], drills.last_success[domain])
+            for step in result.steps:
+                if step.ok and step.seconds is not None:
+                    duration.add_metric([node, domain, step.name], step.seconds)
+        yield ok
+        yield success
+        yield duration
 
 
 def _gauge(name: str, text: str, node: str, value: float) -> Metric:

@@ -1,0 +1,2 @@
+-- ARGV: prefix, id.
+return drop(ARGV[2])
