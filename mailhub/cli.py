@@ -568,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe(checked))
         return 0
     if args.command == "sink":
-        from mailhub.testing.downstream import main as sink_main
+        from mailhub.sink import main as sink_main
 
         sink_args = ["--listen", args.listen, "--mode", args.mode] + (["--maildir", args.maildir] if args.maildir else [])
         if args.max_connections:

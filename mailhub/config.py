@@ -25,7 +25,13 @@ from typing import Any
 
 from attrs import asdict, evolve, field, fields, frozen
 
-from mailhub.model import Address, AddressError, Route
+from mailhub.model import (
+    ROUTE_BACKPRESSURE_PAUSE,
+    ROUTE_MAX_CONNECTIONS,
+    Address,
+    AddressError,
+    Route,
+)
 from mailhub.plugin import PluginNotFound, check_plugin_config, declared_keys, load_plugin
 
 __all__ = ["AlertsConfig", "ConfigError", "DomainConfig", "DrillsConfig", "HubConfig", "NodeConfig", "SmtpConfig", "load", "parse"]
@@ -60,7 +66,7 @@ class DomainConfig:
 
     name: str
     route: str
-    max_connections: int = 10
+    max_connections: int = ROUTE_MAX_CONNECTIONS
     options: Mapping[str, Any] = field(factory=dict)
 
 
@@ -206,6 +212,22 @@ class HubConfig:
             if d.route == route:
                 return {"max_connections": d.max_connections, **d.options}
         return {"max_connections": fields(DomainConfig).max_connections.default}
+
+    #: Archive writes in flight for the whole hub (``[archive] max_connections``):
+    #: the worker's writer commits them together.
+    ARCHIVE_MAX_CONNECTIONS = 64
+
+    def pacing(self, route: str) -> tuple[int, float, float | None]:
+        """A route's ``(max_connections, backpressure_pause, max_rate)``, for the whole hub."""
+        if route.startswith("archive:"):
+            return int((self.archive or {}).get("max_connections", self.ARCHIVE_MAX_CONNECTIONS)), ROUTE_BACKPRESSURE_PAUSE, None
+        options = self.route_options(route)
+        rate = options.get("max_rate")
+        return (
+            int(options["max_connections"]),
+            float(options.get("backpressure_pause", ROUTE_BACKPRESSURE_PAUSE)),
+            float(rate) if rate else None,
+        )
 
     #: The ``[archive]`` keys the core reads; the rest is the plugin's.
     ARCHIVE_KEYS = ("plugin", "retention_days", "max_connections", "expire_every_minutes", "processes", "nice")

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from attrs import evolve, field, frozen
 
 __all__ = [
+    "ROUTE_BACKPRESSURE_PAUSE",
+    "ROUTE_MAX_CONNECTIONS",
     "Account",
     "Action",
     "Address",
@@ -56,6 +58,16 @@ __all__ = [
     "is_back_pressure",
     "new_entries",
 ]
+
+#: A route's connections open at once for the whole hub, when its domain's
+#: table does not say (``[domains."..."] max_connections``).  The one
+#: default: the configuration, the node's pacing and the transports read it
+#: from here.
+ROUTE_MAX_CONNECTIONS = 10
+
+#: Seconds a route pauses after a back-pressure reply (``452 4.3.1``) when
+#: its domain's table does not say (``backpressure_pause``).
+ROUTE_BACKPRESSURE_PAUSE = 30.0
 
 
 class AddressError(ValueError):

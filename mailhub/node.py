@@ -364,15 +364,7 @@ class Node(MultiService):
 
     def pacing_for(self, route: str) -> tuple[int, float, float | None]:
         """A route's ``(max_connections, backpressure_pause, max_rate)``, for the whole hub."""
-        if is_archive_route(route):
-            return int((self.config.archive or {}).get("max_connections", 64)), 30.0, None
-        options = self.config.route_options(route)
-        rate = options.get("max_rate")
-        return (
-            int(options.get("max_connections", 10)),
-            float(options.get("backpressure_pause", 30.0)),
-            float(rate) if rate else None,
-        )
+        return self.config.pacing(route)
 
     def startService(self) -> None:
         # First, before the engine and the listener take any lease: every

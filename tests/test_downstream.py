@@ -1,5 +1,5 @@
 """
-Tests for ``mailhub.testing.downstream``: the test SMTP server, driven by a
+Tests for ``mailhub.sink`` (``mailhub.testing.downstream``): the test SMTP server, driven by a
 raw client over a real socket on 127.0.0.1 (and, for ``main``, by the
 standard library's ``smtplib`` against a subprocess).
 """
@@ -21,7 +21,7 @@ from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from mailhub.testing import downstream
+from mailhub import sink as downstream
 from mailhub.testing.downstream import DownstreamServer, ReceivedMessage
 
 pytestmark = pytest.mark.integration

@@ -17,6 +17,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 
+from mailhub.model import ROUTE_MAX_CONNECTIONS
 from mailhub.smtp.client import SMTPClientProtocol
 
 __all__ = ["Connection", "ConnectionPool", "Key"]
@@ -47,7 +48,7 @@ class ConnectionPool:
     """
 
     _reactor: Any
-    max_connections: int = 10
+    max_connections: int = ROUTE_MAX_CONNECTIONS
     _idle_timeout: float = 30.0
     _open: int = field(init=False, default=0)
     _idle: dict[Key, list[Connection]] = field(init=False, factory=dict)

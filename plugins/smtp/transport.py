@@ -84,7 +84,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailhub.interfaces import IPooledTransport, IRecipientProbe, ITransport, ITransportPlugin
-from mailhub.model import Address, Entry, Reply, is_back_pressure
+from mailhub.model import ROUTE_MAX_CONNECTIONS, Address, Entry, Reply, is_back_pressure
 from mailhub.smtp import client
 from mailhub.smtp.client import SMTPClientProtocol, mail_command, wire_data
 
@@ -131,7 +131,7 @@ class SMTPTransport:
     _command_timeout: float = 300.0
     _data_timeout: float = 600.0
     _idle_timeout: float = 30.0
-    _max_connections: int = 10
+    _max_connections: int = ROUTE_MAX_CONNECTIONS
     _resolver: Any = None
     _endpoint_for: Endpoints | None = None
     _mx_port: int = 25
@@ -643,7 +643,7 @@ class SMTPTransportPlugin:
             command_timeout=number("command_timeout", 300),
             data_timeout=number("data_timeout", 600),
             idle_timeout=number("idle_timeout", 30),
-            max_connections=count("max_connections", 10),
+            max_connections=count("max_connections", ROUTE_MAX_CONNECTIONS),
             mx_port=count("mx_port", 25),
             **tls_config(config),
         )
