@@ -400,14 +400,29 @@ def _reactor() -> Any:
 
 
 def _plugin(name: str, module_path: str | None) -> Any:
-    """The plugin ``name``, or the ``plugin`` of the module at ``module_path`` (another version of it)."""
+    """
+    The plugin ``name``, or the ``plugin`` of the module at ``module_path``
+    (another version of it): one file, or a package's directory (or its
+    ``__init__.py``), whose modules import each other relatively.
+    """
     if not module_path:
         return load_plugin("mailhub.archives", name)
     import importlib.util
+    import sys
 
-    spec = importlib.util.spec_from_file_location(f"bench_{name}_archive", module_path)
+    path = Path(module_path)
+    if path.is_dir():
+        path = path / "__init__.py"
+    module_name = f"bench_{name}_archive"
+    if path.name == "__init__.py":
+        spec = importlib.util.spec_from_file_location(
+            module_name, path, submodule_search_locations=[str(path.parent)]
+        )
+    else:
+        spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # for the package's relative imports
     spec.loader.exec_module(module)
     return module.plugin
 
@@ -641,7 +656,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default="/var/tmp", help="where the archives live (a real disk)")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--pool-size", type=int, default=4, help="the postgresql plugin's pool_size")
-    p.add_argument("--plugin-module", help="the plugin from this file instead (an A/B run with --reuse)")
+    p.add_argument(
+        "--plugin-module",
+        help="the plugin from this file or package directory instead (an A/B run with --reuse)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the archives (and the PostgreSQL server running)")
     p.add_argument("--reuse", action="store_true", help="search an archive a --keep run left, if of the same size")
     return p.parse_args(argv)

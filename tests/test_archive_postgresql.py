@@ -36,8 +36,8 @@ from mailhub.model import (
     StoreUnavailable,
 )
 from mailhub.plugin import load_plugin
-from mailhub.plugins import postgresql_archive
-from mailhub.plugins.postgresql_archive import PostgresArchive, plugin
+from mailhub.plugins.postgresql import SCHEMA_VERSION, PostgresArchive, plugin
+from mailhub.plugins.postgresql.search import tsquery, tsvector
 from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import (
     ALICE,
@@ -182,7 +182,7 @@ async def test_newer_schema_is_refused(pg: PostgresServer, archives: Any) -> Non
 async def test_search_uses_the_text_index(pg: PostgresServer, archive: PostgresArchive) -> None:
     """With sequential scans off, a word search is a scan of the GIN index."""
     await archive.add(archived("x", body="zebra"))
-    vector_query, _ = postgresql_archive.tsquery(query(words=("zeb",)))
+    vector_query, _ = tsquery(query(words=("zeb",)))
     plan = rows(
         pg,
         archive._schema,
@@ -363,7 +363,7 @@ async def test_pool_size_bounds_connections(pg: PostgresServer, archives: Any) -
 
 
 def test_query_text_is_quoted_lexemes_only() -> None:
-    text, recipients = postgresql_archive.tsquery(
+    text, recipients = tsquery(
         query(
             words=("it's", "a|b", "x:*"),
             phrases=("annual budget",),
@@ -380,7 +380,7 @@ def test_query_text_is_quoted_lexemes_only() -> None:
 
 
 def test_vector_leaves_a_gap_between_fields() -> None:
-    vector = postgresql_archive.tsvector([("A", ["one two"]), ("B", ["three"])])
+    vector = tsvector([("A", ["one two"]), ("B", ["three"])])
     assert vector == "'one':2A 'two':3A 'three':5B"
 
 
@@ -470,7 +470,7 @@ async def test_schema_1_gains_the_account_tables(pg: PostgresServer, archives: A
     archive = archives(schema=schema)
     assert (await archive.get("old")).message == ODD_MESSAGE
     assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "3"
-    assert postgresql_archive.SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 3
     await archive.add_account(account(ALICE))
     await archive.set_read(ALICE, ["old"], True)
     await archive.add_sent(SentMessage("s1", ALICE, NOW, b"sent\r\n"))

@@ -27,8 +27,8 @@ from mailhub.model import (
     StoreUnavailable,
 )
 from mailhub.plugin import load_plugin
-from mailhub.plugins import sqlite_archive
-from mailhub.plugins.sqlite_archive import SqliteArchive, plugin
+from mailhub.plugins.sqlite.archive import SCHEMA_VERSION, SqliteArchive, plugin
+from mailhub.plugins.sqlite.archive import search as archive_search
 from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import (
     ALICE,
@@ -235,7 +235,7 @@ async def test_not_a_database_fails_with_store_unavailable(db: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_newer_schema_is_refused(db: Path) -> None:
     conn = sqlite3.connect(db)
-    conn.execute(f"PRAGMA user_version = {sqlite_archive.SCHEMA_VERSION + 1}")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
     archive = open_archive(db)
     try:
@@ -247,7 +247,7 @@ async def test_newer_schema_is_refused(db: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_schema_version_is_recorded(archive: SqliteArchive) -> None:
-    assert await rows(archive, "PRAGMA user_version") == [(sqlite_archive.SCHEMA_VERSION,)]
+    assert await rows(archive, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
 @pytest_twisted.ensureDeferred
@@ -344,8 +344,8 @@ async def test_archive_of_schema_1_gains_the_account_tables(db: Path) -> None:
     archive = open_archive(db)
     try:
         assert (await archive.get("old")).message == ODD_MESSAGE
-        assert await rows(archive, "PRAGMA user_version") == [(sqlite_archive.SCHEMA_VERSION,)]
-        assert sqlite_archive.SCHEMA_VERSION == 3
+        assert await rows(archive, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert SCHEMA_VERSION == 3
         tables = await rows(archive, "SELECT name FROM sqlite_master WHERE type = 'table'")
         assert {"accounts", "read_flags", "sent"} <= {name for (name,) in tables}
         await archive.add_account(account(ALICE))
@@ -481,8 +481,8 @@ async def test_word_search_pages_match_whole_list(
     pages through exactly
     the matching messages, newest first, and counts them exactly.
     """
-    monkeypatch.setattr(sqlite_archive, "_WALK_LIMIT", walk_limit)
-    monkeypatch.setattr(sqlite_archive, "_FEW", few)
+    monkeypatch.setattr(archive_search, "_WALK_LIMIT", walk_limit)
+    monkeypatch.setattr(archive_search, "_FEW", few)
     messages = _walk_corpus(shuffled)
     await gatherResults([archive.add(m) for m in messages])
     newest_first = sorted(messages, key=lambda m: (m.received_at, m.id), reverse=True)

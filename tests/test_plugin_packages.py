@@ -95,6 +95,8 @@ def test_the_redis_scripts_are_package_data() -> None:
         ("mailhub.plugins.smtp_transport", "mailhub.plugins.smtp"),
         ("mailhub.plugins.sqlite_store", "mailhub.plugins.sqlite"),
         ("mailhub.plugins.redis_store", "mailhub.plugins.redis"),
+        ("mailhub.plugins.postgresql_archive", "mailhub.plugins.postgresql"),
+        ("mailhub.plugins.sqlite_archive", "mailhub.plugins.sqlite.archive"),
     ],
 )
 def test_old_module_paths_give_the_same_plugin(old: str, new: str) -> None:

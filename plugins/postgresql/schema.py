@@ -1,0 +1,166 @@
+"""
+The ``postgresql`` archive's tables (in the schema the configuration names),
+the schema's version and the migrations from each version to the next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+__all__ = ["LOCK_HOLDS", "SCHEMA_VERSION", "ensure_schema"]
+
+#: 2 added the accounts' tables, 3 the delivery records (``_MIGRATIONS``).
+SCHEMA_VERSION = 3
+
+_TABLES = """
+CREATE TABLE meta (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE bodies (
+    sha256 bytea PRIMARY KEY,
+    data bytea {compression} NOT NULL
+);
+CREATE TABLE messages (
+    id text COLLATE "C" PRIMARY KEY,
+    received_at double precision NOT NULL,
+    envelope_sender text,
+    body_sha256 bytea NOT NULL REFERENCES bodies (sha256),
+    size bigint NOT NULL,
+    subject bytea NOT NULL,
+    from_text bytea NOT NULL,
+    recipients_text bytea NOT NULL,
+    body_text bytea NOT NULL,
+    attachments bytea[] NOT NULL,
+    has_attachment boolean NOT NULL,
+    message_id bytea NOT NULL,
+    date double precision,
+    tsv tsvector NOT NULL
+);
+CREATE INDEX messages_page ON messages (received_at DESC, id DESC);
+CREATE INDEX messages_tsv ON messages USING gin (tsv);
+CREATE INDEX messages_body ON messages (body_sha256);
+CREATE TABLE mailboxes (
+    mailbox text COLLATE "C" NOT NULL,
+    domain text COLLATE "C" NOT NULL,
+    received_at double precision NOT NULL,
+    id text COLLATE "C" NOT NULL REFERENCES messages (id),
+    tsv tsvector NOT NULL,
+    PRIMARY KEY (mailbox, id)
+);
+CREATE INDEX mailboxes_mailbox_page ON mailboxes (mailbox, received_at DESC, id DESC);
+CREATE INDEX mailboxes_domain_page ON mailboxes (domain, received_at DESC, id DESC);
+CREATE INDEX mailboxes_id ON mailboxes (id);
+CREATE TABLE holds (
+    kind text NOT NULL CHECK (kind IN ('mailbox', 'domain')),
+    name text COLLATE "C" NOT NULL,
+    reason text NOT NULL,
+    since double precision NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE TABLE audit (
+    n bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at double precision NOT NULL,
+    actor text NOT NULL,
+    action text NOT NULL,
+    scope text NOT NULL,
+    detail bytea NOT NULL
+);
+CREATE INDEX audit_at ON audit (at DESC, n DESC);
+"""
+
+#: What makes each version of the schema from the one before; a new archive
+#: runs them all after ``_TABLES``.
+_MIGRATIONS = {
+    2: """
+CREATE TABLE accounts (
+    address bytea PRIMARY KEY,
+    domain bytea NOT NULL,
+    data text NOT NULL
+);
+CREATE INDEX accounts_domain ON accounts (domain);
+CREATE TABLE read_flags (
+    account bytea NOT NULL,
+    archive_id text COLLATE "C" NOT NULL,
+    PRIMARY KEY (account, archive_id)
+);
+CREATE TABLE sent (
+    account bytea NOT NULL,
+    id text COLLATE "C" NOT NULL,
+    sent_at double precision NOT NULL,
+    message bytea NOT NULL,
+    PRIMARY KEY (account, id)
+);
+CREATE INDEX sent_page ON sent (account, sent_at DESC, id DESC);
+""",
+    3: """
+CREATE TABLE delivered (
+    mailbox text COLLATE "C" NOT NULL,
+    archive_id text COLLATE "C" NOT NULL,
+    domain text COLLATE "C" NOT NULL,
+    route text NOT NULL,
+    at double precision NOT NULL,
+    PRIMARY KEY (mailbox, archive_id)
+);
+CREATE INDEX delivered_expiry ON delivered (domain, at);
+CREATE INDEX messages_header_id ON messages (message_id) WHERE message_id <> ''::bytea;
+""",
+}
+
+_LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtext('mailhub archive schema ' || %s))"
+LOCK_HOLDS = "SELECT pg_advisory_xact_lock{shared}(hashtext('mailhub archive holds ' || %s))"
+
+
+def _migrate(conn: psycopg.Connection[Any], version: int) -> None:
+    """Bring the schema from ``version`` to ``SCHEMA_VERSION`` (in the caller's transaction)."""
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute(_MIGRATIONS[step])  # type: ignore[arg-type]
+    conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+
+
+def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
+    """
+    Create ``schema`` and its tables if missing, or bring them to
+    ``SCHEMA_VERSION``, under an advisory lock (nodes starting together do
+    not race).
+
+    :raises RuntimeError: if the schema is newer than this mailhub knows.
+    """
+    with conn.transaction():
+        conn.execute(_LOCK_SCHEMA, (schema,))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        exists = conn.execute(
+            "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'meta'",
+            (schema,),
+        ).fetchone()
+        if exists is None:
+            _create(conn)
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None and int(row[0]) < SCHEMA_VERSION:
+            _migrate(conn, int(row[0]))
+            row = (str(SCHEMA_VERSION),)
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the archive's schema {schema!r} is version {version}, newer than "
+            f"this mailhub knows ({SCHEMA_VERSION}): upgrade mailhub"
+        )
+
+
+def _create(conn: psycopg.Connection[Any]) -> None:
+    compression = "COMPRESSION lz4"
+    try:
+        with conn.transaction():
+            conn.execute("CREATE TEMPORARY TABLE lz4_probe (b bytea COMPRESSION lz4)")
+            conn.execute("DROP TABLE lz4_probe")
+    except psycopg.Error:
+        # Built without lz4 (or PostgreSQL 13, before COMPRESSION):
+        # pglz, TOAST's default.
+        compression = ""
+    conn.execute(_TABLES.replace("{compression}", compression))  # type: ignore[arg-type]
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    _migrate(conn, 1)

@@ -1,0 +1,106 @@
+"""
+The sqlite archive's rows: text as SQLite takes it, addresses, the
+compressed text of a message and its text index row, search result
+summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from mailhub.model import (
+    Address,
+    ArchiveSummary,
+    ArchiveText,
+)
+
+__all__ = [
+    "SUMMARY_COLUMNS", "address_of", "as_tuple", "clean", "index_row", "mailboxes_of",
+    "summary_of", "text_blob", "text_of",
+]
+
+
+def clean(text: str) -> str:
+    """``text`` as SQLite can take it (lone surrogates replaced)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def address_of(text: str) -> Address:
+    # A domain never contains "@", so the last one splits the address exactly.
+    local, _, domain = text.rpartition("@")
+    return Address(local, domain)
+
+
+def as_tuple(items: Iterable[Any]) -> Any:
+    # mypy cannot solve the attrs ``converter=tuple`` of the model's fields.
+    return tuple(items)
+
+
+
+
+
+
+def text_blob(text: ArchiveText) -> bytes:
+    data = {
+        "subject": text.subject,
+        "sender": text.sender,
+        "recipients": text.recipients,
+        "body": text.body,
+        "attachments": list(text.attachments),
+        "message_id": text.message_id,
+        "date": text.date,
+    }
+    return zlib.compress(json.dumps(data).encode("ascii"))
+
+
+def text_of(blob: bytes) -> ArchiveText:
+    data = json.loads(zlib.decompress(blob))
+    data["attachments"] = as_tuple(data["attachments"])
+    return ArchiveText(**data)
+
+
+def index_row(text: ArchiveText, sender: str | None) -> tuple[str, ...]:
+    """The values of ``text_index``'s columns for a message (``delete`` needs them again)."""
+    return (
+        clean(text.subject),
+        clean(f"{text.sender}\n{sender or ''}"),
+        clean(text.recipients),
+        clean(text.body),
+        clean("\n".join(text.attachments)),
+    )
+
+
+SUMMARY_COLUMNS = (
+    "m.id, m.received_at, m.sender, m.from_text, m.subject, m.size, m.has_attachment, m.message_id"
+)
+
+
+def summary_of(row: Sequence[Any], mailboxes: Sequence[Address]) -> ArchiveSummary:
+    archive_id, received_at, sender, from_text, subject, size, has_attachment, message_id = row[:8]
+    return ArchiveSummary(
+        id=archive_id,
+        received_at=received_at,
+        sender=from_text or (sender or ""),
+        subject=subject,
+        mailboxes=as_tuple(mailboxes),
+        size=size,
+        has_attachment=bool(has_attachment),
+        message_id=message_id,
+    )
+
+
+def mailboxes_of(conn: sqlite3.Connection, archive_id: str) -> list[Address]:
+    return [
+        address_of(row[0])
+        for row in conn.execute(
+            "SELECT mailbox FROM mailboxes WHERE message_id = ? ORDER BY mailbox", (archive_id,)
+        )
+    ]

@@ -1,0 +1,138 @@
+"""
+The sqlite archive's tables (messages, bodies, mailboxes, the FTS5 text
+index, holds, audit; accounts, read flags and the Sent folder; delivery
+records), its schema version and the migration of an older archive.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+__all__ = [
+    "ACCOUNTS_SCHEMA", "DELIVERED_SCHEMA", "SCHEMA", "SCHEMA_VERSION", "NewerSchema", "migrate",
+]
+
+#: The archive's schema, in ``PRAGMA user_version``: 2 added the accounts'
+#: tables (``ACCOUNTS_SCHEMA``), 3 the delivery records
+#: (``DELIVERED_SCHEMA``).
+SCHEMA_VERSION = 3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    received_at REAL NOT NULL,
+    sender TEXT,
+    size INTEGER NOT NULL,
+    has_attachment INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    from_text TEXT NOT NULL,
+    body_hash BLOB NOT NULL,
+    text BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_time ON messages (received_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS messages_body ON messages (body_hash);
+CREATE TABLE IF NOT EXISTS bodies (
+    hash BLOB PRIMARY KEY,
+    data BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailboxes (
+    message_id TEXT NOT NULL,
+    mailbox TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    words TEXT NOT NULL,
+    PRIMARY KEY (mailbox, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS mailboxes_time ON mailboxes (mailbox, received_at DESC, message_id DESC);
+CREATE INDEX IF NOT EXISTS mailboxes_domain ON mailboxes (domain, received_at DESC, message_id DESC);
+CREATE INDEX IF NOT EXISTS mailboxes_message ON mailboxes (message_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS text_index USING fts5 (
+    subject, sender, recipients, body, attachments,
+    content = '', tokenize = 'unicode61 remove_diacritics 2'
+);
+CREATE TABLE IF NOT EXISTS holds (
+    scope TEXT PRIMARY KEY,
+    mailbox TEXT,
+    domain TEXT,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor, at);
+"""
+
+# Schema 2.  Every statement is "IF NOT EXISTS": opening an archive of
+# schema 1 creates these tables, and that is the whole migration.
+ACCOUNTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    address BLOB PRIMARY KEY,
+    domain BLOB NOT NULL,
+    data TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS accounts_domain ON accounts (domain);
+CREATE TABLE IF NOT EXISTS read_flags (
+    account BLOB NOT NULL,
+    archive_id TEXT NOT NULL,
+    PRIMARY KEY (account, archive_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sent (
+    seq INTEGER PRIMARY KEY,
+    account BLOB NOT NULL,
+    id TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    message BLOB NOT NULL,
+    UNIQUE (account, id)
+);
+CREATE INDEX IF NOT EXISTS sent_time ON sent (account, sent_at DESC, id DESC);
+"""
+
+# Schema 3, made the same way: what the hub delivered to which mailbox
+# (``record_delivered``), and the messages by their Message-ID, to find a
+# delivery of the same message under another archive id (``delivered``).
+# Opening an archive of schema 2 builds the index over its messages once.
+DELIVERED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS delivered (
+    mailbox TEXT NOT NULL,
+    archive_id TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    route TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (mailbox, archive_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS delivered_expiry ON delivered (domain, at);
+CREATE INDEX IF NOT EXISTS messages_header_id ON messages (message_id) WHERE message_id <> '';
+"""
+
+
+class NewerSchema(sqlite3.DatabaseError):
+    """The archive was written by a newer mailhub."""
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> None:
+    """
+    Give the archive at ``path`` (``conn``, in a write transaction) the
+    tables and indexes of ``SCHEMA_VERSION`` that it lacks.
+
+    :raises NewerSchema: the archive was written by a newer mailhub.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise NewerSchema(
+            f"{path} was written by a newer mailhub (archive schema"
+            f" {version}; this one knows up to {SCHEMA_VERSION})"
+        )
+    for statement in (SCHEMA + ACCOUNTS_SCHEMA + DELIVERED_SCHEMA).split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    if version < SCHEMA_VERSION:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

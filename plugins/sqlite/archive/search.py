@@ -1,0 +1,327 @@
+"""
+The sqlite archive's searches: the SQL of a search or count (keyset pages on
+``(received_at, id)``, user text only inside quoted FTS5 strings) and the
+chunked walk of a full-text search over its scope.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from attrs import define
+
+from mailhub.model import (
+    Address,
+    ArchivePage,
+    ArchiveQuery,
+    ArchiveScope,
+    archive_words,
+    decode_archive_cursor,
+    encode_archive_cursor,
+)
+
+from .rows import SUMMARY_COLUMNS, address_of, as_tuple, clean, mailboxes_of, summary_of
+
+__all__ = ["Search", "fts_string"]
+
+#: A full-text search walks its scope a chunk of rows at a time, this many
+#: first, then one chunk more if it is expected to fill the page within
+#: ``_WALK_LIMIT`` rows; beyond, it reads the index's whole list of matches.
+_FIRST_CHUNK = 128
+_WALK_LIMIT = 20_000
+#: Up to this many matches in the whole index, a search starts from them
+#: (``_DRIVEN``): their messages, then those in scope, sorted.
+_FEW = 5000
+#: ... asked only when the first chunk found fewer matches than this.
+_FEW_SEEN = 4
+_DRIVEN = "driven"
+
+
+def fts_string(term: str, prefix: bool) -> str:
+    """
+    ``term`` as one FTS5 string: quoted, its quotes doubled, so that nothing
+    in it is syntax; the tokenizer splits it into the words of a phrase.
+    """
+    return '"' + term.replace('"', '""') + '"' + (" *" if prefix else "")
+
+
+@define
+class Search:
+    """The SQL of one search or count: its conditions and parameters."""
+
+    scope: ArchiveScope
+    query: ArchiveQuery
+    conditions: list[str]
+    params: dict[str, Any]
+    #: The columns of the (received_at, id) order.
+    time: str
+    id: str
+    #: How many of ``conditions`` say which rows are in scope (the scope
+    #: and the time range): a walk of the scope's index checks only these.
+    walked: int = 0
+    #: Whether ``params["match"]`` is a full-text condition every result must meet.
+    matches: bool = False
+    #: Whether that condition is on every column (a field's own words are
+    #: fewer: their whole list, once, costs less than walking chunks).
+    everywhere: bool = False
+
+    @classmethod
+    def of(cls, scope: ArchiveScope, query: ArchiveQuery) -> Search:
+        params: dict[str, Any] = {}
+        conditions: list[str] = []
+        if scope.mailbox is not None:
+            conditions.append("b.mailbox = :mailbox")
+            params["mailbox"] = clean(str(scope.mailbox))
+            time_column, id_column = "b.received_at", "b.message_id"
+        elif scope.domain is not None:
+            conditions.append("b.domain = :domain")
+            params["domain"] = scope.domain
+            time_column, id_column = "b.received_at", "b.message_id"
+        else:
+            time_column, id_column = "m.received_at", "m.id"
+        if query.before is not None:
+            conditions.append(f"{time_column} < :before")
+            params["before"] = query.before
+        if query.after is not None:
+            conditions.append(f"{time_column} >= :after")
+            params["after"] = query.after
+        walked = len(conditions)
+        if query.has_attachment is not None:
+            conditions.append("m.has_attachment = :has_attachment")
+            params["has_attachment"] = int(query.has_attachment)
+
+        match: list[str] = []
+        for word in query.words:
+            if archive_words(word):
+                match.append(f"({fts_string(word, True)})")
+        for phrase in query.phrases:
+            if archive_words(phrase):
+                match.append(f"({fts_string(phrase, False)})")
+        for column, terms in (("sender", query.sender), ("subject", query.subject)):
+            for term in terms:
+                if archive_words(term):
+                    match.append(f"{{{column}}} : ({fts_string(term, True)})")
+        for n, term in enumerate(query.recipient):
+            wanted = archive_words(term)
+            if not wanted:
+                continue
+            in_text = f"{{recipients}} : ({fts_string(term, True)})"
+            if scope.mailbox is not None:
+                # The one mailbox in scope either matches, or only the text can.
+                if not _mailbox_matches(wanted, scope.mailbox):
+                    match.append(in_text)
+                continue
+            params[f"r{n}"] = in_text
+            params[f"rw{n}"] = "% " + " ".join(wanted) + "%"
+            in_domain = "" if scope.domain is None else " AND r.domain = :domain"
+            conditions.append(
+                f"(+m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :r{n})"
+                f" OR EXISTS (SELECT 1 FROM mailboxes r WHERE r.message_id = m.id{in_domain}"
+                f" AND (' ' || r.words) LIKE :rw{n}))"
+            )
+        everywhere = not any(m.startswith("{") for m in match)
+        if match:
+            params["match"] = " AND ".join(match)
+        return cls(
+            scope,
+            query,
+            conditions,
+            params,
+            time_column,
+            id_column,
+            walked,
+            bool(match),
+            everywhere,
+        )
+
+    def source(self, rowids: str = "") -> str:
+        """
+        The ``FROM`` clause; with ``rowids`` ``_DRIVEN``, from the text
+        index's list of matches (few) to their messages and mailboxes.
+        """
+        if rowids == _DRIVEN:
+            driven = (
+                "FROM (SELECT rowid AS seq FROM text_index WHERE text_index MATCH :match) f"
+                " CROSS JOIN messages m ON m.seq = f.seq"
+            )
+            if self.scope.mailbox is None and self.scope.domain is None:
+                return driven
+            # By message: the planner would rather walk the domain for each.
+            return (
+                driven + " CROSS JOIN mailboxes b INDEXED BY mailboxes_message"
+                " ON b.message_id = m.id"
+            )
+        if self.scope.mailbox is None and self.scope.domain is None:
+            return "FROM messages m"
+        return "FROM mailboxes b JOIN messages m ON m.id = b.message_id"
+
+    def few(self, conn: sqlite3.Connection) -> bool:
+        """Whether the text index lists at most ``_FEW`` messages for the full-text condition."""
+        row = conn.execute(
+            "SELECT count(*) FROM (SELECT rowid FROM text_index WHERE text_index MATCH :match"
+            " LIMIT :few)",
+            {"match": self.params["match"], "few": _FEW + 1},
+        ).fetchone()
+        return int(row[0]) <= _FEW
+
+    def where(self, extra: Sequence[str] = (), rowids: str = "") -> str:
+        """
+        The ``WHERE`` clause: every condition, ``extra``, and the full-text
+        one (its rowids limited by ``rowids``, a condition on ``rowid``).
+        """
+        conditions = [*self.conditions, *extra]
+        if self.matches and rowids != _DRIVEN:
+            conditions.append(
+                "+m.seq IN (SELECT rowid FROM text_index WHERE text_index MATCH :match"
+                + (f" AND {rowids}" if rowids else "")
+                + ")"
+            )
+        return (" WHERE " + " AND ".join(conditions)) if conditions else ""
+
+    def page(self, conn: sqlite3.Connection, cursor: str | None, limit: int) -> ArchivePage:
+        params = dict(self.params)
+        extra: list[str] = []
+        if cursor is not None:
+            params["cursor_time"], params["cursor_id"] = decode_archive_cursor(cursor)
+            extra.append(f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)")
+        found: list[tuple[Sequence[Any], list[Address]]] = []
+        if self.matches and self.everywhere:
+            self._walk(conn, params, extra, found, limit)
+        else:
+            self._collect(conn, params, extra, "", found, limit)
+        items = [summary_of(row, sorted(mailboxes)) for row, mailboxes in found[:limit]]
+        more = len(found) > limit and items
+        next_cursor = encode_archive_cursor(items[-1].received_at, items[-1].id) if more else None
+        return ArchivePage(as_tuple(items), next_cursor)
+
+    def _collect(
+        self,
+        conn: sqlite3.Connection,
+        params: dict[str, Any],
+        extra: Sequence[str],
+        rowids: str,
+        found: list[tuple[Sequence[Any], list[Address]]],
+        limit: int,
+    ) -> None:
+        """Add to ``found`` the next results (newest first) until it holds ``limit + 1``."""
+        order = f" ORDER BY {self.time} DESC, {self.id} DESC"
+        params = {**params, "limit": limit + 1 - len(found)}
+        where = self.where(extra, rowids)
+        source = self.source(rowids)
+        if self.scope.mailbox is not None:
+            sql = f"SELECT {SUMMARY_COLUMNS} {source}{where}{order} LIMIT :limit"
+            found += [(row, [self.scope.mailbox]) for row in conn.execute(sql, params)]
+        elif self.scope.domain is not None:
+            # One row per mailbox of the domain; a message's rows come together.
+            sql = f"SELECT {SUMMARY_COLUMNS}, b.mailbox {source}{where}{order}"
+            for row in conn.execute(sql, params):
+                if found and found[-1][0][0] == row[0]:
+                    found[-1][1].append(address_of(row[8]))
+                    continue
+                if len(found) > limit:
+                    break
+                found.append((row, [address_of(row[8])]))
+        else:
+            sql = f"SELECT {SUMMARY_COLUMNS} {source}{where}{order} LIMIT :limit"
+            found += [
+                (row, mailboxes_of(conn, row[0]) if len(found) + i < limit else [])
+                for i, row in enumerate(conn.execute(sql, params).fetchall())
+            ]
+
+    def _chunk(
+        self, conn: sqlite3.Connection, params: dict[str, Any], extra: Sequence[str], size: int
+    ) -> tuple[int, float, str, int, int] | None:
+        """
+        The next ``size`` rows of the scope in the search's order, whatever
+        the text: how many, the last one's (received_at, id), and the least
+        and greatest rowid of their messages; ``None`` at the scope's end.
+        """
+        conditions = [*self.conditions[: self.walked], *extra]
+        where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+        sql = (
+            f"WITH c AS MATERIALIZED (SELECT {self.time} AS t, {self.id} AS i, m.seq AS seq"
+            f" {self.source()}{where} ORDER BY {self.time} DESC, {self.id} DESC LIMIT :chunk)"
+            " SELECT (SELECT count(*) FROM c), t, i, (SELECT min(seq) FROM c),"
+            " (SELECT max(seq) FROM c) FROM c ORDER BY t, i LIMIT 1"
+        )
+        row = conn.execute(sql, {**params, "chunk": size}).fetchone()
+        return None if row is None else tuple(row)
+
+    def _walk(
+        self,
+        conn: sqlite3.Connection,
+        params: dict[str, Any],
+        extra: list[str],
+        found: list[tuple[Sequence[Any], list[Address]]],
+        limit: int,
+    ) -> None:
+        """
+        Find a page of a full-text search by walking the scope newest first,
+        a chunk of rows at a time, asking the text index only about the
+        rowids of each chunk's messages (the index reads its lists from the
+        chunk's least rowid to its greatest, and archive rowids grow with
+        time): the cost follows the page, not how many messages match, for
+        a word in most messages.  If the first chunk does not fill the page
+        and the index lists at most ``_FEW`` matches in all, the rest starts
+        from them; else one more chunk, sized for the density seen (at most
+        ``_WALK_LIMIT`` rows), then the whole list of matches at once.
+
+        Every word is a prefix query for FTS5 (``"rep" *`` finds
+        ``report``), which merges the doclists of the prefix's terms over
+        the whole table whatever the rowid range: each chunk costs that
+        merge, about 14 ms for a word in 180,000 messages.
+        """
+        walked = 0
+        size = max(_FIRST_CHUNK, 2 * (limit + 1))
+        while len(found) <= limit:
+            chunk = self._chunk(conn, params, extra, size)
+            if chunk is None:
+                return
+            n, last_time, last_id, low, high = chunk
+            within = [
+                *extra,
+                f"({self.time}, {self.id}) >= (:chunk_time, :chunk_id)",
+            ]
+            chunk_params = {**params, "chunk_time": last_time, "chunk_id": last_id}
+            chunk_params.update(low=low, high=high)
+            self._collect(conn, chunk_params, within, "rowid BETWEEN :low AND :high", found, limit)
+            if len(found) > limit or n < size:
+                return
+            walked += n
+            # From here on, only what comes after this chunk.
+            params = {**params, "cursor_time": last_time, "cursor_id": last_id}
+            if not any(":cursor_time" in e for e in extra):
+                extra = [*extra, f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)"]
+            # Each chunk costs FTS5 a merge of the prefix's whole lists: one
+            # more chunk at most, sized to fill the page at the density seen.
+            if walked > n:
+                self._collect(conn, params, extra, "", found, limit)
+                return
+            if len(found) < _FEW_SEEN and self.few(conn):
+                self._collect(conn, params, extra, _DRIVEN, found, limit)
+                return
+            density = max(len(found), 1) / walked
+            size = int((limit + 1 - len(found)) / density * 1.5) + _FIRST_CHUNK
+            if size > _WALK_LIMIT:
+                self._collect(conn, params, extra, "", found, limit)
+                return
+
+    def count(self, conn: sqlite3.Connection) -> int:
+        what = "count(*)" if self.scope.domain is None else "count(DISTINCT b.message_id)"
+        if not self.matches:
+            sql = f"SELECT {what} {self.source()}{self.where()}"
+            return int(conn.execute(sql, self.params).fetchone()[0])
+        if self.few(conn):
+            sql = f"SELECT {what} {self.source(_DRIVEN)}{self.where((), _DRIVEN)}"
+            return int(conn.execute(sql, self.params).fetchone()[0])
+        # Exact, with the whole list of matches (a walk in chunks would merge
+        # the prefix's lists once a chunk: slower for a count, see ``_walk``).
+        sql = f"SELECT {what} {self.source()}{self.where()}"
+        return int(conn.execute(sql, self.params).fetchone()[0])
+
+
+def _mailbox_matches(wanted: Sequence[str], mailbox: Address) -> bool:
+    """Whether the words ``wanted`` occur in a row in ``mailbox``, the last as a start."""
+    return (" " + " ".join(archive_words(str(mailbox)))).find(" " + " ".join(wanted)) >= 0

@@ -1,0 +1,273 @@
+"""
+The sqlite archive's threads: the writer (the one thread that writes: each
+batch of waiting jobs in one ``BEGIN IMMEDIATE`` transaction, each job in a
+savepoint, one commit for all of them, i.e. group commit) and the reader
+(read-only jobs beside it).  A job is a function of the connection; its
+result is handed back to the reactor thread.  No statement ever runs on the
+reactor thread.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
+
+from mailhub.model import (
+    StoreFull,
+    StoreUnavailable,
+)
+
+from .schema import migrate
+
+__all__ = ["DEFAULT_BUSY_TIMEOUT", "Job", "Reader", "Worker", "Writer", "unavailable"]
+
+_T = TypeVar("_T")
+Job = Callable[[sqlite3.Connection], Any]
+
+DEFAULT_BUSY_TIMEOUT = 10.0
+_MAX_BATCH = 500
+
+
+def unavailable(e: BaseException) -> StoreUnavailable:
+    if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StoreFull(f"archive database is full: {e}")
+    return StoreUnavailable(f"archive database: {e}")
+
+
+class Worker:
+    """
+    A thread that owns one connection to the archive's database, and its
+    queue of jobs.  A job is a function of the connection; what it returns or
+    raises goes to the ``Deferred`` that ``submit`` returned, fired on the
+    reactor thread.
+    """
+
+    _STOP = object()
+    _role = "worker"
+
+    def __init__(self, path: str, busy_timeout: float, reactor: Any) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._reactor = reactor
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._conn: sqlite3.Connection | None = None
+        self._stopped: Deferred[None] = Deferred()
+        self._closing = False
+        self.thread = threading.Thread(
+            target=self._run, name=f"mailhub-archive-{self._role} {path}", daemon=True
+        )
+        self.thread.start()
+
+    def submit(self, job: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
+        """Queue ``job``; only ever called on the reactor thread."""
+        if self._closing:
+            return fail(StoreUnavailable("archive is closed"))
+        d: Deferred[_T] = Deferred()
+        self._queue.put((job, d))
+        return d
+
+    def stop(self) -> Deferred[None]:
+        """Run the jobs already queued, close the database, end the thread."""
+        if not self._closing:
+            self._closing = True
+            self._queue.put(self._STOP)
+        return self._stopped
+
+    def _run(self) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                batch = [self._queue.get()]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._STOP in batch:
+                    stopping = True
+                    batch = [job for job in batch if job is not self._STOP]
+                if batch:
+                    try:
+                        results = self._run_batch(batch)
+                    except Exception as e:
+                        self._drop_connection()
+                        results = [(d, False, unavailable(e)) for _, d in batch]
+                    self._fire(results)
+        finally:
+            self._drop_connection()
+            self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _run_batch(
+        self, batch: list[tuple[Job, Deferred[Any]]]
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        raise NotImplementedError()
+
+    def _open(self) -> sqlite3.Connection:
+        os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
+        return sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=256,
+        )
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        raise NotImplementedError()
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def _fire(self, results: list[tuple[Deferred[Any], bool, Any]]) -> None:
+        def fire() -> None:
+            for d, ok, value in results:
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(Failure(value))
+
+        self._reactor.callFromThread(fire)
+
+
+class Writer(Worker):
+    """
+    The one thread that writes: each batch of waiting jobs in one
+    ``BEGIN IMMEDIATE`` transaction, each job in a savepoint.
+
+    :ivar commits: how many transactions were committed.
+    :ivar ready: the schema has been made (set once, on the writer thread;
+        until then reads run on the writer too).
+    """
+
+    _role = "writer"
+
+    def __init__(self, path: str, busy_timeout: float, reactor: Any, max_size: int | None) -> None:
+        self.commits = 0
+        self.ready = False
+        self._max_size = max_size
+        super().__init__(path, busy_timeout, reactor)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = self._open()
+        try:
+            deadline = time.monotonic() + self._busy_timeout
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL").fetchall()
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            if self._max_size is not None:
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count={max(1, self._max_size // page_size)}")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                migrate(conn, self._path)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        self.ready = True
+        return conn
+
+    def _run_batch(
+        self, batch: list[tuple[Job, Deferred[Any]]]
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError) as e:
+            return [(d, False, unavailable(e)) for _, d in batch]
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        for job, d in batch:
+            conn.execute("SAVEPOINT job")
+            try:
+                value = job(conn)
+            except BaseException as e:
+                error = unavailable(e) if isinstance(e, sqlite3.Error) else e
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (I/O error, disk
+                    # full): the jobs before this one are lost too.
+                    if not isinstance(error, StoreUnavailable):
+                        error = StoreUnavailable(f"archive database: {error}")
+                    return [(d2, False, error) for _, d2 in batch]
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                results.append((d, False, error))
+            else:
+                conn.execute("RELEASE job")
+                results.append((d, True, value))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._drop_connection()
+            return [(d, False, unavailable(e)) for _, d in batch]
+        self.commits += 1
+        return results
+
+
+class Reader(Worker):
+    """The thread that runs read-only jobs, each in a read transaction of its own."""
+
+    _role = "reader"
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = self._open()
+        try:
+            conn.execute("PRAGMA query_only=ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run_batch(
+        self, batch: list[tuple[Job, Deferred[Any]]]
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        for job, d in batch:
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN")
+                try:
+                    value = job(conn)
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+            except (sqlite3.Error, OSError) as e:
+                self._drop_connection()
+                results.append((d, False, unavailable(e)))
+            except BaseException as e:
+                results.append((d, False, e))
+            else:
+                results.append((d, True, value))
+        return results
