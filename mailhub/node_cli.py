@@ -20,14 +20,9 @@ import sys
 from typing import Any
 
 from mailhub.config import HubConfig
+from mailhub.queue_cli import CommandFailed, https_policy, read_token_file
 
 __all__ = ["add_parsers", "run"]
-
-
-class _Failed(Exception):
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def add_parsers(sub: Any, default_config: str) -> None:
@@ -64,7 +59,7 @@ async def run(reactor: Any, args: argparse.Namespace, config: HubConfig | None) 
         if args.command == "reload":
             return await _reload(reactor, args, url, token)
         return await _drill(reactor, args, url, token)
-    except _Failed as e:
+    except CommandFailed as e:
         sys.stderr.write(f"mailhub: {e}\n")
         return e.code
 
@@ -74,19 +69,19 @@ def _target(args: argparse.Namespace, config: HubConfig | None) -> tuple[str, st
     url = args.url
     if not url or args.node:
         if config is None:
-            raise _Failed("give the hub's configuration (-c FILE), or --url and --token-file", 2)
+            raise CommandFailed("give the hub's configuration (-c FILE), or --url and --token-file", 2)
         if args.node and args.node not in config.nodes:
-            raise _Failed(f"{config.path}: no node {args.node} (configured: {', '.join(config.nodes)})", 2)
+            raise CommandFailed(f"{config.path}: no node {args.node} (configured: {', '.join(config.nodes)})", 2)
         if args.node and not config.nodes[args.node].web:
-            raise _Failed(f"{config.path}: nodes.{args.node}.web: not set, the node has no API: give --url", 2)
+            raise CommandFailed(f"{config.path}: nodes.{args.node}.web: not set, the node has no API: give --url", 2)
         names = [args.node] if args.node else [n for n, c in config.nodes.items() if c.web]
         if not names:
-            raise _Failed(f"{config.path}: no node has a web listener (nodes.NAME.web): give --url", 2)
+            raise CommandFailed(f"{config.path}: no node has a web listener (nodes.NAME.web): give --url", 2)
         url = _web_url(config.nodes[names[0]].web or "")
     if not url.startswith(("http://", "https://")):
-        raise _Failed(f"--url {url}: give http://host:port or https://host:port", 2)
+        raise CommandFailed(f"--url {url}: give http://host:port or https://host:port", 2)
     if args.token_file:
-        return url.rstrip("/"), _read_token(args.token_file)
+        return url.rstrip("/"), read_token_file(args.token_file)
     if config is not None and config.web.get("api_tokens_file"):
         from mailhub.web.archive_api import read_token_roles
 
@@ -94,12 +89,12 @@ def _target(args: argparse.Namespace, config: HubConfig | None) -> tuple[str, st
         try:
             roles = read_token_roles(path)
         except (OSError, ValueError) as e:
-            raise _Failed(f"{config.path}: web.api_tokens_file: {e}", 2) from None
+            raise CommandFailed(f"{config.path}: web.api_tokens_file: {e}", 2) from None
         for token, (_, role) in roles.items():
             if role == "operator":
                 return url.rstrip("/"), token
-        raise _Failed(f"{path}: no operator token (mailhub token create NAME --role operator), or give --token-file", 2)
-    raise _Failed("give --token-file FILE (a file holding an operator token)", 2)
+        raise CommandFailed(f"{path}: no operator token (mailhub token create NAME --role operator), or give --token-file", 2)
+    raise CommandFailed("give --token-file FILE (a file holding an operator token)", 2)
 
 
 def _web_url(endpoint: str) -> str:
@@ -107,7 +102,7 @@ def _web_url(endpoint: str) -> str:
 
     kind, args, kw = _parseServer(endpoint, None)
     if kind not in ("TCP", "SSL"):
-        raise _Failed(f"the node's web listener {endpoint} is not tcp: or ssl:: give --url", 2)
+        raise CommandFailed(f"the node's web listener {endpoint} is not tcp: or ssl:: give --url", 2)
     host = kw.get("interface") or "127.0.0.1"
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
@@ -119,46 +114,24 @@ def _web_url(endpoint: str) -> str:
     return f"{'https' if kind == 'SSL' else 'http'}://{host}:{args[0]}"
 
 
-def _read_token(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.split("#", 1)[0].split() for line in f]
-    except OSError as e:
-        raise _Failed(f"--token-file {path}: {e.strerror or e}", 2) from None
-    for words in lines:
-        if words:
-            # A bare token, as `mailhub token create` prints it, or a line of the tokens file.
-            return words[1] if len(words) > 1 else words[0]
-    raise _Failed(f"--token-file {path}: no token in it", 2)
-
-
 async def _post(reactor: Any, args: argparse.Namespace, url: str, token: str, body: Any,
                 timeout: float) -> tuple[int, Any]:
     """POST ``body`` as JSON; the answer's status and JSON."""
     from treq.client import HTTPClient
-    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+    from twisted.web.client import Agent, HTTPConnectionPool
 
-    policy = BrowserLikePolicyForHTTPS()
-    if args.cafile:
-        from twisted.internet.ssl import Certificate
-
-        try:
-            with open(args.cafile, "rb") as f:
-                policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(f.read()))
-        except Exception as e:  # noqa: BLE001 - unreadable, or not PEM (OpenSSL's own errors): one line
-            raise _Failed(f"--cafile {args.cafile}: {getattr(e, 'strerror', None) or e}", 2) from None
     pool = HTTPConnectionPool(reactor, persistent=False)
-    http = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+    http = HTTPClient(Agent(reactor, contextFactory=https_policy(args.cafile), pool=pool))
     headers: dict[bytes | str, bytes | str] = {"Authorization": f"Bearer {token}"}
     try:
         response = await http.post(url, json=body, headers=headers, timeout=timeout)
         data = await response.content()
     except Exception as e:  # noqa: BLE001 - refused, timed out, TLS: one line
-        raise _Failed(f"cannot reach {url}: {e}") from None
+        raise CommandFailed(f"cannot reach {url}: {e}") from None
     try:
         answer = json.loads(data)
     except ValueError:
-        raise _Failed(f"{url}: {response.code} {data[:200].decode('utf-8', 'replace').strip()}") from None
+        raise CommandFailed(f"{url}: {response.code} {data[:200].decode('utf-8', 'replace').strip()}") from None
     return response.code, answer
 
 
@@ -172,7 +145,7 @@ async def _reload(reactor: Any, args: argparse.Namespace, url: str, token: str) 
         sys.stderr.write(f"mailhub: reload refused: {answer.get('error')}\n")
         return 1
     if code != 200:
-        raise _Failed(f"{url}/api/reload: {code} {answer.get('error') if isinstance(answer, dict) else answer}")
+        raise CommandFailed(f"{url}/api/reload: {code} {answer.get('error') if isinstance(answer, dict) else answer}")
     if not args.json:
         for line in answer["changes"]:
             print(f"changed: {line}")
@@ -188,9 +161,9 @@ async def _drill(reactor: Any, args: argparse.Namespace, url: str, token: str) -
                               ("smtp", args.smtp)) if v is not None}
     code, answer = await _post(reactor, args, url + "/api/drills", token, body, (args.timeout or 3600) + 60)
     if code == 400:
-        raise _Failed(str(answer.get("error")), 2)
+        raise CommandFailed(str(answer.get("error")), 2)
     if code != 200:
-        raise _Failed(f"{url}/api/drills: {code} {answer.get('error') if isinstance(answer, dict) else answer}")
+        raise CommandFailed(f"{url}/api/drills: {code} {answer.get('error') if isinstance(answer, dict) else answer}")
     if args.json:
         print(json.dumps(answer, indent=2))
     else:

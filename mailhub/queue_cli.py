@@ -48,7 +48,7 @@ __all__ = ["add_parser", "run"]
 _ACTING = ("hold", "release", "flush", "redirect", "bounce", "delete")
 
 
-class _Failed(Exception):
+class CommandFailed(Exception):
     """A command that failed: ``str()`` is its one line; ``code`` the exit status."""
 
     def __init__(self, message: str, code: int = 1) -> None:
@@ -146,15 +146,15 @@ async def run(reactor: Any, args: argparse.Namespace, config: Any) -> int:
     try:
         selection = _selection(args) if args.action != "show" else Selection()
         if args.url:
-            backend = _Remote(args.url, _read_token(args.token_file), reactor, args.cafile)
+            backend = _Remote(args.url, read_token_file(args.token_file), reactor, args.cafile)
         else:
             if config is None:
-                raise _Failed("give the hub's configuration (-c FILE), or --url and --token-file", 2)
+                raise CommandFailed("give the hub's configuration (-c FILE), or --url and --token-file", 2)
             backend = _Local(config, reactor)
     except SelectionError as e:
         sys.stderr.write(f"mailhub: {e}\n")
         return 2
-    except _Failed as e:
+    except CommandFailed as e:
         sys.stderr.write(f"mailhub: {e}\n")
         return e.code
     try:
@@ -168,7 +168,7 @@ async def run(reactor: Any, args: argparse.Namespace, config: Any) -> int:
     except SelectionError as e:
         sys.stderr.write(f"mailhub: {e}\n")
         return 2
-    except _Failed as e:
+    except CommandFailed as e:
         sys.stderr.write(f"mailhub: {e}\n")
         return e.code
     except Exception as e:  # noqa: BLE001 - one line, not a traceback, for a store or a node that fails
@@ -181,19 +181,42 @@ async def run(reactor: Any, args: argparse.Namespace, config: Any) -> int:
         await backend.close()
 
 
-def _read_token(path: str | None) -> str:
+def read_token_file(path: str | None) -> str:
     if not path:
-        raise _Failed("--url needs --token-file FILE (a file holding the API token)", 2)
+        raise CommandFailed("--url needs --token-file FILE (a file holding the API token)", 2)
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.split("#", 1)[0].split() for line in f]
     except OSError as e:
-        raise _Failed(f"--token-file {path}: {e.strerror or e}", 2) from None
+        raise CommandFailed(f"--token-file {path}: {e.strerror or e}", 2) from None
     for words in lines:
         if words:
             # A bare token, as `mailhub token create` prints it, or a line of the tokens file.
             return words[1] if len(words) > 1 else words[0]
-    raise _Failed(f"--token-file {path}: no token in it", 2)
+    raise CommandFailed(f"--token-file {path}: no token in it", 2)
+
+
+def https_policy(cafile: str | None) -> Any:
+    """
+    How a node's API is trusted over ``https``: the system's CAs, or only
+    the certificate in ``cafile`` (``--cafile``, for a node's self-signed one).
+
+    :raises CommandFailed: ``cafile`` unreadable or not a PEM certificate.
+    """
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    if not cafile:
+        return BrowserLikePolicyForHTTPS()
+    from twisted.internet.ssl import Certificate
+
+    try:
+        with open(cafile, "rb") as f:
+            root = Certificate.loadPEM(f.read())
+    except (OSError, ValueError) as e:
+        raise CommandFailed(f"--cafile {cafile}: {getattr(e, 'strerror', None) or e}", 2) from None
+    except Exception as e:  # noqa: BLE001 - OpenSSL's own errors: not a PEM certificate
+        raise CommandFailed(f"--cafile {cafile}: not a PEM certificate ({e})", 2) from None
+    return BrowserLikePolicyForHTTPS(trustRoot=root)
 
 
 # -- the two ways to the spool ----------------------------------------------
@@ -247,25 +270,13 @@ class _Remote:
 
     def __init__(self, url: str, token: str, reactor: Any, cafile: str | None = None) -> None:
         from treq.client import HTTPClient
-        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+        from twisted.web.client import Agent, HTTPConnectionPool
 
         self._url = url.rstrip("/")
         if not self._url.startswith(("http://", "https://")):
-            raise _Failed(f"--url {url}: give http://host:port or https://host:port", 2)
-        policy = BrowserLikePolicyForHTTPS()
-        if cafile:
-            from twisted.internet.ssl import Certificate
-
-            try:
-                with open(cafile, "rb") as f:
-                    root = Certificate.loadPEM(f.read())
-            except (OSError, ValueError) as e:
-                raise _Failed(f"--cafile {cafile}: {getattr(e, 'strerror', None) or e}", 2) from None
-            except Exception as e:  # noqa: BLE001 - OpenSSL's own errors: not a PEM certificate
-                raise _Failed(f"--cafile {cafile}: not a PEM certificate ({e})", 2) from None
-            policy = BrowserLikePolicyForHTTPS(trustRoot=root)
+            raise CommandFailed(f"--url {url}: give http://host:port or https://host:port", 2)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
+        self._http = HTTPClient(Agent(reactor, contextFactory=https_policy(cafile), pool=self._pool))
         self._headers: dict[bytes | str, bytes | str] = {"Authorization": f"Bearer {token}"}
 
     async def _call(self, method: str, path: str, params: Mapping[str, Any] | None = None,
@@ -278,7 +289,7 @@ class _Remote:
                 response = await self._http.post(url, json=body, headers=self._headers, timeout=600)
             data = await response.content()
         except Exception as e:  # noqa: BLE001 - refused, timed out, TLS: one line
-            raise _Failed(f"cannot reach {url}: {e}") from None
+            raise CommandFailed(f"cannot reach {url}: {e}") from None
         if response.code == 200:
             return data if raw else json.loads(data)
         try:
@@ -289,7 +300,7 @@ class _Remote:
             return None  # no such entry: the caller says so
         if response.code == 400:
             raise SelectionError(error)
-        raise _Failed(f"{url}: {response.code} {error}")
+        raise CommandFailed(f"{url}: {response.code} {error}")
 
     async def spool(self) -> dict[str, Any]:
         spool: dict[str, Any] = (await self._call("GET", "/api/queue/count", {"ids": "-"}))["spool"]
@@ -414,14 +425,14 @@ async def _show(backend: _Local | _Remote, args: argparse.Namespace, out: Any) -
     if args.raw:
         message = await backend.message(args.id)
         if message is None:
-            raise _Failed(f"no entry {args.id} in the spool")
+            raise CommandFailed(f"no entry {args.id} in the spool")
         out.flush()
         sys.stdout.buffer.write(message)
         sys.stdout.buffer.flush()
         return 0
     entry = await backend.show(args.id)
     if entry is None:
-        raise _Failed(f"no entry {args.id} in the spool")
+        raise CommandFailed(f"no entry {args.id} in the spool")
     message = await backend.message(args.id)
     text = None if message is None else message.decode("utf-8", "replace").replace("\r\n", "\n")
     if args.json:
@@ -486,10 +497,10 @@ async def _act(
         # One entry, or a whole route flushed by the store at once.
         result = await backend.act(action, selection, **options)
         if single and not result["selected"]:
-            raise _Failed(f"no entry {selection.ids[0]} in the spool")
+            raise CommandFailed(f"no entry {selection.ids[0]} in the spool")
         if single and not result["done"] and action in ("flush", "redirect", "bounce", "delete"):
             why = ", ".join(result["skipped"]) or "gone"
-            raise _Failed(f"{args.action} {selection.ids[0]}: not done: {why}")
+            raise CommandFailed(f"{args.action} {selection.ids[0]}: not done: {why}")
     else:
         entries = await _all_entries(backend, selection)
         ids = [e["id"] for e in entries]
@@ -564,10 +575,10 @@ def _progress(action: str, done: int, total: int, started: float) -> None:
 
 async def _confirm(action: str, count: int, where: str) -> None:
     if not sys.stdin.isatty():
-        raise _Failed(f"{action} of {count} entries of {where}: add --yes to go ahead", 2)
+        raise CommandFailed(f"{action} of {count} entries of {where}: add --yes to go ahead", 2)
     from twisted.internet.threads import deferToThread
 
     what = "bounce (a DSN to each sender, then remove)" if action == "bounce" else "delete"
     answer = await deferToThread(input, f"{what} {count} entries of {where}? [y/N] ")
     if answer.strip().lower() not in ("y", "yes"):
-        raise _Failed("nothing done", 1)
+        raise CommandFailed("nothing done", 1)

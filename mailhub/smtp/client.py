@@ -100,7 +100,7 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import CertificateOptions
+from twisted.internet.ssl import Certificate, CertificateOptions
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -119,6 +119,8 @@ __all__ = [
     "parse_target",
     "peer_name",
     "probe_rcpt",
+    "read_ca_file",
+    "split_rcpt_replies",
     "wire_data",
 ]
 
@@ -193,6 +195,52 @@ def parse_reply_text(text: str) -> Reply | None:
 
 
 # The message
+
+
+def read_ca_file(path: str) -> list[Certificate]:
+    """
+    The PEM certificates in ``path``: a transport's ``tls_ca_file``, the
+    CAs it trusts instead of the system's.  Blocking: call it in a thread.
+
+    :raises OSError: the file cannot be read.
+    :raises ValueError: there is no PEM certificate in it.
+    """
+    with open(path, "rb") as f:
+        pem = f.read()
+    found = [
+        Certificate.loadPEM(block + b"-----END CERTIFICATE-----\n")
+        for block in pem.split(b"-----END CERTIFICATE-----")
+        if b"-----BEGIN CERTIFICATE-----" in block
+    ]
+    if not found:
+        raise ValueError("no PEM certificate in it")
+    return found
+
+
+def split_rcpt_replies(
+    recipients: Sequence[Address], replies: Sequence[Reply]
+) -> tuple[list[Address], dict[Address, Reply], Reply | None]:
+    """
+    The RCPT replies of one transaction, in RCPT order, sorted out.
+
+    :param recipients: the recipients, as their RCPT commands were sent.
+    :param replies: the replies received so far (fewer than ``recipients``
+        when the client stopped at a ``421``).
+    :returns: ``(accepted, refused, fatal)``: the recipients the server
+        took, in order (DATA goes on for them); the refused ones with their
+        replies; and the ``421`` that ended the session, or ``None``.  The
+        recipients after a ``421`` are in neither.
+    """
+    accepted: list[Address] = []
+    refused: dict[Address, Reply] = {}
+    for address, reply in zip(recipients, replies, strict=False):
+        if reply.code == 421:
+            return accepted, refused, reply
+        if reply.ok:
+            accepted.append(address)
+        else:
+            refused[address] = reply
+    return accepted, refused, None
 
 
 def wire_data(message: bytes) -> bytes:

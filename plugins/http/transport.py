@@ -74,7 +74,7 @@ from service_identity import VerificationError
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.ssl import Certificate, CertificateOptions, trustRootFromCertificates
+from twisted.internet.ssl import CertificateOptions, trustRootFromCertificates
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import (
@@ -153,20 +153,6 @@ def reply_for_status(code: int, phrase: str, where: str) -> Reply:
 
 def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
-
-
-def _read_ca_file(path: str) -> list[Certificate]:
-    """The PEM certificates in ``path`` (runs in a thread)."""
-    with open(path, "rb") as f:
-        pem = f.read()
-    found = [
-        Certificate.loadPEM(block + b"-----END CERTIFICATE-----\n")
-        for block in pem.split(b"-----END CERTIFICATE-----")
-        if b"-----BEGIN CERTIFICATE-----" in block
-    ]
-    if not found:
-        raise ValueError("no PEM certificate in it")
-    return found
 
 
 @implementer(IPolicyForHTTPS)
@@ -282,7 +268,7 @@ class HTTPTransport:
             elif self._tls_ca_file is not None:
                 try:
                     certificates = await deferToThreadPool(
-                        self._reactor, self._reactor.getThreadPool(), _read_ca_file, self._tls_ca_file
+                        self._reactor, self._reactor.getThreadPool(), client.read_ca_file, self._tls_ca_file
                     )
                 except Exception as e:
                     raise _TLSSetupError(f"tls_ca_file: cannot use {self._tls_ca_file}: {_describe(e)}")

@@ -46,7 +46,7 @@ from zope.interface import implementer
 from mailhub.interfaces import ITransport, ITransportPlugin
 from mailhub.model import Address, Entry, Reply
 from mailhub.smtp import client
-from mailhub.smtp.client import SMTPClientProtocol, mail_command, wire_data
+from mailhub.smtp.client import SMTPClientProtocol, mail_command, split_rcpt_replies, wire_data
 
 __all__ = ["DEFAULT_PORT", "LMTPTransport", "LMTPTransportPlugin", "parse_target", "plugin"]
 
@@ -208,17 +208,7 @@ class LMTPTransport:
         unused = data_reply is not None and data_reply.code == 354
         if not mail_reply.ok:
             return dict.fromkeys(recipients, mail_reply), unused
-        results: dict[Address, Reply] = {}
-        accepted: list[Address] = []
-        fatal: Reply | None = None
-        for address, reply in zip(recipients, rcpt_replies, strict=False):
-            if reply.code == 421:
-                fatal = reply
-                break
-            if reply.ok:
-                accepted.append(address)
-            else:
-                results[address] = reply
+        accepted, results, fatal = split_rcpt_replies(recipients, rcpt_replies)
         if fatal is None and accepted:
             if data_reply is None:
                 data_reply = await p.command(b"DATA", timeout)

@@ -27,7 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailhub.model import Reply
-from mailhub.smtp.client import SMTPClientProtocol
+from mailhub.smtp.client import SMTPClientProtocol, read_ca_file
 
 __all__ = ["TLS_MODES", "StartTLS", "TLSFailed", "TLSSetupError", "tls_config"]
 
@@ -49,20 +49,6 @@ class TLSSetupError(Exception):
 
 def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
-
-
-def read_ca_file(path: str) -> list[Certificate]:
-    """The PEM certificates in ``path`` (blocking: runs in a thread)."""
-    with open(path, "rb") as f:
-        pem = f.read()
-    found = [
-        Certificate.loadPEM(block + b"-----END CERTIFICATE-----\n")
-        for block in pem.split(b"-----END CERTIFICATE-----")
-        if b"-----BEGIN CERTIFICATE-----" in block
-    ]
-    if not found:
-        raise ValueError("no PEM certificate in it")
-    return found
 
 
 def tls_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -86,7 +86,7 @@ from zope.interface import implementer
 from mailhub.interfaces import IPooledTransport, IRecipientProbe, ITransport, ITransportPlugin
 from mailhub.model import ROUTE_MAX_CONNECTIONS, Address, Entry, Reply, is_back_pressure
 from mailhub.smtp import client
-from mailhub.smtp.client import SMTPClientProtocol, mail_command, wire_data
+from mailhub.smtp.client import SMTPClientProtocol, mail_command, split_rcpt_replies, wire_data
 
 from .pool import Connection, ConnectionPool, Key
 from .tls import StartTLS, TLSFailed, tls_config
@@ -377,8 +377,6 @@ class SMTPTransport:
             self._pool.release(conn)
             return dict.fromkeys(recipients, mail)
         rcpts = [b"RCPT TO:<" + str(a).encode() + b">" for a in recipients]
-        results: dict[Address, Reply] = {}
-        accepted: list[Address] = []
         data_reply: Reply | None = None
         if pipelining:
             pending = p.send([b"RSET"] * rset_in_group + [mail, *rcpts, b"DATA"], timeout)
@@ -407,15 +405,7 @@ class SMTPTransport:
             else:
                 self._settle(conn, data_reply)
             return dict.fromkeys(recipients, mail_reply)
-        fatal: Reply | None = None
-        for address, reply in zip(recipients, rcpt_replies, strict=False):
-            if reply.code == 421:
-                fatal = reply
-                break
-            if reply.ok:
-                accepted.append(address)
-            else:
-                results[address] = reply
+        accepted, results, fatal = split_rcpt_replies(recipients, rcpt_replies)
         if fatal is None and accepted:
             if data_reply is None:
                 data_reply = await p.command(b"DATA", timeout)
