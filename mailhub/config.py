@@ -230,7 +230,23 @@ class HubConfig:
         )
 
     #: The ``[archive]`` keys the core reads; the rest is the plugin's.
-    ARCHIVE_KEYS = ("plugin", "retention_days", "max_connections", "expire_every_minutes", "processes", "nice")
+    ARCHIVE_KEYS = (
+        "plugin", "retention_days", "max_connections", "expire_every_minutes", "processes", "nice",
+        "yield_above", "max_lag",
+    )
+
+    #: ``[archive] yield_above``: messages a second a process accepts above
+    #: which new archive entries wait (``mailhub.archive.route.ArchiveGate``; 0: never).
+    ARCHIVE_YIELD_ABOVE = 50.0
+    #: ``[archive] max_lag``: seconds after which a message is archived however busy the front door is.
+    ARCHIVE_MAX_LAG = 120.0
+
+    def archive_yield(self) -> tuple[float, float]:
+        """``([archive] yield_above, max_lag)``: when the archive yields to the front door (``ArchiveGate``)."""
+        archive = self.archive or {}
+        # Unset, the lag stays well inside a short lease too.
+        default_lag = min(self.ARCHIVE_MAX_LAG, self.delivery.lease_seconds / 4)
+        return float(archive.get("yield_above", self.ARCHIVE_YIELD_ABOVE)), float(archive.get("max_lag", default_lag))
 
     def archive_retention_days(self, domain: str) -> float:
         """Days the archive keeps ``domain``'s mail: the domain's ``archive_retention_days``, else ``[archive] retention_days`` (30)."""
@@ -411,6 +427,16 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         if archive.get("processes", 0) not in (0, 1) and isinstance(archive.get("processes"), int):
             r.err("archive.processes", "must be 1 (archive in a worker process) or 0 (in the hub's own)")
         r.get(archive, "archive", "nice", int)
+        yield_above = r.get(archive, "archive", "yield_above", num)
+        if isinstance(yield_above, (int, float)) and yield_above < 0:
+            r.err("archive.yield_above", "must be 0 (never yield) or more messages a second")
+        max_lag = r.get(archive, "archive", "max_lag", num, positive=True)
+        if isinstance(max_lag, (int, float)) and max_lag >= delivery.lease_seconds / 2:
+            r.err(
+                "archive.max_lag",
+                f"must be less than half of delivery.lease_seconds ({delivery.lease_seconds:g}):"
+                " a held archive entry keeps its lease",
+            )
         if isinstance(archive.get("nice"), int) and not 0 <= archive["nice"] <= 19:
             r.err("archive.nice", "must be between 0 and 19")
     # The rest of these three tables is their plugins' to check (_check_plugins).

@@ -28,7 +28,13 @@ from twisted.web.server import Site
 from mailhub import __version__
 from mailhub.archive.accounts import LoginThrottle
 from mailhub.archive.delivered import DeliveryRecorder
-from mailhub.archive.route import ARCHIVE_ROUTE, ArchiveTransport, is_archive_route
+from mailhub.archive.route import (
+    ARCHIVE_ROUTE,
+    ArchiveGate,
+    ArchiveTransport,
+    IngestMeter,
+    is_archive_route,
+)
 from mailhub.config import HubConfig
 from mailhub.delivery.delay import DelayNotices, warn_after_for
 from mailhub.delivery.dsn import build_dsn
@@ -135,6 +141,7 @@ class Node(MultiService):
         archive: Any = None,
         web_auth: Any = None,
         archive_writer: Any = None,
+        archive_gate: ArchiveGate | None = None,
     ) -> None:
         super().__init__()
         self.setName(name)
@@ -145,6 +152,11 @@ class Node(MultiService):
         self.archive = archive
         #: Where the archive route's adds go (``mailhub.archive.worker``), or ``None``: ``archive``.
         self._archive_writer = archive_writer
+        #: Where the archive yields to the front door under a burst (one for
+        #: every node of a process, ``HubService`` gives it), or ``None``.
+        if archive_gate is None and archive is not None:
+            archive_gate = ArchiveGate(IngestMeter(reactor), reactor, *config.archive_yield())
+        self.archive_gate = archive_gate
         self._transports: dict[str, ITransport] = {}
         #: What this node delivered, for ``redeliver --skip-delivered`` (with an archive).
         self.delivered = None if archive is None else DeliveryRecorder(archive, config, reactor)
@@ -278,6 +290,8 @@ class Node(MultiService):
             the message durably; it fails if the store could not take it.
         """
         routes = routes_for(self.config, envelope.recipients, archive=self.archive is not None)
+        if self.archive_gate is not None:
+            self.archive_gate.meter.tick()
         return self.engine.accept(envelope, message, routes)
 
     def heartbeat(self, stopped: bool = False) -> Deferred[None]:
@@ -353,7 +367,7 @@ class Node(MultiService):
         transport = self._transports.get(route)
         if transport is None and is_archive_route(route) and self.archive is not None:
             transport = self._transports[route] = ArchiveTransport(
-                self.archive, self._reactor, writer=self._archive_writer
+                self.archive, self._reactor, writer=self._archive_writer, gate=self.archive_gate
             )
         if transport is None:
             parsed = Route.parse(route)
@@ -373,6 +387,8 @@ class Node(MultiService):
         self.incarnation = f"{os.getpid()}-{secrets.token_hex(6)}"
         if ILeaseReclaim.providedBy(self._store):
             self._take_back()
+        if self.archive_gate is not None:
+            self.archive_gate.start()
         super().startService()
         self.log.info("{line}", line=self.start_line())
 
@@ -441,6 +457,9 @@ class Node(MultiService):
         if self._reclaim_retry is not None and self._reclaim_retry.active():
             self._reclaim_retry.cancel()
         self._reclaim_retry = None
+        if self.archive_gate is not None:
+            # The engine waits for its attempts: held archive entries go now.
+            self.archive_gate.stop()
         d = ensureDeferred(self._stop(started))
         return d
 

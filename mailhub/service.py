@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from mailhub.alerts import alert_monitor
 from mailhub.archive.accounts import SessionSigner, load_or_create_secret, secret_file
 from mailhub.archive.retention import ArchiveRetention
+from mailhub.archive.route import ArchiveGate, IngestMeter
 from mailhub.archive.worker import ArchiveProcess
 from mailhub.config import ConfigError, HubConfig, load
 from mailhub.interfaces import WAKE_SIGNAL, IAccountStore
@@ -156,10 +157,14 @@ class HubService(MultiService):
             except (OSError, ValueError) as e:
                 raise ValueError(f"{config.path}: web.secret_file: {e}") from None
             web_auth = SessionSigner(secret, reactor)
+        #: One for every node of this process: the archive yields to their front doors together.
+        self.archive_gate = (
+            None if self.archive is None else ArchiveGate(IngestMeter(reactor), reactor, *config.archive_yield())
+        )
         self.nodes = {
             name: Node(
                 name, config, self.store, self.policy, reactor, tls=tls, archive=self.archive,
-                web_auth=web_auth, archive_writer=self.archive_writer,
+                web_auth=web_auth, archive_writer=self.archive_writer, archive_gate=self.archive_gate,
             )
             for name in node_names
         }

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration]
 TOKEN = "test-token-0123456789abcdef"
 
 
-def archive_hub(tmp_path: Path, downstream: DownstreamServer) -> tuple[HubProcess, int, int]:
+def archive_hub(tmp_path: Path, downstream: DownstreamServer, archive: str = "") -> tuple[HubProcess, int, int]:
     port, web = free_port(), free_port()
     text = hub_config(tmp_path / "spool.db", downstream.port, {"dallas": port}, retry_minutes=0.1)
     text = text.replace(
@@ -35,7 +35,7 @@ def archive_hub(tmp_path: Path, downstream: DownstreamServer) -> tuple[HubProces
         f'smtp = "tcp:{port}:interface=127.0.0.1"\nweb = "tcp:{web}:interface=127.0.0.1"\n',
     )
     text += (
-        '[archive]\nplugin = "sqlite"\npath = "archive.db"\nretention_days = 30\n'
+        '[archive]\nplugin = "sqlite"\npath = "archive.db"\nretention_days = 30\n' + archive +
         '[web]\napi_tokens_file = "tokens"\n'
         "[smtp]\nmax_messages_per_minute_per_ip = 1000000\nmax_connections_per_ip = 100\n"
     )
@@ -132,10 +132,15 @@ async def test_archive_from_smtp_to_search_export_import_redeliver_and_audit(tmp
         await hub.stop()
 
 
+@pytest.mark.parametrize("archive", ["", "yield_above = 1\nmax_lag = 10\n"], ids=["archiving", "yielding"])
 @pytest_twisted.ensureDeferred
-async def test_no_acknowledged_message_misses_the_archive_after_kill_9(tmp_path, downstream):
-    """Killed while mail arrives: after a restart every message that got 250 is archived."""
-    hub, port, _ = archive_hub(tmp_path, downstream)
+async def test_no_acknowledged_message_misses_the_archive_after_kill_9(tmp_path, downstream, archive):
+    """
+    Killed while mail arrives: after a restart every message that got 250 is
+    archived, also when the archive was yielding to the burst (its entries
+    held, leased, in the spool) at the kill.
+    """
+    hub, port, _ = archive_hub(tmp_path, downstream, archive)
     hub.start()
     await hub.started(port)
     accepted: list[str] = []
@@ -150,6 +155,8 @@ async def test_no_acknowledged_message_misses_the_archive_after_kill_9(tmp_path,
 
     senders = gatherResults([ensureDeferred(sender(w)) for w in range(4)], consumeErrors=True)
     await eventually(lambda: len(accepted) >= 60, timeout=60, what="some mail accepted")
+    if archive:
+        await eventually(lambda: "archive yielding to the front door" in hub.log_path.read_text(), timeout=30, what="the archive yielding")
     hub.kill(signal.SIGKILL)
     await senders.addErrback(lambda f: None)
     hub.start()

@@ -17,7 +17,12 @@ says the copy is durable.  So:
   the hub goes on accepting and delivering, and ``mailhub status`` shows the
   archive route's backlog; the log says why at each attempt;
 - the archive's writes are paced like a route's (``[archive]
-  max_connections``, 10, for the whole hub) and seen in the same status.
+  max_connections``, 64, for the whole hub) and seen in the same status;
+- under a burst the archive yields to the front door (``ArchiveGate``): while
+  this process accepts more than ``[archive] yield_above`` messages a second
+  (50), a new archive entry waits, leased, until the rate falls or the
+  message is ``[archive] max_lag`` seconds old (120).  Mail is not held up,
+  only its archive copy; the ``250`` does not wait for it either way.
 
 An archive entry is never bounced: nobody should get a DSN because the
 hub's own copy could not be made (``Node.bounce`` only logs it).
@@ -25,6 +30,7 @@ hub's own copy could not be made (``Node.bounce`` only logs it).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +43,7 @@ from zope.interface import implementer
 from mailhub.interfaces import IArchive, ITransport
 from mailhub.model import Address, ArchivedMessage, Entry, Reply, StoreFull, StoreUnavailable
 
-__all__ = ["ARCHIVE_ROUTE", "ArchiveTransport", "is_archive_route"]
+__all__ = ["ARCHIVE_ROUTE", "ArchiveGate", "ArchiveTransport", "IngestMeter", "is_archive_route"]
 
 #: The route of the spool's archive entries.
 ARCHIVE_ROUTE = "archive:local"
@@ -45,6 +51,129 @@ ARCHIVE_ROUTE = "archive:local"
 
 def is_archive_route(route: str) -> bool:
     return route == ARCHIVE_ROUTE
+
+
+class IngestMeter:
+    """
+    Messages this process accepted over the last second, in quarter-second
+    buckets: one ``tick`` per accepted message (every node of the process
+    ticks the same meter), ``rate`` when asked.
+    """
+
+    BUCKETS = 4
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._buckets: deque[list[int]] = deque()
+
+    def tick(self, n: int = 1) -> None:
+        bucket = int(self._clock.seconds() * self.BUCKETS)
+        if self._buckets and self._buckets[-1][0] == bucket:
+            self._buckets[-1][1] += n
+        else:
+            self._buckets.append([bucket, n])
+            if len(self._buckets) > self.BUCKETS:
+                self._buckets.popleft()
+
+    def rate(self) -> float:
+        """Messages a second over the last full second (the current quarter included)."""
+        oldest = int(self._clock.seconds() * self.BUCKETS) - self.BUCKETS + 1
+        return float(sum(n for bucket, n in self._buckets if bucket >= oldest))
+
+
+class ArchiveGate:
+    """
+    The archive yields to the front door under a burst.
+
+    Archiving a message costs about what accepting it costs (decoding,
+    indexing, a second durable commit), so during a burst the archive would
+    halve ingest.  Instead, while the ``IngestMeter`` reads more than
+    ``yield_above`` messages a second, ``wait`` holds a new archive entry
+    (leased: the spool keeps it, and a crash loses nothing) until the rate
+    falls to ``yield_above`` or below, or the message is ``max_lag`` seconds
+    old, whichever comes first; the backlog is archived as soon as the burst
+    is over, and a load that never ends is archived at most ``max_lag``
+    behind.  ``stop`` lets everything through (a stopping node), ``start``
+    holds again.
+
+    :param clock: ``IReactorTime``.
+    :param yield_above: ``[archive] yield_above`` (0: never hold).
+    :param max_lag: ``[archive] max_lag``, seconds.
+    :param poll: seconds between looks at the rate while entries wait.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, meter: IngestMeter, clock: Any, yield_above: float, max_lag: float, poll: float = 0.25,
+    ) -> None:
+        self.meter = meter
+        self.yield_above = yield_above
+        self.max_lag = max_lag
+        self._clock = clock
+        self._poll = poll
+        self._waiting: list[tuple[float, Deferred[None]]] = []
+        self._timer: Any = None
+        self._stopped = False
+
+    @property
+    def waiting(self) -> int:
+        """Archive entries held now."""
+        return len(self._waiting)
+
+    def _holds(self, created: float, now: float) -> bool:
+        return (
+            not self._stopped
+            and self.yield_above > 0
+            and now - created < self.max_lag
+            and self.meter.rate() > self.yield_above
+        )
+
+    def wait(self, created: float) -> Deferred[None] | None:
+        """
+        ``None`` when a message accepted at ``created`` may be archived now,
+        else a Deferred that fires when it may.
+        """
+        if not self._holds(created, self._clock.seconds()):
+            return None
+        if not self._waiting:
+            self.log.info(
+                "archive yielding to the front door ({rate:.0f} messages/s accepted, above {limit:g});"
+                " archiving resumes below it, or {lag:g} s after a message was accepted",
+                rate=self.meter.rate(), limit=self.yield_above, lag=self.max_lag,
+            )
+        d: Deferred[None] = Deferred()
+        self._waiting.append((created, d))
+        if self._timer is None:
+            self._timer = self._clock.callLater(self._poll, self._look)
+        return d
+
+    def _look(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        go = [d for created, d in self._waiting if not self._holds(created, now)]
+        if go:
+            self._waiting = [(created, d) for created, d in self._waiting if self._holds(created, now)]
+            if not self._waiting:
+                self.log.info("archive resumed ({rate:.0f} messages/s accepted)", rate=self.meter.rate())
+            for d in go:
+                d.callback(None)
+        if self._waiting and self._timer is None:
+            self._timer = self._clock.callLater(self._poll, self._look)
+
+    def start(self) -> None:
+        """Hold entries under a burst again (after ``stop``)."""
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Hold nothing from now on, and let every held entry go."""
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        waiting, self._waiting = self._waiting, []
+        for _, d in waiting:
+            d.callback(None)
 
 
 @implementer(ITransport)
@@ -59,6 +188,8 @@ class ArchiveTransport:
     :param writer: where ``add`` goes instead of ``archive`` (decoding
         included): the archive's worker process (``mailhub.archive.worker``),
         or ``None`` to decode and add in this process.
+    :param gate: an ``ArchiveGate`` to wait on before archiving a message
+        (``None``: never wait).
     """
 
     log = Logger()
@@ -69,6 +200,7 @@ class ArchiveTransport:
         reactor: Any,
         decode: Callable[[bytes], Any] | None = None,
         writer: Any = None,
+        gate: ArchiveGate | None = None,
     ) -> None:
         if decode is None:
             from mailhub.archive.text import extract
@@ -78,12 +210,17 @@ class ArchiveTransport:
         self._reactor = reactor
         self._decode: Callable[[bytes], Any] = decode
         self._writer = writer
+        self.gate = gate
 
     def deliver(self, entry: Entry, message: bytes) -> Deferred[dict[Address, Reply]]:
         return ensureDeferred(self._deliver(entry, message))
 
     async def _deliver(self, entry: Entry, message: bytes) -> dict[Address, Reply]:
         mailboxes = entry.pending
+        if self.gate is not None:
+            held = self.gate.wait(entry.created)
+            if held is not None:
+                await held
         try:
             if self._writer is not None:
                 # The worker process decodes it too: only the envelope and the bytes go.

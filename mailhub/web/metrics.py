@@ -291,6 +291,16 @@ class NodeCollector:
                 "Spool entries waiting to be archived (the route archive:local).",
                 value=routes.get(ARCHIVE_ROUTE, 0),
             )
+            gate = getattr(self._node, "archive_gate", None)
+            if gate is not None:
+                yield GaugeMetricFamily(
+                    "mailhub_archive_yielding_entries",
+                    "Archive entries this process holds while the front door is busy ([archive] yield_above).",
+                    value=gate.waiting,
+                )
+                yield GaugeMetricFamily(
+                    "mailhub_ingest_rate", "Messages this process accepted over the last second.", value=gate.meter.rate()
+                )
         now = self._clock.seconds()
         oldest = GaugeMetricFamily(
             "mailhub_spool_oldest_entry_age_seconds",

@@ -1,0 +1,162 @@
+"""
+The archive yields to the front door under a burst (``ArchiveGate``): the
+meter, the gate's rules, and a node whose archive entries wait, leased in
+the spool, until the burst is over or the message is ``max_lag`` old.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+
+from mailhub.archive.route import ARCHIVE_ROUTE, ArchiveGate, IngestMeter
+from mailhub.config import ConfigError, parse
+from mailhub.model import Address, ArchiveQuery, ArchiveScope, Envelope
+from mailhub.node import Node
+from mailhub.plugin import load_plugin
+from mailhub.plugins.memory_store import MemorySpoolStore
+from mailhub.plugins.standard_policy import StandardPolicy
+from mailhub.testing.fakes import ScriptedTransport
+
+ALICE = Address("alice", "example.com")
+OUTSIDE = Address("someone", "outside.example")
+ROUTE = "smtp:mail.example.com:25"
+
+
+def busy_gate(yield_above: float = 10, max_lag: float = 60) -> tuple[Clock, IngestMeter, ArchiveGate]:
+    clock = Clock()
+    clock.advance(1000)
+    meter = IngestMeter(clock)
+    return clock, meter, ArchiveGate(meter, clock, yield_above, max_lag)
+
+
+def test_the_meter_counts_the_last_second_only():
+    clock = Clock()
+    clock.advance(1000)
+    meter = IngestMeter(clock)
+    assert meter.rate() == 0
+    meter.tick(30)
+    clock.advance(0.5)
+    meter.tick(20)
+    assert meter.rate() == 50
+    clock.advance(0.6)  # the first 30 are more than a second old
+    assert meter.rate() == 20
+    clock.advance(1.0)
+    assert meter.rate() == 0
+    clock.advance(100)
+    meter.tick()
+    assert meter.rate() == 1
+
+
+def test_a_quiet_front_door_holds_nothing():
+    clock, meter, gate = busy_gate()
+    meter.tick(10)  # at the limit, not above it
+    assert gate.wait(clock.seconds()) is None
+
+
+def test_a_burst_holds_new_entries_until_the_rate_falls():
+    clock, meter, gate = busy_gate()
+    meter.tick(11)
+    held = gate.wait(clock.seconds())
+    assert held is not None and gate.waiting == 1
+    fired: list[object] = []
+    held.addCallback(fired.append)
+    clock.advance(0.5)
+    meter.tick(11)  # still busy
+    clock.advance(0.5)
+    assert fired == [] and gate.waiting == 1
+    clock.advance(1.25)  # a quiet second
+    assert fired == [None] and gate.waiting == 0
+    assert clock.getDelayedCalls() == []  # no timer left behind
+
+
+def test_an_entry_max_lag_old_goes_however_busy_the_front_door_is():
+    clock, meter, gate = busy_gate(max_lag=5)
+    created = clock.seconds()
+    held = gate.wait(created)
+    assert held is None  # not busy yet
+    fired: list[object] = []
+    for _ in range(24):  # 6 s of a steady 40 messages a quarter second
+        meter.tick(40)
+        held = held or gate.wait(created)
+        clock.advance(0.25)
+    assert held is not None
+    held.addCallback(fired.append)
+    assert fired == [None]
+    assert gate.wait(created) is None  # older than max_lag: not held at all
+    assert gate.wait(clock.seconds()) is not None  # a new one still is
+
+
+def test_yield_above_zero_never_holds():
+    clock, meter, gate = busy_gate(yield_above=0)
+    meter.tick(100_000)
+    assert gate.wait(clock.seconds()) is None
+
+
+def test_stop_lets_every_held_entry_go_and_start_holds_again():
+    clock, meter, gate = busy_gate()
+    meter.tick(1000)
+    fired: list[object] = []
+    for _ in range(3):
+        d = gate.wait(clock.seconds())
+        assert d is not None
+        d.addCallback(fired.append)
+    gate.stop()
+    assert fired == [None, None, None]
+    assert gate.wait(clock.seconds()) is None
+    assert clock.getDelayedCalls() == []
+    gate.start()
+    assert gate.wait(clock.seconds()) is not None
+
+
+CONFIG = (
+    b'[hub]\nhostname="h.example"\noutbound="smtp:smarthost:25"\n'
+    b'[archive]\nplugin="memory"\nyield_above=20\nmax_lag=30\n'
+    b'[nodes.dallas]\nsmtp="tcp:0"\n'
+    b'[domains."example.com"]\nroute="smtp:mail.example.com:25"\n'
+)
+
+
+def test_a_node_delivers_a_burst_at_once_and_archives_it_after():
+    clock = Clock()
+    clock.advance(1_000_000)
+    config = parse(CONFIG)
+    store = MemorySpoolStore(clock)
+    archive = load_plugin("mailhub.archives", "memory").make({}, clock)
+    transport = ScriptedTransport()
+    node = Node("dallas", config, store, StandardPolicy(nodes=("dallas",), jitter=0.0), clock, archive=archive)
+    node._transports[ROUTE] = transport
+    node.engine.startService()
+    ids: list[str] = []
+    for i in range(40):
+        message = f"Subject: burst {i}\r\nMessage-ID: <b{i}@outside.example>\r\n\r\nbody\r\n".encode()
+        node.receive(Envelope(OUTSIDE, [ALICE], received_at=clock.seconds()), message).addCallback(ids.append)
+    assert len(ids) == 40  # every 250 given
+    assert len(transport.deliveries) == 40  # relayed at once
+    routes = store.counts().result["routes"]
+    assert routes[ARCHIVE_ROUTE] > 0  # the archive's copies wait in the spool
+    assert node.archive_gate is not None and node.archive_gate.waiting > 0
+
+    def archived() -> int:
+        return len(archive.search(ArchiveScope(mailbox=ALICE), ArchiveQuery(), None, 100).result.items)
+
+    first = archived()
+    assert first < 40
+    clock.advance(1.5)  # the burst is over
+    for _ in range(20):
+        clock.advance(0.25)
+    assert archived() == 40
+    assert store.counts().result["routes"] == {}
+
+
+def test_the_settings_are_checked():
+    base = CONFIG.replace(b"yield_above=20\nmax_lag=30\n", b"")
+    assert parse(base).archive_yield() == (50.0, 120.0)
+    short = base + b"[delivery]\nlease_seconds = 60\n"
+    assert parse(short).archive_yield() == (50.0, 15.0)  # well inside a short lease
+    with pytest.raises(ConfigError, match=r"archive\.yield_above: must be 0"):
+        parse(base.replace(b'plugin="memory"\n', b'plugin="memory"\nyield_above=-1\n'))
+    with pytest.raises(ConfigError, match=r"archive\.max_lag: must be less than half of delivery\.lease_seconds \(60\)"):
+        parse(short.replace(b'plugin="memory"\n', b'plugin="memory"\nmax_lag=30\n'))
+    with pytest.raises(ConfigError, match=r"archive\.max_lag: must be greater than 0"):
+        parse(base.replace(b'plugin="memory"\n', b'plugin="memory"\nmax_lag=0\n'))
