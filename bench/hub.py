@@ -3,7 +3,10 @@ A mailhub for the benchmark: a configuration in a temporary directory and
 ``twistd -n --pidfile= mailhub --config FILE`` as a subprocess, exactly as the
 README starts it.  Variants: one node or the two-node embedded default (both
 nodes in one process), over the ``sqlite`` store or ``redis`` (a private
-``redis-server`` with AOF and ``appendfsync always``).
+``redis-server`` with AOF and ``appendfsync always``); over ``redis``, also
+the two-site shape, one ``twistd mailhub --node NAME`` process per node
+(``processes=2``), and a replica on the same machine that every write waits
+for (``replica=True``: ``wait_replicas = 1``).
 
 Durability is the store's default: SQLite with WAL and ``synchronous=FULL``,
 Redis acknowledging only after the fsync of its AOF.  The configuration differs
@@ -48,6 +51,8 @@ class HubInstance:
     :param sink_port: the route of example.com.
     :param concurrency: ``max_connections`` of example.com.
     :param store: ``sqlite`` or ``redis``.
+    :param processes: 1: every node in one twistd; 2: one ``twistd --node`` per node.
+    :param replica: (``redis``) a replica server, and ``wait_replicas = 1``.
     """
 
     def __init__(
@@ -55,6 +60,8 @@ class HubInstance:
         archive: bool = True,
         archive_options: str = "",
         suffix: str = "",
+        processes: int = 1,
+        replica: bool = False,
     ) -> None:
         self.dir = workdir
         self.ports = ports
@@ -63,10 +70,17 @@ class HubInstance:
         self.store = store
         self.archive = archive
         self.archive_options = archive_options
-        self.name = f"mailhub-{store}-{len(ports)}node" + ("" if archive else "-noarchive") + suffix
+        self.processes = processes
+        self.replica = replica
+        shape = f"{len(ports)}node" if processes == 1 else f"{processes}proc"
+        self.name = (
+            f"mailhub-{store}-{shape}" + ("-replica" if replica else "") + ("" if archive else "-noarchive") + suffix
+        )
         self.config = os.path.join(workdir, "hub.toml")
         self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
         self.redis = None
+        self.redis_replica = None
         self._log: object | None = None
 
     def setup(self) -> None:
@@ -76,6 +90,10 @@ class HubInstance:
 
             self.redis = RedisServer.start(Path(self.dir) / "redis")
             store = f'plugin = "redis"\nhost = "127.0.0.1"\nport = {self.redis.port}\n'
+            if self.replica:
+                self.redis_replica = RedisServer.start(Path(self.dir) / "redis-replica", replica_of=self.redis.address)
+                self.redis_replica.wait_for_replication(30)
+                store += "wait_replicas = 1\n"
         else:
             # Each store plugin refuses keys it does not read: only sqlite has a path.
             store = f'plugin = "{self.store}"\n' + ('path = "spool.db"\n' if self.store == "sqlite" else "")
@@ -115,23 +133,31 @@ max_connections = {self.concurrency}
             f.write(text)
 
     def start(self, timeout: float = 120.0) -> float:
-        """Start twistd; return the seconds until every node's SMTP port greets."""
+        """Start twistd (one per node with ``processes=2``); return the seconds until every node's SMTP port greets."""
         log = open(os.path.join(self.dir, "twistd.log"), "ab")
         self._log = log
-        argv = [
-            os.path.join(VENV_BIN, "twistd"),
-            "-n",
-            "--pidfile=",
-            "--logfile", os.path.join(self.dir, "hub.log"),
-            "mailhub",
-            "--config", self.config,
-        ]
+        runs: list[tuple[str, list[str]]] = [("hub", [])]
+        if self.processes > 1:
+            runs = [(name, ["--node", name]) for name in NODE_NAMES[: len(self.ports)]]
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+        self.procs = []
+        for name, extra in runs:
+            argv = [
+                os.path.join(VENV_BIN, "twistd"),
+                "-n",
+                "--pidfile=",
+                "--logfile", os.path.join(self.dir, f"{name}.log"),
+                "mailhub",
+                "--config", self.config,
+                *extra,
+            ]  # fmt: skip
+            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir))
+        self.proc = self.procs[0]
 
         def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise BenchError(f"{self.name}: twistd exited with {self.proc.returncode}: {self.log_tail()}")
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise BenchError(f"{self.name}: twistd exited with {proc.returncode}: {self.log_tail()}")
             return all(smtp_banner(p) for p in self.ports)
 
         wait_for(ready, timeout, f"{self.name} to listen")
@@ -143,16 +169,17 @@ max_connections = {self.concurrency}
         return self.proc.pid
 
     def pids(self) -> list[int]:
-        """The hub's process, and the redis-server when the store is a private Redis."""
-        pids = [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
-        process = getattr(self.redis, "_process", None)
-        if process is not None and process.poll() is None:
-            pids.append(process.pid)
+        """The hub's processes, and the redis-servers when the store is a private Redis."""
+        pids = [p.pid for p in self.procs if p.poll() is None]
+        for server in (self.redis, self.redis_replica):
+            process = getattr(server, "_process", None)
+            if process is not None and process.poll() is None:
+                pids.append(process.pid)
         return pids
 
     def log_tail(self, lines: int = 5) -> str:
         out = []
-        for name in ("twistd.log", "hub.log"):
+        for name in ("twistd.log", "hub.log", *(f"{n}.log" for n in NODE_NAMES)):
             try:
                 with open(os.path.join(self.dir, name), errors="replace") as f:
                     out += f.read().strip().splitlines()[-lines:]
@@ -161,9 +188,10 @@ max_connections = {self.concurrency}
         return " | ".join(out) or "(no log)"
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, timeout=60)
-            self.proc = None
+        for proc in self.procs:
+            stop_process(proc, timeout=60)
+        self.procs = []
+        self.proc = None
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
@@ -213,7 +241,8 @@ max_connections = {self.concurrency}
 
     def destroy(self) -> None:
         self.stop()
-        if self.redis is not None:
-            self.redis.stop()
-            self.redis = None
+        for server in (self.redis_replica, self.redis):
+            if server is not None:
+                server.stop()
+        self.redis = self.redis_replica = None
         shutil.rmtree(self.dir, ignore_errors=True)

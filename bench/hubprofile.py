@@ -69,6 +69,7 @@ def main() -> int:
     p.add_argument("--size", default="4k")
     p.add_argument("--store", default="sqlite")
     p.add_argument("--nodes", type=int, default=1, choices=[1, 2])
+    p.add_argument("--no-archive", action="store_true", help="a hub without an [archive] table")
     p.add_argument("--connections", type=int, default=20)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=25)
@@ -85,7 +86,10 @@ def main() -> int:
     if args.figure == "P2":
         sink.start()
     workdir = tempfile.mkdtemp(prefix="mailhub-profile-", dir=args.workdir)
-    hub = HubInstance(workdir, [free_port() for _ in range(args.nodes)], sink.port, args.connections, args.store)
+    hub = HubInstance(
+        workdir, [free_port() for _ in range(args.nodes)], sink.port, args.connections, args.store,
+        archive=not args.no_archive,
+    )
     raw = os.path.join(args.out, f"{args.figure}.raw")
     svg = os.path.join(args.out, f"{args.figure}.svg")
     try:

@@ -115,13 +115,32 @@ def build_systems(args: argparse.Namespace) -> list[System]:
         ),
     ]
     if "redis" in store_plugins() and shutil.which("redis-server"):
-        systems.append(
+        systems += [
             System(
                 "mailhub-redis-1node",
                 lambda d, s, c: HubInstance(d, [free_port()], s, c, "redis"),
                 True,
-            )
-        )
+            ),
+            System(
+                "mailhub-redis-1node-noarchive",
+                lambda d, s, c: HubInstance(d, [free_port()], s, c, "redis", archive=False),
+                True,
+            ),
+            # The two-site shape: one twistd per node over one Redis, the load split across them.
+            System(
+                "mailhub-redis-2proc-noarchive",
+                lambda d, s, c: HubInstance(d, [free_port(), free_port()], s, c, "redis", archive=False, processes=2),
+                True,
+            ),
+            # The same, every write also confirmed by a replica (WAIT 1).
+            System(
+                "mailhub-redis-2proc-replica-noarchive",
+                lambda d, s, c: HubInstance(
+                    d, [free_port(), free_port()], s, c, "redis", archive=False, processes=2, replica=True
+                ),
+                True,
+            ),
+        ]
     if args.systems:
         wanted = set(args.systems.split(","))
         unknown = wanted - {s.name for s in systems}

@@ -179,8 +179,11 @@ class Node(MultiService):
                 getattr(policy, "lifetime", None),
                 self.receive,
             ),
+            later=None if archive_gate is None else archive_gate.later,
         )
         self.engine.setServiceParent(self)
+        if archive_gate is not None:
+            archive_gate.on_resume(self._archive_resumed)
         node_config = config.nodes[name]
         self._recipient_check = _recipient_check(config, reactor)
         self.smtp_factory = SMTPFactory(
@@ -330,6 +333,16 @@ class Node(MultiService):
             self._heartbeat_failing = True
 
         return d.addCallbacks(sent, failed)
+
+    def _archive_resumed(self) -> None:
+        """The archive stopped yielding: the archive entries it put off are due now."""
+        if not self.engine.running:
+            return
+        d = self._store.flush(ARCHIVE_ROUTE, self._reactor.seconds())
+        d.addCallbacks(
+            lambda _: self.engine.wake(),
+            lambda f: self.log.failure("could not make the put-off archive entries due", f),
+        )
 
     def _note_delivered(self, entry: Entry, recipients: Sequence[Address], at: float) -> None:
         """The engine's ``delivered`` observer: the drills, then the archive's delivery records."""

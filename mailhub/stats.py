@@ -74,8 +74,9 @@ class DeliveryStats:
         is the outcome of its recipients when they agree (``delivered``,
         ``deferred``, ``failed``, ``expired``, ``held``), ``mixed`` when
         they do not, ``suspended`` for an attempt deferred without
-        connecting (its route is down), ``lease_lost`` when another node
-        took the entry over meanwhile (nothing was recorded).
+        connecting (its route is down), ``yielded`` for an archive entry put
+        off while the front door is busy (``ArchiveGate``), ``lease_lost``
+        when another node took the entry over meanwhile (nothing was recorded).
     :ivar latency: per route, from acceptance to delivery, for each attempt
         that delivered to at least one recipient.
     :ivar store: per store call (``claim``, ``record``, ...), its latency.

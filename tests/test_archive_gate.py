@@ -87,10 +87,32 @@ def test_an_entry_max_lag_old_goes_however_busy_the_front_door_is():
     assert gate.wait(clock.seconds()) is not None  # a new one still is
 
 
+def test_later_puts_off_new_archive_entries_and_resume_says_when_to_take_them_up():
+    clock, meter, gate = busy_gate(max_lag=60)
+    resumed: list[float] = []
+    gate.on_resume(lambda: resumed.append(clock.seconds()))
+    created = clock.seconds()
+    assert gate.later(ARCHIVE_ROUTE, created) is None  # quiet
+    meter.tick(500)
+    assert gate.later("smtp:mail.example.com:25", created) is None  # mail itself is never put off
+    when, reply = gate.later(ARCHIVE_ROUTE, created)
+    assert when == created + 60 and reply.code == 451
+    assert gate.later(ARCHIVE_ROUTE, created - 61) is None  # already max_lag old
+    assert gate.yielding and gate.put_off == 1
+    clock.advance(0.5)
+    assert resumed == []
+    clock.advance(1.0)  # a quiet second
+    assert resumed == [clock.seconds()] and not gate.yielding and gate.put_off == 0
+    clock.advance(10)
+    assert len(resumed) == 1  # once per burst, and no timer while quiet
+    assert clock.getDelayedCalls() == []
+
+
 def test_yield_above_zero_never_holds():
     clock, meter, gate = busy_gate(yield_above=0)
     meter.tick(100_000)
     assert gate.wait(clock.seconds()) is None
+    assert gate.later(ARCHIVE_ROUTE, clock.seconds()) is None
 
 
 def test_stop_lets_every_held_entry_go_and_start_holds_again():
@@ -127,6 +149,10 @@ def test_a_node_delivers_a_burst_at_once_and_archives_it_after():
     node = Node("dallas", config, store, StandardPolicy(nodes=("dallas",), jitter=0.0), clock, archive=archive)
     node._transports[ROUTE] = transport
     node.engine.startService()
+
+    def archived() -> int:
+        return len(archive.search(ArchiveScope(mailbox=ALICE), ArchiveQuery(), None, 100).result.items)
+
     ids: list[str] = []
     for i in range(40):
         message = f"Subject: burst {i}\r\nMessage-ID: <b{i}@outside.example>\r\n\r\nbody\r\n".encode()
@@ -134,19 +160,22 @@ def test_a_node_delivers_a_burst_at_once_and_archives_it_after():
     assert len(ids) == 40  # every 250 given
     assert len(transport.deliveries) == 40  # relayed at once
     routes = store.counts().result["routes"]
-    assert routes[ARCHIVE_ROUTE] > 0  # the archive's copies wait in the spool
-    assert node.archive_gate is not None and node.archive_gate.waiting > 0
+    assert routes == {ARCHIVE_ROUTE: 40 - archived()}  # the archive's copies wait in the spool...
+    gate = node.archive_gate
+    assert gate is not None and gate.yielding
+    assert gate.put_off > 0  # ...put off, not leased: nothing of the batch waits for the archive
+    assert node.engine.in_flight == 0
+    [put_off] = [e for e in store.entries().result if e.route == ARCHIVE_ROUTE][:1]
+    assert put_off.next_attempt == put_off.created + 30  # max_lag
+    assert [a.replies[0][1].code for a in store.attempts(put_off.id).result] == [451]
 
-    def archived() -> int:
-        return len(archive.search(ArchiveScope(mailbox=ALICE), ArchiveQuery(), None, 100).result.items)
-
-    first = archived()
-    assert first < 40
-    clock.advance(1.5)  # the burst is over
+    assert archived() < 40
+    clock.advance(1.5)  # the burst is over: the put-off entries are due at once, not after max_lag
     for _ in range(20):
         clock.advance(0.25)
     assert archived() == 40
     assert store.counts().result["routes"] == {}
+    assert not gate.yielding and gate.put_off == 0
 
 
 def test_the_settings_are_checked():

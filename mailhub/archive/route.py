@@ -20,9 +20,10 @@ says the copy is durable.  So:
   max_connections``, 64, for the whole hub) and seen in the same status;
 - under a burst the archive yields to the front door (``ArchiveGate``): while
   this process accepts more than ``[archive] yield_above`` messages a second
-  (50), a new archive entry waits, leased, until the rate falls or the
-  message is ``[archive] max_lag`` seconds old (120).  Mail is not held up,
-  only its archive copy; the ``250`` does not wait for it either way.
+  (50), archive entries are put off (stored deferred, in the same write)
+  until the rate falls or the message is ``[archive] max_lag`` seconds old
+  (120).  Mail is not held up, only its archive copy; the ``250`` does not
+  wait for it either way.
 
 An archive entry is never bounced: nobody should get a DSN because the
 hub's own copy could not be made (``Node.bounce`` only logs it).
@@ -88,18 +89,21 @@ class ArchiveGate:
     Archiving a message costs about what accepting it costs (decoding,
     indexing, a second durable commit), so during a burst the archive would
     halve ingest.  Instead, while the ``IngestMeter`` reads more than
-    ``yield_above`` messages a second, ``wait`` holds a new archive entry
-    (leased: the spool keeps it, and a crash loses nothing) until the rate
-    falls to ``yield_above`` or below, or the message is ``max_lag`` seconds
-    old, whichever comes first; the backlog is archived as soon as the burst
-    is over, and a load that never ends is archived at most ``max_lag``
-    behind.  ``stop`` lets everything through (a stopping node), ``start``
-    holds again.
+    ``yield_above`` messages a second, the archive route's entries are put
+    off: a new one is stored deferred until ``max_lag`` after its message
+    was accepted (``later``, which the delivery engine asks before it leases
+    or tries an entry, so none waits in the batch), and one already in the
+    archive's transport waits there (``wait``).  When the rate falls to
+    ``yield_above`` or below, the gate lets the waiting ones go and calls its
+    ``on_resume`` callbacks (each node makes its deferred archive entries due
+    at once); a load that never ends is archived at most ``max_lag`` behind.
+    Nothing is lost meanwhile: every put-off entry is in the spool.
+    ``stop`` lets everything through (a stopping node), ``start`` holds again.
 
     :param clock: ``IReactorTime``.
     :param yield_above: ``[archive] yield_above`` (0: never hold).
     :param max_lag: ``[archive] max_lag``, seconds.
-    :param poll: seconds between looks at the rate while entries wait.
+    :param poll: seconds between looks at the rate while yielding.
     """
 
     log = Logger()
@@ -115,19 +119,49 @@ class ArchiveGate:
         self._waiting: list[tuple[float, Deferred[None]]] = []
         self._timer: Any = None
         self._stopped = False
+        self._resume: list[Callable[[], object]] = []
+        #: Archive entries put off (``later``) since the gate started yielding.
+        self.put_off = 0
 
     @property
     def waiting(self) -> int:
-        """Archive entries held now."""
+        """Archive entries held in the transport now."""
         return len(self._waiting)
 
+    @property
+    def yielding(self) -> bool:
+        """Whether the archive is yielding now (until the rate is next looked at)."""
+        return self._timer is not None
+
+    def on_resume(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` each time the archive stops yielding."""
+        self._resume.append(callback)
+
+    def _busy(self) -> bool:
+        return not self._stopped and self.yield_above > 0 and self.meter.rate() > self.yield_above
+
     def _holds(self, created: float, now: float) -> bool:
-        return (
-            not self._stopped
-            and self.yield_above > 0
-            and now - created < self.max_lag
-            and self.meter.rate() > self.yield_above
-        )
+        return now - created < self.max_lag and self._busy()
+
+    def _yield(self) -> None:
+        if self._timer is None:
+            self.log.info(
+                "archive yielding to the front door ({rate:.0f} messages/s accepted, above {limit:g});"
+                " archiving resumes below it, or {lag:g} s after a message was accepted",
+                rate=self.meter.rate(), limit=self.yield_above, lag=self.max_lag,
+            )
+            self._timer = self._clock.callLater(self._poll, self._look)
+
+    def later(self, route: str, created: float) -> tuple[float, Reply] | None:
+        """
+        The delivery engine's ``later``: for an archive entry accepted at
+        ``created``, ``(when, reply)`` while the archive yields, else ``None``.
+        """
+        if not is_archive_route(route) or not self._holds(created, self._clock.seconds()):
+            return None
+        self._yield()
+        self.put_off += 1
+        return created + self.max_lag, Reply(451, "4.3.0", "archive yielding to the front door; archived after the burst")
 
     def wait(self, created: float) -> Deferred[None] | None:
         """
@@ -136,16 +170,9 @@ class ArchiveGate:
         """
         if not self._holds(created, self._clock.seconds()):
             return None
-        if not self._waiting:
-            self.log.info(
-                "archive yielding to the front door ({rate:.0f} messages/s accepted, above {limit:g});"
-                " archiving resumes below it, or {lag:g} s after a message was accepted",
-                rate=self.meter.rate(), limit=self.yield_above, lag=self.max_lag,
-            )
+        self._yield()
         d: Deferred[None] = Deferred()
         self._waiting.append((created, d))
-        if self._timer is None:
-            self._timer = self._clock.callLater(self._poll, self._look)
         return d
 
     def _look(self) -> None:
@@ -154,12 +181,24 @@ class ArchiveGate:
         go = [d for created, d in self._waiting if not self._holds(created, now)]
         if go:
             self._waiting = [(created, d) for created, d in self._waiting if self._holds(created, now)]
-            if not self._waiting:
-                self.log.info("archive resumed ({rate:.0f} messages/s accepted)", rate=self.meter.rate())
             for d in go:
                 d.callback(None)
-        if self._waiting and self._timer is None:
+        if self._busy():
             self._timer = self._clock.callLater(self._poll, self._look)
+            return
+        self._resumed()
+
+    def _resumed(self) -> None:
+        put_off, self.put_off = self.put_off, 0
+        self.log.info(
+            "archive resumed ({rate:.0f} messages/s accepted; {n} entries put off are due now)",
+            rate=self.meter.rate(), n=put_off,
+        )
+        for callback in self._resume:
+            try:
+                callback()
+            except Exception:
+                self.log.failure("an archive resume callback failed")
 
     def start(self) -> None:
         """Hold entries under a burst again (after ``stop``)."""

@@ -104,8 +104,14 @@ class DeliveryEngine(Service):
         settings: DeliveryConfig,
         delivered: Delivered | None = None,
         delay_notices: Any = None,
+        later: Callable[[str, float], tuple[float, Reply] | None] | None = None,
     ) -> None:
         self.node = node
+        #: ``later(route, created)``: for an entry of ``route`` accepted at
+        #: ``created``, ``(when, reply)`` to defer it until ``when`` without
+        #: trying it (the archive yielding to a burst: ``ArchiveGate.later``),
+        #: or ``None`` to try it now.
+        self._later = later
         self._delivered = delivered
         self._delay_notices = delay_notices
         self._store = store
@@ -241,6 +247,8 @@ class DeliveryEngine(Service):
                 settled = self.decide_while_down(entry)
                 if settled is not None:
                     decided[entry.route] = settled
+            yielded = self._defer_new(envelope, message, routes, down)
+            decided.update(yielded)
             d = self.stats.timed("enqueue_leased", self._store.enqueue_leased(
                 envelope, message, routes, self.node, self._settings.lease_seconds, decided or None
             ))
@@ -257,7 +265,9 @@ class DeliveryEngine(Service):
             self._reserved -= count
             self._attempt_leased([r for r in results if isinstance(r, Lease)], message)
             for r in results:
-                if isinstance(r, Entry):
+                if isinstance(r, Entry) and r.route in yielded:
+                    self.stats.count(r.route, "yielded")
+                elif isinstance(r, Entry):
                     self.attempts_made += 1
                     self._suspended_count[r.route] = self._suspended_count.get(r.route, 0) + 1
                     self.stats.count(r.route, "suspended")
@@ -274,6 +284,38 @@ class DeliveryEngine(Service):
             return result
 
         return d.addCallbacks(stored, failed).addBoth(done)
+
+    def _defer_new(
+        self, envelope: Envelope, message: bytes, routes: Mapping[str, Sequence[Address]],
+        down: Mapping[str, Sequence[Address]],
+    ) -> dict[str, tuple[Attempt, Decision]]:
+        """
+        The new entries ``later`` defers (``accept``): each stored with a
+        deferral, as a route that is down stores its first attempt, instead
+        of being leased, so that none waits on its route while holding a
+        place in the batch.
+        """
+        if self._later is None:
+            return {}
+        now = self._clock.seconds()
+        wanted = {}
+        for route, rcpts in routes.items():
+            if route not in down:
+                later = self._later(route, envelope.received_at)
+                if later is not None:
+                    wanted[route] = (rcpts, later)
+        if not wanted:
+            return {}
+        entries = new_entries(envelope, len(message), {r: w[0] for r, w in wanted.items()}, self.node, "", lambda: "")
+        out = {}
+        for entry in entries:
+            when, reply = wanted[entry.route][1]
+            replies = tuple((a, reply) for a in entry.pending)
+            out[entry.route] = (
+                Attempt("", self.node, now, now, replies),
+                Decision(tuple(Outcome(a, Action.RETRY, reply) for a in entry.pending), next_attempt=when),
+            )
+        return out
 
     def _spooled(self, ids: list[str], message: bytes) -> str:
         if self.running:
@@ -871,6 +913,10 @@ class DeliveryEngine(Service):
 
     async def _attempt(self, lease: Lease, message: bytes | None = None) -> None:
         entry = lease.entry
+        later = None if self._later is None else self._later(entry.route, entry.created)
+        if later is not None:
+            await self._put_off(lease, *later)
+            return
         throttle = self.throttle(entry.route)
         body: Deferred[bytes] | None = None
 
@@ -1067,6 +1113,22 @@ class DeliveryEngine(Service):
             self._suspended_count[entry.route] = self._suspended_count.get(entry.route, 0) + 1
             return
         self._log_attempt(entry, decision, finished)
+
+    async def _put_off(self, lease: Lease, when: float, reply: Reply) -> None:
+        """
+        Defer a leased entry until ``when`` without trying it (``later``): one
+        record, no policy, no log line per entry (the caller logs its state).
+        """
+        entry = lease.entry
+        now = self._clock.seconds()
+        attempt = Attempt(entry.id, self.node, now, now, tuple((a, reply) for a in entry.pending))
+        decision = Decision(tuple(Outcome(a, Action.RETRY, reply) for a in entry.pending), next_attempt=when)
+        try:
+            await self._store.record(lease, attempt, decision)
+        except LeaseLost:
+            self.stats.count(entry.route, "lease_lost")
+            return
+        self.stats.count(entry.route, "yielded")
 
     async def _notify_delay(
         self, entry: Entry, decision: Decision, message: bytes | None, now: float

@@ -333,7 +333,7 @@ class NodeCollector:
         attempts = CounterMetricFamily(
             "mailhub_delivery_attempts",
             "Delivery attempts by result: delivered, deferred, failed, expired, held, mixed,"
-            " suspended (route down: not tried), lease_lost.",
+            " suspended (route down: not tried), yielded (archive put off under a burst), lease_lost.",
             labels=["node", "route", "result"],
         )
         for (route, result), n in sorted(stats.attempts.items()):
