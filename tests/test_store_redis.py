@@ -731,3 +731,14 @@ async def test_a_failed_shared_script_fails_every_call_that_was_in_it(
     )
     assert [ok for ok, _ in results] == [False, False, False]
     assert all(f.check(StoreUnavailable) for _, f in results)
+
+
+def test_replies_are_parsed_by_hiredis():
+    """
+    The redis store's replies go through hiredis's C parser (txredisapi uses
+    it when it can import it): bodies of 100 KB and claimed batches parsed in
+    Python cost a fifth of the drain (bench/README.md, issue 17).
+    """
+    import txredisapi
+
+    assert txredisapi.RedisProtocol is txredisapi.HiredisProtocol
