@@ -227,10 +227,17 @@ max_connections = {self.concurrency}
             raise BenchError(f"mailhub queue flush failed: {res.stderr.strip() or res.stdout.strip()}")
 
     def wait_deferred(self, n: int, timeout: float) -> None:
-        """Wait until ``n`` entries are spooled and none is being attempted."""
+        """
+        Wait until ``n`` entries are spooled and none is being attempted, and
+        with an archive until it has every message (P3 times the relay's
+        drain, which Postfix has alone: the archive's own backlog, put off
+        while the fill ran, is not part of it).
+        """
 
         def settled() -> bool:
             c = self.counts()
+            if self.archive and c["archive"]:
+                return False
             return c["entries"] >= n and c["leased"] == 0
 
         wait_for(settled, timeout, f"{n} entries deferred by {self.name}", interval=0.5)

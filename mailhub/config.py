@@ -235,8 +235,8 @@ class HubConfig:
         "yield_above", "max_lag",
     )
 
-    #: ``[archive] yield_above``: messages a second a process accepts above
-    #: which new archive entries wait (``mailhub.archive.route.ArchiveGate``; 0: never).
+    #: ``[archive] yield_above``: messages a second a process accepts or
+    #: delivers above which archive entries are put off (``mailhub.archive.route.ArchiveGate``; 0: never).
     ARCHIVE_YIELD_ABOVE = 50.0
     #: ``[archive] max_lag``: seconds after which a message is archived however busy the front door is.
     ARCHIVE_MAX_LAG = 120.0

@@ -32,7 +32,7 @@ from mailhub.archive.route import (
     ARCHIVE_ROUTE,
     ArchiveGate,
     ArchiveTransport,
-    IngestMeter,
+    MailMeter,
     is_archive_route,
 )
 from mailhub.config import HubConfig
@@ -155,7 +155,7 @@ class Node(MultiService):
         #: Where the archive yields to the front door under a burst (one for
         #: every node of a process, ``HubService`` gives it), or ``None``.
         if archive_gate is None and archive is not None:
-            archive_gate = ArchiveGate(IngestMeter(reactor), reactor, *config.archive_yield())
+            archive_gate = ArchiveGate(MailMeter(reactor), reactor, *config.archive_yield())
         self.archive_gate = archive_gate
         self._transports: dict[str, ITransport] = {}
         #: What this node delivered, for ``redeliver --skip-delivered`` (with an archive).
@@ -346,6 +346,9 @@ class Node(MultiService):
 
     def _note_delivered(self, entry: Entry, recipients: Sequence[Address], at: float) -> None:
         """The engine's ``delivered`` observer: the drills, then the archive's delivery records."""
+        if self.archive_gate is not None and not is_archive_route(entry.route):
+            # A draining backlog keeps the archive waiting too: mail first.
+            self.archive_gate.meter.tick()
         self.drills.delivered(entry, recipients, at)
         if self.delivered is not None:
             self.delivered(entry, recipients, at)
@@ -380,7 +383,7 @@ class Node(MultiService):
         transport = self._transports.get(route)
         if transport is None and is_archive_route(route) and self.archive is not None:
             transport = self._transports[route] = ArchiveTransport(
-                self.archive, self._reactor, writer=self._archive_writer, gate=self.archive_gate
+                self.archive, self._reactor, writer=self._archive_writer
             )
         if transport is None:
             parsed = Route.parse(route)

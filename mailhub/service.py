@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from mailhub.alerts import alert_monitor
 from mailhub.archive.accounts import SessionSigner, load_or_create_secret, secret_file
 from mailhub.archive.retention import ArchiveRetention
-from mailhub.archive.route import ArchiveGate, IngestMeter
+from mailhub.archive.route import ArchiveGate, MailMeter
 from mailhub.archive.worker import ArchiveProcess
 from mailhub.config import ConfigError, HubConfig, load
 from mailhub.interfaces import WAKE_SIGNAL, IAccountStore
@@ -159,7 +159,7 @@ class HubService(MultiService):
             web_auth = SessionSigner(secret, reactor)
         #: One for every node of this process: the archive yields to their front doors together.
         self.archive_gate = (
-            None if self.archive is None else ArchiveGate(IngestMeter(reactor), reactor, *config.archive_yield())
+            None if self.archive is None else ArchiveGate(MailMeter(reactor), reactor, *config.archive_yield())
         )
         self.nodes = {
             name: Node(

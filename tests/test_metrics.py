@@ -254,8 +254,8 @@ async def test_the_metrics_follow_mail_accepted_refused_deferred_and_delivered(r
     assert _value(s, "mailhub_spool_entries", route=route) == 1
     assert _value(s, "mailhub_archive_backlog_entries") == 1
     assert _value(s, "mailhub_spool_entries", route="archive:local") == 1
-    assert _value(s, "mailhub_archive_yielding_entries") == 0  # two messages are no burst
-    assert (_value(s, "mailhub_ingest_rate") or 0) <= 1
+    assert _value(s, "mailhub_archive_yielding") == 0  # two messages are no burst
+    assert (_value(s, "mailhub_mail_rate") or 0) <= 1
     held = _value(s, "mailhub_spool_entries_by_state", state="held")
     waiting = (_value(s, "mailhub_spool_entries_by_state", state="deferred") or 0) + (
         _value(s, "mailhub_spool_entries_by_state", state="leased") or 0

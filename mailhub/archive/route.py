@@ -18,9 +18,9 @@ says the copy is durable.  So:
   archive route's backlog; the log says why at each attempt;
 - the archive's writes are paced like a route's (``[archive]
   max_connections``, 64, for the whole hub) and seen in the same status;
-- under a burst the archive yields to the front door (``ArchiveGate``): while
-  this process accepts more than ``[archive] yield_above`` messages a second
-  (50), archive entries are put off (stored deferred, in the same write)
+- under a burst the archive yields to the front door and the relay
+  (``ArchiveGate``): while this process accepts or delivers more than
+  ``[archive] yield_above`` messages a second (50), archive entries are put off (stored deferred, in the same write)
   until the rate falls or the message is ``[archive] max_lag`` seconds old
   (120).  Mail is not held up, only its archive copy; the ``250`` does not
   wait for it either way.
@@ -44,7 +44,7 @@ from zope.interface import implementer
 from mailhub.interfaces import IArchive, ITransport
 from mailhub.model import Address, ArchivedMessage, Entry, Reply, StoreFull, StoreUnavailable
 
-__all__ = ["ARCHIVE_ROUTE", "ArchiveGate", "ArchiveTransport", "IngestMeter", "is_archive_route"]
+__all__ = ["ARCHIVE_ROUTE", "ArchiveGate", "ArchiveTransport", "MailMeter", "is_archive_route"]
 
 #: The route of the spool's archive entries.
 ARCHIVE_ROUTE = "archive:local"
@@ -54,11 +54,12 @@ def is_archive_route(route: str) -> bool:
     return route == ARCHIVE_ROUTE
 
 
-class IngestMeter:
+class MailMeter:
     """
-    Messages this process accepted over the last second, in quarter-second
-    buckets: one ``tick`` per accepted message (every node of the process
-    ticks the same meter), ``rate`` when asked.
+    Messages this process accepted or delivered over the last second, in
+    quarter-second buckets: one ``tick`` per message accepted and per entry
+    delivered (every node of the process ticks the same meter), ``rate``
+    when asked.
     """
 
     BUCKETS = 4
@@ -84,24 +85,26 @@ class IngestMeter:
 
 class ArchiveGate:
     """
-    The archive yields to the front door under a burst.
+    The archive yields to the mail: to the front door under a burst, to the
+    relay while a backlog drains.
 
     Archiving a message costs about what accepting it costs (decoding,
     indexing, a second durable commit), so during a burst the archive would
-    halve ingest.  Instead, while the ``IngestMeter`` reads more than
-    ``yield_above`` messages a second, the archive route's entries are put
-    off: a new one is stored deferred until ``max_lag`` after its message
-    was accepted (``later``, which the delivery engine asks before it leases
-    or tries an entry, so none waits in the batch), and one already in the
-    archive's transport waits there (``wait``).  When the rate falls to
-    ``yield_above`` or below, the gate lets the waiting ones go and calls its
-    ``on_resume`` callbacks (each node makes its deferred archive entries due
-    at once); a load that never ends is archived at most ``max_lag`` behind.
-    Nothing is lost meanwhile: every put-off entry is in the spool.
-    ``stop`` lets everything through (a stopping node), ``start`` holds again.
+    halve ingest, and while a backlog drains it would take much of the
+    node's batch from the relay.  Instead, while the ``MailMeter`` reads
+    more than ``yield_above`` messages a second accepted or delivered, the
+    archive route's entries are put off: stored deferred until ``max_lag``
+    after their message was accepted (``later``, which the delivery engine
+    asks when it stores a new entry, and before and after an entry waits for
+    its turn on the route, so none waits in the batch).  When the rate falls
+    to ``yield_above`` or below, the gate calls its ``on_resume`` callbacks
+    (each node makes its put-off archive entries due at once); a load that
+    never ends is archived at most ``max_lag`` behind.  Nothing is lost
+    meanwhile: every put-off entry is in the spool.  ``stop`` puts nothing
+    off (a stopping node), ``start`` does again.
 
     :param clock: ``IReactorTime``.
-    :param yield_above: ``[archive] yield_above`` (0: never hold).
+    :param yield_above: ``[archive] yield_above`` (0: never put off).
     :param max_lag: ``[archive] max_lag``, seconds.
     :param poll: seconds between looks at the rate while yielding.
     """
@@ -109,24 +112,18 @@ class ArchiveGate:
     log = Logger()
 
     def __init__(
-        self, meter: IngestMeter, clock: Any, yield_above: float, max_lag: float, poll: float = 0.25,
+        self, meter: MailMeter, clock: Any, yield_above: float, max_lag: float, poll: float = 0.25,
     ) -> None:
         self.meter = meter
         self.yield_above = yield_above
         self.max_lag = max_lag
         self._clock = clock
         self._poll = poll
-        self._waiting: list[tuple[float, Deferred[None]]] = []
         self._timer: Any = None
         self._stopped = False
         self._resume: list[Callable[[], object]] = []
         #: Archive entries put off (``later``) since the gate started yielding.
         self.put_off = 0
-
-    @property
-    def waiting(self) -> int:
-        """Archive entries held in the transport now."""
-        return len(self._waiting)
 
     @property
     def yielding(self) -> bool:
@@ -146,7 +143,7 @@ class ArchiveGate:
     def _yield(self) -> None:
         if self._timer is None:
             self.log.info(
-                "archive yielding to the front door ({rate:.0f} messages/s accepted, above {limit:g});"
+                "archive yielding to the front door ({rate:.0f} messages/s accepted or delivered, above {limit:g});"
                 " archiving resumes below it, or {lag:g} s after a message was accepted",
                 rate=self.meter.rate(), limit=self.yield_above, lag=self.max_lag,
             )
@@ -163,26 +160,8 @@ class ArchiveGate:
         self.put_off += 1
         return created + self.max_lag, Reply(451, "4.3.0", "archive yielding to the front door; archived after the burst")
 
-    def wait(self, created: float) -> Deferred[None] | None:
-        """
-        ``None`` when a message accepted at ``created`` may be archived now,
-        else a Deferred that fires when it may.
-        """
-        if not self._holds(created, self._clock.seconds()):
-            return None
-        self._yield()
-        d: Deferred[None] = Deferred()
-        self._waiting.append((created, d))
-        return d
-
     def _look(self) -> None:
         self._timer = None
-        now = self._clock.seconds()
-        go = [d for created, d in self._waiting if not self._holds(created, now)]
-        if go:
-            self._waiting = [(created, d) for created, d in self._waiting if self._holds(created, now)]
-            for d in go:
-                d.callback(None)
         if self._busy():
             self._timer = self._clock.callLater(self._poll, self._look)
             return
@@ -191,7 +170,7 @@ class ArchiveGate:
     def _resumed(self) -> None:
         put_off, self.put_off = self.put_off, 0
         self.log.info(
-            "archive resumed ({rate:.0f} messages/s accepted; {n} entries put off are due now)",
+            "archive resumed ({rate:.0f} messages/s accepted or delivered; {n} entries put off are due now)",
             rate=self.meter.rate(), n=put_off,
         )
         for callback in self._resume:
@@ -205,14 +184,11 @@ class ArchiveGate:
         self._stopped = False
 
     def stop(self) -> None:
-        """Hold nothing from now on, and let every held entry go."""
+        """Put nothing off from now on (a stopping node)."""
         self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        waiting, self._waiting = self._waiting, []
-        for _, d in waiting:
-            d.callback(None)
 
 
 @implementer(ITransport)
@@ -227,8 +203,6 @@ class ArchiveTransport:
     :param writer: where ``add`` goes instead of ``archive`` (decoding
         included): the archive's worker process (``mailhub.archive.worker``),
         or ``None`` to decode and add in this process.
-    :param gate: an ``ArchiveGate`` to wait on before archiving a message
-        (``None``: never wait).
     """
 
     log = Logger()
@@ -239,7 +213,6 @@ class ArchiveTransport:
         reactor: Any,
         decode: Callable[[bytes], Any] | None = None,
         writer: Any = None,
-        gate: ArchiveGate | None = None,
     ) -> None:
         if decode is None:
             from mailhub.archive.text import extract
@@ -249,17 +222,12 @@ class ArchiveTransport:
         self._reactor = reactor
         self._decode: Callable[[bytes], Any] = decode
         self._writer = writer
-        self.gate = gate
 
     def deliver(self, entry: Entry, message: bytes) -> Deferred[dict[Address, Reply]]:
         return ensureDeferred(self._deliver(entry, message))
 
     async def _deliver(self, entry: Entry, message: bytes) -> dict[Address, Reply]:
         mailboxes = entry.pending
-        if self.gate is not None:
-            held = self.gate.wait(entry.created)
-            if held is not None:
-                await held
         try:
             if self._writer is not None:
                 # The worker process decodes it too: only the envelope and the bytes go.

@@ -942,6 +942,13 @@ class DeliveryEngine(Service):
                 await self._store.release(lease, self._clock.seconds())
                 self.wake()
                 return
+            later = None if self._later is None else self._later(entry.route, entry.created)
+            if later is not None:
+                # Put off while it waited for its turn: give the turn back.
+                _drop(body)
+                throttle.release(())
+                await self._put_off(lease, *later)
+                return
             suspended = throttle.suspended()
             started = self._clock.seconds()
             replies: dict[Address, Reply] = {}

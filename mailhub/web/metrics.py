@@ -294,12 +294,12 @@ class NodeCollector:
             gate = getattr(self._node, "archive_gate", None)
             if gate is not None:
                 yield GaugeMetricFamily(
-                    "mailhub_archive_yielding_entries",
-                    "Archive entries this process holds while the front door is busy ([archive] yield_above).",
-                    value=gate.waiting,
+                    "mailhub_archive_yielding",
+                    "1 while the archive yields to the mail ([archive] yield_above): its entries are put off.",
+                    value=1 if gate.yielding else 0,
                 )
                 yield GaugeMetricFamily(
-                    "mailhub_ingest_rate", "Messages this process accepted over the last second.", value=gate.meter.rate()
+                    "mailhub_mail_rate", "Messages this process accepted or delivered over the last second.", value=gate.meter.rate()
                 )
         now = self._clock.seconds()
         oldest = GaugeMetricFamily(
