@@ -1182,3 +1182,37 @@ def test_operator_release_of_a_rejecting_route_is_seen_before_the_next_tick():
     hub.clock.advance(0.1)
     assert [i for i in backlog if hub.entry(i) is not None] == []
     assert hub.bounces == []
+
+
+def test_later_puts_off_an_entry_that_waited_for_its_turn_and_gives_the_turn_back():
+    """
+    ``later`` (the archive yielding to the mail) is asked again once an
+    entry has waited for its turn on the route: put off then, it is deferred
+    without being tried and its turn goes to the next entry.
+    """
+    pending: list[Deferred] = []
+
+    def slow(entry, message):
+        d: Deferred = Deferred()
+        pending.append(d)
+        return d
+
+    busy = {"until": None}
+    hub = Hub(slow, limit=1)
+    engine = hub.engines["dallas"]
+    engine._later = lambda route, created: (busy["until"], TEMP) if busy["until"] else None
+    first = hub.accept()
+    second = hub.accept()
+    assert len(pending) == 1  # the second waits for the route's one connection
+    busy["until"] = hub.clock.seconds() + 120
+    pending.pop(0).callback(OK)
+    assert pending == []  # not tried...
+    assert [e.id for e, _ in hub.transport.deliveries] == [first]
+    put_off = hub.entry(second)
+    assert put_off.next_attempt == busy["until"]  # ...but deferred until then
+    assert [a.replies[0][1] for a in hub.attempts(second)] == [TEMP]
+    assert engine.in_flight == 0  # and the batch has its place back
+    assert engine.stats.attempts[(ROUTE, "yielded")] == 1
+    busy["until"] = None
+    third = hub.accept()
+    assert len(pending) == 1 and hub.transport.deliveries[-1][0].id == third  # the turn was given back
