@@ -154,10 +154,15 @@ async def test_no_acknowledged_message_misses_the_archive_after_kill_9(tmp_path,
             accepted.append(tag)
 
     senders = gatherResults([ensureDeferred(sender(w)) for w in range(4)], consumeErrors=True)
-    await eventually(lambda: len(accepted) >= 60, timeout=60, what="some mail accepted")
-    if archive:
-        await eventually(lambda: "archive yielding to the front door" in hub.log_path.read_text(), timeout=30, what="the archive yielding")
-    hub.kill(signal.SIGKILL)
+    try:
+        await eventually(lambda: len(accepted) >= 60, timeout=60, what="some mail accepted")
+        if archive:
+            await eventually(
+                lambda: "archive yielding to the front door" in hub.log_path.read_text(), timeout=30,
+                what="the archive yielding",
+            )
+    finally:
+        hub.kill(signal.SIGKILL)
     await senders.addErrback(lambda f: None)
     hub.start()
     try:

@@ -192,3 +192,35 @@ async def test_hub_archives_through_its_worker_and_survives_its_death(tmp_path: 
         await hub.stop()
     # The worker stops with the hub.
     await eventually(lambda: not Path(f"/proc/{again}").exists(), timeout=10, what="the worker gone")
+
+
+def test_the_child_ends_when_its_hub_dies_without_closing_it(tmp_path: Path) -> None:
+    """
+    A hub killed with SIGKILL closes nothing: the child sees its standard
+    input and output go and must end by itself, not linger holding the
+    archive open (found after the kill -9 tests left children behind).
+    """
+    import json
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mailhub.archive.worker"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert child.stdin is not None and child.stdout is not None
+        setup = {"plugin": "sqlite", "config": {"path": str(tmp_path / "archive.db"), "config_dir": "/"}}
+        child.stdin.write(frame(json.dumps(setup).encode()))
+        child.stdin.flush()
+        time.sleep(1.0)  # opened
+        assert child.poll() is None
+        # What the kernel does for a hub that dies: both pipes' other ends close.
+        child.stdin.close()
+        child.stdout.close()
+        child.wait(timeout=15)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

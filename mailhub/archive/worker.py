@@ -268,6 +268,7 @@ class _Worker(Protocol):
         self._header: dict[str, Any] | None = None
         self._inflight: set[Deferred[None]] = set()
         self._finishing = False
+        self._ended = False
 
     def dataReceived(self, data: bytes) -> None:
         for payload in self._frames.feed(data):
@@ -340,7 +341,11 @@ class _Worker(Protocol):
         ensureDeferred(self._finish())
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        if self._reactor.running:
+        self._end()
+
+    def _end(self) -> None:
+        if self._reactor.running and not self._ended:
+            self._ended = True
             self._reactor.stop()
 
     async def _finish(self) -> None:
@@ -355,6 +360,11 @@ class _Worker(Protocol):
         finally:
             assert self.transport is not None
             self.transport.loseConnection()
+            # loseConnection writes what is buffered, then connectionLost
+            # ends the reactor; with both pipes already gone (a hub killed
+            # outright) StandardIO never calls it: end a moment later all
+            # the same.
+            self._reactor.callLater(1.0, self._end)
 
 
 def main() -> None:
