@@ -40,10 +40,11 @@ MAX_BATCH = 1000
 """Jobs run in one batch at most."""
 
 
-def unavailable(e: sqlite3.Error) -> StoreUnavailable:
+def unavailable(e: BaseException, what: str = "spool database") -> StoreUnavailable:
+    """``e`` as the store's error: ``StoreFull`` when the disk or the size limit is reached."""
     if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-        return StoreFull(f"spool database is full: {e}")
-    return StoreUnavailable(f"spool database: {e}")
+        return StoreFull(f"{what} is full: {e}")
+    return StoreUnavailable(f"{what}: {e}")
 
 
 class Worker:
@@ -51,11 +52,18 @@ class Worker:
     A thread that owns one connection to a store's database, and its queue of
     jobs.  A job is a function of the connection; what it returns or raises
     goes to the ``Deferred`` that ``submit`` returned, fired on the reactor
-    thread.  Subclasses say how a batch of jobs is run.
+    thread.  Subclasses say how a batch of jobs is run (and the archive's,
+    ``plugins/sqlite/archive/writer.py``, what they are called).
     """
 
     _STOP = object()
     _role = "worker"
+    #: The database, as errors name it.
+    _what = "spool database"
+    #: Before the role in the thread's name.
+    _prefix = "mailhub-sqlite"
+    #: Jobs run in one batch at most.
+    _max_batch = MAX_BATCH
 
     def __init__(self, path: str, busy_timeout: float, reactor: Any) -> None:
         self._path = path
@@ -66,14 +74,14 @@ class Worker:
         self._stopped: Deferred[None] = Deferred()
         self._closing = False
         self._thread = threading.Thread(
-            target=self._run, name=f"mailhub-sqlite-{self._role} {path}", daemon=True
+            target=self._run, name=f"{self._prefix}-{self._role} {path}", daemon=True
         )
         self._thread.start()
 
     def submit(self, job: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
         """Queue ``job``; only ever called on the reactor thread."""
         if self._closing:
-            return fail(StoreUnavailable("spool store is closed"))
+            return fail(StoreUnavailable(f"{self._what} is closed"))
         d: Deferred[_T] = Deferred()
         self._queue.put((job, d))
         return d
@@ -92,7 +100,7 @@ class Worker:
             stopping = False
             while not stopping:
                 batch = [self._queue.get()]
-                while len(batch) < MAX_BATCH:
+                while len(batch) < self._max_batch:
                     try:
                         batch.append(self._queue.get_nowait())
                     except queue.Empty:
@@ -106,9 +114,7 @@ class Worker:
                     except Exception as e:
                         # A broken connection (say, a failed SAVEPOINT): start afresh.
                         self._drop_connection()
-                        results = [
-                            (d, False, StoreUnavailable(f"spool database: {e}")) for _, d in batch
-                        ]
+                        results = [(d, False, StoreUnavailable(f"{self._what}: {e}")) for _, d in batch]
                     finally:
                         self._batch_over()
                     self._fire(results)

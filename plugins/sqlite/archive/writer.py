@@ -9,116 +9,40 @@ reactor thread.
 
 from __future__ import annotations
 
-import os
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from twisted.internet.defer import Deferred, fail
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 
-from mailhub.model import (
-    StoreFull,
-    StoreUnavailable,
-)
+from mailhub.model import StoreUnavailable
 
+from ..workers import Worker as SqliteWorker
+from ..workers import unavailable as _unavailable
 from .schema import migrate
 
 __all__ = ["DEFAULT_BUSY_TIMEOUT", "Job", "Reader", "Worker", "Writer", "unavailable"]
 
-_T = TypeVar("_T")
 Job = Callable[[sqlite3.Connection], Any]
 
 DEFAULT_BUSY_TIMEOUT = 10.0
-_MAX_BATCH = 500
 
 
 def unavailable(e: BaseException) -> StoreUnavailable:
-    if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-        return StoreFull(f"archive database is full: {e}")
-    return StoreUnavailable(f"archive database: {e}")
+    return _unavailable(e, "archive database")
 
 
-class Worker:
+class Worker(SqliteWorker):
     """
     A thread that owns one connection to the archive's database, and its
-    queue of jobs.  A job is a function of the connection; what it returns or
-    raises goes to the ``Deferred`` that ``submit`` returned, fired on the
-    reactor thread.
+    queue of jobs: the spool's worker (``plugins/sqlite/workers.py``), named
+    for the archive, connecting on its first job.
     """
 
-    _STOP = object()
-    _role = "worker"
-
-    def __init__(self, path: str, busy_timeout: float, reactor: Any) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._reactor = reactor
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._conn: sqlite3.Connection | None = None
-        self._stopped: Deferred[None] = Deferred()
-        self._closing = False
-        self.thread = threading.Thread(
-            target=self._run, name=f"mailhub-archive-{self._role} {path}", daemon=True
-        )
-        self.thread.start()
-
-    def submit(self, job: Callable[[sqlite3.Connection], _T]) -> Deferred[_T]:
-        """Queue ``job``; only ever called on the reactor thread."""
-        if self._closing:
-            return fail(StoreUnavailable("archive is closed"))
-        d: Deferred[_T] = Deferred()
-        self._queue.put((job, d))
-        return d
-
-    def stop(self) -> Deferred[None]:
-        """Run the jobs already queued, close the database, end the thread."""
-        if not self._closing:
-            self._closing = True
-            self._queue.put(self._STOP)
-        return self._stopped
-
-    def _run(self) -> None:
-        try:
-            stopping = False
-            while not stopping:
-                batch = [self._queue.get()]
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if self._STOP in batch:
-                    stopping = True
-                    batch = [job for job in batch if job is not self._STOP]
-                if batch:
-                    try:
-                        results = self._run_batch(batch)
-                    except Exception as e:
-                        self._drop_connection()
-                        results = [(d, False, unavailable(e)) for _, d in batch]
-                    self._fire(results)
-        finally:
-            self._drop_connection()
-            self._reactor.callFromThread(self._stopped.callback, None)
-
-    def _run_batch(
-        self, batch: list[tuple[Job, Deferred[Any]]]
-    ) -> list[tuple[Deferred[Any], bool, Any]]:
-        raise NotImplementedError()
-
-    def _open(self) -> sqlite3.Connection:
-        os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
-        return sqlite3.connect(
-            self._path,
-            timeout=self._busy_timeout,
-            isolation_level=None,
-            check_same_thread=False,
-            cached_statements=256,
-        )
+    _what = "archive database"
+    _prefix = "mailhub-archive"
+    _max_batch = 500
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -127,24 +51,6 @@ class Worker:
 
     def _connect(self) -> sqlite3.Connection:
         raise NotImplementedError()
-
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
-
-    def _fire(self, results: list[tuple[Deferred[Any], bool, Any]]) -> None:
-        def fire() -> None:
-            for d, ok, value in results:
-                if ok:
-                    d.callback(value)
-                else:
-                    d.errback(Failure(value))
-
-        self._reactor.callFromThread(fire)
 
 
 class Writer(Worker):
