@@ -155,7 +155,7 @@ class Node(MultiService):
         #: Where the archive yields to the front door under a burst (one for
         #: every node of a process, ``HubService`` gives it), or ``None``.
         if archive_gate is None and archive is not None:
-            archive_gate = ArchiveGate(MailMeter(reactor), reactor, *config.archive_yield())
+            archive_gate = ArchiveGate(MailMeter(reactor), reactor, *config.archive_yield(), store=store)
         self.archive_gate = archive_gate
         self._transports: dict[str, ITransport] = {}
         #: What this node delivered, for ``redeliver --skip-delivered`` (with an archive).
@@ -335,14 +335,9 @@ class Node(MultiService):
         return d.addCallbacks(sent, failed)
 
     def _archive_resumed(self) -> None:
-        """The archive stopped yielding: the archive entries it put off are due now."""
-        if not self.engine.running:
-            return
-        d = self._store.flush(ARCHIVE_ROUTE, self._reactor.seconds())
-        d.addCallbacks(
-            lambda _: self.engine.wake(),
-            lambda f: self.log.failure("could not make the put-off archive entries due", f),
-        )
+        """The archive stopped yielding: its put-off entries are due now (``ArchiveGate``)."""
+        if self.engine.running:
+            self.engine.wake()
 
     def _note_delivered(self, entry: Entry, recipients: Sequence[Address], at: float) -> None:
         """The engine's ``delivered`` observer: the drills, then the archive's delivery records."""

@@ -159,7 +159,7 @@ class HubService(MultiService):
             web_auth = SessionSigner(secret, reactor)
         #: One for every node of this process: the archive yields to their front doors together.
         self.archive_gate = (
-            None if self.archive is None else ArchiveGate(MailMeter(reactor), reactor, *config.archive_yield())
+            None if self.archive is None else ArchiveGate(MailMeter(reactor), reactor, *config.archive_yield(), store=self.store)
         )
         self.nodes = {
             name: Node(

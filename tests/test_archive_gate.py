@@ -181,3 +181,37 @@ def test_the_meter_counts_mail_accepted_and_delivered_not_the_archive():
     assert store.counts().result["routes"] == {}  # relayed and archived
     assert node.archive_gate is not None
     assert node.archive_gate.meter.rate() == 6  # 3 accepted, 3 delivered; the 3 archived count for nothing
+
+
+class FlushCountingStore(MemorySpoolStore):
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.flushes: list[str | None] = []
+
+    def flush(self, route, now):
+        self.flushes.append(route)
+        return super().flush(route, now)
+
+
+def test_two_nodes_sharing_a_gate_take_up_the_put_off_entries_with_one_flush():
+    clock = Clock()
+    clock.advance(1_000_000)
+    config = parse(CONFIG.replace(b'[nodes.dallas]\nsmtp="tcp:0"\n', b'[nodes.dallas]\nsmtp="tcp:0"\n[nodes.losangeles]\nsmtp="tcp:0"\n'))
+    store = FlushCountingStore(clock)
+    archive = load_plugin("mailhub.archives", "memory").make({}, clock)
+    gate = ArchiveGate(MailMeter(clock), clock, *config.archive_yield(), store=store)
+    policy = StandardPolicy(nodes=("dallas", "losangeles"), jitter=0.0)
+    nodes = [
+        Node(name, config, store, policy, clock, archive=archive, archive_gate=gate) for name in ("dallas", "losangeles")
+    ]
+    for node in nodes:
+        node._transports[ROUTE] = ScriptedTransport()
+        node.engine.startService()
+    for i in range(40):
+        nodes[i % 2].receive(Envelope(OUTSIDE, [ALICE], received_at=clock.seconds()), b"Subject: %d\r\n\r\nx\r\n" % i)
+    assert gate.yielding and store.counts().result["routes"].get(ARCHIVE_ROUTE)
+    for _ in range(12):
+        clock.advance(0.25)
+    assert store.flushes == [ARCHIVE_ROUTE]  # once for the process, not once per node
+    assert store.counts().result["routes"] == {}
+    assert len(archive.search(ArchiveScope(mailbox=ALICE), ArchiveQuery(), None, 100).result.items) == 40

@@ -97,8 +97,9 @@ class ArchiveGate:
     after their message was accepted (``later``, which the delivery engine
     asks when it stores a new entry, and before and after an entry waits for
     its turn on the route, so none waits in the batch).  When the rate falls
-    to ``yield_above`` or below, the gate calls its ``on_resume`` callbacks
-    (each node makes its put-off archive entries due at once); a load that
+    to ``yield_above`` or below, the gate makes the put-off entries due at
+    once (one ``flush`` of the route in ``store``) and calls its
+    ``on_resume`` callbacks (each node wakes its engine); a load that
     never ends is archived at most ``max_lag`` behind.  Nothing is lost
     meanwhile: every put-off entry is in the spool.  ``stop`` puts nothing
     off (a stopping node), ``start`` does again.
@@ -106,18 +107,22 @@ class ArchiveGate:
     :param clock: ``IReactorTime``.
     :param yield_above: ``[archive] yield_above`` (0: never put off).
     :param max_lag: ``[archive] max_lag``, seconds.
+    :param store: the spool the archive's entries are in (``None``: leave
+        them to their ``max_lag``; tests).
     :param poll: seconds between looks at the rate while yielding.
     """
 
     log = Logger()
 
     def __init__(
-        self, meter: MailMeter, clock: Any, yield_above: float, max_lag: float, poll: float = 0.25,
+        self, meter: MailMeter, clock: Any, yield_above: float, max_lag: float, store: Any = None,
+        poll: float = 0.25,
     ) -> None:
         self.meter = meter
         self.yield_above = yield_above
         self.max_lag = max_lag
         self._clock = clock
+        self._store = store
         self._poll = poll
         self._timer: Any = None
         self._stopped = False
@@ -173,11 +178,19 @@ class ArchiveGate:
             "archive resumed ({rate:.0f} messages/s accepted or delivered; {n} entries put off are due now)",
             rate=self.meter.rate(), n=put_off,
         )
-        for callback in self._resume:
-            try:
-                callback()
-            except Exception:
-                self.log.failure("an archive resume callback failed")
+
+        def due(_: object) -> None:
+            for callback in self._resume:
+                try:
+                    callback()
+                except Exception:
+                    self.log.failure("an archive resume callback failed")
+
+        if self._store is None:
+            due(None)
+            return
+        d = self._store.flush(ARCHIVE_ROUTE, self._clock.seconds())
+        d.addCallbacks(due, lambda f: self.log.failure("could not make the put-off archive entries due", f))
 
     def start(self) -> None:
         """Hold entries under a burst again (after ``stop``)."""
