@@ -244,9 +244,10 @@ class HubConfig:
     def archive_yield(self) -> tuple[float, float]:
         """``([archive] yield_above, max_lag)``: when the archive yields to the front door (``ArchiveGate``)."""
         archive = self.archive or {}
-        # Unset, the lag stays well inside a short lease too.
-        default_lag = min(self.ARCHIVE_MAX_LAG, self.delivery.lease_seconds / 4)
-        return float(archive.get("yield_above", self.ARCHIVE_YIELD_ABOVE)), float(archive.get("max_lag", default_lag))
+        return (
+            float(archive.get("yield_above", self.ARCHIVE_YIELD_ABOVE)),
+            float(archive.get("max_lag", self.ARCHIVE_MAX_LAG)),
+        )
 
     def archive_retention_days(self, domain: str) -> float:
         """Days the archive keeps ``domain``'s mail: the domain's ``archive_retention_days``, else ``[archive] retention_days`` (30)."""
@@ -430,13 +431,7 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         yield_above = r.get(archive, "archive", "yield_above", num)
         if isinstance(yield_above, (int, float)) and yield_above < 0:
             r.err("archive.yield_above", "must be 0 (never yield) or more messages a second")
-        max_lag = r.get(archive, "archive", "max_lag", num, positive=True)
-        if isinstance(max_lag, (int, float)) and max_lag >= delivery.lease_seconds / 2:
-            r.err(
-                "archive.max_lag",
-                f"must be less than half of delivery.lease_seconds ({delivery.lease_seconds:g}):"
-                " a held archive entry keeps its lease",
-            )
+        r.get(archive, "archive", "max_lag", num, positive=True)
         if isinstance(archive.get("nice"), int) and not 0 <= archive["nice"] <= 19:
             r.err("archive.nice", "must be between 0 and 19")
     # The rest of these three tables is their plugins' to check (_check_plugins).

@@ -138,7 +138,7 @@ async def test_no_acknowledged_message_misses_the_archive_after_kill_9(tmp_path,
     """
     Killed while mail arrives: after a restart every message that got 250 is
     archived, also when the archive was yielding to the burst (its entries
-    held, leased, in the spool) at the kill.
+    put off in the spool) at the kill.
     """
     hub, port, _ = archive_hub(tmp_path, downstream, archive)
     hub.start()
