@@ -18,12 +18,12 @@ says the copy is durable.  So:
   archive route's backlog; the log says why at each attempt;
 - the archive's writes are paced like a route's (``[archive]
   max_connections``, 64, for the whole hub) and seen in the same status;
-- under a burst the archive yields to the front door and the relay
-  (``ArchiveGate``): while this process accepts or delivers more than
-  ``[archive] yield_above`` messages a second (50), archive entries are put off (stored deferred, in the same write)
-  until the rate falls or the message is ``[archive] max_lag`` seconds old
-  (120).  Mail is not held up, only its archive copy; the ``250`` does not
-  wait for it either way.
+- under a burst or a drain the archive yields to the mail (``ArchiveGate``):
+  while this process accepts or delivers more than ``[archive]
+  yield_above`` messages a second (50), archive entries are put off (stored
+  deferred, in the same write) until the rate falls or the message is
+  ``[archive] max_lag`` seconds old (120).  Mail is not held up, only its
+  archive copy; the ``250`` does not wait for it either way.
 
 An archive entry is never bounced: nobody should get a DSN because the
 hub's own copy could not be made (``Node.bounce`` only logs it).
@@ -193,7 +193,7 @@ class ArchiveGate:
         d.addCallbacks(due, lambda f: self.log.failure("could not make the put-off archive entries due", f))
 
     def start(self) -> None:
-        """Hold entries under a burst again (after ``stop``)."""
+        """Put archive entries off under a burst again (after ``stop``)."""
         self._stopped = False
 
     def stop(self) -> None:
