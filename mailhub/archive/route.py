@@ -126,6 +126,7 @@ class ArchiveGate:
         self._poll = poll
         self._timer: Any = None
         self._stopped = False
+        self._started = False
         self._resume: list[Callable[[], object]] = []
         #: Archive entries put off (``later``) since the gate started yielding.
         self.put_off = 0
@@ -178,6 +179,10 @@ class ArchiveGate:
             "archive resumed ({rate:.0f} messages/s accepted or delivered; {n} entries put off are due now)",
             rate=self.meter.rate(), n=put_off,
         )
+        self._take_up()
+
+    def _take_up(self) -> None:
+        """Make the put-off archive entries due (one flush), then call the ``on_resume`` callbacks."""
 
         def due(_: object) -> None:
             for callback in self._resume:
@@ -193,12 +198,20 @@ class ArchiveGate:
         d.addCallbacks(due, lambda f: self.log.failure("could not make the put-off archive entries due", f))
 
     def start(self) -> None:
-        """Put archive entries off under a burst again (after ``stop``)."""
+        """
+        Put archive entries off under a burst again (after ``stop``); the
+        first start also takes up what an earlier run put off (a crash or a
+        stop while yielding), rather than leave it to ``max_lag``.
+        """
         self._stopped = False
+        if not self._started:
+            self._started = True
+            self._take_up()
 
     def stop(self) -> None:
         """Put nothing off from now on (a stopping node)."""
         self._stopped = True
+        self._started = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
