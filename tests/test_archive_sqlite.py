@@ -29,6 +29,7 @@ from mailhub.model import (
 from mailhub.plugin import load_plugin
 from mailhub.plugins.sqlite.archive import SCHEMA_VERSION, SqliteArchive, plugin
 from mailhub.plugins.sqlite.archive import search as archive_search
+from mailhub.plugins.sqlite.archive import terms as archive_terms
 from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import (
     ALICE,
@@ -345,7 +346,7 @@ async def test_archive_of_schema_1_gains_the_account_tables(db: Path) -> None:
     try:
         assert (await archive.get("old")).message == ODD_MESSAGE
         assert await rows(archive, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-        assert SCHEMA_VERSION == 3
+        assert SCHEMA_VERSION == 4
         tables = await rows(archive, "SELECT name FROM sqlite_master WHERE type = 'table'")
         assert {"accounts", "read_flags", "sent"} <= {name for (name,) in tables}
         await archive.add_account(account(ALICE))
@@ -376,7 +377,7 @@ async def test_archive_of_schema_2_gains_the_delivery_records(db: Path) -> None:
     archive = open_archive(db)
     try:
         await archive.record_delivered([("m1", ALICE, "smtp:mail.a.example:25", NOW)])
-        assert await rows(archive, "PRAGMA user_version") == [(3,)]
+        assert await rows(archive, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
         assert await archive.account(ALICE) == account(ALICE)
         await archive.add(archived("m1", mailboxes=(ALICE,), message_id="q1@outside.example"))
         assert await archive.delivered([("old", ALICE)]) == {("old", ALICE)}
@@ -445,7 +446,8 @@ async def test_account_key_keeps_any_character(archive: SqliteArchive) -> None:
 def _walk_corpus(shuffled: bool) -> list[Any]:
     """
     700 messages for ALICE (a fifth also for BOB): ``broad`` in 9 of 10,
-    ``half`` in every other, ``rare`` in 1 of 100; added in time order, or
+    ``half`` in every other, ``rare`` in 1 of 100, ``broadly`` (which a
+    search for ``broad`` finds too) in 1 of 7; added in time order, or
     shuffled (then rowids do not grow with time).
     """
     import random
@@ -455,6 +457,7 @@ def _walk_corpus(shuffled: bool) -> list[Any]:
         words = ["broad"] if i % 10 else []
         words += ["half"] if i % 2 else []
         words += ["rare"] if i % 100 == 7 else []
+        words += ["broadly"] if i % 7 == 3 else []
         boxes = (ALICE, BOB) if i % 5 == 0 else (ALICE,)
         messages.append(
             archived(f"m{i:04d}", NOW + i * 60 + (i % 3), boxes, body=" ".join(words) or "none")
@@ -467,6 +470,8 @@ def _walk_corpus(shuffled: bool) -> list[Any]:
 @pytest.mark.parametrize("few", [0, 5000], ids=["walk-only", "few-from-the-index"])
 @pytest.mark.parametrize("shuffled", [False, True], ids=["in-time-order", "shuffled"])
 @pytest.mark.parametrize("walk_limit", [20_000, 30], ids=["walk", "early-switch"])
+@pytest.mark.parametrize("sparse", [32, 0], ids=["by-range", "row-by-row"])
+@pytest.mark.parametrize("expansion", [64, -1], ids=["terms", "fts5-prefix"])
 @pytest_twisted.ensureDeferred
 async def test_word_search_pages_match_whole_list(
     archive: SqliteArchive,
@@ -474,15 +479,22 @@ async def test_word_search_pages_match_whole_list(
     shuffled: bool,
     walk_limit: int,
     few: int,
+    sparse: int,
+    expansion: int,
 ) -> None:
     """
     A word search that walks its scope in chunks (broad words), or switches
     to the index's whole list of matches or starts from them (rare ones),
-    pages through exactly
-    the matching messages, newest first, and counts them exactly.
+    pages through exactly the matching messages, newest first, and counts
+    them exactly: whether each chunk is asked about by its range of rowids
+    or row by row, and whether a word's start is asked as the terms the
+    archive knows begin with it or as an FTS5 prefix.
     """
     monkeypatch.setattr(archive_search, "_WALK_LIMIT", walk_limit)
+    monkeypatch.setattr(archive_search, "_SPARSE_LIMIT", walk_limit)
     monkeypatch.setattr(archive_search, "_FEW", few)
+    monkeypatch.setattr(archive_search, "_SPARSE", sparse)
+    monkeypatch.setattr(archive_terms, "MAX_EXPANSION", expansion)
     messages = _walk_corpus(shuffled)
     await gatherResults([archive.add(m) for m in messages])
     newest_first = sorted(messages, key=lambda m: (m.received_at, m.id), reverse=True)
@@ -492,14 +504,25 @@ async def test_word_search_pages_match_whole_list(
         ArchiveScope(domain="a.example"),
         ArchiveScope(),
     ):
-        for word in ("broad", "half", "rare", "broad half"):
+        for word in ("broad", "half", "rare", "broad half", "broadly", '"broad half"'):
+            phrase = word.startswith('"')
             wanted = [
                 m.id
                 for m in newest_first
-                if all(w in m.text.body.split() for w in word.split())
+                if (
+                    f" {word.strip(chr(34))} " in f" {m.text.body} "
+                    if phrase
+                    else all(
+                        any(b.startswith(w) for b in m.text.body.split()) for w in word.split()
+                    )
+                )
                 and (scope.mailbox is None or scope.mailbox in m.mailboxes)
             ]
-            query = ArchiveQuery(words=tuple(word.split()))
+            query = (
+                ArchiveQuery(phrases=(word.strip('"'),))
+                if phrase
+                else ArchiveQuery(words=tuple(word.split()))
+            )
             got: list[str] = []
             cursor = None
             while True:

@@ -22,6 +22,9 @@ Tables:
   folded) over subject, sender (``From:`` and envelope), recipients
   (``To:``/``Cc:``), body and attachment names, keyed by the messages' rowid;
   contentless, as the text is kept in ``messages``.
+- ``terms``: the text index's terms, noted as messages are added
+  (``terms.Terms``), so that a search asks FTS5 for a word's start as the
+  exact terms that begin with it (``terms.expand``), not as a prefix query.
 - ``holds`` and ``audit``.
 - ``accounts`` (``IAccountStore``): one row per LiveArchive account, keyed
   by its address (UTF-8 of ``str(Address)``, as a BLOB: any character),
@@ -41,13 +44,18 @@ a time and asks the text index only about each chunk's range of rowids, so
 that a word in most messages costs about what the page does, not what the
 list of its matches does; when the matches turn out rare, it starts from
 them if the index lists few, else reads their whole list
-(``Search._walk``).  ``count`` is exact: from the few matches, or with
+(``Search._walk``).  A word is a word's start (``rep`` finds ``report``):
+asked of FTS5 as the exact terms that begin with it, which FTS5 reads only
+over the rowids asked about, unless more than 64 terms do or one of them
+was folded from a word that was not ASCII (then a prefix query, which FTS5
+merges over the whole index).  ``count`` is exact: from the few matches, or with
 the whole list of them.  User text reaches FTS5 only inside a quoted
 string, its quotes doubled: it is never query syntax.  ``expire`` removes a batch in one
 transaction.  The schema is in ``PRAGMA user_version`` (``SCHEMA_VERSION``);
 an archive of a newer schema is refused, one of an older schema gains what
 it lacks when opened (version 1 had no accounts, read flags nor Sent folder;
-version 2 no delivery records).
+version 2 no delivery records; version 3 no terms, read once from the text
+index when opened: about 15 s for a million messages).
 
 Configuration (the ``[archive]`` table)::
 
@@ -86,6 +94,7 @@ from mailhub.model import (
 from .rows import address_of, as_tuple, clean, index_row, mailboxes_of, text_blob, text_of
 from .schema import SCHEMA_VERSION
 from .search import Search
+from .terms import Terms
 from .writer import DEFAULT_BUSY_TIMEOUT, Job, Reader, Writer
 
 __all__ = ["SCHEMA_VERSION", "SqliteArchive", "plugin"]
@@ -96,7 +105,7 @@ _T = TypeVar("_T")
 # -- the jobs ------------------------------------------------------------------
 
 
-def _add(message: ArchivedMessage) -> Job:
+def _add(message: ArchivedMessage, terms: Terms) -> Job:
     def job(conn: sqlite3.Connection) -> None:
         row = conn.execute(
             "SELECT received_at FROM messages WHERE id = ?", (message.id,)
@@ -128,11 +137,13 @@ def _add(message: ArchivedMessage) -> Job:
                     text_blob(text),
                 ),
             ).lastrowid
+            columns = index_row(text, sender)
             conn.execute(
                 "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (seq, *index_row(text, sender)),
+                (seq, *columns),
             )
+            terms.note(conn, columns)
         else:
             received_at = row[0]
         conn.executemany(
@@ -451,6 +462,7 @@ class SqliteArchive:
 
     _writer: Writer
     _reader: Reader
+    _terms: Terms
 
     @classmethod
     def open(
@@ -471,7 +483,9 @@ class SqliteArchive:
         """
         writer = Writer(path, busy_timeout, reactor, max_size)
         reader = Reader(path, busy_timeout, reactor)
-        return cls(writer, reader)
+        terms = Terms()
+        writer.listeners.append(terms.ended)
+        return cls(writer, reader, terms)
 
     @property
     def commits(self) -> int:
@@ -491,7 +505,7 @@ class SqliteArchive:
     # -- IArchive ---------------------------------------------------------
 
     def add(self, message: ArchivedMessage) -> Deferred[None]:
-        return self._writer.submit(_add(message))
+        return self._writer.submit(_add(message, self._terms))
 
     def search(
         self,

@@ -9,13 +9,19 @@ from __future__ import annotations
 import sqlite3
 
 __all__ = [
-    "ACCOUNTS_SCHEMA", "DELIVERED_SCHEMA", "SCHEMA", "SCHEMA_VERSION", "NewerSchema", "migrate",
+    "ACCOUNTS_SCHEMA",
+    "DELIVERED_SCHEMA",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "TERMS_SCHEMA",
+    "NewerSchema",
+    "migrate",
 ]
 
 #: The archive's schema, in ``PRAGMA user_version``: 2 added the accounts'
 #: tables (``ACCOUNTS_SCHEMA``), 3 the delivery records
-#: (``DELIVERED_SCHEMA``).
-SCHEMA_VERSION = 3
+#: (``DELIVERED_SCHEMA``), 4 the text index's terms (``TERMS_SCHEMA``).
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -113,6 +119,23 @@ CREATE INDEX IF NOT EXISTS delivered_expiry ON delivered (domain, at);
 CREATE INDEX IF NOT EXISTS messages_header_id ON messages (message_id) WHERE message_id <> '';
 """
 
+# Schema 4: the terms of the text index, so that a search can ask FTS5 for a
+# word's start as the exact terms it stands for (``"rep" OR "report" OR
+# "reply"``), which FTS5 reads only over the rowids asked for, rather than as
+# a prefix query (``"rep" *``), whose lists FTS5 merges over the whole index
+# every time.  ``exact`` is 1 when ``term`` is the text index's own term, 0
+# when it is only the archive's folding of a word that was not ASCII (FTS5
+# may have folded it otherwise): a search for a start that such a term has
+# asks FTS5 for the prefix after all.  Terms are never removed (a term whose
+# messages expired matches nothing).  Opening an archive of schema 3 or older
+# reads the text index's own vocabulary once (``fts5vocab``).
+TERMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS terms (
+    term TEXT PRIMARY KEY,
+    exact INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
 
 class NewerSchema(sqlite3.DatabaseError):
     """The archive was written by a newer mailhub."""
@@ -131,8 +154,14 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
             f"{path} was written by a newer mailhub (archive schema"
             f" {version}; this one knows up to {SCHEMA_VERSION})"
         )
-    for statement in (SCHEMA + ACCOUNTS_SCHEMA + DELIVERED_SCHEMA).split(";"):
+    for statement in (SCHEMA + ACCOUNTS_SCHEMA + DELIVERED_SCHEMA + TERMS_SCHEMA).split(";"):
         if statement.strip():
             conn.execute(statement)
+    if version < 4:
+        conn.execute("CREATE VIRTUAL TABLE temp.text_terms USING fts5vocab(main, text_index, 'row')")
+        try:
+            conn.execute("INSERT OR IGNORE INTO terms (term, exact) SELECT term, 1 FROM temp.text_terms")
+        finally:
+            conn.execute("DROP TABLE temp.text_terms")
     if version < SCHEMA_VERSION:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from attrs import define
+from attrs import Factory, define
 
 from mailhub.model import (
     Address,
@@ -23,14 +23,24 @@ from mailhub.model import (
 )
 
 from .rows import SUMMARY_COLUMNS, address_of, as_tuple, clean, mailboxes_of, summary_of
+from .terms import expand
 
 __all__ = ["Search", "fts_string"]
 
 #: A full-text search walks its scope a chunk of rows at a time, this many
-#: first, then one chunk more if it is expected to fill the page within
-#: ``_WALK_LIMIT`` rows; beyond, it reads the index's whole list of matches.
+#: first, then chunks sized for the density seen while the walk is expected
+#: to fill the page within ``_WALK_LIMIT`` rows (``_SPARSE_LIMIT`` when the
+#: rows are asked about one by one); beyond, it reads the index's whole list
+#: of matches.  When FTS5 is asked a prefix, which it merges whatever rows
+#: are asked about, one chunk more at most.
 _FIRST_CHUNK = 128
 _WALK_LIMIT = 20_000
+_SPARSE_LIMIT = 2_000
+#: A chunk whose rowids spread over more than this many times its rows, per
+#: term asked, is asked about row by row (FTS5 seeks each row in each term's
+#: lists), not as a range of rowids (FTS5 reads its lists over the range: an
+#: ordinary mailbox's 128 messages span a tenth of a large archive).
+_SPARSE = 64
 #: Up to this many matches in the whole index, a search starts from them
 #: (``_DRIVEN``): their messages, then those in scope, sorted.
 _FEW = 5000
@@ -66,6 +76,14 @@ class Search:
     #: Whether that condition is on every column (a field's own words are
     #: fewer: their whole list, once, costs less than walking chunks).
     everywhere: bool = False
+    #: The full-text conditions, by parameter: ``(column filter, term,
+    #: whether the last word may be a start)``, all to be met; ``bind``
+    #: writes them into ``params``.
+    texts: dict[str, list[tuple[str, str, bool]]] = Factory(dict)
+    #: Whether ``bind`` asked FTS5 for a prefix (each use merges its lists).
+    merged: bool = False
+    #: How many terms ``bind`` asked FTS5 about.
+    terms: int = 0
 
     @classmethod
     def of(cls, scope: ArchiveScope, query: ArchiveQuery) -> Search:
@@ -92,28 +110,29 @@ class Search:
             conditions.append("m.has_attachment = :has_attachment")
             params["has_attachment"] = int(query.has_attachment)
 
-        match: list[str] = []
+        match: list[tuple[str, str, bool]] = []
         for word in query.words:
             if archive_words(word):
-                match.append(f"({fts_string(word, True)})")
+                match.append(("", word, True))
         for phrase in query.phrases:
             if archive_words(phrase):
-                match.append(f"({fts_string(phrase, False)})")
+                match.append(("", phrase, False))
         for column, terms in (("sender", query.sender), ("subject", query.subject)):
             for term in terms:
                 if archive_words(term):
-                    match.append(f"{{{column}}} : ({fts_string(term, True)})")
+                    match.append((f"{{{column}}} : ", term, True))
+        texts: dict[str, list[tuple[str, str, bool]]] = {}
         for n, term in enumerate(query.recipient):
             wanted = archive_words(term)
             if not wanted:
                 continue
-            in_text = f"{{recipients}} : ({fts_string(term, True)})"
+            in_text = ("{recipients} : ", term, True)
             if scope.mailbox is not None:
                 # The one mailbox in scope either matches, or only the text can.
                 if not _mailbox_matches(wanted, scope.mailbox):
                     match.append(in_text)
                 continue
-            params[f"r{n}"] = in_text
+            texts[f"r{n}"] = [in_text]
             params[f"rw{n}"] = "% " + " ".join(wanted) + "%"
             in_domain = "" if scope.domain is None else " AND r.domain = :domain"
             conditions.append(
@@ -121,9 +140,9 @@ class Search:
                 f" OR EXISTS (SELECT 1 FROM mailboxes r WHERE r.message_id = m.id{in_domain}"
                 f" AND (' ' || r.words) LIKE :rw{n}))"
             )
-        everywhere = not any(m.startswith("{") for m in match)
+        everywhere = not any(column for column, _, _ in match)
         if match:
-            params["match"] = " AND ".join(match)
+            texts["match"] = match
         return cls(
             scope,
             query,
@@ -134,7 +153,32 @@ class Search:
             walked,
             bool(match),
             everywhere,
+            texts,
         )
+
+    def bind(self, conn: sqlite3.Connection) -> None:
+        """
+        Write the full-text conditions into ``params``, each word's start as
+        the terms that begin with it where the archive knows them
+        (``terms.expand``), else as an FTS5 prefix query.
+        """
+        for name, parts in self.texts.items():
+            if name not in self.params:
+                self.params[name] = " AND ".join(
+                    f"{column}({self._fts(conn, term, prefix)})" for column, term, prefix in parts
+                )
+
+    def _fts(self, conn: sqlite3.Connection, term: str, prefix: bool) -> str:
+        words = archive_words(term)
+        if prefix and term.isascii():
+            expanded = expand(conn, words[-1])
+            if expanded is not None:
+                self.terms += len(words) - 1 + len(expanded)
+                return " OR ".join(fts_string(" ".join([*words[:-1], t]), False) for t in expanded)
+        if prefix:
+            self.merged = True
+        self.terms += len(words)
+        return fts_string(term, prefix)
 
     def source(self, rowids: str = "") -> str:
         """
@@ -158,13 +202,33 @@ class Search:
         return "FROM mailboxes b JOIN messages m ON m.id = b.message_id"
 
     def few(self, conn: sqlite3.Connection) -> bool:
-        """Whether the text index lists at most ``_FEW`` messages for the full-text condition."""
-        row = conn.execute(
+        """
+        Whether the text index lists at most ``_FEW`` messages for the
+        full-text condition: when one of its terms (a word, a word's
+        start, a word of a phrase) is in at most that many, each counted
+        with a ``LIMIT`` (a phrase of two frequent words that seldom follow
+        each other is counted as frequent: its own count would read every
+        message with both).
+        """
+        sql = (
             "SELECT count(*) FROM (SELECT rowid FROM text_index WHERE text_index MATCH :match"
-            " LIMIT :few)",
-            {"match": self.params["match"], "few": _FEW + 1},
-        ).fetchone()
-        return int(row[0]) <= _FEW
+            " LIMIT :few)"
+        )
+        terms = self.terms  # what ``bind`` asked, not these counts
+        try:
+            return self._few(conn, sql)
+        finally:
+            self.terms = terms
+
+    def _few(self, conn: sqlite3.Connection, sql: str) -> bool:
+        for column, term, prefix in self.texts.get("match", ()):
+            words = archive_words(term)
+            parts = [(term, True)] if prefix else [(w, False) for w in words]
+            for word, start in parts:
+                match = f"{column}({self._fts(conn, word, start)})"
+                if int(conn.execute(sql, {"match": match, "few": _FEW + 1}).fetchone()[0]) <= _FEW:
+                    return True
+        return False
 
     def where(self, extra: Sequence[str] = (), rowids: str = "") -> str:
         """
@@ -181,6 +245,7 @@ class Search:
         return (" WHERE " + " AND ".join(conditions)) if conditions else ""
 
     def page(self, conn: sqlite3.Connection, cursor: str | None, limit: int) -> ArchivePage:
+        self.bind(conn)
         params = dict(self.params)
         extra: list[str] = []
         if cursor is not None:
@@ -232,11 +297,12 @@ class Search:
 
     def _chunk(
         self, conn: sqlite3.Connection, params: dict[str, Any], extra: Sequence[str], size: int
-    ) -> tuple[int, float, str, int, int] | None:
+    ) -> tuple[int, float, str, int, int, str] | None:
         """
         The next ``size`` rows of the scope in the search's order, whatever
-        the text: how many, the last one's (received_at, id), and the least
-        and greatest rowid of their messages; ``None`` at the scope's end.
+        the text: how many, the last one's (received_at, id), the least and
+        greatest rowid of their messages and the rowids as a JSON array;
+        ``None`` at the scope's end.
         """
         conditions = [*self.conditions[: self.walked], *extra]
         where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
@@ -244,7 +310,8 @@ class Search:
             f"WITH c AS MATERIALIZED (SELECT {self.time} AS t, {self.id} AS i, m.seq AS seq"
             f" {self.source()}{where} ORDER BY {self.time} DESC, {self.id} DESC LIMIT :chunk)"
             " SELECT (SELECT count(*) FROM c), t, i, (SELECT min(seq) FROM c),"
-            " (SELECT max(seq) FROM c) FROM c ORDER BY t, i LIMIT 1"
+            " (SELECT max(seq) FROM c), (SELECT json_group_array(seq) FROM c)"
+            " FROM c ORDER BY t, i LIMIT 1"
         )
         row = conn.execute(sql, {**params, "chunk": size}).fetchone()
         return None if row is None else tuple(row)
@@ -259,56 +326,63 @@ class Search:
     ) -> None:
         """
         Find a page of a full-text search by walking the scope newest first,
-        a chunk of rows at a time, asking the text index only about the
-        rowids of each chunk's messages (the index reads its lists from the
-        chunk's least rowid to its greatest, and archive rowids grow with
-        time): the cost follows the page, not how many messages match, for
-        a word in most messages.  If the first chunk does not fill the page
-        and the index lists at most ``_FEW`` matches in all, the rest starts
-        from them; else one more chunk, sized for the density seen (at most
-        ``_WALK_LIMIT`` rows), then the whole list of matches at once.
+        a chunk of rows at a time, asking the text index only about each
+        chunk's messages: by their range of rowids (archive rowids grow with
+        time) when the chunk is dense in it, else one by one (``_SPARSE``).
+        The cost follows the page, not how many messages match, for a word
+        in most messages.  If the first chunk does not fill the page and a
+        term of the search is in at most ``_FEW`` messages, the rest starts
+        from the index's matches; else more chunks, sized for the density
+        seen, while the page is expected to fill within ``_WALK_LIMIT`` rows
+        (``_SPARSE_LIMIT`` one by one), then the whole list of matches.
 
-        Every word is a prefix query for FTS5 (``"rep" *`` finds
-        ``report``), which merges the doclists of the prefix's terms over
-        the whole table whatever the rowid range: each chunk costs that
-        merge, about 14 ms for a word in 180,000 messages.
+        A word's start FTS5 is asked as a prefix (``bind``) costs a merge of
+        the prefix's lists over the whole index for every chunk: then one
+        more chunk at most.
         """
         walked = 0
+        chunks = 0
         size = max(_FIRST_CHUNK, 2 * (limit + 1))
         while len(found) <= limit:
             chunk = self._chunk(conn, params, extra, size)
             if chunk is None:
                 return
-            n, last_time, last_id, low, high = chunk
+            n, last_time, last_id, low, high, seqs = chunk
             within = [
                 *extra,
                 f"({self.time}, {self.id}) >= (:chunk_time, :chunk_id)",
             ]
             chunk_params = {**params, "chunk_time": last_time, "chunk_id": last_id}
-            chunk_params.update(low=low, high=high)
-            self._collect(conn, chunk_params, within, "rowid BETWEEN :low AND :high", found, limit)
+            sparse = high - low + 1 > _SPARSE * n * max(self.terms, 1)
+            if sparse:
+                chunk_params["seqs"] = seqs
+                fence = "rowid IN (SELECT value FROM json_each(:seqs))"
+            else:
+                chunk_params.update(low=low, high=high)
+                fence = "rowid BETWEEN :low AND :high"
+            self._collect(conn, chunk_params, within, fence, found, limit)
             if len(found) > limit or n < size:
                 return
             walked += n
+            chunks += 1
             # From here on, only what comes after this chunk.
             params = {**params, "cursor_time": last_time, "cursor_id": last_id}
             if not any(":cursor_time" in e for e in extra):
                 extra = [*extra, f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)"]
-            # Each chunk costs FTS5 a merge of the prefix's whole lists: one
-            # more chunk at most, sized to fill the page at the density seen.
-            if walked > n:
+            if self.merged and chunks > 1:
                 self._collect(conn, params, extra, "", found, limit)
                 return
-            if len(found) < _FEW_SEEN and self.few(conn):
+            if chunks == 1 and len(found) < _FEW_SEEN and self.few(conn):
                 self._collect(conn, params, extra, _DRIVEN, found, limit)
                 return
             density = max(len(found), 1) / walked
             size = int((limit + 1 - len(found)) / density * 1.5) + _FIRST_CHUNK
-            if size > _WALK_LIMIT:
+            if walked + size > (_SPARSE_LIMIT if sparse else _WALK_LIMIT):
                 self._collect(conn, params, extra, "", found, limit)
                 return
 
     def count(self, conn: sqlite3.Connection) -> int:
+        self.bind(conn)
         what = "count(*)" if self.scope.domain is None else "count(DISTINCT b.message_id)"
         if not self.matches:
             sql = f"SELECT {what} {self.source()}{self.where()}"

@@ -59,6 +59,9 @@ class Writer(Worker):
     ``BEGIN IMMEDIATE`` transaction, each job in a savepoint.
 
     :ivar commits: how many transactions were committed.
+    :ivar listeners: called on the writer thread with ``True`` after each
+        commit and ``False`` after each rollback, of a job's savepoint or of
+        the whole transaction.
     :ivar ready: the schema has been made (set once, on the writer thread;
         until then reads run on the writer too).
     """
@@ -68,6 +71,7 @@ class Writer(Worker):
     def __init__(self, path: str, busy_timeout: float, reactor: Any, max_size: int | None) -> None:
         self.commits = 0
         self.ready = False
+        self.listeners: list[Callable[[bool], None]] = []
         self._max_size = max_size
         super().__init__(path, busy_timeout, reactor)
 
@@ -102,7 +106,18 @@ class Writer(Worker):
         self.ready = True
         return conn
 
+    def _ended(self, ok: bool) -> None:
+        for listener in self.listeners:
+            listener(ok)
+
     def _run_batch(
+        self, batch: list[tuple[Job, Deferred[Any]]]
+    ) -> list[tuple[Deferred[Any], bool, Any]]:
+        results = self._run_transaction(batch)
+        self._ended(all(ok for _, ok, _ in results))
+        return results
+
+    def _run_transaction(
         self, batch: list[tuple[Job, Deferred[Any]]]
     ) -> list[tuple[Deferred[Any], bool, Any]]:
         try:
