@@ -447,7 +447,8 @@ def _walk_corpus(shuffled: bool) -> list[Any]:
     """
     700 messages for ALICE (a fifth also for BOB): ``broad`` in 9 of 10,
     ``half`` in every other, ``rare`` in 1 of 100, ``broadly`` (which a
-    search for ``broad`` finds too) in 1 of 7; added in time order, or
+    search for ``broad`` finds too) in 1 of 7, ``broadcast`` in the subject
+    of 1 of 3; added in time order, or
     shuffled (then rowids do not grow with time).
     """
     import random
@@ -459,8 +460,12 @@ def _walk_corpus(shuffled: bool) -> list[Any]:
         words += ["rare"] if i % 100 == 7 else []
         words += ["broadly"] if i % 7 == 3 else []
         boxes = (ALICE, BOB) if i % 5 == 0 else (ALICE,)
+        subject = "broadcast news" if i % 3 == 0 else "other"
         messages.append(
-            archived(f"m{i:04d}", NOW + i * 60 + (i % 3), boxes, body=" ".join(words) or "none")
+            archived(
+                f"m{i:04d}", NOW + i * 60 + (i % 3), boxes, body=" ".join(words) or "none",
+                subject=subject,
+            )
         )
     if shuffled:
         random.Random(7).shuffle(messages)
@@ -504,23 +509,32 @@ async def test_word_search_pages_match_whole_list(
         ArchiveScope(domain="a.example"),
         ArchiveScope(),
     ):
-        for word in ("broad", "half", "rare", "broad half", "broadly", '"broad half"'):
+        for word in (
+            "broad", "half", "rare", "broad half", "broadly", '"broad half"', "subject:broad"
+        ):
             phrase = word.startswith('"')
+            field = word.startswith("subject:")
+            bare = word.strip('"').removeprefix("subject:")
             wanted = [
                 m.id
                 for m in newest_first
                 if (
-                    f" {word.strip(chr(34))} " in f" {m.text.body} "
+                    f" {bare} " in f" {m.text.body} "
                     if phrase
+                    else any(s.startswith(bare) for s in m.text.subject.split())
+                    if field
                     else all(
-                        any(b.startswith(w) for b in m.text.body.split()) for w in word.split()
+                        any(b.startswith(w) for b in (m.text.body + " " + m.text.subject).split())
+                        for w in word.split()
                     )
                 )
                 and (scope.mailbox is None or scope.mailbox in m.mailboxes)
             ]
             query = (
-                ArchiveQuery(phrases=(word.strip('"'),))
+                ArchiveQuery(phrases=(bare,))
                 if phrase
+                else ArchiveQuery(subject=(bare,))
+                if field
                 else ArchiveQuery(words=tuple(word.split()))
             )
             got: list[str] = []

@@ -225,7 +225,8 @@ class Search:
             words = archive_words(term)
             parts = [(term, True)] if prefix else [(w, False) for w in words]
             for word, start in parts:
-                match = f"{column}({self._fts(conn, word, start)})"
+                # Without its column: as many or more, and no positions to read.
+                match = f"({self._fts(conn, word, start)})"
                 if int(conn.execute(sql, {"match": match, "few": _FEW + 1}).fetchone()[0]) <= _FEW:
                     return True
         return False
@@ -252,7 +253,9 @@ class Search:
             params["cursor_time"], params["cursor_id"] = decode_archive_cursor(cursor)
             extra.append(f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)")
         found: list[tuple[Sequence[Any], list[Address]]] = []
-        if self.matches and self.everywhere:
+        # A field's own words, asked as a prefix, are fewer than the merge
+        # each chunk would cost: their whole list, once.
+        if self.matches and (self.everywhere or not self.merged):
             self._walk(conn, params, extra, found, limit)
         else:
             self._collect(conn, params, extra, "", found, limit)
