@@ -221,7 +221,7 @@ class Search:
             self.terms = terms
 
     def _few(self, conn: sqlite3.Connection, sql: str) -> bool:
-        for column, term, prefix in self.texts.get("match", ()):
+        for _column, term, prefix in self.texts.get("match", ()):
             words = archive_words(term)
             parts = [(term, True)] if prefix else [(w, False) for w in words]
             for word, start in parts:

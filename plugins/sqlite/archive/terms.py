@@ -12,7 +12,6 @@ every chunk of a search's walk (``search.Search._walk``).  An exact term
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from collections.abc import Iterable
 
@@ -28,59 +27,70 @@ MAX_EXPANSION = 64
 _REMEMBERED = 500_000
 
 # For ASCII text, FTS5's unicode61 tokenizer makes the same terms as this:
-# runs of letters and digits, lower-cased.
-_ASCII_WORD = re.compile(r"[a-z0-9]+")
+# runs of letters and digits, lower-cased; every other octet a separator.
+_SEPARATORS = bytes(
+    c if chr(c).isascii() and chr(c).isalnum() else 0x20 for c in range(256)
+).lower()
+
+
+def _ascii_terms(text: str) -> set[bytes]:
+    return set(text.encode("ascii").translate(_SEPARATORS).lower().split())
 
 
 def _words(texts: Iterable[str]) -> dict[str, int]:
-    """The terms of ``texts`` as FTS5 makes them, each with whether that is certain."""
-    found: dict[str, int] = {}
-    for text in texts:
-        if text.isascii():
-            found.update(dict.fromkeys(_ASCII_WORD.findall(text.lower()), 1))
-            continue
-        # Whitespace separates terms for both; within a run that is not
-        # ASCII, FTS5 may fold or split otherwise than the archive does.
-        for run in text.split():
-            if run.isascii():
-                found.update(dict.fromkeys(_ASCII_WORD.findall(run.lower()), 1))
-            else:
-                for word in archive_words(run):
-                    found[word] = 0
-    return found
+    """The terms of ``texts`` as FTS5 makes them, each with whether that is certain (1) or not (0)."""
+    exact, folded = _terms("\n".join(texts))
+    return {**dict.fromkeys((t.decode() for t in exact), 1), **dict.fromkeys(folded, 0)}
+
+
+def _terms(text: str) -> tuple[set[bytes], set[str]]:
+    """
+    The terms of ``text``: those certainly FTS5's (ASCII, as bytes), and
+    those only the archive's folding of a word.
+    """
+    if text.isascii():
+        return _ascii_terms(text), set()
+    exact: set[bytes] = set()
+    folded: set[str] = set()
+    # Whitespace separates terms for both; within a run that is not ASCII,
+    # FTS5 may fold or split otherwise than the archive does.
+    for run in text.split():
+        if run.isascii():
+            exact |= _ascii_terms(run)
+        else:
+            folded.update(archive_words(run))
+    return exact, folded
 
 
 class Terms:
     """
     The writer's side: ``note`` writes the terms of a message's text that
     the ``terms`` table may lack.  It remembers what it wrote once the
-    transaction is committed (``ended``), so that a term is written
-    about once per process, not once per message.  Used on the writer
-    thread only.
+    transaction is committed (``ended``), so that a term is written about
+    once per process, not once per message.  Used on the writer thread
+    only.
     """
 
     def __init__(self) -> None:
-        self._known: dict[str, int] = {}
-        self._pending: dict[str, int] = {}
+        self._known: set[bytes] = set()
+        self._known_folded: set[str] = set()
+        self._pending: set[bytes] = set()
+        self._pending_folded: set[str] = set()
 
     def note(self, conn: sqlite3.Connection, texts: Iterable[str]) -> None:
         """Write the terms of ``texts`` (a message's indexed columns) that are not known to be there."""
-        known, pending = self._known, self._pending
-        new = []
-        for term, exact in _words(texts).items():
-            have = pending.get(term)
-            if have is None:
-                have = known.get(term)
-            if have is None or have > exact:
-                new.append((term, exact))
-        if not new:
+        exact, folded = _terms("\n".join(texts))
+        new = exact - self._known - self._pending
+        new_folded = folded - self._known_folded - self._pending_folded
+        if not new and not new_folded:
             return
         conn.executemany(
             "INSERT INTO terms (term, exact) VALUES (?, ?)"
             " ON CONFLICT (term) DO UPDATE SET exact = 0 WHERE excluded.exact = 0",
-            new,
+            [*((term.decode(), 1) for term in new), *((term, 0) for term in new_folded)],
         )
-        pending.update(new)
+        self._pending |= new
+        self._pending_folded |= new_folded
 
     def ended(self, ok: bool) -> None:
         """
@@ -91,9 +101,11 @@ class Terms:
         if ok:
             if len(self._known) + len(self._pending) > _REMEMBERED:
                 self._known.clear()
-            for term, exact in self._pending.items():
-                self._known[term] = min(exact, self._known.get(term, 1))
+                self._known_folded.clear()
+            self._known |= self._pending
+            self._known_folded |= self._pending_folded
         self._pending.clear()
+        self._pending_folded.clear()
 
 
 def expand(conn: sqlite3.Connection, word: str) -> list[str] | None:
