@@ -73,8 +73,9 @@ class Search:
     walked: int = 0
     #: Whether ``params["match"]`` is a full-text condition every result must meet.
     matches: bool = False
-    #: Whether that condition is on every column (a field's own words are
-    #: fewer: their whole list, once, costs less than walking chunks).
+    #: Whether that condition is on every column (a field's own words, when
+    #: FTS5 is asked a prefix, are fewer: their whole list, once, costs less
+    #: than chunks that each merge it).
     everywhere: bool = False
     #: The full-text conditions, by parameter: ``(column filter, term,
     #: whether the last word may be a start)``, all to be met; ``bind``
