@@ -73,9 +73,9 @@ class Search:
     walked: int = 0
     #: Whether ``params["match"]`` is a full-text condition every result must meet.
     matches: bool = False
-    #: Whether that condition is on every column (a field's own words, when
-    #: FTS5 is asked a prefix, are fewer: their whole list, once, costs less
-    #: than chunks that each merge it).
+    #: Whether that condition is on every column (a field's own words are
+    #: fewer, and a walk would have FTS5 read their positions for every
+    #: message asked about: their whole list, once, costs less).
     everywhere: bool = False
     #: The full-text conditions, by parameter: ``(column filter, term,
     #: whether the last word may be a start)``, all to be met; ``bind``
@@ -254,9 +254,9 @@ class Search:
             params["cursor_time"], params["cursor_id"] = decode_archive_cursor(cursor)
             extra.append(f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)")
         found: list[tuple[Sequence[Any], list[Address]]] = []
-        # A field's own words, asked as a prefix, are fewer than the merge
-        # each chunk would cost: their whole list, once.
-        if self.matches and (self.everywhere or not self.merged):
+        # A field's own words: their whole list, once (FTS5 reads a term's
+        # positions to tell its column, for every message a walk asks about).
+        if self.matches and self.everywhere:
             self._walk(conn, params, extra, found, limit)
         else:
             self._collect(conn, params, extra, "", found, limit)
