@@ -448,7 +448,7 @@ def _walk_corpus(shuffled: bool) -> list[Any]:
     700 messages for ALICE (a fifth also for BOB): ``broad`` in 9 of 10,
     ``half`` in every other, ``rare`` in 1 of 100, ``broadly`` (which a
     search for ``broad`` finds too) in 1 of 7, ``broadcast`` in the subject
-    of 1 of 3; added in time order, or
+    of 1 of 3, an attachment on 1 of 4; added in time order, or
     shuffled (then rowids do not grow with time).
     """
     import random
@@ -464,7 +464,7 @@ def _walk_corpus(shuffled: bool) -> list[Any]:
         messages.append(
             archived(
                 f"m{i:04d}", NOW + i * 60 + (i % 3), boxes, body=" ".join(words) or "none",
-                subject=subject,
+                subject=subject, attachments=("plan.pdf",) if i % 4 == 1 else (),
             )
         )
     if shuffled:
@@ -510,11 +510,13 @@ async def test_word_search_pages_match_whole_list(
         ArchiveScope(),
     ):
         for word in (
-            "broad", "half", "rare", "broad half", "broadly", '"broad half"', "subject:broad"
+            "broad", "half", "rare", "broad half", "broadly", '"broad half"', "subject:broad",
+            "half+attachment",
         ):
             phrase = word.startswith('"')
             field = word.startswith("subject:")
-            bare = word.strip('"').removeprefix("subject:")
+            attached = word.endswith("+attachment")
+            bare = word.strip('"').removeprefix("subject:").removesuffix("+attachment")
             wanted = [
                 m.id
                 for m in newest_first
@@ -525,9 +527,10 @@ async def test_word_search_pages_match_whole_list(
                     if field
                     else all(
                         any(b.startswith(w) for b in (m.text.body + " " + m.text.subject).split())
-                        for w in word.split()
+                        for w in bare.split()
                     )
                 )
+                and (not attached or m.text.has_attachment)
                 and (scope.mailbox is None or scope.mailbox in m.mailboxes)
             ]
             query = (
@@ -535,7 +538,7 @@ async def test_word_search_pages_match_whole_list(
                 if phrase
                 else ArchiveQuery(subject=(bare,))
                 if field
-                else ArchiveQuery(words=tuple(word.split()))
+                else ArchiveQuery(words=tuple(bare.split()), has_attachment=attached or None)
             )
             got: list[str] = []
             cursor = None

@@ -15,9 +15,11 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
 
 from mailhub.model import ArchiveQuery, ArchiveScope
-from mailhub.plugins.sqlite.archive import SqliteArchive, plugin
+from mailhub.plugins.sqlite.archive import SqliteArchive, merge, plugin
 from mailhub.plugins.sqlite.archive import terms as archive_terms
 from mailhub.plugins.sqlite.archive.search import Search
 from mailhub.plugins.sqlite.archive.terms import Terms, _words
@@ -203,3 +205,80 @@ def test_every_fts5_term_is_noted_or_its_start_asked_as_a_prefix(fts5: Any, text
             assert any(
                 t.startswith(start) and exact == 0 for t, exact in noted.items()
             ) or (noted.get(term) == 1), (text, term, start, noted)
+
+
+# -- the text index merged into one segment --------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_merge_steps_leave_one_segment_and_the_same_answers(
+    archive: SqliteArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Small commits leave the text index in many segments; the merger's steps,
+    each a bounded writer job, merge them into one, and every search answers
+    as before.
+    """
+    filler = " ".join(f"filler{n}" for n in range(300))
+    for i in range(40):  # one commit each: a segment each, until FTS5 merges some
+        await archive.add(
+            archived(f"m{i:02d}", NOW + i, body=f"word{i % 7} common report{i} {filler}{i}")
+        )
+    before = await archive._read(merge.segments)
+    assert len(before) > 2
+    query = ArchiveQuery(words=("word3", "rep"))
+    wanted = await found(archive, query)
+    assert wanted == [f"m{i:02d}" for i in range(40) if i % 7 == 3]
+    steps = 1
+    while await archive.run(merge.merge_step(steps > 1, pages=1)) and steps < 1000:
+        steps += 1
+    assert steps > 1  # a step at a time
+    assert len(await archive._read(merge.segments)) == 1
+    assert await found(archive, query) == wanted
+    # Merged: nothing to do until the others hold a tenth of it again.
+    assert await archive.run(merge.merge_step(False)) is False
+
+
+def test_the_merger_checks_then_steps_until_done_then_checks_again() -> None:
+    clock = Clock()
+    answers = [False, True, True, False, True]
+    asked: list[bool] = []
+
+    class Writer:
+        def submit(self, job: Any) -> Any:
+            asked.append(job.__closure__[0].cell_contents)  # the step's ``merging``
+            return succeed(answers.pop(0))
+
+    merger = merge.IndexMerger(Writer(), clock)  # type: ignore[arg-type]
+    merger.start()
+    merger.start()  # once
+    clock.advance(merge.CHECK_SECONDS - 1)
+    assert asked == []
+    clock.advance(1)
+    assert asked == [False]  # not due
+    clock.advance(merge.CHECK_SECONDS)
+    assert asked == [False, False]  # due: it merged a step
+    clock.advance(merge.STEP_PAUSE)
+    assert asked == [False, False, True]
+    clock.advance(merge.STEP_PAUSE)
+    assert asked == [False, False, True, True]  # done
+    clock.advance(merge.STEP_PAUSE)
+    assert len(asked) == 4
+    merger.stop()
+    clock.advance(merge.CHECK_SECONDS)
+    assert len(asked) == 4
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_merger_runs_where_the_archive_is_added_to(db: Path) -> None:
+    """A process that only reads the archive (the web pages, the shell) never merges; close stops it."""
+    archive = open_archive(db)
+    try:
+        await archive.search(ArchiveScope(mailbox=ALICE), ArchiveQuery(), None, 10)
+        assert archive._merger._call is None
+        await archive.add(archived("a"))
+        assert archive._merger._call is not None and archive._merger._call.active()
+    finally:
+        await archive.close()
+    assert archive._merger._call is None

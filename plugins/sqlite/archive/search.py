@@ -68,8 +68,9 @@ class Search:
     #: The columns of the (received_at, id) order.
     time: str
     id: str
-    #: How many of ``conditions`` say which rows are in scope (the scope
-    #: and the time range): a walk of the scope's index checks only these.
+    #: How many of ``conditions`` a walk of the scope's index checks itself
+    #: (the scope, the time range, attachments): the text index is asked
+    #: only about the rows that meet them.
     walked: int = 0
     #: Whether ``params["match"]`` is a full-text condition every result must meet.
     matches: bool = False
@@ -106,10 +107,10 @@ class Search:
         if query.after is not None:
             conditions.append(f"{time_column} >= :after")
             params["after"] = query.after
-        walked = len(conditions)
         if query.has_attachment is not None:
             conditions.append("m.has_attachment = :has_attachment")
             params["has_attachment"] = int(query.has_attachment)
+        walked = len(conditions)
 
         match: list[tuple[str, str, bool]] = []
         for word in query.words:
