@@ -744,24 +744,33 @@ async def test_merge_steps_leave_one_segment_and_the_same_answers(
     query = ArchiveQuery(words=("word3", "rep"))
     wanted = await found(archive, query)
     assert wanted == [f"m{i:02d}" for i in range(40) if i % 7 == 3]
+    step = await archive.run(merge.merge_step(None, pages=1))
+    assert step is not None and step[0] == set(before)  # one step did not do it all
     steps = 1
-    while await archive.run(merge.merge_step(steps > 1, pages=1)) and steps < 1000:
+    while step is not None and steps < 1000:
+        if steps <= 5:  # what comes in meanwhile joins the merge
+            await archive.add(archived(f"n{steps:03d}", NOW + 100 + steps, body="late word3"))
+        step = await archive.run(merge.merge_step(step[0], pages=1))
         steps += 1
-    assert steps > 1  # a step at a time
-    assert len(await archive._read(merge.segments)) == 1
+    assert 1 < steps < 1000
+    after = await archive._read(merge.segments)
+    assert not set(before) & set(after)
+    assert len(after) == 1
     assert await found(archive, query) == wanted
+    assert len(await found(archive, ArchiveQuery(words=("late",)))) == 5
     # Merged: nothing to do until the others hold a tenth of it again.
-    assert await archive.run(merge.merge_step(False)) is False
+    assert await archive.run(merge.merge_step(None)) is None
 
 
 def test_the_merger_checks_then_steps_until_done_then_checks_again() -> None:
     clock = Clock()
-    answers = [False, True, True, False, True]
-    asked: list[bool] = []
+    started = (frozenset({1, 2, 3}), 100)
+    answers = [None, started, started, None, started]
+    asked: list[frozenset[int] | None] = []
 
     class Writer:
         def submit(self, job: Any) -> Any:
-            asked.append(job.__closure__[0].cell_contents)  # the step's ``merging``
+            asked.append(job.__closure__[0].cell_contents)  # the step's ``inputs``
             return succeed(answers.pop(0))
 
     merger = merge.IndexMerger(Writer(), clock)  # type: ignore[arg-type]
@@ -770,19 +779,43 @@ def test_the_merger_checks_then_steps_until_done_then_checks_again() -> None:
     clock.advance(merge.CHECK_SECONDS - 1)
     assert asked == []
     clock.advance(1)
-    assert asked == [False]  # not due
+    assert asked == [None]  # not due
     clock.advance(merge.CHECK_SECONDS)
-    assert asked == [False, False]  # due: it merged a step
+    assert asked == [None, None]  # due: it merged a step
     clock.advance(merge.STEP_PAUSE)
-    assert asked == [False, False, True]
+    assert asked == [None, None, started[0]]
     clock.advance(merge.STEP_PAUSE)
-    assert asked == [False, False, True, True]  # done
+    assert asked == [None, None, started[0], started[0]]  # done
     clock.advance(merge.STEP_PAUSE)
     assert len(asked) == 4
     merger.stop()
     clock.advance(merge.CHECK_SECONDS)
     assert len(asked) == 4
     assert clock.getDelayedCalls() == []
+
+
+def test_the_merger_pauses_a_merge_the_mail_outruns() -> None:
+    """A merge that has written twice the index without ending waits for the next check."""
+    clock = Clock()
+    size = 10 * merge.STEP_PAGES
+    asked: list[Any] = []
+
+    class Writer:
+        def submit(self, job: Any) -> Any:
+            asked.append(job.__closure__[0].cell_contents)
+            return succeed((frozenset({1, 2}), size))
+
+    merger = merge.IndexMerger(Writer(), clock)  # type: ignore[arg-type]
+    merger.start()
+    clock.advance(merge.CHECK_SECONDS)
+    for _ in range(100):
+        clock.advance(merge.STEP_PAUSE)
+    budget = 2 * size // merge.STEP_PAGES + 10
+    assert len(asked) == budget + 1
+    assert asked[-1] == frozenset({1, 2})
+    clock.advance(merge.CHECK_SECONDS)
+    assert asked[-1] is None  # a fresh check
+    merger.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -14,8 +14,9 @@ with a negative number of pages does the same work a step at a time.
 than the largest hold more than ``SHARE`` of what it holds (FTS5's page
 index lists each segment's leaf pages), and if so merges them all, one step
 of ``STEP_PAGES`` pages per writer job (until the merge ends, its inputs
-stay beside its output; it ends when what is left beside the largest is
-what came in meanwhile, under a hundredth), ``STEP_PAUSE`` apart so that the
+stay beside its output; FTS5 takes what comes in meanwhile into it, and
+it ends once its inputs are gone, or pauses until the next check after
+writing twice the index), ``STEP_PAUSE`` apart so that the
 adds waiting go in between.  Rewriting the index once every time it grows
 by a tenth costs about ten times the index in writes over the archive's
 life, and keeps every search reading about one segment.  It runs in the
@@ -34,7 +35,7 @@ from twisted.python.failure import Failure
 
 from .writer import Writer
 
-__all__ = ["CHECK_SECONDS", "SHARE", "STEP_PAGES", "STEP_PAUSE", "IndexMerger", "merge_step"]
+__all__ = ["CHECK_SECONDS", "SHARE", "STEP_PAGES", "STEP_PAUSE", "IndexMerger", "merge_step", "segments"]
 
 CHECK_SECONDS = 300.0
 SHARE = 0.1
@@ -42,9 +43,9 @@ STEP_PAGES = 500
 STEP_PAUSE = 0.05
 
 
-def segments(conn: sqlite3.Connection) -> list[int]:
-    """The text index's segments, as the number of entries each has in FTS5's page index."""
-    return [n for (n,) in conn.execute("SELECT count(*) FROM text_index_idx GROUP BY segid")]
+def segments(conn: sqlite3.Connection) -> dict[int, int]:
+    """The text index's segments: how many entries each has in FTS5's page index."""
+    return dict(conn.execute("SELECT segid, count(*) FROM text_index_idx GROUP BY segid"))
 
 
 def _scattered(sizes: list[int], share: float) -> bool:
@@ -52,19 +53,23 @@ def _scattered(sizes: list[int], share: float) -> bool:
     return len(sizes) > 1 and sum(sizes) - max(sizes) > max(sizes) * share
 
 
-def merge_step(merging: bool, pages: int = STEP_PAGES) -> Any:
+def merge_step(inputs: frozenset[int] | None, pages: int = STEP_PAGES) -> Any:
     """
-    A writer job: one step of merging the text index into one segment,
-    if ``merging`` already or if it is due (``SHARE``).  It returns whether
-    there is more to do.
+    A writer job: one step of merging the text index into one segment.
+    ``inputs`` are the segments a merge under way started from, or ``None``
+    to start one if it is due (``SHARE``).  It returns the inputs and the
+    index's size (entries of the page index, about its leaf pages) when the
+    merge started, while any input is left; else ``None``.  What comes in
+    meanwhile, FTS5 takes into the merge; it does not start another.
     """
 
-    def job(conn: sqlite3.Connection) -> bool:
-        if not merging and not _scattered(segments(conn), SHARE):
-            return False
+    def job(conn: sqlite3.Connection) -> tuple[frozenset[int], int] | None:
+        sizes = segments(conn)
+        if inputs is None and not _scattered(list(sizes.values()), SHARE):
+            return None
+        started = frozenset(sizes) if inputs is None else inputs
         conn.execute("INSERT INTO text_index (text_index, rank) VALUES ('merge', ?)", (-pages,))
-        # Until the merge ends its inputs stay; what came in meanwhile is small.
-        return _scattered(segments(conn), SHARE / 10)
+        return (started, sum(sizes.values())) if started & segments(conn).keys() else None
 
     return job
 
@@ -78,8 +83,9 @@ class IndexMerger:
         self._writer = writer
         self._clock = clock
         self._call: IDelayedCall | None = None
-        self._merging = False
+        self._merging: frozenset[int] | None = None
         self._steps = 0
+        self._budget = 0
         self._started_at = 0.0
         self._running = False
         self._stopped = False
@@ -106,21 +112,28 @@ class IndexMerger:
         d = self._writer.submit(merge_step(self._merging))
         d.addCallbacks(self._stepped, self._failed)
 
-    def _stepped(self, more: bool) -> None:
-        if more and not self._merging:
+    def _stepped(self, step: tuple[frozenset[int], int] | None) -> None:
+        if step is not None and self._merging is None:
             self._started_at = self._clock.seconds()
             self._steps = 0
+            self._budget = 2 * step[1] // STEP_PAGES + 10
             self.log.info("archive: merging the text index into one segment, a step at a time")
-        if more:
+        if step is not None:
             self._steps += 1
-        elif self._merging:
+            if self._steps > self._budget:
+                # Mail comes in faster than the merge takes it: next time.
+                self.log.info(
+                    "archive: merging the text index paused after {steps} steps", steps=self._steps
+                )
+                step = None
+        elif self._merging is not None:
             self.log.info(
                 "archive: text index merged in {steps} steps, {seconds:.0f} s",
                 steps=self._steps,
                 seconds=self._clock.seconds() - self._started_at,
             )
-        self._merging = more
-        self._schedule(STEP_PAUSE if more else CHECK_SECONDS)
+        self._merging = None if step is None else step[0]
+        self._schedule(CHECK_SECONDS if step is None else STEP_PAUSE)
 
     def _failed(self, failure: Failure) -> None:
         self.log.warn(

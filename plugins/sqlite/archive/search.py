@@ -74,9 +74,9 @@ class Search:
     walked: int = 0
     #: Whether ``params["match"]`` is a full-text condition every result must meet.
     matches: bool = False
-    #: Whether that condition is on every column (a field's own words are
-    #: fewer, and a walk would have FTS5 read their positions for every
-    #: message asked about: their whole list, once, costs less).
+    #: Whether that condition is on every column (for a field's words, FTS5
+    #: reads positions to tell the column: a walk of them is kept short,
+    #: and left at once for their whole list where the scope is sparse).
     everywhere: bool = False
     #: The full-text conditions, by parameter: ``(column filter, term,
     #: whether the last word may be a start)``, all to be met; ``bind``
@@ -255,9 +255,9 @@ class Search:
             params["cursor_time"], params["cursor_id"] = decode_archive_cursor(cursor)
             extra.append(f"({self.time}, {self.id}) < (:cursor_time, :cursor_id)")
         found: list[tuple[Sequence[Any], list[Address]]] = []
-        # A field's own words: their whole list, once (FTS5 reads a term's
-        # positions to tell its column, for every message a walk asks about).
-        if self.matches and self.everywhere:
+        # A field's own words asked as a prefix: their whole list, once,
+        # costs less than chunks that each merge it.
+        if self.matches and (self.everywhere or not self.merged):
             self._walk(conn, params, extra, found, limit)
         else:
             self._collect(conn, params, extra, "", found, limit)
@@ -339,7 +339,9 @@ class Search:
         term of the search is in at most ``_FEW`` messages, the rest starts
         from the index's matches; else more chunks, sized for the density
         seen, while the page is expected to fill within ``_WALK_LIMIT`` rows
-        (``_SPARSE_LIMIT`` one by one), then the whole list of matches.
+        (``_SPARSE_LIMIT`` one by one, or for a field's words), then the
+        whole list of matches; a field's words in a sparse chunk go to their
+        whole list at once.
 
         A word's start FTS5 is asked as a prefix (``bind``) costs a merge of
         the prefix's lists over the whole index for every chunk: then one
@@ -359,6 +361,11 @@ class Search:
             ]
             chunk_params = {**params, "chunk_time": last_time, "chunk_id": last_id}
             sparse = high - low + 1 > _SPARSE * n * max(self.terms, 1)
+            if sparse and not self.everywhere:
+                # A field's words: FTS5 reads their positions to tell the
+                # column, a seek for each row; their whole list costs less.
+                self._collect(conn, params, extra, "", found, limit)
+                return
             if sparse:
                 chunk_params["seqs"] = seqs
                 fence = "rowid IN (SELECT value FROM json_each(:seqs))"
@@ -382,7 +389,9 @@ class Search:
                 return
             density = max(len(found), 1) / walked
             size = int((limit + 1 - len(found)) / density * 1.5) + _FIRST_CHUNK
-            if walked + size > (_SPARSE_LIMIT if sparse else _WALK_LIMIT):
+            # A field's words, like rows asked about one by one, cost more
+            # a row: a shorter walk before their whole list.
+            if walked + size > (_SPARSE_LIMIT if sparse or not self.everywhere else _WALK_LIMIT):
                 self._collect(conn, params, extra, "", found, limit)
                 return
 
