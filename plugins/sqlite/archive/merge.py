@@ -11,12 +11,12 @@ archive's writes for as long (about 20 s a million messages); its ``merge``
 with a negative number of pages does the same work a step at a time.
 
 ``IndexMerger`` checks, every ``CHECK_SECONDS``, whether the segments other
-than the largest hold more than ``SHARE`` of what it holds (FTS5's page
-index lists each segment's leaf pages), and if so merges them all, one step
+than the largest hold more than ``SHARE`` of its leaf pages (FTS5's
+structure record lists the segments), and if so merges them all, one step
 of ``STEP_PAGES`` pages per writer job (until the merge ends, its inputs
-stay beside its output; FTS5 takes what comes in meanwhile into it, and
-it ends once its inputs are gone, or pauses until the next check after
-writing twice the index), ``STEP_PAUSE`` apart so that the
+stay beside its output, and FTS5 takes what comes in meanwhile into it;
+it is over when FTS5's structure record says no level is being merged,
+or pauses until the next check after writing twice the index), ``STEP_PAUSE`` apart so that the
 adds waiting go in between.  Rewriting the index once every time it grows
 by a tenth costs about ten times the index in writes over the archive's
 life, and keeps every search reading about one segment.  It runs in the
@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from .writer import Writer
 
-__all__ = ["CHECK_SECONDS", "SHARE", "STEP_PAGES", "STEP_PAUSE", "IndexMerger", "merge_step", "segments"]
+__all__ = ["CHECK_SECONDS", "SHARE", "STEP_PAGES", "STEP_PAUSE", "IndexMerger", "merge_step", "segments", "structure"]
 
 CHECK_SECONDS = 300.0
 SHARE = 0.1
@@ -43,9 +43,62 @@ STEP_PAGES = 500
 STEP_PAUSE = 0.05
 
 
+#: The first octets of FTS5's structure record when its segments carry
+#: their origins too (SQLite 3.45 and later, for tombstones).
+_STRUCTURE_V2 = b"\xff\x00\x00\x01"
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    """SQLite's variable-length integer at ``data[i]``, and where the next begins."""
+    value = 0
+    for _ in range(8):
+        byte = data[i]
+        i += 1
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            return value, i
+    return (value << 8) | data[i], i + 1
+
+
+def structure(conn: sqlite3.Connection) -> list[tuple[int, list[tuple[int, int]]]]:
+    """
+    The text index's levels, as FTS5's structure record has them: for
+    each, how many of its segments a merge under way is taking, and its
+    segments as (id, leaf pages).
+
+    :raises ValueError: for a record this does not know how to read.
+    """
+    row = conn.execute("SELECT block FROM text_index_data WHERE id = 10").fetchone()
+    if row is None:
+        return []
+    data = bytes(row[0])
+    extra = 5 if data[:4] == _STRUCTURE_V2 else 0
+    try:
+        i = 4
+        levels_n, i = _varint(data, i)
+        _segments_n, i = _varint(data, i)
+        _writes, i = _varint(data, i)
+        levels = []
+        for _ in range(levels_n):
+            merging, i = _varint(data, i)
+            count, i = _varint(data, i)
+            segs = []
+            for _ in range(count):
+                segid, i = _varint(data, i)
+                first, i = _varint(data, i)
+                last, i = _varint(data, i)
+                for _ in range(extra):
+                    _, i = _varint(data, i)
+                segs.append((segid, last - first + 1))
+            levels.append((merging, segs))
+    except IndexError:
+        raise ValueError("FTS5 structure record of an unknown form") from None
+    return levels
+
+
 def segments(conn: sqlite3.Connection) -> dict[int, int]:
-    """The text index's segments: how many entries each has in FTS5's page index."""
-    return dict(conn.execute("SELECT segid, count(*) FROM text_index_idx GROUP BY segid"))
+    """The text index's segments: their leaf pages, by id."""
+    return {segid: pages for _, segs in structure(conn) for segid, pages in segs}
 
 
 def _scattered(sizes: list[int], share: float) -> bool:
@@ -53,23 +106,26 @@ def _scattered(sizes: list[int], share: float) -> bool:
     return len(sizes) > 1 and sum(sizes) - max(sizes) > max(sizes) * share
 
 
-def merge_step(inputs: frozenset[int] | None, pages: int = STEP_PAGES) -> Any:
+def merge_step(merging: bool, pages: int = STEP_PAGES) -> Any:
     """
-    A writer job: one step of merging the text index into one segment.
-    ``inputs`` are the segments a merge under way started from, or ``None``
-    to start one if it is due (``SHARE``).  It returns the inputs and the
-    index's size (entries of the page index, about its leaf pages) when the
-    merge started, while any input is left; else ``None``.  What comes in
-    meanwhile, FTS5 takes into the merge; it does not start another.
+    A writer job: one step of merging the text index into one segment, if
+    a merge is under way (``merging``) or due (``SHARE``).  It returns,
+    while FTS5's structure says the merge is not over, the index's leaf
+    pages; else ``None``.  What comes in meanwhile, FTS5 takes into the
+    merge; it does not start another.
     """
 
-    def job(conn: sqlite3.Connection) -> tuple[frozenset[int], int] | None:
-        sizes = segments(conn)
-        if inputs is None and not _scattered(list(sizes.values()), SHARE):
+    def job(conn: sqlite3.Connection) -> int | None:
+        try:
+            sizes = list(segments(conn).values())
+        except ValueError:
+            return None  # a newer FTS5: leave its index as it keeps it
+        if not merging and not _scattered(sizes, SHARE):
             return None
-        started = frozenset(sizes) if inputs is None else inputs
         conn.execute("INSERT INTO text_index (text_index, rank) VALUES ('merge', ?)", (-pages,))
-        return (started, sum(sizes.values())) if started & segments(conn).keys() else None
+        if any(n for n, _ in structure(conn)):
+            return sum(sizes)
+        return None
 
     return job
 
@@ -83,7 +139,7 @@ class IndexMerger:
         self._writer = writer
         self._clock = clock
         self._call: IDelayedCall | None = None
-        self._merging: frozenset[int] | None = None
+        self._merging = False
         self._steps = 0
         self._budget = 0
         self._started_at = 0.0
@@ -112,11 +168,11 @@ class IndexMerger:
         d = self._writer.submit(merge_step(self._merging))
         d.addCallbacks(self._stepped, self._failed)
 
-    def _stepped(self, step: tuple[frozenset[int], int] | None) -> None:
-        if step is not None and self._merging is None:
+    def _stepped(self, step: int | None) -> None:
+        if step is not None and not self._merging:
             self._started_at = self._clock.seconds()
             self._steps = 0
-            self._budget = 2 * step[1] // STEP_PAGES + 10
+            self._budget = 2 * step // STEP_PAGES + 10
             self.log.info("archive: merging the text index into one segment, a step at a time")
         if step is not None:
             self._steps += 1
@@ -126,13 +182,13 @@ class IndexMerger:
                     "archive: merging the text index paused after {steps} steps", steps=self._steps
                 )
                 step = None
-        elif self._merging is not None:
+        elif self._merging:
             self.log.info(
                 "archive: text index merged in {steps} steps, {seconds:.0f} s",
                 steps=self._steps,
                 seconds=self._clock.seconds() - self._started_at,
             )
-        self._merging = None if step is None else step[0]
+        self._merging = step is not None
         self._schedule(CHECK_SECONDS if step is None else STEP_PAUSE)
 
     def _failed(self, failure: Failure) -> None:
