@@ -15,8 +15,7 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, succeed
-from twisted.internet.task import Clock
+from twisted.internet.defer import gatherResults
 from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IArchive, IArchivePlugin
@@ -30,7 +29,7 @@ from mailhub.model import (
     StoreUnavailable,
 )
 from mailhub.plugin import load_plugin
-from mailhub.plugins.sqlite.archive import SCHEMA_VERSION, SqliteArchive, merge, plugin
+from mailhub.plugins.sqlite.archive import SCHEMA_VERSION, SqliteArchive, plugin
 from mailhub.plugins.sqlite.archive import search as archive_search
 from mailhub.plugins.sqlite.archive import terms as archive_terms
 from mailhub.plugins.sqlite.archive.search import Search
@@ -720,116 +719,3 @@ def test_every_fts5_term_is_noted_or_its_start_asked_as_a_prefix(fts5: Any, text
             assert any(
                 t.startswith(start) and exact == 0 for t, exact in noted.items()
             ) or (noted.get(term) == 1), (text, term, start, noted)
-
-
-# -- the text index merged into one segment --------------------------------------
-
-
-@pytest_twisted.ensureDeferred
-async def test_merge_steps_leave_one_segment_and_the_same_answers(
-    archive: SqliteArchive, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """
-    Small commits leave the text index in many segments; the merger's steps,
-    each a bounded writer job, merge them into one, and every search answers
-    as before.
-    """
-    filler = " ".join(f"filler{n}" for n in range(300))
-    for i in range(40):  # one commit each: a segment each, until FTS5 merges some
-        await archive.add(
-            archived(f"m{i:02d}", NOW + i, body=f"word{i % 7} common report{i} {filler}{i}")
-        )
-    before = await archive._read(merge.segments)
-    assert len(before) > 2
-    query = ArchiveQuery(words=("word3", "rep"))
-    wanted = await found(archive, query)
-    assert wanted == [f"m{i:02d}" for i in range(40) if i % 7 == 3]
-    # FTS5's structure record lists the segments its page index has.
-    idx = await archive._read(
-        lambda c: {segid for (segid,) in c.execute("SELECT DISTINCT segid FROM text_index_idx")}
-    )
-    assert set(before) == idx
-    step = await archive.run(merge.merge_step(False, pages=1))
-    assert step is not None  # one step did not do it all
-    steps = 1
-    while step is not None and steps < 1000:
-        if steps <= 5:  # what comes in meanwhile joins the merge
-            await archive.add(archived(f"n{steps:03d}", NOW + 100 + steps, body="late word3"))
-        step = await archive.run(merge.merge_step(True, pages=1))
-        steps += 1
-    assert 1 < steps < 1000
-    after = await archive._read(merge.segments)
-    assert len(after) == 1
-    assert await found(archive, query) == wanted
-    assert len(await found(archive, ArchiveQuery(words=("late",)))) == 5
-    # Merged: nothing to do until the others hold a tenth of it again.
-    assert await archive.run(merge.merge_step(False)) is None
-
-
-def test_the_merger_checks_then_steps_until_done_then_checks_again() -> None:
-    clock = Clock()
-    answers = [None, 100, 100, None, 100]
-    asked: list[bool] = []
-
-    class Writer:
-        def submit(self, job: Any) -> Any:
-            asked.append(job.__closure__[0].cell_contents)  # the step's ``merging``
-            return succeed(answers.pop(0))
-
-    merger = merge.IndexMerger(Writer(), clock)  # type: ignore[arg-type]
-    merger.start()
-    merger.start()  # once
-    clock.advance(merge.CHECK_SECONDS - 1)
-    assert asked == []
-    clock.advance(1)
-    assert asked == [False]  # not due
-    clock.advance(merge.CHECK_SECONDS)
-    assert asked == [False, False]  # due: it merged a step
-    clock.advance(merge.STEP_PAUSE)
-    assert asked == [False, False, True]
-    clock.advance(merge.STEP_PAUSE)
-    assert asked == [False, False, True, True]  # done
-    clock.advance(merge.STEP_PAUSE)
-    assert len(asked) == 4
-    merger.stop()
-    clock.advance(merge.CHECK_SECONDS)
-    assert len(asked) == 4
-    assert clock.getDelayedCalls() == []
-
-
-def test_the_merger_pauses_a_merge_the_mail_outruns() -> None:
-    """A merge that has written twice the index without ending waits for the next check."""
-    clock = Clock()
-    size = 10 * merge.STEP_PAGES
-    asked: list[Any] = []
-
-    class Writer:
-        def submit(self, job: Any) -> Any:
-            asked.append(job.__closure__[0].cell_contents)
-            return succeed(size)
-
-    merger = merge.IndexMerger(Writer(), clock)  # type: ignore[arg-type]
-    merger.start()
-    clock.advance(merge.CHECK_SECONDS)
-    for _ in range(100):
-        clock.advance(merge.STEP_PAUSE)
-    budget = 2 * size // merge.STEP_PAGES + 10
-    assert len(asked) == budget + 1
-    assert asked[-1] is True
-    clock.advance(merge.CHECK_SECONDS)
-    assert asked[-1] is False  # a fresh check
-    merger.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_merger_runs_where_the_archive_is_added_to(db: Path) -> None:
-    """A process that only reads the archive (the web pages, the shell) never merges; close stops it."""
-    archive = open_archive(db)
-    try:
-        await archive.search(ArchiveScope(mailbox=ALICE), ArchiveQuery(), None, 10)
-        assert archive._merger._call is None
-        await archive.add(archived("a"))
-        assert archive._merger._call is not None and archive._merger._call.active()
-    finally:
-        await archive.close()
-    assert archive._merger._call is None

@@ -25,8 +25,6 @@ Tables:
 - ``terms``: the text index's terms, noted as messages are added
   (``terms.Terms``), so that a search asks FTS5 for a word's start as the
   exact terms that begin with it (``terms.expand``), not as a prefix query.
-  The process that adds merges the index's segments into one, a step at a
-  time, once the others hold a tenth of the largest (``merge.IndexMerger``).
 - ``holds`` and ``audit``.
 - ``accounts`` (``IAccountStore``): one row per LiveArchive account, keyed
   by its address (UTF-8 of ``str(Address)``, as a BLOB: any character),
@@ -93,7 +91,6 @@ from mailhub.model import (
     decode_archive_cursor,
 )
 
-from .merge import IndexMerger
 from .rows import address_of, as_tuple, clean, index_row, mailboxes_of, text_blob, text_of
 from .schema import SCHEMA_VERSION
 from .search import Search
@@ -466,7 +463,6 @@ class SqliteArchive:
     _writer: Writer
     _reader: Reader
     _terms: Terms
-    _merger: IndexMerger
 
     @classmethod
     def open(
@@ -489,7 +485,7 @@ class SqliteArchive:
         reader = Reader(path, busy_timeout, reactor)
         terms = Terms()
         writer.listeners.append(terms.ended)
-        return cls(writer, reader, terms, IndexMerger(writer, reactor))
+        return cls(writer, reader, terms)
 
     @property
     def commits(self) -> int:
@@ -509,7 +505,6 @@ class SqliteArchive:
     # -- IArchive ---------------------------------------------------------
 
     def add(self, message: ArchivedMessage) -> Deferred[None]:
-        self._merger.start()
         return self._writer.submit(_add(message, self._terms))
 
     def search(
@@ -611,7 +606,6 @@ class SqliteArchive:
         return self._read(_sent_message(account, sent_id))
 
     def close(self) -> Deferred[None]:
-        self._merger.stop()
         reader = self._reader.stop()
         return self._writer.stop().addCallback(lambda _: reader)
 
