@@ -7,6 +7,8 @@ accepts or delivers a burst, until the burst is over or the message is
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from twisted.internet.task import Clock
 
@@ -115,16 +117,23 @@ CONFIG = (
 )
 
 
-def test_a_node_delivers_a_burst_at_once_and_archives_it_after():
+def archiving_node() -> tuple[Clock, MemorySpoolStore, Any, ScriptedTransport, Node]:
+    """A started node of ``CONFIG`` with a memory archive; its route's transport scripted."""
     clock = Clock()
     clock.advance(1_000_000)
-    config = parse(CONFIG)
     store = MemorySpoolStore(clock)
     archive = load_plugin("mailhub.archives", "memory").make({}, clock)
     transport = ScriptedTransport()
-    node = Node("dallas", config, store, StandardPolicy(nodes=("dallas",), jitter=0.0), clock, archive=archive)
+    node = Node(
+        "dallas", parse(CONFIG), store, StandardPolicy(nodes=("dallas",), jitter=0.0), clock, archive=archive
+    )
     node._transports[ROUTE] = transport
     node.engine.startService()
+    return clock, store, archive, transport, node
+
+
+def test_a_node_delivers_a_burst_at_once_and_archives_it_after():
+    clock, store, archive, transport, node = archiving_node()
 
     def archived() -> int:
         return len(archive.search(ArchiveScope(mailbox=ALICE), ArchiveQuery(), None, 100).result.items)
@@ -167,14 +176,7 @@ def test_the_settings_are_checked():
 
 
 def test_the_meter_counts_mail_accepted_and_delivered_not_the_archive():
-    clock = Clock()
-    clock.advance(1_000_000)
-    config = parse(CONFIG)
-    store = MemorySpoolStore(clock)
-    archive = load_plugin("mailhub.archives", "memory").make({}, clock)
-    node = Node("dallas", config, store, StandardPolicy(nodes=("dallas",), jitter=0.0), clock, archive=archive)
-    node._transports[ROUTE] = ScriptedTransport()
-    node.engine.startService()
+    clock, store, _, _, node = archiving_node()
     for i in range(3):
         node.receive(Envelope(OUTSIDE, [ALICE], received_at=clock.seconds()), b"Subject: %d\r\n\r\nbody\r\n" % i)
     assert store.counts().result["routes"] == {}  # relayed and archived

@@ -32,8 +32,9 @@ from mailhub.plugin import load_plugin
 from mailhub.plugins.sqlite.archive import SCHEMA_VERSION, SqliteArchive, plugin
 from mailhub.plugins.sqlite.archive import search as archive_search
 from mailhub.plugins.sqlite.archive import terms as archive_terms
+from mailhub.plugins.sqlite.archive.schema import migrate
 from mailhub.plugins.sqlite.archive.search import Search
-from mailhub.plugins.sqlite.archive.terms import Terms, _words
+from mailhub.plugins.sqlite.archive.terms import Terms
 from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import (
     ALICE,
@@ -644,6 +645,27 @@ async def test_an_archive_of_schema_3_gains_its_terms(db: Path) -> None:
         await archive.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_writers_listeners_hear_of_a_transaction_that_broke(
+    archive: SqliteArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails outside any job's savepoint is gone whole: the terms noted in it are forgotten."""
+    await archive.add(archived("first"))
+    heard: list[bool] = []
+    archive._writer.listeners.append(heard.append)
+
+    def broken(batch: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(archive._writer, "_run_transaction", broken)
+    with pytest.raises(StoreUnavailable):
+        await archive.add(archived("second", body="unheard"))
+    assert heard == [False]
+    monkeypatch.undo()
+    await archive.add(archived("third", body="heard"))
+    assert heard == [False, True]
+
+
 def test_terms_are_written_once_and_again_after_a_rollback() -> None:
     """The writer's notes cost a lookup once per term, and forget what a rollback took back."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
@@ -680,16 +702,17 @@ _ALPHABET = st.sampled_from(
 
 
 def _fts5_terms(conn: sqlite3.Connection, text: str) -> set[str]:
-    conn.execute("DELETE FROM t")
-    conn.execute("INSERT INTO t (body) VALUES (?)", (text,))
-    return {term for (term,) in conn.execute("SELECT term FROM v")}
+    conn.execute("INSERT INTO text_index (text_index) VALUES ('delete-all')")
+    conn.execute("INSERT INTO text_index (rowid, body) VALUES (1, ?)", (text,))
+    return {term for (term,) in conn.execute("SELECT term FROM temp.vocabulary")}
 
 
 @pytest.fixture(scope="module")
 def fts5() -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(":memory:")
-    conn.execute("CREATE VIRTUAL TABLE t USING fts5 (body, tokenize = 'unicode61 remove_diacritics 2')")
-    conn.execute("CREATE VIRTUAL TABLE v USING fts5vocab (t, 'row')")
+    """An archive's tables, in memory, and its text index's own terms (``fts5vocab``)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrate(conn, ":memory:")
+    conn.execute("CREATE VIRTUAL TABLE temp.vocabulary USING fts5vocab (main, text_index, 'row')")
     yield conn
     conn.close()
 
@@ -703,7 +726,9 @@ def test_every_fts5_term_is_noted_or_its_start_asked_as_a_prefix(fts5: Any, text
     a search for that start asks FTS5 for the prefix: no start of a word in
     an archived message is ever expanded into terms that miss it.
     """
-    noted = _words([text])
+    fts5.execute("DELETE FROM terms")
+    Terms().note(fts5, [text])
+    noted = dict(fts5.execute("SELECT term, exact FROM terms"))
     for term in _fts5_terms(fts5, text):
         if noted.get(term) == 1:
             continue

@@ -40,7 +40,7 @@ Tables:
 Searches page by keyset on ``(received_at, id)``, so a page deep into the
 results costs about what the first does; the cursor is opaque (base64 of
 JSON).  A full-text search walks its scope newest first a chunk of rows at
-a time and asks the text index only about each chunk's range of rowids, so
+a time and asks the text index only about each chunk's messages, so
 that a word in most messages costs about what the page does, not what the
 list of its matches does; when the matches turn out rare, it starts from
 them if the index lists few, else reads their whole list

@@ -162,25 +162,16 @@ class Search:
         """
         Write the full-text conditions into ``params``, each word's start as
         the terms that begin with it where the archive knows them
-        (``terms.expand``), else as an FTS5 prefix query.
+        (``terms.expand``), else as an FTS5 prefix query; count the terms
+        asked (``terms``) and whether FTS5 is asked a prefix (``merged``).
         """
         for name, parts in self.texts.items():
-            if name not in self.params:
-                self.params[name] = " AND ".join(
-                    f"{column}({self._fts(conn, term, prefix)})" for column, term, prefix in parts
-                )
-
-    def _fts(self, conn: sqlite3.Connection, term: str, prefix: bool) -> str:
-        words = archive_words(term)
-        if prefix and term.isascii():
-            expanded = expand(conn, words[-1])
-            if expanded is not None:
-                self.terms += len(words) - 1 + len(expanded)
-                return " OR ".join(fts_string(" ".join([*words[:-1], t]), False) for t in expanded)
-        if prefix:
-            self.merged = True
-        self.terms += len(words)
-        return fts_string(term, prefix)
+            if name in self.params:
+                continue
+            asked = [(column, *_fts(conn, term, prefix)) for column, term, prefix in parts]
+            self.params[name] = " AND ".join(f"{column}({text})" for column, text, _, _ in asked)
+            self.terms += sum(n for _, _, n, _ in asked)
+            self.merged = self.merged or any(merged for _, _, _, merged in asked)
 
     def source(self, rowids: str = "") -> str:
         """
@@ -216,19 +207,11 @@ class Search:
             "SELECT count(*) FROM (SELECT rowid FROM text_index WHERE text_index MATCH :match"
             " LIMIT :few)"
         )
-        terms = self.terms  # what ``bind`` asked, not these counts
-        try:
-            return self._few(conn, sql)
-        finally:
-            self.terms = terms
-
-    def _few(self, conn: sqlite3.Connection, sql: str) -> bool:
         for _column, term, prefix in self.texts.get("match", ()):
-            words = archive_words(term)
-            parts = [(term, True)] if prefix else [(w, False) for w in words]
+            parts = [(term, True)] if prefix else [(w, False) for w in archive_words(term)]
             for word, start in parts:
                 # Without its column: as many or more, and no positions to read.
-                match = f"({self._fts(conn, word, start)})"
+                match = f"({_fts(conn, word, start)[0]})"
                 if int(conn.execute(sql, {"match": match, "few": _FEW + 1}).fetchone()[0]) <= _FEW:
                     return True
         return False
@@ -404,10 +387,23 @@ class Search:
         if self.few(conn):
             sql = f"SELECT {what} {self.source(_DRIVEN)}{self.where((), _DRIVEN)}"
             return int(conn.execute(sql, self.params).fetchone()[0])
-        # Exact, with the whole list of matches (a walk in chunks would merge
-        # the prefix's lists once a chunk: slower for a count, see ``_walk``).
+        # Exact, with the whole list of matches: a count needs every one.
         sql = f"SELECT {what} {self.source()}{self.where()}"
         return int(conn.execute(sql, self.params).fetchone()[0])
+
+
+def _fts(conn: sqlite3.Connection, term: str, prefix: bool) -> tuple[str, int, bool]:
+    """
+    ``term`` as FTS5 query text (its last word a start if ``prefix``), how
+    many terms that asks about, and whether FTS5 is asked a prefix.
+    """
+    words = archive_words(term)
+    if prefix and term.isascii():
+        expanded = expand(conn, words[-1])
+        if expanded is not None:
+            text = " OR ".join(fts_string(" ".join([*words[:-1], t]), False) for t in expanded)
+            return text, len(words) - 1 + len(expanded), False
+    return fts_string(term, prefix), len(words), prefix
 
 
 def _mailbox_matches(wanted: Sequence[str], mailbox: Address) -> bool:

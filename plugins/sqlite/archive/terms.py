@@ -37,12 +37,6 @@ def _ascii_terms(text: str) -> set[bytes]:
     return set(text.encode("ascii").translate(_SEPARATORS).lower().split())
 
 
-def _words(texts: Iterable[str]) -> dict[str, int]:
-    """The terms of ``texts`` as FTS5 makes them, each with whether that is certain (1) or not (0)."""
-    exact, folded = _terms("\n".join(texts))
-    return {**dict.fromkeys((t.decode() for t in exact), 1), **dict.fromkeys(folded, 0)}
-
-
 def _terms(text: str) -> tuple[set[bytes], set[str]]:
     """
     The terms of ``text``: those certainly FTS5's (ASCII, as bytes), and

@@ -113,7 +113,11 @@ class Writer(Worker):
     def _run_batch(
         self, batch: list[tuple[Job, Deferred[Any]]]
     ) -> list[tuple[Deferred[Any], bool, Any]]:
-        results = self._run_transaction(batch)
+        try:
+            results = self._run_transaction(batch)
+        except BaseException:
+            self._ended(False)  # the worker drops the connection: all of it is gone
+            raise
         self._ended(all(ok for _, ok, _ in results))
         return results
 
