@@ -37,7 +37,7 @@ from mailhub.model import (
 )
 from mailhub.plugin import load_plugin
 from mailhub.plugins.postgresql import SCHEMA_VERSION, PostgresArchive, plugin
-from mailhub.plugins.postgresql.search import tsquery, tsvector
+from mailhub.plugins.postgresql.search import fields_query, terms, tsvector
 from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import (
     ALICE,
@@ -163,7 +163,14 @@ async def test_schema_is_created_in_an_empty_database(pg: PostgresServer, archiv
         " WHERE schemaname = 'mailhub_archive'",
         dsn.rpartition("=")[2],
     )
-    assert tables == "accounts audit bodies delivered holds mailboxes messages meta read_flags sent"
+    assert tables == "accounts audit bodies delivered fields holds mailboxes messages meta read_flags sent"
+    # The planner knows the 10,000 most common words (search.plan).
+    target = pg.psql(
+        "SELECT attstattarget FROM pg_attribute"
+        " WHERE attrelid = 'mailhub_archive.messages'::regclass AND attname = 'tsv'",
+        dsn.rpartition("=")[2],
+    )
+    assert target == "1000"
     # A second archive (another node) uses what is there.
     other = archives(dsn=dsn, schema="mailhub_archive")
     assert (await other.get("x")).id == "x"
@@ -182,7 +189,7 @@ async def test_newer_schema_is_refused(pg: PostgresServer, archives: Any) -> Non
 async def test_search_uses_the_text_index(pg: PostgresServer, archive: PostgresArchive) -> None:
     """With sequential scans off, a word search is a scan of the GIN index."""
     await archive.add(archived("x", body="zebra"))
-    vector_query, _ = tsquery(query(words=("zeb",)))
+    vector_query = terms(query(words=("zeb",))).body
     plan = rows(
         pg,
         archive._schema,
@@ -363,7 +370,7 @@ async def test_pool_size_bounds_connections(pg: PostgresServer, archives: Any) -
 
 
 def test_query_text_is_quoted_lexemes_only() -> None:
-    text, recipients = tsquery(
+    found = terms(
         query(
             words=("it's", "a|b", "x:*"),
             phrases=("annual budget",),
@@ -372,11 +379,35 @@ def test_query_text_is_quoted_lexemes_only() -> None:
             recipient=("bob",),
         )
     )
-    assert text == (
-        "('it' <-> 's':*) & ('a' <-> 'b':*) & 'x':* & ('annual' <-> 'budget')"
-        " & ('zoe':B <-> 'zoo':*B) & 're':*A"
+    assert found.body == "('it' <-> 's':*) & ('a' <-> 'b':*) & 'x':* & ('annual' <-> 'budget')"
+    assert found.fields == ["('zoe':B <-> 'zoo':*B)", "'re':*A"]
+    assert found.recipients == [("'bob':*C", "'bob':*", ["bob"])]
+
+
+def test_fields_are_asked_within_the_scope() -> None:
+    """
+    The fields' vector is asked for the scope's lexeme with the field
+    words; a recipient is the scope's mailbox (always or never), or a
+    mailbox of the domain by its words; only several words in a domain,
+    or the whole archive, are checked against the mailboxes too.
+    """
+    found = terms(query(sender=("zoe",), recipient=("bob",)))
+    assert fields_query(ArchiveScope(mailbox=ALICE), found) == (
+        "'zoe':*B & 'bob':*C & '@alice@a.example'",
+        [],
     )
-    assert recipients == [("'bob':*C", "'bob':*")]
+    assert fields_query(ArchiveScope(mailbox=BOB), found) == ("'zoe':*B & '@bob@a.example'", [])
+    assert fields_query(ArchiveScope(domain="a.example"), found) == (
+        "'zoe':*B & ('bob':*C | '@a.example:bob':*) & '@@a.example'",
+        [],
+    )
+    assert fields_query(ArchiveScope(), found) == ("'zoe':*B", [("'bob':*C", "'bob':*")])
+    two = terms(query(recipient=("bob smith",)))
+    assert fields_query(ArchiveScope(domain="a.example"), two) == (
+        "(('bob':C <-> 'smith':*C) | '@a.example:bob' & '@a.example:smith':*) & '@@a.example'",
+        [("('bob':C <-> 'smith':*C)", "('bob' <-> 'smith':*)")],
+    )
+    assert fields_query(ArchiveScope(mailbox=BOB), terms(query(words=("x",)))) == (None, [])
 
 
 def test_vector_leaves_a_gap_between_fields() -> None:
@@ -463,14 +494,15 @@ async def test_schema_1_gains_the_account_tables(pg: PostgresServer, archives: A
     schema = old._schema
     # As schema 1 left it.
     pg.psql(
-        f"DROP TABLE {schema}.accounts, {schema}.read_flags, {schema}.sent, {schema}.delivered;"
+        f"DROP TABLE {schema}.accounts, {schema}.read_flags, {schema}.sent, {schema}.delivered,"
+        f" {schema}.fields;"
         f" DROP INDEX {schema}.messages_header_id;"
         f" UPDATE {schema}.meta SET value = '1' WHERE key = 'schema_version'"
     )
     archive = archives(schema=schema)
     assert (await archive.get("old")).message == ODD_MESSAGE
-    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "3"
-    assert SCHEMA_VERSION == 3
+    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "4"
+    assert SCHEMA_VERSION == 4
     await archive.add_account(account(ALICE))
     await archive.set_read(ALICE, ["old"], True)
     await archive.add_sent(SentMessage("s1", ALICE, NOW, b"sent\r\n"))
@@ -489,15 +521,74 @@ async def test_schema_2_gains_the_delivery_records(pg: PostgresServer, archives:
     schema = old._schema
     # As schema 2 left it.
     pg.psql(
-        f"DROP TABLE {schema}.delivered; DROP INDEX {schema}.messages_header_id;"
+        f"DROP TABLE {schema}.delivered, {schema}.fields; DROP INDEX {schema}.messages_header_id;"
         f" UPDATE {schema}.meta SET value = '2' WHERE key = 'schema_version'"
     )
     archive = archives(schema=schema)
     await archive.record_delivered([("m1", ALICE, "smtp:mail.a.example:25", NOW)])
-    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "3"
+    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "4"
     assert await archive.account(ALICE) == account(ALICE)
     await archive.add(archived("m1", message_id="q1@outside.example"))
     assert await archive.delivered([("old", ALICE)]) == {("old", ALICE)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_schema_3_gains_the_fields_vectors(pg: PostgresServer, archives: Any) -> None:
+    """
+    An archive made before the fields' vectors gets them from its messages'
+    vectors and mailboxes: the same vectors ``add`` writes, so ``from:``,
+    ``to:`` and ``subject:`` find in a mailbox and a domain what they did.
+    """
+    old = archives()
+    await old.add(
+        archived(
+            "m1",
+            NOW,
+            (ALICE, DAVE),
+            subject="Quarterly budget",
+            from_text="Zoë Keeper <zoe@zoo.example>",
+            recipients="Alice <alice@a.example>",
+            body="budget attached",
+        )
+    )
+    await old.add(archived("m2", NOW + 1, (BOB,), body="zoe budget"))
+    await old.add(archived("m1", NOW, (BOB,)))  # the same message for one more mailbox
+    await old.close()
+    schema = old._schema
+    written = rows(pg, schema, "SELECT id, tsv FROM fields ORDER BY id")
+    assert "'@@b.example'" in written and "'@a.example:bob'" in written
+    pg.psql(f"DROP TABLE {schema}.fields; UPDATE {schema}.meta SET value = '3' WHERE key = 'schema_version'")
+    archive = archives(schema=schema)
+    assert (await archive.get("m1")) is not None
+    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "4"
+    assert rows(pg, schema, "SELECT id, tsv FROM fields ORDER BY id") == written
+
+    async def ids(scope: ArchiveScope, search: ArchiveQuery) -> list[str]:
+        return [item.id for item in (await archive.search(scope, search)).items]
+
+    assert await ids(ArchiveScope(mailbox=BOB), query(sender="zoe")) == ["m1"]
+    assert await ids(ArchiveScope(domain="b.example"), query(subject="quart")) == ["m1"]
+    assert await ids(ArchiveScope(domain="a.example"), query(recipient="bob")) == ["m2", "m1"]
+    assert await ids(ArchiveScope(mailbox=DAVE), query(recipient="alice")) == ["m1"]
+    assert await ids(ArchiveScope(mailbox=DAVE), query(recipient="bob")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_expiry_takes_a_kept_message_out_of_the_expired_mailboxes(
+    pg: PostgresServer, archive: PostgresArchive
+) -> None:
+    """
+    A message kept for a held mailbox is no longer found by the expired
+    mailbox's words in the domain, nor by its scope lexeme.
+    """
+    await archive.add(archived("m", NOW - 10 * 86400, (ALICE, BOB), body="x"))
+    await archive.set_hold(ArchiveScope(mailbox=ALICE), True, "case 7", NOW)
+    assert await archive.count(ArchiveScope(domain="a.example"), query(recipient="bob")) == 1
+    assert await archive.expire("a.example", NOW, 100) == 1
+    assert await archive.count(ArchiveScope(domain="a.example"), query(recipient="bob")) == 0
+    assert await archive.count(ArchiveScope(domain="a.example"), query(recipient="alice")) == 1
+    vector = rows(pg, archive._schema, "SELECT tsv FROM fields")
+    assert "bob" not in vector and "'@alice@a.example'" in vector
 
 
 @pytest_twisted.ensureDeferred
@@ -557,17 +648,20 @@ async def test_account_calls_run_off_the_reactor_thread(
 # -- searches planned from the words' expected matches -----------------------------
 
 
-@pytest.mark.parametrize("plan", ["few", ""], ids=["from-few-matches", "planners-choice"])
+@pytest.mark.parametrize(
+    "plan", ["fields", "few", ""], ids=["by-fields", "from-few-matches", "planners-choice"]
+)
 @pytest_twisted.ensureDeferred
 async def test_search_pages_and_counts_whatever_the_plan(
     archive: PostgresArchive, monkeypatch: pytest.MonkeyPatch, plan: str
 ) -> None:
     """
-    A search the planner expects in few messages starts from them; any
-    other is the planner's choice: either pages through exactly the
-    matching messages, newest first, and counts them.
+    A search the planner expects in few messages starts from them, one
+    whose field words are in few messages of the scope is found by the
+    fields' vectors alone; any other is the planner's choice: each pages
+    through exactly the matching messages, newest first, and counts them.
     """
-    monkeypatch.setattr(PostgresArchive, "_plan", lambda self, conn, query: plan)
+    monkeypatch.setattr(PostgresArchive, "_plan", lambda self, conn, scope, query: plan)
     messages = []
     for i in range(300):
         words = (["broad"] if i % 10 else []) + (["rare"] if i % 50 == 7 else [])
@@ -577,6 +671,8 @@ async def test_search_pages_and_counts_whatever_the_plan(
                 f"m{i:04d}",
                 NOW + i * 60,
                 boxes,
+                from_text="Zed <zed@z.example>" if i % 7 == 0 else "",
+                recipients="Bob <bob@a.example>" if i % 4 == 0 else "",
                 body=" ".join(words) or "none",
                 attachments=["a.pdf"] if i % 3 else [],
             )
@@ -592,14 +688,24 @@ async def test_search_pages_and_counts_whatever_the_plan(
             ArchiveQuery(words=("broad",)),
             ArchiveQuery(words=("rare",)),
             ArchiveQuery(words=("broad",), has_attachment=False, after=NOW + 3000),
+            ArchiveQuery(sender=("zed",)),
+            ArchiveQuery(sender=("zed",), has_attachment=True, before=NOW + 15000),
+            ArchiveQuery(words=("broad",), recipient=("bob",)),
         ):
             wanted = [
                 m.id
                 for m in newest_first
                 if all(w in m.text.body.split() for w in search.words)
                 and (scope.mailbox is None or scope.mailbox in m.mailboxes)
+                and (not search.sender or "zed" in m.text.sender)
+                and (
+                    not search.recipient
+                    or "bob" in m.text.recipients
+                    or (BOB in m.mailboxes and scope.mailbox in (None, BOB))
+                )
                 and (search.has_attachment in (None, m.text.has_attachment))
                 and (search.after is None or m.received_at >= search.after)
+                and (search.before is None or m.received_at < search.before)
             ]
             got: list[str] = []
             cursor = None

@@ -115,7 +115,17 @@ from mailhub.model import (
 from . import search as _search
 from .connection import Connections
 from .schema import LOCK_HOLDS
-from .search import MAX_INDEXED_BODY, from_matches, matching, page, summaries, tsvector
+from .search import (
+    FIELDS,
+    MAX_INDEXED_BODY,
+    SCOPE_LEXEMES,
+    fields_vector,
+    from_matches,
+    matching,
+    page,
+    summaries,
+    tsvector,
+)
 from .settings import settings
 from .values import account_key, as_tuple, clean_text, decode_text, parse_address, utf8
 
@@ -167,6 +177,8 @@ class PostgresArchive(Connections):
                     ("D", [text.body[:MAX_INDEXED_BODY], *text.attachments]),
                 ]
             ),
+            # The same words at the same positions: A, B and C come first.
+            "fields": fields_vector(text.subject, [text.sender, sender or ""], text.recipients),
         }
 
         def work(conn: psycopg.Connection[Any]) -> None:
@@ -208,6 +220,18 @@ class PostgresArchive(Connections):
                     [tsvector([("D", [m])]) for m in mailboxes],
                 ),
             )
+            # After the mailboxes: the scope lexemes are made from them.  A
+            # message added again keeps the words it was first added with, as
+            # its row does, and is locked FOR UPDATE above: two nodes adding
+            # mailboxes to it do not lose each other's.
+            conn.execute(
+                "INSERT INTO fields (id, received_at, tsv)"
+                " SELECT %(id)s, %(received_at)s, %(fields)s::tsvector || "
+                + SCOPE_LEXEMES.format(id="%(id)s")
+                + " ON CONFLICT (id) DO UPDATE SET tsv = "
+                + FIELDS.format(tsv="fields.tsv", id="fields.id"),
+                {"id": message.id, "received_at": received_at, "fields": row["fields"]},
+            )
 
         return self._call(work)
 
@@ -243,9 +267,11 @@ class PostgresArchive(Connections):
 
     # -- IArchive: search and count
 
-    def _plan(self, conn: psycopg.Connection[Any], query: ArchiveQuery) -> str:
+    def _plan(
+        self, conn: psycopg.Connection[Any], scope: ArchiveScope, query: ArchiveQuery
+    ) -> str:
         """How to find ``query`` in a mailbox or a domain (``search.plan``)."""
-        return _search.plan(conn, query)
+        return _search.plan(conn, scope, query)
 
     def search(
         self,
@@ -262,22 +288,22 @@ class PostgresArchive(Connections):
 
         def work(conn: psycopg.Connection[Any]) -> ArchivePage:
             scoped = scope.mailbox is not None or scope.domain is not None
-            plan = self._plan(conn, query) if scoped else ""
-            if plan == "few":
+            plan = self._plan(conn, scope, query) if scoped else ""
+            if plan:
                 from_matches(conn)
-            rows = page(conn, scope, query, after, limit, fenced=plan == "few")
+            rows = page(conn, scope, query, after, limit, plan)
             return summaries(rows, limit)
 
         return self._call(work)
 
     def count(self, scope: ArchiveScope, query: ArchiveQuery) -> Deferred[int]:
         def work(conn: psycopg.Connection[Any]) -> int:
-            found = matching(scope, query)
+            scoped = scope.mailbox is not None or scope.domain is not None
+            plan = self._plan(conn, scope, query) if scoped else ""
+            found = matching(scope, query, by_fields=plan == "fields")
             if found is None:
                 return 0
-            if (scope.mailbox is not None or scope.domain is not None) and self._plan(
-                conn, query
-            ) == "few":
+            if plan:
                 from_matches(conn)
             key, clause, params = found
             what = "count(DISTINCT b.id)" if key == "b" and scope.mailbox is None else "count(*)"
@@ -319,6 +345,13 @@ class PostgresArchive(Connections):
                     " RETURNING m.body_sha256",
                     (ids,),
                 ).fetchall()
+                # A message kept for other mailboxes is no longer in these.
+                conn.execute(
+                    "UPDATE fields f SET tsv = "
+                    + FIELDS.format(tsv="f.tsv", id="f.id")
+                    + " WHERE f.id = ANY(%s)",
+                    (ids,),
+                )
                 if bodies:
                     conn.execute(
                         "DELETE FROM bodies b WHERE b.sha256 = ANY(%s)"

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
+from attrs import define
 from psycopg import sql
 
 from mailhub.model import (
@@ -25,7 +26,8 @@ from .values import as_tuple, decode_text, parse_address
 
 __all__ = [
     "FEW", "MAX_INDEXED_BODY", "MAX_LEXEME", "MAX_POSITION", "MAX_POSITIONS", "Nothing",
-    "from_matches", "matching", "page", "plan", "summaries", "tsquery", "tsvector",
+    "FIELDS", "FIELDS_FEW", "SCOPE_LEXEMES", "Terms", "fields_query", "fields_vector", "from_matches",
+    "matching", "page", "plan", "summaries", "terms", "tsvector",
 ]
 
 #: Characters of a message's body text that are indexed (a ``tsvector``
@@ -38,6 +40,11 @@ MAX_POSITIONS = 255
 #: A search whose words the planner expects in at most this many messages
 #: starts from them (``from_matches``).
 FEW = 5000
+#: A search whose field words the planner expects in at most this many
+#: messages of its scope finds them by the fields' vectors alone (``plan``):
+#: about 6 us a match at 1,000,000 messages, against a walk of the scope
+#: that can pass thousands of messages between two matches.
+FIELDS_FEW = 10_000
 
 
 # -- words, vectors and queries --------------------------------------------------
@@ -97,33 +104,126 @@ def _tokens(text: str) -> list[str]:
     return tokens
 
 
-def tsquery(query: ArchiveQuery) -> tuple[str | None, list[tuple[str, str]]]:
+@define
+class Terms:
+    """
+    The ``tsquery`` texts of a search's text parts, by the vector each is
+    asked of.
+
+    :ivar body: the words and phrases, asked of the message's vector (every
+        field and the body), or ``None``.
+    :ivar fields: ``sender`` and ``subject`` terms, asked of the fields'
+        vector (``FIELDS``), which holds the subject, sender and recipients'
+        words alone, with the same positions and weights.
+    :ivar recipients: for each ``recipient`` value: the ``tsquery`` for the
+        ``To:``/``Cc:`` text, the one for a mailbox's address, and its words.
+    """
+
+    body: str | None
+    fields: list[str]
+    recipients: list[tuple[str, str, list[str]]]
+
+
+def terms(query: ArchiveQuery) -> Terms:
     """
     The ``tsquery`` texts of ``query``'s text parts.
 
-    :returns: one ``tsquery`` that a message's vector must match (words,
-        phrases, ``sender``, ``subject``), or ``None``; and for each
-        ``recipient`` value, the ``tsquery`` for the ``To:``/``Cc:`` text and
-        the one for a mailbox (either may match).
     :raises Nothing: if a term cannot match anything.
     """
-    terms: list[str] = []
-    for parts, weight, prefix in (
-        (query.words, "", True),
-        (query.phrases, "", False),
-        (query.sender, "B", True),
-        (query.subject, "A", True),
+    body: list[str] = []
+    fields: list[str] = []
+    for parts, weight, prefix, into in (
+        (query.words, "", True, body),
+        (query.phrases, "", False, body),
+        (query.sender, "B", True, fields),
+        (query.subject, "A", True, fields),
     ):
         for part in parts:
             tokens = _tokens(part)
             if tokens:
-                terms.append(_chain(tokens, weight, prefix))
-    recipients: list[tuple[str, str]] = []
+                into.append(_chain(tokens, weight, prefix))
+    recipients: list[tuple[str, str, list[str]]] = []
     for part in query.recipient:
         tokens = _tokens(part)
         if tokens:
-            recipients.append((_chain(tokens, "C", True), _chain(tokens, "", True)))
-    return (" & ".join(terms) if terms else None), recipients
+            recipients.append((_chain(tokens, "C", True), _chain(tokens, "", True), tokens))
+    return Terms(" & ".join(body) if body else None, fields, recipients)
+
+
+# -- the fields' vector: what is asked of it, and how it is made ----------------------
+#
+# Beside the message's own vector, each message has a small one in
+# ``fields``: its subject, sender and recipients' words (weights A, B, C,
+# as in the message's vector) and lexemes naming where it is archived:
+# ``@`` and a mailbox, ``@@`` and a domain, and ``@``, a domain, ``:`` and
+# a word of one of the domain's mailboxes (``to:`` in a domain).  No word
+# of a search starts with ``@``.  A field's words in a mailbox or a domain
+# are then one GIN lookup that finds only the scope's matches; asked of the
+# message's vector, they were the whole archive's matches of the word,
+# each rechecked for its weight in a vector read from TOAST (bench/README.md).
+
+#: The SQL for a message's scope lexemes, from its rows in ``mailboxes``
+#: (``{id}``: the SQL naming the message's id).
+SCOPE_LEXEMES = (
+    "array_to_tsvector(ARRAY(SELECT DISTINCT s FROM mailboxes x,"
+    " LATERAL (SELECT '@' || x.mailbox UNION ALL SELECT '@@' || x.domain"
+    " UNION ALL SELECT '@' || x.domain || ':' || w FROM unnest(tsvector_to_array(x.tsv)) w)"
+    " AS v(s) WHERE x.id = {id}))"
+)
+#: The fields' vector of a message from its own (``{tsv}``) and its mailboxes.
+FIELDS = "ts_filter({tsv}, '{{a,b,c}}') || " + SCOPE_LEXEMES
+
+
+def fields_vector(subject: str, senders: Sequence[str], recipients: str) -> str:
+    """The fields' words of a new message, as in its vector (without the scope lexemes)."""
+    return tsvector([("A", [subject]), ("B", senders), ("C", [recipients])])
+
+
+def _in_scope(scope: ArchiveScope) -> str | None:
+    if scope.mailbox is not None:
+        return _lexeme("@" + str(scope.mailbox))
+    if scope.domain is not None:
+        return _lexeme("@@" + scope.domain)
+    return None
+
+
+def _follows(words: Sequence[str], tokens: Sequence[str]) -> bool:
+    """Whether ``tokens`` are consecutive ``words``, the last a start of one (``'a' <-> 'b':*``)."""
+    n = len(tokens)
+    return any(
+        list(words[i : i + n - 1]) == list(tokens[:-1]) and words[i + n - 1].startswith(tokens[-1])
+        for i in range(len(words) - n + 1)
+    )
+
+
+def fields_query(scope: ArchiveScope, found: Terms) -> tuple[str | None, list[tuple[str, str]]]:
+    """
+    What is asked of the fields' vector for ``found`` in ``scope``.
+
+    :returns: the ``tsquery`` text (``None`` if nothing is), and the
+        recipients that must also be checked against the scope's mailboxes
+        (``(to_cc, plain)``: the whole archive, or a domain and several words).
+    """
+    parts = list(found.fields)
+    checked: list[tuple[str, str]] = []
+    for to_cc, plain, tokens in found.recipients:
+        if scope.mailbox is not None:
+            # The scope's own address either matches or does not, for every message.
+            if _follows(archive_words(str(scope.mailbox)), tokens):
+                continue
+            parts.append(to_cc)
+        elif scope.domain is not None:
+            words = [_lexeme(f"@{scope.domain}:{t}") for t in tokens]
+            words[-1] += ":*"
+            parts.append(f"({to_cc} | {' & '.join(words)})")
+            if len(tokens) > 1:
+                checked.append((to_cc, plain))  # the words' order is checked too
+        else:
+            checked.append((to_cc, plain))
+    if not parts:
+        return None, checked
+    within = _in_scope(scope)
+    return " & ".join(parts + ([within] if within else [])), checked
 
 
 # -- finding a page of matches -----------------------------------------------------
@@ -133,20 +233,27 @@ def matching(
     scope: ArchiveScope,
     query: ArchiveQuery,
     after: tuple[float, str] | None = None,
+    by_fields: bool = False,
 ) -> tuple[str, sql.Composable, list[Any]] | None:
     """
     What finds the messages of ``scope`` that match ``query``.
 
+    :param by_fields: if the query has field words (``fields_query``), find
+        the scope's messages by the fields' vectors alone: their scope
+        lexemes are kept exact by ``add`` and ``expire``.
     :returns: the alias whose ``received_at`` and ``id`` page (``b``, the
         mailboxes, for a mailbox or a domain; ``m``, the messages, for
-        the whole archive), the ``FROM ... WHERE ...`` clause and its
-        parameters; ``None`` if nothing can match.  With ``after``, only
-        what comes after that (``received_at``, id) in the search's order.
+        the whole archive; ``f``, the fields, ``by_fields``), the ``FROM
+        ... WHERE ...`` clause and its parameters; ``None`` if nothing can
+        match.  With ``after``, only what comes after that (``received_at``,
+        id) in the search's order.
     """
     try:
-        vector_query, recipients = tsquery(query)
+        found = terms(query)
     except Nothing:
         return None
+    fields, checked = fields_query(scope, found)
+    by_fields = by_fields and fields is not None
     # Which rows of the scope (on the alias that pages), then what their
     # messages must hold.
     in_scope_conditions: list[str] = []
@@ -166,6 +273,9 @@ def matching(
         in_scope, scope_param = " AND x.domain = %s", scope.domain
     else:
         key = "m"
+    if by_fields:
+        key = "f"  # the scope is in the fields' query
+        in_scope_conditions, in_scope_params = [], []
     if query.after is not None:
         in_scope_conditions.append(f"{key}.received_at >= %s")
         in_scope_params.append(query.after)
@@ -178,48 +288,65 @@ def matching(
     if query.has_attachment is not None:
         conditions.append("m.has_attachment = %s")
         params.append(query.has_attachment)
-    if vector_query is not None:
+    if found.body is not None:
         conditions.append("m.tsv @@ %s::tsquery")
-        params.append(vector_query)
-    for to_cc, plain in recipients:
+        params.append(found.body)
+    if fields is not None:
+        conditions.append("f.tsv @@ %s::tsquery")
+        params.append(fields)
+    for to_cc, plain in checked:
         # The To:/Cc: text, or a mailbox of the message within the scope
         # (never another's: a Bcc stays hidden).
         conditions.append(
-            "(m.tsv @@ %s::tsquery OR EXISTS (SELECT 1 FROM mailboxes x"
-            f" WHERE x.id = m.id{in_scope} AND x.tsv @@ %s::tsquery))"
+            "(f.tsv @@ %s::tsquery OR EXISTS (SELECT 1 FROM mailboxes x"
+            f" WHERE x.id = {key}.id{in_scope} AND x.tsv @@ %s::tsquery))"
         )
         params += [to_cc, scope_param, plain] if in_scope else [to_cc, plain]
-    if key == "m":
-        source = "FROM messages m"
-    else:
-        source = "FROM mailboxes b JOIN messages m ON m.id = b.id"
+    joins = ""
+    if key != "m" and (found.body is not None or query.has_attachment is not None):
+        joins += f" JOIN messages m ON m.id = {key}.id"
+    if key != "f" and (fields is not None or checked):
+        joins += f" JOIN fields f ON f.id = {key}.id"
+    source = {"m": "FROM messages m", "b": "FROM mailboxes b", "f": "FROM fields f"}[key] + joins
     conditions = in_scope_conditions + conditions
     where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
     return key, sql.SQL(source + where), in_scope_params + params  # type: ignore[arg-type]
 
 
-def plan(conn: psycopg.Connection[Any], query: ArchiveQuery) -> str:
+def plan(conn: psycopg.Connection[Any], scope: ArchiveScope, query: ArchiveQuery) -> str:
     """
     How to find ``query`` in a mailbox or a domain, from the number of
-    messages the planner expects its words in (the vectors' statistics,
-    without running the query): ``"few"`` when at most ``FEW``, to start
-    from them; else ``""``, the planner's choice.  (Walking the scope
-    newest first for words in most messages was tried, 7036850, and was
+    messages the planner expects (the vectors' statistics, without running
+    the query): ``"fields"`` when its field words are in at most
+    ``FIELDS_FEW`` messages of the scope, to find them by the fields'
+    vectors alone; ``"few"`` when its body words are in at most ``FEW``
+    messages of the archive, to start from them; else ``""``, the
+    planner's choice, which walks the scope newest first.  (Walking the
+    scope ourselves for words in most messages was tried, 7036850, and was
     slower than the planner's own plan: see bench/README.md.)
     """
     try:
-        vector_query, _ = tsquery(query)
+        found = terms(query)
     except Nothing:
         return ""
-    if vector_query is None:
-        return ""
-    explained = conn.execute(
-        "EXPLAIN (FORMAT JSON) SELECT 1 FROM messages WHERE tsv @@ %s::tsquery",
-        (vector_query,),
-    ).fetchone()
-    if explained is None:
-        return ""
-    return "few" if float(explained[0][0]["Plan"]["Plan Rows"]) <= FEW else ""
+    fields, _ = fields_query(scope, found)
+    # A match found by its fields is one more vector read if it must also
+    # hold body words: fewer of them.
+    for name, table, tsquery, few in (
+        ("fields", "fields", fields, FIELDS_FEW if found.body is None else FIELDS_FEW // 4),
+        ("few", "messages", found.body, FEW),
+    ):
+        if tsquery is None:
+            continue
+        explained = conn.execute(
+            sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE tsv @@ %s::tsquery").format(
+                sql.Identifier(table)
+            ),
+            (tsquery,),
+        ).fetchone()
+        if explained is not None and float(explained[0][0]["Plan"]["Plan Rows"]) <= few:
+            return name
+    return ""
 
 
 def from_matches(conn: psycopg.Connection[Any]) -> None:
@@ -238,23 +365,27 @@ def page(
     query: ArchiveQuery,
     after: tuple[float, str] | None,
     limit: int,
-    fenced: bool = False,
+    plan: str = "",
 ) -> list[Any]:
     """
-    The rows of a page and one more.  ``fenced``: every match found
-    before the page is sorted (the planner then plans for all of them,
-    not for the first ``limit``).
+    The rows of a page and one more, found as ``plan`` says.  Planned
+    ``"few"`` or ``"fields"``, every match found before the page is sorted
+    (the planner then plans for all of them, not for the first ``limit``).
     """
-    found = matching(scope, query, after)
+    found = matching(scope, query, after, by_fields=plan == "fields")
     if found is None:
         return []
+    # One process: parallel workers each walk the scope ahead of the
+    # LIMIT, and a page that one process finds after 1,000 messages took
+    # the three of them 19,000 (5 to 10 times as long at 1,000,000).
+    conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
     key, clause, params = found
     # A message for two mailboxes of a domain is two rows: DISTINCT.
-    distinct = "DISTINCT " if scope.mailbox is None and scope.domain is not None else ""
+    distinct = "DISTINCT " if key == "b" and scope.mailbox is None else ""
     template = (
         "SELECT * FROM (SELECT {distinct}{k}.received_at, {k}.id {clause}"
         " OFFSET 0) f ORDER BY f.received_at DESC, f.id DESC LIMIT %s"
-        if fenced
+        if plan
         else "SELECT {distinct}{k}.received_at, {k}.id {clause}"
         " ORDER BY {k}.received_at DESC, {k}.id DESC LIMIT %s"
     )
