@@ -37,7 +37,7 @@ from mailhub.model import (
 )
 from mailhub.plugin import load_plugin
 from mailhub.plugins.postgresql import SCHEMA_VERSION, PostgresArchive, plugin
-from mailhub.plugins.postgresql.search import fields_query, terms, tsvector
+from mailhub.plugins.postgresql.search import Plan, fields_query, terms, tsvector
 from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import (
     ALICE,
@@ -189,7 +189,7 @@ async def test_newer_schema_is_refused(pg: PostgresServer, archives: Any) -> Non
 async def test_search_uses_the_text_index(pg: PostgresServer, archive: PostgresArchive) -> None:
     """With sequential scans off, a word search is a scan of the GIN index."""
     await archive.add(archived("x", body="zebra"))
-    vector_query = terms(query(words=("zeb",))).body
+    vector_query = terms(query(words=("zeb",))).body[0]
     plan = rows(
         pg,
         archive._schema,
@@ -379,7 +379,7 @@ def test_query_text_is_quoted_lexemes_only() -> None:
             recipient=("bob",),
         )
     )
-    assert found.body == "('it' <-> 's':*) & ('a' <-> 'b':*) & 'x':* & ('annual' <-> 'budget')"
+    assert found.body == ["('it' <-> 's':*)", "('a' <-> 'b':*)", "'x':*", "('annual' <-> 'budget')"]
     assert found.fields == ["('zoe':B <-> 'zoo':*B)", "'re':*A"]
     assert found.recipients == [("'bob':*C", "'bob':*", ["bob"])]
 
@@ -661,7 +661,13 @@ async def test_search_pages_and_counts_whatever_the_plan(
     fields' vectors alone; any other is the planner's choice: each pages
     through exactly the matching messages, newest first, and counts them.
     """
-    monkeypatch.setattr(PostgresArchive, "_plan", lambda self, conn, scope, query: plan)
+    def planned(self: PostgresArchive, conn: Any, scope: ArchiveScope, search: ArchiveQuery) -> Plan:
+        body = terms(search).body
+        # As search.plan: by the fields, every body word tested; from few,
+        # the first looked up and the others tested.
+        return Plan(plan, tuple(body if plan == "fields" else body[1:]) if plan else ())
+
+    monkeypatch.setattr(PostgresArchive, "_plan", planned)
     messages = []
     for i in range(300):
         words = (["broad"] if i % 10 else []) + (["rare"] if i % 50 == 7 else [])
@@ -687,6 +693,7 @@ async def test_search_pages_and_counts_whatever_the_plan(
         for search in (
             ArchiveQuery(words=("broad",)),
             ArchiveQuery(words=("rare",)),
+            ArchiveQuery(words=("rare", "broad")),
             ArchiveQuery(words=("broad",), has_attachment=False, after=NOW + 3000),
             ArchiveQuery(sender=("zed",)),
             ArchiveQuery(sender=("zed",), has_attachment=True, before=NOW + 15000),

@@ -119,6 +119,7 @@ from .search import (
     FIELDS,
     MAX_INDEXED_BODY,
     SCOPE_LEXEMES,
+    Plan,
     fields_vector,
     from_matches,
     matching,
@@ -269,7 +270,7 @@ class PostgresArchive(Connections):
 
     def _plan(
         self, conn: psycopg.Connection[Any], scope: ArchiveScope, query: ArchiveQuery
-    ) -> str:
+    ) -> Plan:
         """How to find ``query`` in a mailbox or a domain (``search.plan``)."""
         return _search.plan(conn, scope, query)
 
@@ -288,10 +289,10 @@ class PostgresArchive(Connections):
 
         def work(conn: psycopg.Connection[Any]) -> ArchivePage:
             scoped = scope.mailbox is not None or scope.domain is not None
-            plan = self._plan(conn, scope, query) if scoped else ""
-            if plan:
+            planned = self._plan(conn, scope, query) if scoped else Plan()
+            if planned.how:
                 from_matches(conn)
-            rows = page(conn, scope, query, after, limit, plan)
+            rows = page(conn, scope, query, after, limit, planned)
             return summaries(rows, limit)
 
         return self._call(work)
@@ -299,11 +300,11 @@ class PostgresArchive(Connections):
     def count(self, scope: ArchiveScope, query: ArchiveQuery) -> Deferred[int]:
         def work(conn: psycopg.Connection[Any]) -> int:
             scoped = scope.mailbox is not None or scope.domain is not None
-            plan = self._plan(conn, scope, query) if scoped else ""
-            found = matching(scope, query, by_fields=plan == "fields")
+            planned = self._plan(conn, scope, query) if scoped else Plan()
+            found = matching(scope, query, planned=planned)
             if found is None:
                 return 0
-            if plan:
+            if planned.how:
                 from_matches(conn)
             key, clause, params = found
             what = "count(DISTINCT b.id)" if key == "b" and scope.mailbox is None else "count(*)"

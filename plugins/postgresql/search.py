@@ -26,7 +26,7 @@ from .values import as_tuple, decode_text, parse_address
 
 __all__ = [
     "FEW", "MAX_INDEXED_BODY", "MAX_LEXEME", "MAX_POSITION", "MAX_POSITIONS", "Nothing",
-    "FIELDS", "FIELDS_FEW", "SCOPE_LEXEMES", "Terms", "fields_query", "fields_vector", "from_matches",
+    "FIELDS", "FIELDS_FEW", "SCOPE_LEXEMES", "Plan", "Terms", "WALK", "fields_query", "fields_vector", "from_matches",
     "matching", "page", "plan", "summaries", "terms", "tsvector",
 ]
 
@@ -42,9 +42,10 @@ MAX_POSITIONS = 255
 FEW = 5000
 #: A search whose field words the planner expects in at most this many
 #: messages of its scope finds them by the fields' vectors alone (``plan``):
-#: about 6 us a match at 1,000,000 messages, against a walk of the scope
-#: that can pass thousands of messages between two matches.
-FIELDS_FEW = 10_000
+#: about 7 us a match at 1,000,000 messages, against a walk of the scope
+#: that can pass thousands of messages between two rare matches (and
+#: finds a page of frequent ones in 5-15 ms).
+FIELDS_FEW = 6000
 
 
 # -- words, vectors and queries --------------------------------------------------
@@ -110,8 +111,8 @@ class Terms:
     The ``tsquery`` texts of a search's text parts, by the vector each is
     asked of.
 
-    :ivar body: the words and phrases, asked of the message's vector (every
-        field and the body), or ``None``.
+    :ivar body: each word and phrase, asked of the message's vector (every
+        field and the body).
     :ivar fields: ``sender`` and ``subject`` terms, asked of the fields'
         vector (``FIELDS``), which holds the subject, sender and recipients'
         words alone, with the same positions and weights.
@@ -119,9 +120,31 @@ class Terms:
         ``To:``/``Cc:`` text, the one for a mailbox's address, and its words.
     """
 
-    body: str | None
+    body: list[str]
     fields: list[str]
     recipients: list[tuple[str, str, list[str]]]
+
+
+@define(frozen=True)
+class Plan:
+    """
+    How a search is run (``plan``).
+
+    :ivar how: ``"few"``, from the index's matches of its rarer body words;
+        ``"fields"``, by the fields' vectors alone; ``""``, the planner's
+        choice (which walks the scope newest first).
+    :ivar tested: body words tested in each match's vector rather than
+        looked up in the index: a word in most messages is a list of most
+        messages to merge (a word's start, ``'zotipi':*``, at 500,000: 40 ms)
+        where a test of 300 vectors takes 5.
+    """
+
+    how: str = ""
+    tested: tuple[str, ...] = ()
+
+
+#: The planner's choice.
+WALK = Plan()
 
 
 def terms(query: ArchiveQuery) -> Terms:
@@ -147,7 +170,7 @@ def terms(query: ArchiveQuery) -> Terms:
         tokens = _tokens(part)
         if tokens:
             recipients.append((_chain(tokens, "C", True), _chain(tokens, "", True), tokens))
-    return Terms(" & ".join(body) if body else None, fields, recipients)
+    return Terms(body, fields, recipients)
 
 
 # -- the fields' vector: what is asked of it, and how it is made ----------------------
@@ -233,14 +256,16 @@ def matching(
     scope: ArchiveScope,
     query: ArchiveQuery,
     after: tuple[float, str] | None = None,
-    by_fields: bool = False,
+    planned: Plan = WALK,
 ) -> tuple[str, sql.Composable, list[Any]] | None:
     """
     What finds the messages of ``scope`` that match ``query``.
 
-    :param by_fields: if the query has field words (``fields_query``), find
-        the scope's messages by the fields' vectors alone: their scope
-        lexemes are kept exact by ``add`` and ``expire``.
+    :param planned: ``"fields"``: if the query has field words
+        (``fields_query``), find the scope's messages by the fields' vectors
+        alone (their scope lexemes are kept exact by ``add`` and
+        ``expire``); the body words in ``planned.tested`` are tested, not
+        looked up.
     :returns: the alias whose ``received_at`` and ``id`` page (``b``, the
         mailboxes, for a mailbox or a domain; ``m``, the messages, for
         the whole archive; ``f``, the fields, ``by_fields``), the ``FROM
@@ -253,7 +278,7 @@ def matching(
     except Nothing:
         return None
     fields, checked = fields_query(scope, found)
-    by_fields = by_fields and fields is not None
+    by_fields = planned.how == "fields" and fields is not None
     # Which rows of the scope (on the alias that pages), then what their
     # messages must hold.
     in_scope_conditions: list[str] = []
@@ -288,9 +313,15 @@ def matching(
     if query.has_attachment is not None:
         conditions.append("m.has_attachment = %s")
         params.append(query.has_attachment)
-    if found.body is not None:
+    looked_up = [t for t in found.body if t not in planned.tested]
+    if looked_up:
         conditions.append("m.tsv @@ %s::tsquery")
-        params.append(found.body)
+        params.append(" & ".join(looked_up))
+    for tested in found.body:
+        if tested in planned.tested:
+            # The function, not the operator: never an index condition.
+            conditions.append("ts_match_vq(m.tsv, %s::tsquery)")
+            params.append(tested)
     if fields is not None:
         conditions.append("f.tsv @@ %s::tsquery")
         params.append(fields)
@@ -303,7 +334,7 @@ def matching(
         )
         params += [to_cc, scope_param, plain] if in_scope else [to_cc, plain]
     joins = ""
-    if key != "m" and (found.body is not None or query.has_attachment is not None):
+    if key != "m" and (found.body or query.has_attachment is not None):
         joins += f" JOIN messages m ON m.id = {key}.id"
     if key != "f" and (fields is not None or checked):
         joins += f" JOIN fields f ON f.id = {key}.id"
@@ -313,40 +344,49 @@ def matching(
     return key, sql.SQL(source + where), in_scope_params + params  # type: ignore[arg-type]
 
 
-def plan(conn: psycopg.Connection[Any], scope: ArchiveScope, query: ArchiveQuery) -> str:
+def plan(conn: psycopg.Connection[Any], scope: ArchiveScope, query: ArchiveQuery) -> Plan:
     """
     How to find ``query`` in a mailbox or a domain, from the number of
     messages the planner expects (the vectors' statistics, without running
-    the query): ``"fields"`` when its field words are in at most
-    ``FIELDS_FEW`` messages of the scope, to find them by the fields'
-    vectors alone; ``"few"`` when its body words are in at most ``FEW``
-    messages of the archive, to start from them; else ``""``, the
-    planner's choice, which walks the scope newest first.  (Walking the
-    scope ourselves for words in most messages was tried, 7036850, and was
-    slower than the planner's own plan: see bench/README.md.)
+    the query): by the fields' vectors alone when its field words are in at
+    most ``FIELDS_FEW`` messages of the scope; from the index's matches of
+    its body words that are in at most ``FEW`` messages of the archive
+    (the others tested in each match), or of all its body words if they
+    meet in at most ``FEW``; else the planner's choice, which walks the
+    scope newest first.  (Walking the scope ourselves for words in most
+    messages was tried, 7036850, and was slower than the planner's own
+    plan: see bench/README.md.)
     """
     try:
         found = terms(query)
     except Nothing:
-        return ""
+        return Plan()
     fields, _ = fields_query(scope, found)
     # A match found by its fields is one more vector read if it must also
     # hold body words: fewer of them.
-    for name, table, tsquery, few in (
-        ("fields", "fields", fields, FIELDS_FEW if found.body is None else FIELDS_FEW // 4),
-        ("few", "messages", found.body, FEW),
+    if fields is not None and _expected(conn, "fields", fields) <= (
+        FIELDS_FEW // 2 if found.body else FIELDS_FEW
     ):
-        if tsquery is None:
-            continue
-        explained = conn.execute(
-            sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE tsv @@ %s::tsquery").format(
-                sql.Identifier(table)
-            ),
-            (tsquery,),
-        ).fetchone()
-        if explained is not None and float(explained[0][0]["Plan"]["Plan Rows"]) <= few:
-            return name
-    return ""
+        return Plan("fields", tuple(found.body))
+    if not found.body:
+        return Plan()
+    common = tuple(t for t in found.body if _expected(conn, "messages", t) > FEW)
+    if len(common) < len(found.body):
+        return Plan("few", common)
+    if len(found.body) > 1 and _expected(conn, "messages", " & ".join(found.body)) <= FEW:
+        return Plan("few")
+    return Plan()
+
+
+def _expected(conn: psycopg.Connection[Any], table: str, tsquery: str) -> float:
+    """How many rows of ``table`` the planner expects to match ``tsquery``."""
+    explained = conn.execute(
+        sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE tsv @@ %s::tsquery").format(
+            sql.Identifier(table)
+        ),
+        (tsquery,),
+    ).fetchone()
+    return float(explained[0][0]["Plan"]["Plan Rows"]) if explained is not None else float("inf")
 
 
 def from_matches(conn: psycopg.Connection[Any]) -> None:
@@ -365,14 +405,14 @@ def page(
     query: ArchiveQuery,
     after: tuple[float, str] | None,
     limit: int,
-    plan: str = "",
+    planned: Plan = WALK,
 ) -> list[Any]:
     """
-    The rows of a page and one more, found as ``plan`` says.  Planned
+    The rows of a page and one more, found as ``planned`` says.  Planned
     ``"few"`` or ``"fields"``, every match found before the page is sorted
     (the planner then plans for all of them, not for the first ``limit``).
     """
-    found = matching(scope, query, after, by_fields=plan == "fields")
+    found = matching(scope, query, after, planned)
     if found is None:
         return []
     # One process: parallel workers each walk the scope ahead of the
@@ -385,7 +425,7 @@ def page(
     template = (
         "SELECT * FROM (SELECT {distinct}{k}.received_at, {k}.id {clause}"
         " OFFSET 0) f ORDER BY f.received_at DESC, f.id DESC LIMIT %s"
-        if plan
+        if planned.how
         else "SELECT {distinct}{k}.received_at, {k}.id {clause}"
         " ORDER BY {k}.received_at DESC, {k}.id DESC LIMIT %s"
     )
