@@ -461,10 +461,13 @@ class PostgresTarget:
     name = "postgresql"
     window = 400
 
-    def __init__(self, base: Path, pool_size: int, module: str | None = None) -> None:
+    def __init__(
+        self, base: Path, pool_size: int, module: str | None = None, settings: dict[str, str] | None = None
+    ) -> None:
         self.dir = base / "postgresql"
         self.module = module
         self.pool_size = pool_size
+        self.settings = settings or {}
         self.server: Any = None
         self.dsn = ""
 
@@ -474,7 +477,7 @@ class PostgresTarget:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         tempfile.tempdir = str(self.dir.parent)  # the cluster on the work directory's disk
-        self.server = PostgresServer.start(self.dir)
+        self.server = PostgresServer.start(self.dir, settings=self.settings)
         self.dsn = self.server.create_database("archive")
         (self.dir / "dsn").write_text(self.dsn)
 
@@ -501,10 +504,15 @@ class PostgresTarget:
             return int(row[0]) if row else 0
 
     def config(self) -> str:
-        return (
-            f"PostgreSQL from mailhub.testing.postgres_server (fsync=on, synchronous_commit=on, "
-            f"shared_buffers=32MB), pool_size={self.pool_size}"
-        )
+        import psycopg
+
+        # What the server runs with (a --reuse run finds it as it was started).
+        with psycopg.connect(self.dsn) as conn:
+            shown = ", ".join(
+                f"{name}={conn.execute(f'SHOW {name}').fetchone()[0]}"  # type: ignore[index]
+                for name in ("fsync", "synchronous_commit", "shared_buffers")
+            )
+        return f"PostgreSQL from mailhub.testing.postgres_server ({shown}), pool_size={self.pool_size}"
 
     def analyze(self) -> None:
         import psycopg
@@ -525,10 +533,10 @@ def _load() -> str:
 
 
 async def bench_one(reactor: Any, target: Any, corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
-    print(f"== {target.name}: {target.config()}", file=sys.stderr, flush=True)
+    print(f"== {target.name}", file=sys.stderr, flush=True)
     meta_path = target.dir / "bench.json"
     wanted = {"messages": args.messages, "mailboxes": args.mailboxes, "big": args.big_mailbox, "seed": SEED}
-    result: dict[str, Any] = {"config": target.config()}
+    result: dict[str, Any] = {}
     reused = False
     if args.reuse and meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -538,6 +546,7 @@ async def bench_one(reactor: Any, target: Any, corpus: Corpus, args: argparse.Na
             print("  reusing the filled archive", file=sys.stderr)
     if not reused:
         target.fresh()
+        fill_config = target.config()
         archive = target.open(reactor)
         result["load_before_fill"] = _load()
         try:
@@ -545,12 +554,17 @@ async def bench_one(reactor: Any, target: Any, corpus: Corpus, args: argparse.Na
         finally:
             await archive.close()
         result["fill"]["load_after"] = _load()
+        result["fill"]["config"] = fill_config
         if hasattr(target, "analyze"):
             started = time.perf_counter()
             target.analyze()
             result["fill"]["vacuum_analyze_seconds"] = time.perf_counter() - started
         result["fill"]["bytes"] = target.size()
         meta_path.write_text(json.dumps({"corpus": wanted, "fill": result["fill"]}))
+    # As the searches run (a reused archive may have been filled with other settings).
+    result["config"] = target.config()
+    result["fill"].setdefault("config", "not recorded")
+    print(f"  {result['config']}", file=sys.stderr, flush=True)
     f = result["fill"]
     print(
         f"  fill: {f['messages']:,} messages in {f['seconds']:.0f} s = {f['rate']:,.0f} msg/s;"
@@ -590,7 +604,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, corpus: Corpus) ->
             f"## {name}: {r['config']}",
             f"fill: {f['messages']:,} messages in {f['seconds']:.0f} s = {f['rate']:,.0f} msg/s"
             f" (per tenth: {', '.join(format(m['rate'], ',.0f') for m in f['marks'])});"
-            f" on disk {f['bytes'] / 1e9:.2f} GB; load after the fill: {f.get('load_after', '?')}",
+            f" on disk {f['bytes'] / 1e9:.2f} GB; load after the fill: {f.get('load_after', '?')};"
+            f" filled with: {f.get('config', 'not recorded')}",
             f"searches, ms (load before: {r['load_before_searches']}; after: {r['load_after_searches']})",
             "",
             table(r["summary"]),
@@ -631,7 +646,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     if args.plugin in ("sqlite", "both"):
         targets.append(SqliteTarget(base, args.plugin_module))
     if args.plugin in ("postgresql", "both"):
-        targets.append(PostgresTarget(base, args.pool_size, args.plugin_module))
+        settings = dict(s.split("=", 1) for s in args.pg_setting)
+        targets.append(PostgresTarget(base, args.pool_size, args.plugin_module, settings))
     for target in targets:
         try:
             results["plugins"][target.name] = await bench_one(reactor, target, corpus, args)
@@ -656,6 +672,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default="/var/tmp", help="where the archives live (a real disk)")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--pool-size", type=int, default=4, help="the postgresql plugin's pool_size")
+    p.add_argument(
+        "--pg-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the PostgreSQL server a fresh run starts (shared_buffers=4GB); repeatable",
+    )
     p.add_argument(
         "--plugin-module",
         help="the plugin from this file or package directory instead (an A/B run with --reuse)",

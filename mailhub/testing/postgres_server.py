@@ -108,6 +108,8 @@ class PostgresServer:
         ``socket`` subdirectory.
     :ivar user: the user the server runs as, or ``None`` for ourselves.
     :ivar bindir: where ``initdb``, ``pg_ctl`` and ``postgres`` are.
+    :ivar settings: server settings over the test defaults of ``restart``
+        (``{"shared_buffers": "4GB"}`` for a benchmark).
     """
 
     port: int
@@ -117,10 +119,15 @@ class PostgresServer:
     user: str | None
     _private: Path | None = field(default=None, repr=False)
     _running: bool = field(default=False, repr=False)
+    settings: dict[str, str] = field(factory=dict)
 
     @classmethod
     def start(
-        cls, directory: Path, port: int | None = None, timeout: float = 60.0
+        cls,
+        directory: Path,
+        port: int | None = None,
+        timeout: float = 60.0,
+        settings: dict[str, str] | None = None,
     ) -> PostgresServer:
         """
         Make a cluster (``initdb``) and start its server, waiting until it
@@ -153,7 +160,9 @@ class PostgresServer:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(data)
-        server = cls(port or free_port(), directory, data, bindir, user, private)
+        server = cls(
+            port or free_port(), directory, data, bindir, user, private, settings=settings or {}
+        )
         try:
             server._run(
                 "initdb",
@@ -216,19 +225,20 @@ class PostgresServer:
         """
         if self._running:
             self.stop(remove=False)
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": str(self.socket_dir),
+            "fsync": "on",
+            "synchronous_commit": "on",
+            "max_connections": "100",
+            "shared_buffers": "32MB",
+            "logging_collector": "off",
+            **self.settings,
+        }
         options = " ".join(
-            shlex.quote(o)
-            for o in (
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", f"port={self.port}",
-                "-c", f"unix_socket_directories={self.socket_dir}",
-                "-c", "fsync=on",
-                "-c", "synchronous_commit=on",
-                "-c", "max_connections=100",
-                "-c", "shared_buffers=32MB",
-                "-c", "logging_collector=off",
-            )
-        )  # fmt: skip
+            shlex.quote(part) for k, v in settings.items() for part in ("-c", f"{k}={v}")
+        )
         self._run(
             "pg_ctl", "start", "--pgdata", str(self.data), "--wait",
             "--timeout", str(int(timeout)), "--log", str(self.log), "--options", options,
