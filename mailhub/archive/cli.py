@@ -239,7 +239,7 @@ async def _run(reactor: Any, args: argparse.Namespace, config: HubConfig, archiv
             json.dump({"total": total, "items": [summary_json(s) for s in page.items], "next": page.next}, out, indent=2)
             out.write("\n")
             return 0
-        out.write(f"{total} messages in {scope}\n")
+        out.write(f"{total} message{'' if total == 1 else 's'} in {scope}\n")
         for s in page.items:
             clip = "+" if s.has_attachment else " "
             out.write(f"{s.id:34} {_when(s.received_at)} {clip} {s.sender[:30]:30} {s.subject[:60]}\n")
