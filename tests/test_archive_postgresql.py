@@ -17,10 +17,12 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
+from psycopg import sql
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
 from twisted.python import threadable
 from zope.interface.verify import verifyObject
 
@@ -37,7 +39,7 @@ from mailhub.model import (
 )
 from mailhub.plugin import load_plugin
 from mailhub.plugins.postgresql import SCHEMA_VERSION, PostgresArchive, plugin
-from mailhub.plugins.postgresql.search import Plan, fields_query, terms, tsvector
+from mailhub.plugins.postgresql.search import FIELDS, Plan, fields_query, terms, tsvector
 from mailhub.testing.account_contract import AccountStoreContract, account
 from mailhub.testing.archive_contract import (
     ALICE,
@@ -589,6 +591,46 @@ async def test_expiry_takes_a_kept_message_out_of_the_expired_mailboxes(
     assert await archive.count(ArchiveScope(domain="a.example"), query(recipient="alice")) == 1
     vector = rows(pg, archive._schema, "SELECT tsv FROM fields")
     assert "bob" not in vector and "'@alice@a.example'" in vector
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_expiring_a_messages_two_mailboxes_at_once_remove_it(
+    pg: PostgresServer, archive: PostgresArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Node 1 expires Alice's copy and node 2 Bob's, at once: the message
+    goes, with its fields (not kept with Alice's lexemes and no mailbox,
+    found by a search of her mailbox by its fields alone).
+    """
+    await archive.add(archived("m", NOW - 10 * 86400, (ALICE, BOB), subject="hello"))
+    schema = archive._schema
+    node1 = psycopg.connect(pg.dsn())
+    try:
+        # Node 1, mid-expiry with the plugin's own statements: Alice's row
+        # gone, the message locked, kept (Bob's row is there), its fields
+        # rewritten; not committed yet.
+        node1.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        node1.execute("DELETE FROM mailboxes WHERE mailbox = %s AND id = 'm'", (str(ALICE),))
+        node1.execute("SELECT 1 FROM messages WHERE id = 'm' FOR UPDATE")
+        node1.execute(
+            "DELETE FROM messages m WHERE m.id = 'm'"
+            " AND NOT EXISTS (SELECT 1 FROM mailboxes x WHERE x.id = m.id)"
+        )
+        node1.execute(
+            "UPDATE fields f SET tsv = " + FIELDS.format(tsv="f.tsv", id="f.id") + " WHERE f.id = 'm'"
+        )
+        # Node 2 takes Bob's row (Alice's is locked) and waits for node 1.
+        expiring = archive.expire("a.example", NOW, 100)
+        await deferLater(reactor, 0.5, lambda: None)
+        assert not expiring.called
+        node1.commit()
+        assert await expiring == 1
+    finally:
+        node1.close()
+    assert await archive.get("m") is None
+    assert rows(pg, schema, "SELECT count(*) FROM fields") == "0"
+    monkeypatch.setattr(PostgresArchive, "_plan", lambda self, conn, scope, query: Plan("fields"))
+    assert (await archive.search(ArchiveScope(mailbox=ALICE), query(subject="hello"))).items == ()
 
 
 @pytest_twisted.ensureDeferred

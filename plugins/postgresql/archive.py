@@ -340,6 +340,16 @@ class PostgresArchive(Connections):
             ).fetchall()
             ids = sorted({r[0] for r in removed})
             if ids:
+                # The messages locked, as add locks one: another node's expiry
+                # or add of the same messages is then committed, and the
+                # statements below (each with a fresh snapshot) see its
+                # mailboxes.  Without the lock, two expiries of a message's
+                # two mailboxes each saw the other's row and kept the
+                # message, and a fields row was rewritten from a snapshot
+                # that missed a mailbox added meanwhile.
+                conn.execute(
+                    "SELECT 1 FROM messages WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)
+                )
                 bodies = conn.execute(
                     "DELETE FROM messages m WHERE m.id = ANY(%s)"
                     " AND NOT EXISTS (SELECT 1 FROM mailboxes x WHERE x.id = m.id)"
