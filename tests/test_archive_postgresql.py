@@ -17,9 +17,9 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
-from psycopg import sql
 import pytest
 import pytest_twisted
+from psycopg import sql
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
