@@ -268,7 +268,7 @@ def matching(
         looked up.
     :returns: the alias whose ``received_at`` and ``id`` page (``b``, the
         mailboxes, for a mailbox or a domain; ``m``, the messages, for
-        the whole archive; ``f``, the fields, ``by_fields``), the ``FROM
+        the whole archive; ``f``, the fields, planned ``"fields"``), the ``FROM
         ... WHERE ...`` clause and its parameters; ``None`` if nothing can
         match.  With ``after``, only what comes after that (``received_at``,
         id) in the search's order.
