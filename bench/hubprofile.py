@@ -40,7 +40,9 @@ def summarise(raw: str, top: int) -> str:
     with open(raw) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack:
+            if not stack or not count.isdigit():
+                # py-spy names a thread by what it shows; a name with a
+                # newline in it (a log line) splits its stack's line.
                 continue
             n = int(count)
             frames = stack.split(";")

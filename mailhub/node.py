@@ -159,7 +159,9 @@ class Node(MultiService):
         self.archive_gate = archive_gate
         self._transports: dict[str, ITransport] = {}
         #: What this node delivered, for ``redeliver --skip-delivered`` (with an archive).
-        self.delivered = None if archive is None else DeliveryRecorder(archive, config, reactor)
+        self.delivered = (
+            None if archive is None else DeliveryRecorder(archive, config, reactor, gate=archive_gate)
+        )
         #: This node's drills (``mailhub.drill``): run, scheduled, and their last results.
         self.drills = Drills(self, reactor)
         self.engine = DeliveryEngine(

@@ -14,12 +14,13 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from mailhub.archive.delivered import (
+    HOLD_SECONDS,
     RETRY_SECONDS,
     DeliveryRecorder,
     archive_id_of,
     respooled_client,
 )
-from mailhub.archive.route import ARCHIVE_ROUTE
+from mailhub.archive.route import ARCHIVE_ROUTE, ArchiveGate, MailMeter
 from mailhub.config import DeliveryConfig, parse
 from mailhub.delivery.engine import DeliveryEngine
 from mailhub.model import Address, Entry, Envelope, Recipient, Reply, StoreUnavailable
@@ -102,6 +103,54 @@ def test_a_batch_holds_at_most_max_batch_records() -> None:
     archive.finish(1)
     archive.finish(2)
     assert [len(w) for w, _ in archive.writes] == [1, 3, 3, 1]
+
+
+def test_under_a_burst_records_wait_for_a_full_batch_or_the_bursts_end() -> None:
+    """
+    While the process accepts or delivers more than the gate's
+    ``yield_above`` a second, a write goes only with a full batch; what is
+    short of one waits, looked at again every ``HOLD_SECONDS``, until the
+    rate falls.
+    """
+    archive, clock = HandArchive(), Clock()
+    meter = MailMeter(clock)
+    r = recorder(archive, clock, max_batch=3, gate=ArchiveGate(meter, clock, 50, 120))
+    meter.tick(100)
+    r(entry("e1", "m1"), [ALICE], 1.0)
+    r(entry("e2", "m2"), [ALICE], 1.0)
+    assert archive.writes == []
+    r(entry("e3", "m3"), [ALICE], 1.0)
+    assert [len(w) for w, _ in archive.writes] == [3]
+    archive.finish(0)
+    r(entry("e4", "m4"), [ALICE], 1.0)
+    clock.advance(HOLD_SECONDS - 0.25)
+    meter.tick(100)  # still busy at the next look
+    clock.advance(0.25)
+    assert len(archive.writes) == 1
+    clock.advance(HOLD_SECONDS)  # a second without mail: the rate fell
+    assert [w for w, _ in archive.writes][1] == [("m4", ALICE, ROUTE, 1.0)]
+    archive.finish(1)
+    assert (r.written, r.lost) == (4, 0)
+
+
+def test_flush_writes_what_waits_for_a_burst_to_pass() -> None:
+    archive, clock = HandArchive(), Clock()
+    meter = MailMeter(clock)
+    r = recorder(archive, clock, max_batch=3, gate=ArchiveGate(meter, clock, 50, 120))
+    meter.tick(100)
+    r(entry("e1", "m1"), [ALICE], 1.0)
+    flushed = r.flush()
+    assert [len(w) for w, _ in archive.writes] == [1]
+    archive.finish(0)
+    assert flushed.called
+    assert clock.getDelayedCalls() == []
+
+
+def test_without_a_burst_records_go_at_once() -> None:
+    archive, clock = HandArchive(), Clock()
+    r = recorder(archive, clock, max_batch=3, gate=ArchiveGate(MailMeter(clock), clock, 50, 120))
+    r(entry("e1", "m1"), [ALICE], 1.0)
+    assert [len(w) for w, _ in archive.writes] == [1]
 
 
 def test_only_mailboxes_of_the_hubs_domains_and_never_the_archive_route() -> None:

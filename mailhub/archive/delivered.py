@@ -14,6 +14,13 @@ waiting).  The Message-ID is not parsed here: the archive has it from its
 own copy of the message (``ArchiveText.message_id``) and matches on it when
 asked (``IArchive.delivered``).
 
+Under a burst or a drain (the ``ArchiveGate`` says the process is busy),
+records are written only a full batch at a time (``MAX_BATCH``), and what
+is short of one when the rate falls: each write is a durable commit of the
+archive, and a commit for every few deliveries, on the disk the spool
+commits every ``250`` to, cost a relay with the archive a quarter of its
+rate (bench/README.md).
+
 This is best-effort by design.  A record is lost when the archive stays
 unreachable past a retry, when more than ``MAX_PENDING`` wait, or when the
 process dies with records not yet written; the cost is at worst that a
@@ -44,6 +51,7 @@ from mailhub.model import Address, Entry
 
 __all__ = [
     "MAX_BATCH",
+    "HOLD_SECONDS",
     "MAX_PENDING",
     "RETRY_SECONDS",
     "DeliveryRecorder",
@@ -57,6 +65,8 @@ MAX_BATCH = 500
 MAX_PENDING = 20_000
 #: Seconds before a batch the archive refused is tried again (once).
 RETRY_SECONDS = 30.0
+#: Seconds between looks at the gate while records short of a batch wait for a burst to pass.
+HOLD_SECONDS = 1.0
 
 _RESPOOLED = "archive:"
 
@@ -83,6 +93,8 @@ class DeliveryRecorder:
     :param config: which recipients are mailboxes of the hub's domains
         (others, a DSN's outside recipients, are not recorded).
     :param clock: ``IReactorTime``, for the retry after a failed write.
+    :param gate: the process's ``ArchiveGate`` (its ``busy()``), or ``None``
+        to write whenever records wait.
     :ivar written: records written since the start.
     :ivar lost: records dropped or refused twice since the start.
     """
@@ -96,8 +108,12 @@ class DeliveryRecorder:
         clock: Any,
         max_batch: int = MAX_BATCH,
         max_pending: int = MAX_PENDING,
+        gate: Any = None,
     ) -> None:
         self._archive = archive
+        self._gate = gate
+        #: A look at the gate while records short of a batch wait (``HOLD_SECONDS``).
+        self._held: IDelayedCall | None = None
         self._config = config
         self._clock = clock
         self._max_batch = max_batch
@@ -140,8 +156,22 @@ class DeliveryRecorder:
         self._write()
 
     def _write(self) -> None:
-        """Start the next write, unless one is under way or waits for its retry."""
+        """
+        Start the next write, unless one is under way or waits for its
+        retry, or the process is busy and less than a batch waits.
+        """
         if self._writing or self._retry is not None:
+            return
+        if (
+            self._pending
+            and not self._refused
+            and not self._final
+            and len(self._pending) < self._max_batch
+            and self._gate is not None
+            and self._gate.busy()
+        ):
+            if self._held is None:
+                self._held = self._clock.callLater(HOLD_SECONDS, self._hold_over)
             return
         if self._refused:
             batch, self._refused, again = self._refused, [], True
@@ -199,6 +229,10 @@ class DeliveryRecorder:
         self._retry = None
         self._write()
 
+    def _hold_over(self) -> None:
+        self._held = None
+        self._write()
+
     def flush(self) -> Deferred[None]:
         """
         Write everything that waits, a batch waiting for its retry at once,
@@ -210,6 +244,9 @@ class DeliveryRecorder:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         d: Deferred[None] = Deferred()
         self._idle.append(d)
         self._write()

@@ -140,11 +140,16 @@ class ArchiveGate:
         """Call ``callback()`` each time the archive stops yielding."""
         self._resume.append(callback)
 
-    def _busy(self) -> bool:
+    def busy(self) -> bool:
+        """
+        Whether this process accepts or delivers more than ``yield_above``
+        messages a second now: the archive's writes wait (archive entries,
+        and the delivery records of ``DeliveryRecorder`` short of a batch).
+        """
         return not self._stopped and self.yield_above > 0 and self.meter.rate() > self.yield_above
 
     def _holds(self, created: float, now: float) -> bool:
-        return now - created < self.max_lag and self._busy()
+        return now - created < self.max_lag and self.busy()
 
     def _yield(self) -> None:
         if self._timer is None:
@@ -168,7 +173,7 @@ class ArchiveGate:
 
     def _look(self) -> None:
         self._timer = None
-        if self._busy():
+        if self.busy():
             self._timer = self._clock.callLater(self._poll, self._look)
             return
         self._resumed()
