@@ -17,9 +17,10 @@ asked (``IArchive.delivered``).
 Under a burst or a drain (the ``ArchiveGate`` says the process is busy),
 records are written only a full batch at a time (``MAX_BATCH``), and what
 is short of one when the rate falls: each write is a durable commit of the
-archive, and a commit for every few deliveries, on the disk the spool
-commits every ``250`` to, cost a relay with the archive a quarter of its
-rate (bench/README.md).
+archive, on the disk the spool commits every ``250`` to, and one for every
+few deliveries became one for 500.  (On the benchmark's VM, whose disk
+does not charge for a commit, the relay's rate did not move either way:
+bench/README.md.)
 
 This is best-effort by design.  A record is lost when the archive stays
 unreachable past a retry, when more than ``MAX_PENDING`` wait, or when the
@@ -50,8 +51,8 @@ from mailhub.interfaces import IArchive
 from mailhub.model import Address, Entry
 
 __all__ = [
-    "MAX_BATCH",
     "HOLD_SECONDS",
+    "MAX_BATCH",
     "MAX_PENDING",
     "RETRY_SECONDS",
     "DeliveryRecorder",
