@@ -646,7 +646,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     if args.plugin in ("sqlite", "both"):
         targets.append(SqliteTarget(base, args.plugin_module))
     if args.plugin in ("postgresql", "both"):
-        settings = dict(s.split("=", 1) for s in args.pg_setting)
+        settings = dict(args.pg_setting)
         targets.append(PostgresTarget(base, args.pool_size, args.plugin_module, settings))
     for target in targets:
         try:
@@ -660,6 +660,13 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. shared_buffers=4GB)")
+    return name, value
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -676,6 +683,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--pg-setting",
         action="append",
         default=[],
+        type=_setting,
         metavar="NAME=VALUE",
         help="a setting for the PostgreSQL server a fresh run starts (shared_buffers=4GB); repeatable",
     )

@@ -50,6 +50,7 @@ __all__ = [
     "StoreUnavailable",
     "apply_decision",
     "archive_words",
+    "archive_words_occur",
     "decode_archive_cursor",
     "encode_archive_cursor",
     "fair_share",
@@ -743,6 +744,24 @@ def archive_words(text: str) -> list[str]:
         plain = "".join(c for c in unicodedata.normalize("NFKD", folded) if not unicodedata.combining(c))
         folded = unicodedata.normalize("NFC", plain)
     return _ARCHIVE_WORD.findall(folded)
+
+
+def archive_words_occur(wanted: Sequence[str], words: Sequence[str], prefix: bool = True) -> bool:
+    """
+    Whether the words ``wanted`` (``archive_words``) occur in a row in
+    ``words``, the last as a start if ``prefix``, as a search term matches a
+    field in every archive.  For archive plugins.
+    """
+    if not wanted:
+        return True
+    n = len(wanted)
+    for i in range(len(words) - n + 1):
+        if list(words[i : i + n - 1]) != list(wanted[:-1]):
+            continue
+        last = words[i + n - 1]
+        if last == wanted[-1] or (prefix and last.startswith(wanted[-1])):
+            return True
+    return False
 
 
 def encode_archive_cursor(received_at: float, archive_id: str) -> str:

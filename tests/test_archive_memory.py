@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IArchivePlugin
-from mailhub.model import ArchiveQuery, ArchiveScope, StoreUnavailable
+from mailhub.model import ArchiveQuery, ArchiveScope, StoreUnavailable, archive_words_occur
 from mailhub.model import archive_words as words
 from mailhub.plugin import load_plugin
 from mailhub.plugins.memory_archive import MemoryArchive, plugin
@@ -34,6 +34,17 @@ def test_plugin_found_by_name() -> None:
 
 def test_words_fold_case_and_accents() -> None:
     assert words("Le CAFÉ, prêt_à-porter 你好") == ["le", "cafe", "pret", "a", "porter", "你好"]
+
+
+def test_words_occur_in_a_row_the_last_as_a_start() -> None:
+    """How every archive plugin matches a term's words against a field's (a mailbox's address in scope)."""
+    address = words("bob.smith@a.example")
+    assert archive_words_occur(["bob", "sm"], address)
+    assert archive_words_occur(["smith", "a", "ex"], address)
+    assert not archive_words_occur(["bob", "sm"], address, prefix=False)
+    assert not archive_words_occur(["smith", "bob"], address)
+    assert not archive_words_occur(["ob"], address)
+    assert archive_words_occur([], address)
 
 
 def test_unavailable_archive_fails_every_call() -> None:

@@ -32,6 +32,7 @@ from mailhub.model import (
     SentMessage,
     StoreUnavailable,
     archive_words,
+    archive_words_occur,
     decode_archive_cursor,
     encode_archive_cursor,
 )
@@ -46,25 +47,9 @@ def _as_tuple(items: Iterable[Any]) -> Any:
     return tuple(items)
 
 
-
-
-def _occurs(term: Sequence[str], field: Sequence[str], prefix: bool) -> bool:
-    """Whether the words ``term`` occur in a row in ``field`` (the last as a start if ``prefix``)."""
-    if not term:
-        return True
-    n = len(term)
-    for i in range(len(field) - n + 1):
-        if list(field[i : i + n - 1]) != list(term[:-1]):
-            continue
-        last = field[i + n - 1]
-        if last == term[-1] or (prefix and last.startswith(term[-1])):
-            return True
-    return False
-
-
 def _in_any(term: str, fields: Iterable[Sequence[str]], prefix: bool = True) -> bool:
     wanted = archive_words(term)
-    return any(_occurs(wanted, f, prefix) for f in fields)
+    return any(archive_words_occur(wanted, f, prefix) for f in fields)
 
 
 

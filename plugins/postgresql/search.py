@@ -19,6 +19,7 @@ from mailhub.model import (
     ArchiveScope,
     ArchiveSummary,
     archive_words,
+    archive_words_occur,
     encode_archive_cursor,
 )
 
@@ -210,15 +211,6 @@ def _in_scope(scope: ArchiveScope) -> str | None:
     return None
 
 
-def _follows(words: Sequence[str], tokens: Sequence[str]) -> bool:
-    """Whether ``tokens`` are consecutive ``words``, the last a start of one (``'a' <-> 'b':*``)."""
-    n = len(tokens)
-    return any(
-        list(words[i : i + n - 1]) == list(tokens[:-1]) and words[i + n - 1].startswith(tokens[-1])
-        for i in range(len(words) - n + 1)
-    )
-
-
 def fields_query(scope: ArchiveScope, found: Terms) -> tuple[str | None, list[tuple[str, str]]]:
     """
     What is asked of the fields' vector for ``found`` in ``scope``.
@@ -232,7 +224,7 @@ def fields_query(scope: ArchiveScope, found: Terms) -> tuple[str | None, list[tu
     for to_cc, plain, tokens in found.recipients:
         if scope.mailbox is not None:
             # The scope's own address either matches or does not, for every message.
-            if _follows(archive_words(str(scope.mailbox)), tokens):
+            if archive_words_occur(tokens, archive_words(str(scope.mailbox))):
                 continue
             parts.append(to_cc)
         elif scope.domain is not None:
@@ -285,22 +277,17 @@ def matching(
     in_scope_params: list[Any] = []
     conditions: list[str] = []
     params: list[Any] = []
-    in_scope, scope_param = "", ""
-    if scope.mailbox is not None:
-        key = "b"
-        in_scope_conditions.append("b.mailbox = %s")
-        in_scope_params.append(str(scope.mailbox))
-        in_scope, scope_param = " AND x.mailbox = %s", str(scope.mailbox)
-    elif scope.domain is not None:
-        key = "b"
-        in_scope_conditions.append("b.domain = %s")
-        in_scope_params.append(scope.domain)
-        in_scope, scope_param = " AND x.domain = %s", scope.domain
-    else:
-        key = "m"
+    column = "mailbox" if scope.mailbox is not None else "domain" if scope.domain is not None else ""
+    scope_param = str(scope.mailbox) if scope.mailbox is not None else scope.domain or ""
+    in_scope = f" AND x.{column} = %s" if column else ""
     if by_fields:
         key = "f"  # the scope is in the fields' query
-        in_scope_conditions, in_scope_params = [], []
+    elif column:
+        key = "b"
+        in_scope_conditions.append(f"b.{column} = %s")
+        in_scope_params.append(scope_param)
+    else:
+        key = "m"
     if query.after is not None:
         in_scope_conditions.append(f"{key}.received_at >= %s")
         in_scope_params.append(query.after)

@@ -18,6 +18,7 @@ from mailhub.model import (
     ArchiveQuery,
     ArchiveScope,
     archive_words,
+    archive_words_occur,
     decode_archive_cursor,
     encode_archive_cursor,
 )
@@ -408,4 +409,4 @@ def _fts(conn: sqlite3.Connection, term: str, prefix: bool) -> tuple[str, int, b
 
 def _mailbox_matches(wanted: Sequence[str], mailbox: Address) -> bool:
     """Whether the words ``wanted`` occur in a row in ``mailbox``, the last as a start."""
-    return (" " + " ".join(archive_words(str(mailbox)))).find(" " + " ".join(wanted)) >= 0
+    return archive_words_occur(wanted, archive_words(str(mailbox)))
