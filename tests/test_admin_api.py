@@ -378,6 +378,46 @@ async def test_flush_makes_selected_entries_due_now_and_they_are_tried(hub: Hub,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_whole_route_is_flushed_without_listing_the_backlog_first(
+    hub: Hub, downstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    After an outage the backlog is what is flushed: the store flushes the
+    route in one statement and the nodes go at once; the answer counts
+    (held and leased entries skipped) and names no entry.
+    """
+    waiting = [await hub.spool(f"user{i}@example.com", route=hub.live) for i in range(3)]
+    held = await hub.spool("held@example.com", route=hub.live)
+    await hub.store.hold(held)
+    await hub.spool("busy@example.com", route=hub.live, leased=True)
+    elsewhere = await hub.spool("bob@example.com")  # the dead route: not selected
+    listed: list[object] = []
+    cls = type(hub.store)
+
+    def counted(real: Any) -> Any:
+        def listing(self: Any, *a: Any, **k: Any) -> Any:
+            listed.append(a)
+            return real(self, *a, **k)
+
+        return listing
+
+    monkeypatch.setattr(cls, "entries", counted(cls.entries))
+    monkeypatch.setattr(cls, "get", counted(cls.get))
+    code, result = await hub.call("POST", "/api/queue/flush", body={"selection": {"route": hub.live}})
+    monkeypatch.undo()
+    assert code == 200, result
+    assert listed == []
+    assert (result["selected"], result["done"], result["ids"]) == (5, 3, [])
+    assert result["skipped"] == {"held or being delivered": 2}
+    await eventually(lambda: len(downstream.messages) == 3, timeout=20, what="the flushed entries delivered")
+    assert sorted(r for m in downstream.messages for r in m.recipients) == [
+        f"user{i}@example.com" for i in range(3)
+    ]
+    assert not set(waiting) & set(await hub.ids())
+    assert (await hub.store.get(elsewhere)) is not None
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_archive_api_answers_under_the_same_tokens(hub: Hub) -> None:
     code, page = await hub.call("GET", "/api/archive/search", token=VIEWER, params={"q": "hello"})
     assert code == 200 and page["items"] == []

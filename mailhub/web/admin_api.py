@@ -460,7 +460,9 @@ def openapi_document() -> dict[str, Any]:
                     "properties": {
                         "action": {"type": "string", "enum": list(ACTIONS)}, "selection": string,
                         "selected": {"type": "integer"}, "done": {"type": "integer"},
-                        "ids": {"type": "array", "items": string},
+                        "ids": {"type": "array", "items": string, "description": (
+                            "the entries acted on; empty for a flush of a whole route, domain or"
+                            " the spool, which the store does in one statement without listing them")},
                         "skipped": {"type": "object", "additionalProperties": {"type": "integer"}},
                         "still_held": {"type": "integer"}, "dsn": {"type": "integer"},
                         "no_dsn": {"type": "integer"}, "route": string,
