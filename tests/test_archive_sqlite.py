@@ -30,8 +30,10 @@ from mailhub.model import (
 )
 from mailhub.plugin import load_plugin
 from mailhub.plugins.sqlite.archive import SCHEMA_VERSION, SqliteArchive, plugin
+from mailhub.plugins.sqlite.archive import schema as archive_schema
 from mailhub.plugins.sqlite.archive import search as archive_search
 from mailhub.plugins.sqlite.archive import terms as archive_terms
+from mailhub.plugins.sqlite.archive.rows import index_row, scope_token, text_of
 from mailhub.plugins.sqlite.archive.schema import migrate
 from mailhub.plugins.sqlite.archive.search import Search
 from mailhub.plugins.sqlite.archive.terms import Terms
@@ -196,6 +198,125 @@ async def test_expired_message_leaves_no_index_entry(archive: SqliteArchive) -> 
     assert await rows(archive, "SELECT count(*) FROM messages") == [(0,)]
 
 
+async def scope_terms(archive: SqliteArchive) -> dict[str, int]:
+    """
+    The index's scope terms and how many messages each is in, against what
+    ``mailboxes`` says they should be: both, as ``{mailbox: count}``.
+    """
+
+    def read(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
+        conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.scope_vocab USING fts5vocab (main, text_index, 'col')")
+        indexed = dict(conn.execute("SELECT term, doc FROM temp.scope_vocab WHERE col = 'scope'").fetchall())
+        wanted = dict(conn.execute("SELECT mailbox, count(*) FROM mailboxes GROUP BY mailbox").fetchall())
+        domains = dict(
+            conn.execute("SELECT '@' || domain, count(DISTINCT message_id) FROM mailboxes GROUP BY domain").fetchall()
+        )
+        return indexed, wanted, domains
+
+    indexed, wanted, domains = await archive.run(read)
+    assert indexed == {scope_token(m): n for m, n in {**wanted, **domains}.items()}, (
+        "the scope terms and the mailboxes disagree"
+    )
+    return wanted
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mailboxs_search_asks_fts5_for_its_messages_only(archive: SqliteArchive) -> None:
+    """
+    A search of one mailbox (or domain) adds its scope term to its
+    full-text condition: FTS5 finds the matches in it, not in the archive.
+    No word typed can match a scope term, nor can its start.
+    """
+    await archive.add(archived("a", NOW - 3, (ALICE,), body="see you soon"))
+    await archive.add(archived("b", NOW - 2, (BOB,), body="see you soon"))
+    await archive.add(archived("ab", NOW - 1, (ALICE, BOB), body="see you later"))
+    search = Search.of(ArchiveScope(mailbox=ALICE), ArchiveQuery(phrases=("see you",)))
+    await archive._read(search.bind)
+    assert search.params["match"].endswith(f' AND {{scope}} : "{scope_token(str(ALICE))}"')
+    search = Search.of(ArchiveScope(domain="a.example"), ArchiveQuery(phrases=("see you",)))
+    await archive._read(search.bind)
+    assert search.params["match"].endswith(f' AND {{scope}} : "{scope_token("@a.example")}"')
+    assert await scope_terms(archive) == {str(ALICE): 2, str(BOB): 2}
+    page = await archive.search(ArchiveScope(mailbox=ALICE), ArchiveQuery(phrases=("see you",)), None, 10)
+    assert [m.id for m in page.items] == ["ab", "a"]
+    assert await archive.count(ArchiveScope(mailbox=BOB), ArchiveQuery(phrases=("you soon",))) == 1
+    page = await archive.search(ArchiveScope(domain="a.example"), ArchiveQuery(phrases=("see you",)), None, 10)
+    assert [m.id for m in page.items] == ["ab", "b", "a"]
+    hexdigits = scope_token(str(ALICE))[1:]
+    for typed in (hexdigits, hexdigits[:3]):
+        assert (await archive.search(ArchiveScope(), ArchiveQuery(words=(typed,)), None, 10)).items == ()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_added_again_for_another_mailbox_is_found_in_it(archive: SqliteArchive) -> None:
+    """The index row is written again with the new mailbox's term (and the old one's delete is exact)."""
+    await archive.add(archived("m", NOW - 1, (ALICE,), body="quarterly figures"))
+    await archive.add(archived("m", NOW - 1, (BOB,), body="quarterly figures"))
+    await archive.add(archived("m", NOW - 1, (BOB,), body="quarterly figures"))  # nothing new: unchanged
+    assert await scope_terms(archive) == {str(ALICE): 1, str(BOB): 1}
+    for mailbox in (ALICE, BOB):
+        page = await archive.search(ArchiveScope(mailbox=mailbox), ArchiveQuery(phrases=("quarterly figures",)), None, 10)
+        assert [m.id for m in page.items] == ["m"], mailbox
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_kept_for_another_domain_loses_the_expired_mailboxs_term(archive: SqliteArchive) -> None:
+    await archive.add(archived("m", NOW - 10, (ALICE, DAVE), body="quarterly figures"))
+    await archive.add(archived("n", NOW - 10, (ALICE,), body="quarterly figures"))
+    assert await archive.expire("a.example", NOW, 10) == 2
+    assert await scope_terms(archive) == {str(DAVE): 1}
+    page = await archive.search(ArchiveScope(mailbox=DAVE), ArchiveQuery(words=("quarterly",)), None, 10)
+    assert [m.id for m in page.items] == ["m"]
+    assert (await archive.search(ArchiveScope(mailbox=ALICE), ArchiveQuery(words=("quarterly",)), None, 10)).items == ()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_archive_of_schema_4_gains_the_scope_terms(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Opening an archive whose text index has no ``scope`` column writes the
+    index again from the messages' kept text, with each one's mailboxes.
+    """
+    archive = open_archive(db)
+    await archive.add(archived("a", NOW - 2, (ALICE, DAVE), subject="Budget", body="see you soon"))
+    await archive.add(archived("b", NOW - 1, (BOB,), body="see you later", attachments=("plan.pdf",)))
+    await archive.close()
+    # As schema 4 left it: the same index without the scope column.
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE text_index")
+    conn.execute(
+        "CREATE VIRTUAL TABLE text_index USING fts5 (subject, sender, recipients, body, attachments,"
+        " content = '', tokenize = 'unicode61 remove_diacritics 2')"
+    )
+    for seq, sender, blob in conn.execute("SELECT seq, sender, text FROM messages").fetchall():
+        conn.execute(
+            "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments) VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, *index_row(text_of(blob), sender, ())[:5]),
+        )
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+
+    monkeypatch.setattr(archive_schema, "_REBUILD_BATCH", 1)  # batches, as a large archive has
+    archive = open_archive(db)
+    try:
+        assert await rows(archive, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert await scope_terms(archive) == {str(ALICE): 1, str(DAVE): 1, str(BOB): 1}
+        for scope, query, ids in (
+            (ArchiveScope(mailbox=ALICE), ArchiveQuery(phrases=("see you",)), ["a"]),
+            (ArchiveScope(mailbox=BOB), ArchiveQuery(phrases=("see you",)), ["b"]),
+            (ArchiveScope(mailbox=DAVE), ArchiveQuery(subject=("budg",)), ["a"]),
+            (ArchiveScope(), ArchiveQuery(words=("plan",)), ["b"]),
+            (ArchiveScope(domain="a.example"), ArchiveQuery(words=("see",)), ["b", "a"]),
+        ):
+            page = await archive.search(scope, query, None, 10)
+            assert [m.id for m in page.items] == ids, (scope, query)
+        # And it is kept up as before.
+        assert await archive.expire("a.example", NOW, 10) == 2
+        assert await scope_terms(archive) == {str(DAVE): 1}
+    finally:
+        await archive.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_full_database_fails_with_store_full(tmp_path: Path) -> None:
     """Past ``max_size_mb``, ``add`` fails with ``StoreFull``; what is there stays readable."""
@@ -358,7 +479,7 @@ async def test_archive_of_schema_1_gains_the_account_tables(db: Path) -> None:
     try:
         assert (await archive.get("old")).message == ODD_MESSAGE
         assert await rows(archive, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-        assert SCHEMA_VERSION == 4
+        assert SCHEMA_VERSION == 5
         tables = await rows(archive, "SELECT name FROM sqlite_master WHERE type = 'table'")
         assert {"accounts", "read_flags", "sent"} <= {name for (name,) in tables}
         await archive.add_account(account(ALICE))
@@ -562,8 +683,8 @@ async def test_word_search_pages_match_whole_list(
 
 
 async def bound(archive: SqliteArchive, query: ArchiveQuery) -> Search:
-    """The search of ``query`` in ALICE's mailbox, its full-text condition written as the archive would."""
-    search = Search.of(ArchiveScope(mailbox=ALICE), query)
+    """The search of ``query`` over the archive, its full-text condition written as the archive would."""
+    search = Search.of(ArchiveScope(), query)
 
     def bind(conn: sqlite3.Connection) -> Search:
         search.bind(conn)
@@ -640,7 +761,7 @@ async def test_an_archive_of_schema_3_gains_its_terms(db: Path) -> None:
         )
         assert await found(archive, ArchiveQuery(words=("quart",))) == ["a"]
         [(version,)] = await archive._read(lambda c: c.execute("PRAGMA user_version").fetchall())
-        assert version == 4
+        assert version == SCHEMA_VERSION
     finally:
         await archive.close()
 

@@ -21,7 +21,12 @@ Tables:
 - ``text_index``: FTS5 (``unicode61 remove_diacritics 2``: case and accents
   folded) over subject, sender (``From:`` and envelope), recipients
   (``To:``/``Cc:``), body and attachment names, keyed by the messages' rowid;
-  contentless, as the text is kept in ``messages``.
+  contentless, as the text is kept in ``messages``.  A sixth column,
+  ``scope`` (schema 5), holds a token for each of the message's mailboxes
+  and their domains (``rows.scope_tokens``), so that a search of a mailbox
+  asks FTS5 for its matches there (``AND {scope} : token``); whatever
+  changes a message's mailboxes (an ``add`` for another mailbox, an expiry
+  that keeps it for others) writes its row again.
 - ``terms``: the text index's terms, noted as messages are added
   (``terms.Terms``), so that a search asks FTS5 for a word's start as the
   exact terms that begin with it (``terms.expand``), not as a prefix query.
@@ -91,7 +96,16 @@ from mailhub.model import (
     decode_archive_cursor,
 )
 
-from .rows import address_of, as_tuple, clean, index_row, mailboxes_of, text_blob, text_of
+from .rows import (
+    INDEX_COLUMNS,
+    address_of,
+    as_tuple,
+    clean,
+    index_row,
+    mailboxes_of,
+    text_blob,
+    text_of,
+)
 from .schema import SCHEMA_VERSION
 from .search import Search
 from .terms import Terms
@@ -108,8 +122,9 @@ _T = TypeVar("_T")
 def _add(message: ArchivedMessage, terms: Terms) -> Job:
     def job(conn: sqlite3.Connection) -> None:
         row = conn.execute(
-            "SELECT received_at FROM messages WHERE id = ?", (message.id,)
+            "SELECT received_at, seq, sender, text FROM messages WHERE id = ?", (message.id,)
         ).fetchone()
+        mailboxes = [clean(str(m)) for m in message.mailboxes]
         if row is None:
             received_at = message.received_at
             text = message.text
@@ -137,15 +152,14 @@ def _add(message: ArchivedMessage, terms: Terms) -> Job:
                     text_blob(text),
                 ),
             ).lastrowid
-            columns = index_row(text, sender)
-            conn.execute(
-                "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (seq, *columns),
-            )
-            terms.note(conn, columns)
+            columns = index_row(text, sender, mailboxes)
+            conn.execute(f"INSERT INTO text_index (rowid, {INDEX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", (seq, *columns))
+            terms.note(conn, columns[:-1])
         else:
-            received_at = row[0]
+            received_at, seq, sender, blob = row
+            before = _mailboxes(conn, message.id)
+            if not before.issuperset(mailboxes):
+                _reindex(conn, seq, sender, blob, before, before.union(mailboxes))
         conn.executemany(
             "INSERT OR IGNORE INTO mailboxes (message_id, mailbox, domain, received_at, words)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -158,19 +172,41 @@ def _add(message: ArchivedMessage, terms: Terms) -> Job:
     return job
 
 
-def _remove_message(conn: sqlite3.Connection, archive_id: str) -> None:
-    """Remove a message that has no mailbox left, its index entry, and its body once unused."""
+def _mailboxes(conn: sqlite3.Connection, archive_id: str) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT mailbox FROM mailboxes WHERE message_id = ?", (archive_id,))}
+
+
+def _reindex(conn: sqlite3.Connection, seq: int, sender: str | None, blob: bytes, before: set[str],
+             after: set[str] | None) -> None:
+    """
+    Take a message's row out of the text index, where it was written for
+    the mailboxes ``before`` (a contentless index needs the very values
+    again), and write it back for those ``after`` (``None``: not at all).
+    """
+    text = text_of(blob)
+    conn.execute(
+        f"INSERT INTO text_index (text_index, rowid, {INDEX_COLUMNS}) VALUES ('delete', ?, ?, ?, ?, ?, ?, ?)",
+        (seq, *index_row(text, sender, before)),
+    )
+    if after is not None:
+        conn.execute(
+            f"INSERT INTO text_index (rowid, {INDEX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, *index_row(text, sender, after)),
+        )
+
+
+def _remove_message(conn: sqlite3.Connection, archive_id: str, before: set[str]) -> None:
+    """
+    Remove a message that has no mailbox left (it had ``before``), its index
+    entry, and its body once unused.
+    """
     row = conn.execute(
         "SELECT seq, sender, body_hash, text FROM messages WHERE id = ?", (archive_id,)
     ).fetchone()
     if row is None:
         return
     seq, sender, body_hash, blob = row
-    conn.execute(
-        "INSERT INTO text_index (text_index, rowid, subject, sender, recipients, body,"
-        " attachments) VALUES ('delete', ?, ?, ?, ?, ?, ?)",
-        (seq, *index_row(text_of(blob), sender)),
-    )
+    _reindex(conn, seq, sender, blob, before, None)
     conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
     conn.execute(
         "DELETE FROM bodies WHERE hash = ?"
@@ -190,12 +226,18 @@ def _expire(domain: str, before: float, limit: int) -> Job:
             " ORDER BY received_at, message_id LIMIT ?",
             (domain, before, limit),
         ).fetchall()
+        # Each message's mailboxes before: its index row was written for them.
+        had = {archive_id: _mailboxes(conn, archive_id) for _, archive_id in pairs}
         conn.executemany("DELETE FROM mailboxes WHERE mailbox = ? AND message_id = ?", pairs)
-        for archive_id in dict.fromkeys(message_id for _, message_id in pairs):
-            if not conn.execute(
-                "SELECT 1 FROM mailboxes WHERE message_id = ?", (archive_id,)
-            ).fetchone():
-                _remove_message(conn, archive_id)
+        for archive_id, mailboxes in had.items():
+            left = _mailboxes(conn, archive_id)
+            if not left:
+                _remove_message(conn, archive_id, mailboxes)
+            elif left != mailboxes:
+                seq, sender, blob = conn.execute(
+                    "SELECT seq, sender, text FROM messages WHERE id = ?", (archive_id,)
+                ).fetchone()
+                _reindex(conn, seq, sender, blob, mailboxes, left)
         records = conn.execute(
             "SELECT mailbox, archive_id FROM delivered"
             " WHERE domain = ? AND at < ?"

@@ -6,6 +6,7 @@ summaries.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import zlib
@@ -19,8 +20,8 @@ from mailhub.model import (
 )
 
 __all__ = [
-    "SUMMARY_COLUMNS", "address_of", "as_tuple", "clean", "index_row", "mailboxes_of",
-    "summary_of", "text_blob", "text_of",
+    "INDEX_COLUMNS", "SCOPE_MARK", "SUMMARY_COLUMNS", "address_of", "as_tuple", "clean", "index_row",
+    "mailboxes_of", "scope_token", "scope_tokens", "summary_of", "text_blob", "text_of",
 ]
 
 
@@ -67,14 +68,48 @@ def text_of(blob: bytes) -> ArchiveText:
     return ArchiveText(**data)
 
 
-def index_row(text: ArchiveText, sender: str | None) -> tuple[str, ...]:
-    """The values of ``text_index``'s columns for a message (``delete`` needs them again)."""
+#: ``text_index``'s columns, in order; the last, ``scope``, holds a token
+#: for each of the message's mailboxes and their domains (``scope_tokens``).
+INDEX_COLUMNS = "subject, sender, recipients, body, attachments, scope"
+
+#: What a scope token starts with: a character of Unicode's private use
+#: area, which FTS5's ``unicode61`` tokenizer keeps in a token and which no
+#: search's word has (``archive_words`` keeps letters and digits; these are
+#: neither), so that no word typed, nor its start, matches a scope token.
+SCOPE_MARK = "\ue000"
+
+
+def scope_token(mailbox: str) -> str:
+    """
+    The text index's term for one mailbox (as ``mailboxes.mailbox`` holds
+    it), or for a domain given as ``"@" + domain`` (which no mailbox is):
+    ``SCOPE_MARK`` and a hash of the text.  Two scopes that share a token (a
+    hash collision) only make a search read more rows: what a search shows
+    is checked against ``mailboxes``.
+    """
+    return SCOPE_MARK + hashlib.blake2b(mailbox.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def scope_tokens(mailboxes: Iterable[str]) -> str:
+    """The ``scope`` column of a message in ``mailboxes``: a token for each, and for each of their domains."""
+    scopes = set(mailboxes)
+    scopes |= {"@" + m.rpartition("@")[2] for m in scopes}
+    return " ".join(sorted(scope_token(s) for s in scopes))
+
+
+def index_row(text: ArchiveText, sender: str | None, mailboxes: Iterable[str]) -> tuple[str, ...]:
+    """
+    The values of ``text_index``'s columns (``INDEX_COLUMNS``) for a message
+    in ``mailboxes`` (``mailboxes.mailbox`` values); ``delete`` needs exactly
+    these again, so the scope's tokens are sorted.
+    """
     return (
         clean(text.subject),
         clean(f"{text.sender}\n{sender or ''}"),
         clean(text.recipients),
         clean(text.body),
         clean("\n".join(text.attachments)),
+        scope_tokens(mailboxes),
     )
 
 

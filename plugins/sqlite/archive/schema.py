@@ -6,6 +6,7 @@ records), its schema version and the migration of an older archive.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 __all__ = [
@@ -21,7 +22,7 @@ __all__ = [
 #: The archive's schema, in ``PRAGMA user_version``: 2 added the accounts'
 #: tables (``ACCOUNTS_SCHEMA``), 3 the delivery records
 #: (``DELIVERED_SCHEMA``), 4 the text index's terms (``TERMS_SCHEMA``).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -55,7 +56,7 @@ CREATE INDEX IF NOT EXISTS mailboxes_time ON mailboxes (mailbox, received_at DES
 CREATE INDEX IF NOT EXISTS mailboxes_domain ON mailboxes (domain, received_at DESC, message_id DESC);
 CREATE INDEX IF NOT EXISTS mailboxes_message ON mailboxes (message_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS text_index USING fts5 (
-    subject, sender, recipients, body, attachments,
+    subject, sender, recipients, body, attachments, scope,
     content = '', tokenize = 'unicode61 remove_diacritics 2'
 );
 CREATE TABLE IF NOT EXISTS holds (
@@ -163,5 +164,57 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
             conn.execute("INSERT OR IGNORE INTO terms (term, exact) SELECT term, 1 FROM temp.text_terms")
         finally:
             conn.execute("DROP TABLE temp.text_terms")
+    if _index_columns(conn) < 6:
+        _rebuild_text_index(conn)
     if version < SCHEMA_VERSION:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _index_columns(conn: sqlite3.Connection) -> int:
+    return len(conn.execute("PRAGMA table_info(text_index)").fetchall())
+
+
+#: Messages read and indexed at a time by the rebuild of schema 5.
+_REBUILD_BATCH = 2000
+
+
+def _rebuild_text_index(conn: sqlite3.Connection) -> None:
+    """
+    Schema 5: the text index gains the ``scope`` column (a token for each
+    of a message's mailboxes, ``rows.scope_token``), so that FTS5 finds a
+    search's matches within one mailbox itself.  FTS5 cannot add a column:
+    the index is written again from each message's kept text (about
+    10,000 messages a second), then takes the old one's place.
+    """
+    from .rows import INDEX_COLUMNS, index_row, text_of
+
+    conn.execute(
+        "CREATE VIRTUAL TABLE text_index_5 USING fts5 ("
+        f" {INDEX_COLUMNS}, content = '', tokenize = 'unicode61 remove_diacritics 2')"
+    )
+    last = -1
+    while True:
+        rows = conn.execute(
+            "SELECT seq, id, sender, text FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+            (last, _REBUILD_BATCH),
+        ).fetchall()
+        if not rows:
+            break
+        ids = [row[1] for row in rows]
+        mailboxes: dict[str, list[str]] = {}
+        for message_id, mailbox in conn.execute(
+            "SELECT message_id, mailbox FROM mailboxes WHERE message_id IN"
+            " (SELECT value FROM json_each(?))",
+            (json.dumps(ids),),
+        ):
+            mailboxes.setdefault(message_id, []).append(mailbox)
+        conn.executemany(
+            f"INSERT INTO text_index_5 (rowid, {INDEX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (seq, *index_row(text_of(blob), sender, mailboxes.get(message_id, ())))
+                for seq, message_id, sender, blob in rows
+            ],
+        )
+        last = rows[-1][0]
+    conn.execute("DROP TABLE text_index")
+    conn.execute("ALTER TABLE text_index_5 RENAME TO text_index")

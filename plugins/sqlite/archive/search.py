@@ -23,7 +23,15 @@ from mailhub.model import (
     encode_archive_cursor,
 )
 
-from .rows import SUMMARY_COLUMNS, address_of, as_tuple, clean, mailboxes_of, summary_of
+from .rows import (
+    SUMMARY_COLUMNS,
+    address_of,
+    as_tuple,
+    clean,
+    mailboxes_of,
+    scope_token,
+    summary_of,
+)
 from .terms import expand
 
 __all__ = ["Search", "fts_string"]
@@ -87,6 +95,11 @@ class Search:
     merged: bool = False
     #: How many terms ``bind`` asked FTS5 about.
     terms: int = 0
+    #: For a search of one mailbox or domain, its term in the index's
+    #: ``scope`` column (``rows.scope_token``): ``bind`` adds it to the
+    #: full-text condition, so that FTS5 itself keeps to the scope's
+    #: messages (and reads a phrase's positions only in them).
+    scope_term: str | None = None
 
     @classmethod
     def of(cls, scope: ArchiveScope, query: ArchiveQuery) -> Search:
@@ -157,6 +170,12 @@ class Search:
             bool(match),
             everywhere,
             texts,
+            scope_term=(
+                None if not match
+                else scope_token(params["mailbox"]) if scope.mailbox is not None
+                else scope_token("@" + scope.domain) if scope.domain is not None
+                else None
+            ),
         )
 
     def bind(self, conn: sqlite3.Connection) -> None:
@@ -171,6 +190,8 @@ class Search:
                 continue
             asked = [(column, *_fts(conn, term, prefix)) for column, term, prefix in parts]
             self.params[name] = " AND ".join(f"{column}({text})" for column, text, _, _ in asked)
+            if name == "match" and self.scope_term is not None:
+                self.params[name] += f" AND {{scope}} : {fts_string(self.scope_term, False)}"
             self.terms += sum(n for _, _, n, _ in asked)
             self.merged = self.merged or any(merged for _, _, _, merged in asked)
 
@@ -208,6 +229,11 @@ class Search:
             "SELECT count(*) FROM (SELECT rowid FROM text_index WHERE text_index MATCH :match"
             " LIMIT :few)"
         )
+        if self.scope_term is not None:
+            # A mailbox (or domain) of at most that many messages.
+            match = f"{{scope}} : {fts_string(self.scope_term, False)}"
+            if int(conn.execute(sql, {"match": match, "few": _FEW + 1}).fetchone()[0]) <= _FEW:
+                return True
         for _column, term, prefix in self.texts.get("match", ()):
             parts = [(term, True)] if prefix else [(w, False) for w in archive_words(term)]
             for word, start in parts:
@@ -345,9 +371,12 @@ class Search:
             ]
             chunk_params = {**params, "chunk_time": last_time, "chunk_id": last_id}
             sparse = high - low + 1 > _SPARSE * n * max(self.terms, 1)
-            if sparse and not self.everywhere:
+            if sparse and (not self.everywhere or self.scope_term is not None):
                 # A field's words: FTS5 reads their positions to tell the
                 # column, a seek for each row; their whole list costs less.
+                # So does the list of a mailbox's matches, which FTS5 finds
+                # by the mailbox's term (a phrase: 6 ms over a mailbox of
+                # 1,000 in an archive of 1,000,000, against 70 asked row by row).
                 self._collect(conn, params, extra, "", found, limit)
                 return
             if sparse:
