@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from zope.interface.verify import verifyObject
 
+from mailhub.archive.query import parse_query
 from mailhub.interfaces import IArchive, IArchivePlugin
 from mailhub.model import (
     Address,
@@ -33,7 +34,13 @@ from mailhub.plugins.sqlite.archive import SCHEMA_VERSION, SqliteArchive, plugin
 from mailhub.plugins.sqlite.archive import schema as archive_schema
 from mailhub.plugins.sqlite.archive import search as archive_search
 from mailhub.plugins.sqlite.archive import terms as archive_terms
-from mailhub.plugins.sqlite.archive.rows import index_row, scope_token, text_of
+from mailhub.plugins.sqlite.archive.rows import (
+    INDEX_COLUMNS,
+    SCOPE_MARK,
+    index_row,
+    scope_token,
+    text_of,
+)
 from mailhub.plugins.sqlite.archive.schema import migrate
 from mailhub.plugins.sqlite.archive.search import Search
 from mailhub.plugins.sqlite.archive.terms import Terms
@@ -248,6 +255,26 @@ async def test_a_mailboxs_search_asks_fts5_for_its_messages_only(archive: Sqlite
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_typed_scope_mark_matches_no_scope_token(archive: SqliteArchive) -> None:
+    """
+    Anyone can compute an address's token; typed into the search box, the
+    mark and the hash's start would tell a user which of her messages also
+    went to bob (a Bcc) or to a domain.  A search drops the mark from what
+    was typed, as every archive drops it from words.
+    """
+    await archive.add(archived("only-alice", NOW - 2, (ALICE,), body="hello"))
+    await archive.add(archived("bcc-bob", NOW - 1, (ALICE, BOB), body="hello"))
+    await archive.add(archived("bcc-dave", NOW - 0.5, (ALICE, DAVE), body="hello"))
+    for typed in (SCOPE_MARK + scope_token(str(BOB))[1:5], scope_token(str(BOB)), scope_token("@b.example")):
+        for scope in (ArchiveScope(mailbox=ALICE), ArchiveScope(domain="a.example"), ArchiveScope()):
+            query = parse_query(typed)
+            assert (await archive.search(scope, query, None, 10)).items == (), (typed, scope)
+            assert await archive.count(scope, query) == 0
+            assert await archive.count(scope, ArchiveQuery(phrases=(typed,))) == 0
+            assert await archive.count(scope, ArchiveQuery(sender=(typed,))) == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_message_added_again_for_another_mailbox_is_found_in_it(archive: SqliteArchive) -> None:
     """The index row is written again with the new mailbox's term (and the old one's delete is exact)."""
     await archive.add(archived("m", NOW - 1, (ALICE,), body="quarterly figures"))
@@ -280,21 +307,7 @@ async def test_an_archive_of_schema_4_gains_the_scope_terms(db: Path, monkeypatc
     await archive.add(archived("a", NOW - 2, (ALICE, DAVE), subject="Budget", body="see you soon"))
     await archive.add(archived("b", NOW - 1, (BOB,), body="see you later", attachments=("plan.pdf",)))
     await archive.close()
-    # As schema 4 left it: the same index without the scope column.
-    conn = sqlite3.connect(db)
-    conn.execute("DROP TABLE text_index")
-    conn.execute(
-        "CREATE VIRTUAL TABLE text_index USING fts5 (subject, sender, recipients, body, attachments,"
-        " content = '', tokenize = 'unicode61 remove_diacritics 2')"
-    )
-    for seq, sender, blob in conn.execute("SELECT seq, sender, text FROM messages").fetchall():
-        conn.execute(
-            "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments) VALUES (?, ?, ?, ?, ?, ?)",
-            (seq, *index_row(text_of(blob), sender, ())[:5]),
-        )
-    conn.execute("PRAGMA user_version = 4")
-    conn.commit()
-    conn.close()
+    as_schema_4(db)  # the same index without the scope column
 
     monkeypatch.setattr(archive_schema, "_REBUILD_BATCH", 1)  # batches, as a large archive has
     archive = open_archive(db)
@@ -313,6 +326,86 @@ async def test_an_archive_of_schema_4_gains_the_scope_terms(db: Path, monkeypatc
         # And it is kept up as before.
         assert await archive.expire("a.example", NOW, 10) == 2
         assert await scope_terms(archive) == {str(DAVE): 1}
+    finally:
+        await archive.close()
+
+
+def as_schema_4(db: Path) -> None:
+    """Give the archive at ``db`` the text index of schema 4 (no scope column)."""
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE text_index")
+    conn.execute(
+        "CREATE VIRTUAL TABLE text_index USING fts5 (subject, sender, recipients, body, attachments,"
+        " content = '', tokenize = 'unicode61 remove_diacritics 2')"
+    )
+    for seq, sender, blob in conn.execute("SELECT seq, sender, text FROM messages").fetchall():
+        conn.execute(
+            "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments) VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, *index_row(text_of(blob), sender, ())[:5]),
+        )
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_archive_of_schema_4_at_its_size_limit_still_migrates(db: Path) -> None:
+    """
+    The old index goes before the new one is written: an archive with no
+    room for two indexes migrates (else every call, reads too, would fail
+    at every open).
+    """
+    archive = open_archive(db, max_size_mb=1)
+    added = 0
+    try:
+        while True:
+            body = " ".join(f"w{(added * 7919 + i) % 100003}x{i}" for i in range(300))
+            try:
+                await archive.add(archived(f"m{added}", NOW - 10_000 + added, (ALICE, DAVE), body=body))
+            except StoreUnavailable:  # StoreFull: the archive is at its limit
+                break
+            added += 1
+    finally:
+        await archive.close()
+    assert added > 10
+    as_schema_4(db)
+    archive = open_archive(db, max_size_mb=1)
+    try:
+        assert await rows(archive, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert await scope_terms(archive) == {str(ALICE): added, str(DAVE): added}
+        assert await archive.count(ArchiveScope(mailbox=DAVE), ArchiveQuery(words=("w0x0",))) == 1
+    finally:
+        await archive.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scope_index_in_a_file_set_back_to_schema_4_is_written_again(db: Path) -> None:
+    """
+    An older mailhub writing into a file of schema 5 (set back by hand)
+    leaves rows without their scope: opening it with this one again writes
+    the index again, whatever its columns.
+    """
+    archive = open_archive(db)
+    await archive.add(archived("a", NOW - 2, (ALICE,), body="see you"))
+    await archive.close()
+    conn = sqlite3.connect(db)
+    seq, sender, blob = conn.execute("SELECT seq, sender, text FROM messages").fetchone()
+    # What the older code did: the row again, without the scope column.
+    conn.execute(
+        f"INSERT INTO text_index (text_index, rowid, {INDEX_COLUMNS}) VALUES ('delete', ?, ?, ?, ?, ?, ?, ?)",
+        (seq, *index_row(text_of(blob), sender, [str(ALICE)])),
+    )
+    conn.execute(
+        "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments) VALUES (?, ?, ?, ?, ?, ?)",
+        (seq, *index_row(text_of(blob), sender, ())[:5]),
+    )
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    archive = open_archive(db)
+    try:
+        assert await scope_terms(archive) == {str(ALICE): 1}
+        assert await archive.count(ArchiveScope(mailbox=ALICE), ArchiveQuery(phrases=("see you",))) == 1
     finally:
         await archive.close()
 

@@ -74,8 +74,10 @@ INDEX_COLUMNS = "subject, sender, recipients, body, attachments, scope"
 
 #: What a scope token starts with: a character of Unicode's private use
 #: area, which FTS5's ``unicode61`` tokenizer keeps in a token and which no
-#: search's word has (``archive_words`` keeps letters and digits; these are
-#: neither), so that no word typed, nor its start, matches a scope token.
+#: archive counts in a word (``archive_words`` keeps letters and digits;
+#: this is neither).  A search takes it out of what was typed
+#: (``search._fts``), so that no word typed, nor its start, matches a
+#: scope token.
 SCOPE_MARK = "\ue000"
 
 

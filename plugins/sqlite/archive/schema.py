@@ -164,7 +164,10 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
             conn.execute("INSERT OR IGNORE INTO terms (term, exact) SELECT term, 1 FROM temp.text_terms")
         finally:
             conn.execute("DROP TABLE temp.text_terms")
-    if _index_columns(conn) < 6:
+    if _index_columns(conn) < 6 or 0 < version < 5:
+        # Also an index of six columns in a file that says schema 4 or
+        # older: set back by hand, or written since by an older mailhub,
+        # its scope tokens cannot be trusted.
         _rebuild_text_index(conn)
     if version < SCHEMA_VERSION:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -184,12 +187,16 @@ def _rebuild_text_index(conn: sqlite3.Connection) -> None:
     of a message's mailboxes, ``rows.scope_token``), so that FTS5 finds a
     search's matches within one mailbox itself.  FTS5 cannot add a column:
     the index is written again from each message's kept text (about
-    10,000 messages a second), then takes the old one's place.
+    10,000 messages a second).  The old one goes first, in the same
+    transaction (a failure takes it all back): the rebuild reads only
+    ``messages`` and ``mailboxes``, and an archive near its ``max_size_mb``
+    has no room for two indexes.
     """
     from .rows import INDEX_COLUMNS, index_row, text_of
 
+    conn.execute("DROP TABLE text_index")
     conn.execute(
-        "CREATE VIRTUAL TABLE text_index_5 USING fts5 ("
+        "CREATE VIRTUAL TABLE text_index USING fts5 ("
         f" {INDEX_COLUMNS}, content = '', tokenize = 'unicode61 remove_diacritics 2')"
     )
     last = -1
@@ -209,12 +216,10 @@ def _rebuild_text_index(conn: sqlite3.Connection) -> None:
         ):
             mailboxes.setdefault(message_id, []).append(mailbox)
         conn.executemany(
-            f"INSERT INTO text_index_5 (rowid, {INDEX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO text_index (rowid, {INDEX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
                 (seq, *index_row(text_of(blob), sender, mailboxes.get(message_id, ())))
                 for seq, message_id, sender, blob in rows
             ],
         )
         last = rows[-1][0]
-    conn.execute("DROP TABLE text_index")
-    conn.execute("ALTER TABLE text_index_5 RENAME TO text_index")

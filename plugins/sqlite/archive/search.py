@@ -24,6 +24,7 @@ from mailhub.model import (
 )
 
 from .rows import (
+    SCOPE_MARK,
     SUMMARY_COLUMNS,
     address_of,
     as_tuple,
@@ -426,7 +427,15 @@ def _fts(conn: sqlite3.Connection, term: str, prefix: bool) -> tuple[str, int, b
     """
     ``term`` as FTS5 query text (its last word a start if ``prefix``), how
     many terms that asks about, and whether FTS5 is asked a prefix.
+
+    What was typed loses every ``SCOPE_MARK``: FTS5 would keep it in a
+    term (``unicode61`` counts private-use characters as letters), and a
+    typed ``SCOPE_MARK`` and the start of an address's hash (which anyone
+    can compute) would match that mailbox's scope tokens, telling a user
+    which of the messages she may see went to whom (a Bcc too).  No archive
+    counts the mark as part of a word (``archive_words``).
     """
+    term = term.replace(SCOPE_MARK, " ")
     words = archive_words(term)
     if prefix and term.isascii():
         expanded = expand(conn, words[-1])
