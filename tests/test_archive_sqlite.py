@@ -330,6 +330,14 @@ async def test_an_archive_of_schema_4_gains_the_scope_terms(db: Path, monkeypatc
         await archive.close()
 
 
+def insert_as_schema_4(conn: sqlite3.Connection, seq: int, sender: str | None, blob: bytes) -> None:
+    """A message's text index row as mailhub wrote it before schema 5: five columns, no scope."""
+    conn.execute(
+        "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments) VALUES (?, ?, ?, ?, ?, ?)",
+        (seq, *index_row(text_of(blob), sender, ())[:5]),
+    )
+
+
 def as_schema_4(db: Path) -> None:
     """Give the archive at ``db`` the text index of schema 4 (no scope column)."""
     conn = sqlite3.connect(db)
@@ -339,10 +347,7 @@ def as_schema_4(db: Path) -> None:
         " content = '', tokenize = 'unicode61 remove_diacritics 2')"
     )
     for seq, sender, blob in conn.execute("SELECT seq, sender, text FROM messages").fetchall():
-        conn.execute(
-            "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments) VALUES (?, ?, ?, ?, ?, ?)",
-            (seq, *index_row(text_of(blob), sender, ())[:5]),
-        )
+        insert_as_schema_4(conn, seq, sender, blob)
     conn.execute("PRAGMA user_version = 4")
     conn.commit()
     conn.close()
@@ -395,10 +400,7 @@ async def test_a_scope_index_in_a_file_set_back_to_schema_4_is_written_again(db:
         f"INSERT INTO text_index (text_index, rowid, {INDEX_COLUMNS}) VALUES ('delete', ?, ?, ?, ?, ?, ?, ?)",
         (seq, *index_row(text_of(blob), sender, [str(ALICE)])),
     )
-    conn.execute(
-        "INSERT INTO text_index (rowid, subject, sender, recipients, body, attachments) VALUES (?, ?, ?, ?, ?, ?)",
-        (seq, *index_row(text_of(blob), sender, ())[:5]),
-    )
+    insert_as_schema_4(conn, seq, sender, blob)
     conn.execute("PRAGMA user_version = 4")
     conn.commit()
     conn.close()
