@@ -339,20 +339,26 @@ class IRouteCoordination(Interface):
 
         Atomically across every node of every process sharing the store:
         shares whose ``ttl`` ran out (a node that died, or stopped asking) are
-        forgotten; then ``node`` is given ``max(holding, min(want, fair, free))``
-        where ``fair`` is its part of ``limit`` among the nodes that want some
-        (``mailhub.model.fair_share`` over the wants not yet expired) and
-        ``free`` is ``limit`` less the shares other nodes hold.  That becomes
-        its share (and ``want`` its demand) until ``now + ttl``.  A node
-        shrinks its share only down to what it has open (``holding``), so the
-        shares of all nodes never add up to more than ``limit`` while each
-        node stays within its own.
+        forgotten; then ``node`` is given ``min(want, fair, free)`` (at least
+        0) where ``fair`` is its part of ``limit`` among the nodes that want
+        some (``mailhub.model.fair_share`` over the wants not yet expired) and
+        ``free`` is ``limit`` less, for each other node, the larger of its
+        share and what it said it held.  That becomes its share (with
+        ``want`` its demand and ``holding`` what it holds) until ``now +
+        ttl``.  A node given less than it holds starts nothing new until it
+        holds less than its share; meanwhile its connections still count
+        against the others' ``free``, so the connections open never add up
+        to more than ``limit``, and a node that held every connection of a
+        busy route gives the others their fair part as its attempts end
+        (were a share never below what is held, a node kept busy would
+        keep every connection for good).
 
         :param route: the route, as text.
         :param node: the asking node's name.
         :param want: how many connections it could use now (``0`` gives its
             share back down to ``holding``).
-        :param holding: how many it has open now; never less than that is given.
+        :param holding: how many it has open now (counted against the others
+            until it asks again).
         :param limit: the route's ``max_connections`` for the whole hub.
         :param now: the time of the request (the node's clock).
         :param ttl: seconds the share lasts unless asked for again.

@@ -1027,6 +1027,54 @@ def test_two_nodes_never_run_more_attempts_than_the_routes_limit():
     assert sum(shares.values()) <= 3
 
 
+def test_a_node_kept_busy_on_every_connection_gives_the_other_its_part():
+    """
+    Dallas drains a backlog on all four connections, each attempt followed
+    by the next: when losangeles wants some too, dallas is given its fair
+    two, starts nothing new until it holds two, says so at once, and
+    losangeles runs two while dallas's backlog still waits; together they
+    never run more than four.
+    """
+    pending: list[Deferred] = []
+
+    def slow(entry, message):
+        d: Deferred = Deferred()
+        pending.append(d)
+        return d
+
+    hub = Hub(slow, limit=4)
+    for _ in range(40):
+        hub.accept("dallas")
+    hub.clock.advance(1)
+    dallas, losangeles = (hub.engines[n].throttle(ROUTE) for n in ("dallas", "losangeles"))
+    assert dallas.active == 4
+    for _ in range(20):
+        hub.accept("losangeles")
+    both = None
+    for step in range(400):
+        if pending:
+            pending.pop(0).callback(OK)
+        hub.clock.advance(0.05)
+        assert dallas.active + losangeles.active <= 4
+        if losangeles.active == 2 and dallas.active == 2:
+            both = step
+            break
+    assert both is not None, "losangeles never got its part"
+    assert both * 0.05 <= 2 * hub.settings.share_seconds + 0.5  # within two of the nodes' ticks
+    assert hub.engines["dallas"].in_flight > 2  # dallas's backlog was still there
+    for _ in range(2000):  # the rest of the backlog, then the engines stop
+        if not pending and not any(e.in_flight for e in hub.engines.values()):
+            break
+        if pending:
+            pending.pop(0).callback(OK)
+        hub.clock.advance(0.05)
+        assert dallas.active + losangeles.active <= 4
+    assert not pending and not any(e.in_flight for e in hub.engines.values())
+    for engine in hub.engines.values():
+        engine.stopService()
+    hub.clock.advance(60)
+
+
 def test_a_stopped_node_gives_its_share_back_at_once():
     hub = Hub(limit=4)
     hub.accept("dallas")

@@ -138,8 +138,17 @@ class DeliveryEngine(Service):
         self._asking: set[str] = set()
         self._ask_again: set[str] = set()
         self._short: set[str] = set()
+        #: Routes whose last share was less than this node held then: once
+        #: it holds no more than its share, it says so at once
+        #: (``_shrunk``), so that the other nodes get their part of the
+        #: route without waiting a tick.
+        self._over: set[str] = set()
         self._share_failing = False
         self._tick_timer: IDelayedCall | None = None
+        #: Routes given less than they asked for: asked again a quarter of a
+        #: tick later (``_reask``), as the node holding the rest gives it
+        #: back when its attempts end, not at a tick.
+        self._reasks: dict[str, IDelayedCall] = {}
         self._ticking: Deferred[None] | None = None
         #: Hub-wide route states (``rejecting``), as last read from the store.
         self.route_states: dict[str, dict[str, Any]] = {}
@@ -168,6 +177,10 @@ class DeliveryEngine(Service):
         if self._tick_timer is not None and self._tick_timer.active():
             self._tick_timer.cancel()
         self._tick_timer = None
+        for call in self._reasks.values():
+            if call.active():
+                call.cancel()
+        self._reasks.clear()
         for throttle in self._throttles.values():
             throttle.cancel_waiting()
         return ensureDeferred(self._stop())
@@ -590,6 +603,13 @@ class DeliveryEngine(Service):
         def given(share: int) -> None:
             if share < want:
                 self._short.add(route)
+                call = self._reasks.get(route)
+                if self.running and (call is None or not call.active()):
+                    self._reasks[route] = self._clock.callLater(self._settings.share_seconds / 4, self._reask, route)
+            if share < throttle.active:
+                self._over.add(route)
+            else:
+                self._over.discard(route)
             if share != throttle.share:
                 throttle.set_share(share)
                 pooled = IPooledTransport(self._transport_for(route), None)
@@ -617,6 +637,18 @@ class DeliveryEngine(Service):
                     self._ask_share(route)
 
         d.addCallbacks(given, failed).addBoth(done)
+
+    def _reask(self, route: str) -> None:
+        self._reasks.pop(route, None)
+        throttle = self._throttles.get(route)
+        if throttle is not None and throttle.demand() > throttle.share:
+            self._ask_share(route, throttle.demand())
+
+    def _shrunk(self, route: str, throttle: RouteThrottle) -> None:
+        """Tell the store as soon as this node holds no more than a share it was given below what it held."""
+        if route in self._over and throttle.active <= throttle.share:
+            self._over.discard(route)
+            self._ask_share(route, throttle.demand())
 
     def _schedule_tick(self) -> None:
         if self.running:
@@ -1000,6 +1032,7 @@ class DeliveryEngine(Service):
                 # suspended attempt taught nothing about the route.
                 was_down = throttle.down
                 recovered = throttle.release(() if suspended or not replies else replies.values())
+                self._shrunk(entry.route, throttle)
                 if throttle.down and not was_down:
                     self._publish_down(entry.route, throttle)
                 if not suspended:

@@ -1348,12 +1348,19 @@ class RouteCoordinationContract:
 
     @pytest_twisted.ensureDeferred
     async def test_second_node_gets_what_the_first_gives_back(self, ask: Any) -> None:
-        """The shares never add up to more than the limit: a node shrinks first, then the other grows."""
+        """
+        The connections open never add up to more than the limit: a node
+        shrinks first, then the other grows; and a node kept busy on all of
+        them shrinks too (given its fair part, less than it holds, it starts
+        nothing new), or it would keep them for the whole backlog.
+        """
         assert await ask("dallas", 3) == 3
         # losangeles wants some, but dallas holds all three.
         assert await ask("losangeles", 3) == 0
-        # dallas, asking again with three open, keeps them; with two, gets two.
-        assert await ask("dallas", 3, holding=3) == 3
+        # dallas, asking again with all three still open, is given its fair two...
+        assert await ask("dallas", 3, holding=3) == 2
+        # ...and its three still count against losangeles until it holds two.
+        assert await ask("losangeles", 3) == 0
         assert await ask("dallas", 3, holding=2) == 2
         assert await ask("losangeles", 3) == 1
         # Both still want three: the fair split of three stays two and one.
@@ -1373,10 +1380,13 @@ class RouteCoordinationContract:
         assert await ask("losangeles", 3, now=NOW + 10) == 3
 
     @pytest_twisted.ensureDeferred
-    async def test_holding_is_never_taken_away(self, ask: Any) -> None:
+    async def test_what_a_node_holds_counts_against_the_others(self, ask: Any) -> None:
         assert await ask("dallas", 3) == 3
-        assert await ask("dallas", 0, holding=2) == 2
+        # dallas wants nothing more, but two of its connections are still open.
+        assert await ask("dallas", 0, holding=2) == 0
         assert await ask("losangeles", 3) == 1
+        assert await ask("dallas", 0, holding=0) == 0
+        assert await ask("losangeles", 3, holding=1) == 3
 
     @pytest_twisted.ensureDeferred
     async def test_routes_are_shared_separately(self, ask: Any) -> None:
@@ -1385,20 +1395,26 @@ class RouteCoordinationContract:
 
     @pytest_twisted.ensureDeferred
     async def test_shares_never_exceed_the_limit(self, ask: Any) -> None:
-        """Three nodes asking in any order, each within what it was given, never hold more than the limit."""
+        """
+        Three nodes asking in any order, each opening no more than it was
+        given (and closing what is above its share only as attempts end),
+        never hold more than the limit together.
+        """
         rng = random.Random(7)
         limit = 4
         held = {"dallas": 0, "losangeles": 0, "chicago": 0}
         given = dict(held)
-        for step in range(200):
+        for step in range(300):
             node = rng.choice(sorted(held))
-            held[node] = rng.randint(0, given[node])  # what it has open
+            # What it has open now: up to its share, or, above it, fewer as attempts end.
+            held[node] = rng.randint(0, max(given[node], held[node]))
+            assert sum(held.values()) <= limit, (step, held)
             want = rng.randint(0, 6)
             given[node] = await ask(
                 node, want, holding=held[node], limit=limit, now=NOW + step, ttl=10_000
             )
-            assert given[node] >= held[node]
-            assert sum(given.values()) <= limit, (step, given)
+            assert 0 <= given[node] <= want
+            assert sum(max(given[n], held[n]) for n in held) <= limit, (step, given, held)
 
     @pytest_twisted.ensureDeferred
     async def test_route_states_set_and_cleared(self, store: Any) -> None:

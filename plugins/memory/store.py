@@ -78,8 +78,8 @@ class MemorySpoolStore:
     _slots: dict[str, _Slot] = field(factory=dict)
     _attempts: dict[str, list[Attempt]] = field(factory=dict)
     _heartbeats: dict[str, tuple[float, dict[str, Any]]] = field(factory=dict)
-    #: route -> node -> (share, want, expires)
-    _shares: dict[str, dict[str, tuple[int, int, float]]] = field(factory=dict)
+    #: route -> node -> (share, want, expires, holding)
+    _shares: dict[str, dict[str, tuple[int, int, float, int]]] = field(factory=dict)
     _route_states: dict[str, dict[str, Any]] = field(factory=dict)
     #: node -> the incarnation its leases are held under (``ILeaseReclaim``)
     _incarnations: dict[str, str] = field(factory=dict)
@@ -409,14 +409,14 @@ class MemorySpoolStore:
     ) -> Deferred[int]:
         def do() -> int:
             shares = self._shares.setdefault(route, {})
-            for name, (_, _, expires) in list(shares.items()):
+            for name, (_, _, expires, _) in list(shares.items()):
                 if expires <= now or name == node:
                     del shares[name]
-            others = sum(given for given, _, _ in shares.values())
-            wants = {name: w for name, (_, w, _) in shares.items()}
+            others = sum(max(given, held) for given, _, _, held in shares.values())
+            wants = {name: w for name, (_, w, _, _) in shares.items()}
             wants[node] = want
-            given = max(holding, min(want, fair_share(limit, wants, node), limit - others))
-            shares[node] = (given, want, now + ttl)
+            given = max(0, min(want, fair_share(limit, wants, node), limit - others))
+            shares[node] = (given, want, now + ttl, holding)
             return given
 
         return self._call(do)

@@ -1,7 +1,9 @@
 -- ARGV: prefix, route, node, want, holding, limit, now, expires (now + ttl).
 -- Returns the share given.  What mailhub.model.fair_share computes in Python,
 -- computed here so that reading the others' shares and writing this one are
--- one step: expired shares dropped, then max(holding, min(want, fair, free)).
+-- one step: expired shares dropped, then min(want, fair, free), free counting
+-- for each other node the larger of its share and what it holds.  A value is
+-- "given want expires holding" (an earlier version wrote no holding: 0).
 -- Names are ordered by their bytes, as Python orders str (Lua's < on strings
 -- would follow the server's locale).  A share of 0 wanting 0 counts for
 -- nothing, so it is dropped rather than kept: an idle route holds no key.
@@ -20,11 +22,11 @@ local all = redis.call('HGETALL', key)
 for i = 1, #all, 2 do
   local name = all[i]
   if name ~= node then
-    local given, wanted, until_ = string.match(all[i + 1], '^(%S+) (%S+) (%S+)$')
+    local given, wanted, until_, held = string.match(all[i + 1], '^(%S+) (%S+) (%S+) ?(%S*)$')
     if tonumber(until_) <= now then
       redis.call('HDEL', key, name)
     else
-      others = others + tonumber(given)
+      others = others + math.max(tonumber(given), tonumber(held) or 0)
       table.insert(wants, {name, tonumber(wanted)})
     end
   end
@@ -59,10 +61,10 @@ while i <= #pending do
   end
 end
 local mine = math.min(fair[node] or 0, math.max(0, want))
-local given = math.max(holding, math.min(want, mine, limit - others))
-if given == 0 and want == 0 then
+local given = math.max(0, math.min(want, mine, limit - others))
+if given == 0 and want == 0 and holding == 0 then
   redis.call('HDEL', key, node)
 else
-  redis.call('HSET', key, node, string.format('%d %d %s', given, want, expires))
+  redis.call('HSET', key, node, string.format('%d %d %s %d', given, want, expires, holding))
 end
 return given

@@ -64,7 +64,7 @@ Keys (all under ``key_prefix``; one spool per prefix)::
     held, leased  sets of entry ids
     routes      hash: route -> entries;  recipients, bytes: counters
     heartbeats  hash: node -> JSON {"last_seen", "info"} (``INodeRegistry``)
-    shares:<route>  hash: node -> "given want expires", the nodes' shares of
+    shares:<route>  hash: node -> "given want expires holding", the nodes' shares of
                       the route's connections (``IRouteCoordination.share``)
     route_states    hash: route -> JSON, routes' hub-wide states
 

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS route_shares (
     given INTEGER NOT NULL,
     want INTEGER NOT NULL,
     expires REAL NOT NULL,
+    holding INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (route, node)
 );
 CREATE TABLE IF NOT EXISTS route_states (
@@ -93,6 +94,9 @@ _ADDED_COLUMNS = {
 #: Columns added to ``messages`` since: where a body kept in the body log is.
 _ADDED_MESSAGE_COLUMNS = {"log_segment": "TEXT", "log_offset": "INTEGER", "log_length": "INTEGER"}
 
+#: ``route_shares``: what each node said it held (counted against the others).
+_ADDED_SHARE_COLUMNS = {"holding": "INTEGER NOT NULL DEFAULT 0"}
+
 
 #: The spool's schema, in ``PRAGMA user_version``.  1: bodies may be in the
 #: body log (a hub before it would read them as empty: it must not open such
@@ -113,7 +117,9 @@ def add_missing_columns(conn: sqlite3.Connection) -> None:
                 f"the spool was written by a newer mailhub (schema {version};"
                 f" this one knows up to {SCHEMA_VERSION})"
             )
-        for table, added in (("entries", _ADDED_COLUMNS), ("messages", _ADDED_MESSAGE_COLUMNS)):
+        for table, added in (
+            ("entries", _ADDED_COLUMNS), ("messages", _ADDED_MESSAGE_COLUMNS), ("route_shares", _ADDED_SHARE_COLUMNS)
+        ):
             have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
             for name, definition in added.items():
                 if name not in have:

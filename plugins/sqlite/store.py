@@ -730,20 +730,20 @@ class SqliteSpoolStore:
             )
             others = 0
             wants: dict[str, int] = {}
-            for name, given, wanted in conn.execute(
-                "SELECT node, given, want FROM route_shares WHERE route = ?", (route,)
+            for name, given, wanted, held in conn.execute(
+                "SELECT node, given, want, holding FROM route_shares WHERE route = ?", (route,)
             ):
-                others += given
+                others += max(given, held)
                 wants[name] = wanted
             wants[node] = want
-            given = max(holding, min(want, fair_share(limit, wants, node), limit - others))
-            # A share of nothing, wanting nothing, counts for nothing: no row
-            # keeps it (an idle route leaves the table empty).
-            if given or want:
+            given = max(0, min(want, fair_share(limit, wants, node), limit - others))
+            # A share of nothing, wanting and holding nothing, counts for
+            # nothing: no row keeps it (an idle route leaves the table empty).
+            if given or want or holding:
                 conn.execute(
-                    "INSERT INTO route_shares (route, node, given, want, expires)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (route, node, given, want, now + ttl),
+                    "INSERT INTO route_shares (route, node, given, want, expires, holding)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (route, node, given, want, now + ttl, holding),
                 )
             return given
 
