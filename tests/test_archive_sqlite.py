@@ -35,7 +35,7 @@ from mailhub.plugins.sqlite.archive import schema as archive_schema
 from mailhub.plugins.sqlite.archive import search as archive_search
 from mailhub.plugins.sqlite.archive import terms as archive_terms
 from mailhub.plugins.sqlite.archive.rows import (
-    INDEX_COLUMNS,
+    INDEX_DELETE,
     SCOPE_MARK,
     index_row,
     scope_token,
@@ -396,10 +396,7 @@ async def test_a_scope_index_in_a_file_set_back_to_schema_4_is_written_again(db:
     conn = sqlite3.connect(db)
     seq, sender, blob = conn.execute("SELECT seq, sender, text FROM messages").fetchone()
     # What the older code did: the row again, without the scope column.
-    conn.execute(
-        f"INSERT INTO text_index (text_index, rowid, {INDEX_COLUMNS}) VALUES ('delete', ?, ?, ?, ?, ?, ?, ?)",
-        (seq, *index_row(text_of(blob), sender, [str(ALICE)])),
-    )
+    conn.execute(INDEX_DELETE, (seq, *index_row(text_of(blob), sender, [str(ALICE)])))
     insert_as_schema_4(conn, seq, sender, blob)
     conn.execute("PRAGMA user_version = 4")
     conn.commit()

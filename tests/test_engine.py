@@ -33,6 +33,23 @@ MINUTE = 60.0
 DAY = 86400.0
 
 
+def answered_later():
+    """
+    A transport script whose attempts wait for the test: each returns a
+    ``Deferred`` appended to ``pending``, which the test fires with a reply.
+
+    :returns: ``(pending, script)``
+    """
+    pending: list[Deferred] = []
+
+    def slow(entry, message):
+        d: Deferred = Deferred()
+        pending.append(d)
+        return d
+
+    return pending, slow
+
+
 class Hub:
     """Two engines (dallas, losangeles) over one memory store and one clock."""
 
@@ -175,12 +192,7 @@ def test_rebuilt_server_rejecting_everything_holds_the_entry():
 
 
 def test_connection_limit_per_route():
-    pending: list[Deferred] = []
-
-    def slow(entry, message):
-        d: Deferred = Deferred()
-        pending.append(d)
-        return d
+    pending, slow = answered_later()
 
     hub = Hub(slow, limit=3)
     for _ in range(10):
@@ -296,12 +308,7 @@ def test_route_coming_back_releases_its_backlog_at_once_and_paced():
 
 
 def test_stopping_gives_back_entries_waiting_for_their_turn():
-    pending: list[Deferred] = []
-
-    def slow(entry, message):
-        d: Deferred = Deferred()
-        pending.append(d)
-        return d
+    pending, slow = answered_later()
 
     hub = Hub(slow, limit=1)
     ids = [hub.accept("dallas") for _ in range(3)]
@@ -315,12 +322,7 @@ def test_stopping_gives_back_entries_waiting_for_their_turn():
 
 
 def test_first_attempts_beyond_the_batch_wait_for_a_scan_instead_of_holding_leases():
-    pending: list[Deferred] = []
-
-    def slow(entry, message):
-        d: Deferred = Deferred()
-        pending.append(d)
-        return d
+    pending, slow = answered_later()
 
     hub = Hub(slow, limit=2, settings=DeliveryConfig(batch=4, max_scan_interval=60.0))
     ids = [hub.accept("dallas") for _ in range(10)]
@@ -335,12 +337,7 @@ def test_first_attempts_beyond_the_batch_wait_for_a_scan_instead_of_holding_leas
 
 
 def test_entry_that_waited_half_its_lease_is_given_back_not_attempted():
-    pending: list[Deferred] = []
-
-    def slow(entry, message):
-        d: Deferred = Deferred()
-        pending.append(d)
-        return d
+    pending, slow = answered_later()
 
     hub = Hub(slow, limit=1, settings=DeliveryConfig(lease_seconds=100.0, max_scan_interval=60.0))
     hub.accept("dallas")
@@ -1035,12 +1032,7 @@ def test_a_node_kept_busy_on_every_connection_gives_the_other_its_part():
     losangeles runs two while dallas's backlog still waits; together they
     never run more than four.
     """
-    pending: list[Deferred] = []
-
-    def slow(entry, message):
-        d: Deferred = Deferred()
-        pending.append(d)
-        return d
+    pending, slow = answered_later()
 
     hub = Hub(slow, limit=4)
     for _ in range(40):
@@ -1238,12 +1230,7 @@ def test_later_puts_off_an_entry_that_waited_for_its_turn_and_gives_the_turn_bac
     entry has waited for its turn on the route: put off then, it is deferred
     without being tried and its turn goes to the next entry.
     """
-    pending: list[Deferred] = []
-
-    def slow(entry, message):
-        d: Deferred = Deferred()
-        pending.append(d)
-        return d
+    pending, slow = answered_later()
 
     busy = {"until": None}
     hub = Hub(slow, limit=1)

@@ -97,7 +97,8 @@ from mailhub.model import (
 )
 
 from .rows import (
-    INDEX_COLUMNS,
+    INDEX_DELETE,
+    INDEX_INSERT,
     address_of,
     as_tuple,
     clean,
@@ -153,7 +154,7 @@ def _add(message: ArchivedMessage, terms: Terms) -> Job:
                 ),
             ).lastrowid
             columns = index_row(text, sender, mailboxes)
-            conn.execute(f"INSERT INTO text_index (rowid, {INDEX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", (seq, *columns))
+            conn.execute(INDEX_INSERT, (seq, *columns))
             terms.note(conn, columns[:-1])
         else:
             received_at, seq, sender, blob = row
@@ -184,15 +185,9 @@ def _reindex(conn: sqlite3.Connection, seq: int, sender: str | None, blob: bytes
     again), and write it back for those ``after`` (``None``: not at all).
     """
     text = text_of(blob)
-    conn.execute(
-        f"INSERT INTO text_index (text_index, rowid, {INDEX_COLUMNS}) VALUES ('delete', ?, ?, ?, ?, ?, ?, ?)",
-        (seq, *index_row(text, sender, before)),
-    )
+    conn.execute(INDEX_DELETE, (seq, *index_row(text, sender, before)))
     if after is not None:
-        conn.execute(
-            f"INSERT INTO text_index (rowid, {INDEX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (seq, *index_row(text, sender, after)),
-        )
+        conn.execute(INDEX_INSERT, (seq, *index_row(text, sender, after)))
 
 
 def _remove_message(conn: sqlite3.Connection, archive_id: str, before: set[str]) -> None:
@@ -226,11 +221,14 @@ def _expire(domain: str, before: float, limit: int) -> Job:
             " ORDER BY received_at, message_id LIMIT ?",
             (domain, before, limit),
         ).fetchall()
+        gone: dict[str, set[str]] = {}
+        for mailbox, archive_id in pairs:
+            gone.setdefault(archive_id, set()).add(mailbox)
         # Each message's mailboxes before: its index row was written for them.
-        had = {archive_id: _mailboxes(conn, archive_id) for _, archive_id in pairs}
+        had = {archive_id: _mailboxes(conn, archive_id) for archive_id in gone}
         conn.executemany("DELETE FROM mailboxes WHERE mailbox = ? AND message_id = ?", pairs)
         for archive_id, mailboxes in had.items():
-            left = _mailboxes(conn, archive_id)
+            left = mailboxes - gone[archive_id]
             if not left:
                 _remove_message(conn, archive_id, mailboxes)
             elif left != mailboxes:

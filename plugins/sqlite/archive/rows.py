@@ -20,8 +20,9 @@ from mailhub.model import (
 )
 
 __all__ = [
-    "INDEX_COLUMNS", "SCOPE_MARK", "SUMMARY_COLUMNS", "address_of", "as_tuple", "clean", "index_row",
-    "mailboxes_of", "scope_token", "scope_tokens", "summary_of", "text_blob", "text_of",
+    "INDEX_COLUMNS", "INDEX_DELETE", "INDEX_INSERT", "SCOPE_MARK", "SUMMARY_COLUMNS", "address_of", "as_tuple",
+    "clean", "domain_token", "index_row", "mailboxes_of", "scope_token", "scope_tokens", "summary_of",
+    "text_blob", "text_of",
 ]
 
 
@@ -72,6 +73,13 @@ def text_of(blob: bytes) -> ArchiveText:
 #: for each of the message's mailboxes and their domains (``scope_tokens``).
 INDEX_COLUMNS = "subject, sender, recipients, body, attachments, scope"
 
+#: Writes a message's row (``rowid``, then ``index_row``'s values) ...
+INDEX_INSERT = f"INSERT INTO text_index (rowid, {INDEX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+#: ... and takes it out again, given the very values it was written with.
+INDEX_DELETE = (
+    f"INSERT INTO text_index (text_index, rowid, {INDEX_COLUMNS}) VALUES ('delete', ?, ?, ?, ?, ?, ?, ?)"
+)
+
 #: What a scope token starts with: a character of Unicode's private use
 #: area, which FTS5's ``unicode61`` tokenizer keeps in a token and which no
 #: archive counts in a word (``archive_words`` keeps letters and digits;
@@ -92,11 +100,16 @@ def scope_token(mailbox: str) -> str:
     return SCOPE_MARK + hashlib.blake2b(mailbox.encode("utf-8"), digest_size=8).hexdigest()
 
 
+def domain_token(domain: str) -> str:
+    """The text index's term for a domain (``scope_token`` of ``"@" + domain``)."""
+    return scope_token("@" + domain)
+
+
 def scope_tokens(mailboxes: Iterable[str]) -> str:
     """The ``scope`` column of a message in ``mailboxes``: a token for each, and for each of their domains."""
-    scopes = set(mailboxes)
-    scopes |= {"@" + m.rpartition("@")[2] for m in scopes}
-    return " ".join(sorted(scope_token(s) for s in scopes))
+    unique = set(mailboxes)
+    tokens = {scope_token(m) for m in unique} | {domain_token(m.rpartition("@")[2]) for m in unique}
+    return " ".join(sorted(tokens))
 
 
 def index_row(text: ArchiveText, sender: str | None, mailboxes: Iterable[str]) -> tuple[str, ...]:

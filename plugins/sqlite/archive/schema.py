@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from .rows import INDEX_COLUMNS, INDEX_INSERT, index_row, text_of
+
 __all__ = [
     "ACCOUNTS_SCHEMA",
     "DELIVERED_SCHEMA",
@@ -24,7 +26,14 @@ __all__ = [
 #: (``DELIVERED_SCHEMA``), 4 the text index's terms (``TERMS_SCHEMA``).
 SCHEMA_VERSION = 5
 
-SCHEMA = """
+#: The FTS5 text index (``rows.INDEX_COLUMNS``), as ``SCHEMA`` makes it
+#: and schema 5's rebuild makes it again.
+TEXT_INDEX = (
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS text_index USING fts5 ({INDEX_COLUMNS},"
+    " content = '', tokenize = 'unicode61 remove_diacritics 2')"
+)
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -55,10 +64,7 @@ CREATE TABLE IF NOT EXISTS mailboxes (
 CREATE INDEX IF NOT EXISTS mailboxes_time ON mailboxes (mailbox, received_at DESC, message_id DESC);
 CREATE INDEX IF NOT EXISTS mailboxes_domain ON mailboxes (domain, received_at DESC, message_id DESC);
 CREATE INDEX IF NOT EXISTS mailboxes_message ON mailboxes (message_id);
-CREATE VIRTUAL TABLE IF NOT EXISTS text_index USING fts5 (
-    subject, sender, recipients, body, attachments, scope,
-    content = '', tokenize = 'unicode61 remove_diacritics 2'
-);
+{TEXT_INDEX};
 CREATE TABLE IF NOT EXISTS holds (
     scope TEXT PRIMARY KEY,
     mailbox TEXT,
@@ -192,13 +198,8 @@ def _rebuild_text_index(conn: sqlite3.Connection) -> None:
     ``messages`` and ``mailboxes``, and an archive near its ``max_size_mb``
     has no room for two indexes.
     """
-    from .rows import INDEX_COLUMNS, index_row, text_of
-
     conn.execute("DROP TABLE text_index")
-    conn.execute(
-        "CREATE VIRTUAL TABLE text_index USING fts5 ("
-        f" {INDEX_COLUMNS}, content = '', tokenize = 'unicode61 remove_diacritics 2')"
-    )
+    conn.execute(TEXT_INDEX)
     last = -1
     while True:
         rows = conn.execute(
@@ -216,7 +217,7 @@ def _rebuild_text_index(conn: sqlite3.Connection) -> None:
         ):
             mailboxes.setdefault(message_id, []).append(mailbox)
         conn.executemany(
-            f"INSERT INTO text_index (rowid, {INDEX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            INDEX_INSERT,
             [
                 (seq, *index_row(text_of(blob), sender, mailboxes.get(message_id, ())))
                 for seq, message_id, sender, blob in rows

@@ -29,6 +29,7 @@ from .rows import (
     address_of,
     as_tuple,
     clean,
+    domain_token,
     mailboxes_of,
     scope_token,
     summary_of,
@@ -171,13 +172,14 @@ class Search:
             bool(match),
             everywhere,
             texts,
-            scope_term=(
-                None if not match
-                else scope_token(params["mailbox"]) if scope.mailbox is not None
-                else scope_token("@" + scope.domain) if scope.domain is not None
-                else None
-            ),
+            scope_term=_scope_term(scope, params) if match else None,
         )
+
+    @property
+    def scope_match(self) -> str:
+        """The full-text condition that keeps to ``scope_term``'s messages."""
+        assert self.scope_term is not None
+        return f"{{scope}} : {fts_string(self.scope_term, False)}"
 
     def bind(self, conn: sqlite3.Connection) -> None:
         """
@@ -192,7 +194,7 @@ class Search:
             asked = [(column, *_fts(conn, term, prefix)) for column, term, prefix in parts]
             self.params[name] = " AND ".join(f"{column}({text})" for column, text, _, _ in asked)
             if name == "match" and self.scope_term is not None:
-                self.params[name] += f" AND {{scope}} : {fts_string(self.scope_term, False)}"
+                self.params[name] += " AND " + self.scope_match
             self.terms += sum(n for _, _, n, _ in asked)
             self.merged = self.merged or any(merged for _, _, _, merged in asked)
 
@@ -232,8 +234,7 @@ class Search:
         )
         if self.scope_term is not None:
             # A mailbox (or domain) of at most that many messages.
-            match = f"{{scope}} : {fts_string(self.scope_term, False)}"
-            if int(conn.execute(sql, {"match": match, "few": _FEW + 1}).fetchone()[0]) <= _FEW:
+            if int(conn.execute(sql, {"match": self.scope_match, "few": _FEW + 1}).fetchone()[0]) <= _FEW:
                 return True
         for _column, term, prefix in self.texts.get("match", ()):
             parts = [(term, True)] if prefix else [(w, False) for w in archive_words(term)]
@@ -443,6 +444,15 @@ def _fts(conn: sqlite3.Connection, term: str, prefix: bool) -> tuple[str, int, b
             text = " OR ".join(fts_string(" ".join([*words[:-1], t]), False) for t in expanded)
             return text, len(words) - 1 + len(expanded), False
     return fts_string(term, prefix), len(words), prefix
+
+
+def _scope_term(scope: ArchiveScope, params: dict[str, Any]) -> str | None:
+    """The scope's term in the text index's ``scope`` column: a mailbox's, a domain's, or none for the archive."""
+    if scope.mailbox is not None:
+        return scope_token(params["mailbox"])
+    if scope.domain is not None:
+        return domain_token(scope.domain)
+    return None
 
 
 def _mailbox_matches(wanted: Sequence[str], mailbox: Address) -> bool:
