@@ -76,6 +76,8 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--idle", action="store_true", help="keep idle samples")
+    p.add_argument("--gil", action="store_true",
+                   help="only samples of the thread holding the GIL (what costs CPU in Python, not waits)")
     p.add_argument("--out", default="bench-profile")
     p.add_argument("--workdir", default="/var/tmp")
     args = p.parse_args()
@@ -103,6 +105,8 @@ def main() -> int:
                     "--format", fmt, "--output", path, "--nonblocking"]
             if args.idle:
                 argv.append("--idle")
+            if args.gil:
+                argv.append("--gil")
             spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         time.sleep(1.0)
         t0 = time.monotonic()
