@@ -253,3 +253,57 @@ max_connections = {self.concurrency}
                 server.stop()
         self.redis = self.redis_replica = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TwistedSinkInstance:
+    """
+    The machine's ceiling for a Twisted front door, for P1 only: ``mailhub
+    sink`` (our own SMTP protocol on Twisted, one process) accepts every
+    message and stores nothing.  Next to Postfix in the same run, it shows
+    how fast one Python process can take mail on this machine at all, so
+    that the hub's ratio to Postfix can be read against what the machine
+    allows (the ratio moves with the machine: see bench/README.md, "What
+    this machine allows").
+    """
+
+    name = "twisted-sink"
+    archive = False
+
+    def __init__(self, workdir: str, port: int) -> None:
+        self.dir = workdir
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port]
+
+    def setup(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+
+    def start(self, timeout: float = 60.0) -> float:
+        t0 = time.monotonic()
+        # Its one line per message goes to a file, as the hub's log line does.
+        with open(os.path.join(self.dir, "sink.log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [os.path.join(VENV_BIN, "mailhub"), "sink", "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+            )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise BenchError(f"mailhub sink exited with {self.proc.returncode}")
+            return smtp_banner(self.port)
+
+        wait_for(ready, timeout, "mailhub sink to listen")
+        return time.monotonic() - t0
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+
+    def destroy(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=30)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common import BenchError, Sink, free_port, parallel_smtp_source, rss_mb
-from hub import HubInstance, store_plugins
+from hub import HubInstance, TwistedSinkInstance, store_plugins
 from postfix import PostfixInstance, postfix_version
 
 SESSIONS = 16
@@ -78,10 +78,13 @@ def pss_mb(pids: list[int]) -> float:
 class System:
     """A factory for fresh instances of one system under test."""
 
-    def __init__(self, name: str, make: Callable[[str, int, int], Any], is_hub: bool) -> None:
+    def __init__(self, name: str, make: Callable[[str, int, int], Any], is_hub: bool,
+                 figures: frozenset[str] = frozenset({"P1", "P2", "P3", "P4"})) -> None:
         self.name = name
         self._make = make
         self.is_hub = is_hub
+        #: The figures it takes part in (a reference that relays nothing has only P1).
+        self.figures = figures
 
     def make(self, base: str, sink_port: int, concurrency: int) -> Any:
         workdir = tempfile.mkdtemp(prefix=f"{self.name}-", dir=base)
@@ -91,6 +94,8 @@ class System:
 def build_systems(args: argparse.Namespace) -> list[System]:
     systems = [
         System("postfix", lambda d, s, c: PostfixInstance(d, free_port(), s, c), False),
+        # A reference, not a mail server: what one Twisted process takes when it stores nothing.
+        System("twisted-sink", lambda d, s, c: TwistedSinkInstance(d, free_port()), True, frozenset({"P1"})),
         System(
             "mailhub-sqlite-1node",
             lambda d, s, c: HubInstance(d, [free_port()], s, c, "sqlite"),
@@ -287,6 +292,7 @@ def fmt(v: float | None) -> str:
 def table(results: dict[str, dict[str, list[float]]], errors: dict[str, list[str]], args: argparse.Namespace,
           systems: list[System]) -> str:
     hubs: list[str | None] = [s.name for s in systems if s.is_hub] or [None]
+    takes = {s.name: s.figures for s in systems}
     has_postfix = any(not s.is_hub for s in systems)
     rows = ["| figure | system | mailhub | Postfix | ratio |", "|---|---|---:|---:|---:|"]
 
@@ -303,7 +309,7 @@ def table(results: dict[str, dict[str, list[float]]], errors: dict[str, list[str
             pf = med("postfix", k) if has_postfix else None
             for hub in hubs:
                 hv = med(hub, k) if hub else None
-                if hv is None and pf is None:
+                if hv is None and (pf is None or key[:2] not in takes.get(hub or "", frozenset({key[:2]}))):
                     continue
                 ratio = None
                 if hv and pf:
@@ -394,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         if got:
             log("  " + ", ".join(f"{k}={fmt(v)}" for k, v in got.items()))
 
-    def alternate(what: str, fn: Callable[[System, dict[str, float]], None], suffix: str = "",
+    def alternate(figure: str, what: str, fn: Callable[[System, dict[str, float]], None], suffix: str = "",
                   only_hubs: bool = False) -> None:
-        pool = [s for s in systems if s.is_hub or not only_hubs]
+        pool = [s for s in systems if (s.is_hub or not only_hubs) and figure in s.figures]
         for r in range(args.rounds):
             order = pool[r % len(pool):] + pool[: r % len(pool)]
             if r % 2:
@@ -408,14 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         label = size_label(size)
         if "P1" in figures:
-            alternate(f"P1 ingest {label}", lambda s, out, z=size: run_ingest(s, args, z, out), f"@{label}")
+            alternate("P1", f"P1 ingest {label}", lambda s, out, z=size: run_ingest(s, args, z, out), f"@{label}")
         if "P2" in figures:
-            alternate(f"P2 relay {label}", lambda s, out, z=size: run_relay(s, args, z, out), f"@{label}")
+            alternate("P2", f"P2 relay {label}", lambda s, out, z=size: run_relay(s, args, z, out), f"@{label}")
     if "P3" in figures:
-        alternate(f"P3 drain {args.drain}", lambda s, out: run_drain(s, args, args.sizes[0], out))
+        alternate("P3", f"P3 drain {args.drain}", lambda s, out: run_drain(s, args, args.sizes[0], out))
     if "P4" in figures:
         for system in systems:
-            if system.is_hub:
+            if system.is_hub and "P4" in system.figures:
                 record(system, "P4 scale", lambda out, s=system: run_scale(s, args, out))
     elapsed = time.monotonic() - started
 
