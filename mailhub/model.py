@@ -138,6 +138,17 @@ class Address:
     def __str__(self) -> str:
         return f"{self.local}@{self.domain}"
 
+    def folded(self) -> Address:
+        """
+        The mailbox as the archive and its users know it: the local part in
+        lower case too.  Mail to ``John.Smith@example.com`` and to
+        ``john.smith@example.com`` is one person's, as every mail server
+        the hub stands in front of (Exchange, Postfix's maps, Dovecot) takes
+        it; the relay still passes the address on as it was given.
+        """
+        local = self.local.lower()
+        return self if local == self.local else Address(local, self.domain)
+
     @classmethod
     def parse(cls, text: str) -> Address:
         """
