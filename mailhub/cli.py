@@ -558,6 +558,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """
+    The reader of our output went away (``mailhub archive search | head``):
+    say nothing more, as other Unix tools, and keep Python from complaining
+    when it flushes standard output at exit.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
@@ -599,7 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         command = {"nodes": _nodes, "route": _route, "archive": _archive, "user": _user,
                    "reload": _node, "drill": _node}.get(args.command, _queue)
-        result.append(await command(reactor, args, config))
+        try:
+            result.append(await command(reactor, args, config))
+        except BrokenPipeError:
+            result.append(_reader_gone())
 
     try:
         task.react(lambda reactor: ensureDeferred(run(reactor)))

@@ -4,9 +4,9 @@
     mailhub archive [-c FILE] search [--mailbox M | --domain D] [--limit N] [--cursor C] [--json] [QUERY...]
     mailhub archive [-c FILE] show ID [--raw | --json]
     mailhub archive [-c FILE] redeliver (--mailbox M | --domain D) [--skip-delivered] [--dry-run] [--json] [QUERY...]
-    mailhub archive [-c FILE] import (--mbox FILE | --maildir DIR) --mailbox M
-    mailhub archive [-c FILE] export (--mailbox M | --domain D | --all) --output FILE [--format mbox|eml-zip] [QUERY...]
-    mailhub archive [-c FILE] hold (--mailbox M | --domain D) [--reason TEXT] [--release]
+    mailhub archive [-c FILE] import (--mbox FILE | --maildir DIR [--folders]) --mailbox M [--allow-expiry] [--json]
+    mailhub archive [-c FILE] export (--mailbox M | --domain D | --all) --output FILE [--force] [--format mbox|eml-zip] [--json] [QUERY...]
+    mailhub archive [-c FILE] hold (--mailbox M | --domain D) [--reason TEXT] [--release] [--json]
     mailhub archive [-c FILE] holds [--json]
     mailhub archive [-c FILE] audit [--actor A] [--action X] [--since DATE] [--until DATE] [--limit N] [--json]
 
@@ -24,6 +24,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -67,7 +68,7 @@ def add_parser(sub: Any, config_default: str) -> None:
 
     p = s.add_parser("search", help="find messages, newest first")
     scope_args(p)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_page_size, default=50, help=f"messages a page, 1 to {MAX_PAGE} (default 50)")
     p.add_argument("--cursor", help="the 'next' of the page before")
     p.add_argument("--json", action="store_true")
     p.add_argument("query", nargs="*", help='words, "phrases", from: to: subject: after: before: has:attachment')
@@ -89,35 +90,62 @@ def add_parser(sub: Any, config_default: str) -> None:
     p.add_argument("query", nargs="*")
 
     p = s.add_parser("import", help="load a mailbox's history from an mbox file or a Maildir")
-    p.add_argument("--mbox")
-    p.add_argument("--maildir")
+    p.add_argument("--mbox", help="an mbox file (mboxrd, as export writes it)")
+    p.add_argument("--maildir", help="a Maildir (its cur/ and new/)")
+    p.add_argument("--folders", action="store_true",
+                   help="with --maildir, also its Maildir++ subfolders (.Sent, .Archive, ...)")
     p.add_argument("--mailbox", required=True, help="whose history it is, local@domain")
+    p.add_argument("--allow-expiry", action="store_true",
+                   help="import messages older than the domain's retention although the next expiry removes them")
+    p.add_argument("--json", action="store_true", help="the counts as JSON")
 
     p = s.add_parser("export", help="a selection as an mbox file or a zip of .eml files")
     scope_args(p, everything=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
     p.add_argument("--format", choices=["mbox", "eml-zip"], default="mbox")
+    p.add_argument("--json", action="store_true", help="the counts as JSON")
     p.add_argument("query", nargs="*")
 
     p = s.add_parser("hold", help="legal hold: nothing of a mailbox or domain expires")
     scope_args(p)
     p.add_argument("--reason", default="")
     p.add_argument("--release", action="store_true", help="lift the hold")
+    p.add_argument("--json", action="store_true", help="the hold as JSON")
 
     p = s.add_parser("holds", help="the holds in force")
     p.add_argument("--json", action="store_true")
 
     p = s.add_parser("audit", help="who searched, read, exported or re-delivered what, and when")
     p.add_argument("--actor")
-    p.add_argument("--action", dest="audit_action")
-    p.add_argument("--since")
-    p.add_argument("--until")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--action", dest="audit_action",
+                   help="search, read (show), export, import, redeliver, hold, release, ... (as the log names them)")
+    p.add_argument("--since", help="YYYY-MM-DD or YYYY-MM-DDTHH:MM, UTC")
+    p.add_argument("--until", help="YYYY-MM-DD or YYYY-MM-DDTHH:MM, UTC")
+    p.add_argument("--limit", type=_page_size, default=100, help=f"events, 1 to {MAX_PAGE} (default 100)")
     p.add_argument("--json", action="store_true")
+
+
+#: The most messages (or audit events) one page may hold.
+MAX_PAGE = 1000
+
+
+def _page_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= n <= MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"{n} is not between 1 and {MAX_PAGE}")
+    return n
 
 
 class UsageError(Exception):
     """A mistake in the command line; exit 2 with the message."""
+
+
+class Failed(Exception):
+    """The command could not do what it was asked (a file, the archive); exit 1 with the message."""
 
 
 def _actor() -> str:
@@ -135,12 +163,14 @@ def _scope(args: argparse.Namespace, everything: bool = False) -> ArchiveScope:
     :param everything: without ``--mailbox``/``--domain``, the whole archive
         (``search``; ``export`` with ``--all``); otherwise one is required.
     """
-    chosen = [k for k in ("mailbox", "domain", "all") if getattr(args, k, None)]
+    names = ("mailbox", "domain", "all") if hasattr(args, "all") else ("mailbox", "domain")
+    chosen = [k for k in names if getattr(args, k, None)]
     if len(chosen) > 1:
-        raise UsageError("give only one of --mailbox, --domain, --all")
+        raise UsageError("give only one of " + ", ".join(f"--{k}" for k in names))
     if args.mailbox:
         try:
-            return ArchiveScope(mailbox=Address.parse(args.mailbox))
+            # The archive knows a mailbox by its folded form (Address.folded).
+            return ArchiveScope(mailbox=Address.parse(args.mailbox).folded())
         except AddressError as e:
             raise UsageError(f"--mailbox {args.mailbox}: {e}") from None
     if args.domain:
@@ -148,6 +178,14 @@ def _scope(args: argparse.Namespace, everything: bool = False) -> ArchiveScope:
     if everything or getattr(args, "all", False):
         return ArchiveScope()
     raise UsageError("give --mailbox or --domain" + (" or --all" if hasattr(args, "all") else ""))
+
+
+def _hub_domain(config: HubConfig, scope: ArchiveScope) -> str | None:
+    """The domain ``scope`` names if it is not one of the hub's (``None`` if it is, or names none)."""
+    domain = scope.mailbox.domain if scope.mailbox is not None else scope.domain
+    if domain is None or config.route_for(domain) is not None:
+        return None
+    return domain
 
 
 def _query(args: argparse.Namespace) -> ArchiveQuery:
@@ -219,6 +257,9 @@ async def run(reactor: Any, args: argparse.Namespace, config: HubConfig) -> int:
     except UsageError as e:
         sys.stderr.write(f"mailhub archive {args.action}: {e}\n")
         return 2
+    except Failed as e:
+        sys.stderr.write(f"mailhub archive {args.action}: {e}\n")
+        return 1
     finally:
         await archive.close()
 
@@ -232,8 +273,17 @@ async def _run(reactor: Any, args: argparse.Namespace, config: HubConfig, archiv
     action = args.action
     if action == "search":
         scope, query = _scope(args, everything=True), _query(args)
+        outside = _hub_domain(config, scope)
+        if outside is not None:
+            # Read anyway: mail of a domain the hub no longer serves may still be archived.
+            sys.stderr.write(f"mailhub archive search: note: {outside} is not a domain of this hub\n")
         total = await archive.count(scope, query)
-        page = await archive.search(scope, query, args.cursor, args.limit)
+        try:
+            page = await archive.search(scope, query, args.cursor, args.limit)
+        except ValueError as e:
+            if args.cursor is None:
+                raise
+            raise UsageError(f"--cursor: {e} (give the 'next' a search printed)") from None
         await _audit(archive, reactor, "search", str(scope), f"{' '.join(args.query)!r}: {total} found")
         if args.json:
             json.dump({"total": total, "items": [summary_json(s) for s in page.items], "next": page.next}, out, indent=2)
@@ -284,9 +334,22 @@ async def _run(reactor: Any, args: argparse.Namespace, config: HubConfig, archiv
         return 0
     if action == "hold":
         scope = _scope(args)
+        outside = _hub_domain(config, scope)
+        held = {h["scope"] for h in await archive.holds()}
+        if args.release:
+            if str(scope) not in held:
+                raise Failed(f"no hold on {scope} (mailhub archive holds lists them)")
+        elif outside is not None:
+            raise UsageError(f"{outside} is not a domain of this hub: a hold on it would keep nothing")
         await archive.set_hold(scope, not args.release, args.reason, reactor.seconds())
         await _audit(archive, reactor, "release" if args.release else "hold", str(scope), args.reason)
-        out.write(f"{'hold lifted for' if args.release else 'legal hold on'} {scope}\n")
+        if args.json:
+            _dump({"scope": str(scope), "held": not args.release, "reason": args.reason,
+                   "already": not args.release and str(scope) in held}, out)
+        elif not args.release and str(scope) in held:
+            out.write(f"legal hold on {scope} (it was on already)\n")
+        else:
+            out.write(f"{'hold lifted for' if args.release else 'legal hold on'} {scope}\n")
         return 0
     if action == "holds":
         holds = await archive.holds()
@@ -299,18 +362,25 @@ async def _run(reactor: Any, args: argparse.Namespace, config: HubConfig, archiv
             out.write("no holds\n")
         return 0
     if action == "audit":
-        since = parse_date(args.since, "--since") if args.since else None
-        until = parse_date(args.until, "--until") if args.until else None
-        events = await archive.audit_log(args.actor, args.audit_action, since, until, args.limit)
+        try:
+            since = parse_date(args.since, "--since") if args.since else None
+            until = parse_date(args.until, "--until") if args.until else None
+        except QueryError as e:
+            raise UsageError(str(e)) from None
+        # "show" is what the command is called; the log calls reading a message "read".
+        wanted = "read" if args.audit_action == "show" else args.audit_action
+        events = await archive.audit_log(args.actor, wanted, since, until, args.limit)
         if args.json:
             json.dump([_event(e) for e in events], out, indent=2)
             out.write("\n")
             return 0
-        for e in events:
-            out.write(f"{_when(e.at)} {e.actor} {e.action} {e.scope} {e.detail}\n")
+        for event in events:
+            out.write(f"{_when(event.at)} {event.actor} {event.action} {event.scope} {event.detail}\n")
+        if not events:
+            out.write("no audit events match\n")
         return 0
     if action == "export":
-        return await _export(reactor, args, archive, out)
+        return await _export(reactor, args, config, archive, out)
     if action == "import":
         return await _import(reactor, args, config, archive, out)
     if action == "redeliver":
@@ -322,10 +392,24 @@ def _event(e: AuditEvent) -> dict[str, Any]:
     return {"at": e.at, "actor": e.actor, "action": e.action, "scope": e.scope, "detail": e.detail}
 
 
-async def _export(reactor: Any, args: argparse.Namespace, archive: Any, out: Any) -> int:
+async def _export(reactor: Any, args: argparse.Namespace, config: HubConfig, archive: Any, out: Any) -> int:
     scope, query = _scope(args), _query(args)
+    outside = _hub_domain(config, scope)
+    if outside is not None:
+        sys.stderr.write(f"mailhub archive export: note: {outside} is not a domain of this hub\n")
+    path = os.path.abspath(args.output)
+    if os.path.isdir(path):
+        raise UsageError(f"--output {args.output} is a directory: name the file to write")
+    # A device or a pipe (/dev/stdout) is written as it is; a file is replaced whole, when asked.
+    replacing = os.path.isfile(path)
+    in_place = os.path.exists(path) and not replacing
+    if replacing and not args.force:
+        raise UsageError(f"--output {args.output} exists: add --force to replace it")
     total = await archive.count(scope, query)
-    writer = await deferToThread(_Writer, args.output, args.format)
+    try:
+        writer = await deferToThread(_Writer, os.path.realpath(path), args.format, in_place)
+    except OSError as e:
+        raise Failed(f"cannot write {args.output}: {e.strerror or e}") from None
     progress = _Progress("exported", total)
     try:
         async for s in _matches(archive, scope, query):
@@ -334,37 +418,51 @@ async def _export(reactor: Any, args: argparse.Namespace, archive: Any, out: Any
                 continue  # expired meanwhile
             await deferToThread(writer.add, message)
             progress.step()
-    finally:
         await deferToThread(writer.close)
-    await _audit(archive, reactor, "export", str(scope), f"{' '.join(args.query)!r}: {progress.done} to {args.output}")
-    out.write(f"{progress.done} messages of {scope} written to {args.output} ({args.format})\n")
+    except OSError as e:
+        await deferToThread(writer.discard)
+        raise Failed(
+            f"writing {args.output} failed after {progress.done} messages: {e.strerror or e}"
+            + (" (the file it was to replace is untouched)" if replacing else "")
+        ) from None
+    except BaseException:
+        await deferToThread(writer.discard)
+        raise
+    await _audit(archive, reactor, "export", str(scope), f"{' '.join(args.query)!r}: {progress.done} to {path}")
+    if args.json:
+        _dump({"scope": str(scope), "exported": progress.done, "output": path, "format": args.format}, out)
+    else:
+        out.write(f"{progress.done} messages of {scope} written to {args.output} ({args.format})\n")
     return 0
 
 
 class _Writer:
-    """An mbox file (mboxrd quoting) or a zip of ``.eml`` files, written in a thread."""
+    """
+    An mbox file (mboxrd quoting) or a zip of ``.eml`` files, written in a
+    thread.  A file is written beside ``path`` and renamed over it by
+    ``close``, so that a failed export neither leaves half a file nor spoils
+    the one it was to replace; ``in_place`` (a device, a pipe) is written as
+    it is.
+    """
 
-    def __init__(self, path: str, form: str) -> None:
+    def __init__(self, path: str, form: str, in_place: bool = False) -> None:
         import zipfile
 
         self._form = form
+        self._path = path
+        self._part = path if in_place else f"{path}.part"
+        self._in_place = in_place
         if form == "mbox":
-            self._file: Any = open(path, "wb")
+            self._file: Any = open(self._part, "wb")
         else:
-            self._file = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED)
+            self._file = zipfile.ZipFile(self._part, "w", compression=zipfile.ZIP_DEFLATED)
 
     def add(self, message: ArchivedMessage) -> None:
         if self._form == "mbox":
             sender = str(message.sender) if message.sender else "MAILER-DAEMON"
             stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(message.received_at))
-            body = message.message.replace(b"\r\n", b"\n")
-            lines = []
-            for line in body.split(b"\n"):
-                # mboxrd: any ">*From " line gets one more ">".
-                if line.lstrip(b">").startswith(b"From "):
-                    line = b">" + line
-                lines.append(line)
-            data = b"\n".join(lines)
+            # mboxrd: any ">*From " line gets one more ">" (import takes it off).
+            data = _MBOXRD_QUOTE.sub(rb">\1", message.message.replace(b"\r\n", b"\n"))
             self._file.write(f"From {sender} {stamp}\n".encode() + data + (b"" if data.endswith(b"\n") else b"\n") + b"\n")
         else:
             name = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(message.received_at))}-{message.id}.eml"
@@ -372,22 +470,88 @@ class _Writer:
 
     def close(self) -> None:
         self._file.close()
+        if self._in_place:
+            return
+        with open(self._part, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self._part, self._path)
+
+    def discard(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass  # the error being reported already
+        if not self._in_place:
+            try:
+                os.unlink(self._part)
+            except FileNotFoundError:
+                pass
 
 
-def _read_folder(args: argparse.Namespace) -> list[tuple[bytes, float | None]]:
-    """Every message of the mbox or Maildir with the time it was received, if known (in a thread)."""
-    import email.utils
+#: mboxrd quoting: a line that is "From " after any number of ">".
+_MBOXRD_QUOTE = re.compile(rb"^(>*From )", re.MULTILINE)
+_MBOXRD_UNQUOTE = re.compile(rb"^>(>*From )", re.MULTILINE)
+
+
+class _Folder:
+    """What ``_read_folder`` found: each message with the time it was received, if known."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, float | None]] = []
+        #: Maildir++ subfolders read (``--folders``), or left out.
+        self.folders: list[str] = []
+        self.skipped_folders: list[str] = []
+
+
+def _read_folder(args: argparse.Namespace) -> _Folder:
+    """
+    Every message of the mbox or Maildir (in a thread).
+
+    :raises Failed: the source is missing, unreadable, or not an mbox.
+    """
     import mailbox
 
-    found: list[tuple[bytes, float | None]] = []
-    if args.mbox:
-        box: Any = mailbox.mbox(args.mbox, create=False)
-    else:
-        box = mailbox.Maildir(args.maildir, create=False)
+    source = args.mbox or args.maildir
+    found = _Folder()
+    try:
+        if args.mbox:
+            with open(args.mbox, "rb") as f:
+                first = f.read(5)
+            if first and first != b"From ":
+                raise Failed(
+                    f"{source} does not start with a 'From ' line: it is not an mbox file, and nothing was"
+                    " imported (for single .eml files, put them in a Maildir's new/ and give --maildir)"
+                )
+            _read_box(mailbox.mbox(args.mbox, create=False), True, found)
+        else:
+            if not all(os.path.isdir(os.path.join(args.maildir, d)) for d in ("cur", "new")):
+                raise Failed(f"{source} is not a Maildir (it has no cur/ and new/): nothing was imported")
+            box = mailbox.Maildir(args.maildir, create=False)
+            _read_box(box, False, found)
+            for name in sorted(box.list_folders()):
+                if args.folders:
+                    _read_box(box.get_folder(name), False, found)
+                    found.folders.append(name)
+                else:
+                    found.skipped_folders.append(name)
+    except FileNotFoundError:
+        raise Failed(f"{source}: no such file or directory") from None
+    except OSError as e:
+        raise Failed(f"cannot read {source}: {e.strerror or e}") from None
+    except mailbox.Error as e:
+        raise Failed(f"cannot read {source}: {e}") from None
+    return found
+
+
+def _read_box(box: Any, mbox: bool, found: _Folder) -> None:
+    import email.utils
+
     for key in box.iterkeys():
         data = box.get_bytes(key)
         when: float | None = None
-        if args.mbox:
+        if mbox:
+            # Undo the mboxrd quoting of lines that read "From " (export writes it).
+            data = _MBOXRD_UNQUOTE.sub(rb"\1", data)
             from_line = box.get_message(key).get_from() or ""
             parts = from_line.split(None, 1)
             if len(parts) == 2:
@@ -407,8 +571,7 @@ def _read_folder(args: argparse.Namespace) -> list[tuple[bytes, float | None]]:
                     break
         # The archive keeps messages as the hub relays them: CRLF line ends.
         data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        found.append((data, when))
-    return found
+        found.messages.append((data, when))
 
 
 async def _import(reactor: Any, args: argparse.Namespace, config: HubConfig, archive: Any, out: Any) -> int:
@@ -416,30 +579,91 @@ async def _import(reactor: Any, args: argparse.Namespace, config: HubConfig, arc
 
     if bool(args.mbox) == bool(args.maildir):
         raise UsageError("give --mbox FILE or --maildir DIR")
+    if args.folders and not args.maildir:
+        raise UsageError("--folders goes with --maildir")
     try:
-        mailbox = Address.parse(args.mailbox)
+        mailbox = Address.parse(args.mailbox).folded()
     except AddressError as e:
         raise UsageError(f"--mailbox {args.mailbox}: {e}") from None
     if config.route_for(mailbox.domain) is None:
         raise UsageError(f"--mailbox {mailbox}: {mailbox.domain} is not a domain of this hub")
-    source = args.mbox or args.maildir
-    try:
-        messages = await deferToThread(_read_folder, args)
-    except (OSError, Exception) as e:
-        sys.stderr.write(f"mailhub archive import: cannot read {source}: {e}\n")
-        return 1
-    progress = _Progress("imported", len(messages))
+    source = os.path.abspath(args.mbox or args.maildir)
+    folder = await deferToThread(_read_folder, args)
+    messages = folder.messages
     now = reactor.seconds()
+    await _check_retention(archive, config, mailbox, messages, now, args)
+    progress = _Progress("imported", len(messages))
+    added = already = 0
     for data, when in messages:
         text = await deferToThread(extract, data)
         archive_id = "import-" + hashlib.sha256(data).hexdigest()[:32]
-        await archive.add(
-            ArchivedMessage(archive_id, when if when is not None else now, None, (mailbox,), data, text)
-        )
+        if await _archived_already(archive, mailbox, archive_id, when, text.message_id):
+            already += 1
+        else:
+            await archive.add(
+                ArchivedMessage(archive_id, when if when is not None else now, None, (mailbox,), data, text)
+            )
+            added += 1
         progress.step()
-    await _audit(archive, reactor, "import", f"mailbox {mailbox}", f"{progress.done} messages from {source}")
-    out.write(f"{progress.done} messages imported for {mailbox} from {source}\n")
+    detail = f"{added} messages from {source}" + (f", {already} there already" if already else "")
+    await _audit(archive, reactor, "import", f"mailbox {mailbox}", detail)
+    if args.json:
+        _dump({"mailbox": str(mailbox), "source": source, "read": len(messages), "imported": added,
+               "already": already, "folders": folder.folders, "skipped_folders": folder.skipped_folders}, out)
+    else:
+        out.write(
+            f"{added} messages imported for {mailbox} from {args.mbox or args.maildir}"
+            + (f"; {already} were in the archive already" if already else "")
+            + ("" if messages else " (it holds no messages)")
+            + "\n"
+        )
+    if folder.skipped_folders:
+        names = ", ".join(folder.skipped_folders)
+        sys.stderr.write(
+            f"mailhub archive import: note: {len(folder.skipped_folders)} subfolders not imported ({names}):"
+            " add --folders to import them too\n"
+        )
     return 0
+
+
+async def _check_retention(
+    archive: Any, config: HubConfig, mailbox: Address, messages: list[tuple[bytes, float | None]],
+    now: float, args: argparse.Namespace,
+) -> None:
+    """
+    Refuse, before anything is added, an import of which the next expiry
+    would remove part (history older than the domain's retention), unless a
+    legal hold keeps the mailbox or the domain, or ``--allow-expiry`` says so.
+    """
+    days = config.archive_retention_days(mailbox.domain)
+    before = now - days * 86400
+    old = [when for _, when in messages if when is not None and when < before]
+    if not old or args.allow_expiry:
+        return
+    held = {h["scope"] for h in await archive.holds()}
+    if {str(ArchiveScope(mailbox=mailbox)), str(ArchiveScope(domain=mailbox.domain))} & held:
+        return
+    raise Failed(
+        f"{len(old)} of {len(messages)} messages are older than {mailbox.domain}'s retention of {days:g} days"
+        f" (received before {_when(before)} UTC; the oldest {_when(min(old))}), so the next expiry would remove"
+        f" them.  Nothing was imported.  Keep them with a legal hold (mailhub archive hold --mailbox {mailbox})"
+        f" or a longer archive_retention_days for {mailbox.domain}, then import again; or add --allow-expiry"
+    )
+
+
+async def _archived_already(archive: Any, mailbox: Address, archive_id: str, when: float | None, message_id: str) -> bool:
+    """
+    Whether the mailbox has this message already: imported before (the same
+    content), or received by the hub and exported (the same Message-ID,
+    received within the second the mbox's "From " line gives).
+    """
+    existing = await archive.get(archive_id)
+    if existing is not None and mailbox in existing.mailboxes:
+        return True
+    if not message_id or when is None:
+        return False
+    page = await archive.search(ArchiveScope(mailbox=mailbox), ArchiveQuery(after=when - 1, before=when + 2), None, 50)
+    return any(s.message_id == message_id for s in page.items)
 
 
 async def _redeliver(reactor: Any, args: argparse.Namespace, config: HubConfig, archive: Any, out: Any) -> int:
@@ -453,8 +677,18 @@ async def _redeliver(reactor: Any, args: argparse.Namespace, config: HubConfig, 
     from mailhub.node import routes_for
 
     scope, query = _scope(args), _query(args)
+    outside = _hub_domain(config, scope)
+    if outside is not None:
+        raise UsageError(f"{outside} is not a domain of this hub: there is no route to re-deliver to")
     total = await archive.count(scope, query)
     words = " ".join(args.query)
+    if not total:
+        if args.json:
+            _dump({"scope": str(scope), "selected": 0, "redelivered": 0, "skipped": 0, "entries": 0,
+                   "dry_run": args.dry_run}, out)
+        else:
+            out.write(f"no messages of {scope} match: nothing to re-deliver\n")
+        return 0
     if args.dry_run and not args.skip_delivered:
         if args.json:
             _dump({"scope": str(scope), "selected": total, "redelivered": total, "skipped": 0, "dry_run": True}, out)
