@@ -396,6 +396,15 @@ class IArchive(Interface):
     ``mailhub.model.StoreUnavailable`` when the backend cannot be reached,
     and never blocks the reactor thread.  Times are POSIX seconds.
     ``mailhub.testing.archive_contract`` is the suite every plugin passes.
+
+    A mailbox is one whatever the case of its local part: the archive
+    keeps and compares mailboxes folded (``mailhub.model.Address.folded``).
+    ``ArchivedMessage``, ``ArchiveSummary`` and ``ArchiveScope`` fold
+    theirs when made; the delivery records (``record_delivered``,
+    ``delivered``) take addresses as given and a plugin folds them.  A
+    plugin that kept mailboxes as given before folds them when it opens an
+    older archive (merging those that fold to one), holds and delivery
+    records included.
     """
 
     def add(message):
@@ -537,6 +546,11 @@ class IAccountStore(Interface):
     ``IArchive`` (the ``memory``, ``sqlite`` and ``postgresql`` archives
     do).  Every method returns a ``Deferred`` and fails with
     ``StoreUnavailable`` when the backend is unreachable.
+
+    Accounts are keyed by their folded address (``Account.address`` is
+    folded, ``mailhub.model.Address.folded``): every method taking an
+    account's ``Address`` folds it, so that a login typed ``ALICE@`` reaches
+    the account of ``alice@``.
     """
 
     def add_account(account):

@@ -113,6 +113,19 @@ def _addresses(items: Iterable[Address]) -> tuple[Address, ...]:
     return tuple(items)
 
 
+def _folded(address: Address) -> Address:
+    return address.folded()
+
+
+def _folded_or_none(address: Address | None) -> Address | None:
+    return None if address is None else address.folded()
+
+
+def _mailboxes(items: Iterable[Address]) -> tuple[Address, ...]:
+    # The archive's mailboxes: folded (``Address.folded``), each once, in order.
+    return tuple(dict.fromkeys(a.folded() for a in items))
+
+
 def _recipients(items: Iterable[Recipient]) -> tuple[Recipient, ...]:
     return tuple(items)
 
@@ -626,7 +639,10 @@ class ArchivedMessage:
     :ivar received_at: when the hub accepted it (an import: when it was first
         received, as far as known).
     :ivar sender: the envelope sender; ``None`` for ``<>``.
-    :ivar mailboxes: the recipients in the hub's domains it is archived for.
+    :ivar mailboxes: the recipients in the hub's domains it is archived for,
+        folded (``Address.folded``) and each once: mail to
+        ``John.Smith@example.com`` and to ``john.smith@example.com`` is in
+        one mailbox, ``john.smith@example.com``, whatever a caller gives.
     :ivar message: the message as accepted, byte for byte.
     :ivar text: its searchable text (``ArchiveText``).
     """
@@ -634,7 +650,7 @@ class ArchivedMessage:
     id: str
     received_at: float
     sender: Address | None
-    mailboxes: tuple[Address, ...] = field(converter=_addresses)
+    mailboxes: tuple[Address, ...] = field(converter=_mailboxes)
     message: bytes = b""
     text: ArchiveText = ArchiveText()
 
@@ -643,10 +659,13 @@ class ArchivedMessage:
 class ArchiveScope:
     """
     Whose messages: one mailbox, every mailbox of a domain, or (neither set)
-    the whole archive, for operators.
+    the whole archive, for operators.  The mailbox is kept folded
+    (``Address.folded``), as the archive keeps its mailboxes: a scope made
+    from what a user or an operator typed finds the mail however either
+    spelled the local part.
     """
 
-    mailbox: Address | None = None
+    mailbox: Address | None = field(default=None, converter=_folded_or_none)
     domain: str | None = field(default=None, converter=lambda d: None if d is None else d.lower())
 
     def __str__(self) -> str:
@@ -659,7 +678,7 @@ class ArchiveScope:
     def contains(self, mailbox: Address) -> bool:
         """Whether ``mailbox`` is within this scope."""
         if self.mailbox is not None:
-            return mailbox == self.mailbox
+            return mailbox.folded() == self.mailbox
         if self.domain is not None:
             return mailbox.domain == self.domain
         return True
@@ -701,7 +720,7 @@ class ArchiveSummary:
     received_at: float
     sender: str
     subject: str
-    mailboxes: tuple[Address, ...] = field(converter=_addresses)
+    mailboxes: tuple[Address, ...] = field(converter=_mailboxes)
     size: int = 0
     has_attachment: bool = False
     message_id: str = ""
@@ -812,11 +831,13 @@ class Account:
     depends on the organisation's own directory, which may be down with its
     server.
 
-    :ivar address: the login, the person's own mailbox.
+    :ivar address: the login, the person's own mailbox, folded
+        (``Address.folded``) as the archive's mailboxes are: ``Alice@`` and
+        ``alice@`` are one account.
     :ivar password_hash: an argon2 hash (``mailhub.archive.accounts``), or ``""``
         for an account invited but without a password yet.
     :ivar role: ``Role``.
-    :ivar mailboxes: more mailboxes the person may read (shared ones).
+    :ivar mailboxes: more mailboxes the person may read (shared ones), folded.
     :ivar totp_secret: base32 secret of a second factor, or ``""``.
     :ivar recovery: an address outside the hub for password resets, or ``""``.
     :ivar disabled: cannot log in; sessions end.
@@ -826,10 +847,10 @@ class Account:
     :ivar created: POSIX time.
     """
 
-    address: Address
+    address: Address = field(converter=_folded)
     password_hash: str = ""
     role: Role = Role.USER
-    mailboxes: tuple[Address, ...] = field(default=(), converter=_addresses)
+    mailboxes: tuple[Address, ...] = field(default=(), converter=_mailboxes)
     totp_secret: str = ""
     recovery: str = ""
     disabled: bool = False
@@ -844,6 +865,7 @@ class Account:
             return True
         if self.role is Role.DOMAIN_ADMIN and mailbox.domain == self.address.domain:
             return True
+        mailbox = mailbox.folded()
         return mailbox == self.address or mailbox in self.mailboxes
 
     def to_json(self) -> str:
@@ -885,9 +907,9 @@ class Account:
 
 @frozen
 class SentMessage:
-    """A message a person sent from the LiveArchive, for their Sent folder."""
+    """A message a person sent from the LiveArchive, for their Sent folder (``account`` folded)."""
 
     id: str
-    account: Address
+    account: Address = field(converter=_folded)
     sent_at: float
     message: bytes

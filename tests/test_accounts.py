@@ -1012,7 +1012,7 @@ def test_cli_import_from_recipients(hub):
     assert "4 accounts added" in r.stdout and "4 invited" in r.stdout
     listed = json.loads(user(hub, "list", "--json").stdout)
     assert sorted(a["address"] for a in listed) == [
-        "Bob@example.com", "alice@example.com", "carol@example.com", "dan@example.com",
+        "alice@example.com", "bob@example.com", "carol@example.com", "dan@example.com",
     ]
     assert not any(a["password"] for a in listed)
     again = user(hub, "import", "--from-recipients", "example.com")

@@ -336,3 +336,12 @@ def test_a_write_that_fails_at_once_is_retried_once() -> None:
     assert len(clock.getDelayedCalls()) == 1
     clock.advance(RETRY_SECONDS)
     assert r.lost == 1 and clock.getDelayedCalls() == []
+
+
+def test_a_delivery_is_recorded_for_the_folded_mailbox() -> None:
+    """A 2xx for ``Alice@`` is a delivery to the archive's mailbox ``alice@``, which a re-delivery asks about."""
+    archive = HandArchive()
+    r = recorder(archive)
+    upper = Address("Alice", "example.com")
+    r(entry("e", "m", recipients=(upper,)), [upper], 1.0)
+    assert archive.writes[0][0] == [("m", ALICE, ROUTE, 1.0)]

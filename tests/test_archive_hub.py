@@ -148,3 +148,23 @@ def test_a_copy_with_the_same_message_id_counts_as_delivered():
     hub.receive(ALICE)
     hub.archive.add(ArchivedMessage("import-1", 0.0, None, (ALICE, BOB), MESSAGE, extract(MESSAGE)))
     assert hub.archive.delivered([("import-1", ALICE), ("import-1", BOB)]).result == {("import-1", ALICE)}
+
+
+def test_mail_to_a_capitalised_address_is_archived_for_the_folded_mailbox_and_relayed_as_given():
+    """
+    Mail to ``Bob.Smith@`` and ``bob.smith@`` is one mailbox's for the
+    archive, ``bob.smith@``: one copy, found and recorded as delivered
+    there.  The route's server still gets each address as it was given, and
+    the archive entry leaves the spool (a reply for each recipient).
+    """
+    given, folded = Address("Bob.Smith", "example.com"), Address("bob.smith", "example.com")
+    hub = Hub()
+    hub.receive(given, Address("BOB.SMITH", "example.com"))
+    assert hub.spool_routes() == {}
+    [(entry, _)] = hub.transport.deliveries
+    assert [r.address for r in entry.recipients] == [given, Address("BOB.SMITH", "example.com")]
+    for scope in (ArchiveScope(mailbox=folded), ArchiveScope(mailbox=given)):
+        [archived] = hub.found(scope)
+    assert hub.archive.get(archived).result.mailboxes == (folded,)
+    assert hub.archive.count(ArchiveScope(mailbox=folded), ArchiveQuery(words=("figures",))).result == 1
+    assert hub.archive.delivered([(archived, folded), (archived, given)]).result == {(archived, folded), (archived, given)}

@@ -10,6 +10,7 @@ statement runs on the reactor thread.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from zope.interface.verify import verifyObject
 
 from mailhub.interfaces import IArchive, IArchivePlugin
 from mailhub.model import (
+    Account,
     Address,
     ArchiveQuery,
     ArchiveScope,
@@ -503,8 +505,8 @@ async def test_schema_1_gains_the_account_tables(pg: PostgresServer, archives: A
     )
     archive = archives(schema=schema)
     assert (await archive.get("old")).message == ODD_MESSAGE
-    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "4"
-    assert SCHEMA_VERSION == 4
+    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == str(SCHEMA_VERSION)
+    assert SCHEMA_VERSION == 5
     await archive.add_account(account(ALICE))
     await archive.set_read(ALICE, ["old"], True)
     await archive.add_sent(SentMessage("s1", ALICE, NOW, b"sent\r\n"))
@@ -528,7 +530,7 @@ async def test_schema_2_gains_the_delivery_records(pg: PostgresServer, archives:
     )
     archive = archives(schema=schema)
     await archive.record_delivered([("m1", ALICE, "smtp:mail.a.example:25", NOW)])
-    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "4"
+    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == str(SCHEMA_VERSION)
     assert await archive.account(ALICE) == account(ALICE)
     await archive.add(archived("m1", message_id="q1@outside.example"))
     assert await archive.delivered([("old", ALICE)]) == {("old", ALICE)}
@@ -562,7 +564,7 @@ async def test_schema_3_gains_the_fields_vectors(pg: PostgresServer, archives: A
     pg.psql(f"DROP TABLE {schema}.fields; UPDATE {schema}.meta SET value = '3' WHERE key = 'schema_version'")
     archive = archives(schema=schema)
     assert (await archive.get("m1")) is not None
-    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "4"
+    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == str(SCHEMA_VERSION)
     assert rows(pg, schema, "SELECT id, tsv FROM fields ORDER BY id") == written
 
     async def ids(scope: ArchiveScope, search: ArchiveQuery) -> list[str]:
@@ -573,6 +575,86 @@ async def test_schema_3_gains_the_fields_vectors(pg: PostgresServer, archives: A
     assert await ids(ArchiveScope(domain="a.example"), query(recipient="bob")) == ["m2", "m1"]
     assert await ids(ArchiveScope(mailbox=DAVE), query(recipient="alice")) == ["m1"]
     assert await ids(ArchiveScope(mailbox=DAVE), query(recipient="bob")) == []
+
+
+def account_as_given(schema: str, local: str, domain: str, session_version: int) -> str:
+    """The SQL of an account row as mailhub wrote it before schema 5: keyed by the address as given."""
+    data = json.loads(Account(Address("x", domain), session_version=session_version).to_json())
+    data["address"] = [local, domain]
+    return (
+        f"INSERT INTO {schema}.accounts VALUES (convert_to('{local}@{domain}', 'UTF8'),"
+        f" convert_to('{domain}', 'UTF8'), '{json.dumps(data)}');"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_schema_4_folds_its_mailboxes(pg: PostgresServer, archives: Any) -> None:
+    """
+    Mail archived for ``Alice@a.example`` by an older mailhub is
+    ``alice@a.example``'s once the archive is opened: its mailboxes are
+    folded (two that fold to one merged), the ``fields`` rows of those
+    messages made again (as ``add`` makes them for the folded mailboxes),
+    and delivery records, holds and accounts (with their read flags and
+    Sent folders) follow.
+    """
+    old = archives()
+    await old.add(archived("upper", NOW - 3, (ALICE,), body="budget"))
+    await old.add(archived("both", NOW - 2, (ALICE, BOB, DAVE), body="budget"))
+    await old.add(archived("lower", NOW - 1, (ALICE,), body="budget"))
+    await old.close()
+    schema = old._schema
+    written = rows(pg, schema, "SELECT id, tsv FROM fields ORDER BY id")
+    # As schema 4 left it: mailboxes as given, and the scope lexemes made from them.
+    pg.psql(
+        f"SET search_path TO {schema};"
+        " INSERT INTO mailboxes SELECT 'Alice@a.example', domain, received_at, id, tsv FROM mailboxes"
+        "  WHERE mailbox = 'alice@a.example' AND id IN ('upper', 'both');"
+        " INSERT INTO mailboxes SELECT 'BOB@a.example', domain, received_at, id, tsv FROM mailboxes"
+        "  WHERE mailbox = 'bob@a.example';"
+        " DELETE FROM mailboxes WHERE (mailbox = 'alice@a.example' AND id = 'upper') OR mailbox = 'bob@a.example';"
+        " UPDATE fields SET tsv = " + FIELDS.format(tsv="fields.tsv", id="fields.id") + ";"
+        " INSERT INTO delivered VALUES"
+        f"  ('Alice@a.example', 'upper', 'a.example', 'smtp:new:25', {NOW}),"
+        f"  ('alice@a.example', 'upper', 'a.example', 'smtp:old:25', {NOW - 5}),"
+        f"  ('ALICE@a.example', 'both', 'a.example', 'smtp:old:25', {NOW - 5}),"
+        f"  ('Alice@a.example', 'both', 'a.example', 'smtp:older:25', {NOW - 7});"
+        f" INSERT INTO holds VALUES ('mailbox', 'Alice@a.example', 'case 17', {NOW});"
+        + account_as_given(schema, "Carol", "a.example", 1)
+        + " INSERT INTO read_flags VALUES (convert_to('Carol@a.example', 'UTF8'), 'upper');"
+        f" INSERT INTO sent VALUES (convert_to('Carol@a.example', 'UTF8'), 's1', {NOW}, 'sent'::bytea);"
+        # Two accounts that fold to one: the folded one is kept, the other left as it was.
+        + account_as_given(schema, "Dave", "b.example", 1)
+        + account_as_given(schema, "dave", "b.example", 2)
+        + " UPDATE meta SET value = '4' WHERE key = 'schema_version'"
+    )
+    assert rows(pg, schema, "SELECT id, tsv FROM fields ORDER BY id") != written
+    archive = archives(schema=schema)
+    assert (await archive.get("both")) is not None
+    assert rows(pg, schema, "SELECT value FROM meta WHERE key = 'schema_version'") == "5"
+    assert rows(pg, schema, "SELECT id, tsv FROM fields ORDER BY id") == written
+    assert rows(pg, schema, "SELECT DISTINCT mailbox FROM mailboxes ORDER BY 1") == "alice@a.example\nbob@a.example\ndave@b.example"
+    for scope in (ArchiveScope(mailbox=ALICE), ArchiveScope(mailbox=Address("Alice", "a.example"))):
+        page = await archive.search(scope, ArchiveQuery(), None, 10)
+        assert [(m.id, m.mailboxes) for m in page.items] == [("lower", (ALICE,)), ("both", (ALICE,)), ("upper", (ALICE,))]
+        assert await archive.count(scope, ArchiveQuery()) == 3
+        assert await archive.count(scope, query(words="budget")) == 3
+        assert await archive.count(scope, query(recipient="alice")) == 3
+    assert await archive.count(ArchiveScope(mailbox=BOB), query(words="budget")) == 1
+    assert sorted((await archive.get("both")).mailboxes) == [ALICE, BOB, DAVE]
+    assert rows(pg, schema, "SELECT mailbox, archive_id, route FROM delivered ORDER BY archive_id") == (
+        "alice@a.example|both|smtp:old:25\nalice@a.example|upper|smtp:new:25"
+    )
+    assert [(h["scope"], h["mailbox"]) for h in await archive.holds()] == [(f"mailbox {ALICE}", str(ALICE))]
+    assert await archive.expire("a.example", NOW, 100) == 1  # bob's; alice's are held
+    carol = Address("carol", "a.example")
+    got = await archive.account(Address("CAROL", "a.example"))
+    assert got is not None and got.address == carol and got.session_version == 1
+    assert await archive.read_ids(carol, ["upper"]) == {"upper"}
+    assert [m.id for m in await archive.sent(carol, None, 10)] == ["s1"]
+    assert (await archive.account(Address("Dave", "b.example"))).session_version == 2
+    assert rows(pg, schema, "SELECT convert_from(address, 'UTF8') FROM accounts WHERE domain = 'b.example'::bytea ORDER BY 1") == (
+        "Dave@b.example\ndave@b.example"
+    )
 
 
 @pytest_twisted.ensureDeferred

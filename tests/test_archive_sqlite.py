@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -21,6 +22,7 @@ from zope.interface.verify import verifyObject
 from mailhub.archive.query import parse_query
 from mailhub.interfaces import IArchive, IArchivePlugin
 from mailhub.model import (
+    Account,
     Address,
     ArchiveQuery,
     ArchiveScope,
@@ -28,6 +30,7 @@ from mailhub.model import (
     SentMessage,
     StoreFull,
     StoreUnavailable,
+    archive_words,
 )
 from mailhub.plugin import load_plugin
 from mailhub.plugins.sqlite.archive import SCHEMA_VERSION, SqliteArchive, plugin
@@ -38,6 +41,7 @@ from mailhub.plugins.sqlite.archive.rows import (
     INDEX_DELETE,
     SCOPE_MARK,
     index_row,
+    reindex,
     scope_token,
     text_of,
 )
@@ -409,6 +413,114 @@ async def test_a_scope_index_in_a_file_set_back_to_schema_4_is_written_again(db:
         await archive.close()
 
 
+def with_mailboxes_as_given(conn: sqlite3.Connection, archive_id: str, mailboxes: list[str]) -> None:
+    """Give a message the mailboxes (and their index row) as mailhub wrote them before schema 6: as given."""
+    seq, sender, blob, received_at = conn.execute(
+        "SELECT seq, sender, text, received_at FROM messages WHERE id = ?", (archive_id,)
+    ).fetchone()
+    before = {m for (m,) in conn.execute("SELECT mailbox FROM mailboxes WHERE message_id = ?", (archive_id,))}
+    reindex(conn, seq, sender, blob, before, set(mailboxes))
+    conn.execute("DELETE FROM mailboxes WHERE message_id = ?", (archive_id,))
+    conn.executemany(
+        "INSERT INTO mailboxes (message_id, mailbox, domain, received_at, words) VALUES (?, ?, ?, ?, ?)",
+        [(archive_id, m, m.rpartition("@")[2], received_at, " ".join(archive_words(m))) for m in mailboxes],
+    )
+
+
+def account_as_given(conn: sqlite3.Connection, local: str, domain: str, session_version: int) -> None:
+    """An account row as mailhub wrote it before schema 6: keyed by the address as given."""
+    data = json.loads(Account(Address("x", domain), session_version=session_version).to_json())
+    data["address"] = [local, domain]
+    key = f"{local}@{domain}".encode()
+    conn.execute("INSERT INTO accounts (address, domain, data) VALUES (?, ?, ?)", (key, domain.encode(), json.dumps(data)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_archive_of_schema_5_folds_its_mailboxes(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Mail archived for ``Alice@a.example`` by an older mailhub is
+    ``alice@a.example``'s once the archive is opened: its mailboxes are
+    folded (two that fold to one merged), the index rows of those messages
+    only are written again with the folded scope tokens, and delivery
+    records, holds and accounts (with their read flags and Sent folders)
+    follow.
+    """
+    archive = open_archive(db)
+    await archive.add(archived("upper", NOW - 3, (ALICE,), body="budget"))
+    await archive.add(archived("both", NOW - 2, (ALICE, BOB, DAVE), body="budget"))
+    await archive.add(archived("lower", NOW - 1, (ALICE,), body="budget"))
+    await archive.add(archived("other", NOW - 1, (BOB,), body="budget"))
+    await archive.close()
+    conn = sqlite3.connect(db)
+    with_mailboxes_as_given(conn, "upper", ["Alice@a.example"])
+    with_mailboxes_as_given(conn, "both", ["Alice@a.example", "alice@a.example", "BOB@a.example", "dave@b.example"])
+    conn.executemany(
+        "INSERT INTO delivered (mailbox, archive_id, domain, route, at) VALUES (?, ?, 'a.example', ?, ?)",
+        [("Alice@a.example", "upper", "smtp:new:25", NOW), ("alice@a.example", "upper", "smtp:old:25", NOW - 5),
+         ("ALICE@a.example", "both", "smtp:old:25", NOW - 5)],
+    )  # fmt: skip
+    conn.execute("INSERT INTO holds VALUES ('mailbox Alice@a.example', 'Alice@a.example', NULL, 'case 17', ?)", (NOW,))
+    account_as_given(conn, "Carol", "a.example", 1)
+    conn.execute("INSERT INTO read_flags (account, archive_id) VALUES (?, 'upper')", (b"Carol@a.example",))
+    conn.execute(
+        "INSERT INTO sent (account, id, sent_at, message) VALUES (?, 's1', ?, ?)",
+        (b"Carol@a.example", NOW, zlib.compress(b"sent\r\n")),
+    )
+    # Two accounts that fold to one: the folded one is kept, the other left as it was.
+    account_as_given(conn, "Dave", "b.example", 1)
+    account_as_given(conn, "dave", "b.example", 2)
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    seqs = dict(conn.execute("SELECT id, seq FROM messages").fetchall())
+    conn.close()
+
+    reindexed: list[int] = []
+
+    def counting(conn: sqlite3.Connection, seq: int, *rest: Any) -> None:
+        reindexed.append(seq)
+        reindex(conn, seq, *rest)
+
+    monkeypatch.setattr(archive_schema, "reindex", counting)
+    archive = open_archive(db)
+    try:
+        assert await rows(archive, "PRAGMA user_version") == [(6,)]
+        assert sorted(reindexed) == sorted([seqs["upper"], seqs["both"]])
+        for scope in (ArchiveScope(mailbox=Address("alice", "a.example")), ArchiveScope(mailbox=Address("Alice", "a.example"))):
+            page = await archive.search(scope, ArchiveQuery(), None, 10)
+            assert [(m.id, m.mailboxes) for m in page.items] == [("lower", (ALICE,)), ("both", (ALICE,)), ("upper", (ALICE,))]
+            assert await archive.count(scope, ArchiveQuery()) == 3
+            assert await archive.count(scope, ArchiveQuery(words=("budget",))) == 3
+            page = await archive.search(scope, ArchiveQuery(words=("budg",)), None, 1)
+            assert [m.id for m in page.items] == ["lower"] and page.next is not None
+        assert await archive.count(ArchiveScope(mailbox=BOB), ArchiveQuery(words=("budget",))) == 2
+        assert sorted((await archive.get("both")).mailboxes) == [ALICE, BOB, DAVE]
+        assert await scope_terms(archive) == {str(ALICE): 3, str(BOB): 2, str(DAVE): 1}
+        await archive.run(
+            lambda c: c.execute("INSERT INTO text_index (text_index, rank) VALUES ('integrity-check', 0)")
+        )
+        assert await rows(archive, "SELECT mailbox, archive_id, route, at FROM delivered ORDER BY archive_id") == [
+            (str(ALICE), "both", "smtp:old:25", NOW - 5), (str(ALICE), "upper", "smtp:new:25", NOW),
+        ]  # fmt: skip
+        assert await archive.delivered([("upper", ALICE), ("both", Address("Alice", "a.example"))]) == {
+            ("upper", ALICE), ("both", Address("Alice", "a.example")),
+        }  # fmt: skip
+        assert [(h["scope"], h["mailbox"]) for h in await archive.holds()] == [(f"mailbox {ALICE}", str(ALICE))]
+        # The hold is alice@a.example's: only bob's two go.
+        assert await archive.expire("a.example", NOW, 100) == 2
+        assert await archive.count(ArchiveScope(mailbox=ALICE), ArchiveQuery()) == 3
+        carol = Address("carol", "a.example")
+        got = await archive.account(Address("CAROL", "a.example"))
+        assert got is not None and got.address == carol and got.session_version == 1
+        assert await archive.read_ids(carol, ["upper"]) == {"upper"}
+        assert [m.id for m in await archive.sent(carol, None, 10)] == ["s1"]
+        assert (await archive.account(Address("Dave", "b.example"))).session_version == 2
+        assert await rows(archive, "SELECT address FROM accounts WHERE domain = X'622e6578616d706c65' ORDER BY address") == [
+            (b"Dave@b.example",), (b"dave@b.example",),
+        ]  # fmt: skip
+    finally:
+        await archive.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_full_database_fails_with_store_full(tmp_path: Path) -> None:
     """Past ``max_size_mb``, ``add`` fails with ``StoreFull``; what is there stays readable."""
@@ -571,7 +683,7 @@ async def test_archive_of_schema_1_gains_the_account_tables(db: Path) -> None:
     try:
         assert (await archive.get("old")).message == ODD_MESSAGE
         assert await rows(archive, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-        assert SCHEMA_VERSION == 5
+        assert SCHEMA_VERSION == 6
         tables = await rows(archive, "SELECT name FROM sqlite_master WHERE type = 'table'")
         assert {"accounts", "read_flags", "sent"} <= {name for (name,) in tables}
         await archive.add_account(account(ALICE))

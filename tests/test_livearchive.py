@@ -192,6 +192,25 @@ async def test_a_user_reads_their_mailbox_and_nobody_elses(web: Web) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_user_reads_mail_to_her_address_however_it_was_spelt(web: Web) -> None:
+    """
+    Mail to ``Alice@EXAMPLE.com`` is alice@example.com's: she reads it
+    after logging in as ``ALICE@example.com``, with or without a mailbox
+    in the link, however that one is spelt.
+    """
+    await web.archive_message("a1", Address("Alice", "EXAMPLE.com"), b"Subject: for alice\r\n\r\nhello alice\r\n", "for alice")
+    code, headers, _ = await web.login("ALICE@example.com")
+    assert code == 303 and headers["location"] == "/mail"
+    code, _, page = await web.request("GET", "/mail")
+    assert code == 200 and "for alice" in page
+    for path in ("/mail/msg/a1", "/mail/msg/a1?mailbox=alice%40example.com", "/mail/msg/a1?mailbox=Alice%40example.com"):
+        code, _, page = await web.request("GET", path)
+        assert code == 200 and "hello alice" in page, path
+    code, _, page = await web.request("GET", "/mail?mailbox=Alice%40example.com")
+    assert code == 200 and "for alice" in page
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_domain_administrator_reads_every_mailbox_of_the_domain_only(web: Web) -> None:
     await web.archive_message("b1", BOB, b"Subject: for bob\r\n\r\nhello bob\r\n", "for bob")
     await web.archive_message("c1", Address("dave", "example.org"), b"Subject: for dave\r\n\r\nhi\r\n", "for dave")

@@ -753,7 +753,8 @@ class AccountLinks:
         if parsed is None or account is None or account.disabled:
             return False
         payload, mac, data = parsed
-        if data.get("p") != purpose or data["a"] != account.address or data["e"] <= self._clock.seconds():
+        # Folded: a link issued before accounts were (to "Alice@") is still Alice's.
+        if data.get("p") != purpose or data["a"].folded() != account.address or data["e"] <= self._clock.seconds():
             return False
         return hmac.compare_digest(mac, self._mac(payload, account))
 

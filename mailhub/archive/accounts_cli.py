@@ -149,7 +149,11 @@ async def run(reactor: Any, args: argparse.Namespace, config: HubConfig) -> int:
 
 
 def _address(config: HubConfig, text: str, what: str) -> Address:
-    """An address in one of the hub's domains, or a ``UsageError`` that says why not."""
+    """
+    An address in one of the hub's domains, folded (``Address.folded``, as
+    accounts and the archive's mailboxes are keyed), or a ``UsageError``
+    that says why not.
+    """
     try:
         address = Address.parse(text.strip())
     except AddressError as e:
@@ -159,7 +163,7 @@ def _address(config: HubConfig, text: str, what: str) -> Address:
             f"{what} {address}: {address.domain} is not a domain of this hub"
             f" (its domains: {', '.join(sorted(config.domains))})"
         )
-    return address
+    return address.folded()
 
 
 def _recovery(config: HubConfig, text: str) -> str:
@@ -455,7 +459,7 @@ async def _import(reactor: Any, args: argparse.Namespace, config: HubConfig, arc
             raise UsageError(f"{domain.name} has neither recipients nor recipients_file in {config.path}")
         for text in texts:
             try:
-                address = Address.parse(text.strip())
+                address = Address.parse(text.strip()).folded()
             except AddressError as e:
                 errors.append(f"{source}: {text!r}: {e}")
                 continue

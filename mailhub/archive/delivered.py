@@ -134,8 +134,9 @@ class DeliveryRecorder:
     def __call__(self, entry: Entry, recipients: Sequence[Address], at: float) -> None:
         """
         Note that ``recipients`` of ``entry`` were delivered at ``at``: a
-        record per mailbox of the hub's domains, unless ``entry`` is the
-        archive's own.  Returns at once; never raises.
+        record per mailbox of the hub's domains (folded, as the archive keeps
+        its mailboxes), unless ``entry`` is the archive's own.  Returns at
+        once; never raises.
         """
         if is_archive_route(entry.route):
             return
@@ -153,7 +154,9 @@ class DeliveryRecorder:
                 self._dropped += 1
                 self.lost += 1
                 continue
-            self._pending.append((archive_id, address, entry.route, at))
+            # The archive's mailbox (folded, ``Address.folded``): a delivery to
+            # John.Smith@ is one to the mailbox a re-delivery asks about, john.smith@.
+            self._pending.append((archive_id, address.folded(), entry.route, at))
         self._write()
 
     def _write(self) -> None:

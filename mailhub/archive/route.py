@@ -258,6 +258,9 @@ class ArchiveTransport:
         return ensureDeferred(self._deliver(entry, message))
 
     async def _deliver(self, entry: Entry, message: bytes) -> dict[Address, Reply]:
+        # The recipients as given: the engine wants a reply for each.  The
+        # archive's mailboxes are folded and each once (``ArchivedMessage``
+        # does it): mail to John.Smith@ and john.smith@ is one mailbox's copy.
         mailboxes = entry.pending
         try:
             if self._writer is not None:

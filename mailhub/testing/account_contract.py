@@ -13,15 +13,16 @@ empty archive per test)::
 
 What the suite settles where ``IAccountStore`` leaves room:
 
-- Accounts are keyed by their ``Address`` value: the local part exactly as
-  given (``Alice`` and ``alice`` are two accounts), the domain in lower case
-  (as ``Address`` keeps it).  ``accounts(domain)`` ignores the case of
-  ``domain``.
+- Accounts are keyed by their folded address (``Address.folded``: the
+  local part and the domain in lower case): ``Alice@`` and ``alice@`` are
+  one account, ``alice@``, and every method taking an account's address
+  reaches it however the local part is written.  ``accounts(domain)``
+  ignores the case of ``domain``.
 - ``accounts`` gives the accounts in ``Address`` order (local part, then
   domain), as ``sorted()`` of the addresses does.
 - Every field of an ``Account`` comes back as it went in: ``role`` a
-  ``Role``, ``mailboxes`` a tuple of ``Address`` in the order given, text
-  with any character.
+  ``Role``, ``mailboxes`` a tuple of ``Address`` in the order given (folded,
+  as ``Account`` keeps them), text with any character.
 - ``set_read`` needs no account and no archived message of that id; marking
   read twice, or unread what was never read, is no error.  ``read_ids``
   fires with a ``set`` (or ``frozenset``) of ``str``.
@@ -213,21 +214,36 @@ class AccountStoreContract:
         assert await archive.accounts("a.example") == [added]
 
     @pytest_twisted.ensureDeferred
-    async def test_local_part_is_exact_domain_is_folded(self, archive: Any) -> None:
-        """``Alice@a.example`` and ``alice@a.example`` are two accounts; the domain's case is not."""
-        upper = account(Address("Alice", "A.Example"), session_version=1)
+    async def test_an_account_is_one_whatever_the_case_of_its_local_part(self, archive: Any) -> None:
+        """
+        An account added as ``Alice@A.Example`` is ``alice@a.example``'s: a
+        login typed ``ALICE@a.example`` reaches it, and a second account
+        that only differs in case is refused.
+        """
+        upper = account(Address("Alice", "A.Example"), session_version=1, mailboxes=[Address("Shared", "a.example")])
         await archive.add_account(upper)
-        assert await archive.account(Address("Alice", "a.example")) == upper
-        assert await archive.account(Address("Alice", "A.EXAMPLE")) == upper
-        assert await archive.account(Address("alice", "a.example")) is None
-        lower = account(Address("alice", "a.example"), session_version=2)
-        await archive.add_account(lower)
+        for typed in (Address("Alice", "a.example"), Address("ALICE", "A.EXAMPLE"), ALICE):
+            got = await archive.account(typed)
+            assert got == upper, typed
+            assert got.address == ALICE
+            assert got.mailboxes == (SHARED,)
         with pytest.raises(KeyError):
-            await archive.add_account(account(Address("Alice", "A.EXAMPLE")))
-        assert await archive.account(Address("alice", "A.example")) == lower
-        assert await archive.account(Address("Alice", "a.example")) == upper
-        got = await archive.accounts("a.example")
-        assert [a.address for a in got] == sorted([upper.address, lower.address])
+            await archive.add_account(account(Address("aLiCe", "a.example")))
+        await archive.update_account(account(Address("ALICE", "a.example"), session_version=2))
+        assert (await archive.account(ALICE)).session_version == 2
+        assert [a.address for a in await archive.accounts("a.example")] == [ALICE]
+
+    @pytest_twisted.ensureDeferred
+    async def test_read_flags_and_sent_of_an_account_whatever_its_case(self, archive: Any) -> None:
+        """Read flags and the Sent folder belong to the folded address, as the account does."""
+        await archive.set_read(Address("Alice", "a.example"), ["m1", "m2"], True)
+        await archive.set_read(Address("ALICE", "a.example"), ["m2"], False)
+        assert await archive.read_ids(ALICE, ["m1", "m2"]) == {"m1"}
+        await archive.add_sent(sent("s1", Address("Alice", "a.example")))
+        await archive.add_sent(sent("s1", ALICE))  # the same message: kept once
+        assert [m.id for m in await archive.sent(Address("ALICE", "a.example"), None, 10)] == ["s1"]
+        got = await archive.sent_message(Address("aLICE", "a.example"), "s1")
+        assert got is not None and got.account == ALICE
 
     # -- read flags -----------------------------------------------------
 
@@ -269,7 +285,7 @@ class AccountStoreContract:
         await archive.set_read(BOB, ["m1", "m2"], False)
         assert await archive.read_ids(BOB, ["m1", "m2"]) == set()
         assert await archive.read_ids(ALICE, ["m1", "m2"]) == {"m1", "m2"}
-        assert await archive.read_ids(Address("Alice", "a.example"), ["m1", "m2"]) == set()
+        assert await archive.read_ids(Address("alice", "b.example"), ["m1", "m2"]) == set()
 
     @pytest_twisted.ensureDeferred
     async def test_read_flags_of_many_ids(self, archive: Any) -> None:
@@ -354,7 +370,7 @@ class AccountStoreContract:
         assert [m.id for m in await archive.sent(BOB, None, 10)] == ["b1"]
         assert await archive.sent_message(BOB, "a1") is None
         assert await archive.sent_message(ALICE, "b1") is None
-        assert await archive.sent_message(Address("Alice", "a.example"), "a1") is None
+        assert await archive.sent_message(Address("alice", "b.example"), "a1") is None
         assert (await archive.sent_message(ALICE, "a1")).account == ALICE
         assert list(await archive.sent(DAVE, None, 10)) == []
 

@@ -31,7 +31,10 @@ What the suite settles where ``IArchive`` leaves room:
   length.
 - ``before`` is exclusive, ``after`` inclusive (as for ``audit_log``'s
   ``until`` and ``since``).
-- ``holds()`` gives a mailbox as text (``str(Address)``).
+- A mailbox is one whatever the case of its local part: the archive keeps
+  and compares mailboxes folded (``Address.folded``), in searches,
+  counts, summaries, ``get``, holds and delivery records alike.
+- ``holds()`` gives a mailbox as text (``str(Address)``, folded).
 - ``set_hold`` of the whole archive (neither mailbox nor domain) fails with
   ``ValueError``.
 
@@ -282,10 +285,39 @@ class ArchiveContract:
 
     @pytest_twisted.ensureDeferred
     async def test_mailbox_scope_compares_the_whole_address(self, archive: Any) -> None:
-        """``Alice@a.example`` is another mailbox than ``alice@a.example``; domains ignore case."""
-        await archive.add(archived("upper", mailboxes=(Address("Alice", "a.example"),)))
+        """``alice@a.example`` is another mailbox than ``alice@b.example`` or ``alice.x@a.example``."""
+        await archive.add(archived("b", mailboxes=(Address("alice", "b.example"), Address("alice.x", "a.example"))))
         assert await self.ids(archive, scope=mailbox(ALICE)) == []
-        assert await self.ids(archive, scope=mailbox(Address("Alice", "A.EXAMPLE"))) == ["upper"]
+        assert await self.ids(archive, scope=mailbox(Address("Alice", "B.EXAMPLE"))) == ["b"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_mailbox_is_one_whatever_the_case_of_its_local_part(self, archive: Any) -> None:
+        """
+        Mail archived for ``Alice@Example``-style spellings is the folded
+        mailbox's: a search, a count, the pages an export walks and ``get``
+        find and show it under ``alice@a.example``, however the scope's
+        mailbox is spelt.
+        """
+        upper = Address("Alice", "A.Example")
+        await self.add(
+            archive,
+            archived("upper", NOW + 1, (upper,), body="budget"),
+            archived("lower", NOW + 2, (ALICE,), body="budget"),
+            archived("both", NOW + 3, (upper, ALICE, Address("ALICE", "a.example"), BOB), body="budget"),
+        )
+        await archive.add(archived("upper", NOW + 1, (ALICE,), body="budget"))  # nothing new
+        for scope in (mailbox(ALICE), mailbox(upper), mailbox(Address("aLiCe", "a.example"))):
+            assert await self.ids(archive, scope=scope) == ["both", "lower", "upper"], scope
+            assert await archive.count(scope, ArchiveQuery()) == 3
+            assert await archive.count(scope, query(words="budget")) == 3
+            pages = await self.all_pages(archive, query(words="budg"), scope, 1)
+            assert [(s.id, s.mailboxes) for s in pages] == [(i, (ALICE,)) for i in ("both", "lower", "upper")]
+        assert (await archive.get("upper")).mailboxes == (ALICE,)
+        assert sorted((await archive.get("both")).mailboxes) == [ALICE, BOB]
+        found = await self.all_pages(archive, query(recipient="Alice@a.example"), domain("a.example"), 10)
+        assert [(s.id, sorted(s.mailboxes)) for s in found] == [
+            ("both", [ALICE, BOB]), ("lower", [ALICE]), ("upper", [ALICE]),
+        ]  # fmt: skip
 
     @pytest_twisted.ensureDeferred
     async def test_domain_search_sees_only_that_domain(self, archive: Any) -> None:
@@ -782,6 +814,24 @@ class ArchiveContract:
         assert await archive.delivered([]) == set()
 
     @pytest_twisted.ensureDeferred
+    async def test_delivery_records_are_of_the_folded_mailbox(self, archive: Any) -> None:
+        """
+        A delivery to ``Alice@`` is one to ``alice@``: asked either way, the
+        pair is found (and given back as asked), and the records of one
+        folded pair are one record, with the latest time.
+        """
+        upper = Address("Alice", "a.example")
+        await archive.add(archived("m1", NOW - 2 * DAY, (upper,)))
+        await archive.record_delivered([("m1", upper, ROUTE, NOW), ("m2", Address("BOB", "a.example"), ROUTE, NOW)])
+        await archive.record_delivered([("m1", ALICE, ROUTE, NOW - 2 * DAY)])
+        asked = [("m1", ALICE), ("m1", Address("ALICE", "a.example")), ("m2", BOB), ("m2", ALICE)]
+        assert await archive.delivered(asked) == {("m1", ALICE), ("m1", Address("ALICE", "a.example")), ("m2", BOB)}
+        await archive.set_hold(mailbox(BOB), True, "case 17", NOW)
+        # The message m1 expires; its one record (of NOW) and m2's held one stay.
+        assert await archive.expire("a.example", NOW - DAY, 100) == 1
+        assert await archive.delivered(asked) == {("m1", ALICE), ("m1", Address("ALICE", "a.example")), ("m2", BOB)}
+
+    @pytest_twisted.ensureDeferred
     async def test_delivered_matches_another_copy_by_message_id(self, archive: Any) -> None:
         """An imported copy (another archive id) of a message the hub delivered counts as delivered."""
         await self.add(
@@ -881,6 +931,20 @@ class ArchiveContract:
             {"scope": "mailbox alice@a.example", "mailbox": "alice@a.example", "domain": None,
              "reason": "case 17", "since": NOW},
         ]  # fmt: skip
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_hold_is_on_the_folded_mailbox(self, archive: Any) -> None:
+        """A hold given for ``Alice@`` holds ``alice@``'s mail, and is lifted as ``ALICE@``."""
+        await archive.add(archived("old", NOW - DAY, (ALICE,)))
+        await archive.set_hold(mailbox(Address("Alice", "a.example")), True, "case 17", NOW)
+        await archive.set_hold(mailbox(ALICE), True, "case 18", NOW + 1)
+        assert [(h["scope"], h["mailbox"]) for h in await archive.holds()] == [
+            ("mailbox alice@a.example", "alice@a.example")
+        ]
+        assert await archive.expire("a.example", NOW, 100) == 0
+        await archive.set_hold(mailbox(Address("ALICE", "a.example")), False, "closed", NOW + 2)
+        assert await archive.holds() == []
+        assert await archive.expire("a.example", NOW, 100) == 1
 
     @pytest_twisted.ensureDeferred
     async def test_holding_twice_is_one_hold(self, archive: Any) -> None:

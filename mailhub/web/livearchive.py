@@ -289,7 +289,8 @@ class LiveArchive(resource.Resource):
         """The mailbox a request is about (the account's own by default), if the account may read it; else 404."""
         text = self._arg(request, "mailbox")
         try:
-            mailbox = Address.parse(text) if text else account.address
+            # Folded, as the archive keeps its mailboxes: ?mailbox=Alice@ is alice@'s.
+            mailbox = Address.parse(text).folded() if text else account.address
         except AddressError:
             raise _NOT_FOUND from None
         if not account.can_read(mailbox):
@@ -374,7 +375,7 @@ class LiveArchive(resource.Resource):
             )
         account = None
         try:
-            account = await self._archive.account(Address.parse(text))
+            account = await self._archive.account(Address.parse(text).folded())
         except AddressError:
             account = None
         ok = await acc.verify_password_async(account.password_hash if account else "", password)
@@ -445,7 +446,7 @@ class LiveArchive(resource.Resource):
         if not self._form_token_ok(request):
             return await self._reset_form(request, path, error="This form has expired: please try again.", code=403)
         try:
-            address = Address.parse(self._arg(request, "address").strip())
+            address = Address.parse(self._arg(request, "address").strip()).folded()
         except AddressError:
             return await self._reset_form(
                 request, path, error="That is not an email address: give the one you log in with.", code=400
@@ -805,7 +806,7 @@ class LiveArchive(resource.Resource):
         if len(path) == 2:
             # Add an account.
             try:
-                address = Address.parse(self._arg(request, "address").strip())
+                address = Address.parse(self._arg(request, "address").strip()).folded()
                 role = Role(self._arg(request, "role", "user"))
             except (AddressError, ValueError) as e:
                 return await self._admin(request, path[:2], error=str(e))
@@ -837,7 +838,7 @@ class LiveArchive(resource.Resource):
         if len(path) != 4:
             raise _NOT_FOUND
         try:
-            target_address = Address.parse(path[2])
+            target_address = Address.parse(path[2]).folded()
         except AddressError:
             raise _NOT_FOUND from None
         target = await self._archive.account(target_address)

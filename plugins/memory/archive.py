@@ -251,7 +251,7 @@ class MemoryArchive:
     def record_delivered(self, records: Iterable[tuple[str, Address, str, float]]) -> Deferred[None]:
         def do() -> None:
             for archive_id, mailbox, route, at in records:
-                key = (mailbox, archive_id)
+                key = (mailbox.folded(), archive_id)
                 if key not in self._deliveries or self._deliveries[key][1] <= at:
                     self._deliveries[key] = (route, at)
 
@@ -266,10 +266,11 @@ class MemoryArchive:
             found: set[tuple[str, Address]] = set()
             for archive_id, mailbox in pairs:
                 wanted = header_id(archive_id)
-                if (mailbox, archive_id) in self._deliveries or (
+                folded = mailbox.folded()
+                if (folded, archive_id) in self._deliveries or (
                     wanted
                     and any(
-                        m == mailbox and header_id(other) == wanted for m, other in self._deliveries
+                        m == folded and header_id(other) == wanted for m, other in self._deliveries
                     )
                 ):
                     found.add((archive_id, mailbox))
@@ -342,7 +343,7 @@ class MemoryArchive:
         return self._call(do)
 
     def account(self, address: Address) -> Deferred[Account | None]:
-        return self._call(lambda: self._accounts.get(address))
+        return self._call(lambda: self._accounts.get(address.folded()))
 
     def accounts(self, domain: str | None) -> Deferred[list[Account]]:
         def do() -> list[Account]:
@@ -357,7 +358,7 @@ class MemoryArchive:
 
     def set_read(self, account: Address, archive_ids: Iterable[str], read: bool) -> Deferred[None]:
         def do() -> None:
-            ids = self._read.setdefault(account, set())
+            ids = self._read.setdefault(account.folded(), set())
             if read:
                 ids.update(archive_ids)
             else:
@@ -366,7 +367,7 @@ class MemoryArchive:
         return self._call(do)
 
     def read_ids(self, account: Address, archive_ids: Iterable[str]) -> Deferred[set[str]]:
-        return self._call(lambda: self._read.get(account, set()).intersection(archive_ids))
+        return self._call(lambda: self._read.get(account.folded(), set()).intersection(archive_ids))
 
     def add_sent(self, sent: SentMessage) -> Deferred[None]:
         def do() -> None:
@@ -381,7 +382,7 @@ class MemoryArchive:
             found = sorted(
                 (
                     m
-                    for m in self._sent.get(account, {}).values()
+                    for m in self._sent.get(account.folded(), {}).values()
                     if before is None or m.sent_at < before
                 ),
                 key=lambda m: (m.sent_at, m.id),
@@ -392,7 +393,7 @@ class MemoryArchive:
         return self._call(do)
 
     def sent_message(self, account: Address, sent_id: str) -> Deferred[SentMessage | None]:
-        return self._call(lambda: self._sent.get(account, {}).get(sent_id))
+        return self._call(lambda: self._sent.get(account.folded(), {}).get(sent_id))
 
     def close(self) -> Deferred[None]:
         return succeed(None)

@@ -33,7 +33,7 @@ advisory lock so that nodes starting together do not race):
     legal holds, the audit log, and the schema's version;
 ``accounts``, ``read_flags``, ``sent``
     the LiveArchive's accounts (``IAccountStore``): each keyed by its
-    address as UTF-8 ``bytea`` (any character), the ``Account`` as JSON;
+    folded address as UTF-8 ``bytea`` (any character), the ``Account`` as JSON;
     one row per (account, archive id) read; each account's Sent folder,
     indexed for newest-first pages (TOAST compresses the bytes).  Schema 1
     had none of them: an archive of schema 1 gains them (under the same
@@ -44,6 +44,9 @@ advisory lock so that nodes starting together do not race):
     and time for expiry; with a partial index of ``messages`` by
     Message-ID, ``delivered`` finds a delivery of the same message under
     another archive id.  Added by schema 3 (the same way).
+
+Mailboxes are kept folded (``Address.folded``); schema 5 folded those an
+older mailhub kept as given, in every table (``schema._fold_mailboxes``).
 
 Words are what ``mailhub.testing.archive_contract`` says: case and accents
 folded, split at every character that is not a letter or a digit
@@ -392,7 +395,7 @@ class PostgresArchive(Connections):
         # nodes writing overlapping batches lock the rows in one order.
         latest: dict[tuple[str, str], tuple[str, str, float]] = {}
         for archive_id, mailbox, route, at in records:
-            key = (str(mailbox), archive_id)
+            key = (str(mailbox.folded()), archive_id)
             if key not in latest or latest[key][2] <= at:
                 latest[key] = (mailbox.domain, clean_text(route), at)
         rows = sorted(latest.items())
@@ -432,7 +435,7 @@ class PostgresArchive(Connections):
                 "  JOIN messages o ON o.message_id = m.message_id AND o.message_id <> ''::bytea"
                 "  JOIN delivered d ON d.archive_id = o.id AND d.mailbox = q.mailbox"
                 "  WHERE m.id = q.archive_id AND m.message_id <> ''::bytea)",
-                ([a for a, _ in wanted], [str(m) for _, m in wanted]),
+                ([a for a, _ in wanted], [str(m.folded()) for _, m in wanted]),
             ).fetchall()
             return {wanted[n - 1] for (n,) in rows}
 

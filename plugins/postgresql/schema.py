@@ -5,18 +5,22 @@ the schema's version and the migrations from each version to the next.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from mailhub.model import Account
+
 from .search import FIELDS
+from .values import account_key, parse_address
 
 __all__ = ["LOCK_HOLDS", "SCHEMA_VERSION", "ensure_schema"]
 
 #: 2 added the accounts' tables, 3 the delivery records, 4 the fields'
-#: vectors (``_MIGRATIONS``).
-SCHEMA_VERSION = 4
+#: vectors, 5 folded the mailboxes (``_MIGRATIONS``).
+SCHEMA_VERSION = 5
 
 _TABLES = """
 CREATE TABLE meta (
@@ -75,9 +79,90 @@ CREATE TABLE audit (
 CREATE INDEX audit_at ON audit (at DESC, n DESC);
 """
 
-#: What makes each version of the schema from the one before; a new archive
-#: runs them all after ``_TABLES``.
-_MIGRATIONS = {
+def _renames(conn: psycopg.Connection[Any], query: str) -> tuple[list[str], list[str]]:
+    """The values ``query`` selects that are not folded, and their folded forms."""
+    old = [m for (m,) in conn.execute(query).fetchall() if str(parse_address(m).folded()) != m]  # type: ignore[arg-type]
+    return old, [str(parse_address(m).folded()) for m in old]
+
+
+#: The (old, new) pairs of ``_renames``, as a table in SQL.
+_FOLDING = "unnest(%s::text[], %s::text[]) AS f(old, new)"
+
+
+def _fold_mailboxes(conn: psycopg.Connection[Any]) -> None:
+    """
+    Schema 5: the archive keeps its mailboxes folded (``Address.folded``),
+    so that mail to ``John.Smith@`` and to ``john.smith@`` is one mailbox's
+    and a search for either finds both.  Rows of a mailbox written as
+    given by an older mailhub are folded, merged with the folded mailbox's
+    where both exist: a message's mailboxes (and the scope lexemes of its
+    ``fields`` row, made again from them as ``add`` does: only the affected
+    messages'), the delivery records (the latest delivery wins), holds, and
+    the accounts with their read flags and Sent folders.  An account whose
+    folded address another account has already is left as it was (which
+    of two people's passwords would win?): the login reaches the folded one.
+    """
+    renames = _renames(conn, "SELECT DISTINCT mailbox FROM mailboxes")
+    if renames[0]:
+        conn.execute(
+            "INSERT INTO mailboxes (mailbox, domain, received_at, id, tsv)"
+            " SELECT f.new, b.domain, b.received_at, b.id, b.tsv FROM mailboxes b"
+            f" JOIN {_FOLDING} ON b.mailbox = f.old ON CONFLICT DO NOTHING",
+            renames,
+        )
+        affected = conn.execute(
+            f"DELETE FROM mailboxes b USING {_FOLDING} WHERE b.mailbox = f.old RETURNING b.id", renames
+        ).fetchall()
+        conn.execute(
+            "UPDATE fields SET tsv = " + FIELDS.format(tsv="fields.tsv", id="fields.id")  # type: ignore[arg-type]
+            + " WHERE id = ANY(%s::text[])",
+            (sorted({i for (i,) in affected}),),
+        )
+    renames = _renames(conn, "SELECT DISTINCT mailbox FROM delivered")
+    if renames[0]:
+        # One row per folded pair (an upsert cannot touch a row twice): the latest.
+        conn.execute(
+            "INSERT INTO delivered (mailbox, archive_id, domain, route, at)"
+            " SELECT DISTINCT ON (f.new, d.archive_id) f.new, d.archive_id, d.domain, d.route, d.at"
+            f" FROM delivered d JOIN {_FOLDING} ON d.mailbox = f.old"
+            " ORDER BY f.new, d.archive_id, d.at DESC"
+            " ON CONFLICT (mailbox, archive_id) DO UPDATE"
+            " SET route = EXCLUDED.route, at = EXCLUDED.at WHERE EXCLUDED.at > delivered.at",
+            renames,
+        )
+        conn.execute(f"DELETE FROM delivered d USING {_FOLDING} WHERE d.mailbox = f.old", renames)
+    renames = _renames(conn, "SELECT name FROM holds WHERE kind = 'mailbox'")
+    if renames[0]:
+        conn.execute(
+            "INSERT INTO holds (kind, name, reason, since)"
+            f" SELECT 'mailbox', f.new, h.reason, h.since FROM holds h JOIN {_FOLDING}"
+            " ON h.kind = 'mailbox' AND h.name = f.old ORDER BY h.since ON CONFLICT DO NOTHING",
+            renames,
+        )
+        conn.execute(f"DELETE FROM holds h USING {_FOLDING} WHERE h.kind = 'mailbox' AND h.name = f.old", renames)
+    for key, data in conn.execute("SELECT address, data FROM accounts").fetchall():
+        account = Account.from_json(data)
+        new_key = account_key(account.address)
+        if new_key == bytes(key) or conn.execute("SELECT 1 FROM accounts WHERE address = %s", (new_key,)).fetchone():
+            continue
+        conn.execute("UPDATE accounts SET address = %s, data = %s WHERE address = %s", (new_key, account.to_json(), key))
+        conn.execute(
+            "UPDATE read_flags r SET account = %s WHERE account = %s AND NOT EXISTS"
+            " (SELECT 1 FROM read_flags o WHERE o.account = %s AND o.archive_id = r.archive_id)",
+            (new_key, key, new_key),
+        )
+        conn.execute(
+            "UPDATE sent s SET account = %s WHERE account = %s AND NOT EXISTS"
+            " (SELECT 1 FROM sent o WHERE o.account = %s AND o.id = s.id)",
+            (new_key, key, new_key),
+        )
+        conn.execute("DELETE FROM read_flags WHERE account = %s", (key,))
+        conn.execute("DELETE FROM sent WHERE account = %s", (key,))
+
+
+#: What makes each version of the schema from the one before (SQL, or a
+#: function of the connection); a new archive runs them all after ``_TABLES``.
+_MIGRATIONS: dict[int, str | Callable[[psycopg.Connection[Any]], None]] = {
     2: """
 CREATE TABLE accounts (
     address bytea PRIMARY KEY,
@@ -132,6 +217,7 @@ ANALYZE fields;
 ALTER TABLE messages ALTER COLUMN tsv SET STATISTICS 1000;
 ANALYZE messages;
 """,
+    5: _fold_mailboxes,
 }
 
 _LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtext('mailhub archive schema ' || %s))"
@@ -141,7 +227,11 @@ LOCK_HOLDS = "SELECT pg_advisory_xact_lock{shared}(hashtext('mailhub archive hol
 def _migrate(conn: psycopg.Connection[Any], version: int) -> None:
     """Bring the schema from ``version`` to ``SCHEMA_VERSION`` (in the caller's transaction)."""
     for step in range(version + 1, SCHEMA_VERSION + 1):
-        conn.execute(_MIGRATIONS[step])  # type: ignore[arg-type]
+        migration = _MIGRATIONS[step]
+        if callable(migration):
+            migration(conn)
+        else:
+            conn.execute(migration)  # type: ignore[arg-type]
     conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
 

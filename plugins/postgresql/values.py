@@ -38,5 +38,5 @@ def clean_text(text: str) -> str:
 
 
 def account_key(address: Address) -> bytes:
-    """An address as the accounts' tables key it: exact, any character."""
-    return utf8(str(address))
+    """An address as the accounts' tables key it: folded (``Address.folded``), any character."""
+    return utf8(str(address.folded()))

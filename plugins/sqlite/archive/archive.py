@@ -32,7 +32,8 @@ Tables:
   exact terms that begin with it (``terms.expand``), not as a prefix query.
 - ``holds`` and ``audit``.
 - ``accounts`` (``IAccountStore``): one row per LiveArchive account, keyed
-  by its address (UTF-8 of ``str(Address)``, as a BLOB: any character),
+  by its folded address (UTF-8 of ``str(Address.folded())``, as a BLOB:
+  any character),
   with the domain for listings and the ``Account`` as JSON.
 - ``read_flags``: one row per (account, archive id) read.
 - ``sent``: each account's Sent folder, the bytes zlib-compressed, indexed
@@ -60,7 +61,8 @@ transaction.  The schema is in ``PRAGMA user_version`` (``SCHEMA_VERSION``);
 an archive of a newer schema is refused, one of an older schema gains what
 it lacks when opened (version 1 had no accounts, read flags nor Sent folder;
 version 2 no delivery records; version 3 no terms, read once from the text
-index when opened: about 15 s for a million messages).
+index when opened: about 15 s for a million messages; version 5 kept
+mailboxes as given, folded when opened, ``schema._fold_mailboxes``).
 
 Configuration (the ``[archive]`` table)::
 
@@ -97,13 +99,14 @@ from mailhub.model import (
 )
 
 from .rows import (
-    INDEX_DELETE,
     INDEX_INSERT,
+    account_key,
     address_of,
     as_tuple,
     clean,
     index_row,
     mailboxes_of,
+    reindex,
     text_blob,
     text_of,
 )
@@ -160,7 +163,7 @@ def _add(message: ArchivedMessage, terms: Terms) -> Job:
             received_at, seq, sender, blob = row
             before = _mailboxes(conn, message.id)
             if not before.issuperset(mailboxes):
-                _reindex(conn, seq, sender, blob, before, before.union(mailboxes))
+                reindex(conn, seq, sender, blob, before, before.union(mailboxes))
         conn.executemany(
             "INSERT OR IGNORE INTO mailboxes (message_id, mailbox, domain, received_at, words)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -177,19 +180,6 @@ def _mailboxes(conn: sqlite3.Connection, archive_id: str) -> set[str]:
     return {row[0] for row in conn.execute("SELECT mailbox FROM mailboxes WHERE message_id = ?", (archive_id,))}
 
 
-def _reindex(conn: sqlite3.Connection, seq: int, sender: str | None, blob: bytes, before: set[str],
-             after: set[str] | None) -> None:
-    """
-    Take a message's row out of the text index, where it was written for
-    the mailboxes ``before`` (a contentless index needs the very values
-    again), and write it back for those ``after`` (``None``: not at all).
-    """
-    text = text_of(blob)
-    conn.execute(INDEX_DELETE, (seq, *index_row(text, sender, before)))
-    if after is not None:
-        conn.execute(INDEX_INSERT, (seq, *index_row(text, sender, after)))
-
-
 def _remove_message(conn: sqlite3.Connection, archive_id: str, before: set[str]) -> None:
     """
     Remove a message that has no mailbox left (it had ``before``), its index
@@ -201,7 +191,7 @@ def _remove_message(conn: sqlite3.Connection, archive_id: str, before: set[str])
     if row is None:
         return
     seq, sender, body_hash, blob = row
-    _reindex(conn, seq, sender, blob, before, None)
+    reindex(conn, seq, sender, blob, before, None)
     conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
     conn.execute(
         "DELETE FROM bodies WHERE hash = ?"
@@ -235,7 +225,7 @@ def _expire(domain: str, before: float, limit: int) -> Job:
                 seq, sender, blob = conn.execute(
                     "SELECT seq, sender, text FROM messages WHERE id = ?", (archive_id,)
                 ).fetchone()
-                _reindex(conn, seq, sender, blob, mailboxes, left)
+                reindex(conn, seq, sender, blob, mailboxes, left)
         records = conn.execute(
             "SELECT mailbox, archive_id FROM delivered"
             " WHERE domain = ? AND at < ?"
@@ -251,7 +241,7 @@ def _expire(domain: str, before: float, limit: int) -> Job:
 
 def _record_delivered(records: Iterable[tuple[str, Address, str, float]]) -> Job:
     rows = [
-        (clean(str(mailbox)), archive_id, mailbox.domain, clean(route), at)
+        (clean(str(mailbox.folded())), archive_id, mailbox.domain, clean(route), at)
         for archive_id, mailbox, route, at in records
     ]
 
@@ -274,7 +264,7 @@ def _delivered(pairs: Iterable[tuple[str, Address]]) -> Job:
     def job(conn: sqlite3.Connection) -> set[tuple[str, Address]]:
         found: set[tuple[str, Address]] = set()
         for archive_id, mailbox in wanted:
-            box = clean(str(mailbox))
+            box = clean(str(mailbox.folded()))
             # This archive id, or another with the same Message-ID (the
             # partial index of messages by Message-ID finds those).
             row = conn.execute(
@@ -372,17 +362,12 @@ def _audit_log(
 _IDS_PER_STATEMENT = 500
 
 
-def _key(address: Address) -> bytes:
-    """An address as the accounts' tables key it: exact, any character."""
-    return str(address).encode("utf-8", "surrogatepass")
-
-
 
 
 
 
 def _put_account(account: Account, new: bool) -> Job:
-    key = _key(account.address)
+    key = account_key(account.address)
     row = (key, account.address.domain.encode("utf-8", "surrogatepass"), account.to_json())
 
     def job(conn: sqlite3.Connection) -> None:
@@ -413,7 +398,7 @@ def _accounts(domain: str | None) -> Job:
 
 
 def _set_read(account: Address, archive_ids: Iterable[str], read: bool) -> Job:
-    key = _key(account)
+    key = account_key(account)
     rows = [(key, archive_id) for archive_id in dict.fromkeys(archive_ids)]
 
     def job(conn: sqlite3.Connection) -> None:
@@ -428,7 +413,7 @@ def _set_read(account: Address, archive_ids: Iterable[str], read: bool) -> Job:
 
 
 def _read_ids(account: Address, archive_ids: Iterable[str]) -> Job:
-    key = _key(account)
+    key = account_key(account)
     wanted = list(dict.fromkeys(archive_ids))
 
     def job(conn: sqlite3.Connection) -> set[str]:
@@ -450,7 +435,7 @@ def _read_ids(account: Address, archive_ids: Iterable[str]) -> Job:
 
 
 def _add_sent(sent: SentMessage) -> Job:
-    row = (_key(sent.account), sent.id, sent.sent_at, zlib.compress(sent.message, 6))
+    row = (account_key(sent.account), sent.id, sent.sent_at, zlib.compress(sent.message, 6))
 
     def job(conn: sqlite3.Connection) -> None:
         # The same id again is a retry: the first stays.
@@ -462,7 +447,7 @@ def _add_sent(sent: SentMessage) -> Job:
 
 
 def _sent(account: Address, before: float | None, limit: int) -> Job:
-    key = _key(account)
+    key = account_key(account)
 
     def job(conn: sqlite3.Connection) -> list[SentMessage]:
         rows = conn.execute(
@@ -479,7 +464,7 @@ def _sent(account: Address, before: float | None, limit: int) -> Job:
 
 
 def _sent_message(account: Address, sent_id: str) -> Job:
-    key = _key(account)
+    key = account_key(account)
 
     def job(conn: sqlite3.Connection) -> SentMessage | None:
         row = conn.execute(
@@ -617,7 +602,7 @@ class SqliteArchive:
         return self._writer.submit(_put_account(account, new=False))
 
     def account(self, address: Address) -> Deferred[Account | None]:
-        key = _key(address)
+        key = account_key(address)
 
         def job(conn: sqlite3.Connection) -> Account | None:
             row = conn.execute("SELECT data FROM accounts WHERE address = ?", (key,)).fetchone()

@@ -20,9 +20,9 @@ from mailhub.model import (
 )
 
 __all__ = [
-    "INDEX_COLUMNS", "INDEX_DELETE", "INDEX_INSERT", "SCOPE_MARK", "SUMMARY_COLUMNS", "address_of", "as_tuple",
-    "clean", "domain_token", "index_row", "mailboxes_of", "scope_token", "scope_tokens", "summary_of",
-    "text_blob", "text_of",
+    "INDEX_COLUMNS", "INDEX_DELETE", "INDEX_INSERT", "SCOPE_MARK", "SUMMARY_COLUMNS", "account_key", "address_of",
+    "as_tuple", "clean", "domain_token", "index_row", "mailboxes_of", "reindex", "scope_token", "scope_tokens",
+    "summary_of", "text_blob", "text_of",
 ]
 
 
@@ -39,6 +39,11 @@ def address_of(text: str) -> Address:
     # A domain never contains "@", so the last one splits the address exactly.
     local, _, domain = text.rpartition("@")
     return Address(local, domain)
+
+
+def account_key(address: Address) -> bytes:
+    """An address as the accounts' tables key it: folded (``Address.folded``), any character."""
+    return str(address.folded()).encode("utf-8", "surrogatepass")
 
 
 def as_tuple(items: Iterable[Any]) -> Any:
@@ -126,6 +131,19 @@ def index_row(text: ArchiveText, sender: str | None, mailboxes: Iterable[str]) -
         clean("\n".join(text.attachments)),
         scope_tokens(mailboxes),
     )
+
+
+def reindex(conn: sqlite3.Connection, seq: int, sender: str | None, blob: bytes, before: set[str],
+            after: set[str] | None) -> None:
+    """
+    Take a message's row out of the text index, where it was written for
+    the mailboxes ``before`` (a contentless index needs the very values
+    again), and write it back for those ``after`` (``None``: not at all).
+    """
+    text = text_of(blob)
+    conn.execute(INDEX_DELETE, (seq, *index_row(text, sender, before)))
+    if after is not None:
+        conn.execute(INDEX_INSERT, (seq, *index_row(text, sender, after)))
 
 
 SUMMARY_COLUMNS = (

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from .rows import INDEX_COLUMNS, INDEX_INSERT, index_row, text_of
+from mailhub.model import Account
+
+from .rows import INDEX_COLUMNS, INDEX_INSERT, account_key, address_of, index_row, reindex, text_of
 
 __all__ = [
     "ACCOUNTS_SCHEMA",
@@ -23,8 +25,10 @@ __all__ = [
 
 #: The archive's schema, in ``PRAGMA user_version``: 2 added the accounts'
 #: tables (``ACCOUNTS_SCHEMA``), 3 the delivery records
-#: (``DELIVERED_SCHEMA``), 4 the text index's terms (``TERMS_SCHEMA``).
-SCHEMA_VERSION = 5
+#: (``DELIVERED_SCHEMA``), 4 the text index's terms (``TERMS_SCHEMA``), 5
+#: the text index's ``scope`` column, 6 mailboxes folded
+#: (``Address.folded``: ``_fold_mailboxes``).
+SCHEMA_VERSION = 6
 
 #: The FTS5 text index (``rows.INDEX_COLUMNS``), as ``SCHEMA`` makes it
 #: and schema 5's rebuild makes it again.
@@ -175,6 +179,8 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
         # older: set back by hand, or written since by an older mailhub,
         # its scope tokens cannot be trusted.
         _rebuild_text_index(conn)
+    if 0 < version < 6:
+        _fold_mailboxes(conn)
     if version < SCHEMA_VERSION:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -224,3 +230,70 @@ def _rebuild_text_index(conn: sqlite3.Connection) -> None:
             ],
         )
         last = rows[-1][0]
+
+
+def _folded(mailbox: str) -> str:
+    return str(address_of(mailbox).folded())
+
+
+def _renames(conn: sqlite3.Connection, sql: str) -> dict[str, str]:
+    """The values ``sql`` selects that are not folded, each with its folded form."""
+    return {m: f for (m,) in conn.execute(sql) if (f := _folded(m)) != m}
+
+
+def _fold_mailboxes(conn: sqlite3.Connection) -> None:
+    """
+    Schema 6: the archive keeps its mailboxes folded (``Address.folded``),
+    so that mail to ``John.Smith@`` and to ``john.smith@`` is one mailbox's
+    and a search for either finds both.  Rows of a mailbox written as given
+    by an older mailhub are folded, merged with the folded mailbox's where
+    both exist: the mailboxes of a message (and the scope tokens of its
+    text index row, written again, ``rows.reindex``: only the affected
+    messages'), its delivery records (the latest delivery wins, as in
+    ``record_delivered``), holds, and the accounts with their read flags
+    and Sent folders.  An account whose folded address another account has
+    already is left as it was (which of two people's passwords would win?):
+    the login reaches the folded one.
+    """
+    renames = _renames(conn, "SELECT DISTINCT mailbox FROM mailboxes")
+    if renames:
+        affected = {
+            archive_id
+            for old in renames
+            for (archive_id,) in conn.execute("SELECT message_id FROM mailboxes WHERE mailbox = ?", (old,))
+        }
+        for archive_id in sorted(affected):
+            before = {m for (m,) in conn.execute("SELECT mailbox FROM mailboxes WHERE message_id = ?", (archive_id,))}
+            seq, sender, blob = conn.execute(
+                "SELECT seq, sender, text FROM messages WHERE id = ?", (archive_id,)
+            ).fetchone()
+            reindex(conn, seq, sender, blob, before, {renames.get(m, m) for m in before})
+        for old, new in renames.items():
+            # A row the folded mailbox has already stays; the other goes.
+            conn.execute("UPDATE OR IGNORE mailboxes SET mailbox = ? WHERE mailbox = ?", (new, old))
+            conn.execute("DELETE FROM mailboxes WHERE mailbox = ?", (old,))
+    for old, new in _renames(conn, "SELECT DISTINCT mailbox FROM delivered").items():
+        conn.execute(
+            "INSERT INTO delivered (mailbox, archive_id, domain, route, at)"
+            " SELECT ?, archive_id, domain, route, at FROM delivered WHERE mailbox = ? AND true"
+            " ON CONFLICT (mailbox, archive_id) DO UPDATE SET route = excluded.route, at = excluded.at"
+            " WHERE excluded.at > delivered.at",
+            (new, old),
+        )
+        conn.execute("DELETE FROM delivered WHERE mailbox = ?", (old,))
+    for old, new in _renames(conn, "SELECT mailbox FROM holds WHERE mailbox IS NOT NULL").items():
+        conn.execute(
+            "INSERT OR IGNORE INTO holds (scope, mailbox, domain, reason, since)"
+            " SELECT ?, ?, domain, reason, since FROM holds WHERE mailbox = ?",
+            (f"mailbox {new}", new, old),
+        )
+        conn.execute("DELETE FROM holds WHERE mailbox = ?", (old,))
+    for key, data in conn.execute("SELECT address, data FROM accounts").fetchall():
+        account = Account.from_json(data)
+        new_key = account_key(account.address)
+        if new_key == key or conn.execute("SELECT 1 FROM accounts WHERE address = ?", (new_key,)).fetchone():
+            continue
+        conn.execute("UPDATE accounts SET address = ?, data = ? WHERE address = ?", (new_key, account.to_json(), key))
+        for table in ("read_flags", "sent"):
+            conn.execute(f"UPDATE OR IGNORE {table} SET account = ? WHERE account = ?", (new_key, key))
+            conn.execute(f"DELETE FROM {table} WHERE account = ?", (key,))
