@@ -303,8 +303,40 @@ def test_route_coming_back_releases_its_backlog_at_once_and_paced():
     for _ in range(5):
         hub.clock.advance(1)
     assert [i for i in ids if hub.entry(i) is not None] == []
-    status = hub.engines["losangeles"].status()["routes"][ROUTE]
-    assert status["delivered"] + hub.engines["dallas"].status()["routes"][ROUTE]["delivered"] == 20
+    # (The node that saw it down may have found it back by its probe first.)
+    assert sum(e.status()["routes"].get(ROUTE, {}).get("delivered", 0) for e in hub.engines.values()) == 20
+
+
+def test_the_drain_report_counts_every_delivery_and_no_connection_too_many():
+    up = {"value": False}
+    pending, slow = answered_later()
+    connections = {"open": 0, "peak": 0}
+
+    def script(entry, message):
+        if not up["value"]:
+            return Reply(421, "4.4.1", "refused")
+        connections["open"] += 1
+        connections["peak"] = max(connections["peak"], connections["open"])
+
+        def closed(result):
+            connections["open"] -= 1
+            return result
+
+        return slow(entry, message).addBoth(closed)
+
+    hub = Hub(script, limit=3, settings=DeliveryConfig(probe_seconds=30.0, max_scan_interval=60.0))
+    ids = [hub.accept("dallas") for _ in range(12)]
+    up["value"] = True
+    for _ in range(200):
+        hub.clock.advance(1)
+        while pending:
+            pending.pop(0).callback(OK)
+        if all(hub.entry(i) is None for i in ids) and any(e.last_drains for e in hub.engines.values()):
+            break
+    assert all(hub.entry(i) is None for i in ids)
+    reports = [e.last_drains[ROUTE] for e in hub.engines.values() if ROUTE in e.last_drains]
+    assert sum(r["delivered"] for r in reports) == 12
+    assert max(r["peak_connections"] for r in reports) == connections["peak"] <= 3
 
 
 def test_stopping_gives_back_entries_waiting_for_their_turn():
@@ -365,6 +397,45 @@ def test_route_down_defers_without_connecting_but_probes_every_probe_seconds():
     hub.accept("dallas")  # the next attempt after probe_seconds is a real one
     assert len(hub.transport.deliveries) == 2
     assert hub.entry(first) is not None
+
+
+def test_a_down_route_is_probed_every_probe_seconds_even_with_nothing_due():
+    up = {"value": False}
+    refused = Reply(421, "4.4.1", "Connection refused")
+    hub = Hub(lambda entry, message: OK if up["value"] else refused,
+              settings=DeliveryConfig(probe_seconds=30.0, max_scan_interval=60.0))
+    ids = [hub.accept("dallas") for _ in range(5)]
+    assert len(hub.transport.deliveries) == 1
+    # The backlog's retries are ten minutes away; the server is back now.
+    assert all(hub.entry(i).next_attempt >= hub.clock.seconds() + 9 * MINUTE for i in ids)
+    up["value"] = True
+    for _ in range(35):
+        hub.clock.advance(1)
+    # Within probe_seconds (and a tick) the probe found it, and the backlog followed.
+    assert [i for i in ids if hub.entry(i) is not None] == []
+    assert len(hub.transport.deliveries) == 6
+
+
+def test_a_node_that_saw_the_route_down_believes_another_that_delivered():
+    replies = {"now": Reply(421, "4.4.1", "Connection refused")}
+    hub = Hub(lambda entry, message: replies["now"],
+              settings=DeliveryConfig(probe_seconds=30.0, max_scan_interval=60.0, reject_storm_recipients=3))
+    hub.accept("dallas")  # dallas sees the route down, and says so hub-wide
+    hub.clock.advance(2)
+    replies["now"] = OK
+    hub.accept("losangeles")  # losangeles never saw it down: it delivers, the route is up
+    hub.clock.advance(2)
+    dallas = hub.engines["dallas"]
+    assert dallas.status()["routes"][ROUTE]["down"] is False
+    # So a 5xx on dallas now is one unknown user, as on losangeles: failed
+    # and bounced, not deferred without connecting or held as a rebuilt
+    # server's rejection.
+    replies["now"] = PERM
+    before = len(hub.transport.deliveries)
+    entry_id = hub.accept("dallas", recipients=(B,))
+    assert len(hub.transport.deliveries) == before + 1
+    assert hub.entry(entry_id) is None
+    assert [e for e, _ in hub.bounces] == [entry_id]
 
 
 def test_greylisting_does_not_suspend_the_route():

@@ -56,9 +56,12 @@ MAX_SCAN = 300
 DELIVERY_TIMEOUT = 30.0
 assert DELIVERY_TIMEOUT < MAX_SCAN / 5
 
+# A down route's probe (every probe_seconds, from the backlog if nothing is
+# due) would find the downstream back by itself: these tests are about the
+# wake, so the probe waits longer than any of them.
 DELIVERY = (
     "[delivery]\nlease_seconds = 30\ntakeover_seconds = 5\n"
-    f"max_scan_interval = {MAX_SCAN}\nprobe_seconds = 1\nheartbeat_seconds = {HEARTBEAT:g}\n"
+    f"max_scan_interval = {MAX_SCAN}\nprobe_seconds = {MAX_SCAN}\nheartbeat_seconds = {HEARTBEAT:g}\n"
 )
 
 
@@ -208,8 +211,8 @@ async def down_then_up(downstream: DownstreamServer, hub: Hub, tag: str) -> dict
     await downstream.stop()
     entry = await hub.deferred_entry(downstream, tag)
     await downstream.start(port=port)
-    # The route's probe interval (1 s) passes; the hub, left alone, would
-    # not look at the entry for minutes.
+    # The hub, left alone, would not look at the entry for minutes (its
+    # retry, and the route's probe, are far off).
     await sleep(2.0)
     assert downstream.messages == [], "delivered without a wake: the test proves nothing"
     return entry

@@ -47,6 +47,7 @@ from mailhub.interfaces import (
     IDeliveryPolicy,
     IPooledTransport,
     IRouteCoordination,
+    ISpoolControl,
     ISpoolStore,
     ITransport,
 )
@@ -689,6 +690,7 @@ class DeliveryEngine(Service):
             else:
                 await self._states_read(states)
         await self._probe_rejecting(now)
+        await self._probe_down(now)
         if self._drains and now - self._drain_checked >= 5 * self._settings.share_seconds:
             self._drain_checked = now
             await self._check_drains(now)
@@ -704,6 +706,14 @@ class DeliveryEngine(Service):
                 self._watches.pop(route, None)
                 self._start_drain(route)
                 self.wake()
+            elif state.get("state") == "down" and route not in states:
+                # Another node delivered on it (_clear_down): the route is up
+                # here too, or this node would go on deferring new mail
+                # without connecting and holding a 5xx as a rebuilt server's.
+                throttle = self._throttles.get(route)
+                if throttle is not None and throttle.came_back():
+                    self.log.info("route {route} is back (another node delivered on it)", route=route)
+                    self.wake()
 
     def _publish_down(self, route: str, throttle: RouteThrottle) -> None:
         """
@@ -856,6 +866,34 @@ class DeliveryEngine(Service):
             except Exception as e:
                 self.log.debug("probe of {route} not released: {why}", route=route, why=str(e))
 
+    async def _probe_down(self, now: float) -> None:
+        """
+        While a route is down on this node, its probe goes every
+        ``probe_seconds`` even when none of its entries is due: the one due
+        soonest is made due now and tried, once the probe has waited a tick
+        for a new message to take it.  Otherwise a server that came back
+        would be found only at the backlog's next retry, up to a retry
+        interval later, while ``mailhub status`` said a probe was due.
+        """
+        control = ISpoolControl(self._store, None)
+        if control is None:
+            return
+        grace = self._settings.share_seconds
+        for route, throttle in list(self._throttles.items()):
+            if not throttle.probe_overdue(grace) or throttle.active or self._rejecting(route) is not None:
+                continue
+            if now - self._probe_released.get(route, float("-inf")) < self._settings.probe_seconds:
+                continue
+            self._probe_released[route] = now
+            try:
+                first = await self._store.entries(EntryFilter(route=route, held=False), 0, 1)
+                # One that is due is tried by the scan anyway: it is the probe.
+                if first and first[0].next_attempt > now and await control.requeue(first[0].id, now) == "requeued":
+                    self.log.debug("probe of {route}: entry {entry}", route=route, entry=first[0].id)
+                    await self.kick([first[0].id])
+            except Exception as e:
+                self.log.debug("probe of {route} not made: {why}", route=route, why=str(e))
+
     def _probe_due(self, route: str) -> bool:
         now = self._clock.seconds()
         if now - self._probed_at.get(route, float("-inf")) >= self._settings.probe_seconds:
@@ -876,11 +914,12 @@ class DeliveryEngine(Service):
                 "peak_connections": 0,
             }
 
-    def _count_drain(self, route: str, throttle: RouteThrottle, replies: Sequence[Reply]) -> None:
+    def _count_drain(self, route: str, concurrent: int, replies: Sequence[Reply]) -> None:
+        """Count an attempt in the route's drain; ``concurrent``: the connections open with it."""
         drain = self._drains.get(route)
         if drain is None or not replies:
             return
-        drain["peak_connections"] = max(drain["peak_connections"], throttle.active + 1)
+        drain["peak_connections"] = max(drain["peak_connections"], concurrent)
         if any(r.ok for r in replies):
             drain["delivered"] += 1
         elif any(is_back_pressure(r) for r in replies):
@@ -1031,12 +1070,14 @@ class DeliveryEngine(Service):
                 # record below is the spool's business, not the route's.  A
                 # suspended attempt taught nothing about the route.
                 was_down = throttle.down
+                # This attempt's and the others' connections, before the release lets a waiting one start.
+                concurrent = throttle.active
                 recovered = throttle.release(() if suspended or not replies else replies.values())
                 self._shrunk(entry.route, throttle)
                 if throttle.down and not was_down:
                     self._publish_down(entry.route, throttle)
                 if not suspended:
-                    self._count_drain(entry.route, throttle, list(replies.values()))
+                    self._count_drain(entry.route, concurrent, list(replies.values()))
             if (
                 not suspended
                 and replies
@@ -1073,7 +1114,12 @@ class DeliveryEngine(Service):
             return
         self._recovered_at[route] = now
         throttle.slow_start()
+        fresh = route not in self._drains
         self._start_drain(route)
+        if fresh:
+            # The delivery that found the route back is the drain's first.
+            self._drains[route]["delivered"] += 1
+            self._drains[route]["peak_connections"] = max(1, self._drains[route]["peak_connections"])
         if self._settings.flush_on_recovery:
             ensureDeferred(self._flush_route(route))
 

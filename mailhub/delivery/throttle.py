@@ -231,6 +231,13 @@ class RouteThrottle:
         """
         return self.down and self._clock.seconds() - self._last_try < self._probe
 
+    def probe_overdue(self, grace: float) -> bool:
+        """
+        Whether the route is down and its probe has been due for ``grace``
+        seconds without an attempt taking it (a new message would have).
+        """
+        return self.down and self._clock.seconds() - self._last_try >= self._probe + grace
+
     def cancel_waiting(self) -> None:
         """Fail every waiting ``acquire`` with ``CancelledError`` (the node is stopping)."""
         while self._waiting:
@@ -246,6 +253,21 @@ class RouteThrottle:
         if self.down:
             self.down = False
             self.slow_start()
+
+    def came_back(self) -> bool:
+        """
+        Another node delivered on this route: it is up, for this node too
+        (which may have seen it down and not tried since).
+
+        :returns: whether this node had it down.
+        """
+        self.troubled = False
+        if not self.down:
+            return False
+        self.down = False
+        self.down_since = None
+        self.slow_start()
+        return True
 
     def slow_start(self) -> None:
         """The route just came back: restart the window at a quarter of the maximum."""
