@@ -618,10 +618,16 @@ def _main(argv: Sequence[str] | None) -> int:
 
         command = {"nodes": _nodes, "route": _route, "archive": _archive, "user": _user,
                    "reload": _node, "drill": _node}.get(args.command, _queue)
+        from mailhub.model import StoreUnavailable
+
         try:
             result.append(await command(reactor, args, config))
         except BrokenPipeError:
             result.append(_reader_gone())
+        except StoreUnavailable as e:
+            # `mailhub nodes` is what an operator runs when Redis is in trouble: one line.
+            sys.stderr.write(f"mailhub: spool store unavailable: {e}\n")
+            result.append(1)
 
     try:
         task.react(lambda reactor: ensureDeferred(run(reactor)))

@@ -171,6 +171,8 @@ async def run(reactor: Any, args: argparse.Namespace, config: Any) -> int:
     except CommandFailed as e:
         sys.stderr.write(f"mailhub: {e}\n")
         return e.code
+    except BrokenPipeError:
+        raise  # the reader went away (| head): mailhub.cli ends quietly
     except Exception as e:  # noqa: BLE001 - one line, not a traceback, for a store or a node that fails
         from mailhub.model import StoreUnavailable
 

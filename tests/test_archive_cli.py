@@ -312,3 +312,4 @@ def test_a_reader_that_goes_away_is_no_error(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 1
     assert err == ""
+
