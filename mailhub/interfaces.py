@@ -186,6 +186,11 @@ class ISpoolStore(Interface):
         """
         Make every entry of ``route`` (or every entry, for ``None``) that is not
         held due at ``now`` for any node.  Fires with the number of entries.
+
+        A flushed entry's next attempt becomes the earliest of its own, its
+        ``created`` and ``now``, so that claims (earliest next attempt first)
+        hand out a flushed backlog oldest first, as an operator expects of a
+        server that came back.
         """
 
     def delete(entry_id):

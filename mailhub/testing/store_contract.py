@@ -1203,6 +1203,23 @@ class SpoolStoreContract:
         assert [lease.entry.id for lease in leases] == [b]
 
     @pytest_twisted.ensureDeferred
+    async def test_a_flush_hands_out_the_backlog_oldest_first(self, store: Any) -> None:
+        """After a flush, claims take the oldest accepted entries first, whatever their retries said."""
+        ids = []  # oldest first; stored newest first, so the store's own order is no help
+        for i in range(5):
+            [entry_id] = await self.enqueue(store, {ROUTE_A: [ALICE]}, received_at=NOW - 100 - 10 * i)
+            ids.insert(0, entry_id)
+        for lease in await self.claim(store, now=NOW, ids=ids):
+            # Retries in the reverse order of arrival, as staggered retries may fall.
+            later = NOW + 1000 - 100 * ids.index(lease.entry.id)
+            await store.record(
+                lease, attempt_for(lease, {ALICE: LATER}), decision({ALICE: (Action.RETRY, LATER)}, next_attempt=later)
+            )
+        assert await store.flush(ROUTE_A, NOW + 1) == 5
+        claimed = [lease.entry.id for lease in await self.claim(store, node="losangeles", now=NOW + 1, limit=5)]
+        assert claimed == ids
+
+    @pytest_twisted.ensureDeferred
     async def test_flush_leaves_leased_entries_alone(self, store: Any) -> None:
         """Flushing never hands out an entry that is being delivered."""
         await self.enqueue(store)

@@ -320,7 +320,7 @@ class MemorySpoolStore:
                 e = slot.entry
                 if e.held or self._leased(slot, now) or (route is not None and e.route != route):
                     continue
-                slot.entry = evolve(e, next_attempt=min(e.next_attempt, now), node=None)
+                slot.entry = evolve(e, next_attempt=min(e.next_attempt, e.created, now), node=None)
                 n += 1
             return n
 

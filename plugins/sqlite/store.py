@@ -604,8 +604,9 @@ class SqliteSpoolStore:
             # Rows already due for any node are left as they are: a second
             # flush (the operator's, then the engine's when the route comes
             # back) would otherwise rewrite the whole backlog for nothing.
+            # Due oldest first: the earliest of its next attempt, its creation and now.
             conn.execute(
-                "UPDATE entries SET next_attempt = min(next_attempt, :now), node = NULL"
+                "UPDATE entries SET next_attempt = min(next_attempt, created, :now), node = NULL"
                 + where
                 + " AND (next_attempt > :now OR node IS NOT NULL)",
                 params,
