@@ -1205,7 +1205,7 @@ class SpoolStoreContract:
     @pytest_twisted.ensureDeferred
     async def test_a_flush_hands_out_the_backlog_oldest_first(self, store: Any) -> None:
         """After a flush, claims take the oldest accepted entries first, whatever their retries said."""
-        ids = []  # oldest first; stored newest first, so the store's own order is no help
+        ids: list[str] = []  # oldest first; stored newest first, so the store's own order is no help
         for i in range(5):
             [entry_id] = await self.enqueue(store, {ROUTE_A: [ALICE]}, received_at=NOW - 100 - 10 * i)
             ids.insert(0, entry_id)
