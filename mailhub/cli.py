@@ -343,11 +343,12 @@ def _status(config: HubConfig, as_json: bool) -> int:
         sys.stdout.write("\n")
         return 0 if all("error" not in r for r in results.values()) else 1
     failed = False
-    # Deliveries a minute per route, all nodes together: the drain's pace.
+    # Deliveries a minute per route, all nodes together: the drain's pace
+    # (a node of an older version gives only the last minute's count).
     pace: dict[str, int] = {}
     for r in results.values():
         for route, t in r.get("engine", {}).get("routes", {}).items():
-            pace[route] = pace.get(route, 0) + t["delivered_last_minute"]
+            pace[route] = pace.get(route, 0) + t.get("pace_per_minute", t["delivered_last_minute"])
     for name, r in results.items():
         if "error" in r:
             failed = True
@@ -411,7 +412,7 @@ def _route_line(t: dict[str, Any], backlog: int, per_minute: int) -> str:
     line = (
         f"{state}, backlog {backlog}, window {t['window']}/{t['max_connections']}, share {share} of"
         f" {t['max_connections']} for the hub, {t['active']} running, {t['waiting']} waiting,"
-        f" {t['delivered_last_minute']}/min delivered ({per_minute}/min by all nodes)"
+        f" {t['delivered_last_minute']} delivered in the last minute ({per_minute}/min by all nodes)"
     )
     if backlog and per_minute and state.startswith(("UP", "BACK-PRESSURE")):
         line += f", about {_span(60.0 * backlog / per_minute)} left"

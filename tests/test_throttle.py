@@ -323,3 +323,26 @@ def test_a_cancelled_waiter_lets_go_of_its_soon():
     waiting.cancel()
     assert ref() is None
     assert told == []
+
+
+def test_the_pace_of_a_drain_that_began_seconds_ago_is_not_averaged_over_a_minute():
+    clock = Clock()
+    t = RouteThrottle(20, clock)
+    clock.advance(100)
+    for _ in range(100):  # 100 deliveries in 8 s: 750 a minute
+        t.acquire()
+        t.release([OK])
+        clock.advance(0.08)
+    status = t.status()
+    assert status["delivered_last_minute"] == 100
+    assert status["pace_per_minute"] == 750
+    # The first few deliveries promise no more than five seconds' worth.
+    fresh = RouteThrottle(4, clock)
+    fresh.acquire()
+    fresh.release([OK])
+    assert fresh.status()["pace_per_minute"] == 12
+    # A minute on, the pace is the minute's count again.
+    clock.advance(52)
+    assert t.status()["pace_per_minute"] == t.status()["delivered_last_minute"] == 100
+    clock.advance(61)
+    assert t.status()["pace_per_minute"] == 0

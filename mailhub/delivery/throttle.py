@@ -286,6 +286,21 @@ class RouteThrottle:
         self._trim()
         return len(self._recent)
 
+    def pace_per_minute(self) -> int:
+        """
+        Deliveries a minute at the pace of the last minute's, counted from
+        the first of them: a drain that began ten seconds ago is not
+        averaged over a minute of which fifty seconds were idle (which made
+        ``mailhub status`` promise minutes for what took seconds).  At
+        least five seconds are counted, so that a first few deliveries do
+        not promise a pace not yet seen.
+        """
+        self._trim()
+        if not self._recent:
+            return 0
+        span = min(60.0, max(5.0, self._clock.seconds() - self._recent[0]))
+        return round(len(self._recent) * 60.0 / span)
+
     def status(self) -> dict[str, Any]:
         now = self._clock.seconds()
         paused_for = max(0.0, round(self.paused_until - now, 1))
@@ -319,6 +334,7 @@ class RouteThrottle:
             "failed": self.failed,
             "back_pressure": self.back_pressure,
             "delivered_last_minute": self.delivered_per_minute(),
+            "pace_per_minute": self.pace_per_minute(),
             "last_reply": str(self.last_reply) if self.last_reply else None,
         }
 

@@ -48,9 +48,9 @@ class _Status(resource.Resource):
             backlog = counts.get("routes", {})
             for route, t in engine["routes"].items():
                 # Progress: the route's backlog in the spool, and the time
-                # left at this node's pace of the last minute.
+                # left at this node's pace (RouteThrottle.pace_per_minute).
                 t["backlog"] = backlog.get(route, 0)
-                pace = t["delivered_last_minute"]
+                pace = t["pace_per_minute"]
                 flowing = t.get("state") in ("up", "back-pressure")
                 t["eta_seconds"] = round(60.0 * t["backlog"] / pace) if t["backlog"] and pace and flowing else None
             body = {"node": self._node.name, "spool": counts, "engine": engine}
