@@ -845,6 +845,9 @@ class Account:
         value it was issued under and is refused, on every node, once it is
         raised (a new password, a reset, disabling, "log out everywhere").
     :ivar created: POSIX time.
+    :ivar ended_sessions: the sessions ended by logging out, each with the
+        time after which it would have expired anyway, kept with the account
+        so that every node, after a restart too, refuses their cookies.
     """
 
     address: Address = field(converter=_folded)
@@ -856,6 +859,8 @@ class Account:
     disabled: bool = False
     session_version: int = 0
     created: float = 0.0
+    ended_sessions: tuple[tuple[str, float], ...] = field(default=(), converter=lambda items: tuple(
+        (str(i), float(t)) for i, t in items))
 
     def can_read(self, mailbox: Address) -> bool:
         """Whether this account may read ``mailbox``'s mail."""
@@ -881,6 +886,7 @@ class Account:
                 "disabled": self.disabled,
                 "session_version": self.session_version,
                 "created": self.created,
+                "ended_sessions": [list(s) for s in self.ended_sessions],
             }
         )
 
@@ -902,6 +908,7 @@ class Account:
             disabled=fields.get("disabled", False),
             session_version=fields.get("session_version", 0),
             created=fields.get("created", 0.0),
+            ended_sessions=fields.get("ended_sessions", ()),
         )
 
 

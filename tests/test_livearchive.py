@@ -342,6 +342,32 @@ async def test_logout_needs_its_token_and_ends_the_session(web: Web) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_logged_out_session_stays_ended_on_another_node_and_after_a_restart(web: Web) -> None:
+    # The other node, or this one restarted: a signer of its own, nothing in memory.
+    other = LiveArchive(web.node, web.archive, acc.SessionSigner(b"k" * 32, reactor), acc.LoginThrottle(reactor), reactor)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(StatusResource(web.node, web.store, None, other)))
+    try:
+        await web.login()
+        phone = dict(web.cookies)  # a second session of the same person, still in use
+        web.cookies = {}
+        await web.login()
+        _, _, page = await web.request("GET", "/mail")
+        laptop = dict(web.cookies)
+        code, _, _ = await web.request("POST", "/logout", data={"csrf": csrf(page, "logout")})
+        assert code == 303
+        web.cookies = dict(laptop)
+        code, headers, _ = await web.request("GET", "/mail", port=port)
+        assert code == 303 and headers["location"] == "/login"
+        web.cookies = dict(phone)
+        code, _, _ = await web.request("GET", "/mail", port=port)
+        assert code == 200  # only the session logged out ended
+        account = await web.archive.account(ALICE)
+        assert len(account.ended_sessions) == 1 and account.password_hash
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_new_password_ends_every_session(web: Web) -> None:
     await web.login()
     account = await web.archive.account(ALICE)

@@ -529,8 +529,10 @@ class SessionSigner:
     A session ends ``max_age`` seconds after login, after ``idle`` seconds
     without a ``refresh``, when the account is disabled or removed, and when
     its ``session_version`` changes (a new password: every session ends).
-    ``revoke`` (logout) ends one session on this node only; the cookie is
-    cleared in the browser as well.  "Log out everywhere" raises the
+    ``revoke`` (logout) ends one session on this node at once, and
+    ``ended`` gives the account that keeps it ended on every node, after a
+    restart too (``Account.ended_sessions``); the cookie is cleared in the
+    browser as well.  "Log out everywhere" raises the
     account's ``session_version``, which every node reads from the archive
     at every request: the sessions issued before end on every node and site.
 
@@ -644,7 +646,20 @@ class SessionSigner:
         account = await found if inspect.isawaitable(found) else found
         if account is None or account.disabled or account.session_version != session.session_version:
             return None
+        if any(ended == session.id for ended, _ in account.ended_sessions):
+            return None
         return evolve(session, account=account)
+
+    #: The most logged-out sessions an account keeps (the oldest go first;
+    #: each is kept only until it would have expired anyway).
+    MAX_ENDED = 64
+
+    def ended(self, account: Account, session: Session) -> Account:
+        """``account`` keeping ``session`` ended (logout), for every node, until it would have expired."""
+        now = self._clock.seconds()
+        kept = [(i, t) for i, t in account.ended_sessions if t > now and i != session.id]
+        kept.append((session.id, session.issued + self.max_age))
+        return evolve(account, ended_sessions=tuple(kept[-self.MAX_ENDED :]))
 
     def revoke(self, session: Session) -> None:
         """Refuse ``session`` from now on, on this node (logout)."""

@@ -112,10 +112,12 @@ class AccountStoreContract:
             disabled=True,
             session_version=7,
             created=NOW + 0.25,
+            ended_sessions=[("a1b2c3", NOW + 3600.5), ("d4e5f6", NOW + 7200.0)],
         )
         await archive.add_account(added)
         got = await archive.account(ZOE)
         assert got == added
+        assert got.ended_sessions == (("a1b2c3", NOW + 3600.5), ("d4e5f6", NOW + 7200.0))
         assert got.role is Role.DOMAIN_ADMIN
         assert type(got.mailboxes) is tuple
         assert all(type(m) is Address for m in got.mailboxes)

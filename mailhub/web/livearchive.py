@@ -398,6 +398,11 @@ class LiveArchive(resource.Resource):
         session, account = await self._session(request)
         self._check_csrf(request, session, "logout")
         self._signer.revoke(session)
+        # Kept with the account: every node refuses the cookie, after a restart
+        # too.  Read again just before: a password set meanwhile must stay.
+        fresh = await self._archive.account(account.address)
+        if fresh is not None:
+            await self._archive.update_account(self._signer.ended(fresh, session))
         self._clear_session_cookie(request)
         raise _Redirect("/login")
 
