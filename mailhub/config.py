@@ -483,7 +483,7 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
         r.err("domains", "at least one domain is needed")
 
     web = dict(r.table(data, "web"))
-    r.unknown(web, "web", ("api_tokens_file", "metrics_allow", "public_url", "secret_file"))
+    r.unknown(web, "web", ("api_tokens_file", "metrics_allow", "public_url", "secret_file", "trusted_proxies"))
     r.get(web, "web", "secret_file", str)
     public_url = r.get(web, "web", "public_url", str)
     if public_url is not None:
@@ -501,6 +501,9 @@ def parse(text: bytes, path: str = "<config>", endpoints: bool = True) -> HubCon
     allow = r.get(web, "web", "metrics_allow", list)
     if allow is not None:
         web["metrics_allow"] = _networks(r, "web.metrics_allow", allow)
+    proxies = r.get(web, "web", "trusted_proxies", list)
+    if proxies is not None:
+        web["trusted_proxies"] = _networks(r, "web.trusted_proxies", proxies)
 
     config = HubConfig(
         path=path, hostname=hostname, outbound=outbound, smtp=smtp, delivery=delivery,

@@ -209,10 +209,13 @@ class Node(MultiService):
                     raise ValueError(f"{config.path}: web.api_tokens_file: {e}") from None
                 if archive is not None:
                     api = ArchiveAPI(archive, {t: name for t, (name, _) in roles.items()}, reactor)
-            secure = node_config.web.startswith("ssl:")
+            secure = browser_tls(node_config.web, config.web)
             live = None
             if web_auth is not None:
-                live = LiveArchive(self, archive, web_auth, LoginThrottle(reactor), reactor, tls=secure)
+                live = LiveArchive(
+                    self, archive, web_auth, LoginThrottle(reactor), reactor, tls=secure,
+                    proxies=config.web.get("trusted_proxies", ()),
+                )
             root = StatusResource(self, store, None, live)
             if roles is not None:
                 # /api: the admin API, which hands /api/archive to the archive's.
@@ -547,3 +550,12 @@ def _web_endpoint(reactor: Any, description: str, tls: Any) -> Any:
         options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
         return SSL4ServerEndpoint(reactor, port, tls, interface=options.get("interface", ""))
     return serverFromString(reactor, description)
+
+
+def browser_tls(listener: str, web: Mapping[str, Any]) -> bool:
+    """
+    Whether browsers reach the LiveArchive over TLS (``Secure`` and
+    ``__Host-`` cookies, HSTS): its listener is ``ssl:``, or ``[web]
+    public_url`` is ``https://`` (a TLS proxy in front of a ``tcp:`` one).
+    """
+    return listener.startswith("ssl:") or str(web.get("public_url", "")).startswith("https://")

@@ -156,6 +156,58 @@ async def test_login_with_a_wrong_password_fails_and_is_throttled(web: Web) -> N
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_lockout_counts_the_account_however_its_address_is_spelt(web: Web) -> None:
+    for _ in range(5):
+        code, _, _ = await web.login(password="wrong password!!")
+        assert code == 401
+    for spelling in (str(ALICE) + ".", str(ALICE).upper()):
+        web.cookies = {}
+        code, _, page = await web.login(address=spelling)
+        assert code == 429 and "Too many failed logins" in page, spelling
+
+
+async def _login_from(web: Web, port: Any, client: str, address: str, password: str = PASSWORD) -> tuple[int, str]:
+    """A login through a proxy that says the browser is ``client`` (X-Forwarded-For)."""
+    web.cookies = {}
+    headers = {"X-Forwarded-For": client}
+    _, _, page = await web.request("GET", "/login", port=port, headers=headers)
+    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    code, _, page = await web.request("POST", "/login", port=port, headers=headers,
+                                      data={"csrf": token, "address": address, "password": password, "code": ""})
+    return code, page
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_a_trusted_proxy_one_client_cannot_lock_everyone_out(web: Web) -> None:
+    proxied = LiveArchive(web.node, web.archive, web.signer, acc.LoginThrottle(reactor), reactor,
+                          proxies=["127.0.0.1/32"])
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Site(StatusResource(web.node, web.store, None, proxied)))
+    try:
+        for i in range(20):
+            code, _ = await _login_from(web, port, "203.0.113.9", f"nobody{i}@example.com", "wrong password!!")
+            assert code == 401
+        code, page = await _login_from(web, port, "203.0.113.9", str(BOB))
+        assert code == 429 and "Too many failed logins" in page
+        code, _ = await _login_from(web, port, "198.51.100.7", str(ALICE))
+        assert code == 303  # another browser behind the same proxy logs in
+        # The proxy appends the browser's address: a hop the client wrote before it does not count.
+        code, _ = await _login_from(web, port, "198.51.100.7, 203.0.113.9", str(BOB))
+        assert code == 429
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_trusted_proxy_x_forwarded_for_is_not_believed(web: Web) -> None:
+    for i in range(20):
+        code, _ = await _login_from(web, None, f"192.0.2.{i}", f"nobody{i}@example.com", "wrong password!!")
+        assert code == 401
+    code, page = await _login_from(web, None, "192.0.2.200", str(BOB))
+    assert code == 429 and "Too many failed logins" in page
+
+
+@pytest_twisted.ensureDeferred
 async def test_login_without_the_form_token_is_refused(web: Web) -> None:
     code, _, page = await web.request("POST", "/login", data={"address": str(ALICE), "password": PASSWORD})
     assert "expired" in page and "session" not in web.cookies

@@ -400,3 +400,23 @@ async def test_every_metric_the_dashboard_asks_for_is_in_the_exposition(running:
     asked = {name for expr in _dashboard_exprs() for name in re.findall(r"\bmailhub_[a-z_]+", expr)}
     assert len(asked) >= 15
     assert sorted(n for n in asked if not exposed(n)) == []
+
+
+def test_trusted_proxies_must_name_networks() -> None:
+    base = b'[hub]\nhostname="h.example"\n[nodes.a]\nsmtp="tcp:0"\n[domains."example.com"]\nroute="smtp:mx:25"\n'
+    config = parse(base + b'[web]\ntrusted_proxies = ["127.0.0.1", "10.0.0.0/8"]\n')
+    assert config.web["trusted_proxies"] == ("127.0.0.1/32", "10.0.0.0/8")
+    with pytest.raises(ConfigError, match=r"web.trusted_proxies: 'proxy.example' is not an address or a network"):
+        parse(base + b'[web]\ntrusted_proxies = ["proxy.example"]\n')
+
+
+@pytest.mark.parametrize(("listener", "public_url", "tls"), [
+    ("ssl:8443:privateKey=k.pem", "", True),
+    ("tcp:8025", "https://mail.example.com", True),  # behind a TLS proxy
+    ("tcp:8025", "http://mail.example.com", False),
+    ("tcp:8025", "", False),
+])
+def test_browsers_are_on_tls_behind_an_https_public_url_too(listener: str, public_url: str, tls: bool) -> None:
+    from mailhub.node import browser_tls
+
+    assert browser_tls(listener, {"public_url": public_url} if public_url else {}) is tls

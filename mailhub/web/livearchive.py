@@ -39,11 +39,12 @@ Security, for an MX on the public internet:
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -134,7 +135,8 @@ class LiveArchive(resource.Resource):
     log = Logger()
 
     def __init__(
-        self, node: Any, archive: Any, signer: Any, throttle: Any, clock: Any, tls: bool = False
+        self, node: Any, archive: Any, signer: Any, throttle: Any, clock: Any, tls: bool = False,
+        proxies: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self._node = node
@@ -143,6 +145,7 @@ class LiveArchive(resource.Resource):
         self._throttle = throttle
         self._clock = clock
         self._tls = tls
+        self._proxies = [ipaddress.ip_network(p) for p in proxies]
         self._cookie = b"__Host-session" if tls else b"session"
         self._totp_guard = acc.TotpReplayGuard()
         self._reset_throttle = acc.reset_throttle(clock)
@@ -262,8 +265,31 @@ class LiveArchive(resource.Resource):
         return values[-1].decode("utf-8", "replace")
 
     def _client(self, request: Any) -> str:
-        peer = request.getClientAddress()
-        return getattr(peer, "host", "") or "unknown"
+        """
+        The browser's address: the TCP peer's, or, when the peer is one of
+        ``[web] trusted_proxies``, the last address in ``X-Forwarded-For``
+        that is not one of them (a client can put anything in front of
+        it).  Behind a proxy every browser would otherwise be the proxy,
+        and twenty wrong passwords from anyone would lock everyone out.
+        """
+        peer = getattr(request.getClientAddress(), "host", "") or "unknown"
+        if not self._proxies or not self._trusted(peer):
+            return peer
+        forwarded = b",".join(request.requestHeaders.getRawHeaders(b"x-forwarded-for") or [])
+        for hop in reversed(forwarded.decode("latin-1").split(",")):
+            hop = hop.strip()
+            if not hop:
+                continue
+            if not self._trusted(hop):
+                return hop if _is_ip(hop) else peer
+        return peer
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._proxies)
 
     async def _session(self, request: Any) -> tuple[Any, Account]:
         """The request's session and account; a page without one sends the browser to log in."""
@@ -368,7 +394,10 @@ class LiveArchive(resource.Resource):
         password = self._arg(request, "password")
         code = self._arg(request, "code").strip()
         ip = self._client(request)
-        wait = self._throttle.check(text.lower(), ip)
+        # The account as the archive knows it: "bob@example.com." and
+        # "BOB@example.com" are bob@example.com's failures too.
+        key = _login_key(text)
+        wait = self._throttle.check(key, ip)
         if wait:
             return await self._login_form(
                 request, path, f"Too many failed logins: try again in {int(wait) + 1} seconds.", text
@@ -382,12 +411,12 @@ class LiveArchive(resource.Resource):
         if ok and account is not None and account.totp_secret:
             ok = acc.verify_totp(account.totp_secret, code, self._clock.seconds(), self._totp_guard)
         if not ok or account is None or account.disabled:
-            self._throttle.failed(text.lower(), ip)
+            self._throttle.failed(key, ip)
             self.log.info("LiveArchive: failed login for {address} from {ip}", address=text, ip=ip)
             return await self._login_form(
                 request, path, "That address, hub password or code is not right.", text
             )
-        self._throttle.succeeded(text.lower(), ip)
+        self._throttle.succeeded(key, ip)
         value = self._signer.issue(account)
         self._set_cookie(request, self._cookie, value, max_age=int(self._signer.max_age))
         request.addCookie(b"login_csrf", b"", path=b"/", max_age=b"0", httpOnly=True, secure=self._tls, sameSite="strict")
@@ -970,3 +999,19 @@ def _when(ts: Any) -> str:
     if not isinstance(ts, int | float):
         return "?"
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+def _login_key(text: str) -> str:
+    """What the login throttle counts failures of: the folded address, or the text as typed if it is none."""
+    try:
+        return str(Address.parse(text).folded())
+    except AddressError:
+        return text.casefold()
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
