@@ -52,6 +52,7 @@ from mailhub.plugin import load_plugin
 from mailhub.queue_select import QueueControl
 from mailhub.smtp.recipients import recipient_validation
 from mailhub.smtp.server import SMTPFactory, chain_checks, domain_check
+from mailhub.web.accesslog import access_log_line
 from mailhub.web.admin_api import AdminAPI
 from mailhub.web.archive_api import ArchiveAPI, read_token_roles
 from mailhub.web.livearchive import LiveArchive
@@ -222,7 +223,7 @@ class Node(MultiService):
                 queue = QueueControl(store, lambda: self.config, reactor, self.receive, self.engine.wake)
                 root.putChild(b"api", AdminAPI(queue, roles, api, reload=self.reload_hub, drills=self.drills))
             root.putChild(b"metrics", metrics_resource(self, config, reactor))
-            site = Site(root)
+            site = Site(root, logFormatter=access_log_line)
             site.noisy = False
             web = _Listener(config, name, "web", _web_endpoint(reactor, node_config.web, tls), site)
             web.setServiceParent(self)
