@@ -316,6 +316,19 @@ async def test_attachments_are_downloads_and_raw_is_the_message(web: Web) -> Non
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("field", ["subject", "in_reply_to", "references"])
+async def test_a_header_field_with_a_line_break_is_refused_not_a_500(web: Web, field: str) -> None:
+    await web.login()
+    _, _, compose = await web.request("GET", "/compose")
+    fields = {"csrf": csrf(compose, "compose"), "to": "bob@example.com", "cc": "", "subject": "hello",
+              "body": "Hi", "in_reply_to": "", "references": ""}
+    fields[field] = "x\r\nBcc: everyone@example.com"
+    code, _, page = await web.request("POST", "/compose", data=fields)
+    assert code == 400 and "must be one line" in page
+    assert web.transport.deliveries == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_reply_is_sent_through_the_hub_and_kept_in_sent(web: Web) -> None:
     original = (
         b"From: Bob <bob@example.com>\r\nTo: alice@example.com\r\nSubject: lunch?\r\n"

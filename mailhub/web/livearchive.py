@@ -729,8 +729,12 @@ class LiveArchive(resource.Resource):
 
     # -- writing -----------------------------------------------------------
 
-    async def _compose_form(self, request: Any, path: list[str], error: str = "", draft: Mapping[str, str] | None = None) -> None:
+    async def _compose_form(
+        self, request: Any, path: list[str], error: str = "", draft: Mapping[str, str] | None = None, code: int = 200
+    ) -> None:
         session, account = await self._session(request)
+        if code != 200:
+            request.setResponseCode(code)
         values = {"to": "", "cc": "", "subject": "", "body": "", "in_reply_to": "", "references": ""}
         original = self._arg(request, "reply")
         if draft is not None:
@@ -767,6 +771,11 @@ class LiveArchive(resource.Resource):
         request.args[b"csrf"] = [fields.get("csrf", "").encode()]
         self._check_csrf(request, session, "compose")
         draft = {k: fields.get(k, "") for k in ("to", "cc", "subject", "body", "in_reply_to", "references")}
+        for name in ("subject", "in_reply_to", "references"):
+            # One header line each: a line break would end the header (and
+            # is no subject a person types; the form's field has none).
+            if "\r" in draft[name] or "\n" in draft[name]:
+                return await self._compose_form(request, path, f"The {name.replace('_', '-')} must be one line.", draft, 400)
         to, cc = mime.addresses(draft["to"]), mime.addresses(draft["cc"])
         recipients: list[Address] = []
         try:
