@@ -135,6 +135,27 @@ async def test_path_is_relative_to_config_dir(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_new_spool_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """Every message is in it: 0600 for the database, its WAL and body log, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        store = plugin.make({"path": "var/spool.db", "config_dir": str(tmp_path)}, reactor)
+        try:
+            await enqueue(store)
+            await enqueue(store, b"x" * (bodylog.LOG_THRESHOLD + 1))  # a body for the log
+            var = tmp_path / "var"
+            # While it is open: the WAL and shared memory files are there too.
+            modes = {p.name: p.stat().st_mode & 0o777 for p in [*var.iterdir(), *(var / "spool.db.bodies").iterdir()]}
+        finally:
+            await store.close()
+    finally:
+        os.umask(old)
+    assert modes.pop("spool.db.bodies") == 0o700
+    assert {"spool.db", "spool.db-wal", "spool.db-shm"} <= set(modes) and len(modes) == 4, modes
+    assert set(modes.values()) == {0o600}, modes
+
+
+@pytest_twisted.ensureDeferred
 async def test_wal_and_full_sync(store: SqliteSpoolStore) -> None:
     """The database runs in WAL mode with ``synchronous=FULL``: a commit is on disk."""
 

@@ -203,7 +203,7 @@ class BodyLog:
             if not self._directory_synced:
                 # Whoever made the directory, its entry must be durable before
                 # a row refers to a segment in it.
-                os.makedirs(self.directory, exist_ok=True)
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
                 fsync_directory(os.path.dirname(os.path.abspath(self.directory)))
                 self._directory_synced = True
             self._sequence += 1

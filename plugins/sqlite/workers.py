@@ -40,6 +40,20 @@ MAX_BATCH = 1000
 """Jobs run in one batch at most."""
 
 
+def _create_private(path: str) -> None:
+    """
+    Create the database file, if it is new, readable by its owner only
+    (0600): it holds every message, and the archive's also the accounts'
+    password hashes and second-factor secrets.  SQLite gives the ``-wal``
+    and ``-shm`` files the database's mode.  A file that exists is left as
+    it is (the README says how to make an older one private).
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+
+
 def unavailable(e: BaseException, what: str = "spool database") -> StoreUnavailable:
     """``e`` as the store's error: ``StoreFull`` when the disk or the size limit is reached."""
     if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
@@ -141,6 +155,7 @@ class Worker:
 
     def _open(self) -> sqlite3.Connection:
         os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
+        _create_private(self._path)
         return sqlite3.connect(
             self._path,
             timeout=self._busy_timeout,
