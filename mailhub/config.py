@@ -891,7 +891,7 @@ def describe(config: HubConfig) -> str:
         lines.append(f"[{title}]")
         for k, v in asdict(obj).items():
             lines.append(f"{k} = {_toml(v)}")
-    for title in ("store", "archive", "policy"):
+    for title in ("store", "archive", "policy", "web"):
         section = getattr(config, title)
         if section:
             lines.append(f"[{title}]")

@@ -150,6 +150,22 @@ def test_check_config_output_is_toml_that_loads_to_the_same_configuration(tmp_pa
     assert again.nodes == original.nodes
 
 
+def test_check_config_prints_the_web_table_too(tmp_path):
+    text = (EXAMPLES / "hub.toml").read_text()
+    text += (
+        '\n[web]\npublic_url = "https://mail.example.com/"\napi_tokens_file = "tokens"\n'
+        'metrics_allow = ["10.0.0.0/8"]\ntrusted_proxies = ["127.0.0.1"]\n'
+    ) if "\n[web]" not in text else ""
+    config = tmp_path / "hub.toml"
+    config.write_text(text)
+    out = subprocess.run([sys.executable, "-m", "mailhub.cli", "check-config", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "\n[web]\n" in out.stdout and 'public_url = "https://mail.example.com"' in out.stdout
+    resolved = tmp_path / "resolved.toml"
+    resolved.write_text(out.stdout)
+    assert load(str(resolved)).web == load(str(config)).web
+
+
 # -- each part checks its own settings ----------------------------------------------
 
 

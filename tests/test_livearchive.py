@@ -280,7 +280,8 @@ async def test_hostile_html_renders_inert(web: Web) -> None:
     code, headers, page = await web.request("GET", "/mail/msg/h1?mailbox=alice%40example.com")
     assert code == 200
     assert "<script>" not in page and "&lt;script&gt;" in page  # the subject, escaped
-    assert '<iframe class="body" title="Message" sandbox ' in page
+    # Sandboxed: no script, not of the hub's origin; its links may open a tab of their own.
+    assert '<iframe class="body" title="Message" sandbox="allow-popups allow-popups-to-escape-sandbox" ' in page
     assert "Show remote images" in page
     code, headers, body = await web.request("GET", "/mail/msg/h1/body?mailbox=alice%40example.com")
     assert code == 200
@@ -326,6 +327,74 @@ async def test_a_header_field_with_a_line_break_is_refused_not_a_500(web: Web, f
     code, _, page = await web.request("POST", "/compose", data=fields)
     assert code == 400 and "must be one line" in page
     assert web.transport.deliveries == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sent_message_has_its_download_headers_and_attachments(web: Web) -> None:
+    await web.login()
+    _, _, compose = await web.request("GET", "/compose")
+    fields = {"csrf": csrf(compose, "compose"), "to": "bob@example.com", "cc": "", "subject": "the notes",
+              "body": "Here they are.", "in_reply_to": "", "references": ""}
+    code, _, _ = await web.request("POST", "/compose", data=fields, files={"files": ("notes.txt", b"attached notes")})
+    assert code == 303
+    _, _, listing = await web.request("GET", "/sent")
+    sent_id = re.search(r'href="/sent/([^"?/]+)"', listing).group(1)  # type: ignore[union-attr]
+    code, _, page = await web.request("GET", f"/sent/{sent_id}")
+    assert code == 200 and "the notes" in page
+    for link in (f"/sent/{sent_id}/raw", f"/sent/{sent_id}?&amp;headers=1", f"/sent/{sent_id}/part/"):
+        assert link in page, link
+    code, headers, raw = await web.request("GET", f"/sent/{sent_id}/raw")
+    assert code == 200 and headers["content-type"] == "message/rfc822" and "Subject: the notes" in raw
+    code, _, page = await web.request("GET", f"/sent/{sent_id}?&headers=1")
+    assert code == 200 and '<th scope="row">Subject</th>' in page
+    part = re.search(rf'href="/sent/{sent_id}/part/(\d+)">notes.txt', page).group(1)  # type: ignore[union-attr]
+    code, headers, data = await web.request("GET", f"/sent/{sent_id}/part/{part}")
+    assert code == 200 and data == "attached notes" and "attachment" in headers["content-disposition"]
+    # Another person's Sent folder is nobody else's.
+    web.cookies = {}
+    await web.login(str(BOB))
+    for path in (f"/sent/{sent_id}", f"/sent/{sent_id}/raw", f"/sent/{sent_id}/part/{part}", f"/sent/{sent_id}/body"):
+        code, _, _ = await web.request("GET", path)
+        assert code == 404, path
+
+
+INVOICE = (
+    b"From: Bob <bob@outside.example>\r\nTo: alice@example.com\r\nSubject: Invoice 42\r\n"
+    b"Message-ID: <inv42@outside.example>\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+    b"--b1\r\nContent-Type: text/plain\r\n\r\nPlease pay.\r\n"
+    b'--b1\r\nContent-Type: application/pdf; name="invoice.pdf"\r\n'
+    b'Content-Disposition: attachment; filename="invoice.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+    b"JVBERi0xLjQgaW52b2ljZQ==\r\n--b1--\r\n"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forward_sends_the_originals_attachments_along(web: Web) -> None:
+    await web.archive_message("inv", ALICE, INVOICE, "Invoice 42")
+    await web.archive_message("bobs", BOB, INVOICE.replace(b"Invoice 42", b"Bob's own"), "Bob's own")
+    await web.login()
+    code, _, page = await web.request("GET", "/compose?reply=inv&mailbox=alice%40example.com&mode=forward")
+    assert code == 200 and "Forwarded with the original's attachments: invoice.pdf" in page
+    fields = {"csrf": csrf(page, "compose"), "to": "carol@example.com", "cc": "", "subject": "Fwd: Invoice 42",
+              "body": "For you.", "in_reply_to": "", "references": "", "forward": "inv",
+              "forward_mailbox": "alice@example.com"}
+    code, _, _ = await web.request("POST", "/compose", data=fields)
+    assert code == 303
+    [(entry, data)] = web.transport.deliveries
+    assert b'filename="invoice.pdf"' in data and b"JVBERi0xLjQgaW52b2ljZQ==" in data
+    # Only what the account may read can be forwarded, whatever the form says.
+    fields.update(forward="bobs", forward_mailbox="bob@example.com")
+    code, _, _ = await web.request("POST", "/compose", data=fields)
+    assert code == 404 and len(web.transport.deliveries) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_search_that_cannot_be_read_lists_nothing(web: Web) -> None:
+    await web.archive_message("a1", ALICE, b"Subject: for alice\r\n\r\nhello alice\r\n", "for alice")
+    await web.login()
+    code, _, page = await web.request("GET", "/mail?q=after%3Anotadate")
+    assert code == 200 and "is not a date" in page and "for alice" not in page
 
 
 @pytest_twisted.ensureDeferred

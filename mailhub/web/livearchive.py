@@ -207,7 +207,7 @@ class LiveArchive(resource.Resource):
             handler: Callable[..., Any] | None
             if path[:2] == ["mail", "msg"] and request.method == b"GET":
                 handler = self._message
-            elif path[:1] == ["sent"] and len(path) == 2 and request.method == b"GET":
+            elif path[:1] == ["sent"] and len(path) >= 2 and request.method == b"GET":
                 handler = self._sent_message
             elif path[:2] == ["admin", "users"]:
                 handler = {b"GET": self._admin, b"POST": self._admin_change}.get(request.method)
@@ -589,11 +589,17 @@ class LiveArchive(resource.Resource):
         session, account = await self._session(request)
         mailbox = self._mailbox_arg(request, account)
         text = self._arg(request, "q")
-        error = ""
         try:
             query = parse_query(text)
         except QueryError as e:
-            query, error = ArchiveQuery(), str(e)
+            # The error, and no list: every message under a search that
+            # failed would read as its result.
+            self._page(
+                request, "mailbox.html", session=session, account=account, mailbox=str(mailbox),
+                mailboxes=self._mailboxes(account), items=[], total=0, next=None, query=text,
+                error=str(e), section="inbox", banner=await self._banner(mailbox),
+            )
+            return
         scope = ArchiveScope(mailbox=mailbox)
         cursor = self._arg(request, "cursor") or None
         # The audit's commit (an fsync) runs beside the search, not after it;
@@ -623,7 +629,7 @@ class LiveArchive(resource.Resource):
         self._page(
             request, "mailbox.html", session=session, account=account, mailbox=str(mailbox),
             mailboxes=self._mailboxes(account), items=items, total=total, next=page.next, query=text,
-            error=error, section="inbox", banner=await banner,
+            error="", section="inbox", banner=await banner,
         )
 
     def _total(self, mailbox: Address, query: ArchiveQuery, cursor: str | None, page: Any) -> int | str:
@@ -697,14 +703,7 @@ class LiveArchive(resource.Resource):
             )
         shown = await deferToThread(mime.show, message.message, images)
         if rest == ["body"]:
-            self._headers(request, _BODY_CSP.format(remote=" https: http:" if images else ""), frame=b"SAMEORIGIN")
-            request.setHeader(b"content-type", b"text/html; charset=utf-8")
-            doc = (
-                '<!doctype html><html><head><meta charset="utf-8"><base target="_blank">'
-                "<style>body{font:15px/1.45 system-ui,sans-serif;margin:8px;overflow-wrap:anywhere}"
-                "img[data-blocked-src]{display:none}</style></head><body>" + shown.html + "</body></html>"
-            )
-            return self._finish(request, doc.encode("utf-8"))
+            return self._body(request, shown.html, images)
         if rest or marked is None:
             raise _NOT_FOUND
         await marked
@@ -717,6 +716,17 @@ class LiveArchive(resource.Resource):
             body_url=f"{base}/body?{mq}" + ("&images=1" if images else ""), reply_base=reply_base,
             section="inbox", banner=None,
         )
+
+    def _body(self, request: Any, html: str, images: bool) -> None:
+        """A message's sanitised HTML, for its sandboxed frame, under the strictest policy."""
+        self._headers(request, _BODY_CSP.format(remote=" https: http:" if images else ""), frame=b"SAMEORIGIN")
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        doc = (
+            '<!doctype html><html><head><meta charset="utf-8"><base target="_blank">'
+            "<style>body{font:15px/1.45 system-ui,sans-serif;margin:8px;overflow-wrap:anywhere}"
+            "img[data-blocked-src]{display:none}</style></head><body>" + html + "</body></html>"
+        )
+        self._finish(request, doc.encode("utf-8"))
 
     def _download(self, request: Any, data: bytes, filename: str, ctype: str) -> None:
         safe = "".join(c if c.isalnum() or c in "._- " else "_" for c in filename)[:120] or "download"
@@ -735,7 +745,9 @@ class LiveArchive(resource.Resource):
         session, account = await self._session(request)
         if code != 200:
             request.setResponseCode(code)
-        values = {"to": "", "cc": "", "subject": "", "body": "", "in_reply_to": "", "references": ""}
+        values = {"to": "", "cc": "", "subject": "", "body": "", "in_reply_to": "", "references": "",
+                  "forward": "", "forward_mailbox": ""}
+        forwarded: list[str] = []
         original = self._arg(request, "reply")
         if draft is not None:
             values.update(draft)
@@ -746,6 +758,10 @@ class LiveArchive(resource.Resource):
             subject = shown.subject
             quoted = "\n".join("> " + line for line in shown.text.splitlines())
             if mode == "forward":
+                # The original's attachments go with it (fetched again, and
+                # its access checked again, when the form is sent).
+                values["forward"], values["forward_mailbox"] = original, str(mailbox)
+                forwarded = [a.filename for a in shown.attachments]
                 values["subject"] = subject if subject.lower().startswith("fwd:") else f"Fwd: {subject}"
                 values["body"] = (
                     f"\n\n---------- Forwarded message ----------\nFrom: {shown.sender}\nDate: {shown.date}\n"
@@ -760,7 +776,25 @@ class LiveArchive(resource.Resource):
                 values["body"] = f"\n\nOn {shown.date}, {shown.sender} wrote:\n{quoted}"
                 values["in_reply_to"] = shown.message_id
                 values["references"] = shown.references
-        self._page(request, "compose.html", session=session, account=account, draft=values, error=error, section="compose")
+        if draft is not None and values.get("forward"):
+            forwarded = await self._forwarded_names(request, account, values)
+        self._page(request, "compose.html", session=session, account=account, draft=values, error=error,
+                   section="compose", forwarded=forwarded)
+
+    async def _forwarded(self, request: Any, account: Account, draft: Mapping[str, str]) -> list[tuple[str, str, bytes]]:
+        """The attachments of the message being forwarded, if the account may still read it; else 404."""
+        request.args[b"mailbox"] = [draft.get("forward_mailbox", "").encode()]
+        _, message = await self._archived(request, account, draft["forward"])
+        shown = await deferToThread(mime.show, message.message, False)
+        found = []
+        for a in shown.attachments:
+            part = await deferToThread(mime.attachment, message.message, a.index)
+            if part is not None:
+                found.append(part)
+        return found
+
+    async def _forwarded_names(self, request: Any, account: Account, draft: Mapping[str, str]) -> list[str]:
+        return [name for name, _, _ in await self._forwarded(request, account, draft)]
 
     async def _send(self, request: Any, path: list[str]) -> None:
         session, account = await self._session(request)
@@ -770,7 +804,8 @@ class LiveArchive(resource.Resource):
         fields, files = await deferToThread(_form, request)
         request.args[b"csrf"] = [fields.get("csrf", "").encode()]
         self._check_csrf(request, session, "compose")
-        draft = {k: fields.get(k, "") for k in ("to", "cc", "subject", "body", "in_reply_to", "references")}
+        draft = {k: fields.get(k, "") for k in ("to", "cc", "subject", "body", "in_reply_to", "references",
+                                                 "forward", "forward_mailbox")}
         for name in ("subject", "in_reply_to", "references"):
             # One header line each: a line break would end the header (and
             # is no subject a person types; the form's field has none).
@@ -785,6 +820,8 @@ class LiveArchive(resource.Resource):
             return await self._compose_form(request, path, f"{text}: {e}", draft)
         if not recipients:
             return await self._compose_form(request, path, "Give at least one recipient.", draft)
+        if draft["forward"]:
+            files = [*await self._forwarded(request, account, draft), *files]
         now = self._clock.seconds()
         data, message_id = await deferToThread(
             mime.build_message, str(account.address), to, cc, draft["subject"], draft["body"],
@@ -954,15 +991,31 @@ class LiveArchive(resource.Resource):
         )
 
     async def _sent_message(self, request: Any, path: list[str]) -> None:
+        # /sent/ID, /sent/ID/body, /sent/ID/raw, /sent/ID/part/N: as a message of the archive.
         session, account = await self._session(request)
         sent = await self._archive.sent_message(account.address, path[1])
         if sent is None:
             raise _NOT_FOUND
-        shown = await deferToThread(mime.show, sent.message, False)
+        base = f"/sent/{urllib.parse.quote(sent.id, safe='')}"
+        rest = path[2:]
+        if rest == ["raw"]:
+            return self._download(request, sent.message, f"{sent.id}.eml", "message/rfc822")
+        if len(rest) == 2 and rest[0] == "part" and rest[1].isdigit():
+            found = await deferToThread(mime.attachment, sent.message, int(rest[1]))
+            if found is None:
+                raise _NOT_FOUND
+            filename, _, data = found
+            return self._download(request, data, filename, "application/octet-stream")
+        images = self._arg(request, "images") == "1"
+        shown = await deferToThread(mime.show, sent.message, images)
+        if rest == ["body"]:
+            return self._body(request, shown.html, images)
+        if rest:
+            raise _NOT_FOUND
         self._page(
             request, "message.html", session=session, account=account, shown=shown, when=_when(sent.sent_at),
-            images=False, headers=False, self_url=f"/sent/{urllib.parse.quote(sent.id, safe='')}?",
-            raw_url=f"/sent/{urllib.parse.quote(sent.id, safe='')}", part_url="#", body_url="about:blank",
+            images=images, headers=self._arg(request, "headers") == "1", self_url=f"{base}?",
+            raw_url=f"{base}/raw", part_url=f"{base}/part/", body_url=f"{base}/body" + ("?images=1" if images else ""),
             reply_base="", section="sent",
         )
 
