@@ -6,6 +6,7 @@ transport for the organisation's server.
 
 from __future__ import annotations
 
+import base64
 import re
 import urllib.parse
 from collections.abc import Iterator
@@ -293,7 +294,7 @@ async def test_hostile_html_renders_inert(web: Web) -> None:
     assert "tracker.evil.example" in body and ' src="https://tracker' not in body  # kept aside, not loaded
     assert "<b>Alice</b>" in body
     _, headers, body = await web.request("GET", "/mail/msg/h1/body?mailbox=alice%40example.com&images=1")
-    assert "img-src data: cid: https: http:" in headers["content-security-policy"]
+    assert "img-src 'self' data: cid: https: http:" in headers["content-security-policy"]
     assert ' src="https://tracker.evil.example/p.gif"' in body
 
 
@@ -387,6 +388,42 @@ async def test_forward_sends_the_originals_attachments_along(web: Web) -> None:
     fields.update(forward="bobs", forward_mailbox="bob@example.com")
     code, _, _ = await web.request("POST", "/compose", data=fields)
     assert code == 404 and len(web.transport.deliveries) == 1
+
+
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489")
+LOGO = (
+    b"From: Shop <news@shop.example>\r\nTo: alice@example.com\r\nSubject: Our logo\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/related; boundary="r1"\r\n\r\n'
+    b'--r1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n'
+    b'<p>Hello</p><img src="cid:logo1" alt="logo"><img src="cid:page2" alt="page"><img src="cid:nothing" alt="x">\r\n'
+    b"--r1\r\nContent-Type: image/png\r\nContent-ID: <logo1>\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    + base64.b64encode(PNG) + b"\r\n"
+    b"--r1\r\nContent-Type: image/svg+xml\r\nContent-ID: <page2>\r\n\r\n<svg onload=\"alert(1)\"/>\r\n"
+    b"--r1--\r\n"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_messages_own_images_show_and_nothing_else_does(web: Web) -> None:
+    await web.archive_message("logo", ALICE, LOGO, "Our logo")
+    await web.login()
+    code, _, body = await web.request("GET", "/mail/msg/logo/body?mailbox=alice%40example.com")
+    assert code == 200
+    src = re.search(r'<img src="([^"]+)" alt="logo"', body).group(1).replace("&amp;", "&")  # type: ignore[union-attr]
+    assert src.startswith("/mail/msg/logo/inline/") and "mailbox=alice%40example.com" in src
+    # The SVG part is no picture the hub shows, and an unknown cid shows nothing.
+    assert 'data-blocked-src="cid:page2"' in body and 'data-blocked-src="cid:nothing"' in body
+    response = await treq.get(web.url(src), cookies=dict(web.cookies))
+    assert response.code == 200 and response.headers.getRawHeaders(b"content-type") == [b"image/png"]
+    assert await response.content() == PNG
+    index = int(re.search(r"/inline/(\d+)", src).group(1))  # type: ignore[union-attr]
+    code, _, _ = await web.request("GET", src.replace(f"/inline/{index}", f"/inline/{index + 1}"))  # the SVG part
+    assert code == 404
+    # Not alice's: nothing.
+    web.cookies = {}
+    await web.login(str(BOB))
+    code, _, _ = await web.request("GET", src.replace("alice%40example.com", "bob%40example.com"))
+    assert code == 404
 
 
 @pytest_twisted.ensureDeferred

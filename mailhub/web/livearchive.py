@@ -88,7 +88,7 @@ _PAGE_CSP = (
 )
 #: For a message's HTML, inside its sandboxed frame: inline styles only,
 #: images from the message itself unless the reader asked for remote ones.
-_BODY_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data: cid:{remote}; frame-ancestors 'self'; base-uri 'none'; form-action 'none'"
+_BODY_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data: cid:{remote}; frame-ancestors 'self'; base-uri 'none'; form-action 'none'"
 
 
 class _Answer(Exception):
@@ -691,6 +691,8 @@ class LiveArchive(resource.Resource):
             await self._audit(account, "read", archive_id, f"attachment {filename!r}")
             # Always a download, never shown inline: an attachment is the sender's content.
             return self._download(request, data, filename, "application/octet-stream")
+        if len(rest) == 2 and rest[0] == "inline" and rest[1].isdigit():
+            return await self._inline(request, message.message, int(rest[1]))
         marked = None
         if not rest:
             # Both commits in one batch of the archive's writer, while the message is parsed.
@@ -701,7 +703,7 @@ class LiveArchive(resource.Resource):
                 ],
                 consumeErrors=True,
             )
-        shown = await deferToThread(mime.show, message.message, images)
+        shown = await deferToThread(mime.show, message.message, images, f"{base}/inline/{{index}}?{mq}")
         if rest == ["body"]:
             return self._body(request, shown.html, images)
         if rest or marked is None:
@@ -716,6 +718,16 @@ class LiveArchive(resource.Resource):
             body_url=f"{base}/body?{mq}" + ("&images=1" if images else ""), reply_base=reply_base,
             section="inbox", banner=None,
         )
+
+    async def _inline(self, request: Any, message: bytes, index: int) -> None:
+        """One of a message's own images (``cid:``), for its frame: a picture type only, else 404."""
+        found = await deferToThread(mime.attachment, message, index)
+        if found is None or found[1] not in mime.INLINE_IMAGES:
+            raise _NOT_FOUND
+        request.setHeader(b"content-type", found[1].encode())
+        request.setHeader(b"content-disposition", b"inline")
+        request.setHeader(b"content-security-policy", b"default-src 'none'; sandbox")
+        self._finish(request, found[2])
 
     def _body(self, request: Any, html: str, images: bool) -> None:
         """A message's sanitised HTML, for its sandboxed frame, under the strictest policy."""
@@ -1006,8 +1018,10 @@ class LiveArchive(resource.Resource):
                 raise _NOT_FOUND
             filename, _, data = found
             return self._download(request, data, filename, "application/octet-stream")
+        if len(rest) == 2 and rest[0] == "inline" and rest[1].isdigit():
+            return await self._inline(request, sent.message, int(rest[1]))
         images = self._arg(request, "images") == "1"
-        shown = await deferToThread(mime.show, sent.message, images)
+        shown = await deferToThread(mime.show, sent.message, images, f"{base}/inline/{{index}}")
         if rest == ["body"]:
             return self._body(request, shown.html, images)
         if rest:

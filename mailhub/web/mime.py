@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import email.policy
 import email.utils
+import html
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from typing import Any
@@ -43,7 +44,11 @@ _ATTRIBUTES = {
     "font": {"face", "size"},
     "table": {"border", "cellpadding", "cellspacing"},
 }
-_IMG_SRC = re.compile(r'(<img\b[^>]*?)\bsrc=(["\'])', re.IGNORECASE)
+_IMG_SRC = re.compile(r'(<img\b[^>]*?)\bsrc=(["\'])(?=https?:)', re.IGNORECASE)
+_CID_SRC = re.compile(r'(<img\b[^>]*?\bsrc=)(["\'])cid:([^"\']*)\2', re.IGNORECASE)
+#: The parts a message may show as its own images (``cid:``): types a
+#: browser shows as pictures and never runs (no SVG).
+INLINE_IMAGES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 
 
 @frozen
@@ -116,10 +121,12 @@ def _walk(msg: Message) -> list[Message]:
         return [msg]
 
 
-def sanitise_html(markup: str, images: bool = False) -> tuple[str, bool]:
+def sanitise_html(markup: str, images: bool = False, cids: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """
     :param images: let remote images load (otherwise their ``src`` is kept
         aside in ``data-blocked-src`` and nothing is fetched).
+    :param cids: the message's own images: ``cid:`` (its Content-ID) to the
+        URL the LiveArchive serves the part at.  Another ``cid:`` shows nothing.
     :returns: the inert HTML, and whether it referred to remote images.
     """
     clean = nh3.clean(
@@ -133,11 +140,25 @@ def sanitise_html(markup: str, images: bool = False) -> tuple[str, bool]:
     remote = bool(re.search(r'<img\b[^>]*\bsrc=["\']https?:', clean, re.IGNORECASE))
     if not images:
         clean = _IMG_SRC.sub(r"\1data-blocked-src=\2", clean)
-    return clean, remote
+    found = cids or {}
+
+    def own(m: re.Match[str]) -> str:
+        url = found.get(html.unescape(m.group(3)))
+        if url is None:
+            return f"{m.group(1)}{m.group(2)}{m.group(2)} data-blocked-src={m.group(2)}cid:{m.group(3)}{m.group(2)}"
+        return f"{m.group(1)}{m.group(2)}{html.escape(url, quote=True)}{m.group(2)}"
+
+    return _CID_SRC.sub(own, clean), remote
 
 
-def show(data: bytes, images: bool = False) -> Shown:
-    """The message ``data`` for display; never raises."""
+def show(data: bytes, images: bool = False, inline_url: str = "") -> Shown:
+    """
+    The message ``data`` for display; never raises.
+
+    :param inline_url: where the message's own images (``cid:``) are
+        served, with ``{index}`` for the part's index; without it they show
+        nothing.
+    """
     try:
         msg = _parse(data)
     except Exception:
@@ -148,10 +169,14 @@ def show(data: bytes, images: bool = False) -> Shown:
     text_parts: list[str] = []
     html_parts: list[str] = []
     attachments: list[Attachment] = []
+    cids: dict[str, str] = {}
     for index, part in enumerate(_walk(msg)):
         if part.is_multipart():
             continue
         ctype = part.get_content_type()
+        content_id = str(part.get("content-id", "")).strip().strip("<>")
+        if inline_url and content_id and ctype in INLINE_IMAGES:
+            cids[content_id] = inline_url.format(index=index)
         filename = part.get_filename() or ""
         disposition = part.get_content_disposition()
         # Text without a file name is the message's text (a lone part even
@@ -168,7 +193,7 @@ def show(data: bytes, images: bool = False) -> Shown:
             text_parts.append(_decoded(part))
     html, remote = ("", False)
     if html_parts:
-        html, remote = sanitise_html("\n<hr>\n".join(html_parts), images)
+        html, remote = sanitise_html("\n<hr>\n".join(html_parts), images, cids)
     text = "\n\n".join(text_parts)
     if not text and html_parts:
         text = nh3.clean_text(re.sub(r"<[^>]+>", " ", html))
