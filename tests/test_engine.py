@@ -416,6 +416,24 @@ def test_a_down_route_is_probed_every_probe_seconds_even_with_nothing_due():
     assert len(hub.transport.deliveries) == 6
 
 
+def test_the_line_about_attempts_deferred_while_down_does_not_say_down_once_it_is_back():
+    replies = {"now": Reply(421, "4.4.1", "Connection refused")}
+    hub = Hub(lambda entry, message: replies["now"],
+              settings=DeliveryConfig(probe_seconds=30.0, max_scan_interval=60.0))
+    with capturedLogs() as events:
+        hub.accept("dallas")  # refused: the route is down
+        hub.accept("dallas")  # deferred without connecting
+        hub.clock.advance(2)  # the line for it: the route is down
+        hub.accept("dallas")  # deferred without connecting, for the next line
+        replies["now"] = OK  # the server is back; the probe will find it
+        for _ in range(35):
+            hub.clock.advance(1)
+    lines = [formatEvent(e) for e in events if "without connecting" in e.get("log_format", "")]
+    assert len(lines) == 2, lines
+    assert " is down: 1 attempts" in lines[0]
+    assert " was down: 1 attempts were deferred without connecting before it came back" in lines[1], lines
+
+
 def test_a_node_that_saw_the_route_down_believes_another_that_delivered():
     replies = {"now": Reply(421, "4.4.1", "Connection refused")}
     hub = Hub(lambda entry, message: replies["now"],

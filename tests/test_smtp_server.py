@@ -24,7 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from mailhub import model
 from mailhub.config import ConfigError, SmtpConfig, parse
@@ -1323,6 +1323,20 @@ def test_store_failure_fired_later_is_451() -> None:
     s.send(b"hi\r\n.\r\n")
     s.store.pending[0].errback(StoreUnavailable("replica lost"))
     assert s.codes() == ["451 4.3.0"]
+
+
+def test_a_store_that_is_down_is_one_warning_not_a_traceback() -> None:
+    s = connect()
+    s.store.mode = "pending"
+    s.begin()
+    with capturedLogs() as events:
+        s.send(b"hi\r\n.\r\n")
+        s.store.pending[0].errback(StoreUnavailable("redis: store got no answer within 5s"))
+    assert s.codes() == ["451 4.3.0"]
+    [event] = [e for e in events if "spool store" in e.get("log_format", "")]
+    assert event["log_level"] is LogLevel.warn and "log_failure" not in event
+    assert event["why"] == "redis: store got no answer within 5s"
+    assert not [e for e in events if "log_failure" in e]
 
 
 def test_store_raising_is_451() -> None:

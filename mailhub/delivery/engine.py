@@ -963,6 +963,14 @@ class DeliveryEngine(Service):
         self._suspended_count[route] = 0
         self._suspended_logged[route] = now
         throttle = self._throttles.get(route)
+        if throttle is not None and not throttle.down:
+            # It came back since: say what happened while it was down, not that it is.
+            self.log.info(
+                "route {route} was down: {count} attempts were deferred without connecting before it came back",
+                route=route,
+                count=count,
+            )
+            return
         self.log.info(
             "route {route} is down: {count} attempts deferred without connecting since the last line"
             " (last probe: {reply})",

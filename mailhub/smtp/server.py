@@ -64,6 +64,7 @@ from mailhub.model import (
     Envelope,
     Reply,
     StoreFull,
+    StoreUnavailable,
     has_bare_lf,
 )
 from mailhub.netio import write_now
@@ -1011,6 +1012,16 @@ class SMTPServerProtocol(Protocol):
                     client=envelope.client,
                 )
                 self._reply(Reply(452, "4.3.1", "Insufficient system storage, try later"))
+            elif result.check(StoreUnavailable):
+                # The spool's store is down or slow (Redis restarting): an
+                # operational state, said in one line, not a traceback per message.
+                _log.warn(
+                    "spool store unavailable: message {id} from {client} not accepted (451): {why}",
+                    id=local_id,
+                    client=envelope.client,
+                    why=result.getErrorMessage(),
+                )
+                self._reply(Reply(451, "4.3.0", "Temporary failure storing message, try later"))
             else:
                 _log.failure(
                     "storing message {id} from {client} failed",
