@@ -410,6 +410,7 @@ class QueueControl:
         (by acceptance time, then id).
         """
         selection = selection.resolve(self._config)
+        await self._known_route(selection)
         now = self._clock.seconds()
         leased = await self._leased(selection, now)
         found: list[tuple[Entry, str]] = []
@@ -524,6 +525,7 @@ class QueueControl:
             if not (action == "flush" and not narrower_than_route(selection)):
                 raise SelectionError(f"the {self._config.store.get('plugin')} store cannot {action} single entries")
         if action == "flush" and not narrower_than_route(selection):
+            await self._known_route(selection)
             return await self._flush_whole(selection)
         found = await self.find(selection)
         now = self._clock.seconds()
@@ -620,6 +622,25 @@ class QueueControl:
         if done and action in ("release", "flush", "redirect") and self._wake is not None:
             self._wake()
         return result
+
+    async def _known_route(self, selection: Selection) -> None:
+        """
+        A route to act on that neither the configuration nor the spool
+        knows is a mistake (a typo), not an empty selection: say so rather
+        than "held 0 entries".
+
+        :raises SelectionError: naming the routes there are.
+        """
+        route = selection.route
+        if route is None or selection.domain is not None or is_archive_route(route):
+            return
+        configured = {d.route for d in self._config.domains.values()} | {self._config.outbound}
+        if route in configured:
+            return
+        spooled = set((await self._store.counts()).get("routes", {}))
+        if route not in spooled:
+            known = ", ".join(sorted(configured | spooled))
+            raise SelectionError(f"no route {route} in {self._config.path} or in the spool (routes: {known})")
 
     async def _flush_whole(self, selection: Selection) -> dict[str, Any]:
         """

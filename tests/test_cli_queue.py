@@ -163,6 +163,11 @@ def test_bulk_needs_exactly_one_selection(spool):
     assert out.returncode == 2 and "exactly one of --route, --domain, --all" in out.stderr
     out = mailhub("queue", "--config", str(path), "release", "--domain", "nowhere.example")
     assert out.returncode == 2 and "no domain nowhere.example" in out.stderr
+    # A route neither the configuration nor the spool has is a typo, not "held 0 entries".
+    for action in ("hold", "release", "flush"):
+        out = mailhub("queue", "--config", str(path), action, "--route", "smtp:nope.example:25")
+        assert out.returncode == 2, (action, out.stdout, out.stderr)
+        assert "no route smtp:nope.example:25 in" in out.stderr and ROUTE in out.stderr
 
 
 def test_route_list_and_release_end_rejecting_and_retry_everything(spool, held):
