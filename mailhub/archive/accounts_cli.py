@@ -475,7 +475,7 @@ async def _import(reactor: Any, args: argparse.Namespace, config: HubConfig, arc
         seen[key] = address
     if errors:
         sys.stderr.write("".join(line + "\n" for line in errors))
-        raise UsageError(f"{len(errors)} errors in {source}; no account was added")
+        raise UsageError(f"{_count(len(errors), 'error')} in {source}; no account was added")
     added = invited = existing = 0
     now = reactor.seconds()
     to_invite: list[Account] = []
@@ -496,8 +496,9 @@ async def _import(reactor: Any, args: argparse.Namespace, config: HubConfig, arc
             to_invite.append(account)
     await _audit(archive, reactor, "user-import", source, f"{added} added, {invited} invited, {existing} existed")
     out.write(
-        f"{added} accounts added from {source} ({added - invited} with a password, {invited} invited"
-        f" without one); {existing} existed already and were left as they are\n"
+        f"{_count(added, 'account')} added from {source} ({added - invited} with a password, {invited} invited"
+        f" without one); {existing} existed already and {'was' if existing == 1 else 'were'} left as"
+        f" {'it was' if existing == 1 else 'they were'}\n"
     )
     if args.invite and to_invite:
         return await _invite(reactor, config, archive, to_invite, out)
@@ -570,3 +571,7 @@ async def _invite(reactor: Any, config: HubConfig, archive: Any, accounts: list[
 def _utc(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
+
+def _count(n: int, noun: str) -> str:
+    """``1 error``, ``2 errors``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
