@@ -91,6 +91,17 @@ class Web:
         await self.node.engine.stopService()
         await self.port.stopListening()
 
+    async def other_node(self, proxies: Any = ()) -> Any:
+        """
+        The LiveArchive of a second node (or of this one restarted): the same
+        archive and secret, its own signer and throttle, nothing in memory;
+        its listening port, to pass as ``port`` (stop it when done).
+        """
+        other = LiveArchive(self.node, self.archive, acc.SessionSigner(b"k" * 32, reactor), acc.LoginThrottle(reactor),
+                            reactor, proxies=proxies)
+        site = Site(StatusResource(self.node, self.store, None, other))
+        return await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+
     def url(self, path: str, port: Any = None) -> str:
         return f"http://127.0.0.1:{(port or self.port).getHost().port}{path}"
 
@@ -180,10 +191,7 @@ async def _login_from(web: Web, port: Any, client: str, address: str, password: 
 
 @pytest_twisted.ensureDeferred
 async def test_behind_a_trusted_proxy_one_client_cannot_lock_everyone_out(web: Web) -> None:
-    proxied = LiveArchive(web.node, web.archive, web.signer, acc.LoginThrottle(reactor), reactor,
-                          proxies=["127.0.0.1/32"])
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        Site(StatusResource(web.node, web.store, None, proxied)))
+    port = await web.other_node(proxies=["127.0.0.1/32"])
     try:
         for i in range(20):
             code, _ = await _login_from(web, port, "203.0.113.9", f"nobody{i}@example.com", "wrong password!!")
@@ -514,9 +522,7 @@ async def test_logout_needs_its_token_and_ends_the_session(web: Web) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_logged_out_session_stays_ended_on_another_node_and_after_a_restart(web: Web) -> None:
-    # The other node, or this one restarted: a signer of its own, nothing in memory.
-    other = LiveArchive(web.node, web.archive, acc.SessionSigner(b"k" * 32, reactor), acc.LoginThrottle(reactor), reactor)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(StatusResource(web.node, web.store, None, other)))
+    port = await web.other_node()
     try:
         await web.login()
         phone = dict(web.cookies)  # a second session of the same person, still in use
@@ -820,9 +826,7 @@ async def test_reset_needs_its_form_token_and_an_address(web: Web) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_log_out_everywhere_ends_the_session_on_another_node_too(web: Web) -> None:
-    # A second node sharing the archive and the secret, with signer and throttle of its own.
-    other = LiveArchive(web.node, web.archive, acc.SessionSigner(b"k" * 32, reactor), acc.LoginThrottle(reactor), reactor)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(StatusResource(web.node, web.store, None, other)))
+    port = await web.other_node()
     try:
         await web.login()
         copied = dict(web.cookies)

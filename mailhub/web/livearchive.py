@@ -684,10 +684,7 @@ class LiveArchive(resource.Resource):
             await self._audit(account, "read", archive_id, "raw")
             return self._download(request, message.message, f"{archive_id}.eml", "message/rfc822")
         if len(rest) == 2 and rest[0] == "part" and rest[1].isdigit():
-            found = await deferToThread(mime.attachment, message.message, int(rest[1]))
-            if found is None:
-                raise _NOT_FOUND
-            filename, _, data = found
+            filename, data = await _part(message.message, int(rest[1]))
             await self._audit(account, "read", archive_id, f"attachment {filename!r}")
             # Always a download, never shown inline: an attachment is the sender's content.
             return self._download(request, data, filename, "application/octet-stream")
@@ -1013,10 +1010,7 @@ class LiveArchive(resource.Resource):
         if rest == ["raw"]:
             return self._download(request, sent.message, f"{sent.id}.eml", "message/rfc822")
         if len(rest) == 2 and rest[0] == "part" and rest[1].isdigit():
-            found = await deferToThread(mime.attachment, sent.message, int(rest[1]))
-            if found is None:
-                raise _NOT_FOUND
-            filename, _, data = found
+            filename, data = await _part(sent.message, int(rest[1]))
             return self._download(request, data, filename, "application/octet-stream")
         if len(rest) == 2 and rest[0] == "inline" and rest[1].isdigit():
             return await self._inline(request, sent.message, int(rest[1]))
@@ -1032,6 +1026,14 @@ class LiveArchive(resource.Resource):
             raw_url=f"{base}/raw", part_url=f"{base}/part/", body_url=f"{base}/body" + ("?images=1" if images else ""),
             reply_base="", section="sent",
         )
+
+
+async def _part(message: bytes, index: int) -> tuple[str, bytes]:
+    """The file name and bytes of the message's part ``index`` (an attachment), or 404."""
+    found = await deferToThread(mime.attachment, message, index)
+    if found is None:
+        raise _NOT_FOUND
+    return found[0], found[2]
 
 
 async def _manageable(live: LiveArchive, account: Account) -> list[Account]:
