@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from mailhub.archive.route import is_archive_route
 from mailhub.config import AlertsConfig, HubConfig
 from mailhub.interfaces import INodeRegistry
 from mailhub.model import Address, Envelope
@@ -312,7 +313,8 @@ class AlertMonitor(Service):
                     f" (more than oldest_entry_age_max = {_duration(s.oldest_entry_age_max)})",
                     {"route": route, "age": round(age, 1), "max": s.oldest_entry_age_max},
                 ))
-            if self._lifetime is not None and s.expiry_warn_before and spool.aged.get(route):
+            # An archive entry never expires (DeliveryEngine._archive_kept): its age is oldest_entry_age's.
+            if self._lifetime is not None and s.expiry_warn_before and spool.aged.get(route) and not is_archive_route(route):
                 left = created + self._lifetime - now
                 alerts.append(Alert(
                     f"entries_expiring {route}", "entries_expiring",

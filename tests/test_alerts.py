@@ -187,6 +187,17 @@ def test_spool_size_oldest_age_and_entries_close_to_expiry() -> None:
     assert expiring[0]["details"]["count"] >= 2 and expiring[0]["details"]["route"] == ROUTE
 
 
+def test_archive_entries_are_never_announced_as_expiring() -> None:
+    hub = Hub("min_interval = 0\ncheck_every = 60\nexpiry_warn_before = 86400\n")
+    ids: list[str] = []
+    env = Envelope(SENDER, (ALICE,), received_at=hub.clock.seconds())
+    hub.store.enqueue(env, MESSAGE, {"archive:local": [ALICE]}, "dallas").addCallback(ids.extend)
+    assert ids
+    hub.advance(6 * 86400 + 3600, step=600)
+    # It never expires (the engine keeps it), so no "their senders then get a DSN".
+    assert [p for _, _, p in hub.poster.posts if p["kind"] == "entries_expiring"] == []
+
+
 def test_a_node_not_seen_is_announced_and_a_clean_stop_is_not() -> None:
     hub = Hub("min_interval = 0\ncheck_every = 10\nnode_unseen_after = 60\n")
     now = hub.clock.seconds()

@@ -416,6 +416,26 @@ def test_a_down_route_is_probed_every_probe_seconds_even_with_nothing_due():
     assert len(hub.transport.deliveries) == 6
 
 
+def test_an_archive_entry_is_never_given_up_however_long_the_archive_is_down():
+    unavailable = Reply(451, "4.3.0", "archive unavailable: archive database is full")
+    hub = Hub(scripted(unavailable))
+    hub.policy = StandardPolicy(nodes=("dallas", "losangeles"), jitter=0.0, retry_seconds=60.0, lifetime=300.0)
+    for engine in hub.engines.values():
+        engine._policy = hub.policy
+    ids: list[str] = []
+    env = Envelope(SENDER, (A,), received_at=hub.clock.seconds())
+    hub.store.enqueue(env, MESSAGE, {"archive:local": [A]}, "dallas").addCallback(ids.extend)
+    hub.engines["dallas"].kick(ids)
+    with capturedLogs() as events:
+        for _ in range(20):
+            hub.clock.advance(60)
+    entry = hub.entry(ids[0])
+    assert entry is not None and entry.pending == (A,)  # kept, past the lifetime
+    assert entry.next_attempt > hub.clock.seconds() - 60
+    assert hub.bounces == []
+    assert any("never given up" in formatEvent(e) for e in events)
+
+
 def test_the_line_about_attempts_deferred_while_down_does_not_say_down_once_it_is_back():
     replies = {"now": Reply(421, "4.4.1", "Connection refused")}
     hub = Hub(lambda entry, message: replies["now"],

@@ -41,6 +41,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailhub.archive.route import is_archive_route
 from mailhub.config import DeliveryConfig
 from mailhub.delivery.throttle import FIRST_PAUSE, RouteThrottle, is_route_failure
 from mailhub.interfaces import (
@@ -1181,6 +1182,7 @@ class DeliveryEngine(Service):
         else:
             decision = self._policy.decide(entry, replies, finished, self.node)
             decision = self._storm_decision(entry, replies, decision, finished)
+            decision = self._archive_kept(entry, decision, finished)
         attempt = Attempt(entry.id, self.node, started, finished, tuple((a, replies[a]) for a in entry.pending))
         if self._delivered is not None:
             accepted = [o.recipient for o in decision.outcomes if o.action is Action.DELIVERED]
@@ -1207,6 +1209,30 @@ class DeliveryEngine(Service):
             self._suspended_count[entry.route] = self._suspended_count.get(entry.route, 0) + 1
             return
         self._log_attempt(entry, decision, finished)
+
+    def _archive_kept(self, entry: Entry, decision: Decision, now: float) -> Decision:
+        """
+        An archive entry never expires: nothing acknowledged misses the
+        archive, however long the archive stays down or full (an expired
+        archive entry would drop the copy without a word, since it sends
+        no DSN).  Past the policy's lifetime it is retried, every
+        ``ARCHIVE_RETRY`` seconds, and the log says so at error level.
+        """
+        if not is_archive_route(entry.route) or not any(o.action is Action.EXPIRED for o in decision.outcomes):
+            return decision
+        self.log.error(
+            "entry {entry} via {route}: the archive has not taken this message since {since}; kept and"
+            " retried every {every:g} s, never given up ({reply})",
+            entry=entry.id,
+            route=entry.route,
+            since=_utc(entry.created),
+            every=ARCHIVE_RETRY,
+            reply=str(next(o.reply for o in decision.outcomes if o.action is Action.EXPIRED)),
+        )
+        outcomes = tuple(
+            Outcome(o.recipient, Action.RETRY, o.reply) if o.action is Action.EXPIRED else o for o in decision.outcomes
+        )
+        return Decision(outcomes, now + ARCHIVE_RETRY, decision.next_node)
 
     async def _put_off(self, lease: Lease, when: float, reply: Reply) -> None:
         """
@@ -1294,6 +1320,9 @@ def _drop(body: Deferred[bytes] | None) -> None:
     if body is not None:
         body.addErrback(lambda f: None)
 
+
+#: How often an archive entry past the policy's lifetime is tried again (``_archive_kept``).
+ARCHIVE_RETRY = 600.0
 
 def _held(decision: Decision) -> Decision:
     """``decision`` with every failed recipient held instead (no DSN)."""
