@@ -201,3 +201,17 @@ def test_no_delay_dsn_for_the_null_sender_or_nobody() -> None:
     assert build_delay_dsn("mx.hub.example", entry, [], MESSAGE, 5 * HOUR, None) is None
     found: Any = build_delay_dsn("mx.hub.example", entry, [outcome], MESSAGE, 5 * HOUR, None)
     assert found[0].sender is None and b"Will-Retry-Until" not in found[1]
+
+
+@pytest.mark.parametrize(("waited", "said"), [
+    (68.0, "after 1 minute."),
+    (45 * 60.0, "after 45 minutes."),
+    (4 * HOUR + 100, "after 4 hours."),
+    (3 * 86400.0, "after 3 days."),
+])
+def test_a_delay_notice_says_how_long_in_words_that_fit(waited: float, said: str) -> None:
+    entry = Entry("e1", "m1", ROUTE, SENDER, (Recipient(ALICE),), created=0.0)
+    found: Any = build_delay_dsn("mx.hub.example", entry, [Outcome(ALICE, Action.RETRY, TEMP)], MESSAGE, waited, None)
+    text = found[1].decode()
+    assert "has not yet been delivered to the recipients below " + said in text.replace("\r\n", " ")
+    assert "hour(s)" not in text

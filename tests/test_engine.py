@@ -416,6 +416,20 @@ def test_a_down_route_is_probed_every_probe_seconds_even_with_nothing_due():
     assert len(hub.transport.deliveries) == 6
 
 
+def test_a_deferral_while_down_tells_no_sender_another_recipients_reply():
+    # A probe that got another recipient's 5xx while the route is down (the
+    # server answered for one recipient before it went away again).
+    replies = {"now": Reply(421, "4.4.1", "Connection refused")}
+    hub = Hub(lambda entry, message: replies["now"],
+              settings=DeliveryConfig(probe_seconds=30.0, max_scan_interval=60.0))
+    hub.accept("dallas")  # refused: the route is down
+    throttle = hub.engines["dallas"].throttle(ROUTE)
+    throttle.last_reply = Reply(550, "5.1.1", "<eve@example.com>: Recipient address rejected: User unknown")
+    entry_id = hub.accept("dallas", recipients=(B,))  # deferred without connecting
+    text = hub.entry(entry_id).last_reply.text
+    assert "suspended" in text and "eve@" not in text and "Recipient address" not in text
+
+
 def test_an_archive_entry_is_never_given_up_however_long_the_archive_is_down():
     unavailable = Reply(451, "4.3.0", "archive unavailable: archive database is full")
     hub = Hub(scripted(unavailable))

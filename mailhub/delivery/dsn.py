@@ -96,9 +96,8 @@ def build_delay_dsn(
     """
     if entry.sender is None or not outcomes:
         return None
-    hours = max(1, round((now - entry.created) / 3600))
     text = [
-        f"Your message has not yet been delivered to the recipients below after {hours} hour(s).",
+        f"Your message has not yet been delivered to the recipients below after {_waited(now - entry.created)}.",
         "The hub keeps it and keeps trying"
         + (f" until {_date(retry_until)}" if retry_until is not None else "")
         + ": you need not send it again.",
@@ -187,3 +186,15 @@ def _report(
     body = head + _header_block(message).rstrip(b"\r\n") + b"\r\n" + tail
     envelope = Envelope(sender=None, recipients=(entry.sender,), received_at=now, helo=hostname)
     return envelope, body
+
+
+def _waited(seconds: float) -> str:
+    """How long a message has waited, in words: ``45 minutes``, ``1 hour``, ``3 hours``, ``2 days``."""
+    minutes = max(1, round(seconds / 60))
+    if minutes < 90:
+        return f"{minutes} minute" + ("" if minutes == 1 else "s")
+    hours = round(seconds / 3600)
+    if hours < 48:
+        return f"{hours} hour" + ("" if hours == 1 else "s")
+    days = round(seconds / 86400)
+    return f"{days} days"

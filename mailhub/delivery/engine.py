@@ -1134,11 +1134,22 @@ class DeliveryEngine(Service):
 
     def _suspended_replies(self, entry: Entry, throttle: RouteThrottle) -> dict[Address, Reply]:
         """The replies of an attempt deferred without connecting: the route is down (not a reply it got)."""
+        # These replies reach this entry's sender in delay notices and DSNs:
+        # the last probe's text only when it says how the route failed
+        # (connection refused, timed out); a server's reply was to another
+        # entry and may name another recipient (550 5.1.1 <eve@...>).
+        last = throttle.last_reply
+        if last is None:
+            probe = "none yet"
+        elif is_route_failure(last):
+            probe = str(last)
+        else:
+            probe = f"{last.code} {last.enhanced}".strip()
         reply = Reply(
             451,
             "4.4.1",
             f"delivery to {entry.route} suspended: route down since {_utc(throttle.down_since)},"
-            f" not tried (last probe: {throttle.last_reply})",
+            f" not tried (last probe: {probe})",
         )
         return dict.fromkeys(entry.pending, reply)
 
