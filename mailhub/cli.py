@@ -601,6 +601,10 @@ def _main(argv: Sequence[str] | None) -> int:
             # status reads the nodes' web endpoints; the others listen on nothing.
             config = load(args.config, endpoints=args.command == "status")
         except ConfigError as e:
+            if args.command == "reload":
+                # As the node itself answers a reload of a broken file (README).
+                sys.stderr.write(f"mailhub: reload refused: the hub keeps running its configuration\n{e}\n")
+                return 1
             sys.stderr.write(f"{e}\n")
             return 2
     if args.command == "status":

@@ -39,7 +39,7 @@ from mailhub.archive.accounts import SessionSigner, load_or_create_secret, secre
 from mailhub.archive.retention import ArchiveRetention
 from mailhub.archive.route import ArchiveGate, MailMeter
 from mailhub.archive.worker import ArchiveProcess
-from mailhub.config import ConfigError, HubConfig, load
+from mailhub.config import ConfigError, HubConfig, _toml, load
 from mailhub.interfaces import WAKE_SIGNAL, IAccountStore
 from mailhub.model import Route
 from mailhub.node import Node
@@ -304,7 +304,7 @@ def _changes(old: HubConfig, new: HubConfig) -> list[str]:
     for f in fields(type(old.smtp)):
         before, after = getattr(old.smtp, f.name), getattr(new.smtp, f.name)
         if before != after:
-            lines.append(f"smtp.{f.name}: {before!r} -> {after!r}")
+            lines.append(f"smtp.{f.name}: {_toml(before)} -> {_toml(after)}")
     for name, domain in new.domains.items():
         was = old.domains.get(name)
         settings = {"route": domain.route, "max_connections": domain.max_connections, **domain.options}
@@ -326,7 +326,8 @@ def _changes(old: HubConfig, new: HubConfig) -> list[str]:
 
 
 def _shown(settings: Mapping[str, Any], key: str) -> str:
-    return repr(settings[key]) if key in settings else "(unset)"
+    """A setting as the configuration file writes it (TOML: ``false``, ``"text"``), or ``(unset)``."""
+    return _toml(settings[key]) if key in settings else "(unset)"
 
 
 def install_reload_signal(hub: Any, reactor: Any) -> None:

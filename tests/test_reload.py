@@ -87,6 +87,11 @@ async def test_a_route_whose_options_changed_gets_a_new_transport(tmp_path: Path
     # No change: the same transport (its open connections) stays.
     assert (await hub.reload()).changes == ()
     assert node.transport_for(ROUTE) is after
+    # Values as the file writes them (TOML), not as Python prints them.
+    path.write_text(config_text().replace("max_connections = 4", 'max_connections = 4\nwarn_after = false\ntls = "required"'))
+    changes = (await hub.reload()).changes
+    assert changes == ('domain example.com: connect_timeout 3 -> (unset), warn_after (unset) -> false,'
+                       ' tls (unset) -> "required"',), changes
 
 
 @pytest_twisted.ensureDeferred
