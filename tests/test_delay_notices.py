@@ -215,3 +215,17 @@ def test_a_delay_notice_says_how_long_in_words_that_fit(waited: float, said: str
     text = found[1].decode()
     assert "has not yet been delivered to the recipients below " + said in text.replace("\r\n", " ")
     assert "hour(s)" not in text
+
+
+def test_a_held_message_is_owed_its_notice_too() -> None:
+    """A recipient held (a server rejecting everything) waits like a deferred one: its sender is told."""
+    from mailhub.delivery.delay import DelayNotices
+    from mailhub.model import Decision
+
+    notices = DelayNotices("mx.hub.example", lambda domain: 4 * HOUR, None, lambda envelope, data: None)  # type: ignore[arg-type,return-value]
+    entry = Entry("e1", "m1", ROUTE, SENDER, (Recipient(ALICE),), created=0.0)
+    held = Decision((Outcome(ALICE, Action.HOLD, Reply(550, "5.1.1", "User unknown")),))
+    assert notices.due(entry, held, 3 * HOUR) == []
+    assert notices.due(entry, held, 5 * HOUR) == list(held.outcomes)
+    failed = Decision((Outcome(ALICE, Action.FAILED, Reply(550, "5.1.1", "User unknown")),))
+    assert notices.due(entry, failed, 5 * HOUR) == []  # a bounce says it instead

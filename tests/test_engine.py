@@ -430,6 +430,18 @@ def test_a_deferral_while_down_tells_no_sender_another_recipients_reply():
     assert "suspended" in text and "eve@" not in text and "Recipient address" not in text
 
 
+def test_an_entry_held_while_rejecting_tells_its_sender_no_other_recipients_reply():
+    hub = Hub(scripted(PERM))
+    hub.store.set_route_state(ROUTE, {"state": "rejecting", "since": hub.clock.seconds(), "node": "dallas",
+                                      "reply": "550 5.1.1 <eve@example.com>: User unknown", "recipients": 3})
+    hub.clock.advance(2)  # the engines read the state
+    hub.accept("dallas")  # this interval's probe: refused, held
+    entry_id = hub.accept("dallas", recipients=(B,))  # held without being tried
+    entry = hub.entry(entry_id)
+    assert entry.held and "REJECTING" in entry.last_reply.text and "550 5.1.1" in entry.last_reply.text
+    assert "eve@" not in entry.last_reply.text
+
+
 def test_an_archive_entry_is_never_given_up_however_long_the_archive_is_down():
     unavailable = Reply(451, "4.3.0", "archive unavailable: archive database is full")
     hub = Hub(scripted(unavailable))

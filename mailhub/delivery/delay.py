@@ -72,7 +72,8 @@ class DelayNotices:
     def due(self, entry: Entry, decision: Decision, now: float) -> list[Outcome]:
         """
         The recipients of an attempt to name in a delay notice: those the
-        decision retries whose domain's ``warn_after`` has passed since the
+        decision retries or holds (a server rejecting everything: the hub
+        keeps the message) whose domain's ``warn_after`` has passed since the
         entry was accepted, unless the entry had its notice already, comes
         from the null sender or is the archive's.  One notice per entry: a
         recipient whose domain waits longer is named only if its time has
@@ -85,7 +86,7 @@ class DelayNotices:
         age = now - entry.created
         late = []
         for o in decision.outcomes:
-            if o.action is Action.RETRY:
+            if o.action in (Action.RETRY, Action.HOLD):
                 after = self._warn_after(o.recipient.domain)
                 if after > 0 and age >= after:
                     late.append(o)

@@ -1048,9 +1048,12 @@ class DeliveryEngine(Service):
                 # probe for this interval went already.
                 _drop(body)
                 throttle.release(())
+                # The storm's reply by its code only: its text was for another
+                # recipient, and this reply may reach this entry's sender.
+                code = " ".join(str(storm.get("reply") or "").split()[:2])
                 reply = Reply(
                     450, "4.7.1", f"held: {entry.route} is REJECTING every recipient since {_utc(storm.get('since'))}"
-                    f" ({storm.get('reply')}); not tried"
+                    f" ({code}); not tried"
                 )
                 await self._conclude(lease, message, dict.fromkeys(entry.pending, reply), started, held=True)
                 return
@@ -1207,7 +1210,7 @@ class DeliveryEngine(Service):
             if message is None:
                 message = await self._store.body(entry.message_id)
             await self._bounce(entry, bounced, message, finished)
-        if self._delay_notices is not None and not held:
+        if self._delay_notices is not None:
             decision, message = await self._notify_delay(entry, decision, message, finished)
         try:
             await self.stats.timed("record", self._store.record(lease, attempt, decision))
