@@ -102,14 +102,20 @@ def test_an_archive_that_is_down_costs_no_mail_and_catches_up():
     assert len(hub.found(ArchiveScope(mailbox=ALICE))) == 1
 
 
-def test_an_archive_entry_never_bounces():
+def test_an_archive_entry_never_bounces_nor_expires():
     hub = Hub()
     hub.archive.unavailable = True
     hub.receive(ALICE)
     for _ in range(8 * 24 * 6):
         hub.clock.advance(600)
-    assert hub.spool_routes() == {}  # expired after the lifetime...
-    assert [e.route for e, _ in hub.transport.deliveries] == [ROUTE]  # ...without a DSN
+    # Past the policy's lifetime it is still in the spool, and no DSN went out...
+    assert hub.spool_routes() == {ARCHIVE_ROUTE: 1}
+    assert [e.route for e, _ in hub.transport.deliveries] == [ROUTE]
+    # ...so when the archive is back, the copy is archived.
+    hub.archive.unavailable = False
+    hub.clock.advance(11 * 60)
+    assert hub.spool_routes() == {}
+    assert len(hub.found(ArchiveScope(mailbox=ALICE))) == 1
 
 
 def test_retention_per_domain_and_legal_hold():
