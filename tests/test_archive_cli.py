@@ -146,7 +146,7 @@ async def test_mail_the_hub_archived_is_not_imported_twice_from_its_export(tmp_p
     again = run(cfg, "import", "--mbox", str(exported), "--mailbox", "alice@example.com")
     assert again.returncode == 0, again.stderr
     assert "0 messages imported for alice@example.com" in again.stdout
-    assert "1 were in the archive already" in again.stdout
+    assert "1 was in the archive already" in again.stdout
     assert search(cfg, "alice@example.com")["total"] == 1
 
 
@@ -188,8 +188,8 @@ def test_maildir_subfolders_are_named_and_imported_when_asked(tmp_path: Path) ->
     sent.add(b"From: alice@example.com\nSubject: sent one\n\nsent\n")
     out = run(cfg, "import", "--maildir", str(tmp_path / "Maildir"), "--mailbox", "alice@example.com")
     assert out.returncode == 0, out.stderr
-    assert "1 messages imported" in out.stdout
-    assert "1 subfolders not imported (Sent): add --folders to import them too" in out.stderr
+    assert "1 message imported" in out.stdout
+    assert "1 subfolder not imported (Sent): add --folders to import it too" in out.stderr
     out = run(cfg, "import", "--maildir", str(tmp_path / "Maildir"), "--folders", "--mailbox", "alice@example.com",
               "--json")
     assert out.returncode == 0, out.stderr

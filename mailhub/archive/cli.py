@@ -432,7 +432,7 @@ async def _export(reactor: Any, args: argparse.Namespace, config: HubConfig, arc
     if args.json:
         _dump({"scope": str(scope), "exported": progress.done, "output": path, "format": args.format}, out)
     else:
-        out.write(f"{progress.done} messages of {scope} written to {args.output} ({args.format})\n")
+        out.write(f"{_messages(progress.done)} of {scope} written to {args.output} ({args.format})\n")
     return 0
 
 
@@ -612,16 +612,19 @@ async def _import(reactor: Any, args: argparse.Namespace, config: HubConfig, arc
                "already": already, "folders": folder.folders, "skipped_folders": folder.skipped_folders}, out)
     else:
         out.write(
-            f"{added} messages imported for {mailbox} from {args.mbox or args.maildir}"
-            + (f"; {already} were in the archive already" if already else "")
+            f"{_messages(added)} imported for {mailbox} from {args.mbox or args.maildir}"
+            + (f"; {already} {'was' if already == 1 else 'were'} in the archive already" if already else "")
             + ("" if messages else " (it holds no messages)")
             + "\n"
         )
     if folder.skipped_folders:
         names = ", ".join(folder.skipped_folders)
         sys.stderr.write(
-            f"mailhub archive import: note: {len(folder.skipped_folders)} subfolders not imported ({names}):"
-            " add --folders to import them too\n"
+            f"mailhub archive import: note: {len(folder.skipped_folders)} subfolder"
+            + ("" if len(folder.skipped_folders) == 1 else "s")
+            + f" not imported ({names}): add --folders to import "
+            + ("it" if len(folder.skipped_folders) == 1 else "them")
+            + " too\n"
         )
     return 0
 
@@ -789,3 +792,8 @@ async def _redeliver(reactor: Any, args: argparse.Namespace, config: HubConfig, 
 def _dump(data: Any, out: Any) -> None:
     json.dump(data, out, indent=2)
     out.write("\n")
+
+
+def _messages(n: int) -> str:
+    """``1 message``, ``2 messages``."""
+    return f"{n} message" + ("" if n == 1 else "s")
