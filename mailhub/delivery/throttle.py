@@ -256,8 +256,8 @@ class RouteThrottle:
 
     def came_back(self) -> bool:
         """
-        Another node delivered on this route: it is up, for this node too
-        (which may have seen it down and not tried since).
+        The route delivered (here, or on another node, which this one may
+        have seen down and not tried since): it is up.
 
         :returns: whether this node had it down.
         """
@@ -371,13 +371,9 @@ class RouteThrottle:
             self._recent.append(now)
             self._trim()
             self._pause = FIRST_PAUSE
-            self.troubled = False
             if now >= self.paused_until:
                 self.pressure_since = None
-            if self.down:
-                self.down = False
-                self.down_since = None
-                self.slow_start()
+            if self.came_back():
                 return True
             self.window = min(float(self.maximum), self.window + 1 / self.window)
             self._note_demand()

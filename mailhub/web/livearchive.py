@@ -790,20 +790,26 @@ class LiveArchive(resource.Resource):
         self._page(request, "compose.html", session=session, account=account, draft=values, error=error,
                    section="compose", forwarded=forwarded)
 
-    async def _forwarded(self, request: Any, account: Account, draft: Mapping[str, str]) -> list[tuple[str, str, bytes]]:
-        """The attachments of the message being forwarded, if the account may still read it; else 404."""
+    async def _forwarded_original(self, request: Any, account: Account, draft: Mapping[str, str]) -> tuple[bytes, Any]:
+        """The message being forwarded and its ``mime.show``, if the account may still read it; else 404."""
         request.args[b"mailbox"] = [draft.get("forward_mailbox", "").encode()]
         _, message = await self._archived(request, account, draft["forward"])
-        shown = await deferToThread(mime.show, message.message, False)
+        return message.message, await deferToThread(mime.show, message.message, False)
+
+    async def _forwarded(self, request: Any, account: Account, draft: Mapping[str, str]) -> list[tuple[str, str, bytes]]:
+        """The attachments of the message being forwarded (``mime.attachment`` each)."""
+        data, shown = await self._forwarded_original(request, account, draft)
         found = []
         for a in shown.attachments:
-            part = await deferToThread(mime.attachment, message.message, a.index)
+            part = await deferToThread(mime.attachment, data, a.index)
             if part is not None:
                 found.append(part)
         return found
 
     async def _forwarded_names(self, request: Any, account: Account, draft: Mapping[str, str]) -> list[str]:
-        return [name for name, _, _ in await self._forwarded(request, account, draft)]
+        """Their names only, for the form shown again: no attachment decoded."""
+        _, shown = await self._forwarded_original(request, account, draft)
+        return [a.filename for a in shown.attachments]
 
     async def _send(self, request: Any, path: list[str]) -> None:
         session, account = await self._session(request)
